@@ -1,0 +1,208 @@
+"""Input validation shared by the Python kernels (reference fallback and Triton launchers).
+
+The C++ kernels perform the same checks natively (``csrc/``) with the same messages, so
+that bad input gives the same clear error whichever backend runs. Every message names the
+offending argument. Value problems raise ``ValueError``, dtype problems ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .reference import AGGS, ALGOS, KL_TYPES
+
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOSS_DTYPES = (torch.float32, torch.float64)
+
+
+def _dtype(name: str, t: Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        names = "/".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must have dtype {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def _shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _same_device(named: dict[str, Tensor | None]) -> None:
+    devices = {n: t.device for n, t in named.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for n, d in devices.items():
+        if d != first:
+            raise ValueError(f"all tensors must be on one device: {first_name} is on {first}, {n} is on {d}")
+
+
+def _finite(name: str, t: Tensor) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_fused_correct(
+    advantages: Tensor,
+    seq_advantages: Tensor,
+    group_ids: Tensor,
+    call_seq: Tensor,
+    call_start: Tensor,
+    call_end: Tensor,
+    call_tool: Tensor,
+    call_key: Tensor,
+    call_params: Tensor,
+    tool_sim_kind: Tensor,
+    theta: float,
+    alpha_min: float,
+    beta: float,
+) -> None:
+    """Validate every argument of ``tapo::fused_correct``; raise a clear error on the first problem."""
+    _same_device(
+        dict(advantages=advantages, seq_advantages=seq_advantages, group_ids=group_ids,
+             call_seq=call_seq, call_start=call_start, call_end=call_end, call_tool=call_tool,
+             call_key=call_key, call_params=call_params, tool_sim_kind=tool_sim_kind)
+    )
+    if advantages.dim() != 2:
+        raise ValueError(f"advantages must be 2-D (B, T), got shape {tuple(advantages.shape)}")
+    B, T = advantages.shape
+    if B == 0:
+        raise ValueError("advantages has no rows: the batch is empty")
+    _dtype("advantages", advantages, (torch.float32,))
+    _dtype("seq_advantages", seq_advantages, (torch.float32,))
+    _shape("seq_advantages", seq_advantages, (B,))
+    _dtype("group_ids", group_ids, (torch.int64,))
+    _shape("group_ids", group_ids, (B,))
+    if call_seq.dim() != 1:
+        raise ValueError(f"call_seq must be 1-D (N,), got shape {tuple(call_seq.shape)}")
+    N = call_seq.shape[0]
+    for name, t in (("call_seq", call_seq), ("call_start", call_start), ("call_end", call_end),
+                    ("call_tool", call_tool), ("call_key", call_key)):
+        _dtype(name, t, (torch.int64,))
+        _shape(name, t, (N,))
+    if call_params.dim() != 2 or call_params.shape[0] != N:
+        raise ValueError(f"call_params must have shape (N={N}, D), got {tuple(call_params.shape)}")
+    _dtype("call_params", call_params, _PARAM_DTYPES)
+    if tool_sim_kind.dim() != 1:
+        raise ValueError(f"tool_sim_kind must be 1-D (num_tools,), got shape {tuple(tool_sim_kind.shape)}")
+    _dtype("tool_sim_kind", tool_sim_kind, (torch.int64,))
+    if not (math.isfinite(theta) and 0.0 <= theta <= 1.0):
+        raise ValueError(f"theta must be in [0, 1], got {theta}")
+    if not (math.isfinite(alpha_min) and alpha_min >= 0.0):
+        raise ValueError(f"alpha_min must be finite and >= 0, got {alpha_min}")
+    if not (math.isfinite(beta) and beta >= 0.0):
+        raise ValueError(f"beta must be finite and >= 0, got {beta}")
+
+    # data-dependent checks (one host sync each on CUDA)
+    if tool_sim_kind.numel() and bool(((tool_sim_kind != 0) & (tool_sim_kind != 1)).any()):
+        raise ValueError("tool_sim_kind entries must be 0 (cosine) or 1 (iou)")
+    _finite("advantages", advantages)
+    _finite("seq_advantages", seq_advantages)
+    if N == 0:
+        return
+    _finite("call_params", call_params)
+    if bool(((call_seq < 0) | (call_seq >= B)).any()):
+        raise ValueError(f"call_seq out of range: every entry must be in [0, B={B})")
+    if bool((call_start < 0).any()) or bool((call_end > T).any()):
+        raise ValueError(f"call span out of range: need 0 <= call_start and call_end <= T={T}")
+    if bool((call_start > call_end).any()):
+        raise ValueError("call span with call_start > call_end")
+    if bool((call_tool >= tool_sim_kind.numel()).any()):
+        raise ValueError(f"call_tool out of range: valid tool ids are [0, {tool_sim_kind.numel()}), < 0 marks an invalid call")
+    if bool((call_tool >= 0).any()) and call_params.shape[1] == 0:
+        raise ValueError("call_params must have D >= 1")
+    iou_tools = (tool_sim_kind == 1).nonzero().squeeze(1)
+    if iou_tools.numel() and bool(torch.isin(call_tool, iou_tools).any()) and call_params.shape[1] < 4:
+        raise ValueError(f"call_params needs D >= 4 for iou tools (a box is 4 numbers), got D={call_params.shape[1]}")
+    # overlapping spans: sort non-empty spans by (row, start) and compare neighbours
+    nonempty = call_end > call_start
+    if int(nonempty.sum()) > 1:
+        seq, start, end = call_seq[nonempty], call_start[nonempty], call_end[nonempty]
+        order = torch.argsort(seq * (T + 1) + start)
+        seq, start, end = seq[order], start[order], end[order]
+        if bool(((seq[1:] == seq[:-1]) & (start[1:] < end[:-1])).any()):
+            raise ValueError("overlapping call spans in one row: each token may belong to at most one call")
+
+
+def check_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None,
+    call_map: Tensor | None,
+    call_delta: Tensor | None,
+    algo: str,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float,
+    tau_pos: float,
+    tau_neg: float,
+    kl_coef: float,
+    kl_type: str,
+    agg: str,
+    norm_const: float | None,
+    global_count: float | None,
+    *,
+    check_values: bool = True,
+) -> None:
+    """Validate every argument of ``tapo::policy_loss``; raise a clear error on the first problem."""
+    if algo not in ALGOS:
+        raise ValueError(f"unknown algo {algo!r}; expected one of {ALGOS}")
+    if agg not in AGGS:
+        raise ValueError(f"unknown agg {agg!r}; expected one of {AGGS}")
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"unknown kl_type {kl_type!r}; expected one of {KL_TYPES}")
+    _same_device(dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
+                      ref_logp=ref_logp, call_map=call_map, call_delta=call_delta))
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be 2-D (B, T), got shape {tuple(logp.shape)}")
+    B, T = logp.shape
+    _dtype("logp", logp, _LOSS_DTYPES)
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None:
+            _shape(name, t, (B, T))
+            _dtype(name, t, (logp.dtype,))
+    if tuple(advantages.shape) not in ((B,), (B, T)):
+        raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
+    _dtype("advantages", advantages, (logp.dtype,))
+    _shape("mask", mask, (B, T))
+    _dtype("mask", mask, (torch.bool, logp.dtype))
+    if (call_map is None) != (call_delta is None):
+        raise ValueError("call_map and call_delta must be given together")
+    if call_map is not None:
+        _shape("call_map", call_map, (B, T))
+        _dtype("call_map", call_map, (torch.int32,))
+        if call_delta.dim() != 1:
+            raise ValueError(f"call_delta must be 1-D (N,), got shape {tuple(call_delta.shape)}")
+        _dtype("call_delta", call_delta, (logp.dtype,))
+    for name, v in (("eps_low", eps_low), ("eps_high", eps_high)):
+        if not (math.isfinite(v) and v >= 0.0):
+            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    if eps_low >= 1.0:
+        raise ValueError(f"eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got {eps_low}")
+    if not (math.isfinite(dual_clip_c) and (dual_clip_c == 0.0 or dual_clip_c > 1.0)):
+        raise ValueError(f"dual_clip_c must be 0 (off) or > 1, got {dual_clip_c}")
+    for name, v in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
+        if not (math.isfinite(v) and v > 0.0):
+            raise ValueError(f"{name} must be finite and > 0, got {v}")
+    if not math.isfinite(kl_coef):
+        raise ValueError(f"kl_coef must be finite, got {kl_coef}")
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError("kl_coef != 0 needs ref_logp")
+    if norm_const is not None and not (math.isfinite(norm_const) and norm_const > 0):
+        raise ValueError(f"norm_const must be finite and > 0, got {norm_const}")
+    if global_count is not None and not (math.isfinite(global_count) and global_count > 0):
+        raise ValueError(f"global_count must be finite and > 0, got {global_count}")
+    if not check_values:
+        return
+    _finite("logp", logp)
+    _finite("old_logp", old_logp)
+    _finite("advantages", advantages)
+    if ref_logp is not None:
+        _finite("ref_logp", ref_logp)
+    if call_map is not None:
+        _finite("call_delta", call_delta)
+        n = call_delta.numel()
+        if call_map.numel() and bool(((call_map < -1) | (call_map >= n)).any()):
+            raise ValueError(f"call_map out of range: entries must be -1 or in [0, N={n})")

