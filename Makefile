@@ -1,0 +1,35 @@
+# tapo-kernels: the everyday commands. `make test` and `make train` work on a fresh machine.
+PY ?= python3
+PIP = $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: install test test-fast bench train demo lint format clean
+
+install:  ## install torch (CPU wheel first, so nothing pulls a CUDA build), then the package
+	$(PIP) torch==2.13.0
+	$(PIP) numpy triton==3.7.1 setuptools wheel pybind11 ninja
+	$(PIP) --no-build-isolation -e '.[test,train]'
+
+test: install  ## the whole test suite (Triton kernels run in the interpreter on CPU)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+test-fast:  ## tests without reinstalling
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -x tests
+
+bench: install  ## micro-benchmarks; JSON and ratio tables land in benchmarks/results/
+	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json
+	$(PY) benchmarks/render.py benchmarks/results/latest.json
+
+train: install  ## the main job on the embedded default
+	$(PY) -m trainer.launch --config trainer/configs/tiny_grpo_tapo.yaml
+
+demo: install  ## correct a synthetic batch and print what TAPO did
+	$(PY) -m tapo_kernels.demo
+
+lint:
+	ruff format --check . && ruff check .
+
+format:
+	ruff format . && ruff check --fix .
+
+clean:
+	rm -rf build *.egg-info tapo_kernels/_C*.so .pytest_cache .benchmarks

@@ -1,0 +1,57 @@
+"""Render benchmark results as a Markdown table (for the README).
+
+Usage: ``python benchmarks/render.py [benchmarks/results/ratios-cpu.json ...]``. Reads the
+ratio files written at the end of a benchmark session (``conftest.py``) or a
+pytest-benchmark ``--benchmark-json`` file, and prints one table per file with the median
+time of every provider, its speedup over the eager reference and its multiple of the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def load(path: Path) -> tuple[dict, dict[str, dict[str, float]]]:
+    data = json.loads(path.read_text())
+    if "mean_seconds" in data:  # ratios file
+        return data["environment"], data["mean_seconds"]
+    cases: dict[str, dict[str, float]] = defaultdict(dict)  # pytest-benchmark JSON
+    env = {}
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "case" in info:
+            cases[info["case"]][info["provider"]] = b["stats"]["median"]
+            env = {k: info.get(k) for k in ("device", "torch", "triton", "commit")}
+    return env, dict(cases)
+
+
+def render(env: dict, cases: dict[str, dict[str, float]]) -> str:
+    lines = [
+        f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, "
+        f"commit {env.get('commit')}",
+        "",
+        "| case | provider | median ms | speedup vs reference | x floor |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for case, providers in sorted(cases.items()):
+        ref, floor = providers.get("reference"), providers.get("floor")
+        for name, t in sorted(providers.items(), key=lambda kv: kv[1]):
+            speed = f"{ref / t:.2f}x" if ref else ""
+            fl = f"{t / floor:.2f}" if floor else ""
+            lines.append(f"| {case} | {name} | {t * 1e3:.3f} | {speed} | {fl} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    paths = [Path(p) for p in argv] or sorted(Path(__file__).parent.glob("results/ratios-*.json"))
+    for path in paths:
+        print(f"### {path.name}\n")
+        print(render(*load(path)))
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
