@@ -306,3 +306,81 @@ def policy_loss(
             ]
         ).to(torch.float32)
     return loss, metrics
+
+
+# --------------------------------------------------------------------------------------
+# Section 3, fused front ends: log-probabilities from logits or hidden states
+# --------------------------------------------------------------------------------------
+
+
+def selective_log_softmax(
+    logits: Tensor,  # [B, T, V] any float dtype
+    labels: Tensor,  # [B, T] int64; < 0 = ignored (logp 0)
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``log softmax(logits / temperature)[label]`` and the entropy, both in fp32.
+
+    The log-sum-exp and the result never pass through a low-precision dtype. Negative labels
+    (e.g. -100 padding) give 0. The entropy is ``lse - sum softmax * x`` (empty without
+    ``with_entropy``).
+    """
+    x = logits.float() / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    safe = labels.clamp(min=0)
+    logp = x.gather(-1, safe[..., None]).squeeze(-1) - lse
+    logp = torch.where(labels >= 0, logp, torch.zeros_like(logp))
+    if not with_entropy:
+        return logp, logp.new_empty((0,))
+    p = torch.softmax(x, dim=-1)
+    entropy = lse - (p * x).sum(-1)
+    return logp, torch.where(labels >= 0, entropy, torch.zeros_like(entropy)).detach()
+
+
+def policy_loss_from_logits(
+    logits: Tensor,  # [B, T, V]
+    labels: Tensor,  # [B, T]
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None = None,
+    call_map: Tensor | None = None,
+    call_delta: Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    **knobs,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``policy_loss`` on ``logp = selective_log_softmax(logits, labels)``.
+
+    Returns (loss, metrics, logp (detached, fp32), entropy (detached, fp32; empty when not
+    asked)). Differentiable with respect to ``logits``.
+    """
+    logp, entropy = selective_log_softmax(logits, labels, temperature, with_entropy)
+    loss, metrics = policy_loss(logp, old_logp.float(), advantages.float(), mask,
+                                None if ref_logp is None else ref_logp.float(), call_map,
+                                None if call_delta is None else call_delta.float(), **knobs)
+    return loss, metrics, logp.detach(), entropy
+
+
+def policy_loss_from_hidden(
+    hidden: Tensor,  # [B, T, H]
+    weight: Tensor,  # [V, H] LM head
+    bias: Tensor | None,  # [V]
+    labels: Tensor,  # [B, T]
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None = None,
+    call_map: Tensor | None = None,
+    call_delta: Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    **knobs,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The plain composition: full logits ``hidden @ weight.T + bias``, then the logits loss.
+
+    Materialises the whole ``(B, T, V)`` logits: this is the memory baseline the fused op beats.
+    """
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return policy_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp,
+                                   call_map, call_delta, temperature, with_entropy, **knobs)
