@@ -206,3 +206,155 @@ def check_policy_loss(
         n = call_delta.numel()
         if call_map.numel() and bool(((call_map < -1) | (call_map >= n)).any()):
             raise ValueError(f"call_map out of range: entries must be -1 or in [0, N={n})")
+
+
+# --------------------------------------------------------------------------------------
+# fused front ends: policy loss from logits or from hidden states
+# --------------------------------------------------------------------------------------
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0.0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
+def _check_labels(labels: Tensor, mask: Tensor, B: int, T: int, V: int, check_values: bool) -> None:
+    """``labels`` is ``(B, T)`` int64 in ``[0, V)``, negative (ignored) only where ``mask == 0``."""
+    _shape("labels", labels, (B, T))
+    _dtype("labels", labels, (torch.int64,))
+    if not check_values or labels.numel() == 0:
+        return
+    if bool((labels >= V).any()):
+        raise ValueError(f"labels out of range: entries must be < V={V} (negative marks an ignored token)")
+    if tuple(mask.shape) == (B, T) and bool(((labels < 0) & (mask != 0)).any()):
+        raise ValueError("labels must be >= 0 wherever mask != 0 (a negative label marks an ignored token)")
+
+
+def _check_loss_arguments(B: int, T: int, device: torch.device, loss_args: tuple,
+                          check_values: bool) -> None:
+    """``check_policy_loss`` on the loss arguments, with a float32 ``(B, T)`` stand-in for logp."""
+    logp_stand_in = torch.zeros((B, T), dtype=torch.float32, device=device)
+    check_policy_loss(logp_stand_in, *loss_args, check_values=check_values)
+
+
+def check_policy_loss_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None,
+    call_map: Tensor | None,
+    call_delta: Tensor | None,
+    temperature: float,
+    *knobs: object,
+    check_values: bool = True,
+) -> None:
+    """Validate every argument of ``tapo::policy_loss_from_logits``.
+
+    ``knobs`` are the eleven loss knobs of ``tapo::policy_loss`` in schema order (``algo``
+    ... ``global_count``). The loss tensors must be float32 (the log-probabilities are).
+    The logits themselves are not scanned for NaN (that would cost a full read of them); a
+    non-finite log-probability is reported after the forward computes it.
+    """
+    _same_device(dict(logits=logits, labels=labels, old_logp=old_logp, advantages=advantages,
+                      mask=mask, ref_logp=ref_logp, call_map=call_map, call_delta=call_delta))
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be 3-D (B, T, V), got shape {tuple(logits.shape)}")
+    B, T, V = logits.shape
+    if V == 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    _dtype("logits", logits, _LOGIT_DTYPES)
+    _check_temperature(temperature)
+    _check_loss_arguments(B, T, logits.device,
+                          (old_logp, advantages, mask, ref_logp, call_map, call_delta, *knobs),
+                          check_values)
+    _check_labels(labels, mask, B, T, V, check_values)
+
+
+def check_policy_loss_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None,
+    call_map: Tensor | None,
+    call_delta: Tensor | None,
+    temperature: float,
+    chunk_size: int | None,
+    *knobs: object,
+    check_values: bool = True,
+) -> None:
+    """Validate every argument of ``tapo::policy_loss_from_hidden`` (see the logits check)."""
+    _same_device(dict(hidden=hidden, weight=weight, bias=bias, labels=labels, old_logp=old_logp,
+                      advantages=advantages, mask=mask, ref_logp=ref_logp, call_map=call_map,
+                      call_delta=call_delta))
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be 3-D (B, T, H), got shape {tuple(hidden.shape)}")
+    B, T, H = hidden.shape
+    _dtype("hidden", hidden, _LOGIT_DTYPES)
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V, H={H}), got {tuple(weight.shape)}")
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    _dtype("weight", weight, (hidden.dtype,))
+    if bias is not None:
+        _shape("bias", bias, (V,))
+        _dtype("bias", bias, (hidden.dtype,))
+    _check_temperature(temperature)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
+    _check_loss_arguments(B, T, hidden.device,
+                          (old_logp, advantages, mask, ref_logp, call_map, call_delta, *knobs),
+                          check_values)
+    _check_labels(labels, mask, B, T, V, check_values)
+
+
+def check_selective_log_softmax_backward(
+    grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor, temperature: float
+) -> None:
+    """Shapes, dtypes and devices of ``tapo::selective_log_softmax_backward(_inplace)``."""
+    _same_device(dict(grad_logp=grad_logp, logits=logits, labels=labels, logp=logp))
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be 3-D (B, T, V), got shape {tuple(logits.shape)}")
+    B, T, _ = logits.shape
+    _dtype("logits", logits, _LOGIT_DTYPES)
+    for name, t in (("grad_logp", grad_logp), ("logp", logp)):
+        _shape(name, t, (B, T))
+        _dtype(name, t, (torch.float32,))
+    _shape("labels", labels, (B, T))
+    _dtype("labels", labels, (torch.int64,))
+    _check_temperature(temperature)
+
+
+def check_selective_log_softmax_from_hidden_backward(
+    grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+    logp: Tensor, temperature: float, chunk_size: int | None,
+) -> None:
+    """Shapes, dtypes and devices of ``tapo::selective_log_softmax_from_hidden_backward``."""
+    _same_device(dict(grad_logp=grad_logp, hidden=hidden, weight=weight, bias=bias,
+                      labels=labels, logp=logp))
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be 3-D (B, T, H), got shape {tuple(hidden.shape)}")
+    B, T, H = hidden.shape
+    _dtype("hidden", hidden, _LOGIT_DTYPES)
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V, H={H}), got {tuple(weight.shape)}")
+    _dtype("weight", weight, (hidden.dtype,))
+    if bias is not None:
+        _shape("bias", bias, (weight.shape[0],))
+        _dtype("bias", bias, (hidden.dtype,))
+    for name, t in (("grad_logp", grad_logp), ("logp", logp)):
+        _shape(name, t, (B, T))
+        _dtype(name, t, (torch.float32,))
+    _shape("labels", labels, (B, T))
+    _dtype("labels", labels, (torch.int64,))
+    _check_temperature(temperature)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")

@@ -181,3 +181,175 @@ for _op in OPS:
         lib.impl(_op, _REFERENCE_KERNELS[_op], "CPU")
         CPU_BACKEND[_op] = "reference"
     lib.impl(_op, _triton_kernel(_op), "CUDA")
+
+
+# ======================================================================================
+# Fused front ends: the policy loss from logits or from hidden states (SPEC section 3)
+# ======================================================================================
+
+from . import logprob as _logprob  # noqa: E402  (the chunked torch kernels of these ops)
+
+_LOSS_TENSOR_ARGS = (
+    "Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp=None, "
+    "Tensor? call_map=None, Tensor? call_delta=None"
+)
+_LOSS_KNOB_ARGS = _LOSS_ARGS.split(", Tensor? call_delta=None, ", 1)[1]  # algo ... global_count
+assert _LOSS_ARGS == f"Tensor logp, {_LOSS_TENSOR_ARGS}, {_LOSS_KNOB_ARGS}"
+
+POLICY_LOSS_FROM_LOGITS_SCHEMA = (
+    f"policy_loss_from_logits(Tensor logits, Tensor labels, {_LOSS_TENSOR_ARGS}, "
+    f"float temperature=1.0, bool with_entropy=False, bool inplace_backward=False, "
+    f"{_LOSS_KNOB_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+POLICY_LOSS_FROM_HIDDEN_SCHEMA = (
+    f"policy_loss_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
+    f"{_LOSS_TENSOR_ARGS}, float temperature=1.0, bool with_entropy=False, "
+    f"int? chunk_size=None, {_LOSS_KNOB_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+# Backward ops take d loss / d logp (from tapo::policy_loss_backward), not the loss arguments.
+SELECTIVE_LOG_SOFTMAX_BACKWARD_SCHEMA = (
+    "selective_log_softmax_backward(Tensor grad_logp, Tensor logits, Tensor labels, "
+    "Tensor logp, float temperature=1.0) -> Tensor"
+)
+SELECTIVE_LOG_SOFTMAX_BACKWARD_INPLACE_SCHEMA = (
+    "selective_log_softmax_backward_inplace(Tensor grad_logp, Tensor(a!) logits, Tensor labels, "
+    "Tensor logp, float temperature=1.0) -> ()"
+)
+SELECTIVE_LOG_SOFTMAX_FROM_HIDDEN_BACKWARD_SCHEMA = (
+    "selective_log_softmax_from_hidden_backward(Tensor grad_logp, Tensor hidden, Tensor weight, "
+    "Tensor? bias, Tensor labels, Tensor logp, float temperature=1.0, int? chunk_size=None, "
+    "bool weight_grad=True, bool bias_grad=True) -> (Tensor, Tensor, Tensor)"
+)
+
+lib.define(POLICY_LOSS_FROM_LOGITS_SCHEMA)
+lib.define(POLICY_LOSS_FROM_HIDDEN_SCHEMA)
+lib.define(SELECTIVE_LOG_SOFTMAX_BACKWARD_SCHEMA)
+lib.define(SELECTIVE_LOG_SOFTMAX_BACKWARD_INPLACE_SCHEMA)
+lib.define(SELECTIVE_LOG_SOFTMAX_FROM_HIDDEN_BACKWARD_SCHEMA)
+
+LOGPROB_OPS = (
+    "policy_loss_from_logits",
+    "policy_loss_from_hidden",
+    "selective_log_softmax_backward",
+    "selective_log_softmax_backward_inplace",
+    "selective_log_softmax_from_hidden_backward",
+)
+
+
+def _logprob_outputs_fake(like: torch.Tensor, B: int, T: int, with_entropy: bool):
+    f32 = torch.float32
+    entropy = like.new_empty((B, T) if with_entropy else (0,), dtype=f32)
+    return like.new_empty((), dtype=f32), like.new_empty((4,), dtype=f32), \
+        like.new_empty((B, T), dtype=f32), entropy
+
+
+@torch.library.register_fake("tapo::policy_loss_from_logits")
+def _policy_loss_from_logits_fake(logits, labels, old_logp, advantages, mask, ref_logp=None,
+                                  call_map=None, call_delta=None, temperature=1.0,
+                                  with_entropy=False, *rest):
+    return _logprob_outputs_fake(logits, logits.shape[0], logits.shape[1], with_entropy)
+
+
+@torch.library.register_fake("tapo::policy_loss_from_hidden")
+def _policy_loss_from_hidden_fake(hidden, weight, bias, labels, old_logp, advantages, mask,
+                                  ref_logp=None, call_map=None, call_delta=None, temperature=1.0,
+                                  with_entropy=False, *rest):
+    return _logprob_outputs_fake(hidden, hidden.shape[0], hidden.shape[1], with_entropy)
+
+
+@torch.library.register_fake("tapo::selective_log_softmax_backward")
+def _selective_log_softmax_backward_fake(grad_logp, logits, *rest):
+    return torch.empty_like(logits)
+
+
+@torch.library.register_fake("tapo::selective_log_softmax_backward_inplace")
+def _selective_log_softmax_backward_inplace_fake(grad_logp, logits, *rest):
+    return None
+
+
+@torch.library.register_fake("tapo::selective_log_softmax_from_hidden_backward")
+def _selective_log_softmax_from_hidden_backward_fake(grad_logp, hidden, weight, bias, labels,
+                                                     logp, temperature=1.0, chunk_size=None,
+                                                     weight_grad=True, bias_grad=True):
+    dweight = torch.empty_like(weight) if weight_grad else weight.new_empty((0,))
+    want_bias = bias is not None and bias_grad
+    dbias = torch.empty_like(bias) if want_bias else hidden.new_empty((0,))
+    return torch.empty_like(hidden), dweight, dbias
+
+
+# autograd: d loss / d logp from tapo::policy_loss_backward (tiny), then one pass over the
+# logits (or one chunked pass over the LM head) turns it into the input gradients.
+
+_N_FROM_LOGITS_INPUTS = 22  # logits, labels, 6 loss tensors, temperature, with_entropy, inplace, 11 knobs
+_N_FROM_HIDDEN_INPUTS = 24  # hidden, weight, bias, labels, 6 loss tensors, 3 options, 11 knobs
+
+
+def _from_logits_setup_context(ctx, inputs, output):
+    logits, labels, *loss_tensors = inputs[:8]
+    ctx.save_for_backward(logits, labels, output[2], *loss_tensors)
+    ctx.temperature, _, ctx.inplace_backward = inputs[8:11]
+    ctx.knobs = inputs[11:]
+    ctx.mark_non_differentiable(*output[1:])  # metrics, logp, entropy are detached
+
+
+def _from_logits_backward(ctx, grad_loss, *unused_output_grads):
+    nones = (None,) * (_N_FROM_LOGITS_INPUTS - 1)
+    if not ctx.needs_input_grad[0]:
+        return (None, *nones)
+    logits, labels, logp, *loss_tensors = ctx.saved_tensors
+    grad_logp = torch.ops.tapo.policy_loss_backward(grad_loss, logp, *loss_tensors, *ctx.knobs)
+    if ctx.inplace_backward:
+        torch.ops.tapo.selective_log_softmax_backward_inplace(
+            grad_logp, logits, labels, logp, ctx.temperature)
+        return (logits, *nones)  # the logits buffer now holds the gradient
+    grad_logits = torch.ops.tapo.selective_log_softmax_backward(
+        grad_logp, logits, labels, logp, ctx.temperature)
+    return (grad_logits, *nones)
+
+
+def _from_hidden_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, *loss_tensors = inputs[:10]
+    ctx.save_for_backward(hidden, weight, bias, labels, output[2], *loss_tensors)
+    ctx.temperature, _, ctx.chunk_size = inputs[10:13]
+    ctx.knobs = inputs[13:]
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _from_hidden_backward(ctx, grad_loss, *unused_output_grads):
+    nones = (None,) * (_N_FROM_HIDDEN_INPUTS - 3)
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if not (need_hidden or need_weight or need_bias):
+        return (None, None, None, *nones)
+    hidden, weight, bias, labels, logp, *loss_tensors = ctx.saved_tensors
+    grad_logp = torch.ops.tapo.policy_loss_backward(grad_loss, logp, *loss_tensors, *ctx.knobs)
+    want_bias = bias is not None and need_bias
+    grad_hidden, grad_weight, grad_bias = torch.ops.tapo.selective_log_softmax_from_hidden_backward(
+        grad_logp, hidden, weight, bias, labels, logp, ctx.temperature, ctx.chunk_size,
+        need_weight, want_bias)
+    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
+            grad_bias if want_bias else None, *nones)
+
+
+torch.library.register_autograd(
+    "tapo::policy_loss_from_logits", _from_logits_backward, setup_context=_from_logits_setup_context
+)
+torch.library.register_autograd(
+    "tapo::policy_loss_from_hidden", _from_hidden_backward, setup_context=_from_hidden_setup_context
+)
+
+_REFERENCE_KERNELS.update({
+    "policy_loss_from_logits": _logprob.policy_loss_from_logits_kernel,
+    "policy_loss_from_hidden": _logprob.policy_loss_from_hidden_kernel,
+    "selective_log_softmax_backward": _logprob.selective_log_softmax_backward_kernel,
+    "selective_log_softmax_backward_inplace": _logprob.selective_log_softmax_backward_inplace_kernel,
+    "selective_log_softmax_from_hidden_backward":
+        _logprob.selective_log_softmax_from_hidden_backward_kernel,
+})
+
+for _op in LOGPROB_OPS:
+    if _has_cpu_kernel(_op):
+        CPU_BACKEND[_op] = "native"
+    else:  # the chunked torch implementation (validated), not the plain composition
+        lib.impl(_op, _REFERENCE_KERNELS[_op], "CPU")
+        CPU_BACKEND[_op] = "chunked-torch"
+    lib.impl(_op, _triton_kernel(_op), "CUDA")

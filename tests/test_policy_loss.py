@@ -1,0 +1,1515 @@
+"""Contract tests of ``torch.ops.tapo.policy_loss`` (SPEC section 3) on every backend.
+
+Layout, in order:
+
+1. hand-computed golden cases (GRPO clip / dual clip / clip-higher, SAPO, GSPO-token versus
+   sequence-level GSPO, KL estimators and their clamps, aggregation modes, TAPO lift);
+2. every backend against the pure-torch reference on fresh random batches (tolerance by rule);
+3. ``gradcheck`` in float64 through the op;
+4. the fused TAPO lift equals the loss on ``fused_correct``'s corrected advantages;
+5. masking traps: fully masked rows and batches, observation tokens, the global count;
+6. parity with verl's and TRL's public loss formulas, written out here;
+7. bad input gives clear errors that name the argument;
+8. ``opcheck``, ``torch.compile(fullgraph=True)``, presets and the front door.
+
+Backends come from the ``policy_loss_impl`` fixture (``tests/conftest.py``): a
+``(forward, backward)`` pair with the schemas of ``tapo::policy_loss`` and
+``tapo::policy_loss_backward``. Shapes stay tiny because the Triton backend runs under the
+interpreter here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import tapo_kernels
+from tapo_kernels import PRESETS, ToolCalls, reference
+from tapo_kernels.reference import AGGS, ALGOS, KL_TYPES, METRIC_NAMES
+from tapo_kernels.testing import correct_batch, loss_batch
+
+OP = torch.ops.tapo.policy_loss
+OP_BACKWARD = torch.ops.tapo.policy_loss_backward
+
+Impl = tuple[Callable[..., Any], Callable[..., Any]]
+Args = tuple[Tensor | None, ...]
+
+CLIP_FRAC, MEAN_RATIO, MEAN_KL, LIFTED_FRAC = range(4)
+E = math.e
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def seed_of(*parts: object) -> int:
+    """A stable seed per parametrisation, so that every case sees its own random batch."""
+    return zlib.crc32(repr(parts).encode()) % (2**31)
+
+
+def run_backend(impl: Impl, args: Args, knobs: dict[str, Any], grad_loss: float = 1.0):
+    """(loss, metrics, grad of loss w.r.t. logp) from one backend's forward and backward."""
+    forward, backward = impl
+    loss, metrics = forward(*args, **knobs)
+    grad = backward(torch.full((), grad_loss, dtype=args[0].dtype), *args, **knobs)
+    return loss, metrics, grad
+
+
+def run_reference(args: Args, knobs: dict[str, Any]):
+    """(loss, metrics, grad) of the pure-torch oracle, gradient by autograd."""
+    logp = args[0].detach().clone().requires_grad_(True)
+    loss, metrics = reference.policy_loss(logp, *args[1:], **knobs)
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss.detach(), metrics, grad
+
+
+def cast_args(args: Args, dtype: torch.dtype) -> Args:
+    """Floating tensors to ``dtype``; integer/bool tensors and ``None`` unchanged."""
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in args)
+
+
+def slice_rows(args: Args, rows: slice) -> Args:
+    """The rows ``rows`` of a batch; ``call_delta`` (indexed by ``call_map``) stays whole."""
+    return tuple(t if t is None or i == 6 else t[rows] for i, t in enumerate(args))
+
+
+def assert_close_by_rule(
+    name: str, out: Tensor, ref64: Tensor, ref32: Tensor, eps: float = 1e-6
+) -> None:
+    """STYLE practice 3: ``|out - ref64| <= 2 |ref32 - ref64| + eps`` (max over elements)."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert bool(torch.isfinite(out).all()), f"{name}: non-finite values {out}"
+    err = (out.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
+    ref_err = (ref32.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
+    budget = 2.0 * ref_err + eps
+    assert err <= budget, (
+        f"{name}: max error {err:.3e} > budget {budget:.3e} (reference fp32 error {ref_err:.3e})"
+    )
+
+
+def assert_tight(name: str, out: Tensor, expected: Tensor, rel: float = 1e-10) -> None:
+    """float64 agreement up to summation order: ``|out - expected| <= rel (1 + max|expected|)``."""
+    assert out.shape == expected.shape, (
+        f"{name}: shape {tuple(out.shape)} != {tuple(expected.shape)}"
+    )
+    assert bool(torch.isfinite(out).all()), f"{name}: non-finite values {out}"
+    err = (out.double() - expected.double()).abs().max().item() if out.numel() else 0.0
+    scale = 1.0 + (expected.double().abs().max().item() if out.numel() else 0.0)
+    assert err <= rel * scale, (
+        f"{name}: max error {err:.3e} > {rel * scale:.3e}\n{out}\nvs\n{expected}"
+    )
+
+
+def assert_metrics(metrics: Tensor, expected: dict[str, float], rel: float = 1e-6) -> None:
+    """Compare named entries of the ``(4,)`` float32 metrics tensor with hand values."""
+    assert metrics.shape == (4,) and metrics.dtype == torch.float32, (metrics.shape, metrics.dtype)
+    for name, value in expected.items():
+        got = float(metrics[METRIC_NAMES.index(name)])
+        assert math.isclose(got, value, rel_tol=rel, abs_tol=1e-7), f"{name}: {got} != {value}"
+
+
+def f64(values: list) -> Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def row_inputs(
+    log_ratio: list[float], advantages: list[float]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One row (B=1): logp, old_logp with ``logp - old_logp = log_ratio``, advantages, mask 1."""
+    T = len(log_ratio)
+    logp = -0.5 - 0.25 * torch.arange(T, dtype=torch.float64)[None, :]
+    old = logp - f64([log_ratio])
+    old = torch.where(f64([log_ratio]) == 0, logp, old)  # exactly r = 1 where asked
+    return logp, old, f64([advantages]), torch.ones(1, T, dtype=torch.float64)
+
+
+def knobs_for(algo: str, **extra: Any) -> dict[str, Any]:
+    """Per-algorithm knobs for random batches: clip ranges wide enough that both the clipped
+    and the unclipped branch occur (GSPO's 3e-4 default would clip almost every row)."""
+    knobs: dict[str, Any] = {"algo": algo}
+    if algo == "grpo":
+        knobs.update(eps_low=0.2, eps_high=0.28, dual_clip_c=3.0)
+    elif algo == "gspo":
+        knobs.update(eps_low=0.05, eps_high=0.05)
+    else:
+        knobs.update(tau_pos=1.0, tau_neg=1.05)
+    knobs.update(extra)
+    return knobs
+
+
+SPREAD = {"grpo": 0.6, "gspo": 0.3, "sapo": 0.5}  # std of logp - old_logp per algorithm
+
+
+# --------------------------------------------------------------------------------------
+# 1. hand-computed golden cases
+# --------------------------------------------------------------------------------------
+
+GRPO_GOLDEN = [
+    # A > 0, log ratio 1: r = e = 2.71828 > 1.2, so l = max(-2e, -2 * 1.2) = -2.4 (clipped),
+    # constant in logp: gradient 0; one token clipped of one.
+    pytest.param([1.0], [2.0], {}, -2.4, [0.0], 1.0, id="pos-adv-ratio-e-clipped"),
+    # A = 0.5 > 0, r = 1.1 and 0.9 inside [0.8, 1.2]: l = -0.5 r, token-mean over 2 tokens:
+    # loss = -(0.55 + 0.45) / 2 = -0.5; dl/dlogp = -A r / 2 = [-0.275, -0.225].
+    pytest.param(
+        [math.log(1.1), math.log(0.9)],
+        [0.5, 0.5],
+        {},
+        -0.5,
+        [-0.275, -0.225],
+        0.0,
+        id="pos-adv-inside-range",
+    ),
+    # A = -1 < 0, r = e: l1 = -A r = e = 2.71828, l2 = -A * 1.2 = 1.2, max = e (unclipped
+    # branch); dual clip c = 3 caps at -A * 3 = 3 > e, so inactive: loss e, gradient -A r = e.
+    pytest.param(
+        [1.0], [-1.0], {"dual_clip_c": 3.0}, E, [E], 0.0, id="neg-adv-ratio-e-below-dual-cap"
+    ),
+    # A = -1, r = e^2 = 7.389: unclipped branch 7.389; dual clip caps it at -A * 3 = 3,
+    # a constant: loss 3, gradient 0, counted as clipped.
+    pytest.param([2.0], [-1.0], {"dual_clip_c": 3.0}, 3.0, [0.0], 1.0, id="neg-adv-dual-clip-caps"),
+    # Same token with dual_clip_c = 0 (off): loss -A r = e^2 = 7.389, gradient e^2.
+    pytest.param(
+        [2.0], [-1.0], {"dual_clip_c": 0.0}, E**2, [E**2], 0.0, id="neg-adv-dual-clip-off"
+    ),
+    # A = -1, r = 0.5 < 0.8: l1 = 0.5, l2 = -A * 0.8 = 0.8, max = 0.8 (clipped): gradient 0.
+    pytest.param([math.log(0.5)], [-1.0], {}, 0.8, [0.0], 1.0, id="neg-adv-low-ratio-clipped"),
+    # Clip-higher: A = 1, r = 1.25 lies inside [0.8, 1.28]: loss -1.25, gradient -A r = -1.25.
+    pytest.param(
+        [math.log(1.25)], [1.0], {"eps_high": 0.28}, -1.25, [-1.25], 0.0, id="clip-higher-inside"
+    ),
+    # The same token with the symmetric default eps_high = 0.2 is clipped at 1.2: loss -1.2.
+    pytest.param([math.log(1.25)], [1.0], {}, -1.2, [0.0], 1.0, id="clip-higher-default-clips"),
+    # Clip-higher, r = e: clipped at 1 + 0.28: loss -1.28, gradient 0.
+    pytest.param([1.0], [1.0], {"eps_high": 0.28}, -1.28, [0.0], 1.0, id="clip-higher-ratio-e"),
+    # Log-ratio clamp: logp - old = 30 is clamped to 20, r = e^20 = 4.85e8; A = -1 without
+    # dual clip: loss e^20, and the clamp cuts the gradient to 0.
+    pytest.param(
+        [30.0],
+        [-1.0],
+        {"dual_clip_c": 0.0},
+        math.exp(20.0),
+        [0.0],
+        0.0,
+        id="log-ratio-clamped-at-20",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "log_ratio, adv, knobs, loss_expected, grad_expected, clip_frac", GRPO_GOLDEN
+)
+def test_grpo_golden(
+    policy_loss_impl, log_ratio, adv, knobs, loss_expected, grad_expected, clip_frac
+):
+    logp, old, a, mask = row_inputs(log_ratio, adv)
+    args = (logp, old, a, mask, None, None, None)
+    loss, metrics, grad = run_backend(policy_loss_impl, args, {"algo": "grpo", **knobs})
+    assert_tight("loss", loss, f64(loss_expected))
+    assert_tight("grad", grad, f64([grad_expected]))
+    mean_ratio = sum(math.exp(min(lr, 20.0)) for lr in log_ratio) / len(log_ratio)
+    assert_metrics(
+        metrics,
+        {"clip_frac": clip_frac, "mean_ratio": mean_ratio, "mean_kl": 0.0, "lifted_frac": 0.0},
+    )
+
+
+def test_grpo_golden_per_row_advantage(policy_loss_impl):
+    # B=2, T=2, per-row advantages (B,): row 0 A = 1 with r = [1.1, e] -> l = [-1.1, -1.2]
+    # (second clipped); row 1 A = -1 with r = [e^2, 0.9] -> l = [min(e^2, 3) = 3, 0.9].
+    # token-mean over 4 tokens: (-1.1 - 1.2 + 3 + 0.9) / 4 = 1.6 / 4 = 0.4.
+    # gradients / 4: row 0 [-1.1, 0], row 1 [0 (dual clip), -A r = 0.9] -> [-0.275, 0, 0, 0.225].
+    lr = f64([[math.log(1.1), 1.0], [2.0, math.log(0.9)]])
+    logp = f64([[-1.0, -2.0], [-0.5, -1.5]])
+    args = (
+        logp,
+        logp - lr,
+        f64([1.0, -1.0]),
+        torch.ones(2, 2, dtype=torch.float64),
+        None,
+        None,
+        None,
+    )
+    loss, metrics, grad = run_backend(policy_loss_impl, args, {"algo": "grpo"})
+    assert_tight("loss", loss, f64(0.4))
+    assert_tight("grad", grad, f64([[-0.275, 0.0], [0.0, 0.225]]))
+    # clipped: token (0,1) by the PPO clip and (1,0) by the dual clip -> 2 / 4
+    assert_metrics(metrics, {"clip_frac": 0.5, "mean_ratio": (1.1 + E + E**2 + 0.9) / 4})
+
+
+def test_sapo_golden(policy_loss_impl):
+    # r = 1 on both tokens (logp == old_logp); A = [1.5, -0.7] so tau = [tau_pos, tau_neg].
+    # l = -A sigmoid(0) 4 / tau = -2 A / tau; seq-mean-token-sum over one row sums the tokens.
+    # dl/dlogp = -A sigmoid'(0) tau r 4 / tau = -A * 0.25 * 4 * 1 = -A (weight 1), any tau.
+    logp, old, a, mask = row_inputs([0.0, 0.0], [1.5, -0.7])
+    args = (logp, old, a, mask, None, None, None)
+    for tau_pos, tau_neg in ((1.0, 1.05), (2.0, 0.5)):
+        knobs = {
+            "algo": "sapo",
+            "tau_pos": tau_pos,
+            "tau_neg": tau_neg,
+            "agg": "seq-mean-token-sum",
+        }
+        loss, metrics, grad = run_backend(policy_loss_impl, args, knobs)
+        # (1.0, 1.05): -3 + 1.4 / 1.05 = -1.666667; (2.0, 0.5): -1.5 + 2.8 = 1.3
+        assert_tight("loss", loss, f64(-2 * 1.5 / tau_pos + 2 * 0.7 / tau_neg))
+        assert_tight("grad", grad, f64([[-1.5, 0.7]]))
+        # SAPO has no hard clip: clip_frac is 0; mean ratio 1
+        assert_metrics(metrics, {"clip_frac": 0.0, "mean_ratio": 1.0, "mean_kl": 0.0})
+
+
+def test_sapo_golden_away_from_one(policy_loss_impl):
+    # A = 1, r = e, tau = 1: x = e - 1 = 1.718282, sigmoid(x) = 1 / (1 + 0.179374) = 0.8479074;
+    # l = -4 * 0.8479074 = -3.3916296;
+    # dl/dlogp = -4 sigmoid(x)(1 - sigmoid(x)) r = -4 * 0.8479074 * 0.1520926 * e = -1.4022033.
+    logp, old, a, mask = row_inputs([1.0], [1.0])
+    loss, _, grad = run_backend(
+        policy_loss_impl, (logp, old, a, mask, None, None, None), {"algo": "sapo"}
+    )
+    s = 1.0 / (1.0 + math.exp(-(E - 1.0)))
+    assert_tight("loss", loss, f64(-4.0 * s))
+    assert_tight("grad", grad, f64([[-4.0 * s * (1.0 - s) * E]]))
+    assert abs(float(loss) + 3.3916296) < 1e-6 and abs(float(grad) + 1.4022033) < 1e-6
+
+
+def sequence_level_gspo(
+    logp: Tensor, old: Tensor, adv_row: Tensor, mask: Tensor, eps_low: float, eps_high: float
+) -> Tensor:
+    """Sequence-level GSPO (one ratio per row, gradient through the whole row), seq-mean-token-mean.
+
+    ``s_i = exp(mean_{t in mask} (logp - old))``,
+    ``loss_i = max(-A_i s_i, -A_i clip(s_i, 1 - eps_low, 1 + eps_high))``, mean over rows.
+    """
+    n = mask.sum(1)
+    s = torch.exp(((logp - old) * mask).sum(1) / n)
+    loss_rows = torch.maximum(-adv_row * s, -adv_row * s.clamp(1 - eps_low, 1 + eps_high))
+    # seq-mean-token-mean of a per-row constant: sum_t loss_i m_it / n_i = loss_i
+    return loss_rows.mean()
+
+
+def test_gspo_token_equals_sequence_level_gspo(policy_loss_impl):
+    # Row 0: mask [1,1,1,0], lr = [0.1, -0.05, 0.15, (2.0 masked)], mean 0.2/3 = 0.066667,
+    #   s0 = 1.068939 inside [0.8, 1.2]; A0 = -0.7: loss_0 = 0.7 * 1.068939 = 0.748257.
+    # Row 1: mask [0,1,1,1], lr = [(5.0 masked), 0.5, 0.4, 0.6], mean 0.5, s1 = 1.648721 > 1.2;
+    #   A1 = 1.3: loss_1 = max(-2.143338, -1.3 * 1.2 = -1.56) = -1.56 (clipped, gradient 0).
+    # loss = (0.748257 - 1.56) / 2 = -0.405871; grad on row 0 mask tokens = (1/2)(1/3)(0.7 s0)
+    #   = 0.124710, zero elsewhere.
+    lr = f64([[0.1, -0.05, 0.15, 2.0], [5.0, 0.5, 0.4, 0.6]])
+    mask = f64([[1, 1, 1, 0], [0, 1, 1, 1]])
+    logp = f64([[-1.0, -0.3, -2.0, -0.7], [-0.2, -1.1, -0.9, -3.0]])
+    old = logp - lr
+    adv_row = f64([-0.7, 1.3])
+    knobs = {"algo": "gspo", "eps_low": 0.2, "eps_high": 0.2, "agg": "seq-mean-token-mean"}
+
+    x = logp.clone().requires_grad_(True)
+    expected_loss = sequence_level_gspo(x, old, adv_row, mask, 0.2, 0.2)
+    (expected_grad,) = torch.autograd.grad(expected_loss, x)
+    assert abs(float(expected_loss.detach()) + 0.4058713) < 1e-6
+    assert abs(float(expected_grad[0, 0]) - 0.1247096) < 1e-6
+
+    for adv in (adv_row, adv_row[:, None] * mask):  # per-row (B,) and per-token (B, T) forms
+        args = (logp, old, adv, mask, None, None, None)
+        loss, metrics, grad = run_backend(policy_loss_impl, args, knobs)
+        assert_tight("loss", loss, expected_loss.detach())
+        assert_tight("grad", grad, expected_grad)
+        # ratio s_it = s_i on every mask token: mean over 6 tokens = (3 s0 + 3 s1) / 6;
+        # row 1's three tokens are clipped: clip_frac = 3 / 6.
+        s0, s1 = math.exp(0.2 / 3), math.exp(0.5)
+        assert_metrics(metrics, {"clip_frac": 0.5, "mean_ratio": (s0 + s1) / 2})
+
+
+def test_gspo_random_rows_equal_sequence_level(policy_loss_impl):
+    # Random batch, per-row constant advantages, no empty row: GSPO-token == sequence GSPO.
+    b = loss_batch(
+        B=4,
+        T=9,
+        dtype=torch.float64,
+        per_token=False,
+        with_ref=False,
+        with_calls=False,
+        empty_row=False,
+        spread=0.15,
+        seed=11,
+    )
+    eps = 0.1
+    x = b.logp.clone().requires_grad_(True)
+    expected_loss = sequence_level_gspo(x, b.old_logp, b.advantages, b.mask, eps, eps)
+    (expected_grad,) = torch.autograd.grad(expected_loss, x)
+    assert bool((expected_grad != 0).any())  # some row is unclipped, the test can fail
+    knobs = {"algo": "gspo", "eps_low": eps, "eps_high": eps, "agg": "seq-mean-token-mean"}
+    loss, _, grad = run_backend(policy_loss_impl, b.op_args(), knobs)
+    assert_tight("loss", loss, expected_loss.detach())
+    assert_tight("grad", grad, expected_grad)
+
+
+def test_gspo_log_ratio_clamped_at_10(policy_loss_impl):
+    # One token, lr = 12: log s = 12 is clamped at 10, s = e^10 = 22026.47; A = -1, eps 0.2:
+    # l = max(e^10, 1.2) = e^10; the clamp cuts the gradient: 0.
+    logp, old, a, mask = row_inputs([12.0], [-1.0])
+    knobs = {"algo": "gspo", "eps_low": 0.2, "eps_high": 0.2}
+    loss, metrics, grad = run_backend(
+        policy_loss_impl, (logp, old, a, mask, None, None, None), knobs
+    )
+    assert_tight("loss", loss, f64(math.exp(10.0)))
+    assert_tight("grad", grad, f64([[0.0]]))
+    assert_metrics(metrics, {"mean_ratio": math.exp(10.0)})
+
+
+# d = ref_logp - logp on three tokens: [0.5, -0.3, 3.0]; policy term off (A = 0), kl_coef 1,
+# seq-mean-token-sum over one row = sum of the per-token KL.
+KL_D = [0.5, -0.3, 3.0]
+KL_GOLDEN = [
+    # k1 = -d = [-0.5, 0.3, -3.0], sum -3.2; dk1/dlogp = +1 each.
+    pytest.param("k1", -3.2, [1.0, 1.0, 1.0], id="k1"),
+    # k2 = d^2 / 2 = [0.125, 0.045, 4.5], sum 4.67; dk2/dlogp = -d = [-0.5, 0.3, -3.0].
+    pytest.param("k2", 4.67, [-0.5, 0.3, -3.0], id="k2"),
+    # k3 = e^d - d - 1 = [1.648721 - 1.5, 0.740818 + 0.3 - 1, e^3 - 4 = 16.0855 -> clamp 10]
+    #    = [0.148721, 0.040818, 10], sum 10.189539; dk3/dlogp = -(e^d - 1) = [-0.648721,
+    #    0.259182, 0 (clamped)].
+    pytest.param(
+        "k3",
+        math.exp(0.5) - 1.5 + math.exp(-0.3) - 0.7 + 10.0,
+        [-(math.exp(0.5) - 1.0), -(math.exp(-0.3) - 1.0), 0.0],
+        id="k3-clamp-10",
+    ),
+]
+
+
+@pytest.mark.parametrize("kl_type, loss_expected, grad_expected", KL_GOLDEN)
+def test_kl_golden(policy_loss_impl, kl_type, loss_expected, grad_expected):
+    logp, old, a, mask = row_inputs([0.2, -0.1, 0.3], [0.0, 0.0, 0.0])
+    ref = logp + f64([KL_D])
+    knobs = {"algo": "grpo", "kl_coef": 1.0, "kl_type": kl_type, "agg": "seq-mean-token-sum"}
+    loss, metrics, grad = run_backend(
+        policy_loss_impl, (logp, old, a, mask, ref, None, None), knobs
+    )
+    assert_tight("loss", loss, f64(loss_expected))
+    assert_tight("grad", grad, f64([grad_expected]))
+    assert_metrics(metrics, {"mean_kl": loss_expected / 3})
+    # kl_coef scales the KL term linearly: 0.25 * loss
+    knobs["kl_coef"] = 0.25
+    loss, _, grad = run_backend(policy_loss_impl, (logp, old, a, mask, ref, None, None), knobs)
+    assert_tight("loss x0.25", loss, f64(0.25 * loss_expected))
+    assert_tight("grad x0.25", grad, 0.25 * f64([grad_expected]))
+
+
+@pytest.mark.parametrize(
+    "dtype, d",
+    [
+        (torch.float32, 100.0),
+        (torch.float32, -100.0),
+        (torch.float64, 1000.0),
+        (torch.float64, -1000.0),
+    ],
+)
+def test_kl_k3_difference_clamped_at_20(policy_loss_impl, dtype, d):
+    # |d| is far beyond 20: d is clamped to +-20 before exp (e^100 overflows fp32, e^1000 fp64),
+    # so k3 = min(e^20 - 21, 10) = 10 or min(e^-20 + 19, 10) = 10, finite, gradient exactly 0.
+    logp, old, a, mask = (t.to(dtype) for t in row_inputs([0.1], [0.0]))
+    ref = logp + d
+    knobs = {"algo": "grpo", "kl_coef": 1.0, "kl_type": "k3"}
+    loss, metrics, grad = run_backend(
+        policy_loss_impl, (logp, old, a, mask, ref, None, None), knobs
+    )
+    assert float(loss) == 10.0
+    assert bool(torch.isfinite(grad).all()) and float(grad.abs().max()) == 0.0
+    assert_metrics(metrics, {"mean_kl": 10.0})
+
+
+# 2x3 batch, r = 1 everywhere (logp == old_logp), grpo: l = -A (no clip active), dl/dlogp = -A.
+# A = [[1, 2, 3], [4, 5, 6]], mask = [[1, 1, 1], [1, 0, 0]] -> L = [[-1, -2, -3], [-4, 0, 0]].
+AGG_A = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+AGG_MASK = [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+AGG_GOLDEN = [
+    # token-mean: (-1 - 2 - 3 - 4) / 4 = -2.5; grad -A m / 4.
+    pytest.param("token-mean", {}, -2.5, [[-0.25, -0.5, -0.75], [-1.0, 0, 0]], id="token-mean"),
+    # token-mean with global_count 8: -10 / 8 = -1.25; grad -A m / 8.
+    pytest.param(
+        "token-mean",
+        {"global_count": 8.0},
+        -1.25,
+        [[-1 / 8, -2 / 8, -3 / 8], [-4 / 8, 0, 0]],
+        id="token-mean-global-count",
+    ),
+    # seq-mean-token-mean: rows -6/3 = -2 and -4/1 = -4, mean -3;
+    # grad row 0 -A/(3*2), row 1 -A/(1*2).
+    pytest.param(
+        "seq-mean-token-mean",
+        {},
+        -3.0,
+        [[-1 / 6, -2 / 6, -3 / 6], [-2.0, 0, 0]],
+        id="seq-mean-token-mean",
+    ),
+    # ... with global_count 4 (rows): (-2 - 4) / 4 = -1.5; grad row 0 -A/(3*4), row 1 -A/4.
+    pytest.param(
+        "seq-mean-token-mean",
+        {"global_count": 4.0},
+        -1.5,
+        [[-1 / 12, -2 / 12, -3 / 12], [-1.0, 0, 0]],
+        id="seq-mean-token-mean-global-count",
+    ),
+    # seq-mean-token-sum: rows -6 and -4, mean -5; grad -A m / 2.
+    pytest.param(
+        "seq-mean-token-sum", {}, -5.0, [[-0.5, -1.0, -1.5], [-2.0, 0, 0]], id="seq-mean-token-sum"
+    ),
+    # ... with global_count 5: -10 / 5 = -2; grad -A m / 5.
+    pytest.param(
+        "seq-mean-token-sum",
+        {"global_count": 5.0},
+        -2.0,
+        [[-0.2, -0.4, -0.6], [-0.8, 0, 0]],
+        id="seq-mean-token-sum-global-count",
+    ),
+    # seq-mean-token-sum-norm, norm_const defaults to T = 3: -5 / 3; grad -A m / 6.
+    pytest.param(
+        "seq-mean-token-sum-norm",
+        {},
+        -5 / 3,
+        [[-1 / 6, -2 / 6, -3 / 6], [-4 / 6, 0, 0]],
+        id="seq-mean-token-sum-norm-default-T",
+    ),
+    # ... norm_const 4: -5 / 4 = -1.25; grad -A m / 8.
+    pytest.param(
+        "seq-mean-token-sum-norm",
+        {"norm_const": 4.0},
+        -1.25,
+        [[-1 / 8, -2 / 8, -3 / 8], [-4 / 8, 0, 0]],
+        id="seq-mean-token-sum-norm-const-4",
+    ),
+    # ... norm_const 4 and global_count 5 rows: -10 / 5 / 4 = -0.5; grad -A m / 20.
+    pytest.param(
+        "seq-mean-token-sum-norm",
+        {"norm_const": 4.0, "global_count": 5.0},
+        -0.5,
+        [[-0.05, -0.1, -0.15], [-0.2, 0, 0]],
+        id="seq-mean-token-sum-norm-const-and-count",
+    ),
+]
+
+
+@pytest.mark.parametrize("agg, extra, loss_expected, grad_expected", AGG_GOLDEN)
+def test_aggregation_golden(policy_loss_impl, agg, extra, loss_expected, grad_expected):
+    logp = f64([[-0.3, -1.2, -2.0], [-0.1, -0.4, -5.0]])
+    args = (logp, logp.clone(), f64(AGG_A), f64(AGG_MASK), None, None, None)
+    loss, metrics, grad = run_backend(policy_loss_impl, args, {"algo": "grpo", "agg": agg, **extra})
+    assert_tight("loss", loss, f64(loss_expected))
+    assert_tight("grad", grad, f64(grad_expected))
+    assert_metrics(
+        metrics, {"clip_frac": 0.0, "mean_ratio": 1.0, "mean_kl": 0.0, "lifted_frac": 0.0}
+    )
+
+
+def test_tapo_lift_golden(policy_loss_impl):
+    # A = [-1, -1, -1, 0.5, 0, -1], call_map = [0, 0, 1, 1, 1, -1], call_delta = [0.6, 2.0]:
+    #   tokens 0,1: min(0, -1 + 0.6) = -0.4; token 2: min(0, -1 + 2) = 0 (lifted, never flipped);
+    #   token 3 (A >= 0) and token 4 (A = 0) untouched; token 5 outside any call: -1.
+    # r = 1, grpo: l = -A' = [0.4, 0.4, 0, -0.5, 0, 1]; token-mean: 1.3 / 6 = 0.216667;
+    # grad -A'/6 = [0.066667, 0.066667, 0, -0.083333, 0, 0.166667]; lifted 3 of 6 tokens.
+    logp, old, a, mask = row_inputs([0.0] * 6, [-1.0, -1.0, -1.0, 0.5, 0.0, -1.0])
+    call_map = torch.tensor([[0, 0, 1, 1, 1, -1]], dtype=torch.int32)
+    call_delta = f64([0.6, 2.0])
+    loss, metrics, grad = run_backend(
+        policy_loss_impl, (logp, old, a, mask, None, call_map, call_delta), {"algo": "grpo"}
+    )
+    assert_tight("loss", loss, f64(1.3 / 6))
+    assert_tight("grad", grad, f64([[0.4 / 6, 0.4 / 6, 0.0, -0.5 / 6, 0.0, 1.0 / 6]]))
+    assert_metrics(metrics, {"lifted_frac": 0.5, "clip_frac": 0.0, "mean_ratio": 1.0})
+
+    # per-row advantage A = -1 (B,): every call token is lifted: [-0.4, -0.4, 0, 0, 0, -1];
+    # l = [0.4, 0.4, 0, 0, 0, 1], token-mean 1.8 / 6 = 0.3; lifted 5 of 6.
+    loss, metrics, grad = run_backend(
+        policy_loss_impl,
+        (logp, old, f64([-1.0]), mask, None, call_map, call_delta),
+        {"algo": "grpo"},
+    )
+    assert_tight("loss per-row", loss, f64(0.3))
+    assert_tight("grad per-row", grad, f64([[0.4 / 6, 0.4 / 6, 0.0, 0.0, 0.0, 1.0 / 6]]))
+    assert_metrics(metrics, {"lifted_frac": 5 / 6})
+
+    # lifted_frac counts mask tokens only: masking tokens 0 and 3 leaves 2 lifted of 4.
+    mask2 = f64([[0, 1, 1, 0, 1, 1]])
+    _, metrics, grad = run_backend(
+        policy_loss_impl, (logp, old, a, mask2, None, call_map, call_delta), {"algo": "grpo"}
+    )
+    assert_metrics(metrics, {"lifted_frac": 0.5})
+    assert float(grad[0, 0]) == 0.0 and float(grad[0, 3]) == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# 2. every backend equals the reference on fresh random batches
+# --------------------------------------------------------------------------------------
+
+
+def check_against_reference(
+    impl: Impl, args32: Args, knobs: dict[str, Any], grad_loss: float = 1.0
+) -> None:
+    """float32 by rule against a float64 reference; float64 tight; inputs never modified."""
+    assert args32[0].dtype == torch.float32
+    args64 = cast_args(args32, torch.float64)
+    ref64 = run_reference(args64, knobs)
+    ref32 = run_reference(args32, knobs)
+    assert bool((ref64[2] != 0).any()), "degenerate batch: the reference gradient is all zero"
+
+    for args, dtype in ((args32, torch.float32), (args64, torch.float64)):
+        before = [None if t is None else t.clone() for t in args]
+        loss, metrics, grad = run_backend(impl, args, knobs, grad_loss)
+        for t, t0 in zip(args, before, strict=True):
+            assert t is None or torch.equal(t, t0), "the op modified one of its inputs"
+        assert loss.shape == () and loss.dtype == dtype
+        assert metrics.shape == (4,) and metrics.dtype == torch.float32
+        assert grad.shape == args[0].shape and grad.dtype == dtype
+        if dtype == torch.float32:
+            assert_close_by_rule("loss", loss, ref64[0], ref32[0])
+            assert_close_by_rule("metrics", metrics, ref64[1], ref32[1])
+            assert_close_by_rule("grad", grad, grad_loss * ref64[2], grad_loss * ref32[2])
+        else:
+            assert_tight("loss", loss, ref64[0])
+            torch.testing.assert_close(metrics, ref64[1], rtol=1e-6, atol=1e-7)
+            assert_tight("grad", grad, grad_loss * ref64[2])
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_matches_reference_algo_agg(policy_loss_impl, algo, agg):
+    b = loss_batch(B=5, T=11, spread=SPREAD[algo], seed=seed_of("algo-agg", algo, agg))
+    check_against_reference(policy_loss_impl, b.op_args(), knobs_for(algo, agg=agg, kl_coef=0.1))
+
+
+@pytest.mark.parametrize("kl_type", KL_TYPES)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_matches_reference_kl_type(policy_loss_impl, algo, kl_type):
+    b = loss_batch(B=4, T=9, spread=SPREAD[algo], seed=seed_of("kl", algo, kl_type))
+    # ref_logp far from logp on a few tokens exercises the k3 clamp at 10
+    b.ref_logp[0, -3:] += torch.tensor([4.0, -14.0, 30.0])
+    check_against_reference(
+        policy_loss_impl,
+        b.op_args(),
+        knobs_for(algo, kl_type=kl_type, kl_coef=0.3, agg="seq-mean-token-mean"),
+    )
+
+
+@pytest.mark.parametrize("with_calls", [False, True], ids=["no-calls", "calls"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-row-adv", "per-token-adv"])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_matches_reference_inputs(policy_loss_impl, algo, per_token, with_calls):
+    b = loss_batch(
+        B=5,
+        T=10,
+        spread=SPREAD[algo],
+        per_token=per_token,
+        with_calls=with_calls,
+        with_ref=per_token,
+        seed=seed_of("inputs", algo, per_token, with_calls),
+    )
+    knobs = knobs_for(algo, kl_coef=0.05 if per_token else 0.0)
+    check_against_reference(policy_loss_impl, b.op_args(), knobs)
+    if with_calls:  # the batch exercises the lift, so the comparison covers it
+        assert float(reference.policy_loss(*b.op_args(), **knobs)[1][LIFTED_FRAC]) > 0
+
+
+@pytest.mark.parametrize(
+    "agg, extra",
+    [
+        ("token-mean", {"global_count": 57.0}),
+        ("seq-mean-token-mean", {"global_count": 9.0}),
+        ("seq-mean-token-sum", {"global_count": 6.0}),
+        ("seq-mean-token-sum-norm", {"norm_const": 40.0}),
+        ("seq-mean-token-sum-norm", {"norm_const": 7.0, "global_count": 12.0}),
+    ],
+)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_matches_reference_normalisers(policy_loss_impl, algo, agg, extra):
+    b = loss_batch(B=4, T=12, spread=SPREAD[algo], seed=seed_of("norm", algo, agg, extra))
+    check_against_reference(
+        policy_loss_impl, b.op_args(), knobs_for(algo, agg=agg, kl_coef=0.1, **extra)
+    )
+
+
+@pytest.mark.parametrize(
+    "B, T, algo",
+    [(1, 1, "grpo"), (3, 1, "gspo"), (7, 97, "sapo"), (2, 1025, "gspo"), (13, 37, "grpo")],
+)
+def test_matches_reference_odd_shapes(policy_loss_impl, B, T, algo):
+    b = loss_batch(
+        B=B, T=T, spread=SPREAD[algo], empty_row=B > 2, seed=seed_of("shape", B, T, algo)
+    )
+    if B * T == 1 or T == 1:
+        b.mask[:] = 1.0  # prompt tokens would mask the single column away
+    check_against_reference(policy_loss_impl, b.op_args(), knobs_for(algo, kl_coef=0.1))
+
+
+def test_backward_scales_with_grad_loss(policy_loss_impl):
+    # The backward must multiply by the incoming gradient (e.g. a loss scale of 2.5).
+    b = loss_batch(B=3, T=8, spread=0.5, seed=5)
+    check_against_reference(
+        policy_loss_impl, b.op_args(), knobs_for("grpo", kl_coef=0.1), grad_loss=2.5
+    )
+    check_against_reference(policy_loss_impl, b.op_args(), knobs_for("sapo"), grad_loss=-0.75)
+
+
+def test_bool_mask_equals_float_mask(policy_loss_impl):
+    b = loss_batch(B=4, T=9, spread=0.5, seed=6)
+    knobs = knobs_for("grpo", kl_coef=0.1)
+    as_float = run_backend(policy_loss_impl, b.op_args(), knobs)
+    args = list(b.op_args())
+    args[3] = b.mask.bool()
+    as_bool = run_backend(policy_loss_impl, tuple(args), knobs)
+    for x, y in zip(as_float, as_bool, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_non_contiguous_inputs(policy_loss_impl):
+    # Transposed (B, T) views: strides (1, B). Results must equal the contiguous ones.
+    b = loss_batch(B=5, T=8, spread=0.5, seed=7)
+    knobs = knobs_for("gspo", kl_coef=0.1, agg="seq-mean-token-sum")
+    contiguous = run_backend(policy_loss_impl, b.op_args(), knobs)
+    views = tuple(
+        None if t is None else t.T.contiguous().T if t.dim() == 2 else torch.stack([t, t], 1)[:, 0]
+        for t in b.op_args()
+    )
+    assert not any(v.is_contiguous() for v in views if v is not None and v.numel() > 1)
+    strided = run_backend(policy_loss_impl, views, knobs)
+    for x, y in zip(contiguous, strided, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------
+# 3. gradcheck in float64 through the op
+# --------------------------------------------------------------------------------------
+
+
+def kink_margin(args: Args, knobs: dict[str, Any]) -> float:
+    """Smallest distance of any mask token to a point where the loss is not differentiable:
+    clip bounds and dual-clip bound (ratio units), the log-ratio clamp, the k3 clamps."""
+    logp, old, adv, mask, ref, call_map, call_delta = args
+    a = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv
+    if call_map is not None:
+        a = reference.apply_lift(a, call_map, call_delta)
+    on_mask = mask.bool()
+    policy = on_mask & (a != 0)  # A = 0 has no policy term, hence no kink
+    lr = logp - old
+    if knobs["algo"] == "gspo":
+        mf = mask.to(logp.dtype)
+        lr = ((lr * mf).sum(1, keepdim=True) / mf.sum(1, keepdim=True).clamp(min=1)).expand_as(logp)
+    r = lr.exp()
+    dists = [((lr.abs() - 20).abs(), policy)]
+    if knobs["algo"] != "sapo":
+        dists += [
+            ((r - (1 - knobs["eps_low"])).abs(), policy),
+            ((r - (1 + knobs["eps_high"])).abs(), policy),
+        ]
+    if knobs["algo"] == "grpo" and knobs.get("dual_clip_c", 3.0) > 1:
+        dists.append(((r - knobs.get("dual_clip_c", 3.0)).abs(), policy & (a < 0)))
+    if ref is not None:
+        d = ref - logp
+        dists += [(((d.exp() - d - 1) - 10).abs(), on_mask), ((d.abs() - 20).abs(), on_mask)]
+    return min(float(x[m].min()) for x, m in dists if bool(m.any()))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_gradcheck(algo, agg):
+    # GSPO-token's gradient is a stop-gradient surrogate (log s_it = logp - sg(logp) + sg(log s_i)):
+    # it is the derivative of the loss value only when the advantage is constant along a row,
+    # so GSPO is checked with per-row advantages and without the (per-token) TAPO lift.
+    per_token = algo != "gspo"
+    b = loss_batch(
+        B=3,
+        T=6,
+        dtype=torch.float64,
+        spread=SPREAD[algo],
+        per_token=per_token,
+        with_calls=per_token,
+        seed=seed_of("gc", algo, agg),
+    )
+    knobs = knobs_for(algo, agg=agg, kl_coef=0.2, kl_type="k3")
+    if algo == "gspo":
+        knobs.update(eps_low=0.2, eps_high=0.2)
+    args = b.op_args()
+    assert kink_margin(args, knobs) > 1e-4
+    logp = args[0].clone().requires_grad_(True)
+
+    def loss_of(x: Tensor) -> Tensor:
+        return OP(x, *args[1:], **knobs)[0]
+
+    assert torch.autograd.gradcheck(loss_of, (logp,), eps=1e-6, atol=1e-8, rtol=1e-6)
+    (g,) = torch.autograd.grad(loss_of(logp), logp)
+    assert float(g.abs().max()) > 0  # not a flat (fully clipped) batch
+
+
+# --------------------------------------------------------------------------------------
+# 4. fused TAPO lift == loss on fused_correct's corrected advantages
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_fused_lift_equals_corrected_advantages(policy_loss_impl, algo):
+    # few distinct queries and one key make repeated (matching) calls likely; seeds checked to
+    # lift tokens with a nonzero advantage (asserted below)
+    cb = correct_batch(
+        B=12,
+        T=24,
+        group_size=4,
+        calls_per_row=3,
+        num_queries=3,
+        num_keys=1,
+        seed={"grpo": 0, "gspo": 2, "sapo": 4}[algo],
+    )
+    calls = ToolCalls(
+        cb.call_seq, cb.call_start, cb.call_end, cb.call_tool, cb.call_key, cb.call_params
+    )
+    result = tapo_kernels.fused_correct(
+        cb.advantages,
+        cb.seq_advantages,
+        cb.group_ids,
+        calls,
+        cb.tool_sim_kind,
+        theta=0.5,
+        alpha_min=0.1,
+    )
+    assert bool((result.delta > 0).any()), "no call was corrected: the comparison would be vacuous"
+    B, T = cb.advantages.shape
+    call_map = calls.call_map(B, T)
+    gen = torch.Generator().manual_seed(seed_of("tapo-logp", algo))
+    logp = -4 * torch.rand(B, T, generator=gen)
+    old = logp + SPREAD[algo] * torch.randn(B, T, generator=gen)
+    knobs = knobs_for(algo)
+
+    fused_args = (logp, old, cb.advantages, cb.mask, None, call_map, result.delta)
+    corrected_args = (logp, old, result.corrected, cb.mask, None, None, None)
+    fused = run_backend(policy_loss_impl, fused_args, knobs)
+    corrected = run_backend(policy_loss_impl, corrected_args, knobs)
+
+    # both equal the float64 loss on the (float32) corrected advantages, by rule
+    ref64 = run_reference(cast_args(corrected_args, torch.float64), knobs)
+    ref32 = run_reference(corrected_args, knobs)
+    for got in (fused, corrected):
+        assert_close_by_rule("loss", got[0], ref64[0], ref32[0])
+        assert_close_by_rule("grad", got[2], ref64[2], ref32[2])
+    torch.testing.assert_close(fused[0], corrected[0], rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(fused[2], corrected[2], rtol=2e-6, atol=1e-6)
+    # same metrics except lifted_frac, which only the fused path can see
+    torch.testing.assert_close(fused[1][:LIFTED_FRAC], corrected[1][:LIFTED_FRAC])
+    assert float(corrected[1][LIFTED_FRAC]) == 0.0
+    lifted = ((result.corrected != cb.advantages) & cb.mask.bool()).sum() / cb.mask.sum()
+    assert float(fused[1][LIFTED_FRAC]) == pytest.approx(float(lifted), rel=1e-6)
+    assert float(lifted) > 0
+
+
+# --------------------------------------------------------------------------------------
+# 5. masking traps
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_fully_masked_row_is_finite_with_zero_gradient(policy_loss_impl, algo, agg):
+    b = loss_batch(
+        B=3,
+        T=6,
+        dtype=torch.float64,
+        spread=SPREAD[algo],
+        empty_row=True,
+        seed=seed_of("empty-row", algo, agg),
+    )
+    assert float(b.mask[-1].sum()) == 0
+    loss, metrics, grad = run_backend(
+        policy_loss_impl, b.op_args(), knobs_for(algo, agg=agg, kl_coef=0.1)
+    )
+    assert bool(torch.isfinite(loss)) and bool(torch.isfinite(metrics).all())
+    assert bool(torch.isfinite(grad).all())
+    assert float(grad[-1].abs().max()) == 0.0
+    # the empty row does not count: dropping it leaves loss and gradient unchanged
+    kept = slice_rows(b.op_args(), slice(0, 2))
+    loss2, _, grad2 = run_backend(policy_loss_impl, kept, knobs_for(algo, agg=agg, kl_coef=0.1))
+    assert_tight("loss without the empty row", loss, loss2)
+    assert_tight("grad without the empty row", grad[:-1], grad2)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_all_masked_batch_gives_zero(policy_loss_impl, algo, agg):
+    # ANCHORS trap 8: verl's seq-mean modes divide 0 by 0 here and return NaN.
+    b = loss_batch(
+        B=3, T=5, dtype=torch.float64, spread=SPREAD[algo], seed=seed_of("all-masked", algo)
+    )
+    b.mask.zero_()
+    for dtype in (torch.float32, torch.float64):
+        args = cast_args(b.op_args(), dtype)
+        loss, metrics, grad = run_backend(
+            policy_loss_impl, args, knobs_for(algo, agg=agg, kl_coef=0.1)
+        )
+        assert float(loss) == 0.0, f"{dtype}: loss {loss}"
+        assert bool(torch.isfinite(metrics).all()) and float(metrics.abs().max()) == 0.0
+        assert bool(torch.isfinite(grad).all()) and float(grad.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_observation_tokens_never_get_gradient(policy_loss_impl, algo):
+    # ANCHORS trap 4: tool-observation tokens (mask 0 between policy tokens) carry call spans,
+    # large advantages, ratios and KL terms, yet get exactly zero gradient and leave the loss,
+    # the gradient elsewhere and the metrics unchanged whatever their values are.
+    b = loss_batch(B=3, T=12, dtype=torch.float64, spread=SPREAD[algo], seed=seed_of("obs", algo))
+    b.mask[:, :] = 1.0
+    obs = torch.zeros_like(b.mask, dtype=torch.bool)
+    obs[:, 4:8] = True  # observation span inside every row
+    b.mask[obs] = 0.0
+    b.call_map[:, 3:9] = 0  # a call span that straddles the observation
+    knobs = knobs_for(algo, kl_coef=0.2)
+    loss, metrics, grad = run_backend(policy_loss_impl, b.op_args(), knobs)
+    assert float(grad[obs].abs().max()) == 0.0
+    assert float(grad[~obs].abs().max()) > 0.0
+
+    gen = torch.Generator().manual_seed(1)
+    noise = lambda: 3.0 * torch.randn(b.logp.shape, generator=gen, dtype=torch.float64) * obs
+    args = list(b.op_args())
+    args[0] = b.logp + noise()
+    args[1] = b.old_logp + noise()
+    args[2] = b.advantages + 10.0 * noise()
+    args[4] = b.ref_logp + noise()
+    loss2, metrics2, grad2 = run_backend(policy_loss_impl, tuple(args), knobs)
+    assert_tight("loss", loss2, loss)
+    assert_tight("grad", grad2, grad)
+    torch.testing.assert_close(metrics2, metrics)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_global_count_micro_batches_sum_to_full_batch(policy_loss_impl, algo, agg):
+    # ANCHORS trap 3: with the global count as normaliser, the sum of the micro-batch losses and
+    # gradients equals the full-batch loss and gradient.
+    b = loss_batch(
+        B=5,
+        T=8,
+        dtype=torch.float64,
+        spread=SPREAD[algo],
+        empty_row=True,
+        seed=seed_of("micro", algo, agg),
+    )
+    knobs = knobs_for(algo, agg=agg, kl_coef=0.1)
+    full_loss, _, full_grad = run_backend(policy_loss_impl, b.op_args(), knobs)
+
+    if agg == "token-mean":
+        global_count = float(b.mask.sum())
+    else:
+        global_count = float((b.mask.sum(1) > 0).sum())
+    losses, grads = [], []
+    for rows in (slice(0, 2), slice(2, 5)):
+        part = slice_rows(b.op_args(), rows)
+        loss, _, grad = run_backend(policy_loss_impl, part, {**knobs, "global_count": global_count})
+        losses.append(loss)
+        grads.append(grad)
+    assert_tight("sum of micro-batch losses", losses[0] + losses[1], full_loss)
+    assert_tight("micro-batch gradients", torch.cat(grads), full_grad)
+
+    # the trap itself: local normalisers do not add up (this test could fail)
+    local = [
+        run_backend(policy_loss_impl, slice_rows(b.op_args(), rows), knobs)[0]
+        for rows in (slice(0, 2), slice(2, 5))
+    ]
+    assert abs(float(local[0] + local[1] - full_loss)) > 1e-6
+
+
+# --------------------------------------------------------------------------------------
+# 6. parity with the public semantics of verl and TRL (formulas written out, not imported)
+# --------------------------------------------------------------------------------------
+
+
+def verl_agg_loss(
+    loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, loss_scale_factor: float | None = None
+) -> Tensor:
+    """verl ``agg_loss`` (single rank, no global sizes), seq-mean over non-empty rows.
+
+    Older verl releases divided ``seq-mean-token-sum-norm`` by ``loss_scale_factor`` only
+    (a sum over rows, no seq-mean) and averaged seq-mean modes over all rows; the form here
+    is the current one. The parity batch has no empty row, where the forms agree except
+    for the row count of ``-sum-norm``.
+    """
+    if loss_agg_mode == "token-mean":
+        return (loss_mat * loss_mask).sum() / loss_mask.sum()
+    token_counts = loss_mask.sum(-1)
+    seq_mask = (token_counts > 0).to(loss_mat.dtype)
+    if loss_agg_mode == "seq-mean-token-mean":
+        seq_losses = (loss_mat * loss_mask).sum(-1) / (token_counts + 1e-8)
+    elif loss_agg_mode == "seq-mean-token-sum":
+        seq_losses = (loss_mat * loss_mask).sum(-1)
+    elif loss_agg_mode == "seq-mean-token-sum-norm":
+        scale = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
+        seq_losses = (loss_mat * loss_mask).sum(-1) / scale
+    else:
+        raise ValueError(loss_agg_mode)
+    return (seq_losses * seq_mask).sum() / seq_mask.sum()
+
+
+def verl_compute_policy_loss(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    cliprange_low: float,
+    cliprange_high: float,
+    clip_ratio_c: float,
+    loss_agg_mode: str,
+):
+    """verl vanilla PPO loss with dual clip: (pg_loss, pg_clipfrac, pg_clipfrac_lower)."""
+    negative_approx_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    masked_mean = lambda x: (x * response_mask).sum() / response_mask.sum()
+    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).to(ratio.dtype))
+    pg_losses3 = -advantages * clip_ratio_c
+    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+    pg_clipfrac_lower = masked_mean(
+        (torch.gt(clip_pg_losses1, pg_losses3) & (advantages < 0)).to(ratio.dtype)
+    )
+    pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
+    pg_loss = verl_agg_loss(pg_losses, response_mask, loss_agg_mode)
+    return pg_loss, pg_clipfrac, pg_clipfrac_lower
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_parity_with_verl(policy_loss_impl, agg):
+    b = loss_batch(
+        B=5,
+        T=10,
+        dtype=torch.float64,
+        spread=0.7,
+        per_token=True,
+        with_ref=False,
+        with_calls=False,
+        empty_row=False,
+        seed=seed_of("verl", agg),
+    )
+    # one token with A < 0 and r = e^2 > c = 3, so that the dual clip is active
+    b.old_logp[0, -1] = b.logp[0, -1] - 2.0
+    b.advantages[0, -1] = -1.0
+    b.mask[0, -1] = 1.0
+    x = b.logp.clone().requires_grad_(True)
+    verl_loss, clipfrac, clipfrac_lower = verl_compute_policy_loss(
+        b.old_logp, x, b.advantages, b.mask, 0.2, 0.28, 3.0, agg
+    )
+    (verl_grad,) = torch.autograd.grad(verl_loss, x)
+    assert float(clipfrac_lower) > 0  # the dual clip is active somewhere
+
+    knobs = {"algo": "grpo", "eps_low": 0.2, "eps_high": 0.28, "dual_clip_c": 3.0, "agg": agg}
+    loss, metrics, grad = run_backend(policy_loss_impl, b.op_args(), knobs)
+    # verl's seq-mean-token-mean divides by (count + 1e-8): relative difference <= 1e-8
+    assert_tight("loss", loss, verl_loss.detach(), rel=1e-7)
+    assert_tight("grad", grad, verl_grad, rel=1e-7)
+    # PPO clip (r > 1 + eps for A > 0, r < 1 - eps for A < 0) and dual clip (r > c, A < 0)
+    # are disjoint, so our clip_frac is verl's pg_clipfrac + pg_clipfrac_lower
+    assert_metrics(metrics, {"clip_frac": float(clipfrac + clipfrac_lower)}, rel=1e-5)
+
+
+def trl_grpo_compute_loss(
+    per_token_logps: Tensor,
+    old_per_token_logps: Tensor,
+    ref_per_token_logps: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float,
+    loss_type: str,
+    max_completion_length: int,
+    num_items_in_batch: float,
+    importance_sampling_level: str = "token",
+) -> Tensor:
+    """TRL ``GRPOTrainer._compute_loss`` (one process): token or sequence importance weights."""
+    log_ratio = per_token_logps - old_per_token_logps
+    if importance_sampling_level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = (
+            (log_ratio * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)
+        ).unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    per_token_loss1 = coef_1 * advantages.unsqueeze(1)
+    per_token_loss2 = coef_2 * advantages.unsqueeze(1)
+    per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
+    if beta != 0.0:
+        d = ref_per_token_logps - per_token_logps
+        per_token_kl = torch.exp(d) - d - 1
+        per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "grpo":
+        return (
+            (per_token_loss * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)
+        ).mean()
+    if loss_type == "bnpo":
+        return (per_token_loss * completion_mask).sum() / completion_mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (per_token_loss * completion_mask).sum() / (
+            per_token_loss.size(0) * max_completion_length
+        )
+    if loss_type == "dapo":
+        return (per_token_loss * completion_mask).sum() / num_items_in_batch
+    raise ValueError(loss_type)
+
+
+TRL_MAX_COMPLETION_LENGTH = 16
+TRL_CASES = [
+    # TRL loss_type -> our agg (+ normaliser); no row is fully masked in the batch
+    pytest.param("grpo", "token", {"algo": "grpo", "agg": "seq-mean-token-mean"}, id="grpo"),
+    pytest.param("bnpo", "token", {"algo": "grpo", "agg": "token-mean"}, id="bnpo"),
+    pytest.param(
+        "dr_grpo",
+        "token",
+        {
+            "algo": "grpo",
+            "agg": "seq-mean-token-sum-norm",
+            "norm_const": float(TRL_MAX_COMPLETION_LENGTH),
+        },
+        id="dr_grpo",
+    ),
+    pytest.param("dapo", "token", {"algo": "grpo", "agg": "token-mean"}, id="dapo-global-count"),
+    # GSPO: TRL's sequence-level importance weight == our GSPO-token with per-row advantages
+    pytest.param(
+        "grpo", "sequence", {"algo": "gspo", "agg": "seq-mean-token-mean"}, id="gspo-sequence"
+    ),
+]
+
+
+@pytest.mark.parametrize("loss_type, level, ours", TRL_CASES)
+def test_parity_with_trl(policy_loss_impl, loss_type, level, ours):
+    eps_low, eps_high, beta = (0.2, 0.28, 0.04) if level == "token" else (0.05, 0.05, 0.04)
+    b = loss_batch(
+        B=5,
+        T=10,
+        dtype=torch.float64,
+        spread=0.5 if level == "token" else 0.15,
+        per_token=False,
+        with_ref=True,
+        with_calls=False,
+        empty_row=False,
+        seed=seed_of("trl", loss_type, level),
+    )
+    num_items_in_batch = 2.0 * float(b.mask.sum())  # dapo: the global token count
+    x = b.logp.clone().requires_grad_(True)
+    trl_loss = trl_grpo_compute_loss(
+        x,
+        b.old_logp,
+        b.ref_logp,
+        b.advantages,
+        b.mask,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        beta=beta,
+        loss_type=loss_type,
+        max_completion_length=TRL_MAX_COMPLETION_LENGTH,
+        num_items_in_batch=num_items_in_batch,
+        importance_sampling_level=level,
+    )
+    (trl_grad,) = torch.autograd.grad(trl_loss, x)
+    assert float(trl_grad.abs().max()) > 0
+
+    # TRL has no dual clip; its KL is k3 with coefficient beta
+    knobs = {
+        **ours,
+        "eps_low": eps_low,
+        "eps_high": eps_high,
+        "dual_clip_c": 0.0,
+        "kl_coef": beta,
+        "kl_type": "k3",
+    }
+    if loss_type == "dapo":
+        knobs["global_count"] = num_items_in_batch
+    loss, _, grad = run_backend(policy_loss_impl, b.op_args(), knobs)
+    assert_tight("loss", loss, trl_loss.detach())
+    assert_tight("grad", grad, trl_grad)
+
+
+# --------------------------------------------------------------------------------------
+# 7. bad input gives clear errors naming the argument
+# --------------------------------------------------------------------------------------
+
+
+def _bad(**changes: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Replace entries of the call's keyword dictionary (tensors and knobs alike)."""
+
+    def apply(call: dict[str, Any]) -> dict[str, Any]:
+        out = dict(call)
+        for k, v in changes.items():
+            out[k] = v(call) if callable(v) else v
+        return out
+
+    return apply
+
+
+def _nan_at_mask_token(name: str, value: float = math.nan) -> Callable[[dict[str, Any]], Tensor]:
+    def make(call: dict[str, Any]) -> Tensor:
+        t = call[name].clone()
+        i, j = (call["mask"] > 0).nonzero()[0].tolist()
+        t[i, j] = value
+        return t
+
+    return make
+
+
+# Data-dependent problems (NaN/inf, call_map range) need a host sync to detect: the backward
+# may skip them (in_backward False), since the forward of the same call validated the values.
+BAD_INPUTS = [
+    # (change, exception type, argument the message must name, the backward checks it too)
+    pytest.param(
+        _bad(old_logp=lambda c: c["old_logp"][:, :-1]),
+        ValueError,
+        "old_logp",
+        True,
+        id="old_logp-shape",
+    ),
+    pytest.param(
+        _bad(old_logp=lambda c: c["old_logp"].double()),
+        TypeError,
+        "old_logp",
+        True,
+        id="old_logp-dtype",
+    ),
+    pytest.param(
+        _bad(ref_logp=lambda c: c["ref_logp"][:-1]),
+        ValueError,
+        "ref_logp",
+        True,
+        id="ref_logp-shape",
+    ),
+    pytest.param(_bad(logp=lambda c: c["logp"][0]), ValueError, "logp", True, id="logp-1d"),
+    pytest.param(
+        _bad(
+            logp=lambda c: c["logp"].half(),
+            old_logp=lambda c: c["old_logp"].half(),
+            advantages=lambda c: c["advantages"].half(),
+            ref_logp=lambda c: c["ref_logp"].half(),
+            call_delta=lambda c: c["call_delta"].half(),
+            mask=lambda c: c["mask"].bool(),
+        ),
+        TypeError,
+        "logp",
+        True,
+        id="logp-fp16",
+    ),
+    pytest.param(
+        _bad(advantages=lambda c: c["advantages"][:, :-1]),
+        ValueError,
+        "advantages",
+        True,
+        id="advantages-shape",
+    ),
+    pytest.param(
+        _bad(advantages=lambda c: c["advantages"].double()),
+        TypeError,
+        "advantages",
+        True,
+        id="advantages-dtype",
+    ),
+    pytest.param(_bad(mask=lambda c: c["mask"][:-1]), ValueError, "mask", True, id="mask-shape"),
+    pytest.param(_bad(mask=lambda c: c["mask"].long()), TypeError, "mask", True, id="mask-dtype"),
+    pytest.param(
+        _bad(call_map=lambda c: c["call_map"].long()),
+        TypeError,
+        "call_map",
+        True,
+        id="call_map-dtype",
+    ),
+    pytest.param(
+        _bad(call_map=lambda c: c["call_map"][:, :-1]),
+        ValueError,
+        "call_map",
+        True,
+        id="call_map-shape",
+    ),
+    pytest.param(_bad(algo="ppo"), ValueError, "algo", True, id="unknown-algo"),
+    pytest.param(_bad(agg="sum"), ValueError, "agg", True, id="unknown-agg"),
+    pytest.param(_bad(kl_type="k4"), ValueError, "kl_type", True, id="unknown-kl_type"),
+    pytest.param(
+        _bad(
+            call_map=lambda c: torch.where(c["call_map"] >= 0, c["call_delta"].numel(), -1).to(
+                torch.int32
+            )
+        ),
+        ValueError,
+        "call_map",
+        False,
+        id="call_map-index-too-large",
+    ),
+    pytest.param(
+        _bad(call_map=lambda c: torch.full_like(c["call_map"], -2)),
+        ValueError,
+        "call_map",
+        False,
+        id="call_map-index-below-minus-1",
+    ),
+    pytest.param(
+        _bad(call_delta=None), ValueError, "call_delta", True, id="call_map-without-call_delta"
+    ),
+    pytest.param(
+        _bad(call_map=None), ValueError, "call_map", True, id="call_delta-without-call_map"
+    ),
+    pytest.param(
+        _bad(logp=_nan_at_mask_token("logp")), ValueError, "logp", False, id="nan-in-logp"
+    ),
+    pytest.param(
+        _bad(old_logp=_nan_at_mask_token("old_logp", math.inf)),
+        ValueError,
+        "old_logp",
+        False,
+        id="inf-in-old_logp",
+    ),
+    pytest.param(
+        _bad(advantages=_nan_at_mask_token("advantages")),
+        ValueError,
+        "advantages",
+        False,
+        id="nan-in-advantages",
+    ),
+    pytest.param(
+        _bad(ref_logp=_nan_at_mask_token("ref_logp")),
+        ValueError,
+        "ref_logp",
+        False,
+        id="nan-in-ref_logp",
+    ),
+    pytest.param(_bad(dual_clip_c=0.5), ValueError, "dual_clip_c", True, id="dual_clip_c-0.5"),
+    pytest.param(_bad(dual_clip_c=1.0), ValueError, "dual_clip_c", True, id="dual_clip_c-1"),
+    pytest.param(
+        _bad(dual_clip_c=-2.0), ValueError, "dual_clip_c", True, id="dual_clip_c-negative"
+    ),
+    pytest.param(
+        _bad(ref_logp=None, kl_coef=0.1),
+        ValueError,
+        "ref_logp",
+        True,
+        id="kl_coef-without-ref_logp",
+    ),
+    pytest.param(_bad(eps_low=1.0), ValueError, "eps_low", True, id="eps_low-1"),
+    pytest.param(_bad(eps_low=1.5), ValueError, "eps_low", True, id="eps_low-1.5"),
+    pytest.param(_bad(eps_high=-0.1), ValueError, "eps_high", True, id="eps_high-negative"),
+    pytest.param(_bad(tau_neg=0.0), ValueError, "tau_neg", True, id="tau_neg-0"),
+    pytest.param(_bad(norm_const=0.0), ValueError, "norm_const", True, id="norm_const-0"),
+    pytest.param(
+        _bad(global_count=-1.0), ValueError, "global_count", True, id="global_count-negative"
+    ),
+]
+
+_TENSOR_NAMES = ("logp", "old_logp", "advantages", "mask", "ref_logp", "call_map", "call_delta")
+
+
+@pytest.mark.parametrize("change, error, argument, in_backward", BAD_INPUTS)
+def test_bad_input_raises_clear_error(policy_loss_impl, change, error, argument, in_backward):
+    b = loss_batch(B=3, T=6, seed=3)
+    good = dict(zip(_TENSOR_NAMES, b.op_args(), strict=True), algo="grpo", kl_coef=0.1)
+    call = change(good)
+    args = tuple(call.pop(n) for n in _TENSOR_NAMES)
+    names_argument = re.compile(rf"(?<![A-Za-z_]){re.escape(argument)}(?![A-Za-z_])")
+    forward, backward = policy_loss_impl
+    with pytest.raises(error, match=names_argument):
+        forward(*args, **call)
+    if not in_backward:
+        return
+    with pytest.raises(error, match=names_argument):
+        backward(torch.ones((), dtype=args[0].dtype), *args, **call)
+
+
+def test_good_input_of_error_cases_runs(policy_loss_impl):
+    # The unmodified call of the error cases is valid: each error comes from its one change.
+    b = loss_batch(B=3, T=6, seed=3)
+    loss, metrics, grad = run_backend(
+        policy_loss_impl, b.op_args(), {"algo": "grpo", "kl_coef": 0.1}
+    )
+    assert bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all())
+
+
+# --------------------------------------------------------------------------------------
+# 8. opcheck, torch.compile, presets, front door
+# --------------------------------------------------------------------------------------
+
+
+def opcheck_samples() -> list[tuple[Args, dict[str, Any]]]:
+    """A few (args, knobs) covering both dtypes, every algo, per-row/per-token, calls, KL."""
+    samples = []
+    for i, (algo, dtype, per_token, calls, agg, extra) in enumerate(
+        [
+            ("grpo", torch.float32, True, True, "token-mean", {"kl_coef": 0.1}),
+            ("gspo", torch.float64, False, False, "seq-mean-token-mean", {}),
+            ("sapo", torch.float32, True, False, "seq-mean-token-sum-norm", {"norm_const": 11.0}),
+            (
+                "grpo",
+                torch.float64,
+                False,
+                True,
+                "seq-mean-token-sum",
+                {"global_count": 3.0, "kl_coef": 0.2, "kl_type": "k2"},
+            ),
+        ]
+    ):
+        b = loss_batch(B=3, T=7, dtype=dtype, per_token=per_token, with_calls=calls, seed=20 + i)
+        samples.append((b.op_args(), {"algo": algo, "agg": agg, **extra}))
+    return samples
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_opcheck_policy_loss(index):
+    args, knobs = opcheck_samples()[index]
+    logp = args[0].clone().requires_grad_(True)
+    torch.library.opcheck(OP, (logp, *args[1:]), knobs)
+
+
+@pytest.mark.xfail(
+    tapo_kernels.CPU_BACKEND["policy_loss_backward"] == "reference",
+    reason="the reference backward kernel runs torch.autograd.grad inside the kernel, where the "
+    "dispatcher has excluded the autograd keys under opcheck's dispatch modes",
+    strict=True,
+)
+@pytest.mark.parametrize("index", range(4))
+def test_opcheck_policy_loss_backward(index):
+    args, knobs = opcheck_samples()[index]
+    grad_loss = torch.ones((), dtype=args[0].dtype)
+    torch.library.opcheck(OP_BACKWARD, (grad_loss, *args), knobs)
+
+
+def _training_step(
+    logp: Tensor,
+    old: Tensor,
+    adv: Tensor,
+    mask: Tensor,
+    ref: Tensor,
+    call_map: Tensor,
+    call_delta: Tensor,
+) -> tuple[Tensor, Tensor]:
+    loss, metrics = OP(
+        logp,
+        old,
+        adv,
+        mask,
+        ref,
+        call_map,
+        call_delta,
+        algo="grpo",
+        eps_high=0.28,
+        kl_coef=0.1,
+        agg="seq-mean-token-mean",
+    )
+    return 2.0 * loss, metrics
+
+
+def _front_door_step(logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    out = tapo_kernels.policy_loss(logp, old, adv, mask, preset="gspo", eps_low=0.05, eps_high=0.05)
+    return out.loss, out.metrics
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    b = loss_batch(B=3, T=8, spread=0.5, seed=31)
+    for step, args in ((_training_step, b.op_args()), (_front_door_step, b.op_args()[:4])):
+        eager_logp = args[0].clone().requires_grad_(True)
+        eager_loss, eager_metrics = step(eager_logp, *args[1:])
+        eager_loss.backward()
+
+        compiled = torch.compile(step, fullgraph=True, backend=backend)
+        logp = args[0].clone().requires_grad_(True)
+        loss, metrics = compiled(logp, *args[1:])
+        loss.backward()
+        torch.testing.assert_close(loss, eager_loss)
+        torch.testing.assert_close(metrics, eager_metrics)
+        torch.testing.assert_close(logp.grad, eager_logp.grad)
+        assert float(logp.grad.abs().max()) > 0
+
+
+# Preset knobs written out from SPEC section 3 (not read from PRESETS).
+SPEC_PRESETS = {
+    "grpo": {"algo": "grpo", "eps_low": 0.2, "eps_high": 0.2, "dual_clip_c": 3.0},
+    "dapo": {
+        "algo": "grpo",
+        "eps_low": 0.2,
+        "eps_high": 0.28,
+        "dual_clip_c": 3.0,
+        "agg": "token-mean",
+    },
+    "dr_grpo": {"algo": "grpo", "eps_low": 0.2, "eps_high": 0.2, "agg": "seq-mean-token-sum-norm"},
+    "gspo": {"algo": "gspo", "eps_low": 3e-4, "eps_high": 4e-4},
+    "sapo": {"algo": "sapo", "tau_pos": 1.0, "tau_neg": 1.05},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(SPEC_PRESETS))
+def test_preset_knobs_follow_spec(preset):
+    assert preset in PRESETS
+    for knob, value in SPEC_PRESETS[preset].items():
+        assert PRESETS[preset][knob] == value, f"{preset}.{knob}"
+    # the front door equals the reference called with the preset's knobs
+    b = loss_batch(B=4, T=9, spread=0.3, seed=seed_of("preset", preset))
+    out = tapo_kernels.policy_loss(
+        b.logp,
+        b.old_logp,
+        b.advantages,
+        b.mask,
+        ref_logp=b.ref_logp,
+        call_map=b.call_map,
+        call_delta=b.call_delta,
+        preset=preset,
+    )
+    expected = reference.policy_loss(*b.op_args(), **PRESETS[preset])
+    torch.testing.assert_close(out.loss, expected[0])
+    torch.testing.assert_close(out.metrics, expected[1])
+
+
+def test_dapo_preset_uses_clip_higher():
+    # A = 1, r = 1.25: dapo (eps_high 0.28) keeps the token unclipped: loss -1.25, grad -1.25;
+    # overriding eps_high = 0.2 clips it at 1.2 with zero gradient.
+    logp, old, a, mask = (t.float() for t in row_inputs([math.log(1.25)], [1.0]))
+    x = logp.clone().requires_grad_(True)
+    out = tapo_kernels.policy_loss(x, old, a, mask, preset="dapo")
+    (g,) = torch.autograd.grad(out.loss, x)
+    assert float(out.loss) == pytest.approx(-1.25, rel=1e-6)
+    assert float(g) == pytest.approx(-1.25, rel=1e-6)
+    x = logp.clone().requires_grad_(True)
+    out = tapo_kernels.policy_loss(x, old, a, mask, preset="dapo", eps_high=0.2)
+    (g,) = torch.autograd.grad(out.loss, x)
+    assert float(out.loss) == pytest.approx(-1.2, rel=1e-6)
+    assert float(g) == 0.0
+
+
+def test_front_door_errors_and_metrics_dict():
+    b = loss_batch(B=3, T=6, seed=4)
+    with pytest.raises(ValueError, match="preset"):
+        tapo_kernels.policy_loss(b.logp, b.old_logp, b.advantages, b.mask, preset="ppo-max")
+    with pytest.raises(TypeError, match="eps_hgh"):
+        tapo_kernels.policy_loss(b.logp, b.old_logp, b.advantages, b.mask, eps_hgh=0.28)
+
+    x = b.logp.clone().requires_grad_(True)
+    out = tapo_kernels.policy_loss(
+        x,
+        b.old_logp,
+        b.advantages,
+        b.mask,
+        ref_logp=b.ref_logp,
+        call_map=b.call_map,
+        call_delta=b.call_delta,
+        kl_coef=0.1,
+    )
+    assert isinstance(out, tapo_kernels.PolicyLossOutput)
+    metrics = out.metrics_dict()
+    assert list(metrics) == [
+        "actor/clip_frac",
+        "actor/mean_ratio",
+        "actor/mean_kl",
+        "actor/lifted_frac",
+    ]
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert list(out.metrics_dict(prefix="")) == [
+        "clip_frac",
+        "mean_ratio",
+        "mean_kl",
+        "lifted_frac",
+    ]
+    assert [metrics[f"actor/{n}"] for n in METRIC_NAMES] == pytest.approx(out.metrics.tolist())
+    out.loss.backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())

@@ -1,0 +1,484 @@
+"""Trainer configuration: dataclasses, YAML loading, ``key=value`` overrides and validation.
+
+A config file is a YAML mapping whose sections mirror the dataclasses below; every key is
+optional (the defaults are the embedded tiny CPU run). Command-line overrides use dotted
+keys and YAML values::
+
+    python -m trainer.train --config trainer/configs/tiny_grpo_tapo.yaml \
+        rl.steps=20 algo.loss=gspo tapo.enabled=false tools.enabled='[search, calculator]'
+
+Unknown keys, wrong types and out-of-range values raise ``ConfigError`` with the dotted
+name of the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+# policy_loss knobs a config may override (kl_coef/kl_type live in AlgoConfig; the trainer
+# sets global_count itself)
+LOSS_KNOBS = ("algo", "eps_low", "eps_high", "dual_clip_c", "tau_pos", "tau_neg", "agg",
+              "norm_const")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not describe a valid run."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy. ``path`` = a local Hugging Face causal-LM checkpoint; ``None`` = tiny model."""
+
+    path: str | None = None
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    # tiny Qwen2-style model (random init) and in-process BPE tokenizer, used when path is None
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class TaskConfig:
+    """The dataset: the bundled synthetic search task or JSONL files."""
+
+    name: str = "synthetic"  # synthetic | jsonl
+    seed: int = 0
+    # synthetic task
+    num_entities: int = 48
+    attributes: list[str] = field(default_factory=lambda: ["home city", "profession", "pet"])
+    heldout_fraction: float = 0.25
+    num_demos: int = 64
+    # jsonl task: lines {"question", "answer" (str or list), optional "corpus" (list of docs)}
+    train_path: str | None = None
+    eval_path: str | None = None
+    corpus_path: str | None = None  # shared corpus, one document per line (txt) or {"text"} (jsonl)
+    demos_path: str | None = None  # lines {"question", "answer", "query"} for the warm-up
+
+
+@dataclass
+class ToolsConfig:
+    """Which tools the agent may call and how they run."""
+
+    enabled: list[str] = field(default_factory=lambda: ["search"])
+    search_top_k: int = 1
+    timeout_s: float = 5.0  # per call; a call past it becomes an error observation
+    max_obs_tokens: int = 48
+
+
+@dataclass
+class RolloutConfig:
+    """Multi-turn sampling."""
+
+    group_size: int = 8  # G rollouts per prompt
+    max_turns: int = 3
+    max_new_tokens_per_turn: int = 40
+    max_total_tokens: int = 192  # prompt + policy + observation tokens of one trajectory
+    temperature: float = 1.0
+    batch_size: int = 64  # trajectories generated together
+    recompute_logp: bool = False  # recompute old log-probs with the training model
+    prompt_template: str = "Question: {question}\n"
+    use_chat_template: bool = False  # real checkpoints: wrap the prompt with the chat template
+    system_prompt: str = (
+        "Answer the question. To search, write <tool_call>{\"name\": \"search\", \"arguments\": "
+        "{\"query\": \"...\"}}</tool_call>; results come back in <obs></obs>. "
+        "Give the final answer as <answer>...</answer>."
+    )
+
+
+@dataclass
+class AlgoConfig:
+    """Policy loss, advantages and reward."""
+
+    loss: str = "grpo"  # a tapo_kernels.PRESETS name: grpo | dapo | dr_grpo | gspo | sapo
+    loss_overrides: dict[str, Any] = field(default_factory=dict)  # policy_loss knobs
+    kl_coef: float = 0.0  # > 0 keeps a frozen reference model
+    kl_type: str = "k3"
+    scale_by_std: bool = True  # False = Dr. GRPO advantages
+    reward: str = "em"  # em | f1
+    num_minibatches: int = 1  # optimizer steps per rollout batch
+    micro_batch_size: int = 0  # trajectories per forward/backward (0 = whole mini-batch)
+
+
+@dataclass
+class TapoConfig:
+    """TAPO credit correction (SPEC section 2)."""
+
+    enabled: bool = True
+    beta: float = 0.8
+    theta: float = 0.7
+    alpha_min: float = 0.3
+    batch_scope: bool = False
+    fused: bool = True  # lift inside policy_loss (call_map/call_delta) vs corrected advantages
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the RL phase."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    warmup_steps: int = 0  # linear learning-rate warm-up
+
+
+@dataclass
+class WarmupConfig:
+    """Supervised warm-up on demonstrations before RL (0 steps = none)."""
+
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 32
+    weight_decay: float = 0.0
+
+
+@dataclass
+class RLConfig:
+    """The RL phase."""
+
+    steps: int = 40
+    prompts_per_step: int = 8  # over all ranks; each prompt gets group_size rollouts
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: greedy pass@1 and sampled pass@k."""
+
+    num_questions: int = 0  # 0 = the whole held-out split
+    k: int = 4
+    temperature: float = 1.0
+    at_start: bool = True  # before the warm-up
+    every: int = 0  # also every N RL steps (0 = only before and after RL)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10  # RL steps between checkpoints (0 = only the final one)
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs"
+    name: str = "tiny_grpo_tapo"
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    fsdp: str = "auto"  # auto (on when world size > 1) | on | off
+    mixed_precision: str = "bf16"  # FSDP2 param dtype on GPU: bf16 | fp16 | off (never on CPU)
+    threads_per_rank: int = 0  # torch intra-op threads (0 = cores / local ranks)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection used by the tests."""
+
+    nan_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN at these RL steps
+    kill_at_step: int = 0  # SIGKILL this process in the middle of this RL step (0 = never)
+    malformed_call_rate: float = 0.0  # corrupt this fraction of sampled tool calls
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    tapo: TapoConfig = field(default_factory=TapoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.logging.run_dir) / self.logging.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Building a Config from mappings, with type checks and did-you-mean errors
+# ---------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (a config section), got {value!r}")
+        return _build(tp, value, key + ".")
+    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        if name not in hints:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{name}'{hint}; valid keys: {names}")
+        kwargs[name] = _coerce(value, hints[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[x, y]"]`` -> nested mapping; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (``None`` = the embedded defaults), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested mapping (e.g. ``Config.to_dict()`` output)."""
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that cannot describe a run, naming the key and the allowed range."""
+    from tapo_kernels import PRESETS
+
+    def check(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    def positive(key: str, value: float) -> None:
+        check(value > 0, key, f"must be > 0, got {value}")
+
+    def nonneg(key: str, value: float) -> None:
+        check(value >= 0, key, f"must be >= 0, got {value}")
+
+    def choice(key: str, value: str, allowed: list[str]) -> None:
+        check(value in allowed, key, f"must be one of {allowed}, got {value!r}")
+
+    choice("device", cfg.device, ["auto", "cpu", "cuda"])
+    m = cfg.model
+    choice("model.dtype", m.dtype, ["float32", "bfloat16", "float16"])
+    if m.path is None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "max_position_embeddings"):
+            positive(f"model.{name}", getattr(m, name))
+        check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
+              f"must be divisible by model.num_heads ({m.num_heads}), got {m.hidden_size}")
+        check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+              f"must divide model.num_heads ({m.num_heads}), got {m.num_kv_heads}")
+        check(m.vocab_size >= 64, "model.vocab_size", f"must be >= 64, got {m.vocab_size}")
+    else:
+        check(Path(m.path).exists(), "model.path", f"local checkpoint {m.path!r} does not exist")
+
+    t = cfg.task
+    choice("task.name", t.name, ["synthetic", "jsonl"])
+    if t.name == "synthetic":
+        check(t.num_entities >= 4, "task.num_entities", f"must be >= 4, got {t.num_entities}")
+        check(len(t.attributes) >= 1, "task.attributes", "needs at least one attribute")
+        from .tasks.synthetic import ATTRIBUTES
+
+        for i, attr in enumerate(t.attributes):
+            choice(f"task.attributes[{i}]", attr, sorted(ATTRIBUTES))
+        check(0 < t.heldout_fraction < 1, "task.heldout_fraction",
+              f"must be in (0, 1), got {t.heldout_fraction}")
+        nonneg("task.num_demos", t.num_demos)
+    else:
+        check(t.train_path is not None, "task.train_path", "is required when task.name=jsonl")
+        for key in ("train_path", "eval_path", "corpus_path", "demos_path"):
+            value = getattr(t, key)
+            if value is not None:
+                check(Path(value).is_file(), f"task.{key}", f"file {value!r} does not exist")
+
+    from .tools import AVAILABLE_TOOLS
+
+    check(len(cfg.tools.enabled) == len(set(cfg.tools.enabled)), "tools.enabled",
+          f"lists a tool twice: {cfg.tools.enabled}")
+    for i, name in enumerate(cfg.tools.enabled):
+        choice(f"tools.enabled[{i}]", name, sorted(AVAILABLE_TOOLS))
+    positive("tools.search_top_k", cfg.tools.search_top_k)
+    positive("tools.timeout_s", cfg.tools.timeout_s)
+    positive("tools.max_obs_tokens", cfg.tools.max_obs_tokens)
+
+    r = cfg.rollout
+    check(r.group_size >= 2, "rollout.group_size",
+          f"must be >= 2 (group advantages need siblings), got {r.group_size}")
+    for name in ("max_turns", "max_new_tokens_per_turn", "max_total_tokens", "batch_size"):
+        positive(f"rollout.{name}", getattr(r, name))
+    positive("rollout.temperature", r.temperature)
+    check("{question}" in r.prompt_template, "rollout.prompt_template",
+          "must contain the placeholder {question}")
+    if m.path is None:
+        check(r.max_total_tokens <= m.max_position_embeddings, "rollout.max_total_tokens",
+              f"exceeds model.max_position_embeddings ({m.max_position_embeddings})")
+
+    a = cfg.algo
+    choice("algo.loss", a.loss, sorted(PRESETS))
+    for knob in a.loss_overrides:
+        choice(f"algo.loss_overrides.{knob}", knob, list(LOSS_KNOBS))
+    nonneg("algo.kl_coef", a.kl_coef)
+    choice("algo.kl_type", a.kl_type, ["k1", "k2", "k3"])
+    choice("algo.reward", a.reward, ["em", "f1"])
+    positive("algo.num_minibatches", a.num_minibatches)
+    nonneg("algo.micro_batch_size", a.micro_batch_size)
+
+    tp = cfg.tapo
+    nonneg("tapo.beta", tp.beta)
+    check(0 <= tp.theta <= 1, "tapo.theta", f"must be in [0, 1], got {tp.theta}")
+    check(0 <= tp.alpha_min <= 1, "tapo.alpha_min", f"must be in [0, 1], got {tp.alpha_min}")
+
+    positive("optim.lr", cfg.optim.lr)
+    nonneg("optim.weight_decay", cfg.optim.weight_decay)
+    nonneg("optim.grad_clip", cfg.optim.grad_clip)
+    nonneg("optim.warmup_steps", cfg.optim.warmup_steps)
+    for name in ("beta1", "beta2"):
+        value = getattr(cfg.optim, name)
+        check(0 <= value < 1, f"optim.{name}", f"must be in [0, 1), got {value}")
+
+    nonneg("warmup.steps", cfg.warmup.steps)
+    positive("warmup.lr", cfg.warmup.lr)
+    positive("warmup.batch_size", cfg.warmup.batch_size)
+    nonneg("rl.steps", cfg.rl.steps)
+    positive("rl.prompts_per_step", cfg.rl.prompts_per_step)
+    nonneg("eval.num_questions", cfg.eval.num_questions)
+    positive("eval.k", cfg.eval.k)
+    positive("eval.temperature", cfg.eval.temperature)
+    nonneg("eval.every", cfg.eval.every)
+    nonneg("checkpoint.every", cfg.checkpoint.every)
+    positive("checkpoint.keep", cfg.checkpoint.keep)
+    check(bool(cfg.logging.name) and "/" not in cfg.logging.name, "logging.name",
+          f"must be a non-empty directory name, got {cfg.logging.name!r}")
+    choice("dist.backend", cfg.dist.backend, ["auto", "nccl", "gloo"])
+    choice("dist.fsdp", cfg.dist.fsdp, ["auto", "on", "off"])
+    choice("dist.mixed_precision", cfg.dist.mixed_precision, ["bf16", "fp16", "off"])
+    nonneg("dist.threads_per_rank", cfg.dist.threads_per_rank)
+    check(0 <= cfg.debug.malformed_call_rate <= 1, "debug.malformed_call_rate",
+          f"must be in [0, 1], got {cfg.debug.malformed_call_rate}")

@@ -1,0 +1,128 @@
+"""Process group, device, FSDP2 sharding and small collective helpers.
+
+``torchrun`` sets ``RANK``/``WORLD_SIZE``; without it the trainer runs as one process
+without FSDP (``dist.fsdp=on`` still builds a one-rank group to exercise the FSDP path).
+NCCL on GPUs, gloo on CPUs. Sharding follows torchtitan: ``fully_shard`` on every decoder
+block, then on the root; ``MixedPrecisionPolicy`` (bf16 parameters, fp32 gradient
+reduction) only on CUDA, since CPU runs keep fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .config import Config, ConfigError
+from .modeling import decoder_layers
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    fsdp: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: Config) -> DistContext:
+    """Start the process group when launched by torchrun (or when ``dist.fsdp=on``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was requested but no CUDA device is available")
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    want_fsdp = cfg.dist.fsdp == "on" or (cfg.dist.fsdp == "auto" and world > 1)
+    if world > 1 and cfg.dist.fsdp == "off":
+        raise ConfigError("dist.fsdp: 'off' is only supported in a single process (use auto or on)")
+    if want_fsdp and not dist.is_initialized():
+        backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if use_cuda else "gloo")
+        if backend == "nccl" and not use_cuda:
+            raise ConfigError("dist.backend: nccl needs CUDA devices; use gloo on CPU")
+        if world == 1:  # a one-rank group, so the FSDP code path also runs without torchrun
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                device_id=device if backend == "nccl" else None)
+    threads = cfg.dist.threads_per_rank or max(1, (os.cpu_count() or 1) //
+                                                int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    return DistContext(rank, world, local_rank, device, want_fsdp)
+
+
+def shard_model(model: nn.Module, ctx: DistContext, mixed_precision: str = "bf16",
+                reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2: ``fully_shard`` each decoder block, then the root (embeddings, norm, head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"reshard_after_forward": reshard_after_forward}
+    if ctx.device.type == "cuda" and mixed_precision != "off":
+        dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in decoder_layers(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@torch.no_grad()
+def copy_full_weights(src: nn.Module, dst: nn.Module) -> None:
+    """Copy (all-gathering FSDP2 shards if needed) every parameter of ``src`` into ``dst``.
+
+    Collective when ``src`` is sharded: every rank must call it.
+    """
+    dst_params = dict(dst.named_parameters())
+    for name, param in src.named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        dst_params[name].copy_(full.to(dst_params[name].dtype))
+
+
+def all_reduce_sum(values: list[float] | Tensor, ctx: DistContext) -> Tensor:
+    """Element-wise sum over ranks (fp64 on the CPU for gloo, the device for NCCL)."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if ctx.distributed and ctx.world > 1:
+        t = t.to(ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def broadcast_object(obj, ctx: DistContext):
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def cleanup(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.destroy_process_group()

@@ -1,0 +1,133 @@
+"""Run outputs: ``metrics.jsonl`` (one line per step, fsynced), TensorBoard events, PNG plots.
+
+Only rank 0 writes. On resume, lines of steps after the checkpoint are dropped (they are
+recomputed), so the file always reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import write_atomic
+
+# plot panels: title -> metric keys (missing keys are skipped)
+PANELS: dict[str, list[str]] = {
+    "reward": ["train/reward", "train/accuracy", "train/f1"],
+    "heldout_accuracy": ["eval/pass@1", "eval/pass@k"],
+    "tool_use": ["train/tool_call_rate", "train/calls_per_episode", "train/invalid_call_rate"],
+    "tapo": ["tapo/call_correction_rate", "tapo/trajectory_correction_rate", "tapo/mean_lift"],
+    "policy": ["actor/clip_frac", "actor/mean_kl", "actor/entropy", "actor/lifted_frac"],
+    "loss": ["actor/loss", "actor/grad_norm"],
+    "throughput": ["perf/tokens_per_s", "perf/step_time_s", "perf/fused_correct_share"],
+    "warmup": ["warmup/loss"],
+}
+
+
+class MetricsLogger:
+    """Append-only JSONL + TensorBoard on the main rank; a no-op elsewhere."""
+
+    def __init__(self, run_path: Path, enabled: bool, tensorboard: bool = True,
+                 resume_step: int | None = None) -> None:
+        self.path = run_path / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        run_path.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            self.truncate_after(resume_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_path / "tensorboard"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only the lines logged at or before ``step`` (global step)."""
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+            if row.get("step", math.inf) <= step:
+                kept.append(json.dumps(row))
+        write_atomic(self.path, "".join(k + "\n" for k in kept))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN; keep the fact that it happened
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def make_plots(run_path: Path) -> list[Path]:
+    """One PNG per panel of ``PANELS`` under ``<run>/plots``; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_path / "metrics.jsonl")
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in rows:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                series[key].append((row["step"], float(value)))
+    out_dir = run_path / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for title, keys in PANELS.items():
+        present = [k for k in keys if series.get(k)]
+        if not present:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for key in present:
+            xs, ys = zip(*series[key], strict=True)
+            ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=key)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{title}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,129 @@
+"""The policy model and tokenizer: a local Hugging Face checkpoint, or a tiny model from a config.
+
+Without ``model.path`` the trainer builds a small Qwen2-style causal LM with random weights
+(seeded, so every rank builds the same one) and trains a byte-level BPE tokenizer on the
+task's text in-process; nothing is downloaded. The tokenizer has single-token tags for tool
+calls, observations and answers (``TAGS``), so call spans and stop conditions are exact.
+The tokenizer is saved in the run directory and reloaded on resume, so a resumed run sees
+the same vocabulary as the checkpoint it loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+PAD, EOS = "<pad>", "<eos>"
+
+
+@dataclass(frozen=True)
+class ChatTags:
+    """The markup the agent writes and reads."""
+
+    tool_open: str = "<tool_call>"
+    tool_close: str = "</tool_call>"
+    obs_open: str = "<obs>"
+    obs_close: str = "</obs>"
+    answer_open: str = "<answer>"
+    answer_close: str = "</answer>"
+
+    def all(self) -> list[str]:
+        return [self.tool_open, self.tool_close, self.obs_open, self.obs_close, self.answer_open,
+                self.answer_close]
+
+
+TAGS = ChatTags()
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def format_call(name: str, arguments: dict, tags: ChatTags = TAGS) -> str:
+    """The canonical text of a tool call (what demonstrations show the model)."""
+    import json
+
+    return f"{tags.tool_open}{json.dumps({'name': name, 'arguments': arguments})}{tags.tool_close}"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, tags: ChatTags = TAGS):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (about 0.1 s).
+
+    Byte-level pre-tokenisation makes ``decode(encode(s)) == s`` for every string, and the
+    tags plus ``<pad>``/``<eos>`` are special tokens with ids 0..7.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, EOS, *tags.all()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
+    fast.add_special_tokens({"additional_special_tokens": tags.all()})
+    return fast
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def tiny_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, seed: int) -> nn.Module:
+    """A random-init Qwen2-style causal LM; identical on every rank for the same seed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id,
+        use_sliding_window=False,
+    )
+    config._attn_implementation = cfg.attn_implementation
+    devices_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    torch.random.set_rng_state(devices_state)
+    return model.to(DTYPES[cfg.dtype])
+
+
+def load_pretrained(cfg: ModelConfig):
+    """``(model, tokenizer)`` from a local checkpoint directory (no network access)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.path, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
+        local_files_only=True,
+    )
+    return model, tokenizer
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a Hugging Face causal LM (the FSDP2 sharding units)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        node = model
+        try:
+            for attr in path.split("."):
+                node = getattr(node, attr)
+        except AttributeError:
+            continue
+        return list(node)
+    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,304 @@
+"""Batched multi-turn rollouts with a KV-cached sampling loop.
+
+Each turn, the active trajectories are left-padded into one batch, prefilled once and then
+extended a token at a time from the KV cache until every row has written a stop tag
+(``</tool_call>``, ``</answer>``), EOS, or reached its token budget. Tool calls are parsed
+and executed (concurrently, with timeouts); their observations are appended as tokens with
+mask 0, and the next turn starts. The sampler is our own loop rather than ``generate`` so
+the recorded log-probability of each sampled token is exactly ``log_softmax(logits / T)``,
+the quantity the loss recomputes (no hidden top-k / top-p processors).
+
+Determinism: sampling draws from an explicit ``torch.Generator`` seeded by the caller, so a
+rollout is a function of (weights, prompts, seed), which makes resumed runs reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import RolloutConfig
+from ..modeling import EOS, TAGS, ChatTags
+from ..tasks import Example
+from ..tools import ParsedCall, ToolContext, ToolRegistry
+from .episode import CallRecord, Episode
+
+
+@dataclass
+class TurnOutput:
+    tokens: list[int]
+    logp: list[float]
+    stop: str  # tool | answer | eos | budget
+
+
+class PromptFormatter:
+    """Turns a question into prompt token ids and observations into observation token ids."""
+
+    def __init__(self, tokenizer, cfg: RolloutConfig, tags: ChatTags = TAGS,
+                 max_obs_tokens: int = 48) -> None:
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.tags = tags
+        self.max_obs_tokens = max_obs_tokens
+        self._obs_open = self.encode(tags.obs_open)
+        self._obs_close = self.encode(tags.obs_close)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False,
+                               clean_up_tokenization_spaces=False)
+
+    def prompt_ids(self, example: Example) -> list[int]:
+        text = self.cfg.prompt_template.format(question=example.question)
+        if self.cfg.use_chat_template:
+            messages = [{"role": "system", "content": self.cfg.system_prompt},
+                        {"role": "user", "content": text}]
+            return list(self.tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False))
+        return self.encode(text)
+
+    def observation_ids(self, text: str, budget: int | None = None) -> list[int]:
+        """``<obs>`` + the text (truncated to ``max_obs_tokens``) + ``</obs>``."""
+        limit = self.max_obs_tokens
+        if budget is not None:
+            limit = min(limit, budget - len(self._obs_open) - len(self._obs_close))
+        body = self.encode(text)[: max(0, limit)]
+        return self._obs_open + body + self._obs_close
+
+
+def find_call(fmt: PromptFormatter, tokens: Sequence[int]) -> tuple[int, int, str, bool] | None:
+    """Token span ``[i0, i1)`` of the first tool call in a turn, its JSON body and whether it closed.
+
+    Works for tags of any tokenisation: token ``i`` covers characters ``[ends[i-1], ends[i])``
+    of the decoded turn; the span is the smallest run of tokens covering the tag-to-tag text.
+    """
+    text = fmt.decode(tokens)
+    c0 = text.find(fmt.tags.tool_open)
+    if c0 < 0:
+        return None
+    c_body = c0 + len(fmt.tags.tool_open)
+    c1 = text.find(fmt.tags.tool_close, c_body)
+    closed = c1 >= 0
+    c_end = c1 + len(fmt.tags.tool_close) if closed else len(text)
+    ends = [len(fmt.decode(tokens[: i + 1])) for i in range(len(tokens))]
+    i0 = next(i for i, e in enumerate(ends) if e > c0)
+    i1 = next((i + 1 for i, e in enumerate(ends) if e >= c_end), len(tokens))
+    return i0, i1, text[c_body: c1 if closed else len(text)], closed
+
+
+def extract_answer(fmt: PromptFormatter, text: str) -> str | None:
+    """The text between the last ``<answer>`` and the following ``</answer>`` (None if absent)."""
+    start = text.rfind(fmt.tags.answer_open)
+    if start < 0:
+        return None
+    start += len(fmt.tags.answer_open)
+    end = text.find(fmt.tags.answer_close, start)
+    return text[start:end].strip() if end >= 0 else None
+
+
+class RolloutEngine:
+    """Generates episodes for a list of questions with one policy model (no gradients)."""
+
+    def __init__(self, model: nn.Module, tokenizer, registry: ToolRegistry, cfg: RolloutConfig, *,
+                 max_obs_tokens: int = 48, tags: ChatTags = TAGS,
+                 malformed_call_rate: float = 0.0) -> None:
+        self.model = model
+        self.registry = registry
+        self.cfg = cfg
+        self.fmt = PromptFormatter(tokenizer, cfg, tags, max_obs_tokens)
+        self.pad_id = tokenizer.pad_token_id
+        self.malformed_call_rate = malformed_call_rate
+        eos_ids = {tokenizer.eos_token_id}
+        if tokenizer.convert_tokens_to_ids(EOS) not in (None, tokenizer.unk_token_id):
+            eos_ids.add(tokenizer.convert_tokens_to_ids(EOS))
+        self.eos_ids = {i for i in eos_ids if i is not None}
+        # stop tags that are single tokens are checked by id; others by decoding the tail
+        self.stop_ids: dict[int, str] = {i: "eos" for i in self.eos_ids}
+        self.text_stops: dict[str, str] = {}
+        for tag, reason in ((tags.tool_close, "tool"), (tags.answer_close, "answer")):
+            ids = self.fmt.encode(tag)
+            if len(ids) == 1:
+                self.stop_ids[ids[0]] = reason
+            else:
+                self.text_stops[tag] = reason
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def rollout(self, examples: Sequence[Example], group_ids: Sequence[int], *, seed: int,
+                temperature: float | None = None, greedy: bool = False) -> list[Episode]:
+        """One episode per example (repeat an example G times for a group)."""
+        temperature = self.cfg.temperature if temperature is None else temperature
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        fault_rng = random.Random(seed)
+        episodes = []
+        for ex, g in zip(examples, group_ids, strict=True):
+            prompt = self.fmt.prompt_ids(ex)
+            episodes.append(Episode(ex, int(g), len(prompt), list(prompt), [0] * len(prompt),
+                                    [0.0] * len(prompt)))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i in range(0, len(episodes), self.cfg.batch_size):
+                self._run(episodes[i: i + self.cfg.batch_size], generator, temperature, greedy,
+                          fault_rng)
+        finally:
+            self.model.train(was_training)
+        return episodes
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(self, episodes: list[Episode], generator: torch.Generator, temperature: float,
+             greedy: bool, fault_rng: random.Random) -> None:
+        cfg = self.cfg
+        for ep in episodes:
+            if len(ep.token_ids) >= cfg.max_total_tokens:
+                ep.finish = "max_tokens"
+        for _ in range(cfg.max_turns):
+            active = [ep for ep in episodes if not ep.done]
+            if not active:
+                break
+            budgets = [min(cfg.max_new_tokens_per_turn, cfg.max_total_tokens - len(ep.token_ids))
+                       for ep in active]
+            outputs = self._generate_turn([ep.token_ids for ep in active], budgets, generator,
+                                          temperature, greedy)
+            pending: list[tuple[Episode, int, int, ParsedCall]] = []
+            for ep, out in zip(active, outputs, strict=True):
+                start = len(ep.token_ids)
+                ep.append(out.tokens, policy=True, logp=out.logp)
+                ep.turns += 1
+                text = self.fmt.decode(out.tokens)
+                # an EOS inside an unclosed call is not part of the call
+                body_tokens = out.tokens[:-1] if out.stop == "eos" else out.tokens
+                span = find_call(self.fmt, body_tokens) if out.stop != "answer" else None
+                if span is None and out.stop == "tool":  # a closing tag without an opening one
+                    span = (0, len(out.tokens), text, True)
+                    parsed = ParsedCall(raw=text, error="the tool call has no opening "
+                                        f"{self.fmt.tags.tool_open} tag")
+                    pending.append((ep, start, start + len(out.tokens), parsed))
+                elif span is not None:
+                    i0, i1, body, closed = span
+                    parsed = self.registry.parse(body, closed=closed)
+                    if parsed.valid and self.malformed_call_rate > 0 and \
+                            fault_rng.random() < self.malformed_call_rate:
+                        parsed = ParsedCall(raw=body, error="malformed call injected by "
+                                            "debug.malformed_call_rate")
+                    pending.append((ep, start + i0, start + i1, parsed))
+                if out.stop == "answer":
+                    ep.answer = extract_answer(self.fmt, text)
+                    ep.finish = "answer"
+                elif out.stop == "eos":
+                    ep.answer = extract_answer(self.fmt, text)
+                    ep.finish = "eos"
+                elif span is None:  # out of budget with neither a call nor an answer
+                    ep.finish = "max_tokens" if len(ep.token_ids) >= cfg.max_total_tokens \
+                        else "truncated"
+            outcomes = self.registry.execute(
+                [(parsed, ToolContext(ep.example.corpus_id)) for ep, _, _, parsed in pending])
+            for (ep, s, e, parsed), outcome in zip(pending, outcomes, strict=True):
+                ok = parsed.valid and outcome.ok
+                ep.calls.append(CallRecord(
+                    start=s, end=e, tool_id=parsed.tool_id if ok else -1, key=ep.example.corpus_id,
+                    name=parsed.name, arguments=parsed.arguments,
+                    param_text=(self.registry.tools[parsed.tool_id].param_text(parsed.arguments)
+                                if parsed.valid else ""),
+                    params=self.registry.param_vector(parsed), valid=ok,
+                    error=parsed.error if not parsed.valid else outcome.error,
+                    observation=outcome.observation,
+                ))
+                if ep.done:
+                    continue  # the episode ended in this turn (e.g. EOS inside an open call)
+                budget = cfg.max_total_tokens - len(ep.token_ids)
+                obs = self.fmt.observation_ids(outcome.observation, budget)
+                if len(obs) > budget:
+                    ep.finish = "max_tokens"
+                    continue
+                ep.append(obs, policy=False)
+                if len(ep.token_ids) >= cfg.max_total_tokens:
+                    ep.finish = "max_tokens"
+        for ep in episodes:
+            if not ep.done:
+                ep.finish = "max_turns"
+
+    def _generate_turn(self, contexts: list[list[int]], budgets: list[int],
+                       generator: torch.Generator, temperature: float,
+                       greedy: bool) -> list[TurnOutput]:
+        from transformers import DynamicCache
+
+        device = self.device
+        B, L = len(contexts), max(len(c) for c in contexts)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.int64)
+        attention = torch.zeros(B, L, dtype=torch.int64)
+        for i, ctx in enumerate(contexts):  # left padding: every row ends at column L-1
+            input_ids[i, L - len(ctx):] = torch.tensor(ctx)
+            attention[i, L - len(ctx):] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        next_pos = position_ids[:, -1:] + 1
+        outputs = [TurnOutput([], [], "") for _ in range(B)]
+        finished = [b <= 0 for b in budgets]
+        for i, b in enumerate(budgets):
+            if b <= 0:
+                outputs[i].stop = "budget"
+        for _step in range(max(budgets)):
+            if all(finished):
+                break
+            logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, V] fp32
+            if greedy:
+                token = logp_all.argmax(dim=-1)
+            else:
+                token = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(1)
+            token_logp = logp_all.gather(1, token[:, None]).squeeze(1)
+            token_list, logp_list = token.tolist(), token_logp.tolist()
+            for i in range(B):
+                if finished[i]:
+                    continue
+                o = outputs[i]
+                o.tokens.append(token_list[i])
+                o.logp.append(logp_list[i])
+                reason = self.stop_ids.get(token_list[i])
+                if reason is None and self.text_stops:
+                    tail = self.fmt.decode(o.tokens[-8:])
+                    reason = next((r for s, r in self.text_stops.items() if tail.endswith(s)), None)
+                if reason is not None:
+                    o.stop, finished[i] = reason, True
+                elif len(o.tokens) >= budgets[i]:
+                    o.stop, finished[i] = "budget", True
+            if all(finished):
+                break
+            feed = torch.tensor([self.pad_id if finished[i] else token_list[i] for i in range(B)],
+                                device=device)[:, None]
+            attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype,
+                                                         device=device)], dim=1)
+            out = self.model(input_ids=feed, attention_mask=attention, position_ids=next_pos,
+                             past_key_values=out.past_key_values, use_cache=True)
+            logits = out.logits[:, -1]
+            next_pos = next_pos + 1
+        return outputs
+
+
+def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                   temperature: float = 1.0) -> Tensor:
+    """``(B, T)`` fp32 log-prob of each token given its prefix (column 0 is 0).
+
+    Right-padded input. This is the training-side computation the rollout's recorded
+    log-probs must equal.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    picked = logp.gather(2, input_ids[:, 1:, None]).squeeze(2)
+    return torch.nn.functional.pad(picked, (1, 0))

@@ -1,0 +1,126 @@
+"""Trajectory records and their batching into training tensors.
+
+An ``Episode`` is one rollout: its token ids (prompt, policy turns, tool observations),
+a mask that is 1 only on policy-generated tokens, the sampling log-probability of each
+policy token, the tool calls it made (token span, tool id, context key, parameters,
+validity) and its final answer. ``collate`` right-pads a list of episodes into the tensors
+the loss and ``tapo_kernels.fused_correct`` take.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tapo_kernels import ToolCalls
+
+from ..tasks import Example
+
+
+@dataclass
+class CallRecord:
+    """One tool call: tokens ``[start, end)`` of the trajectory, from opening to closing tag."""
+
+    start: int
+    end: int
+    tool_id: int  # < 0: malformed, failed or timed out (never a TAPO witness, never corrected)
+    key: int  # context key: calls against different corpora never match
+    name: str | None
+    arguments: dict[str, Any]
+    param_text: str  # the text the parameter vector encodes (the search query)
+    params: Tensor  # (D,) float32
+    valid: bool
+    error: str | None
+    observation: str = ""
+
+
+@dataclass
+class Episode:
+    """One trajectory of the policy on one question."""
+
+    example: Example
+    group: int  # prompt group id (the G rollouts of one question share it)
+    prompt_len: int
+    token_ids: list[int]
+    mask: list[int]  # 1 on policy-generated tokens only
+    logp: list[float]  # sampling log-prob of each policy token (0.0 elsewhere)
+    calls: list[CallRecord] = field(default_factory=list)
+    answer: str | None = None
+    turns: int = 0
+    finish: str = ""  # answer | eos | max_turns | max_tokens | truncated
+    reward: float = 0.0
+    em: float = 0.0
+    f1: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finish)
+
+    def append(self, ids: Sequence[int], policy: bool, logp: Sequence[float] | None = None) -> None:
+        self.token_ids.extend(int(i) for i in ids)
+        self.mask.extend([1 if policy else 0] * len(ids))
+        self.logp.extend([float(x) for x in logp] if logp is not None else [0.0] * len(ids))
+
+    @property
+    def num_policy_tokens(self) -> int:
+        return sum(self.mask)
+
+
+@dataclass
+class Batch:
+    """Right-padded tensors of ``B`` episodes, ``T`` tokens each (``# [B, T]``)."""
+
+    input_ids: Tensor  # [B, T] int64
+    attention_mask: Tensor  # [B, T] int64, 1 on real tokens
+    mask: Tensor  # [B, T] float32, 1 on policy tokens
+    old_logp: Tensor  # [B, T] float32
+    group_ids: Tensor  # [B] int64
+    rewards: Tensor  # [B] float32
+    calls: ToolCalls
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.mask.to(device),
+                     self.old_logp.to(device), self.group_ids.to(device), self.rewards.to(device),
+                     self.calls.to(device))
+
+
+def collate(episodes: Sequence[Episode], pad_id: int, length: int | None = None,
+            param_dim: int = 256) -> Batch:
+    """Pad to ``length`` (default: the longest episode) and gather the calls as ``ToolCalls``."""
+    T = max(len(ep.token_ids) for ep in episodes) if length is None else length
+    B = len(episodes)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.int64)
+    attention = torch.zeros(B, T, dtype=torch.int64)
+    mask = torch.zeros(B, T, dtype=torch.float32)
+    old_logp = torch.zeros(B, T, dtype=torch.float32)
+    seq, start, end, tool, key, params = [], [], [], [], [], []
+    for i, ep in enumerate(episodes):
+        n = len(ep.token_ids)
+        if n > T:
+            raise ValueError(f"episode {i} has {n} tokens, more than the batch length {T}")
+        input_ids[i, :n] = torch.tensor(ep.token_ids)
+        attention[i, :n] = 1
+        mask[i, :n] = torch.tensor(ep.mask, dtype=torch.float32)
+        old_logp[i, :n] = torch.tensor(ep.logp, dtype=torch.float32)
+        for c in ep.calls:
+            seq.append(i)
+            start.append(c.start)
+            end.append(c.end)
+            tool.append(c.tool_id)
+            key.append(c.key)
+            params.append(c.params)
+    if seq:
+        calls = ToolCalls.from_lists(seq, start, end, tool, torch.stack(params), key=key)
+    else:
+        calls = ToolCalls.empty(param_dim)
+    groups = torch.tensor([ep.group for ep in episodes], dtype=torch.int64)
+    rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
+    return Batch(input_ids, attention, mask, old_logp, groups, rewards, calls)

@@ -1,0 +1,39 @@
+"""Tools the agent can call: registry, parser, BM25 search, calculator, fault injectors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .base import SIM_KINDS, Tool, ToolArgumentError, ToolContext
+from .calculator import CalculatorTool
+from .faults import FailingTool, SlowTool
+from .parser import INVALID_TOOL, ParsedCall, parse_tool_call
+from .registry import ToolOutcome, ToolRegistry
+from .text_search import BM25Index, TextSearchTool
+
+AVAILABLE_TOOLS = ("search", "calculator", "failing", "slow")
+
+
+def build_registry(enabled: Sequence[str], corpora: Mapping[int, Sequence[str]], *,
+                   search_top_k: int = 1, timeout_s: float = 5.0) -> ToolRegistry:
+    """A registry with the named tools, in the given order (their ids)."""
+    tools: list[Tool] = []
+    for name in enabled:
+        if name == "search":
+            tools.append(TextSearchTool(corpora, top_k=search_top_k))
+        elif name == "calculator":
+            tools.append(CalculatorTool())
+        elif name == "failing":
+            tools.append(FailingTool())
+        elif name == "slow":
+            tools.append(SlowTool(seconds=max(30.0, 10 * timeout_s)))
+        else:
+            raise ValueError(f"unknown tool {name!r}; available: {list(AVAILABLE_TOOLS)}")
+    return ToolRegistry(tools, timeout_s=timeout_s)
+
+
+__all__ = [
+    "AVAILABLE_TOOLS", "BM25Index", "CalculatorTool", "FailingTool", "INVALID_TOOL", "ParsedCall",
+    "SIM_KINDS", "SlowTool", "TextSearchTool", "Tool", "ToolArgumentError", "ToolContext",
+    "ToolOutcome", "ToolRegistry", "build_registry", "parse_tool_call",
+]

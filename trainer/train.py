@@ -1,0 +1,579 @@
+"""The training loop: warm-up, then rollout -> reward -> advantage -> TAPO -> loss -> step.
+
+Launch::
+
+    python -m trainer.train --config trainer/configs/tiny_grpo_tapo.yaml        # one process
+    torchrun --nproc_per_node 2 -m trainer.train --config trainer/configs/tiny_grpo_tapo.yaml
+    python -m trainer.train --config ... --resume rl.steps=60                    # continue a run
+
+One RL step, per rank:
+
+1. sample ``rl.prompts_per_step / world`` training questions, ``G = rollout.group_size``
+   rollouts each (multi-turn, tools executed, observations masked);
+2. reward (exact match or F1) and GRPO group advantages ``A_i`` (SPEC section 1);
+3. TAPO: ``tapo_kernels.fused_correct`` on the episodes' tool calls (parameters =
+   ``encode_text(query)``) gives a per-call lift ``d_k`` (SPEC section 2);
+4. ``tapo_kernels.policy_loss`` with ``call_map`` / ``call_delta``, so the lift is applied
+   inside the loss (SPEC section 3), optional KL to the frozen post-warm-up model;
+5. backward (FSDP2 reduce-scatter), gradient clipping, AdamW step; a step whose loss or
+   gradient norm is not finite is skipped and logged;
+6. metrics to ``runs/<name>/metrics.jsonl`` + TensorBoard, periodic atomic DCP checkpoints.
+
+Every random draw of step ``s`` is seeded from ``(seed, s, rank)``, so a run killed and
+resumed from a checkpoint reproduces the metrics of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+import tapo_kernels
+from tapo_kernels.reference import group_advantages
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic
+from .config import Config, ConfigError, load_config
+from .distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    copy_full_weights,
+    init_distributed,
+    shard_model,
+)
+from .evaluate import evaluate
+from .metrics import MetricsLogger, make_plots
+from .modeling import (
+    count_parameters,
+    format_call,
+    load_pretrained,
+    load_tokenizer,
+    tiny_model,
+    train_tokenizer,
+)
+from .rewards import exact_match, f1_score, reward
+from .rollout import Batch, Episode, RolloutEngine, collate, demonstration
+from .tasks import TaskData, load_task
+from .tools import build_registry
+
+
+def step_seed(*parts: Any) -> int:
+    """A 31-bit seed from any labels (CRC32: identical on every machine and process)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def rank_print(ctx: DistContext, *args: Any) -> None:
+    if ctx.is_main:
+        print(*args, flush=True)
+
+
+class Trainer:
+    """Holds the model, optimizer, rollout engine and run outputs of one training run."""
+
+    def __init__(self, cfg: Config, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.ctx = ctx = init_distributed(cfg)
+        self.run_path = cfg.run_path
+        self.t_begin = time.perf_counter()
+        if cfg.rl.prompts_per_step % ctx.world:
+            raise ConfigError(f"rl.prompts_per_step ({cfg.rl.prompts_per_step}) must be divisible "
+                              f"by the number of processes ({ctx.world})")
+        if cfg.warmup.steps and cfg.warmup.batch_size % ctx.world:
+            raise ConfigError(f"warmup.batch_size ({cfg.warmup.batch_size}) must be divisible by "
+                              f"the number of processes ({ctx.world})")
+        self.checkpoint = latest_checkpoint(self.run_path) if resume else None
+        if resume and self.checkpoint is None:
+            rank_print(ctx, f"--resume: no checkpoint under {self.run_path}, starting afresh")
+        if ctx.is_main and self.checkpoint is None:
+            self._fresh_run_dir()
+        barrier(ctx)
+        self.task: TaskData = load_task(cfg.task)
+        self.registry = build_registry(cfg.tools.enabled, self.task.corpora,
+                                       search_top_k=cfg.tools.search_top_k,
+                                       timeout_s=cfg.tools.timeout_s)
+        self.sim_kind = self.registry.sim_kind_tensor(ctx.device)
+        self._build_model()
+        self.state: dict[str, Any] = {"phase": "start", "rl_step": 0, "global_step": 0, "evals": {}}
+        self.optimizer = self._rl_optimizer()
+        if self.checkpoint is not None:
+            self.state = load_checkpoint(self.checkpoint, self.model, self.optimizer, ctx,
+                                         self.ref_model)
+            self._sync_rollout_model()
+            rank_print(ctx, f"resumed from {self.checkpoint} (RL step {self.state['rl_step']})")
+        self.logger = MetricsLogger(self.run_path, ctx.is_main, cfg.logging.tensorboard,
+                                    resume_step=self.state["global_step"] if self.checkpoint else None)
+
+    # ------------------------------------------------------------------ setup
+
+    def _fresh_run_dir(self) -> None:
+        self.run_path.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "summary.json"):
+            (self.run_path / name).unlink(missing_ok=True)
+        for name in ("tensorboard", "checkpoints", "plots", "tokenizer"):
+            shutil.rmtree(self.run_path / name, ignore_errors=True)
+        write_atomic(self.run_path / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    def _tokenizer_texts(self) -> list[str]:
+        texts = list(self.task.texts())
+        for ex in self.task.train + self.task.heldout + self.task.demos:
+            texts.append(self.cfg.rollout.prompt_template.format(question=ex.question))
+            if ex.query:
+                texts.append(format_call("search", {"query": ex.query}))
+        return texts
+
+    def _build_model(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.model.path is not None:
+            model, tokenizer = load_pretrained(cfg.model)
+        else:
+            tok_dir = self.run_path / "tokenizer"
+            if ctx.is_main and not (tok_dir / "tokenizer.json").exists():
+                train_tokenizer(self._tokenizer_texts(), cfg.model.vocab_size).save_pretrained(tok_dir)
+            barrier(ctx)
+            tokenizer = load_tokenizer(tok_dir)  # every rank reads the same file
+            model = tiny_model(cfg.model, len(tokenizer), tokenizer.pad_token_id,
+                               tokenizer.eos_token_id, seed=cfg.seed)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.to(ctx.device)
+        self.tokenizer = tokenizer
+        self.num_params = count_parameters(model)
+        # the frozen reference (KL) and, under FSDP, a full replica for generation: rollouts
+        # then need no collectives, so ranks can generate different numbers of tokens
+        self.ref_model = self._frozen_copy(model) if cfg.algo.kl_coef > 0 else None
+        if ctx.fsdp:
+            self.rollout_model = self._frozen_copy(model)
+            self.model = shard_model(model, ctx, cfg.dist.mixed_precision)
+        else:
+            self.rollout_model = model
+            self.model = model
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if ctx.device.type == "cuda" and not ctx.fsdp
+                         and cfg.dist.mixed_precision == "bf16" else nullcontext())
+        self.engine = RolloutEngine(self.rollout_model, tokenizer, self.registry, cfg.rollout,
+                                    max_obs_tokens=cfg.tools.max_obs_tokens,
+                                    malformed_call_rate=cfg.debug.malformed_call_rate)
+
+    @staticmethod
+    def _frozen_copy(model: nn.Module) -> nn.Module:
+        clone = copy.deepcopy(model)
+        clone.requires_grad_(False)
+        clone.eval()
+        return clone
+
+    def _sync_rollout_model(self) -> None:
+        if self.rollout_model is not self.model:
+            copy_full_weights(self.model, self.rollout_model)
+
+    def _rl_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        return torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                 weight_decay=o.weight_decay)
+
+    # ------------------------------------------------------------------ model passes
+
+    def _logits(self, model: nn.Module, batch: Batch, rows: slice) -> Tensor:
+        with self.autocast:
+            return model(input_ids=batch.input_ids[rows],
+                         attention_mask=batch.attention_mask[rows]).logits  # [b, T, V]
+
+    def _token_logp(self, logits: Tensor, input_ids: Tensor,
+                    with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``(b, T)`` fp32 log-prob of each token given its prefix (column 0 is 0), entropy."""
+        lp = torch.log_softmax(logits[:, :-1].float() / self.cfg.rollout.temperature, dim=-1)
+        picked = torch.nn.functional.pad(lp.gather(2, input_ids[:, 1:, None]).squeeze(2), (1, 0))
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = torch.nn.functional.pad(-(lp.exp() * lp).sum(-1), (1, 0))
+        return picked, entropy
+
+    @torch.no_grad()
+    def _frozen_logp(self, model: nn.Module, batch: Batch) -> Tensor:
+        out = []
+        for rows in self._micro_slices(0, batch.shape[0]):
+            out.append(self._token_logp(self._logits(model, batch, rows),
+                                        batch.input_ids[rows])[0])
+        return torch.cat(out) * batch.mask
+
+    def _micro_slices(self, start: int, stop: int) -> list[slice]:
+        size = self.cfg.algo.micro_batch_size or (stop - start)
+        return [slice(i, min(i + size, stop)) for i in range(start, stop, size)]
+
+    def _clip_and_step(self, optimizer: torch.optim.Optimizer, loss_ok: bool) -> tuple[float, bool]:
+        """Clip, then step unless the loss or gradient norm is not finite (all ranks agree)."""
+        max_norm = self.cfg.optim.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        norm_value = float(norm)
+        bad = all_reduce_sum([0.0 if (loss_ok and math.isfinite(norm_value)) else 1.0], self.ctx)
+        ok = bad.item() == 0
+        if ok:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm_value, ok
+
+    # ------------------------------------------------------------------ warm-up
+
+    def warmup(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        demos = [demonstration(self.engine.fmt, self.registry, ex) for ex in self.task.demos]
+        if not demos or cfg.warmup.steps == 0:
+            return
+        w = cfg.warmup
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=w.lr, weight_decay=w.weight_decay,
+                                      betas=(0.9, 0.99))
+        self.model.train()
+        bar = self._progress(w.steps, "warm-up")
+        for step in range(1, w.steps + 1):
+            rng = random.Random(step_seed("warmup", cfg.seed, step))
+            picks = [rng.randrange(len(demos)) for _ in range(w.batch_size)][ctx.rank::ctx.world]
+            batch = collate([demos[i] for i in picks], self.tokenizer.pad_token_id).to(ctx.device)
+            tokens = all_reduce_sum([batch.mask.sum().item()], ctx)[0].item()
+            scale = max(tokens, 1.0) / ctx.world  # FSDP averages gradients over ranks
+            loss_sum = 0.0
+            for rows in self._micro_slices(0, batch.shape[0]):
+                logp, _ = self._token_logp(self._logits(self.model, batch, rows),
+                                           batch.input_ids[rows])
+                loss = -(logp * batch.mask[rows]).sum() / scale
+                loss.backward()
+                loss_sum += loss.item()
+            norm, ok = self._clip_and_step(optimizer, math.isfinite(loss_sum))
+            mean_loss = all_reduce_sum([loss_sum], ctx)[0].item() / ctx.world
+            self.state["global_step"] = step
+            if step % 10 == 0 or step == w.steps:
+                self.logger.log(step, {"phase": "warmup", "warmup/loss": mean_loss,
+                                       "warmup/grad_norm": norm, "warmup/skipped": int(not ok)})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean_loss:.3f}")
+        if bar is not None:
+            bar.close()
+        del optimizer
+        self._sync_rollout_model()
+
+    # ------------------------------------------------------------------ RL
+
+    def _lr_at(self, rl_step: int) -> float:
+        o = self.cfg.optim
+        return o.lr * min(1.0, rl_step / o.warmup_steps) if o.warmup_steps else o.lr
+
+    def _loss_knobs(self) -> dict[str, Any]:
+        a = self.cfg.algo
+        knobs = dict(a.loss_overrides)
+        preset = tapo_kernels.PRESETS[a.loss]
+        agg = knobs.get("agg", preset.get("agg", "token-mean"))
+        if agg == "seq-mean-token-sum-norm" and "norm_const" not in knobs:
+            knobs["norm_const"] = float(self.cfg.rollout.max_total_tokens)  # constant all run
+        if a.kl_coef > 0:
+            knobs.update(kl_coef=a.kl_coef, kl_type=a.kl_type)
+        return {"preset": a.loss, **knobs, "agg": agg}
+
+    def rl_step(self, rl_step: int) -> dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        t_step = time.perf_counter()
+        # 1. prompts and rollouts
+        rng = random.Random(step_seed("prompts", cfg.seed, rl_step))
+        train = self.task.train
+        prompts = rng.sample(range(len(train)), min(cfg.rl.prompts_per_step, len(train)))
+        while len(prompts) < cfg.rl.prompts_per_step:  # tiny tasks: repeat questions
+            prompts.append(rng.randrange(len(train)))
+        mine = prompts[ctx.rank::ctx.world]
+        G = cfg.rollout.group_size
+        examples = [train[i] for i in mine for _ in range(G)]
+        groups = [j for j in range(len(mine)) for _ in range(G)]
+        t0 = time.perf_counter()
+        episodes = self.engine.rollout(examples, groups, seed=step_seed("rollout", cfg.seed,
+                                                                        rl_step, ctx.rank))
+        t_rollout = time.perf_counter() - t0
+        # 2. rewards and advantages
+        for ep in episodes:
+            ep.em = exact_match(ep.answer, ep.example.answers)
+            ep.f1 = f1_score(ep.answer, ep.example.answers)
+            ep.reward = reward(ep.answer, ep.example.answers, cfg.algo.reward)
+        if cfg.debug.kill_at_step == rl_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, no cleanup
+        batch = collate(episodes, self.tokenizer.pad_token_id).to(ctx.device)
+        B, T = batch.shape
+        if cfg.rollout.recompute_logp:
+            batch.old_logp = self._frozen_logp(self.model, batch)
+        ref_logp = self._frozen_logp(self.ref_model, batch) if self.ref_model is not None else None
+        seq_adv = group_advantages(batch.rewards, batch.group_ids,
+                                   scale_by_std=cfg.algo.scale_by_std).to(ctx.device)  # [B]
+        advantages = seq_adv[:, None] * batch.mask  # [B, T]
+        # 3. TAPO
+        call_map = call_delta = None
+        tapo_counts = [0.0] * 5
+        t_tapo = 0.0
+        if cfg.tapo.enabled:
+            t0 = time.perf_counter()
+            result = tapo_kernels.fused_correct(
+                advantages, seq_adv, batch.group_ids, batch.calls, self.sim_kind,
+                theta=cfg.tapo.theta, alpha_min=cfg.tapo.alpha_min, beta=cfg.tapo.beta,
+                batch_scope=cfg.tapo.batch_scope)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            t_tapo = time.perf_counter() - t0
+            stats = result.stats()
+            tapo_counts = [stats.failing_calls, stats.corrected_calls, stats.failing_trajectories,
+                           stats.corrected_trajectories, stats.mean_lift * stats.corrected_calls]
+            if cfg.tapo.fused:
+                call_map, call_delta = batch.calls.call_map(B, T), result.delta
+            else:
+                advantages = result.corrected
+        # 4-5. policy update
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr_at(rl_step)
+        upd = self._update(batch, advantages, ref_logp, call_map, call_delta, rl_step)
+        self._sync_rollout_model()
+        step_time = time.perf_counter() - t_step
+        return self._step_metrics(episodes, batch, upd, tapo_counts, t_rollout, t_tapo, step_time)
+
+    def _update(self, batch: Batch, advantages: Tensor, ref_logp: Tensor | None,
+                call_map: Tensor | None, call_delta: Tensor | None, rl_step: int) -> dict[str, float]:
+        cfg, ctx = self.cfg, self.ctx
+        B = batch.shape[0]
+        knobs = self._loss_knobs()
+        row_tokens = batch.mask.sum(1)
+        per_mb = math.ceil(B / cfg.algo.num_minibatches)
+        sums = {"loss": 0.0, "clip_frac": 0.0, "mean_ratio": 0.0, "mean_kl": 0.0,
+                "lifted_frac": 0.0, "entropy": 0.0, "tokens": 0.0}
+        norms, skipped = [], 0
+        self.model.train()
+        for start in range(0, B, per_mb):
+            stop = min(start + per_mb, B)
+            if knobs["agg"] == "token-mean":
+                local = row_tokens[start:stop].sum().item()
+            else:
+                local = (row_tokens[start:stop] > 0).sum().item()
+            # the loss is normalised by the global count over ranks; FSDP then averages the
+            # gradients over ranks, hence the division by world
+            global_count = max(all_reduce_sum([local], ctx)[0].item(), 1.0) / ctx.world
+            loss_ok = True
+            for rows in self._micro_slices(start, stop):
+                logits = self._logits(self.model, batch, rows)
+                logp, entropy = self._token_logp(logits, batch.input_ids[rows], with_entropy=True)
+                out = tapo_kernels.policy_loss(
+                    logp, batch.old_logp[rows], advantages[rows], batch.mask[rows],
+                    ref_logp=None if ref_logp is None else ref_logp[rows],
+                    call_map=None if call_map is None else call_map[rows], call_delta=call_delta,
+                    global_count=global_count, **knobs)
+                loss = out.loss
+                if rl_step in cfg.debug.nan_loss_steps:
+                    loss = loss * float("nan")  # fault injection: a diverged step
+                loss.backward()
+                loss_ok &= bool(torch.isfinite(loss.detach()).item())
+                n = batch.mask[rows].sum().item()
+                metrics = out.metrics_dict(prefix="")
+                sums["loss"] += loss.item() if math.isfinite(loss.item()) else 0.0
+                for key in ("clip_frac", "mean_ratio", "mean_kl", "lifted_frac"):
+                    sums[key] += metrics[key] * n
+                sums["entropy"] += (entropy * batch.mask[rows]).sum().item()
+                sums["tokens"] += n
+            norm, ok = self._clip_and_step(self.optimizer, loss_ok)
+            norms.append(norm)
+            skipped += int(not ok)
+        sums["grad_norm"] = max(norms) if norms else 0.0
+        sums["skipped"] = float(skipped)
+        return sums
+
+    def _step_metrics(self, episodes: Sequence[Episode], batch: Batch, upd: dict[str, float],
+                      tapo_counts: list[float], t_rollout: float, t_tapo: float,
+                      step_time: float) -> dict[str, Any]:
+        ctx = self.ctx
+        n_calls = sum(len(ep.calls) for ep in episodes)
+        local = [
+            len(episodes), sum(ep.reward for ep in episodes), sum(ep.em for ep in episodes),
+            sum(ep.f1 for ep in episodes), sum(bool(ep.calls) for ep in episodes), n_calls,
+            sum(not c.valid for ep in episodes for c in ep.calls),
+            sum(ep.answer is not None for ep in episodes),
+            sum(ep.num_policy_tokens for ep in episodes), float(batch.attention_mask.sum()),
+            sum(ep.turns for ep in episodes),
+            upd["loss"], upd["clip_frac"], upd["mean_ratio"], upd["mean_kl"], upd["lifted_frac"],
+            upd["entropy"], upd["tokens"], *tapo_counts,
+        ]
+        tot = all_reduce_sum(local, ctx).tolist()
+        (n, rew, em, f1, used, calls, invalid, answered, policy_tokens, all_tokens, turns,
+         loss, clip, ratio, kl, lifted, entropy, upd_tokens, f_calls, c_calls, f_traj, c_traj,
+         lift_sum) = tot
+        tok = max(upd_tokens, 1.0)
+        return {
+            "train/reward": rew / n, "train/accuracy": em / n, "train/f1": f1 / n,
+            "train/tool_call_rate": used / n, "train/calls_per_episode": calls / n,
+            "train/invalid_call_rate": invalid / max(calls, 1.0),
+            "train/answer_rate": answered / n, "train/turns": turns / n,
+            "train/response_tokens": policy_tokens / n,
+            "actor/loss": loss / ctx.world, "actor/clip_frac": clip / tok,
+            "actor/mean_ratio": ratio / tok, "actor/mean_kl": kl / tok,
+            "actor/lifted_frac": lifted / tok, "actor/entropy": entropy / tok,
+            "actor/grad_norm": upd["grad_norm"], "actor/skipped_steps": upd["skipped"],
+            "actor/lr": self.optimizer.param_groups[0]["lr"],
+            "tapo/failing_calls": f_calls, "tapo/corrected_calls": c_calls,
+            "tapo/call_correction_rate": c_calls / max(f_calls, 1.0),
+            "tapo/trajectory_correction_rate": c_traj / max(f_traj, 1.0),
+            "tapo/mean_lift": lift_sum / max(c_calls, 1.0),
+            "perf/step_time_s": step_time, "perf/rollout_time_s": t_rollout,
+            "perf/rollout_tokens_per_s": policy_tokens / max(t_rollout, 1e-9),
+            "perf/tokens_per_s": all_tokens / max(step_time, 1e-9),
+            "perf/fused_correct_s": t_tapo, "perf/fused_correct_share": t_tapo / max(step_time, 1e-9),
+        }
+
+    # ------------------------------------------------------------------ run
+
+    def _progress(self, total: int, desc: str):
+        if not (self.ctx.is_main and self.cfg.logging.progress) or total == 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stdout)
+
+    def _evaluate(self, tag: str) -> dict[str, float]:
+        cfg = self.cfg
+        heldout = self.task.heldout[: cfg.eval.num_questions or None]
+        t0 = time.perf_counter()
+        result = evaluate(self.engine, heldout, self.ctx, k=cfg.eval.k,
+                          temperature=cfg.eval.temperature, seed=step_seed("eval", cfg.seed, tag))
+        result["eval/time_s"] = time.perf_counter() - t0
+        self.state["evals"][tag] = result
+        self.logger.log(self.state["global_step"], {"phase": "eval", "eval/tag": tag, **result})
+        rank_print(self.ctx, f"[eval {tag}] held-out pass@1 {result['eval/pass@1']:.3f}  "
+                             f"pass@{cfg.eval.k} {result['eval/pass@k']:.3f}  "
+                             f"tool-call rate {result['eval/tool_call_rate']:.2f}  "
+                             f"({int(result['eval/questions'])} questions, {result['eval/time_s']:.1f} s)")
+        return result
+
+    def _save(self) -> None:
+        save_checkpoint(self.run_path, self.state["global_step"], self.model, self.optimizer,
+                        self.state, self.ctx, keep=self.cfg.checkpoint.keep, ref_model=self.ref_model)
+
+    def fit(self) -> dict[str, Any]:
+        cfg, ctx, state = self.cfg, self.ctx, self.state
+        rank_print(ctx, f"run {self.run_path}: {self.task.summary()}; model "
+                        f"{self.num_params / 1e6:.2f}M parameters, vocabulary {len(self.tokenizer)}; "
+                        f"{ctx.world} process(es) on {ctx.device.type}"
+                        f"{' with FSDP2' if ctx.fsdp else ''}; loss {cfg.algo.loss}, TAPO "
+                        f"{'on' if cfg.tapo.enabled else 'off'}")
+        if state["phase"] == "start":
+            if cfg.eval.at_start:
+                self._evaluate("initial")
+            if cfg.warmup.steps and self.task.demos:
+                self.warmup()
+                self._evaluate("after_warmup")
+            if self.ref_model is not None:
+                copy_full_weights(self.model, self.ref_model)  # KL anchors to the warm-up policy
+            state["phase"] = "rl"
+            self._save()
+        warm = state["global_step"] - state["rl_step"]
+        bar = self._progress(cfg.rl.steps, "RL")
+        if bar is not None:
+            bar.update(min(state["rl_step"], cfg.rl.steps))
+        while state["rl_step"] < cfg.rl.steps:
+            rl_step = state["rl_step"] + 1
+            metrics = self.rl_step(rl_step)
+            state["rl_step"], state["global_step"] = rl_step, warm + rl_step
+            self.logger.log(state["global_step"], {"phase": "rl", "rl_step": rl_step, **metrics})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}",
+                                tools=f"{metrics['train/tool_call_rate']:.2f}",
+                                tapo=f"{metrics['tapo/call_correction_rate']:.2f}")
+            if cfg.eval.every and rl_step % cfg.eval.every == 0 and rl_step < cfg.rl.steps:
+                self._evaluate(f"rl_step_{rl_step}")
+            if cfg.checkpoint.every and rl_step % cfg.checkpoint.every == 0 \
+                    and rl_step < cfg.rl.steps:
+                self._save()
+        if bar is not None:
+            bar.close()
+        if "final" not in state["evals"] or state.get("final_step") != state["rl_step"]:
+            self._evaluate("final")
+            state["final_step"] = state["rl_step"]
+            self._save()
+        return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
+        evals = self.state["evals"]
+        summary = {
+            "run": str(self.run_path), "rl_steps": self.state["rl_step"],
+            "wall_time_s": time.perf_counter() - self.t_begin,
+            "heldout_pass@1": {k: v["eval/pass@1"] for k, v in evals.items()},
+            "heldout_pass@k": {k: v["eval/pass@k"] for k, v in evals.items()},
+        }
+        if self.ctx.is_main:
+            plots = make_plots(self.run_path) if self.cfg.logging.plots else []
+            summary["plots"] = [str(p) for p in plots]
+            write_atomic(self.run_path / "summary.json", json.dumps(summary, indent=1))
+            before = evals.get("after_warmup", evals.get("initial"))
+            after = evals.get("final")
+            print(f"\nheld-out accuracy (greedy pass@1): "
+                  + " | ".join(f"{k} {v['eval/pass@1']:.3f}" for k, v in evals.items()
+                               if k in ("initial", "after_warmup", "final")))
+            if before and after:
+                print(f"RL changed held-out accuracy by {after['eval/pass@1'] - before['eval/pass@1']:+.3f} "
+                      f"({before['eval/pass@1']:.3f} before RL -> {after['eval/pass@1']:.3f} after)")
+            print(f"metrics: {self.run_path / 'metrics.jsonl'}   plots: {self.run_path / 'plots'}   "
+                  f"wall time {summary['wall_time_s']:.0f} s", flush=True)
+        self.logger.close()
+        return summary
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tapo-train", description="RL for tool-use agents with TAPO credit correction.",
+        epilog="Overrides are dotted keys with YAML values, e.g. rl.steps=20 algo.loss=gspo "
+               "tapo.enabled=false. Launch on several processes with "
+               "torchrun --nproc_per_node N -m trainer.train ...")
+    parser.add_argument("--config", default=None, help="YAML config (default: the embedded tiny run)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run's latest checkpoint (otherwise the run "
+                             "directory is started afresh)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser.parse_args(argv)
+
+
+def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Train with a resolved config; returns the summary (held-out accuracies, wall time)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        cleanup(trainer.ctx)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``tapo-train``)."""
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    run(cfg, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
