@@ -27,6 +27,10 @@
 #include <vector>
 
 #include "tapo_common.h"
+#include <time.h>
+#include <cstdio>
+static double _tnow(){ timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts); return ts.tv_sec*1e3 + ts.tv_nsec*1e-6; }
+#define PROF(name) if (getenv("TAPO_PROF")) { double _n = _tnow(); fprintf(stderr, "%s %.3f\n", name, _n - _t0); _t0 = _n; }
 
 namespace tapo {
 namespace {
@@ -204,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     const at::Tensor& call_tool, const at::Tensor& call_key, const at::Tensor& call_params,
     const at::Tensor& tool_sim_kind, double theta, double alpha_min, double beta,
     bool batch_scope) {
-  // ---- validation, in the order of _checks.check_fused_correct -------------------------
+  double _t0 = _tnow();
   check_fused_correct_args(advantages, seq_advantages, group_ids, call_seq, call_start, call_end,
                            call_tool, call_key, call_params, tool_sim_kind, theta, alpha_min,
                            beta);
@@ -221,6 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
                       "tool_sim_kind entries must be 0 (cosine) or 1 (iou)");
   }
 
+  PROF("args")
   const at::Tensor adv = advantages.contiguous();
   at::Tensor corrected = at::empty({B, T}, adv.options());
   const bool adv_finite =
@@ -235,12 +240,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   at::Tensor witness = at::full({N}, -1, adv.options().dtype(at::kLong));
   if (N == 0) return {corrected, delta, confidence, witness};
 
+  PROF("copy")
   const at::Tensor params_t =
       call_params.scalar_type() == at::kFloat ? call_params.contiguous()
                                               : call_params.to(at::kFloat).contiguous();
   const float* params = params_t.data_ptr<float>();
   TORCH_CHECK_VALUE(all_finite(params, N * D), "call_params contains NaN or inf");
 
+  PROF("params")
   const at::Tensor seq_t = call_seq.contiguous(), start_t = call_start.contiguous(),
                    end_t = call_end.contiguous(), tool_t = call_tool.contiguous(),
                    key_t = call_key.contiguous();
@@ -270,6 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   TORCH_CHECK_VALUE(!(any_valid && D == 0), "call_params must have D >= 1");
   TORCH_CHECK_VALUE(!(any_iou && D < 4),
                     "call_params needs D >= 4 for iou tools (a box is 4 numbers), got D=", D);
+  PROF("scan")
   {
     // Non-empty spans ordered by (row, start); neighbours in one row must not overlap. Calls
     // usually arrive in that order already, so the sort is mostly skipped.
@@ -291,6 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     }
   }
 
+  PROF("overlap")
   // ---- candidates, failing calls, and their shared candidate ranges ----------------------
   const at::Tensor gid_t = group_ids.contiguous();
   const int64_t* gid = gid_t.data_ptr<int64_t>();
@@ -311,9 +320,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   // Candidates of one (scope, tool, key) form a run, ordered by (row, call index): the
   // calls of one pool trajectory are contiguous. Failing calls are grouped the same way so
   // that a block of them shares one candidate range.
+  PROF("build")
   std::sort(cands.begin(), cands.end());
   std::sort(fails.begin(), fails.end());
 
+  PROF("sort")
   std::vector<Task> tasks;
   int64_t max_range = 0;
   {
@@ -337,6 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   std::vector<const float*> cand_rows(cands.size());
   for (size_t c = 0; c < cands.size(); ++c) cand_rows[c] = params + cands[c].call * D;
 
+  PROF("tasks")
   // fp32 scalars, as torch rounds a Python float against a float32 tensor.
   const float theta_f = static_cast<float>(theta);
   const float alpha_f = static_cast<float>(alpha_min);
@@ -433,6 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
       }
     }
   }
+  PROF("loop")
   return {corrected, delta, confidence, witness};
 }
 

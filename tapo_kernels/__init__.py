@@ -8,6 +8,7 @@ import Triton or initialise CUDA.
 from . import _library, reference
 from ._library import CPU_BACKEND, NATIVE_ERROR
 from .correction import TapoResult, TapoStats, ToolCalls, build_call_map, fused_correct
+from .logprob import LogprobLossOutput, policy_loss_from_hidden, policy_loss_from_logits
 from .loss import PRESETS, PolicyLossOutput, policy_loss
 from .params import encode_box, encode_text
 
@@ -34,3 +35,4 @@ __all__ = [
     "policy_loss",
     "reference",
 ]
+__all__ += ["LogprobLossOutput", "policy_loss_from_hidden", "policy_loss_from_logits"]

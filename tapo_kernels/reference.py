@@ -134,7 +134,7 @@ def fused_correct(
 
     fail = (valid & (seq_advantages[call_seq] < 0)).nonzero().squeeze(1)  # [F]
     cand = (valid & success[call_seq]).nonzero().squeeze(1)  # [C], ascending call index
-    if fail.numel() == 0:
+    if fail.numel() == 0 or cand.numel() == 0:  # nothing to correct or no witness anywhere
         return advantages.clone(), delta, confidence, witness
 
     fseq, cseq = call_seq[fail], call_seq[cand]

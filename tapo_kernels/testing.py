@@ -4,8 +4,8 @@
 prompt groups with successes, failures and zero advantages, an all-padding row, spans at
 both ends of a row, rows without calls, invalid calls, several tools and keys, repeated
 queries (real matches) and exact ties. With ``quantized=True`` every parameter is a
-multiple of 1/8 (boxes of 1/16), so dot products and IoUs are exact in fp32 in any
-summation order and every backend must agree bit for bit on ties and gates.
+multiple of 1/8 (boxes of 1/16) and every trajectory advantage a multiple of 1/64, so dot
+products, IoUs and sums of advantages are exact in fp32 in any summation order and every backend must agree bit for bit on ties and gates.
 
 ``loss_batch`` builds inputs of ``tapo::policy_loss`` with ratios spread across the clip
 range, a fully masked row, prompt and observation tokens at mask 0, optional reference
@@ -77,6 +77,8 @@ def correct_batch(
     group_ids = torch.arange(B, dtype=torch.int64) // group_size + 100  # arbitrary ids
     seq_adv = torch.randn(B, generator=gen)
     seq_adv[torch.rand(B, generator=gen) < 0.1] = 0.0  # zero-advantage rows
+    if quantized:  # multiples of 1/64: sums of A_j are exact in any order
+        seq_adv = torch.round(seq_adv * 64) / 64
     mask = torch.zeros(B, T)
     for i in range(B):
         lo = int(torch.randint(0, max(T // 4, 1), (), generator=gen))

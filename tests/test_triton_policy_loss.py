@@ -45,7 +45,9 @@ def assert_close_by_rule(out: Tensor, ref64: Tensor, ref32: Tensor, what: str) -
     ref_err = (ref32.double() - ref64.double()).abs().max().item()
     slack = RULE_EPS * max(1.0, ref64.double().abs().max().item())
     print(f"{what}: kernel err {err:.3e}, fp32 reference err {ref_err:.3e}")
-    assert err <= 2 * ref_err + slack, f"{what}: kernel err {err:.3e} > 2 x {ref_err:.3e} + {slack:.1e}"
+    assert err <= 2 * ref_err + slack, (
+        f"{what}: kernel err {err:.3e} > 2 x {ref_err:.3e} + {slack:.1e}"
+    )
 
 
 def check_against_reference(args: tuple, grad_loss: float, **knobs) -> tuple[Tensor, ...]:
@@ -92,12 +94,26 @@ CASES = [
 def test_matches_reference(algo: str, agg: str, dtype: torch.dtype) -> None:
     for i, (B, T, per_token, calls, ref, kl_type, bool_mask, norm, count, g) in enumerate(CASES):
         seed = 1000 * ALGOS.index(algo) + 100 * AGGS.index(agg) + i
-        batch = loss_batch(B=B, T=T, dtype=dtype, per_token=per_token, with_ref=ref,
-                           with_calls=calls, spread=0.3 if i % 2 else 1.0, seed=seed)
+        batch = loss_batch(
+            B=B,
+            T=T,
+            dtype=dtype,
+            per_token=per_token,
+            with_ref=ref,
+            with_calls=calls,
+            spread=0.3 if i % 2 else 1.0,
+            seed=seed,
+        )
         if bool_mask:
             batch.mask = batch.mask > 0
-        knobs = dict(algo=algo, agg=agg, kl_type=kl_type, kl_coef=0.05 if ref else 0.0,
-                     norm_const=norm, global_count=count)
+        knobs = dict(
+            algo=algo,
+            agg=agg,
+            kl_type=kl_type,
+            kl_coef=0.05 if ref else 0.0,
+            norm_const=norm,
+            global_count=count,
+        )
         if algo == "gspo":
             knobs.update(eps_low=3e-4, eps_high=4e-4)
         if i == 2:
@@ -112,8 +128,9 @@ def test_tiling_across_row_and_column_blocks(monkeypatch: pytest.MonkeyPatch) ->
     assert pl_ops._tiles(7, 33)[:3] == (2, 8, 5)  # 4 row blocks x 5 column blocks
     for algo in ALGOS:
         batch = loss_batch(B=7, T=33, dtype=torch.float64, seed=7 + ALGOS.index(algo))
-        check_against_reference(batch.op_args(), 1.3, algo=algo, agg="seq-mean-token-mean",
-                                kl_coef=0.1)
+        check_against_reference(
+            batch.op_args(), 1.3, algo=algo, agg="seq-mean-token-mean", kl_coef=0.1
+        )
 
 
 def test_non_contiguous_inputs() -> None:
@@ -128,8 +145,9 @@ def test_non_contiguous_inputs() -> None:
 def test_all_masked_batch_gives_zero(algo: str, agg: str) -> None:
     batch = loss_batch(B=3, T=5, dtype=torch.float32, seed=11)
     batch.mask = torch.zeros_like(batch.mask)
-    loss, metrics, grad = check_against_reference(batch.op_args(), 1.0, algo=algo, agg=agg,
-                                                  kl_coef=0.1)
+    loss, metrics, grad = check_against_reference(
+        batch.op_args(), 1.0, algo=algo, agg=agg, kl_coef=0.1
+    )
     assert loss.item() == 0.0
     assert torch.isfinite(metrics).all()
     assert (grad == 0).all()
@@ -141,8 +159,9 @@ def test_observation_tokens_get_exactly_zero_gradient(algo: str) -> None:
     observation = torch.zeros_like(batch.mask, dtype=torch.bool)
     observation[:, 10:16] = True  # a tool-output span inside every row
     batch.mask[observation] = 0.0
-    grad = backward_triton(torch.tensor(1.0), *batch.op_args(), algo=algo, kl_coef=0.1,
-                           agg="seq-mean-token-mean")
+    grad = backward_triton(
+        torch.tensor(1.0), *batch.op_args(), algo=algo, kl_coef=0.1, agg="seq-mean-token-mean"
+    )
     masked = batch.mask == 0
     assert (grad[masked] == 0).all()
     assert (grad[~masked] != 0).any()  # the test is not vacuous: policy tokens get gradient
@@ -180,13 +199,15 @@ def test_ties_and_clamp_bounds(dtype: torch.dtype) -> None:
     assert (logp - old)[0, 1].item() == lr_dual and (logp - old)[0, 2].item() == lr_hi
     adv = torch.tensor([[0.7, -0.9, 0.4, -0.3]], dtype=dtype)
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=dtype)
-    knobs = dict(algo="grpo", eps_low=0.2, eps_high=r_hi - 1.0, dual_clip_c=r_dual,
-                 agg="token-mean")
+    knobs = dict(
+        algo="grpo", eps_low=0.2, eps_high=r_hi - 1.0, dual_clip_c=r_dual, agg="token-mean"
+    )
     args = (logp, old, adv, mask, None, None, None)
     _, _, grad = check_against_reference(args, 1.0, **knobs)
     # hand values, token-mean over 3 tokens: -a/3, 0.5 * 0.9 * r_dual / 3, -0.4 * r_hi / 3
-    expected = torch.tensor([[-0.7 / 3, 0.5 * 0.9 * r_dual / 3, -0.4 * r_hi / 3, 0.0]],
-                            dtype=torch.float64)
+    expected = torch.tensor(
+        [[-0.7 / 3, 0.5 * 0.9 * r_dual / 3, -0.4 * r_hi / 3, 0.0]], dtype=torch.float64
+    )
     torch.testing.assert_close(grad.double(), expected, rtol=1e-6, atol=1e-7)
 
 
@@ -213,16 +234,17 @@ def test_log_ratio_clamps_are_inclusive(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
 def test_kl_far_from_reference_policy(kl_type: str, dtype: torch.dtype) -> None:
     """d = ref - logp across both k3 clamps: |d| > 20, k3 > 10 (d > 2.53 or d < -11), inside."""
-    d = torch.tensor([[-25.0, -20.0, -12.0, -5.0, -0.5, 0.0, 1.0, 2.0, 3.0, 5.0, 20.0, 25.0]],
-                     dtype=torch.float64)
+    d = torch.tensor(
+        [[-25.0, -20.0, -12.0, -5.0, -0.5, 0.0, 1.0, 2.0, 3.0, 5.0, 20.0, 25.0]],
+        dtype=torch.float64,
+    )
     logp = -torch.linspace(0.5, 3.0, d.shape[1], dtype=torch.float64)[None]
     old = logp + 0.1
     ref = logp + d
     adv = torch.full_like(logp, 0.3)
     mask = torch.ones_like(logp)
     args = tuple(t.to(dtype) for t in (logp, old, adv, mask, ref)) + (None, None)
-    _, metrics, grad = check_against_reference(args, 1.0, algo="grpo", kl_type=kl_type,
-                                               kl_coef=0.5)
+    _, metrics, grad = check_against_reference(args, 1.0, algo="grpo", kl_type=kl_type, kl_coef=0.5)
     if kl_type == "k3":
         # k3 is clamped to 10 beyond the clamps, so those tokens keep only the PPO gradient
         ppo_only = backward_triton(torch.tensor(1.0, dtype=dtype), *args[:4], algo="grpo")
@@ -293,8 +315,9 @@ def test_cuda_op_and_autograd_match_reference() -> None:  # pragma: no cover - G
             loss, metrics = torch.ops.tapo.policy_loss(logp, *cuda.op_args()[1:], **knobs)
             loss.backward()
             ref_loss, ref_metrics = forward_ref(*batch.op_args(), **knobs)
-            ref_grad = backward_ref(torch.tensor(1.0, dtype=torch.float64), *batch.op_args(),
-                                    **knobs)
+            ref_grad = backward_ref(
+                torch.tensor(1.0, dtype=torch.float64), *batch.op_args(), **knobs
+            )
             torch.testing.assert_close(loss.cpu(), ref_loss, rtol=F64_RTOL, atol=F64_ATOL)
             torch.testing.assert_close(metrics.cpu(), ref_metrics, rtol=0, atol=1e-6)
             torch.testing.assert_close(logp.grad.cpu(), ref_grad, rtol=F64_RTOL, atol=F64_ATOL)

@@ -179,7 +179,7 @@ def _fused_correct_kernel(
         earlier_same_row = (
             (cand_row[None, :] == cand_row[:, None])
             & hit[None, :]
-            & (offs_c[None, :] <= offs_c[:, None])
+            & (offs_c[None, :] < offs_c[:, None])
         )
         first = hit & (tl.max(earlier_same_row.to(tl.int32), axis=1) == 0)
         first = first & (cand_row != last_hit_row)

@@ -93,7 +93,8 @@ def _logprob_fwd_kernel(
             denom = denom * rescale + tl.sum(p, 0)
             if WITH_ENTROPY:
                 # a -inf logit has p = 0 and contributes 0 (not 0 * -inf = NaN)
-                sum_px = sum_px * rescale + tl.sum(tl.where(x > float("-inf"), p * x, 0.0), 0)
+                finite_x = tl.where(x > float("-inf"), x, 0.0)
+                sum_px = sum_px * rescale + tl.sum(p * finite_x, 0)
             m = m_new
         lse = m + tl.log(denom)
         label = tl.load(labels_ptr + row64)

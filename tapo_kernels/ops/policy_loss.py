@@ -6,9 +6,9 @@
 # program), on a 1-D grid over (row block, column block): short rows pack several rows per
 # program, long rows split over several programs, and the grid never meets CUDA's y/z limits
 # at large T. Per-tile partial sums go to a (B, column blocks, 6) buffer reduced in torch, so
-# results are deterministic (no atomics). Tuned for RL batches of B = 8..4096 rows of
-# T = 256..32768 tokens; tile sizes are a fixed heuristic rather than autotuned, because T
-# changes every step and autotuning would re-benchmark on every new shape.
+# results are deterministic (no atomics). Sized for RL batches of B = 8..4096 rows of
+# T = 256..32768 tokens; the tile size is a fixed heuristic (not yet timed on a GPU) rather
+# than autotuned, because T changes every step and autotuning would re-benchmark each shape.
 # Masks: any bool or float mask is accepted and used as a weight (0 = prompt, padding or tool
 # observation: such tokens contribute nothing and receive exactly zero gradient); a row with
 # no mask token contributes 0 and never NaN. The backward recomputes every intermediate from
@@ -72,14 +72,22 @@ _TOKEN_MEAN = tl.constexpr(AGG_IDS["token-mean"])
 _SEQ_MEAN_TOKEN_MEAN = tl.constexpr(AGG_IDS["seq-mean-token-mean"])
 _SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(AGG_IDS["seq-mean-token-sum-norm"])
 
-# Per-(row, column block) partial sums written by the forward kernel, in this order.
-_N_PARTIALS = 6  # mask weight, loss, clipped, ratio, kl, lifted (all masked sums)
+# Per-(row, column block) partial sums written by the forward kernel, in this order:
+# mask weight, loss, clipped, ratio, kl, lifted (each summed over the tile's masked tokens).
+_N_PARTIALS = tl.constexpr(6)
 
 _TILE_TOKENS = 2048  # tokens per program (compiled); interpreted shapes are tiny anyway
 _MAX_BLOCK_T = 1024
 
-_KNOB_ARGS = ["clip_lo_bits", "clip_hi_bits", "dual_c_bits", "tau_pos_bits", "tau_neg_bits",
-              "kl_coef_bits", "norm_bits"]
+_KNOB_ARGS = [
+    "clip_lo_bits",
+    "clip_hi_bits",
+    "dual_c_bits",
+    "tau_pos_bits",
+    "tau_neg_bits",
+    "kl_coef_bits",
+    "norm_bits",
+]
 
 
 def _f64_bits(value: float) -> int:
@@ -113,9 +121,21 @@ def _tile_index(B, T, n_col_blocks, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr
 
 
 @triton.jit
-def _load_advantage(adv_ptr, cmap_ptr, delta_ptr, rows, row_ok, offsets, in_bounds, n_calls,
-                    COMPUTE: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, HAS_CALLS: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
+def _load_advantage(
+    adv_ptr,
+    cmap_ptr,
+    delta_ptr,
+    rows,
+    row_ok,
+    offsets,
+    in_bounds,
+    n_calls,
+    COMPUTE: tl.constexpr,
+    ADV_PER_TOKEN: tl.constexpr,
+    HAS_CALLS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """Token advantages after the TAPO lift, and where the lift changed them.
 
     ``a' = min(0, a + delta[call_map])`` where ``a < 0`` and a call covers the token.
@@ -139,13 +159,24 @@ def _load_advantage(adv_ptr, cmap_ptr, delta_ptr, rows, row_ok, offsets, in_boun
 
 
 @triton.jit
-def _row_stats_kernel(logp_ptr, old_ptr, mask_ptr, row_tokens_ptr, log_seq_ratio_ptr, B, T,
-                      GSPO: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr,
-                      BLOCK_T: tl.constexpr):
+def _row_stats_kernel(
+    logp_ptr,
+    old_ptr,
+    mask_ptr,
+    row_tokens_ptr,
+    log_seq_ratio_ptr,
+    B,
+    T,
+    GSPO: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """Per row: ``n_i = sum_t m`` and (GSPO) ``log s_i = sum_t(clamp(lr, -20, 20) m) / max(n_i, 1)``.
 
-    One program per block of rows, looping over the columns: the pass reads only the mask
-    (and for GSPO logp, old_logp), so even a few very long rows finish in microseconds.
+    One program per block of rows, looping over the columns, so the per-row results need
+    no second reduction; the pass reads only the mask (and for GSPO logp and old_logp), so
+    it stays cheap even when a few long rows leave most of the GPU idle.
     """
     row_block = tl.program_id(0).to(tl.int64)
     rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -170,12 +201,35 @@ def _row_stats_kernel(logp_ptr, old_ptr, mask_ptr, row_tokens_ptr, log_seq_ratio
 
 @triton.jit(do_not_specialize=_KNOB_ARGS)
 def _policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, cmap_ptr, delta_ptr, log_seq_ratio_ptr,
-    partials_ptr, B, T, n_col_blocks, n_calls,
-    clip_lo_bits, clip_hi_bits, dual_c_bits, tau_pos_bits, tau_neg_bits, kl_coef_bits, norm_bits,
-    ALGO: tl.constexpr, USE_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
-    HAS_CALLS: tl.constexpr, ADV_PER_TOKEN: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    mask_ptr,
+    ref_ptr,
+    cmap_ptr,
+    delta_ptr,
+    log_seq_ratio_ptr,
+    partials_ptr,
+    B,
+    T,
+    n_col_blocks,
+    n_calls,
+    clip_lo_bits,
+    clip_hi_bits,
+    dual_c_bits,
+    tau_pos_bits,
+    tau_neg_bits,
+    kl_coef_bits,
+    norm_bits,
+    ALGO: tl.constexpr,
+    USE_DUAL: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+    HAS_CALLS: tl.constexpr,
+    ADV_PER_TOKEN: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """Per-token loss and flags, summed over the tile's columns into per-row partials.
 
@@ -183,13 +237,24 @@ def _policy_loss_fwd_kernel(
     PPO clip ``l = max(-a r, -a clamp(r, lo, hi))``, dual clip ``min(l, -a c)`` for
     ``a < 0``; SAPO ``l = -a sigmoid(tau (r - 1)) 4 / tau``; plus ``kl_coef * k``.
     """
-    rows, row_ok, col_block, offsets, in_bounds = _tile_index(B, T, n_col_blocks, BLOCK_B,
-                                                              BLOCK_T)
+    rows, row_ok, col_block, offsets, in_bounds = _tile_index(B, T, n_col_blocks, BLOCK_B, BLOCK_T)
     m = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(COMPUTE)
     x = tl.load(logp_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-    adv, lifted = _load_advantage(adv_ptr, cmap_ptr, delta_ptr, rows, row_ok, offsets,
-                                  in_bounds, n_calls, COMPUTE, ADV_PER_TOKEN, HAS_CALLS,
-                                  BLOCK_B, BLOCK_T)
+    adv, lifted = _load_advantage(
+        adv_ptr,
+        cmap_ptr,
+        delta_ptr,
+        rows,
+        row_ok,
+        offsets,
+        in_bounds,
+        n_calls,
+        COMPUTE,
+        ADV_PER_TOKEN,
+        HAS_CALLS,
+        BLOCK_B,
+        BLOCK_T,
+    )
 
     if ALGO == _GSPO:
         log_seq = tl.load(log_seq_ratio_ptr + rows, mask=row_ok, other=0.0)
@@ -229,7 +294,7 @@ def _policy_loss_fwd_kernel(
             kl = tl.minimum(tl.maximum(_exp(d) - d - 1.0, -10.0), 10.0)
         loss_tok = loss_tok + _knob(kl_coef_bits, COMPUTE) * kl
 
-    out = partials_ptr + (rows * n_col_blocks + col_block) * 6
+    out = partials_ptr + (rows * n_col_blocks + col_block) * _N_PARTIALS
     tl.store(out + 0, tl.sum(m, axis=1), mask=row_ok)
     tl.store(out + 1, tl.sum(loss_tok * m, axis=1), mask=row_ok)
     tl.store(out + 2, tl.sum(clipped.to(COMPUTE) * m, axis=1), mask=row_ok)
@@ -246,12 +311,39 @@ def _tie_split(x, y):
 
 @triton.jit(do_not_specialize=_KNOB_ARGS)
 def _policy_loss_bwd_kernel(
-    grad_loss_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, cmap_ptr, delta_ptr,
-    row_tokens_ptr, log_seq_ratio_ptr, denom_ptr, grad_ptr, B, T, n_col_blocks, n_calls,
-    clip_lo_bits, clip_hi_bits, dual_c_bits, tau_pos_bits, tau_neg_bits, kl_coef_bits, norm_bits,
-    ALGO: tl.constexpr, USE_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
-    AGG: tl.constexpr, HAS_CALLS: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    grad_loss_ptr,
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    mask_ptr,
+    ref_ptr,
+    cmap_ptr,
+    delta_ptr,
+    row_tokens_ptr,
+    log_seq_ratio_ptr,
+    denom_ptr,
+    grad_ptr,
+    B,
+    T,
+    n_col_blocks,
+    n_calls,
+    clip_lo_bits,
+    clip_hi_bits,
+    dual_c_bits,
+    tau_pos_bits,
+    tau_neg_bits,
+    kl_coef_bits,
+    norm_bits,
+    ALGO: tl.constexpr,
+    USE_DUAL: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+    AGG: tl.constexpr,
+    HAS_CALLS: tl.constexpr,
+    ADV_PER_TOKEN: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """``grad_logp = grad_loss * w_i * m * d loss_tok / d logp``, torch autograd's rules.
 
@@ -266,8 +358,7 @@ def _policy_loss_bwd_kernel(
     sequence ratio being detached); SAPO ``d l / d r = -a 4 s (1 - s)``; KL with
     ``d = ref - logp``: k1 ``+1``, k2 ``-d``, k3 ``-(e^d - 1)`` inside both clamps.
     """
-    rows, row_ok, col_block, offsets, in_bounds = _tile_index(B, T, n_col_blocks, BLOCK_B,
-                                                              BLOCK_T)
+    rows, row_ok, col_block, offsets, in_bounds = _tile_index(B, T, n_col_blocks, BLOCK_B, BLOCK_T)
     # row weight times the incoming gradient, in the order autograd applies them
     grad_loss = tl.load(grad_loss_ptr).to(COMPUTE)
     denom = tl.load(denom_ptr).to(COMPUTE)
@@ -282,9 +373,21 @@ def _policy_loss_bwd_kernel(
 
     m = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(COMPUTE)
     x = tl.load(logp_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-    adv, lifted = _load_advantage(adv_ptr, cmap_ptr, delta_ptr, rows, row_ok, offsets,
-                                  in_bounds, n_calls, COMPUTE, ADV_PER_TOKEN, HAS_CALLS,
-                                  BLOCK_B, BLOCK_T)
+    adv, _ = _load_advantage(
+        adv_ptr,
+        cmap_ptr,
+        delta_ptr,
+        rows,
+        row_ok,
+        offsets,
+        in_bounds,
+        n_calls,
+        COMPUTE,
+        ADV_PER_TOKEN,
+        HAS_CALLS,
+        BLOCK_B,
+        BLOCK_T,
+    )
     g = row_grad[:, None] * m  # d loss / d loss_tok
 
     if ALGO == _GSPO:
@@ -359,8 +462,13 @@ def _tiles(B: int, T: int) -> tuple[int, int, int, int]:
 
 
 def _prepare(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Tensor | None,
-    call_map: Tensor | None, call_delta: Tensor | None,
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None,
+    call_map: Tensor | None,
+    call_delta: Tensor | None,
 ) -> tuple[Tensor, ...]:
     """Contiguous kernel operands; a bool mask is read as bytes, absent tensors as ``logp``."""
     mask = mask.contiguous()
@@ -404,30 +512,53 @@ def _knob_bits(eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, norm) 
     )
 
 
-def _row_stats(logp: Tensor, old_logp: Tensor, mask: Tensor, gspo: bool,
-               compute: tl.dtype) -> tuple[Tensor, Tensor]:
-    """``(B,)`` mask weight per row and ``(B,)`` GSPO sequence log-ratio (zeros otherwise)."""
+def _row_stats(
+    logp: Tensor, old_logp: Tensor, mask: Tensor, gspo: bool, compute: tl.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(B,)`` mask weight per row and, for GSPO, the ``(B,)`` sequence log-ratio."""
     B, T = logp.shape
     row_tokens = _alloc((B,), logp, logp.dtype)
-    log_seq_ratio = _alloc((B,), logp, logp.dtype) if gspo else torch.zeros_like(row_tokens)
+    log_seq_ratio = _alloc((B,), logp, logp.dtype) if gspo else row_tokens  # never written
     if B == 0:
         return row_tokens, log_seq_ratio
     block_t = min(triton.next_power_of_2(max(T, 1)), _MAX_BLOCK_T)
     block_b = min(triton.next_power_of_2(B), max(1, _TILE_TOKENS // block_t))
     _row_stats_kernel[(triton.cdiv(B, block_b),)](
-        logp, old_logp, mask, row_tokens, log_seq_ratio, B, T,
-        GSPO=gspo, COMPUTE=compute, BLOCK_B=block_b, BLOCK_T=block_t,
+        logp,
+        old_logp,
+        mask,
+        row_tokens,
+        log_seq_ratio,
+        B,
+        T,
+        GSPO=gspo,
+        COMPUTE=compute,
+        BLOCK_B=block_b,
+        BLOCK_T=block_t,
         num_warps=4,
     )
     return row_tokens, log_seq_ratio
 
 
-def _aggregate_rows(row_loss: Tensor, row_tokens: Tensor, T: int, agg: str,
-                    norm_const: float | None, global_count: float | None) -> Tensor:
-    """The reference's aggregation, applied to per-row sums of ``L`` and of ``m``."""
+def _loss_denominator(row_tokens: Tensor, agg: str, global_count: float | None) -> Tensor:
+    """``(1,)`` device tensor: the denominator of the aggregation.
+
+    The global count if given, else the total mask weight (token-mean) or the number of
+    non-empty rows (seq-mean modes), at least 1.
+    """
+    if global_count is not None:
+        return torch.full((1,), global_count, dtype=row_tokens.dtype, device=row_tokens.device)
     if agg == "token-mean":
-        denom = row_tokens.sum().clamp(min=1) if global_count is None else global_count
-        return row_loss.sum() / denom
+        return row_tokens.sum().clamp(min=1).reshape(1)
+    return (row_tokens > 0).sum().clamp(min=1).to(row_tokens.dtype).reshape(1)
+
+
+def _aggregate_rows(
+    row_loss: Tensor, row_tokens: Tensor, denom: Tensor, T: int, agg: str, norm_const: float | None
+) -> Tensor:
+    """The reference's aggregation, applied to the per-row sums of ``L`` and of ``m``."""
+    if agg == "token-mean":
+        return row_loss.sum() / denom[0]
     nonempty = (row_tokens > 0).to(row_loss.dtype)
     if agg == "seq-mean-token-mean":
         rows = row_loss / row_tokens.clamp(min=1)
@@ -435,17 +566,7 @@ def _aggregate_rows(row_loss: Tensor, row_tokens: Tensor, T: int, agg: str,
         rows = row_loss
     else:
         rows = row_loss / (T if norm_const is None else norm_const)
-    denom = nonempty.sum().clamp(min=1) if global_count is None else global_count
-    return (rows * nonempty).sum() / denom
-
-
-def _loss_denominator(row_tokens: Tensor, agg: str, global_count: float | None) -> Tensor:
-    """``(1,)`` device tensor: total mask weight (token-mean) or non-empty rows, or the global count."""
-    if global_count is not None:
-        return torch.full((1,), global_count, dtype=row_tokens.dtype, device=row_tokens.device)
-    if agg == "token-mean":
-        return row_tokens.sum().clamp(min=1).reshape(1)
-    return (row_tokens > 0).sum().clamp(min=1).to(row_tokens.dtype).reshape(1)
+    return (rows * nonempty).sum() / denom[0]
 
 
 def policy_loss_triton(
@@ -474,13 +595,12 @@ def policy_loss_triton(
     float32 metrics ``(clip_frac, mean_ratio, mean_kl, lifted_frac)``, equal to
     ``tapo_kernels.reference.policy_loss``.
     """
-    _checks.check_policy_loss(
-        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low,
-        eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count,
-    )
+    tensors = (logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg)
+    _checks.check_policy_loss(*tensors, *knobs, norm_const, global_count)
     B, T = logp.shape
     flags = _flags(logp, advantages, ref_logp, call_map, call_delta, algo, dual_clip_c, kl_type)
-    operands = _prepare(logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    operands = _prepare(*tensors)
     x, x_old, _, m = operands[:4]
     block_b, block_t, n_col_blocks, num_warps = _tiles(B, T)
 
@@ -488,19 +608,28 @@ def policy_loss_triton(
         _, log_seq_ratio = _row_stats(x, x_old, m, True, flags["COMPUTE"])
     else:
         log_seq_ratio = logp  # placeholder, never read
-    partials = _alloc((B, n_col_blocks, _N_PARTIALS), logp, logp.dtype)
+    partials = _alloc((B, n_col_blocks, _N_PARTIALS.value), logp, logp.dtype)
     grid = (triton.cdiv(B, block_b) * n_col_blocks,)
     if grid[0] > 0:
         norm = float(T if norm_const is None else norm_const)
         _policy_loss_fwd_kernel[grid](
-            *operands, log_seq_ratio, partials, B, T, n_col_blocks,
+            *operands,
+            log_seq_ratio,
+            partials,
+            B,
+            T,
+            n_col_blocks,
             call_delta.numel() if flags["HAS_CALLS"] else 0,
             **_knob_bits(eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, norm),
-            **flags, BLOCK_B=block_b, BLOCK_T=block_t, num_warps=num_warps,
+            **flags,
+            BLOCK_B=block_b,
+            BLOCK_T=block_t,
+            num_warps=num_warps,
         )
     row_sums = partials.sum(1)  # [B, 6]
     row_tokens, row_loss = row_sums[:, 0], row_sums[:, 1]
-    loss = _aggregate_rows(row_loss, row_tokens, T, agg, norm_const, global_count)
+    denom = _loss_denominator(row_tokens, agg, global_count)
+    loss = _aggregate_rows(row_loss, row_tokens, denom, T, agg, norm_const)
     metrics = (row_sums[:, 2:].sum(0) / row_tokens.sum().clamp(min=1)).to(torch.float32)
     return loss, metrics
 
@@ -532,14 +661,12 @@ def policy_loss_backward_triton(
     conventions included). Recomputes every intermediate from the inputs. Values are not
     re-validated (the forward did it), so NaN inputs are not reported here.
     """
-    _checks.check_policy_loss(
-        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low,
-        eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count,
-        check_values=False,
-    )
+    tensors = (logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg)
+    _checks.check_policy_loss(*tensors, *knobs, norm_const, global_count, check_values=False)
     B, T = logp.shape
     flags = _flags(logp, advantages, ref_logp, call_map, call_delta, algo, dual_clip_c, kl_type)
-    operands = _prepare(logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    operands = _prepare(*tensors)
     x, x_old, _, m = operands[:4]
     block_b, block_t, n_col_blocks, num_warps = _tiles(B, T)
 
@@ -552,9 +679,21 @@ def policy_loss_backward_triton(
     grad_loss = grad_loss.to(device=logp.device, dtype=logp.dtype).reshape(1)
     norm = float(T if norm_const is None else norm_const)
     _policy_loss_bwd_kernel[grid](
-        grad_loss, *operands, row_tokens, log_seq_ratio, denom, grad_logp, B, T, n_col_blocks,
+        grad_loss,
+        *operands,
+        row_tokens,
+        log_seq_ratio,
+        denom,
+        grad_logp,
+        B,
+        T,
+        n_col_blocks,
         call_delta.numel() if flags["HAS_CALLS"] else 0,
         **_knob_bits(eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, norm),
-        **flags, AGG=AGG_IDS[agg], BLOCK_B=block_b, BLOCK_T=block_t, num_warps=num_warps,
+        **flags,
+        AGG=AGG_IDS[agg],
+        BLOCK_B=block_b,
+        BLOCK_T=block_t,
+        num_warps=num_warps,
     )
     return grad_logp

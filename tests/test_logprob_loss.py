@@ -1,0 +1,799 @@
+"""Contract tests of ``tapo::policy_loss_from_logits`` and ``tapo::policy_loss_from_hidden``.
+
+Layout, in order:
+
+1. every backend (the chunked torch CPU kernel through the op and autograd, the same with
+   ``inplace_backward``, the Triton launchers under the interpreter) against the reference
+   composition on fresh random inputs: loss, metrics, logp, entropy and every gradient, for
+   every algorithm and for fp32 / bf16 (and one fp16) inputs, tolerance by rule;
+2. the traps of ANCHORS.md: peaked logits with ``V`` not a multiple of the block, ties,
+   fully masked rows and batches, a long row spanning several chunks (``T = 65,536`` on
+   CUDA only), observation tokens without gradient, fp32 log-probabilities from bf16
+   logits, fp32 accumulation (large ``V``, many chunks);
+3. the in-place backward and non-contiguous logits;
+4. memory: the hidden path's peak stays flat as ``T`` grows 4x while the reference grows;
+5. bad input gives clear errors; ``opcheck``; ``torch.compile(fullgraph=True)``; front doors.
+
+The fp64 oracle is the reference composition evaluated in float64 (``reference.py``
+hard-wires fp32 for the log-softmax, so its two lines are restated here in float64).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import tapo_kernels
+from tapo_kernels import reference
+from tapo_kernels.reference import ALGOS
+from tapo_kernels.testing import loss_batch
+
+ops = pytest.importorskip("tapo_kernels.ops")  # Triton (interpreted on the CPU)
+
+RULE_EPS = 1e-6  # absolute slack of the tolerance rule
+OP_LOGITS = torch.ops.tapo.policy_loss_from_logits
+OP_HIDDEN = torch.ops.tapo.policy_loss_from_hidden
+
+KNOBS_BY_ALGO: dict[str, dict[str, Any]] = {
+    "grpo": dict(algo="grpo", eps_high=0.28, kl_coef=0.1, kl_type="k3", agg="token-mean"),
+    "gspo": dict(algo="gspo", eps_low=0.05, eps_high=0.05, agg="seq-mean-token-mean"),
+    "sapo": dict(algo="sapo", kl_coef=0.05, kl_type="k2", agg="seq-mean-token-sum-norm"),
+}
+
+
+def seed_of(*parts: object) -> int:
+    return zlib.crc32(repr(parts).encode()) % (2**31)
+
+
+def assert_close_by_rule(out: Tensor, ref64: Tensor, ref_own: Tensor, what: str) -> None:
+    """Error vs the fp64 oracle <= 2x the reference-in-own-dtype error + RULE_EPS (and no NaN)."""
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    if out.numel() == 0:
+        return
+    err = (out.double() - ref64.double()).abs().max().item()
+    ref_err = (ref_own.double() - ref64.double()).abs().max().item()
+    print(f"{what}: err {err:.3e}, reference err {ref_err:.3e}")
+    assert err <= 2 * ref_err + RULE_EPS, f"{what}: err {err:.3e} > 2 x {ref_err:.3e} + eps"
+
+
+# --------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """Labels, fp32 loss tensors and knobs of one random batch (inputs built separately)."""
+
+    labels: Tensor  # [B, T] int64, -100 at some mask-0 tokens
+    loss_tensors: tuple[Tensor | None, ...]  # old_logp, advantages, mask, ref_logp, call_map, call_delta
+    knobs: dict[str, Any]
+    temperature: float = 1.0
+    with_entropy: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mask(self) -> Tensor:
+        return self.loss_tensors[2]
+
+
+def oracle_logp64(logits64: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``reference.selective_log_softmax`` in float64 (logp, entropy)."""
+    x = logits64 / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    valid = labels >= 0
+    logp = x.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) - lse
+    entropy = lse - (torch.softmax(x, dim=-1) * x).sum(-1)
+    zero = torch.zeros_like(logp)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero).detach()
+
+
+def make_case(logits_like: Tensor, seed: int, knobs: dict[str, Any], *, temperature: float = 1.0,
+              per_token: bool = True, with_calls: bool = True) -> Case:
+    """A batch whose old/ref log-probs sit near the true ones (ratios inside and outside the clip)."""
+    B, T, V = logits_like.shape
+    gen = torch.Generator().manual_seed(seed)
+    b = loss_batch(B, T, dtype=torch.float32, per_token=per_token, with_ref=True,
+                   with_calls=with_calls, seed=seed)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    ignored = (b.mask == 0) & (torch.rand(B, T, generator=gen) < 0.5)
+    labels[ignored] = -100
+    with torch.no_grad():
+        true_logp, _ = oracle_logp64(logits_like.double(), labels, temperature)
+    old = (true_logp + 0.25 * torch.randn(B, T, generator=gen, dtype=torch.float64)).float()
+    ref = (true_logp + 0.5 * torch.randn(B, T, generator=gen, dtype=torch.float64)).float()
+    loss_tensors = (old, b.advantages, b.mask, ref, b.call_map, b.call_delta)
+    return Case(labels, loss_tensors, dict(knobs), temperature)
+
+
+def random_logits(B: int, T: int, V: int, dtype: torch.dtype, seed: int, scale: float = 3.0) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(B, T, V, generator=gen)).to(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# backends: (loss, metrics, logp, entropy, grads) for one case
+# --------------------------------------------------------------------------------------
+
+Result = tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, ...]]
+
+
+def logits_op(logits: Tensor, case: Case, inplace: bool = False) -> Result:
+    leaf = logits.clone().requires_grad_(True)
+    # the in-place backward overwrites its input, so hand it an intermediate, as a model would
+    x = leaf * 1.0 if inplace else leaf
+    loss, metrics, logp, entropy = OP_LOGITS(
+        x, case.labels, *case.loss_tensors, temperature=case.temperature,
+        with_entropy=case.with_entropy, inplace_backward=inplace, **case.knobs)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss, metrics, logp, entropy, (grad,)
+
+
+def logits_triton(logits: Tensor, case: Case, block_v: int | None = 16) -> Result:
+    lp_ops = ops.logprob_loss
+    logp, entropy = lp_ops.selective_log_softmax_triton(logits, case.labels, case.temperature,
+                                                        case.with_entropy, block_v=block_v)
+    loss, metrics = ops.policy_loss_triton(logp, *case.loss_tensors, **case.knobs)
+    g = ops.policy_loss_backward_triton(torch.ones(()), logp, *case.loss_tensors, **case.knobs)
+    grad = lp_ops.selective_log_softmax_backward_triton(g, logits, case.labels, logp,
+                                                        case.temperature, block_v=block_v)
+    return loss, metrics, logp, entropy, (grad,)
+
+
+def logits_reference(logits: Tensor, case: Case) -> Result:
+    leaf = logits.clone().requires_grad_(True)
+    loss, metrics, logp, entropy = reference.policy_loss_from_logits(
+        leaf, case.labels, *case.loss_tensors, case.temperature, case.with_entropy, **case.knobs)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss, metrics, logp, entropy, (grad,)
+
+
+def logits_oracle64(logits: Tensor, case: Case) -> Result:
+    leaf = logits.double().requires_grad_(True)
+    logp, entropy = oracle_logp64(leaf, case.labels, case.temperature)
+    tensors64 = tuple(t.double() if t is not None and t.is_floating_point() else t
+                      for t in case.loss_tensors)
+    loss, metrics = reference.policy_loss(logp, *tensors64, **case.knobs)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss, metrics, logp.detach(), entropy, (grad,)
+
+
+LOGITS_BACKENDS: dict[str, Callable[[Tensor, Case], Result]] = {
+    "op": logits_op,
+    "op-inplace": lambda logits, case: logits_op(logits, case, inplace=True),
+    "triton": logits_triton,
+}
+
+
+def hidden_op(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Result:
+    leaves = [t.clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
+    bias = leaves[2] if b is not None else None
+    loss, metrics, logp, entropy = OP_HIDDEN(
+        leaves[0], leaves[1], bias, case.labels, *case.loss_tensors, temperature=case.temperature,
+        with_entropy=case.with_entropy, chunk_size=case.extra.get("chunk_size", 4), **case.knobs)
+    grads = torch.autograd.grad(loss, leaves)
+    return loss, metrics, logp, entropy, grads
+
+
+def hidden_triton(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Result:
+    chunk = case.extra.get("chunk_size", 4)
+    loss, metrics, logp, entropy = ops.policy_loss_from_hidden_triton(
+        h, w, b, case.labels, *case.loss_tensors, case.temperature, case.with_entropy, chunk,
+        **case.knobs)
+    g = ops.policy_loss_backward_triton(torch.ones(()), logp, *case.loss_tensors, **case.knobs)
+    dh, dw, db = ops.selective_log_softmax_from_hidden_backward_triton(
+        g, h, w, b, case.labels, logp, case.temperature, chunk)
+    return loss, metrics, logp, entropy, (dh, dw) + ((db,) if b is not None else ())
+
+
+def hidden_reference(h: Tensor, w: Tensor, b: Tensor | None, case: Case, dtype=None) -> Result:
+    leaves = [t.clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
+    bias = leaves[2] if b is not None else None
+    loss, metrics, logp, entropy = reference.policy_loss_from_hidden(
+        leaves[0], leaves[1], bias, case.labels, *case.loss_tensors, case.temperature,
+        case.with_entropy, **case.knobs)
+    return loss, metrics, logp, entropy, torch.autograd.grad(loss, leaves)
+
+
+def hidden_oracle64(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Result:
+    leaves = [t.double().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
+    bias = leaves[2] if b is not None else None
+    logits = torch.nn.functional.linear(leaves[0], leaves[1], bias)
+    logp, entropy = oracle_logp64(logits, case.labels, case.temperature)
+    tensors64 = tuple(t.double() if t is not None and t.is_floating_point() else t
+                      for t in case.loss_tensors)
+    loss, metrics = reference.policy_loss(logp, *tensors64, **case.knobs)
+    return loss, metrics, logp.detach(), entropy, torch.autograd.grad(loss, leaves)
+
+
+HIDDEN_BACKENDS = {"op": hidden_op, "triton": hidden_triton}
+GRAD_NAMES = ("dhidden", "dweight", "dbias")
+
+
+def compare(result: Result, oracle: Result, ref_own: Result, grad_names=("dlogits",)) -> None:
+    loss, metrics, logp, entropy, grads = result
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert metrics.dtype == torch.float32 and metrics.shape == (4,)
+    assert logp.dtype == torch.float32 and not logp.requires_grad
+    assert entropy.dtype == torch.float32 and not entropy.requires_grad
+    assert_close_by_rule(loss, oracle[0], ref_own[0], "loss")
+    assert_close_by_rule(metrics, oracle[1], ref_own[1], "metrics")
+    assert_close_by_rule(logp, oracle[2], ref_own[2], "logp")
+    assert_close_by_rule(entropy, oracle[3], ref_own[3], "entropy")
+    for name, g, g64, g_own in zip(grad_names, grads, oracle[4], ref_own[4], strict=True):
+        assert g.dtype == g_own.dtype, f"{name}: dtype {g.dtype} != {g_own.dtype}"
+        assert float(g64.abs().max()) > 0, f"{name}: the oracle gradient is zero (weak case)"
+        assert_close_by_rule(g, g64, g_own, name)
+
+
+# --------------------------------------------------------------------------------------
+# 1. every backend against the reference
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("backend", sorted(LOGITS_BACKENDS))
+def test_from_logits_matches_reference(backend, algo, dtype):
+    seed = seed_of("logits", backend, algo, dtype)
+    logits = random_logits(3, 9, 37, dtype, seed)  # V = 37: two full blocks of 16 and a partial
+    case = make_case(logits, seed, KNOBS_BY_ALGO[algo], temperature=0.7 if algo != "gspo" else 1.0,
+                     per_token=algo != "gspo")
+    compare(LOGITS_BACKENDS[backend](logits, case), logits_oracle64(logits, case),
+            logits_reference(logits, case))
+
+
+@pytest.mark.parametrize("backend", sorted(LOGITS_BACKENDS))
+def test_from_logits_fp16_without_entropy(backend):
+    seed = seed_of("fp16", backend)
+    logits = random_logits(2, 7, 50, torch.float16, seed)
+    case = make_case(logits, seed, KNOBS_BY_ALGO["grpo"], with_calls=False)
+    case.with_entropy = False
+    result = LOGITS_BACKENDS[backend](logits, case)
+    assert result[3].numel() == 0
+    compare(result, logits_oracle64(logits, case), logits_reference(logits, case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("backend", sorted(HIDDEN_BACKENDS))
+def test_from_hidden_matches_reference(backend, algo, dtype):
+    seed = seed_of("hidden", backend, algo, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    B, T, H, V = 3, 7, 16, 37
+    h = torch.randn(B, T, H, generator=gen).to(dtype)
+    w = (0.5 * torch.randn(V, H, generator=gen)).to(dtype)
+    bias = torch.randn(V, generator=gen).to(dtype)
+    logits = torch.nn.functional.linear(h.double(), w.double(), bias.double())
+    case = make_case(logits, seed, KNOBS_BY_ALGO[algo], temperature=1.3 if algo == "sapo" else 1.0)
+    case.extra["chunk_size"] = 4  # 21 tokens: six chunks, the last one partial
+    compare(HIDDEN_BACKENDS[backend](h, w, bias, case), hidden_oracle64(h, w, bias, case),
+            hidden_reference(h, w, bias, case), GRAD_NAMES)
+
+
+@pytest.mark.parametrize("backend", sorted(HIDDEN_BACKENDS))
+def test_from_hidden_without_bias_default_chunk(backend):
+    seed = seed_of("nobias", backend)
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, 5, 8, generator=gen)
+    w = torch.randn(29, 8, generator=gen)
+    case = make_case(torch.nn.functional.linear(h, w), seed, KNOBS_BY_ALGO["grpo"])
+    case.extra["chunk_size"] = None
+    compare(HIDDEN_BACKENDS[backend](h, w, None, case), hidden_oracle64(h, w, None, case),
+            hidden_reference(h, w, None, case), GRAD_NAMES[:2])
+
+
+# --------------------------------------------------------------------------------------
+# 2. ANCHORS traps
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_v", [16, None], ids=["block16", "default-block"])
+@pytest.mark.parametrize("backend", ["op", "triton"])
+def test_peaked_logits_vocab_not_multiple_of_block(backend, block_v):
+    """x25 logits shifted so the top logit is 0: a padded column read as 0 instead of -inf
+    would add exp(0) = 1 to the sum per padded column and move lse by log(1 + #pad)."""
+    if backend == "op" and block_v is not None:
+        pytest.skip("the chunked torch kernel has no vocabulary block")
+    logits = 25 * torch.randn(4, 5, 37, generator=torch.Generator().manual_seed(7))
+    logits = logits - logits.amax(-1, keepdim=True)  # top logit 0, the rest very negative
+    case = make_case(logits, 7, KNOBS_BY_ALGO["grpo"])
+    labels = logits.argmax(-1)  # the peaked token: logp close to 0
+    case.labels = torch.where(case.labels >= 0, labels, case.labels)
+    if backend == "op":
+        result = logits_op(logits, case)
+    else:
+        result = logits_triton(logits, case, block_v=block_v)
+    compare(result, logits_oracle64(logits, case), logits_reference(logits, case))
+    assert float(result[2].abs().max()) < 1e-3  # peaked: logp ~ 0 on every valid token
+
+
+@pytest.mark.parametrize("backend", sorted(LOGITS_BACKENDS))
+def test_ties_golden(backend):
+    """All V = 8 logits equal (x = 1.5): logp = -log 8, entropy = log 8, and with
+    g = d loss / d logp the gradient is g * (onehot - 1/8) / temperature."""
+    B, T, V = 2, 4, 8
+    logits = torch.full((B, T, V), 1.5)
+    case = make_case(logits, 11, dict(algo="grpo", agg="token-mean", kl_coef=0.0, eps_low=0.2,
+                                      eps_high=0.2, dual_clip_c=0.0))
+    mask = torch.ones(B, T)
+    adv = torch.tensor([1.0, -1.0])
+    old = torch.full((B, T), -math.log(8))  # ratio exactly 1: no clipping, loss = -mean(a)
+    case.loss_tensors = (old, adv, mask, None, None, None)
+    case.labels = torch.arange(B * T).reshape(B, T) % V
+    loss, metrics, logp, entropy, (grad,) = LOGITS_BACKENDS[backend](logits, case)
+    torch.testing.assert_close(logp, torch.full((B, T), -math.log(8)))  # -2.0794415
+    torch.testing.assert_close(entropy, torch.full((B, T), math.log(8)))  # 2.0794415
+    # token-mean over 8 tokens of -a * r, r = 1: loss = -(4 * 1 + 4 * (-1)) / 8 = 0,
+    # d loss / d logp = -a / 8 per token (d r / d logp = r = 1)
+    torch.testing.assert_close(loss, torch.tensor(0.0))
+    g = -adv[:, None].expand(B, T) / 8
+    onehot = torch.nn.functional.one_hot(case.labels, V).float()
+    torch.testing.assert_close(grad, g[..., None] * (onehot - 1.0 / V))
+
+
+@pytest.mark.parametrize("backend", sorted(LOGITS_BACKENDS))
+def test_ties_at_the_maximum_random(backend):
+    """Integer-valued logits: many exact ties, including ties with the label's logit."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randint(-2, 3, (3, 6, 21), generator=gen).float()
+    case = make_case(logits, 5, KNOBS_BY_ALGO["grpo"])
+    compare(LOGITS_BACKENDS[backend](logits, case), logits_oracle64(logits, case),
+            logits_reference(logits, case))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("backend", sorted(LOGITS_BACKENDS))
+def test_fully_masked_rows_and_batch(backend, agg):
+    logits = random_logits(3, 6, 19, torch.float32, 3)
+    case = make_case(logits, 3, dict(algo="grpo", agg=agg))
+    mask = case.mask.clone()
+    mask[1] = 0.0
+    labels = case.labels.clone()
+    labels[1] = -100  # a padding row: every label ignored
+    case.loss_tensors = (case.loss_tensors[0], case.loss_tensors[1], mask) + case.loss_tensors[3:]
+    case.labels = labels
+    loss, metrics, logp, entropy, (grad,) = LOGITS_BACKENDS[backend](logits, case)
+    assert torch.isfinite(loss) and torch.isfinite(metrics).all()
+    assert (logp[1] == 0).all() and (entropy[1] == 0).all()
+    assert (grad[1] == 0).all() and float(grad.abs().max()) > 0
+    # the whole batch masked: loss 0, zero gradient, no NaN (trap 8)
+    case.loss_tensors = (case.loss_tensors[0], case.loss_tensors[1], torch.zeros_like(mask)) + \
+        case.loss_tensors[3:]
+    loss, metrics, logp, entropy, (grad,) = LOGITS_BACKENDS[backend](logits, case)
+    assert float(loss) == 0.0 and torch.isfinite(metrics).all()
+    assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", sorted(LOGITS_BACKENDS))
+def test_observation_tokens_get_zero_gradient(backend):
+    """Tool-observation tokens (mask 0 inside a row, valid labels) receive exactly 0 (trap 4)."""
+    logits = random_logits(2, 12, 23, torch.bfloat16, 9)
+    case = make_case(logits, 9, KNOBS_BY_ALGO["grpo"], with_calls=False)
+    mask = torch.ones(2, 12)
+    mask[:, 4:8] = 0.0  # an observation span in the middle of each row
+    case.labels = case.labels.clamp(min=0)
+    case.loss_tensors = (case.loss_tensors[0], case.loss_tensors[1], mask) + case.loss_tensors[3:]
+    grad = LOGITS_BACKENDS[backend](logits, case)[4][0]
+    assert (grad[:, 4:8] == 0).all()
+    assert (grad[:, :4].abs().amax(-1) > 0).all() and (grad[:, 8:].abs().amax(-1) > 0).all()
+
+
+@pytest.mark.parametrize("backend", sorted(HIDDEN_BACKENDS))
+def test_observation_tokens_get_zero_hidden_gradient(backend):
+    gen = torch.Generator().manual_seed(13)
+    h, w = torch.randn(2, 10, 8, generator=gen), torch.randn(31, 8, generator=gen)
+    case = make_case(torch.nn.functional.linear(h, w), 13, KNOBS_BY_ALGO["sapo"], with_calls=False)
+    mask = torch.ones(2, 10)
+    mask[:, 3:6] = 0.0
+    case.labels = case.labels.clamp(min=0)
+    case.loss_tensors = (case.loss_tensors[0], case.loss_tensors[1], mask) + case.loss_tensors[3:]
+    dh = HIDDEN_BACKENDS[backend](h, w, None, case)[4][0]
+    assert (dh[:, 3:6] == 0).all() and (dh[:, :3].abs().amax(-1) > 0).all()
+
+
+def test_long_row_spans_several_chunks():
+    """CPU: one row of T = 2600 tokens, V = 4096: three chunks of 1024 rows in the chunked kernel."""
+    from tapo_kernels.logprob import default_chunk_tokens
+
+    T, V = 2600, 4096
+    assert default_chunk_tokens(V, torch.device("cpu")) * 2 < T
+    logits = random_logits(1, T, V, torch.bfloat16, 17)
+    case = make_case(logits, 17, KNOBS_BY_ALGO["grpo"])
+    compare(logits_op(logits, case), logits_oracle64(logits, case), logits_reference(logits, case))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (T = 65,536 on the device)")
+def test_long_row_65536_tokens_cuda():
+    """Trap 2: one row of T = 65,536 tokens (CUDA's grid-y limit is 65,535)."""
+    T, V = 65536, 1000
+    logits = random_logits(1, T, V, torch.bfloat16, 19).cuda()
+    case = make_case(logits.cpu(), 19, KNOBS_BY_ALGO["grpo"], with_calls=False)
+    case.labels = case.labels.cuda()
+    case.loss_tensors = tuple(t.cuda() if t is not None else None for t in case.loss_tensors)
+    x = logits.clone().requires_grad_(True)
+    loss, _, logp, _ = OP_LOGITS(x, case.labels, *case.loss_tensors, **case.knobs)
+    loss.backward()
+    xr = logits.clone().requires_grad_(True)
+    ref_loss, _, ref_logp, _ = reference.policy_loss_from_logits(xr, case.labels,
+                                                                 *case.loss_tensors, **case.knobs)
+    ref_loss.backward()
+    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.float(), xr.grad.float(), rtol=1e-2, atol=1e-6)
+    assert (logp[0, -1] != 0) or case.labels[0, -1] < 0  # the last token was computed
+
+
+@pytest.mark.parametrize("backend", ["op", "triton"])
+def test_logp_stays_fp32_from_bf16_logits(backend):
+    """Trap 5: logp from bf16 logits is fp32-accurate (a bf16 logp near -8 would be off by ~0.03)."""
+    logits = random_logits(2, 5, 64, torch.bfloat16, 23, scale=4.0)
+    labels = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(23))
+    if backend == "op":
+        from tapo_kernels.logprob import selective_log_softmax_chunked
+
+        logp, entropy = selective_log_softmax_chunked(logits, labels, 1.0, True)
+    else:
+        logp, entropy = ops.selective_log_softmax_triton(logits, labels, 1.0, True)
+    logp64, entropy64 = oracle_logp64(logits.double(), labels, 1.0)
+    assert logp.dtype == entropy.dtype == torch.float32
+    assert float((logp.double() - logp64).abs().max()) < 1e-5
+    assert float((entropy.double() - entropy64).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["op", "triton"])
+def test_large_vocab_accumulates_in_fp32(backend):
+    """Trap 7: V = 300,007 bf16 logits; the sum of exponentials and the entropy stay fp32."""
+    V = 300_007
+    logits = random_logits(1, 3, V, torch.bfloat16, 29)
+    labels = torch.tensor([[0, V - 1, 12345]])
+    if backend == "op":
+        from tapo_kernels.logprob import selective_log_softmax_chunked
+
+        logp, entropy = selective_log_softmax_chunked(logits, labels, 1.0, True)
+    else:
+        logp, entropy = ops.selective_log_softmax_triton(logits, labels, 1.0, True)
+    logp64, entropy64 = oracle_logp64(logits.double(), labels, 1.0)
+    ref_logp, ref_entropy = reference.selective_log_softmax(logits, labels, 1.0, True)
+    assert_close_by_rule(logp, logp64, ref_logp, "logp")
+    assert_close_by_rule(entropy, entropy64, ref_entropy, "entropy")
+
+
+@pytest.mark.parametrize("backend", sorted(HIDDEN_BACKENDS))
+def test_weight_gradient_accumulates_in_fp32_over_chunks(backend):
+    """bf16 hidden states, one token per chunk (96 chunks): dweight and dbias sum in fp32,
+    so they stay as accurate as the plain composition's single GEMM."""
+    gen = torch.Generator().manual_seed(31)
+    h = torch.randn(4, 24, 16, generator=gen).bfloat16()
+    w = (0.3 * torch.randn(40, 16, generator=gen)).bfloat16()
+    bias = torch.randn(40, generator=gen).bfloat16()
+    case = make_case(torch.nn.functional.linear(h.double(), w.double(), bias.double()), 31,
+                     dict(algo="grpo", agg="token-mean"), with_calls=False)
+    case.loss_tensors = (case.loss_tensors[0], torch.ones(4), torch.ones(4, 24), None, None, None)
+    case.labels = case.labels.clamp(min=0)
+    case.extra["chunk_size"] = 1
+    compare(HIDDEN_BACKENDS[backend](h, w, bias, case), hidden_oracle64(h, w, bias, case),
+            hidden_reference(h, w, bias, case), GRAD_NAMES)
+
+
+# --------------------------------------------------------------------------------------
+# 3. in-place backward, non-contiguous logits
+# --------------------------------------------------------------------------------------
+
+
+def test_inplace_backward_returns_the_logits_buffer():
+    logits = random_logits(2, 5, 33, torch.bfloat16, 37)
+    case = make_case(logits, 37, KNOBS_BY_ALGO["grpo"])
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf * 1.0
+    buffer = x.detach()  # shares storage with x
+    before = buffer.clone()
+    loss, *_ = OP_LOGITS(x, case.labels, *case.loss_tensors, inplace_backward=True, **case.knobs)
+    assert torch.equal(buffer, before)  # the forward leaves the logits alone
+    loss.backward()
+    expected = logits_op(logits, case)[4][0]
+    torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=0)
+    torch.testing.assert_close(buffer, expected, rtol=0, atol=0)  # the buffer is the gradient
+
+
+@pytest.mark.parametrize("backend", sorted(LOGITS_BACKENDS))
+def test_sliced_logits_are_read_in_place(backend):
+    """``logits[:, :-1]`` (the usual shift) is not contiguous; results equal the contiguous copy."""
+    full = random_logits(3, 8, 27, torch.float32, 41)
+    sliced = full[:, :-1]
+    assert not sliced.is_contiguous()
+    case = make_case(sliced.contiguous(), 41, KNOBS_BY_ALGO["grpo"])
+    if backend == "triton":
+        out = logits_triton(sliced, case)
+        expected = logits_triton(sliced.contiguous(), case)
+    else:
+        leaf = full.clone().requires_grad_(True)
+        x = leaf * 1.0 if backend == "op-inplace" else leaf
+        loss, metrics, logp, entropy = OP_LOGITS(
+            x[:, :-1], case.labels, *case.loss_tensors, with_entropy=True,
+            inplace_backward=backend == "op-inplace", **case.knobs)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        assert (grad[:, -1] == 0).all()
+        out = (loss, metrics, logp, entropy, (grad[:, :-1],))
+        expected = logits_op(sliced.contiguous(), case)
+    for a, b in zip(out[:4] + out[4], expected[:4] + expected[4], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# 4. memory: the hidden path stays flat in T, the composition grows
+# --------------------------------------------------------------------------------------
+
+_PEAK_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    import torch
+    import tapo_kernels
+    from tapo_kernels import reference
+
+    impl, B, T, H, V = sys.argv[1], *map(int, sys.argv[2:])
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(B, T, H, generator=gen, requires_grad=True)
+    weight = (0.1 * torch.randn(V, H, generator=gen)).requires_grad_(True)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    old = -torch.rand(B, T, generator=gen) * 4 - 6
+    adv, mask = torch.randn(B, generator=gen), torch.ones(B, T)
+
+    def step(h):
+        if impl == "fused":
+            loss = tapo_kernels.policy_loss_from_hidden(h, weight, labels, old, adv, mask).loss
+        else:
+            loss = reference.policy_loss_from_hidden(h, weight, None, labels, old, adv, mask)[0]
+        loss.backward()
+
+    step(hidden[:, :8].detach().requires_grad_(True))  # load every code path at a tiny size
+    weight.grad = None
+
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+        return None
+
+    before = rss("VmRSS:")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        peak_of = lambda: rss("VmHWM:")
+    except OSError:  # no reset: the peak since start (inputs are still alive, so it is close)
+        peak_of = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step(hidden)
+    print((peak_of() - before) / 2**20)
+""")
+
+
+def peak_extra_mib(impl: str, B: int, T: int, H: int, V: int) -> float:
+    """Peak RSS growth (MiB) of one forward + backward, measured in a fresh process."""
+    env = dict(os.environ)
+    # large blocks straight from mmap and back on free: RSS follows live tensors
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, impl, str(B), str(T), str(H), str(V)],
+                         capture_output=True, text=True, env=env, timeout=300, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_hidden_path_peak_memory_is_flat_in_T():
+    B, H, V = 2, 64, 4096
+    T = 1024  # 2k tokens, then 8k tokens; the default chunk is 1024 tokens at V = 4096
+    fused = [peak_extra_mib("fused", B, t, H, V) for t in (T, 4 * T)]
+    composed = [peak_extra_mib("reference", B, t, H, V) for t in (T, 4 * T)]
+    print(f"peak extra MiB: fused {fused}, reference {composed}")
+    # the O(T * H) gradient of hidden grows (2 MiB at 4T); everything else is one chunk
+    hidden_grad_mib = B * 4 * T * H * 4 / 2**20
+    assert fused[1] <= 1.25 * fused[0] + hidden_grad_mib + 4
+    assert composed[1] >= 3.0 * composed[0]  # the full logits and their gradients: ~4x
+    assert 4 * fused[1] <= composed[1]
+
+
+# --------------------------------------------------------------------------------------
+# 5. errors, opcheck, torch.compile, front doors
+# --------------------------------------------------------------------------------------
+
+
+def _error_case() -> tuple[Tensor, Case]:
+    logits = random_logits(2, 4, 11, torch.float32, 43)
+    return logits, make_case(logits, 43, KNOBS_BY_ALGO["grpo"])
+
+
+@pytest.mark.parametrize("backend", ["op", "triton"])
+@pytest.mark.parametrize("change, error, pattern", [
+    ("label_too_large", ValueError, "labels out of range"),
+    ("negative_label_in_mask", ValueError, "labels must be >= 0 wherever mask != 0"),
+    ("labels_int32", TypeError, "labels must have dtype int64"),
+    ("temperature_zero", ValueError, "temperature must be finite and > 0"),
+    ("logits_2d", ValueError, "logits must be 3-D"),
+    ("logits_int", TypeError, "logits must have dtype"),
+    ("old_logp_bf16", TypeError, "old_logp must have dtype float32"),
+    ("nan_logit", ValueError, "non-finite log-probability"),
+    ("bad_algo", ValueError, "unknown algo"),
+])
+def test_bad_logits_input_raises_clear_error(backend, change, error, pattern):
+    logits, case = _error_case()
+    labels, temperature, tensors = case.labels.clone(), 1.0, list(case.loss_tensors)
+    knobs = dict(case.knobs)
+    if change == "label_too_large":
+        labels[0, 0] = 11
+    elif change == "negative_label_in_mask":
+        i, j = (case.mask != 0).nonzero()[0].tolist()
+        labels[i, j] = -100
+    elif change == "labels_int32":
+        labels = labels.int()
+    elif change == "temperature_zero":
+        temperature = 0.0
+    elif change == "logits_2d":
+        logits = logits[0]
+    elif change == "logits_int":
+        logits = logits.long()
+    elif change == "old_logp_bf16":
+        tensors[0] = tensors[0].bfloat16()
+    elif change == "nan_logit":
+        i, j = (case.mask != 0).nonzero()[0].tolist()
+        logits = logits.clone()
+        logits[i, j, 3] = math.nan
+    elif change == "bad_algo":
+        knobs["algo"] = "ppo"
+    fn = OP_LOGITS if backend == "op" else ops.policy_loss_from_logits_triton
+    with pytest.raises(error, match=pattern):
+        fn(logits, labels, *tensors, temperature=temperature, **knobs)
+
+
+@pytest.mark.parametrize("backend", ["op", "triton"])
+@pytest.mark.parametrize("change, error, pattern", [
+    ("weight_shape", ValueError, r"weight must have shape \(V, H=8\)"),
+    ("weight_dtype", TypeError, "weight must have dtype float32"),
+    ("bias_shape", ValueError, "bias must have shape"),
+    ("chunk_zero", ValueError, "chunk_size must be >= 1"),
+    ("label_too_large", ValueError, "labels out of range"),
+])
+def test_bad_hidden_input_raises_clear_error(backend, change, error, pattern):
+    gen = torch.Generator().manual_seed(47)
+    h, w, bias = torch.randn(2, 4, 8, generator=gen), torch.randn(13, 8, generator=gen), torch.zeros(13)
+    case = make_case(torch.nn.functional.linear(h, w), 47, KNOBS_BY_ALGO["grpo"])
+    labels, chunk = case.labels.clone(), None
+    if change == "weight_shape":
+        w = w[:, :7]
+    elif change == "weight_dtype":
+        w = w.double()
+    elif change == "bias_shape":
+        bias = bias[:5]
+    elif change == "chunk_zero":
+        chunk = 0
+    elif change == "label_too_large":
+        labels[1, 2] = 13
+    fn = OP_HIDDEN if backend == "op" else ops.policy_loss_from_hidden_triton
+    with pytest.raises(error, match=pattern):
+        fn(h, w, bias, labels, *case.loss_tensors, chunk_size=chunk, **case.knobs)
+
+
+def _opcheck_logits_samples() -> list[tuple[tuple, dict]]:
+    samples = []
+    for i, (dtype, entropy, inplace, algo) in enumerate([
+        (torch.float32, True, False, "grpo"), (torch.bfloat16, False, False, "gspo"),
+        (torch.float32, False, True, "sapo"),
+    ]):
+        logits = random_logits(2, 5, 13, dtype, 50 + i)
+        case = make_case(logits, 50 + i, KNOBS_BY_ALGO[algo], per_token=algo != "gspo")
+        logits = logits.requires_grad_(True)
+        samples.append(((logits, case.labels, *case.loss_tensors),
+                        dict(temperature=0.9, with_entropy=entropy, inplace_backward=inplace,
+                             **case.knobs)))
+    return samples
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_opcheck_policy_loss_from_logits(index):
+    args, kwargs = _opcheck_logits_samples()[index]
+    if kwargs["inplace_backward"]:
+        # the in-place backward needs a non-leaf input; opcheck's autograd checks use leaves
+        kwargs["inplace_backward"] = False
+    torch.library.opcheck(OP_LOGITS, args, kwargs)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_opcheck_selective_log_softmax_backward(inplace):
+    logits = random_logits(2, 5, 13, torch.bfloat16, 53)
+    labels = torch.randint(0, 13, (2, 5), generator=torch.Generator().manual_seed(53))
+    labels[0, 0] = -100
+    logp, _ = reference.selective_log_softmax(logits, labels)
+    grad = torch.randn(2, 5) * (labels >= 0)
+    if inplace:
+        torch.library.opcheck(torch.ops.tapo.selective_log_softmax_backward_inplace,
+                              (grad, logits.clone(), labels, logp, 0.8))
+    else:
+        torch.library.opcheck(torch.ops.tapo.selective_log_softmax_backward,
+                              (grad, logits, labels, logp, 0.8))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck_policy_loss_from_hidden(with_bias):
+    gen = torch.Generator().manual_seed(59)
+    h = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    w = torch.randn(17, 8, generator=gen, requires_grad=True)
+    bias = torch.randn(17, generator=gen, requires_grad=True) if with_bias else None
+    case = make_case(torch.nn.functional.linear(h, w, bias).detach(), 59, KNOBS_BY_ALGO["grpo"])
+    torch.library.opcheck(OP_HIDDEN, (h, w, bias, case.labels, *case.loss_tensors),
+                          dict(with_entropy=with_bias, chunk_size=3, **case.knobs))
+    grad = torch.randn(2, 5) * case.mask
+    logp = OP_HIDDEN(h, w, bias, case.labels, *case.loss_tensors, **case.knobs)[2]
+    torch.library.opcheck(torch.ops.tapo.selective_log_softmax_from_hidden_backward,
+                          (grad, h.detach(), w.detach(), bias, case.labels, logp, 1.0, 3,
+                           True, with_bias))
+
+
+def _logits_step(logits: Tensor, labels: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
+                 inplace: bool) -> tuple[Tensor, Tensor]:
+    x = logits * 2.0  # an intermediate, as the output of an LM head would be
+    out = tapo_kernels.policy_loss_from_logits(x, labels, old, adv, mask, preset="dapo",
+                                               with_entropy=True, inplace_backward=inplace)
+    return out.loss + 0.01 * out.entropy.mean(), out.logp
+
+
+def _hidden_step(h: Tensor, w: Tensor, labels: Tensor, old: Tensor, adv: Tensor,
+                 mask: Tensor) -> tuple[Tensor, Tensor]:
+    out = tapo_kernels.policy_loss_from_hidden(h, w, labels, old, adv, mask, preset="grpo",
+                                               chunk_size=4)
+    return 3.0 * out.loss, out.logp
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    logits = random_logits(2, 6, 19, torch.float32, 61)
+    case = make_case(logits, 61, KNOBS_BY_ALGO["grpo"], with_calls=False)
+    old, adv, mask = case.loss_tensors[:3]
+    gen = torch.Generator().manual_seed(61)
+    h, w = torch.randn(2, 6, 8, generator=gen), torch.randn(19, 8, generator=gen)
+    for step, inputs, rest in (
+        (_logits_step, (logits,), (case.labels, old, adv, mask, False)),
+        (_logits_step, (logits,), (case.labels, old, adv, mask, True)),
+        (_hidden_step, (h, w), (case.labels, old, adv, mask)),
+    ):
+        eager_in = [t.clone().requires_grad_(True) for t in inputs]
+        eager_loss, eager_logp = step(*eager_in, *rest)
+        eager_loss.backward()
+        compiled = torch.compile(step, fullgraph=True, backend=backend)
+        comp_in = [t.clone().requires_grad_(True) for t in inputs]
+        loss, logp = compiled(*comp_in, *rest)
+        loss.backward()
+        torch.testing.assert_close(loss, eager_loss)
+        torch.testing.assert_close(logp, eager_logp)
+        for a, b in zip(comp_in, eager_in, strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
+            assert float(a.grad.abs().max()) > 0
+
+
+def test_front_doors_presets_casts_and_metrics():
+    logits = random_logits(2, 5, 17, torch.float32, 67)
+    case = make_case(logits, 67, KNOBS_BY_ALGO["grpo"], with_calls=False)
+    old, adv, mask = case.loss_tensors[:3]
+    out = tapo_kernels.policy_loss_from_logits(logits, case.labels, old.double(), adv.double(),
+                                               mask, preset="gspo", eps_low=0.1)
+    expected = reference.policy_loss_from_logits(
+        logits, case.labels, old, adv, mask,
+        **{**tapo_kernels.PRESETS["gspo"], "eps_low": 0.1})
+    torch.testing.assert_close(out.loss, expected[0])
+    assert set(out.metrics_dict()) == {f"actor/{n}" for n in reference.METRIC_NAMES}
+    assert out.entropy.numel() == 0
+    with pytest.raises(TypeError, match="unknown policy loss arguments"):
+        tapo_kernels.policy_loss_from_logits(logits, case.labels, old, adv, mask, clip=0.2)
+    with pytest.raises(ValueError, match="unknown preset"):
+        tapo_kernels.policy_loss_from_hidden(torch.randn(2, 5, 4), torch.randn(17, 4),
+                                             case.labels, old, adv, mask, preset="ppo")
