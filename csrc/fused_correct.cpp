@@ -46,12 +46,22 @@ constexpr int64_t kSimIou = 1;
 constexpr int kFailBlock = 4;
 constexpr int kLanes = 16;
 
-using Vec8 = float __attribute__((vector_size(32)));  // GCC vector extension, 8 lanes
+using Vec8 = float __attribute__((vector_size(32)));  // GCC vector extensions
+using Vec4 = float __attribute__((vector_size(16)));
 
 __attribute__((always_inline)) inline Vec8 load8(const float* ptr) {
   Vec8 v;
   std::memcpy(&v, ptr, sizeof(v));
   return v;
+}
+
+// Lane k of (lo, hi) holds partial sum k (k < 8) or k + 8; the tree adds lanes k and k + 8,
+// then k and k + 4, k and k + 2, k and k + 1 (the order of dot_lanes16 below).
+__attribute__((always_inline)) inline float reduce_lanes(Vec8 lo, Vec8 hi) {
+  const Vec8 v = lo + hi;
+  const Vec4 w = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const Vec4 x = w + __builtin_shufflevector(w, w, 2, 3, 2, 3);
+  return x[0] + x[1];
 }
 
 __attribute__((always_inline)) inline void dot_block_body(const float* const* fail_rows,
@@ -60,28 +70,35 @@ __attribute__((always_inline)) inline void dot_block_body(const float* const* fa
   static_assert(kLanes == 16, "two 8-lane vectors per failing call");
   const float* p[kFailBlock];
   for (int f = 0; f < kFailBlock; ++f) p[f] = fail_rows[f];
+  const int64_t d_main = D - D % kLanes;
+  const int64_t d_tail = D - d_main;
+  // The last D % 16 elements, zero padded: lanes past D add exact zeros.
+  float p_tail[kFailBlock][kLanes] = {};
+  for (int f = 0; f < kFailBlock; ++f) {
+    for (int64_t k = 0; k < d_tail; ++k) p_tail[f][k] = p[f][d_main + k];
+  }
   for (int64_t c = 0; c < C; ++c) {
     const float* __restrict q = cand_rows[c];
-    Vec8 lo[kFailBlock], hi[kFailBlock];  // lanes 0-7 and 8-15 of each partial-sum set
+    if (c + 1 < C) __builtin_prefetch(cand_rows[c + 1]);
+    Vec8 lo[kFailBlock], hi[kFailBlock];
     for (int f = 0; f < kFailBlock; ++f) lo[f] = hi[f] = Vec8{};
-    int64_t i = 0;
-    for (; i + kLanes <= D; i += kLanes) {
+    for (int64_t i = 0; i < d_main; i += kLanes) {
       const Vec8 q_lo = load8(q + i), q_hi = load8(q + i + 8);
       for (int f = 0; f < kFailBlock; ++f) {
         lo[f] += load8(p[f] + i) * q_lo;
         hi[f] += load8(p[f] + i + 8) * q_hi;
       }
     }
-    for (int f = 0; f < kFailBlock; ++f) {
-      float acc[kLanes];
-      std::memcpy(acc, &lo[f], sizeof(lo[f]));
-      std::memcpy(acc + 8, &hi[f], sizeof(hi[f]));
-      for (int k = 0; i + k < D; ++k) acc[k] += p[f][i + k] * q[i + k];
-      for (int width = kLanes / 2; width >= 1; width /= 2) {
-        for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
+    if (d_tail) {
+      float q_tail[kLanes] = {};
+      for (int64_t k = 0; k < d_tail; ++k) q_tail[k] = q[d_main + k];
+      const Vec8 q_lo = load8(q_tail), q_hi = load8(q_tail + 8);
+      for (int f = 0; f < kFailBlock; ++f) {
+        lo[f] += load8(p_tail[f]) * q_lo;
+        hi[f] += load8(p_tail[f] + 8) * q_hi;
       }
-      out[f * C + c] = acc[0];
     }
+    for (int f = 0; f < kFailBlock; ++f) out[f * C + c] = reduce_lanes(lo[f], hi[f]);
   }
 }
 

@@ -12,6 +12,7 @@ Every op is defined here exactly once. Backends attach through the dispatcher:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -115,6 +116,23 @@ def policy_loss_reference_kernel(
     return reference.policy_loss(*tensors, **knobs)
 
 
+@contextlib.contextmanager
+def _autograd_enabled():
+    """Run autograd inside a kernel even where the dispatcher has excluded the autograd keys.
+
+    The reference backward differentiates ``reference.policy_loss`` with autograd. Below the
+    autograd layer (e.g. under the dispatch modes of ``torch.library.opcheck``) the autograd
+    keys are in the thread-local exclude set, so they are removed from it for this block.
+    """
+    K = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (K.AutogradCPU, K.AutogradCUDA, K.AutogradOther, K.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    include = torch._C._dispatch_tls_local_include_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
 def policy_loss_backward_reference_kernel(
     grad_loss, logp, old_logp, advantages, mask, ref_logp=None, call_map=None, call_delta=None,
     algo="grpo", eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05,
@@ -126,7 +144,7 @@ def policy_loss_backward_reference_kernel(
                  tau_pos=tau_pos, tau_neg=tau_neg, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
                  norm_const=norm_const, global_count=global_count)
     _checks.check_policy_loss(logp, *tensors, **knobs)
-    with torch.enable_grad():
+    with _autograd_enabled():
         x = logp.detach().requires_grad_(True)
         loss, _ = reference.policy_loss(x, *tensors, **knobs)
         (grad,) = torch.autograd.grad(loss, x, grad_loss)

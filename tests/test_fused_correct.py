@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -394,10 +394,12 @@ class RandomCase:
     perturb: str  # which field of a witness the metamorphic check changes: "tool" or "key"
 
 
-# dyadic advantages keep sums exact; the float draw covers everything else
+# dyadic advantages keep sums exact; the float draw covers everything else. (Hypothesis
+# favours the first entries of sampled_from, so the lists below start with useful values.)
 ADVANTAGES = st.one_of(
-    st.sampled_from([-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 1.5]),
-    st.floats(-3.0, 3.0, allow_nan=False, allow_infinity=False, width=32),
+    st.sampled_from([-1.0, 0.5, -0.5, 1.0, 0.0, -2.0, 0.25, 1.5, -0.25]),
+    st.floats(0.125, 3.0, width=32),
+    st.floats(-3.0, -0.125, width=32),
 )
 
 
@@ -409,18 +411,18 @@ def random_cases(draw) -> RandomCase:
     repeated queries (real matches) and exact ties common; rows get a masked prefix and
     suffix, 0-3 non-overlapping (possibly empty) spans each, and some invalid calls.
     """
-    B = draw(st.integers(1, 8))
+    B = draw(st.sampled_from([5, 8, 3, 7, 2, 1]))
     T = draw(st.integers(1, 10))
     num_tools = draw(st.integers(1, 3))
     num_keys = draw(st.integers(1, 2))
     quantized = draw(st.booleans())
-    group_size = draw(st.integers(1, 4))
+    group_size = draw(st.sampled_from([3, 4, 2, 3, 4, 2, 1]))  # singletons: rarely
     group_ids = torch.arange(B, dtype=torch.int64) // group_size + 100
     seq_adv = torch.tensor(draw(st.lists(ADVANTAGES, min_size=B, max_size=B)))
     mask = torch.zeros(B, T)
-    for i in range(B):
-        lo, hi = sorted(draw(st.lists(st.integers(0, T), min_size=2, max_size=2)))
-        mask[i, lo:hi] = 1.0
+    for i in range(B):  # a masked prefix (prompt) and suffix (padding)
+        prompt_len = draw(st.integers(0, T // 3))
+        mask[i, prompt_len : T - draw(st.integers(0, T // 3))] = 1.0
 
     # the queries: cosine vectors (eighths when quantized) and boxes (sixteenths)
     num_queries = draw(st.integers(1, 3))
@@ -438,10 +440,11 @@ def random_cases(draw) -> RandomCase:
 
     seq, start, end, tool, key, params = [], [], [], [], [], []
     for i in range(B):
-        k = draw(st.integers(0, 3))
-        cuts = sorted(draw(st.lists(st.integers(0, T), min_size=2 * k, max_size=2 * k)))
-        for c in range(k):
-            t = draw(st.integers(-1, num_tools - 1))  # -1: an invalid call
+        pos = 0  # spans follow each other: gap, then length (clipped to the row)
+        for _ in range(draw(st.sampled_from([2, 1, 3, 0]))):
+            s0 = min(pos + draw(st.sampled_from([0, 1, 2])), T)
+            pos = min(s0 + draw(st.sampled_from([2, 1, 3, 0])), T)
+            t = draw(st.sampled_from(list(range(num_tools)) * 3 + [-1]))  # -1: invalid call
             q = draw(st.integers(0, num_queries - 1))
             p = torch.zeros(D)
             if t >= 0 and kinds[t] == 1:
@@ -449,19 +452,21 @@ def random_cases(draw) -> RandomCase:
             else:
                 p = vectors[q].clone()
             seq.append(i)
-            start.append(cuts[2 * c])
-            end.append(cuts[2 * c + 1])
+            start.append(s0)
+            end.append(pos)
             tool.append(t)
             key.append(draw(st.integers(0, num_keys - 1)))
             params.append(p)
     # often a failing call repeats a successful sibling's call: the case TAPO exists for
-    if draw(st.booleans()):
-        for k_fail, i in enumerate(seq):
+    # (about a third of the examples then lift at least one call)
+    likely = st.sampled_from([True, True, False])
+    if draw(likely):
+        for k, row in enumerate(seq):
             sources = [c for c, j in enumerate(seq) if seq_adv[j] > 0 and tool[c] >= 0
-                       and group_ids[j] == group_ids[i]]  # fmt: skip
-            if seq_adv[i] < 0 and sources and draw(st.booleans()):
+                       and group_ids[j] == group_ids[row]]  # fmt: skip
+            if seq_adv[row] < 0 and sources and draw(likely):
                 c = draw(st.sampled_from(sources))
-                tool[k_fail], key[k_fail], params[k_fail] = tool[c], key[c], params[c]
+                tool[k], key[k], params[k] = tool[c], key[c], params[c]
     dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
     batch = CorrectBatch(
         advantages=seq_adv[:, None] * mask,
@@ -477,9 +482,9 @@ def random_cases(draw) -> RandomCase:
         mask=mask,
     )
     knobs = dict(
-        theta=draw(st.sampled_from([0.0, 0.5, 0.7, 1.0])),
-        alpha_min=draw(st.sampled_from([0.0, 0.25, 0.5])),
-        beta=draw(st.sampled_from([0.0, 0.5, 0.8, 2.0])),
+        theta=draw(st.sampled_from([0.7, 0.5, 0.0, 1.0])),
+        alpha_min=draw(st.sampled_from([0.25, 0.0, 0.5])),
+        beta=draw(st.sampled_from([0.8, 0.5, 2.0, 0.0])),
         batch_scope=draw(st.booleans()),
     )
     return RandomCase(batch, knobs, num_tools, draw(st.sampled_from(["tool", "key"])))
@@ -575,8 +580,6 @@ def test_invariants_on_random_batches(fused_correct_impl):
     @given(case=random_cases())
     def check(case: RandomCase) -> None:
         out = run(fused_correct_impl, batch_args(case.batch), **case.knobs)
-        event(f"lifted calls: {min(int((out[1] > 0).sum()), 3)}")  # --hypothesis-show-statistics
-        event(f"witnessed calls: {min(int((out[3] >= 0).sum()), 3)}")
         check_invariants(case, out)
         # changing a witness's tool id or key removes the match
         changed = perturb_witness(case, out[3])

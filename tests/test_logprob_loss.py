@@ -47,7 +47,7 @@ OP_HIDDEN = torch.ops.tapo.policy_loss_from_hidden
 
 KNOBS_BY_ALGO: dict[str, dict[str, Any]] = {
     "grpo": dict(algo="grpo", eps_high=0.28, kl_coef=0.1, kl_type="k3", agg="token-mean"),
-    "gspo": dict(algo="gspo", eps_low=0.05, eps_high=0.05, agg="seq-mean-token-mean"),
+    "gspo": dict(algo="gspo", eps_low=0.1, eps_high=0.15, agg="seq-mean-token-mean", kl_coef=0.05),
     "sapo": dict(algo="sapo", kl_coef=0.05, kl_type="k2", agg="seq-mean-token-sum-norm"),
 }
 

@@ -1362,12 +1362,6 @@ def test_opcheck_policy_loss(index):
     torch.library.opcheck(OP, (logp, *args[1:]), knobs)
 
 
-@pytest.mark.xfail(
-    tapo_kernels.CPU_BACKEND["policy_loss_backward"] == "reference",
-    reason="the reference backward kernel runs torch.autograd.grad inside the kernel, where the "
-    "dispatcher has excluded the autograd keys under opcheck's dispatch modes",
-    strict=True,
-)
 @pytest.mark.parametrize("index", range(4))
 def test_opcheck_policy_loss_backward(index):
     args, knobs = opcheck_samples()[index]
