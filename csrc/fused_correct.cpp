@@ -23,7 +23,6 @@
 #include <atomic>
 #include <tuple>
 #include <utility>
-#include <unordered_map>
 #include <vector>
 
 #include "tapo_common.h"
@@ -56,7 +55,7 @@ __attribute__((always_inline)) inline Vec8 load8(const float* ptr) {
 }
 
 // Lane k of (lo, hi) holds partial sum k (k < 8) or k + 8; the tree adds lanes k and k + 8,
-// then k and k + 4, k and k + 2, k and k + 1 (the order of dot_lanes16 below).
+// then k and k + 4, k and k + 2, k and k + 1 (a fixed order).
 __attribute__((always_inline)) inline float reduce_lanes(Vec8 lo, Vec8 hi) {
   const Vec8 v = lo + hi;
   const Vec4 w = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
@@ -133,37 +132,21 @@ inline float box_iou(const float* a, const float* b) {
   return uni > 0.0f ? inter / uni : 0.0f;
 }
 
-// corrected = advantages, and whether every value is finite: one read, one write.
-bool copy_and_check_finite(const float* __restrict src, float* __restrict dst, int64_t n) {
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, n, 1 << 15, [&](int64_t lo, int64_t hi) {
-    uint32_t bad = 0;
-    for (int64_t i = lo; i < hi; ++i) {
-      const float v = src[i];
-      dst[i] = v;
-      bad |= !bits_finite(v);
-    }
-    if (bad) ok.store(false, std::memory_order_relaxed);
-  });
-  return ok.load();
-}
-
-// A valid call in a successful row (candidate) or a failing row, with its sort key.
+// A valid call of a successful row (a candidate) or of a failing row, with its sort key
+// inside its scope bucket.
 struct CallKey {
-  int64_t scope, tool, key, row, call;
-  bool same_match(const CallKey& o) const {
-    return scope == o.scope && tool == o.tool && key == o.key;
-  }
+  int64_t tool, key, row, call;
+  bool same_match(const CallKey& o) const { return tool == o.tool && key == o.key; }
   bool match_less(const CallKey& o) const {
-    return std::tie(scope, tool, key) < std::tie(o.scope, o.tool, o.key);
+    return std::tie(tool, key) < std::tie(o.tool, o.key);
   }
   bool operator<(const CallKey& o) const {
-    return std::tie(scope, tool, key, row, call) < std::tie(o.scope, o.tool, o.key, o.row, o.call);
+    return std::tie(tool, key, row, call) < std::tie(o.tool, o.key, o.row, o.call);
   }
 };
 
-// Up to kFailBlock failing calls (failing[first, first + count)) that share the candidate
-// range cands[cand_lo, cand_hi).
+// Up to kFailBlock failing calls fails[first, first + count) sharing the candidate range
+// cands[cand_lo, cand_hi).
 struct Task {
   int64_t first, count, cand_lo, cand_hi;
 };
@@ -171,6 +154,29 @@ struct Task {
 struct Span {
   int64_t row, start, end;
 };
+
+// A corrected call span, for the pass that writes `corrected`.
+struct Lift {
+  int64_t start, end;
+  float delta;
+};
+
+// Sorts `calls` by scope (counting sort, stable) and then by CallKey inside each scope, so the
+// calls of one (scope, tool, key) are contiguous; returns the scope offsets (size S + 1).
+std::vector<int64_t> sort_by_scope(std::vector<CallKey>& calls, const std::vector<int32_t>& scope,
+                                   int64_t num_scopes) {
+  std::vector<int64_t> offsets(num_scopes + 1, 0);
+  for (const auto& c : calls) ++offsets[scope[c.row] + 1];
+  for (int64_t s = 0; s < num_scopes; ++s) offsets[s + 1] += offsets[s];
+  std::vector<CallKey> sorted(calls.size());
+  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+  for (const auto& c : calls) sorted[fill[scope[c.row]]++] = c;
+  for (int64_t s = 0; s < num_scopes; ++s) {
+    std::sort(sorted.begin() + offsets[s], sorted.begin() + offsets[s + 1]);
+  }
+  calls.swap(sorted);
+  return offsets;
+}
 
 void check_fused_correct_args(const at::Tensor& advantages, const at::Tensor& seq_advantages,
                               const at::Tensor& group_ids, const at::Tensor& call_seq,
@@ -242,27 +248,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
                       "tool_sim_kind entries must be 0 (cosine) or 1 (iou)");
   }
 
+  // The advantages are read once, at the end, by the pass that writes `corrected` (copy,
+  // NaN check and lifts fused). A later check that fails first confirms the advantages are
+  // finite, so the first error raised is the reference's first error.
+  const at::Tensor adv_t = advantages.contiguous();
+  const float* adv = adv_t.data_ptr<float>();
+  auto check_value = [&](bool ok, const char* message) {
+    if (!ok) {
+      TORCH_CHECK_VALUE(all_finite(adv, B * T), "advantages contains NaN or inf");
+      TORCH_CHECK_VALUE(false, message);
+    }
+  };
   PROF("args")
-  const at::Tensor adv = advantages.contiguous();
-  at::Tensor corrected = at::empty({B, T}, adv.options());
-  const bool adv_finite =
-      copy_and_check_finite(adv.data_ptr<float>(), corrected.data_ptr<float>(), B * T);
-  TORCH_CHECK_VALUE(adv_finite, "advantages contains NaN or inf");
   const at::Tensor seq_adv_t = seq_advantages.contiguous();
   const float* seq_adv = seq_adv_t.data_ptr<float>();
-  TORCH_CHECK_VALUE(all_finite(seq_adv, B), "seq_advantages contains NaN or inf");
+  check_value(all_finite(seq_adv, B), "seq_advantages contains NaN or inf");
 
-  at::Tensor delta = at::zeros({N}, adv.options());
-  at::Tensor confidence = at::zeros({N}, adv.options());
-  at::Tensor witness = at::full({N}, -1, adv.options().dtype(at::kLong));
-  if (N == 0) return {corrected, delta, confidence, witness};
+  at::Tensor corrected = at::empty({B, T}, adv_t.options());
+  at::Tensor delta = at::zeros({N}, adv_t.options());
+  at::Tensor confidence = at::zeros({N}, adv_t.options());
+  at::Tensor witness = at::full({N}, -1, adv_t.options().dtype(at::kLong));
+  std::vector<std::vector<Lift>> lifts_of_row;  // filled only for rows with corrected calls
+  auto write_corrected = [&]() {
+    // One parallel pass over rows: copy, NaN/inf flag, and the lifts of the row's spans while
+    // the row is in cache. Spans of one row never overlap, so the order of lifts is irrelevant.
+    float* out = corrected.data_ptr<float>();
+    std::atomic<bool> finite{true};
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(T, 1));
+    at::parallel_for(0, B, grain, [&](int64_t row_lo, int64_t row_hi) {
+      uint32_t bad = 0;
+      for (int64_t row = row_lo; row < row_hi; ++row) {
+        const float* __restrict src = adv + row * T;
+        float* __restrict dst = out + row * T;
+        for (int64_t t = 0; t < T; ++t) {
+          const float v = src[t];
+          dst[t] = v;
+          bad |= !bits_finite(v);
+        }
+        if (lifts_of_row.empty() || lifts_of_row[row].empty()) continue;
+        for (const Lift& lift : lifts_of_row[row]) {
+          for (int64_t t = lift.start; t < lift.end; ++t) {
+            const float a = dst[t];
+            if (a < 0.0f) dst[t] = std::min(a + lift.delta, 0.0f);  // reference.apply_lift
+          }
+        }
+      }
+      if (bad) finite.store(false, std::memory_order_relaxed);
+    });
+    PROF("write")
+    TORCH_CHECK_VALUE(finite.load(), "advantages contains NaN or inf");
+    return std::make_tuple(corrected, delta, confidence, witness);
+  };
+  if (N == 0) return write_corrected();
 
-  PROF("copy")
   const at::Tensor params_t =
       call_params.scalar_type() == at::kFloat ? call_params.contiguous()
                                               : call_params.to(at::kFloat).contiguous();
   const float* params = params_t.data_ptr<float>();
-  TORCH_CHECK_VALUE(all_finite(params, N * D), "call_params contains NaN or inf");
+  check_value(all_finite(params, N * D), "call_params contains NaN or inf");
 
   PROF("params")
   const at::Tensor seq_t = call_seq.contiguous(), start_t = call_start.contiguous(),
@@ -274,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   const int64_t* tool = tool_t.data_ptr<int64_t>();
   const int64_t* key = key_t.data_ptr<int64_t>();
 
-  // One scan collects every data-dependent problem; they are raised in the reference order.
+  // One scan collects every index problem; they are raised in the reference's order.
   bool seq_bad = false, span_bad = false, order_bad = false, tool_bad = false;
   bool any_valid = false, any_iou = false;
   for (int64_t k = 0; k < N; ++k) {
@@ -285,19 +328,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     any_valid |= tool[k] >= 0;
     any_iou |= tool[k] >= 0 && tool[k] < num_tools && kinds[tool[k]] == kSimIou;
   }
-  TORCH_CHECK_VALUE(!seq_bad, "call_seq out of range: every entry must be in [0, B=", B, ")");
-  TORCH_CHECK_VALUE(!span_bad,
-                    "call span out of range: need 0 <= call_start and call_end <= T=", T);
-  TORCH_CHECK_VALUE(!order_bad, "call span with call_start > call_end");
-  TORCH_CHECK_VALUE(!tool_bad, "call_tool out of range: valid tool ids are [0, ", num_tools,
-                    "), < 0 marks an invalid call");
-  TORCH_CHECK_VALUE(!(any_valid && D == 0), "call_params must have D >= 1");
-  TORCH_CHECK_VALUE(!(any_iou && D < 4),
-                    "call_params needs D >= 4 for iou tools (a box is 4 numbers), got D=", D);
-  PROF("scan")
+  const std::string seq_msg =
+      "call_seq out of range: every entry must be in [0, B=" + std::to_string(B) + ")";
+  check_value(!seq_bad, seq_msg.c_str());
+  const std::string span_msg =
+      "call span out of range: need 0 <= call_start and call_end <= T=" + std::to_string(T);
+  check_value(!span_bad, span_msg.c_str());
+  check_value(!order_bad, "call span with call_start > call_end");
+  const std::string tool_msg = "call_tool out of range: valid tool ids are [0, " +
+                               std::to_string(num_tools) + "), < 0 marks an invalid call";
+  check_value(!tool_bad, tool_msg.c_str());
+  check_value(!(any_valid && D == 0), "call_params must have D >= 1");
+  const std::string iou_msg =
+      "call_params needs D >= 4 for iou tools (a box is 4 numbers), got D=" + std::to_string(D);
+  check_value(!(any_iou && D < 4), iou_msg.c_str());
   {
     // Non-empty spans ordered by (row, start); neighbours in one row must not overlap. Calls
-    // usually arrive in that order already, so the sort is mostly skipped.
+    // usually arrive in that order, so the sort is mostly skipped.
     std::vector<Span> spans;
     spans.reserve(N);
     for (int64_t k = 0; k < N; ++k) {
@@ -309,51 +356,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     if (!std::is_sorted(spans.begin(), spans.end(), by_row_start)) {
       std::sort(spans.begin(), spans.end(), by_row_start);
     }
+    bool overlap = false;
     for (size_t i = 1; i < spans.size(); ++i) {
-      TORCH_CHECK_VALUE(!(spans[i].row == spans[i - 1].row && spans[i].start < spans[i - 1].end),
-                        "overlapping call spans in one row: each token may belong to at most "
-                        "one call");
+      overlap |= spans[i].row == spans[i - 1].row && spans[i].start < spans[i - 1].end;
     }
+    check_value(!overlap,
+                "overlapping call spans in one row: each token may belong to at most one call");
   }
 
-  PROF("overlap")
-  // ---- candidates, failing calls, and their shared candidate ranges ----------------------
-  const at::Tensor gid_t = group_ids.contiguous();
-  const int64_t* gid = gid_t.data_ptr<int64_t>();
-  auto scope_of = [&](int64_t row) -> int64_t { return batch_scope ? 0 : gid[row]; };
-  std::unordered_map<int64_t, int64_t> pool_per_scope;  // successful rows per scope
+  PROF("checks")
+  // ---- scopes, candidates, failing calls --------------------------------------------------
+  // Dense scope index per row (prompt group, or 0 for the whole batch).
+  std::vector<int32_t> scope(B, 0);
+  int64_t num_scopes = 1;
+  if (!batch_scope) {
+    const at::Tensor gid_t = group_ids.contiguous();
+    const int64_t* gid = gid_t.data_ptr<int64_t>();
+    std::vector<int64_t> ids(gid, gid + B);
+    if (!std::is_sorted(ids.begin(), ids.end())) std::sort(ids.begin(), ids.end());
+    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+    num_scopes = static_cast<int64_t>(ids.size());
+    for (int64_t b = 0; b < B; ++b) {
+      scope[b] = static_cast<int32_t>(std::lower_bound(ids.begin(), ids.end(), gid[b]) - ids.begin());
+    }
+  }
+  std::vector<int64_t> pool_size(num_scopes, 0);  // successful rows per scope
   for (int64_t b = 0; b < B; ++b) {
-    if (seq_adv[b] > 0.0f) ++pool_per_scope[scope_of(b)];
+    if (seq_adv[b] > 0.0f) ++pool_size[scope[b]];
   }
 
   std::vector<CallKey> cands, fails;
   for (int64_t k = 0; k < N; ++k) {
     if (tool[k] < 0) continue;
     const float a = seq_adv[seq[k]];
-    if (a > 0.0f) cands.push_back({scope_of(seq[k]), tool[k], key[k], seq[k], k});
-    if (a < 0.0f) fails.push_back({scope_of(seq[k]), tool[k], key[k], seq[k], k});
+    if (a > 0.0f) cands.push_back({tool[k], key[k], seq[k], k});
+    if (a < 0.0f) fails.push_back({tool[k], key[k], seq[k], k});
   }
-  if (fails.empty()) return {corrected, delta, confidence, witness};
-  // Candidates of one (scope, tool, key) form a run, ordered by (row, call index): the
-  // calls of one pool trajectory are contiguous. Failing calls are grouped the same way so
-  // that a block of them shares one candidate range.
-  PROF("build")
-  std::sort(cands.begin(), cands.end());
-  std::sort(fails.begin(), fails.end());
+  if (fails.empty()) return write_corrected();
+  // Inside a scope, candidates of one (tool, key) form a run ordered by (row, call index):
+  // the calls of one pool trajectory are contiguous. Failing calls are grouped the same way
+  // so that a block of them shares one candidate range.
+  const std::vector<int64_t> cand_offsets = sort_by_scope(cands, scope, num_scopes);
+  const std::vector<int64_t> fail_offsets = sort_by_scope(fails, scope, num_scopes);
 
-  PROF("sort")
+  PROF("sortbuild")
   std::vector<Task> tasks;
   int64_t max_range = 0;
-  {
-    const int64_t n_fail = static_cast<int64_t>(fails.size());
-    const int64_t n_cand = static_cast<int64_t>(cands.size());
-    int64_t lo = 0;
-    for (int64_t f = 0; f < n_fail;) {
+  for (int64_t s = 0; s < num_scopes; ++s) {
+    int64_t lo = cand_offsets[s];
+    const int64_t cand_end = cand_offsets[s + 1];
+    for (int64_t f = fail_offsets[s]; f < fail_offsets[s + 1];) {
       int64_t run_end = f + 1;
-      while (run_end < n_fail && fails[run_end].same_match(fails[f])) ++run_end;
-      while (lo < n_cand && cands[lo].match_less(fails[f])) ++lo;
+      while (run_end < fail_offsets[s + 1] && fails[run_end].same_match(fails[f])) ++run_end;
+      while (lo < cand_end && cands[lo].match_less(fails[f])) ++lo;
       int64_t hi = lo;
-      while (hi < n_cand && cands[hi].same_match(fails[f])) ++hi;
+      while (hi < cand_end && cands[hi].same_match(fails[f])) ++hi;
       max_range = std::max(max_range, hi - lo);
       for (int64_t first = f; first < run_end; first += kFailBlock) {
         tasks.push_back({first, std::min<int64_t>(kFailBlock, run_end - first), lo, hi});
@@ -366,13 +423,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   for (size_t c = 0; c < cands.size(); ++c) cand_rows[c] = params + cands[c].call * D;
 
   PROF("tasks")
+  // ---- per failing call: s_k, w_k, T_k, conf_k, d_k ----------------------------------------
   // fp32 scalars, as torch rounds a Python float against a float32 tensor.
   const float theta_f = static_cast<float>(theta);
   const float alpha_f = static_cast<float>(alpha_min);
   const float beta_f = static_cast<float>(beta);
   static const DotBlockFn dot_block = pick_dot_block();
 
-  float* out_adv = corrected.data_ptr<float>();
   float* out_delta = delta.data_ptr<float>();
   float* out_conf = confidence.data_ptr<float>();
   int64_t* out_witness = witness.data_ptr<int64_t>();
@@ -386,23 +443,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
       const Task& task = tasks[ti];
       const int64_t C = task.cand_hi - task.cand_lo;
       const CallKey* block = fails.data() + task.first;
-      const bool iou = kinds[block[0].tool] == kSimIou;
       const float* fail_rows[kFailBlock];
       for (int f = 0; f < kFailBlock; ++f) {
-        // a short block repeats its last call (results ignored) to keep one kernel shape
+        // a short block repeats its last call (results unused) to keep one kernel shape
         fail_rows[f] = params + block[std::min<int64_t>(f, task.count - 1)].call * D;
       }
-      if (C > 0) {
-        if (iou) {
-          for (int64_t f = 0; f < task.count; ++f) {
-            for (int64_t c = 0; c < C; ++c) {
-              sims[f * C + c] = box_iou(fail_rows[f], cand_rows[task.cand_lo + c]);
-            }
+      if (C > 0 && kinds[block[0].tool] == kSimIou) {
+        for (int64_t f = 0; f < task.count; ++f) {
+          for (int64_t c = 0; c < C; ++c) {
+            sims[f * C + c] = box_iou(fail_rows[f], cand_rows[task.cand_lo + c]);
           }
-        } else {
-          dot_block(fail_rows, cand_rows.data() + task.cand_lo, C, D, sims.data());
-          for (int64_t i = 0; i < task.count * C; ++i) sims[i] = std::max(sims[i], 0.0f);
         }
+      } else if (C > 0) {
+        dot_block(fail_rows, cand_rows.data() + task.cand_lo, C, D, sims.data());
+        for (int64_t i = 0; i < task.count * C; ++i) sims[i] = std::max(sims[i], 0.0f);
       }
 
       for (int64_t f = 0; f < task.count; ++f) {
@@ -437,8 +491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
         }
 
         const float s = C > 0 ? best : 0.0f;
-        const auto pool_it = pool_per_scope.find(call.scope);
-        const int64_t pool = pool_it == pool_per_scope.end() ? 0 : pool_it->second;
+        const int64_t pool = pool_size[scope[call.row]];
         const float cov =
             pool > 0 ? static_cast<float>(n_support) / static_cast<float>(pool) : 0.0f;
         const float a_bar = n_support > 0 ? static_cast<float>(support_adv) /
@@ -446,24 +499,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
                                           : 0.0f;
         const float conf = s * cov;
         const bool gate = s >= theta_f && conf >= alpha_f;
-        const float d = gate ? beta_f * conf * a_bar : 0.0f;
-
-        const int64_t k = call.call;
-        out_delta[k] = d;
-        out_conf[k] = conf;
-        out_witness[k] = C > 0 ? best_call : -1;
-        if (d != 0.0f) {
-          float* row_adv = out_adv + call.row * T;
-          for (int64_t t = start[k]; t < end[k]; ++t) {
-            const float a = row_adv[t];
-            if (a < 0.0f) row_adv[t] = std::min(a + d, 0.0f);
-          }
-        }
+        out_delta[call.call] = gate ? beta_f * conf * a_bar : 0.0f;
+        out_conf[call.call] = conf;
+        out_witness[call.call] = C > 0 ? best_call : -1;
       }
     }
   }
+
   PROF("loop")
-  return {corrected, delta, confidence, witness};
+  // ---- corrected advantages ------------------------------------------------------------------
+  for (const CallKey& call : fails) {
+    const float d = out_delta[call.call];
+    if (d == 0.0f || start[call.call] >= end[call.call]) continue;
+    if (lifts_of_row.empty()) lifts_of_row.resize(B);
+    lifts_of_row[call.row].push_back({start[call.call], end[call.call], d});
+  }
+  PROF("lifts")
+  return write_corrected();
 }
 
 TORCH_LIBRARY_IMPL(tapo, CPU, m) { m.impl("fused_correct", &fused_correct_cpu); }

@@ -217,7 +217,7 @@ def aggregate(L: Tensor, m: Tensor, agg: str, norm_const: float | None, global_c
     elif agg == "seq-mean-token-sum":
         rows = L.sum(1)
     elif agg == "seq-mean-token-sum-norm":
-        rows = L.sum(1) / (L.shape[1] if norm_const is None else norm_const)
+        rows = L.sum(1) / (max(L.shape[1], 1) if norm_const is None else norm_const)
     else:
         raise ValueError(f"unknown agg {agg!r}")
     denom = nonempty.sum().clamp(min=1) if global_count is None else L.new_tensor(global_count)

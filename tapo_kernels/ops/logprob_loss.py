@@ -61,6 +61,21 @@ def _scaled(raw, temperature, HAS_TEMPERATURE: tl.constexpr):
 
 
 @triton.jit
+def _store_grad(ptrs, dx, mask, ROUND_BF16_BY_BITS: tl.constexpr):
+    """Store fp32 ``dx`` in the pointer's dtype, rounding to nearest even.
+
+    The interpreter truncates fp32 -> bf16 casts, so there the rounding is done on the bits
+    (``+0x7FFF + lsb``, then keep the high half); compiled, the cast is ``cvt.rn``.
+    """
+    if ROUND_BF16_BY_BITS:
+        bits = dx.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(ptrs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptrs, dx.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, entropy_ptr,
     n_rows, T, V, stride_b, stride_t, stride_v, temperature,
@@ -110,7 +125,7 @@ def _logprob_fwd_kernel(
 def _logprob_bwd_kernel(
     grad_ptr, logits_ptr, labels_ptr, logp_ptr, dlogits_ptr,
     n_rows, T, V, stride_b, stride_t, stride_v, dstride_b, dstride_t, dstride_v, temperature,
-    HAS_TEMPERATURE: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """``dlogits = g (onehot(label) - softmax(x)) / temperature``, one row per loop step.
 
@@ -142,8 +157,8 @@ def _logprob_bwd_kernel(
                 dx = tl.where(offs == label, g + minus_gp, minus_gp)
                 if HAS_TEMPERATURE:
                     dx = tl.math.div_rn(dx, temperature)
-                tl.store(dbase + offs.to(tl.int64) * dstride_v,
-                         dx.to(dlogits_ptr.dtype.element_ty), mask=in_vocab)
+                _store_grad(dbase + offs.to(tl.int64) * dstride_v, dx, in_vocab,
+                            ROUND_BF16_BY_BITS)
         else:
             zeros = tl.zeros((BLOCK_V,), dlogits_ptr.dtype.element_ty)
             for v0 in range(0, V, BLOCK_V):
@@ -217,7 +232,9 @@ def _dlogits_into(grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tenso
     _logprob_bwd_kernel[grid](
         grad, logits, flat_labels, flat_logp, out, n_rows, T, V, *_strides(logits),
         *_strides(out), float(temperature),
-        HAS_TEMPERATURE=temperature != 1.0, BLOCK_V=block, num_warps=num_warps,
+        HAS_TEMPERATURE=temperature != 1.0,
+        ROUND_BF16_BY_BITS=_INTERPRET and out.dtype == torch.bfloat16,
+        BLOCK_V=block, num_warps=num_warps,
     )
 
 

@@ -565,7 +565,7 @@ def _aggregate_rows(
     elif agg == "seq-mean-token-sum":
         rows = row_loss
     else:
-        rows = row_loss / (T if norm_const is None else norm_const)
+        rows = row_loss / (max(T, 1) if norm_const is None else norm_const)
     return (rows * nonempty).sum() / denom[0]
 
 
@@ -611,7 +611,7 @@ def policy_loss_triton(
     partials = _alloc((B, n_col_blocks, _N_PARTIALS.value), logp, logp.dtype)
     grid = (triton.cdiv(B, block_b) * n_col_blocks,)
     if grid[0] > 0:
-        norm = float(T if norm_const is None else norm_const)
+        norm = float(max(T, 1) if norm_const is None else norm_const)
         _policy_loss_fwd_kernel[grid](
             *operands,
             log_seq_ratio,
@@ -677,7 +677,7 @@ def policy_loss_backward_triton(
     row_tokens, log_seq_ratio = _row_stats(x, x_old, m, algo == "gspo", flags["COMPUTE"])
     denom = _loss_denominator(row_tokens, agg, global_count)
     grad_loss = grad_loss.to(device=logp.device, dtype=logp.dtype).reshape(1)
-    norm = float(T if norm_const is None else norm_const)
+    norm = float(max(T, 1) if norm_const is None else norm_const)
     _policy_loss_bwd_kernel[grid](
         grad_loss,
         *operands,
