@@ -37,12 +37,13 @@ from .reference import METRIC_NAMES
 CPU_CHUNK_ELEMENTS = 1 << 22
 CUDA_CHUNK_ELEMENTS = 1 << 26
 
-# ``(logits (n, V), labels (n,), temperature, logp_out (n,), entropy_out (n,) or None)``:
-# writes the fp32 log-probabilities (and entropies) of ``n`` rows of logits.
-LogprobChunkFn = Callable[[Tensor, Tensor, float, Tensor, Tensor | None], None]
-# ``(grad_logp (n,), logits (n, V), labels (n,), logp (n,), temperature) -> dlogits (n, V)``:
-# may return the logits buffer itself, overwritten (the Triton kernel does).
-DlogitsChunkFn = Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
+# ``(logits (n, V), labels (n,), temperature, logp_out (n,), entropy_out (n,) or None,
+# scratch)``: writes the fp32 log-probabilities (and entropies) of ``n`` rows of logits;
+# ``scratch=True`` means the logits buffer belongs to the caller's loop and may be overwritten.
+LogprobChunkFn = Callable[[Tensor, Tensor, float, Tensor, Tensor | None, bool], None]
+# ``(grad_logp (n,), logits (n, V), labels (n,), logp (n,), temperature, scratch) -> dlogits``:
+# with ``scratch=True`` the result may be the logits buffer itself, overwritten.
+DlogitsChunkFn = Callable[[Tensor, Tensor, Tensor, Tensor, float, bool], Tensor]
 
 
 def default_chunk_tokens(V: int, device: torch.device) -> int:
@@ -75,32 +76,46 @@ def _row_blocks(chunk: int, *tensors: Tensor) -> Iterator[tuple[int, list[Tensor
 # --------------------------------------------------------------------------------------
 
 
-def _scaled_fp32(logits: Tensor, temperature: float, writable: bool) -> Tensor:
-    """``logits.float() / temperature`` as the reference computes it; a new tensor if ``writable``."""
+def _scaled_fp32(logits: Tensor, temperature: float, scratch: bool) -> tuple[Tensor, bool]:
+    """``(logits.float() / temperature, owned)``, as the reference computes it.
+
+    ``owned`` says whether the result may be overwritten: a new tensor, or the logits
+    themselves when they are an fp32 scratch buffer (then divided in place).
+    """
+    if logits.dtype == torch.float32 and scratch:
+        return (logits.div_(temperature) if temperature != 1.0 else logits), True
     if temperature != 1.0:
-        return logits.float() / temperature
+        return logits.float() / temperature, True
     if logits.dtype == torch.float32:
-        return logits.clone() if writable else logits
-    return logits.float()
+        return logits, False
+    return logits.float(), True
 
 
-def logprob_chunk_torch(logits: Tensor, labels: Tensor, temperature: float, logp_out: Tensor,
-                        entropy_out: Tensor | None) -> None:
+def logprob_chunk_torch(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    logp_out: Tensor,
+    entropy_out: Tensor | None,
+    scratch: bool = False,
+) -> None:
     """Selective log-softmax of ``n`` rows of logits, in fp32, written into the outputs.
 
     ``lse = m + log sum exp(x - m)`` with ``m`` the row max (as ``torch.logsumexp``), and the
     entropy ``lse - sum(e * x) / sum(e)`` with ``e = exp(x - m)``; a ``-inf`` logit
     contributes nothing to the entropy (rather than ``0 * -inf = NaN``).
     """
-    x = _scaled_fp32(logits, temperature, writable=False)
+    x, owned = _scaled_fp32(logits, temperature, scratch)
+    valid = labels >= 0
+    picked = x.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
     row_max = x.amax(-1, keepdim=True)
     # a row of -inf only: keep exp() away from (-inf) - (-inf)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = (x - row_max).exp_()
+    # without the entropy x is not needed after this: reuse its buffer when it is ours
+    reuse = owned and entropy_out is None
+    e = (x.sub_(row_max) if reuse else x - row_max).exp_()
     denom = e.sum(-1)
     lse = denom.log() + row_max.squeeze(-1)
-    valid = labels >= 0
-    picked = x.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
     logp_out.copy_(torch.where(valid, picked - lse, torch.zeros_like(lse)))
     if entropy_out is not None:
         mean_x = e.mul_(x).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
@@ -108,22 +123,28 @@ def logprob_chunk_torch(logits: Tensor, labels: Tensor, temperature: float, logp
         entropy_out.copy_(torch.where(valid, entropy, torch.zeros_like(entropy)))
 
 
-def dlogits_chunk_torch(grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor,
-                        temperature: float) -> Tensor:
+def dlogits_chunk_torch(
+    grad_logp: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    logp: Tensor,
+    temperature: float,
+    scratch: bool = False,
+) -> Tensor:
     """fp32 ``d loss / d logits = g (onehot(label) - softmax(x)) / temperature`` for ``n`` rows.
 
     ``softmax(x) = exp(x - lse)`` with ``lse = x[label] - logp`` recovered from the forward's
     log-probability. Rows with a negative label get exactly zero (their ``g`` is 0 anyway:
-    they must be masked).
+    they must be masked). Three passes over the chunk: subtract, exp, scale.
     """
-    x = _scaled_fp32(logits, temperature, writable=True)
+    x, owned = _scaled_fp32(logits, temperature, scratch)
     valid = labels >= 0
     index = labels.clamp(min=0)[:, None]
     g = torch.where(valid, grad_logp, torch.zeros_like(grad_logp))
     lse = x.gather(-1, index).squeeze(-1) - logp
     # exp(x - inf) = 0 on ignored rows, so no inf * 0 can appear there
-    lse = torch.where(valid, lse, torch.full_like(lse, float("inf")))
-    d = x.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g * softmax, in the x buffer
+    lse = torch.where(valid, lse, torch.full_like(lse, float("inf")))[:, None]
+    d = (x.sub_(lse) if owned else x - lse).exp_().mul_(-g[:, None])  # -g * softmax
     d.scatter_add_(-1, index, g[:, None])
     if temperature != 1.0:
         d.div_(temperature)
@@ -151,8 +172,14 @@ def selective_log_softmax_chunked(
     chunk = chunk_size or default_chunk_tokens(V, logits.device)
     for start, (rows,) in _row_blocks(chunk, logits):
         stop = start + rows.shape[0]
-        chunk_fn(rows, flat_labels[start:stop], temperature, logp[start:stop],
-                 entropy[start:stop] if with_entropy else None)
+        chunk_fn(
+            rows,
+            flat_labels[start:stop],
+            temperature,
+            logp[start:stop],
+            entropy[start:stop] if with_entropy else None,
+            False,
+        )
     return logp.view(B, T), entropy.view(B, T) if with_entropy else entropy
 
 
@@ -172,7 +199,7 @@ def selective_log_softmax_backward_chunked(
     chunk = chunk_size or default_chunk_tokens(V, logits.device)
     for start, (rows, out_rows) in _row_blocks(chunk, logits, out):
         stop = start + rows.shape[0]
-        d = chunk_fn(g[start:stop], rows, lab[start:stop], lp[start:stop], temperature)
+        d = chunk_fn(g[start:stop], rows, lab[start:stop], lp[start:stop], temperature, False)
         if d.data_ptr() != out_rows.data_ptr():
             out_rows.copy_(d)
 
@@ -206,8 +233,14 @@ def selective_log_softmax_from_hidden_chunked(
     for start in range(0, B * T, chunk):
         stop = min(start + chunk, B * T)
         logits = torch.nn.functional.linear(h[start:stop], weight, bias)  # [n, V]
-        chunk_fn(logits, lab[start:stop], temperature, logp[start:stop],
-                 entropy[start:stop] if with_entropy else None)
+        chunk_fn(
+            logits,
+            lab[start:stop],
+            temperature,
+            logp[start:stop],
+            entropy[start:stop] if with_entropy else None,
+            True,  # the chunk's logits exist for this call only
+        )
         del logits
     return logp.view(B, T), entropy.view(B, T) if with_entropy else entropy
 
@@ -250,7 +283,9 @@ def selective_log_softmax_from_hidden_backward_chunked(
     h, lab = _hidden_rows(hidden, labels)
     g, lp = grad_logp.reshape(B * T), logp.reshape(B * T)
     dhidden = torch.full_like(h, float("nan"))
-    dweight32 = torch.zeros((V, H), dtype=torch.float32, device=hidden.device) if weight_grad else None
+    dweight32 = (
+        torch.zeros((V, H), dtype=torch.float32, device=hidden.device) if weight_grad else None
+    )
     want_bias = bias is not None and bias_grad
     dbias32 = torch.zeros((V,), dtype=torch.float32, device=hidden.device) if want_bias else None
     weights_by_dtype = {weight.dtype: weight}  # weight cast to the dlogits dtype, made once
@@ -259,7 +294,7 @@ def selective_log_softmax_from_hidden_backward_chunked(
         stop = min(start + chunk, B * T)
         h_chunk = h[start:stop]
         logits = torch.nn.functional.linear(h_chunk, weight, bias)
-        d = chunk_fn(g[start:stop], logits, lab[start:stop], lp[start:stop], temperature)
+        d = chunk_fn(g[start:stop], logits, lab[start:stop], lp[start:stop], temperature, True)
         if d.dtype not in weights_by_dtype:
             weights_by_dtype[d.dtype] = weight.to(d.dtype)
         dhidden[start:stop] = d @ weights_by_dtype[d.dtype]
@@ -282,20 +317,51 @@ def check_logp_finite(logp: Tensor, mask: Tensor) -> None:
     """Raise when a log-probability the loss reads is NaN or infinite."""
     bad = ~torch.isfinite(logp) & (mask != 0)
     if logp.numel() and bool(bad.any()):
-        raise ValueError("logits give a non-finite log-probability at a mask token "
-                         "(NaN or inf in the logits, or -inf at the label)")
+        raise ValueError(
+            "logits give a non-finite log-probability at a mask token "
+            "(NaN or inf in the logits, or -inf at the label)"
+        )
 
 
 def policy_loss_from_logits_kernel(
-    logits, labels, old_logp, advantages, mask, ref_logp=None, call_map=None, call_delta=None,
-    temperature=1.0, with_entropy=False, inplace_backward=False, algo="grpo", eps_low=0.2,
-    eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05, kl_coef=0.0, kl_type="k3",
-    agg="token-mean", norm_const=None, global_count=None,
+    logits,
+    labels,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp=None,
+    call_map=None,
+    call_delta=None,
+    temperature=1.0,
+    with_entropy=False,
+    inplace_backward=False,
+    algo="grpo",
+    eps_low=0.2,
+    eps_high=0.2,
+    dual_clip_c=3.0,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    kl_coef=0.0,
+    kl_type="k3",
+    agg="token-mean",
+    norm_const=None,
+    global_count=None,
 ):
     """``tapo::policy_loss_from_logits`` in chunked torch ops (the loss itself by ``tapo::policy_loss``)."""
     loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg,
-             norm_const, global_count)
+    knobs = (
+        algo,
+        eps_low,
+        eps_high,
+        dual_clip_c,
+        tau_pos,
+        tau_neg,
+        kl_coef,
+        kl_type,
+        agg,
+        norm_const,
+        global_count,
+    )
     _checks.check_policy_loss_from_logits(logits, labels, *loss_tensors, temperature, *knobs)
     logp, entropy = selective_log_softmax_chunked(logits, labels, temperature, with_entropy)
     check_logp_finite(logp, mask)
@@ -311,42 +377,92 @@ def selective_log_softmax_backward_kernel(grad_logp, logits, labels, logp, tempe
     return out
 
 
-def selective_log_softmax_backward_inplace_kernel(grad_logp, logits, labels, logp,
-                                                  temperature=1.0):
+def selective_log_softmax_backward_inplace_kernel(grad_logp, logits, labels, logp, temperature=1.0):
     """``tapo::selective_log_softmax_backward_inplace``: overwrite ``logits`` with ``dlogits``."""
     _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
     selective_log_softmax_backward_chunked(grad_logp, logits, labels, logp, temperature, logits)
 
 
 def policy_loss_from_hidden_kernel(
-    hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp=None, call_map=None,
-    call_delta=None, temperature=1.0, with_entropy=False, chunk_size=None, algo="grpo",
-    eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05, kl_coef=0.0,
-    kl_type="k3", agg="token-mean", norm_const=None, global_count=None,
+    hidden,
+    weight,
+    bias,
+    labels,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp=None,
+    call_map=None,
+    call_delta=None,
+    temperature=1.0,
+    with_entropy=False,
+    chunk_size=None,
+    algo="grpo",
+    eps_low=0.2,
+    eps_high=0.2,
+    dual_clip_c=3.0,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    kl_coef=0.0,
+    kl_type="k3",
+    agg="token-mean",
+    norm_const=None,
+    global_count=None,
 ):
     """``tapo::policy_loss_from_hidden`` in chunked torch ops (no ``(B*T, V)`` logits)."""
     loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg,
-             norm_const, global_count)
-    _checks.check_policy_loss_from_hidden(hidden, weight, bias, labels, *loss_tensors,
-                                          temperature, chunk_size, *knobs)
+    knobs = (
+        algo,
+        eps_low,
+        eps_high,
+        dual_clip_c,
+        tau_pos,
+        tau_neg,
+        kl_coef,
+        kl_type,
+        agg,
+        norm_const,
+        global_count,
+    )
+    _checks.check_policy_loss_from_hidden(
+        hidden, weight, bias, labels, *loss_tensors, temperature, chunk_size, *knobs
+    )
     logp, entropy = selective_log_softmax_from_hidden_chunked(
-        hidden, weight, bias, labels, temperature, with_entropy, chunk_size)
+        hidden, weight, bias, labels, temperature, with_entropy, chunk_size
+    )
     check_logp_finite(logp, mask)
     loss, metrics = torch.ops.tapo.policy_loss(logp, *loss_tensors, *knobs)
     return loss, metrics, logp, entropy
 
 
 def selective_log_softmax_from_hidden_backward_kernel(
-    grad_logp, hidden, weight, bias, labels, logp, temperature=1.0, chunk_size=None,
-    weight_grad=True, bias_grad=True,
+    grad_logp,
+    hidden,
+    weight,
+    bias,
+    labels,
+    logp,
+    temperature=1.0,
+    chunk_size=None,
+    weight_grad=True,
+    bias_grad=True,
 ):
     """``tapo::selective_log_softmax_from_hidden_backward``: ``(dhidden, dweight, dbias)``."""
     _checks.check_selective_log_softmax_from_hidden_backward(
-        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size)
+        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size
+    )
     return selective_log_softmax_from_hidden_backward_chunked(
-        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size, weight_grad,
-        bias_grad)
+        grad_logp,
+        hidden,
+        weight,
+        bias,
+        labels,
+        logp,
+        temperature,
+        chunk_size,
+        weight_grad,
+        bias_grad,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -365,7 +481,10 @@ class LogprobLossOutput:
 
     def metrics_dict(self, prefix: str = "actor/") -> dict[str, float]:
         """Metrics as Python floats (one host sync)."""
-        return {f"{prefix}{n}": float(v) for n, v in zip(METRIC_NAMES, self.metrics.tolist(), strict=True)}
+        return {
+            f"{prefix}{n}": float(v)
+            for n, v in zip(METRIC_NAMES, self.metrics.tolist(), strict=True)
+        }
 
 
 def _loss_knobs(preset: str | None, knobs: dict[str, Any]) -> dict[str, Any]:
@@ -421,9 +540,18 @@ def policy_loss_from_logits(
     """
     merged = _loss_knobs(preset, knobs)
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_logits(
-        logits, labels, _as_fp32(old_logp), _as_fp32(advantages), _as_fp32(mask),
-        _as_fp32(ref_logp), call_map, _as_fp32(call_delta), temperature=temperature,
-        with_entropy=with_entropy, inplace_backward=inplace_backward, **merged,
+        logits,
+        labels,
+        _as_fp32(old_logp),
+        _as_fp32(advantages),
+        _as_fp32(mask),
+        _as_fp32(ref_logp),
+        call_map,
+        _as_fp32(call_delta),
+        temperature=temperature,
+        with_entropy=with_entropy,
+        inplace_backward=inplace_backward,
+        **merged,
     )
     return LogprobLossOutput(loss, metrics, logp, entropy)
 
@@ -460,8 +588,19 @@ def policy_loss_from_hidden(
     """
     merged = _loss_knobs(preset, knobs)
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_hidden(
-        hidden, weight, bias, labels, _as_fp32(old_logp), _as_fp32(advantages), _as_fp32(mask),
-        _as_fp32(ref_logp), call_map, _as_fp32(call_delta), temperature=temperature,
-        with_entropy=with_entropy, chunk_size=chunk_size, **merged,
+        hidden,
+        weight,
+        bias,
+        labels,
+        _as_fp32(old_logp),
+        _as_fp32(advantages),
+        _as_fp32(mask),
+        _as_fp32(ref_logp),
+        call_map,
+        _as_fp32(call_delta),
+        temperature=temperature,
+        with_entropy=with_entropy,
+        chunk_size=chunk_size,
+        **merged,
     )
     return LogprobLossOutput(loss, metrics, logp, entropy)

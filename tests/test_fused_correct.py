@@ -178,6 +178,27 @@ def test_identical_query_in_success_and_failure(fused_correct_impl, theta):
     )
 
 
+@pytest.mark.parametrize("knob", ["theta", "alpha_min"])
+def test_thresholds_compare_in_fp32(fused_correct_impl, knob):
+    # The similarity is an fp32 number and the thresholds are compared in fp32 (as torch
+    # compares an fp32 tensor with a Python float): s = fp32(x) passes a threshold x even
+    # though fp32(0.7) = 0.69999999 < 0.7 and fp32(0.3) = 0.30000001 > 0.3 in float64.
+    x = 0.7 if knob == "theta" else 0.3
+    s = float(torch.tensor(x, dtype=torch.float32))
+    args = make_args(
+        [[1.0, 1.0], [-1.0, -1.0]],
+        [1.0, -1.0],
+        [0, 0],
+        [(0, 0, 2, 0, 0, E0), (1, 0, 2, 0, 0, [s, 0.0, 0.0, 0.0])],
+    )
+    knobs = dict(theta=0.7, alpha_min=0.0) if knob == "theta" else dict(theta=0.25, alpha_min=0.3)
+    out = run(fused_correct_impl, args, beta=0.5, **knobs)
+    # s = <E0, (s, 0, 0, 0)> = s; pool = {row 0}: cov = 1, conf = s, Abar = 1, gate open;
+    # d = 0.5 * s * 1 (exact: halving); span [0, 2): -1 -> fp32(-1 + s / 2).
+    lifted = float(torch.tensor(-1.0) + torch.tensor(s / 2))
+    assert_outputs(out, [[1.0, 1.0], [lifted, lifted]], [0.0, s / 2], [0.0, s], [-1, 0])
+
+
 def test_lift_scales_with_beta_and_success_advantage(fused_correct_impl):
     # same pair with A_success = 0.5, beta = 0.5: d = 0.5 * 1 * 1 * 0.5 = 0.25;
     # span tokens -1 -> -0.75.
@@ -462,8 +483,11 @@ def random_cases(draw) -> RandomCase:
     likely = st.sampled_from([True, True, False])
     if draw(likely):
         for k, row in enumerate(seq):
-            sources = [c for c, j in enumerate(seq) if seq_adv[j] > 0 and tool[c] >= 0
-                       and group_ids[j] == group_ids[row]]  # fmt: skip
+            sources = [
+                c
+                for c, j in enumerate(seq)
+                if seq_adv[j] > 0 and tool[c] >= 0 and group_ids[j] == group_ids[row]
+            ]
             if seq_adv[row] < 0 and sources and draw(likely):
                 c = draw(st.sampled_from(sources))
                 tool[k], key[k], params[k] = tool[c], key[c], params[c]

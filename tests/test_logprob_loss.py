@@ -78,7 +78,9 @@ class Case:
     """Labels, fp32 loss tensors and knobs of one random batch (inputs built separately)."""
 
     labels: Tensor  # [B, T] int64, -100 at some mask-0 tokens
-    loss_tensors: tuple[Tensor | None, ...]  # old_logp, advantages, mask, ref_logp, call_map, call_delta
+    loss_tensors: tuple[
+        Tensor | None, ...
+    ]  # old_logp, advantages, mask, ref_logp, call_map, call_delta
     knobs: dict[str, Any]
     temperature: float = 1.0
     with_entropy: bool = True
@@ -100,9 +102,17 @@ def oracle_logp64(logits64: Tensor, labels: Tensor, temperature: float) -> tuple
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero).detach()
 
 
-def make_case(logits_like: Tensor, seed: int, knobs: dict[str, Any], *, temperature: float = 1.0,
-              per_token: bool = True, with_calls: bool = True, mask: Tensor | None = None,
-              labels: Tensor | None = None) -> Case:
+def make_case(
+    logits_like: Tensor,
+    seed: int,
+    knobs: dict[str, Any],
+    *,
+    temperature: float = 1.0,
+    per_token: bool = True,
+    with_calls: bool = True,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+) -> Case:
     """A batch whose old/ref log-probs sit near the true ones (ratios inside and outside the clip).
 
     ``mask`` and ``labels`` default to ``loss_batch``'s mask (prompt tokens, a fully masked
@@ -110,8 +120,15 @@ def make_case(logits_like: Tensor, seed: int, knobs: dict[str, Any], *, temperat
     """
     B, T, V = logits_like.shape
     gen = torch.Generator().manual_seed(seed)
-    b = loss_batch(B, T, dtype=torch.float32, per_token=per_token, with_ref=True,
-                   with_calls=with_calls, seed=seed)
+    b = loss_batch(
+        B,
+        T,
+        dtype=torch.float32,
+        per_token=per_token,
+        with_ref=True,
+        with_calls=with_calls,
+        seed=seed,
+    )
     advantages = b.advantages
     if mask is None:
         mask = b.mask
@@ -128,7 +145,9 @@ def make_case(logits_like: Tensor, seed: int, knobs: dict[str, Any], *, temperat
     return Case(labels, loss_tensors, dict(knobs), temperature)
 
 
-def random_logits(B: int, T: int, V: int, dtype: torch.dtype, seed: int, scale: float = 3.0) -> Tensor:
+def random_logits(
+    B: int, T: int, V: int, dtype: torch.dtype, seed: int, scale: float = 3.0
+) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(B, T, V, generator=gen)).to(dtype)
 
@@ -145,27 +164,36 @@ def logits_op(logits: Tensor, case: Case, inplace: bool = False) -> Result:
     # the in-place backward overwrites its input, so hand it an intermediate, as a model would
     x = leaf * 1.0 if inplace else leaf
     loss, metrics, logp, entropy = OP_LOGITS(
-        x, case.labels, *case.loss_tensors, temperature=case.temperature,
-        with_entropy=case.with_entropy, inplace_backward=inplace, **case.knobs)
+        x,
+        case.labels,
+        *case.loss_tensors,
+        temperature=case.temperature,
+        with_entropy=case.with_entropy,
+        inplace_backward=inplace,
+        **case.knobs,
+    )
     (grad,) = torch.autograd.grad(loss, leaf)
     return loss, metrics, logp, entropy, (grad,)
 
 
 def logits_triton(logits: Tensor, case: Case, block_v: int | None = 16) -> Result:
     lp_ops = ops.logprob_loss
-    logp, entropy = lp_ops.selective_log_softmax_triton(logits, case.labels, case.temperature,
-                                                        case.with_entropy, block_v=block_v)
+    logp, entropy = lp_ops.selective_log_softmax_triton(
+        logits, case.labels, case.temperature, case.with_entropy, block_v=block_v
+    )
     loss, metrics = ops.policy_loss_triton(logp, *case.loss_tensors, **case.knobs)
     g = ops.policy_loss_backward_triton(torch.ones(()), logp, *case.loss_tensors, **case.knobs)
-    grad = lp_ops.selective_log_softmax_backward_triton(g, logits, case.labels, logp,
-                                                        case.temperature, block_v=block_v)
+    grad = lp_ops.selective_log_softmax_backward_triton(
+        g, logits, case.labels, logp, case.temperature, block_v=block_v
+    )
     return loss, metrics, logp, entropy, (grad,)
 
 
 def logits_reference(logits: Tensor, case: Case) -> Result:
     leaf = logits.clone().requires_grad_(True)
     loss, metrics, logp, entropy = reference.policy_loss_from_logits(
-        leaf, case.labels, *case.loss_tensors, case.temperature, case.with_entropy, **case.knobs)
+        leaf, case.labels, *case.loss_tensors, case.temperature, case.with_entropy, **case.knobs
+    )
     (grad,) = torch.autograd.grad(loss, leaf)
     return loss, metrics, logp, entropy, (grad,)
 
@@ -173,8 +201,9 @@ def logits_reference(logits: Tensor, case: Case) -> Result:
 def logits_oracle64(logits: Tensor, case: Case) -> Result:
     leaf = logits.double().requires_grad_(True)
     logp, entropy = oracle_logp64(leaf, case.labels, case.temperature)
-    tensors64 = tuple(t.double() if t is not None and t.is_floating_point() else t
-                      for t in case.loss_tensors)
+    tensors64 = tuple(
+        t.double() if t is not None and t.is_floating_point() else t for t in case.loss_tensors
+    )
     loss, metrics = reference.policy_loss(logp, *tensors64, **case.knobs)
     (grad,) = torch.autograd.grad(loss, leaf)
     return loss, metrics, logp.detach(), entropy, (grad,)
@@ -191,8 +220,16 @@ def hidden_op(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Result:
     leaves = [t.clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
     bias = leaves[2] if b is not None else None
     loss, metrics, logp, entropy = OP_HIDDEN(
-        leaves[0], leaves[1], bias, case.labels, *case.loss_tensors, temperature=case.temperature,
-        with_entropy=case.with_entropy, chunk_size=case.extra.get("chunk_size", 4), **case.knobs)
+        leaves[0],
+        leaves[1],
+        bias,
+        case.labels,
+        *case.loss_tensors,
+        temperature=case.temperature,
+        with_entropy=case.with_entropy,
+        chunk_size=case.extra.get("chunk_size", 4),
+        **case.knobs,
+    )
     grads = torch.autograd.grad(loss, leaves)
     return loss, metrics, logp, entropy, grads
 
@@ -200,11 +237,20 @@ def hidden_op(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Result:
 def hidden_triton(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Result:
     chunk = case.extra.get("chunk_size", 4)
     loss, metrics, logp, entropy = ops.policy_loss_from_hidden_triton(
-        h, w, b, case.labels, *case.loss_tensors, case.temperature, case.with_entropy, chunk,
-        **case.knobs)
+        h,
+        w,
+        b,
+        case.labels,
+        *case.loss_tensors,
+        case.temperature,
+        case.with_entropy,
+        chunk,
+        **case.knobs,
+    )
     g = ops.policy_loss_backward_triton(torch.ones(()), logp, *case.loss_tensors, **case.knobs)
     dh, dw, db = ops.selective_log_softmax_from_hidden_backward_triton(
-        g, h, w, b, case.labels, logp, case.temperature, chunk)
+        g, h, w, b, case.labels, logp, case.temperature, chunk
+    )
     return loss, metrics, logp, entropy, (dh, dw) + ((db,) if b is not None else ())
 
 
@@ -212,8 +258,15 @@ def hidden_reference(h: Tensor, w: Tensor, b: Tensor | None, case: Case, dtype=N
     leaves = [t.clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
     bias = leaves[2] if b is not None else None
     loss, metrics, logp, entropy = reference.policy_loss_from_hidden(
-        leaves[0], leaves[1], bias, case.labels, *case.loss_tensors, case.temperature,
-        case.with_entropy, **case.knobs)
+        leaves[0],
+        leaves[1],
+        bias,
+        case.labels,
+        *case.loss_tensors,
+        case.temperature,
+        case.with_entropy,
+        **case.knobs,
+    )
     return loss, metrics, logp, entropy, torch.autograd.grad(loss, leaves)
 
 
@@ -222,8 +275,9 @@ def hidden_oracle64(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Resul
     bias = leaves[2] if b is not None else None
     logits = torch.nn.functional.linear(leaves[0], leaves[1], bias)
     logp, entropy = oracle_logp64(logits, case.labels, case.temperature)
-    tensors64 = tuple(t.double() if t is not None and t.is_floating_point() else t
-                      for t in case.loss_tensors)
+    tensors64 = tuple(
+        t.double() if t is not None and t.is_floating_point() else t for t in case.loss_tensors
+    )
     loss, metrics = reference.policy_loss(logp, *tensors64, **case.knobs)
     return loss, metrics, logp.detach(), entropy, torch.autograd.grad(loss, leaves)
 
@@ -262,10 +316,18 @@ def compare(result: Result, oracle: Result, ref_own: Result, grad_names=("dlogit
 def test_from_logits_matches_reference(backend, algo, dtype):
     seed = seed_of("logits", backend, algo, dtype)
     logits = random_logits(3, 9, 37, dtype, seed)  # V = 37: two full blocks of 16 and a partial
-    case = make_case(logits, seed, KNOBS_BY_ALGO[algo], temperature=0.7 if algo != "gspo" else 1.0,
-                     per_token=algo != "gspo")
-    compare(LOGITS_BACKENDS[backend](logits, case), logits_oracle64(logits, case),
-            logits_reference(logits, case))
+    case = make_case(
+        logits,
+        seed,
+        KNOBS_BY_ALGO[algo],
+        temperature=0.7 if algo != "gspo" else 1.0,
+        per_token=algo != "gspo",
+    )
+    compare(
+        LOGITS_BACKENDS[backend](logits, case),
+        logits_oracle64(logits, case),
+        logits_reference(logits, case),
+    )
 
 
 @pytest.mark.parametrize("backend", sorted(LOGITS_BACKENDS))
@@ -292,8 +354,12 @@ def test_from_hidden_matches_reference(backend, algo, dtype):
     logits = torch.nn.functional.linear(h.double(), w.double(), bias.double())
     case = make_case(logits, seed, KNOBS_BY_ALGO[algo], temperature=1.3 if algo == "sapo" else 1.0)
     case.extra["chunk_size"] = 4  # 21 tokens: six chunks, the last one partial
-    compare(HIDDEN_BACKENDS[backend](h, w, bias, case), hidden_oracle64(h, w, bias, case),
-            hidden_reference(h, w, bias, case), GRAD_NAMES)
+    compare(
+        HIDDEN_BACKENDS[backend](h, w, bias, case),
+        hidden_oracle64(h, w, bias, case),
+        hidden_reference(h, w, bias, case),
+        GRAD_NAMES,
+    )
 
 
 @pytest.mark.parametrize("backend", sorted(HIDDEN_BACKENDS))
@@ -304,8 +370,12 @@ def test_from_hidden_without_bias_default_chunk(backend):
     w = torch.randn(29, 8, generator=gen)
     case = make_case(torch.nn.functional.linear(h, w), seed, KNOBS_BY_ALGO["grpo"])
     case.extra["chunk_size"] = None
-    compare(HIDDEN_BACKENDS[backend](h, w, None, case), hidden_oracle64(h, w, None, case),
-            hidden_reference(h, w, None, case), GRAD_NAMES[:2])
+    compare(
+        HIDDEN_BACKENDS[backend](h, w, None, case),
+        hidden_oracle64(h, w, None, case),
+        hidden_reference(h, w, None, case),
+        GRAD_NAMES[:2],
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -343,8 +413,13 @@ def test_ties_golden(backend):
     g = d loss / d logp the gradient is g * (onehot - 1/8) / temperature."""
     B, T, V = 2, 4, 8
     logits = torch.full((B, T, V), 1.5)
-    case = make_case(logits, 11, dict(algo="grpo", agg="token-mean", kl_coef=0.0, eps_low=0.2,
-                                      eps_high=0.2, dual_clip_c=0.0))
+    case = make_case(
+        logits,
+        11,
+        dict(
+            algo="grpo", agg="token-mean", kl_coef=0.0, eps_low=0.2, eps_high=0.2, dual_clip_c=0.0
+        ),
+    )
     mask = torch.ones(B, T)
     adv = torch.tensor([1.0, -1.0])
     old = torch.full((B, T), -math.log(8))  # ratio exactly 1: no clipping, loss = -mean(a)
@@ -367,8 +442,11 @@ def test_ties_at_the_maximum_random(backend):
     gen = torch.Generator().manual_seed(5)
     logits = torch.randint(-2, 3, (3, 6, 21), generator=gen).float()
     case = make_case(logits, 5, KNOBS_BY_ALGO["grpo"])
-    compare(LOGITS_BACKENDS[backend](logits, case), logits_oracle64(logits, case),
-            logits_reference(logits, case))
+    compare(
+        LOGITS_BACKENDS[backend](logits, case),
+        logits_oracle64(logits, case),
+        logits_reference(logits, case),
+    )
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
@@ -385,8 +463,11 @@ def test_fully_masked_rows_and_batch(backend, agg):
     assert (logp[1] == 0).all() and (entropy[1] == 0).all()
     assert (grad[1] == 0).all() and float(grad.abs().max()) > 0
     # the whole batch masked: loss 0, zero gradient, no NaN (trap 8)
-    case.loss_tensors = (case.loss_tensors[0], case.loss_tensors[1], torch.zeros_like(mask)) + \
-        case.loss_tensors[3:]
+    case.loss_tensors = (
+        case.loss_tensors[0],
+        case.loss_tensors[1],
+        torch.zeros_like(mask),
+    ) + case.loss_tensors[3:]
     loss, metrics, logp, entropy, (grad,) = LOGITS_BACKENDS[backend](logits, case)
     assert float(loss) == 0.0 and torch.isfinite(metrics).all()
     assert (grad == 0).all()
@@ -412,8 +493,14 @@ def test_observation_tokens_get_zero_hidden_gradient(backend):
     mask = torch.ones(2, 10)
     mask[:, 3:6] = 0.0
     labels = torch.randint(0, 31, (2, 10), generator=gen)
-    case = make_case(torch.nn.functional.linear(h, w), 13, KNOBS_BY_ALGO["sapo"], with_calls=False,
-                     mask=mask, labels=labels)
+    case = make_case(
+        torch.nn.functional.linear(h, w),
+        13,
+        KNOBS_BY_ALGO["sapo"],
+        with_calls=False,
+        mask=mask,
+        labels=labels,
+    )
     dh = HIDDEN_BACKENDS[backend](h, w, None, case)[4][0]
     assert (dh[:, 3:6] == 0).all() and (dh[:, :3].abs().amax(-1) > 0).all()
 
@@ -441,8 +528,9 @@ def test_long_row_65536_tokens_cuda():
     loss, _, logp, _ = OP_LOGITS(x, case.labels, *case.loss_tensors, **case.knobs)
     loss.backward()
     xr = logits.clone().requires_grad_(True)
-    ref_loss, _, ref_logp, _ = reference.policy_loss_from_logits(xr, case.labels,
-                                                                 *case.loss_tensors, **case.knobs)
+    ref_loss, _, ref_logp, _ = reference.policy_loss_from_logits(
+        xr, case.labels, *case.loss_tensors, **case.knobs
+    )
     ref_loss.backward()
     torch.testing.assert_close(logp, ref_logp, rtol=0, atol=2e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -493,11 +581,20 @@ def test_weight_gradient_accumulates_in_fp32_over_chunks(backend):
     h = torch.randn(4, 24, 16, generator=gen).bfloat16()
     w = (0.3 * torch.randn(40, 16, generator=gen)).bfloat16()
     bias = torch.randn(40, generator=gen).bfloat16()
-    case = make_case(torch.nn.functional.linear(h.double(), w.double(), bias.double()), 31,
-                     dict(algo="grpo", agg="token-mean"), with_calls=False, mask=torch.ones(4, 24))
+    case = make_case(
+        torch.nn.functional.linear(h.double(), w.double(), bias.double()),
+        31,
+        dict(algo="grpo", agg="token-mean"),
+        with_calls=False,
+        mask=torch.ones(4, 24),
+    )
     case.extra["chunk_size"] = 1
-    compare(HIDDEN_BACKENDS[backend](h, w, bias, case), hidden_oracle64(h, w, bias, case),
-            hidden_reference(h, w, bias, case), GRAD_NAMES)
+    compare(
+        HIDDEN_BACKENDS[backend](h, w, bias, case),
+        hidden_oracle64(h, w, bias, case),
+        hidden_reference(h, w, bias, case),
+        GRAD_NAMES,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -534,8 +631,13 @@ def test_sliced_logits_are_read_in_place(backend):
         leaf = full.clone().requires_grad_(True)
         x = leaf * 1.0 if backend == "op-inplace" else leaf
         loss, metrics, logp, entropy = OP_LOGITS(
-            x[:, :-1], case.labels, *case.loss_tensors, with_entropy=True,
-            inplace_backward=backend == "op-inplace", **case.knobs)
+            x[:, :-1],
+            case.labels,
+            *case.loss_tensors,
+            with_entropy=True,
+            inplace_backward=backend == "op-inplace",
+            **case.knobs,
+        )
         (grad,) = torch.autograd.grad(loss, leaf)
         assert (grad[:, -1] == 0).all()
         out = (loss, metrics, logp, entropy, (grad[:, :-1],))
@@ -597,8 +699,14 @@ def peak_extra_mib(impl: str, B: int, T: int, H: int, V: int) -> float:
     env = dict(os.environ)
     # large blocks straight from mmap and back on free: RSS follows live tensors
     env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, impl, str(B), str(T), str(H), str(V)],
-                         capture_output=True, text=True, env=env, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, impl, str(B), str(T), str(H), str(V)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -627,17 +735,20 @@ def _error_case() -> tuple[Tensor, Case]:
 
 
 @pytest.mark.parametrize("backend", ["op", "triton"])
-@pytest.mark.parametrize("change, error, pattern", [
-    ("label_too_large", ValueError, "labels out of range"),
-    ("negative_label_in_mask", ValueError, "labels must be >= 0 wherever mask != 0"),
-    ("labels_int32", TypeError, "labels must have dtype int64"),
-    ("temperature_zero", ValueError, "temperature must be finite and > 0"),
-    ("logits_2d", ValueError, "logits must be 3-D"),
-    ("logits_int", TypeError, "logits must have dtype"),
-    ("old_logp_bf16", TypeError, "old_logp must have dtype float32"),
-    ("nan_logit", ValueError, "non-finite log-probability"),
-    ("bad_algo", ValueError, "unknown algo"),
-])
+@pytest.mark.parametrize(
+    "change, error, pattern",
+    [
+        ("label_too_large", ValueError, "labels out of range"),
+        ("negative_label_in_mask", ValueError, "labels must be >= 0 wherever mask != 0"),
+        ("labels_int32", TypeError, "labels must have dtype int64"),
+        ("temperature_zero", ValueError, "temperature must be finite and > 0"),
+        ("logits_2d", ValueError, "logits must be 3-D"),
+        ("logits_int", TypeError, "logits must have dtype"),
+        ("old_logp_bf16", TypeError, "old_logp must have dtype float32"),
+        ("nan_logit", ValueError, "non-finite log-probability"),
+        ("bad_algo", ValueError, "unknown algo"),
+    ],
+)
 def test_bad_logits_input_raises_clear_error(backend, change, error, pattern):
     logits, case = _error_case()
     labels, temperature, tensors = case.labels.clone(), 1.0, list(case.loss_tensors)
@@ -669,16 +780,23 @@ def test_bad_logits_input_raises_clear_error(backend, change, error, pattern):
 
 
 @pytest.mark.parametrize("backend", ["op", "triton"])
-@pytest.mark.parametrize("change, error, pattern", [
-    ("weight_shape", ValueError, r"weight must have shape \(V, H=8\)"),
-    ("weight_dtype", TypeError, "weight must have dtype float32"),
-    ("bias_shape", ValueError, "bias must have shape"),
-    ("chunk_zero", ValueError, "chunk_size must be >= 1"),
-    ("label_too_large", ValueError, "labels out of range"),
-])
+@pytest.mark.parametrize(
+    "change, error, pattern",
+    [
+        ("weight_shape", ValueError, r"weight must have shape \(V, H=8\)"),
+        ("weight_dtype", TypeError, "weight must have dtype float32"),
+        ("bias_shape", ValueError, "bias must have shape"),
+        ("chunk_zero", ValueError, "chunk_size must be >= 1"),
+        ("label_too_large", ValueError, "labels out of range"),
+    ],
+)
 def test_bad_hidden_input_raises_clear_error(backend, change, error, pattern):
     gen = torch.Generator().manual_seed(47)
-    h, w, bias = torch.randn(2, 4, 8, generator=gen), torch.randn(13, 8, generator=gen), torch.zeros(13)
+    h, w, bias = (
+        torch.randn(2, 4, 8, generator=gen),
+        torch.randn(13, 8, generator=gen),
+        torch.zeros(13),
+    )
     case = make_case(torch.nn.functional.linear(h, w), 47, KNOBS_BY_ALGO["grpo"])
     labels, chunk = case.labels.clone(), None
     if change == "weight_shape":
@@ -698,25 +816,28 @@ def test_bad_hidden_input_raises_clear_error(backend, change, error, pattern):
 
 def _opcheck_logits_samples() -> list[tuple[tuple, dict]]:
     samples = []
-    for i, (dtype, entropy, inplace, algo) in enumerate([
-        (torch.float32, True, False, "grpo"), (torch.bfloat16, False, False, "gspo"),
-        (torch.float32, False, True, "sapo"),
-    ]):
+    for i, (dtype, entropy, inplace, algo) in enumerate(
+        [
+            (torch.float32, True, False, "grpo"),
+            (torch.bfloat16, False, False, "gspo"),
+            (torch.float32, False, True, "sapo"),
+        ]
+    ):
         logits = random_logits(2, 5, 13, dtype, 50 + i)
         case = make_case(logits, 50 + i, KNOBS_BY_ALGO[algo], per_token=algo != "gspo")
         logits = logits.requires_grad_(True)
-        samples.append(((logits, case.labels, *case.loss_tensors),
-                        dict(temperature=0.9, with_entropy=entropy, inplace_backward=inplace,
-                             **case.knobs)))
+        samples.append(
+            (
+                (logits, case.labels, *case.loss_tensors),
+                dict(temperature=0.9, with_entropy=entropy, inplace_backward=inplace, **case.knobs),
+            )
+        )
     return samples
 
 
 @pytest.mark.parametrize("index", range(3))
 def test_opcheck_policy_loss_from_logits(index):
     args, kwargs = _opcheck_logits_samples()[index]
-    if kwargs["inplace_backward"]:
-        # the in-place backward needs a non-leaf input; opcheck's autograd checks use leaves
-        kwargs["inplace_backward"] = False
     torch.library.opcheck(OP_LOGITS, args, kwargs)
 
 
@@ -728,11 +849,14 @@ def test_opcheck_selective_log_softmax_backward(inplace):
     logp, _ = reference.selective_log_softmax(logits, labels)
     grad = torch.randn(2, 5) * (labels >= 0)
     if inplace:
-        torch.library.opcheck(torch.ops.tapo.selective_log_softmax_backward_inplace,
-                              (grad, logits.clone(), labels, logp, 0.8))
+        torch.library.opcheck(
+            torch.ops.tapo.selective_log_softmax_backward_inplace,
+            (grad, logits.clone(), labels, logp, 0.8),
+        )
     else:
-        torch.library.opcheck(torch.ops.tapo.selective_log_softmax_backward,
-                              (grad, logits, labels, logp, 0.8))
+        torch.library.opcheck(
+            torch.ops.tapo.selective_log_softmax_backward, (grad, logits, labels, logp, 0.8)
+        )
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -742,28 +866,46 @@ def test_opcheck_policy_loss_from_hidden(with_bias):
     w = torch.randn(17, 8, generator=gen, requires_grad=True)
     bias = torch.randn(17, generator=gen, requires_grad=True) if with_bias else None
     case = make_case(torch.nn.functional.linear(h, w, bias).detach(), 59, KNOBS_BY_ALGO["grpo"])
-    torch.library.opcheck(OP_HIDDEN, (h, w, bias, case.labels, *case.loss_tensors),
-                          dict(with_entropy=with_bias, chunk_size=3, **case.knobs))
+    torch.library.opcheck(
+        OP_HIDDEN,
+        (h, w, bias, case.labels, *case.loss_tensors),
+        dict(with_entropy=with_bias, chunk_size=3, **case.knobs),
+    )
     grad = torch.randn(2, 5) * case.mask
     logp = OP_HIDDEN(h, w, bias, case.labels, *case.loss_tensors, **case.knobs)[2]
-    torch.library.opcheck(torch.ops.tapo.selective_log_softmax_from_hidden_backward,
-                          (grad, h.detach(), w.detach(), bias.detach() if with_bias else None,
-                           case.labels, logp, 1.0, 3,
-                           True, with_bias))
+    torch.library.opcheck(
+        torch.ops.tapo.selective_log_softmax_from_hidden_backward,
+        (
+            grad,
+            h.detach(),
+            w.detach(),
+            bias.detach() if with_bias else None,
+            case.labels,
+            logp,
+            1.0,
+            3,
+            True,
+            with_bias,
+        ),
+    )
 
 
-def _logits_step(logits: Tensor, labels: Tensor, old: Tensor, adv: Tensor, mask: Tensor,
-                 inplace: bool) -> tuple[Tensor, Tensor]:
+def _logits_step(
+    logits: Tensor, labels: Tensor, old: Tensor, adv: Tensor, mask: Tensor, inplace: bool
+) -> tuple[Tensor, Tensor]:
     x = logits * 2.0  # an intermediate, as the output of an LM head would be
-    out = tapo_kernels.policy_loss_from_logits(x, labels, old, adv, mask, preset="dapo",
-                                               with_entropy=True, inplace_backward=inplace)
+    out = tapo_kernels.policy_loss_from_logits(
+        x, labels, old, adv, mask, preset="dapo", with_entropy=True, inplace_backward=inplace
+    )
     return out.loss + 0.01 * out.entropy.mean(), out.logp
 
 
-def _hidden_step(h: Tensor, w: Tensor, labels: Tensor, old: Tensor, adv: Tensor,
-                 mask: Tensor) -> tuple[Tensor, Tensor]:
-    out = tapo_kernels.policy_loss_from_hidden(h, w, labels, old, adv, mask, preset="grpo",
-                                               chunk_size=4)
+def _hidden_step(
+    h: Tensor, w: Tensor, labels: Tensor, old: Tensor, adv: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    out = tapo_kernels.policy_loss_from_hidden(
+        h, w, labels, old, adv, mask, preset="grpo", chunk_size=4
+    )
     return 3.0 * out.loss, out.logp
 
 
@@ -771,14 +913,16 @@ def _hidden_step(h: Tensor, w: Tensor, labels: Tensor, old: Tensor, adv: Tensor,
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     logits = random_logits(2, 6, 19, torch.float32, 61)
-    case = make_case(logits, 61, KNOBS_BY_ALGO["grpo"], with_calls=False)
-    old, adv, mask = case.loss_tensors[:3]
+    case = make_case(2.0 * logits, 61, KNOBS_BY_ALGO["grpo"], with_calls=False)
     gen = torch.Generator().manual_seed(61)
     h, w = torch.randn(2, 6, 8, generator=gen), torch.randn(19, 8, generator=gen)
+    hidden_case = make_case(
+        torch.nn.functional.linear(h, w), 62, KNOBS_BY_ALGO["grpo"], with_calls=False
+    )
     for step, inputs, rest in (
-        (_logits_step, (logits,), (case.labels, old, adv, mask, False)),
-        (_logits_step, (logits,), (case.labels, old, adv, mask, True)),
-        (_hidden_step, (h, w), (case.labels, old, adv, mask)),
+        (_logits_step, (logits,), (case.labels, *case.loss_tensors[:3], False)),
+        (_logits_step, (logits,), (case.labels, *case.loss_tensors[:3], True)),
+        (_hidden_step, (h, w), (hidden_case.labels, *hidden_case.loss_tensors[:3])),
     ):
         eager_in = [t.clone().requires_grad_(True) for t in inputs]
         eager_loss, eager_logp = step(*eager_in, *rest)
@@ -798,16 +942,18 @@ def test_front_doors_presets_casts_and_metrics():
     logits = random_logits(2, 5, 17, torch.float32, 67)
     case = make_case(logits, 67, KNOBS_BY_ALGO["grpo"], with_calls=False)
     old, adv, mask = case.loss_tensors[:3]
-    out = tapo_kernels.policy_loss_from_logits(logits, case.labels, old.double(), adv.double(),
-                                               mask, preset="gspo", eps_low=0.1)
+    out = tapo_kernels.policy_loss_from_logits(
+        logits, case.labels, old.double(), adv.double(), mask, preset="gspo", eps_low=0.1
+    )
     expected = reference.policy_loss_from_logits(
-        logits, case.labels, old, adv, mask,
-        **{**tapo_kernels.PRESETS["gspo"], "eps_low": 0.1})
+        logits, case.labels, old, adv, mask, **{**tapo_kernels.PRESETS["gspo"], "eps_low": 0.1}
+    )
     torch.testing.assert_close(out.loss, expected[0])
     assert set(out.metrics_dict()) == {f"actor/{n}" for n in reference.METRIC_NAMES}
     assert out.entropy.numel() == 0
     with pytest.raises(TypeError, match="unknown policy loss arguments"):
         tapo_kernels.policy_loss_from_logits(logits, case.labels, old, adv, mask, clip=0.2)
     with pytest.raises(ValueError, match="unknown preset"):
-        tapo_kernels.policy_loss_from_hidden(torch.randn(2, 5, 4), torch.randn(17, 4),
-                                             case.labels, old, adv, mask, preset="ppo")
+        tapo_kernels.policy_loss_from_hidden(
+            torch.randn(2, 5, 4), torch.randn(17, 4), case.labels, old, adv, mask, preset="ppo"
+        )

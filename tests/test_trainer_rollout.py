@@ -64,10 +64,10 @@ class ScriptedLM(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=True, logits_to_keep=0):
         if input_ids.shape[1] > 1 or not self.rows:
-            self.rows = [[t for t, m in zip(r.tolist(), a.tolist()) if m] for r, a in
-                         zip(input_ids, attention_mask)]
+            self.rows = [[t for t, m in zip(r.tolist(), a.tolist(), strict=False) if m] for r, a in
+                         zip(input_ids, attention_mask, strict=False)]
         else:
-            for row, t in zip(self.rows, input_ids[:, 0].tolist()):
+            for row, t in zip(self.rows, input_ids[:, 0].tolist(), strict=False):
                 row.append(t)
         logits = torch.zeros(input_ids.shape[0], 1, len(self.tok))
         for i, row in enumerate(self.rows):
@@ -102,12 +102,12 @@ def test_scripted_episode_spans_masks_and_answer(task, tokenizer, registry):
     assert ep.token_ids[c.end:c.end + len(obs_ids)] == obs_ids
     assert ep.mask[c.end:c.end + len(obs_ids)] == [0] * len(obs_ids)
     assert ep.mask[:ep.prompt_len] == [0] * ep.prompt_len
-    policy = [t for t, m in zip(ep.token_ids, ep.mask) if m]
+    policy = [t for t, m in zip(ep.token_ids, ep.mask, strict=False) if m]
     expected = engine.fmt.encode(script[ex.question][0]) + engine.fmt.encode(script[ex.question][1])
     assert policy == expected
     assert len(ep.token_ids) == len(ep.mask) == len(ep.logp)
-    assert all(lp == 0.0 for lp, m in zip(ep.logp, ep.mask) if not m)
-    assert all(-1e-6 < lp <= 0.0 for lp, m in zip(ep.logp, ep.mask) if m)
+    assert all(lp == 0.0 for lp, m in zip(ep.logp, ep.mask, strict=False) if not m)
+    assert all(-1e-6 < lp <= 0.0 for lp, m in zip(ep.logp, ep.mask, strict=False) if m)
 
 
 @pytest.mark.parametrize("turn_text, error", [

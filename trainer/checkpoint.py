@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def _quiet_single_process(ctx: DistContext):
+    """DCP warns that it assumes one process when no group exists; that is intended here."""
+    with warnings.catch_warnings():
+        if not ctx.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _complete(path: Path) -> bool:
@@ -102,8 +113,9 @@ def save_checkpoint(run_path: Path, step: int, model: nn.Module, optimizer: Opti
         if tmp.exists():
             shutil.rmtree(tmp)  # left over by a run killed while saving
     barrier(ctx)
-    dcp.save(_app_state(model, optimizer, ref_model), checkpoint_id=str(tmp),
-             no_dist=not ctx.distributed)
+    with _quiet_single_process(ctx):
+        dcp.save(_app_state(model, optimizer, ref_model), checkpoint_id=str(tmp),
+                 no_dist=not ctx.distributed)
     barrier(ctx)
     if ctx.is_main:
         write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
@@ -128,7 +140,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer | None, c
                     ref_model: nn.Module | None = None) -> dict[str, Any]:
     """Load weights (and optimizer state) in place; returns the saved trainer state."""
     state = _app_state(model, optimizer, ref_model)
-    dcp.load(state, checkpoint_id=str(path), no_dist=not ctx.distributed)
+    with _quiet_single_process(ctx):
+        dcp.load(state, checkpoint_id=str(path), no_dist=not ctx.distributed)
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])

@@ -1,7 +1,8 @@
 """Trainer configuration: dataclasses, YAML loading, ``key=value`` overrides and validation.
 
 A config file is a YAML mapping whose sections mirror the dataclasses below; every key is
-optional (the defaults are the embedded tiny CPU run). Command-line overrides use dotted
+optional (the defaults are the embedded tiny CPU run). A top-level ``base: other.yaml``
+(relative to the file) takes that file as the starting point. Command-line overrides use dotted
 keys and YAML values::
 
     python -m trainer.train --config trainer/configs/tiny_grpo_tapo.yaml \
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 
 # policy_loss knobs a config may override (kl_coef/kl_type live in AlgoConfig; the trainer
 # sets global_count itself)
@@ -63,6 +63,7 @@ class TaskConfig:
     attributes: list[str] = field(default_factory=lambda: ["home city", "profession", "pet"])
     heldout_fraction: float = 0.25
     num_demos: int = 64
+    sloppy_demo_fraction: float = 0.0  # demos whose query is the bare name (see tasks/synthetic.py)
     # jsonl task: lines {"question", "answer" (str or list), optional "corpus" (list of docs)}
     train_path: str | None = None
     eval_path: str | None = None
@@ -354,6 +355,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
+        seen = {path.resolve()}
+        while "base" in tree:  # `base: other.yaml` (relative to this file) supplies defaults
+            base_path = (path.parent / str(tree.pop("base"))).resolve()
+            if base_path in seen or not base_path.is_file():
+                raise ConfigError(f"{path}: base config {str(base_path)!r} is missing or circular")
+            seen.add(base_path)
+            with open(base_path, encoding="utf-8") as fh:
+                base_tree = yaml.safe_load(fh) or {}
+            tree = _merge(base_tree, tree)
+            path = base_path
     tree = _merge(tree, parse_overrides(overrides or []))
     cfg = _build(Config, tree)
     validate(cfg)
@@ -411,6 +422,8 @@ def validate(cfg: Config) -> None:
         check(0 < t.heldout_fraction < 1, "task.heldout_fraction",
               f"must be in (0, 1), got {t.heldout_fraction}")
         nonneg("task.num_demos", t.num_demos)
+        check(0 <= t.sloppy_demo_fraction <= 1, "task.sloppy_demo_fraction",
+              f"must be in [0, 1], got {t.sloppy_demo_fraction}")
     else:
         check(t.train_path is not None, "task.train_path", "is required when task.name=jsonl")
         for key in ("train_path", "eval_path", "corpus_path", "demos_path"):

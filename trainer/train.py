@@ -38,7 +38,6 @@ import time
 import zlib
 from collections.abc import Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -158,9 +157,12 @@ class Trainer:
         self.num_params = count_parameters(model)
         # the frozen reference (KL) and, under FSDP, a full replica for generation: rollouts
         # then need no collectives, so ranks can generate different numbers of tokens
-        self.ref_model = self._frozen_copy(model) if cfg.algo.kl_coef > 0 else None
+        # on GPUs with mixed precision the frozen copies compute in the same low precision
+        low = (torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float16) \
+            if ctx.device.type == "cuda" and cfg.dist.mixed_precision != "off" else None
+        self.ref_model = self._frozen_copy(model, low) if cfg.algo.kl_coef > 0 else None
         if ctx.fsdp:
-            self.rollout_model = self._frozen_copy(model)
+            self.rollout_model = self._frozen_copy(model, low)
             self.model = shard_model(model, ctx, cfg.dist.mixed_precision)
         else:
             self.rollout_model = model
@@ -171,10 +173,15 @@ class Trainer:
         self.engine = RolloutEngine(self.rollout_model, tokenizer, self.registry, cfg.rollout,
                                     max_obs_tokens=cfg.tools.max_obs_tokens,
                                     malformed_call_rate=cfg.debug.malformed_call_rate)
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        for eos in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
+            self.engine.stop_ids.setdefault(int(eos), "eos")  # e.g. <|im_end|> of chat models
 
     @staticmethod
-    def _frozen_copy(model: nn.Module) -> nn.Module:
+    def _frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         clone = copy.deepcopy(model)
+        if dtype is not None:
+            clone.to(dtype)
         clone.requires_grad_(False)
         clone.eval()
         return clone
@@ -523,7 +530,7 @@ class Trainer:
             write_atomic(self.run_path / "summary.json", json.dumps(summary, indent=1))
             before = evals.get("after_warmup", evals.get("initial"))
             after = evals.get("final")
-            print(f"\nheld-out accuracy (greedy pass@1): "
+            print("\nheld-out accuracy (greedy pass@1): "
                   + " | ".join(f"{k} {v['eval/pass@1']:.3f}" for k, v in evals.items()
                                if k in ("initial", "after_warmup", "final")))
             if before and after:

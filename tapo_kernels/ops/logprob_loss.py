@@ -77,9 +77,20 @@ def _store_grad(ptrs, dx, mask, ROUND_BF16_BY_BITS: tl.constexpr):
 
 @triton.jit
 def _logprob_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, entropy_ptr,
-    n_rows, T, V, stride_b, stride_t, stride_v, temperature,
-    HAS_TEMPERATURE: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr,
+    labels_ptr,
+    logp_ptr,
+    entropy_ptr,
+    n_rows,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_v,
+    temperature,
+    HAS_TEMPERATURE: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Log-probability (and entropy) of each row of ``(B, T, V)`` logits, online over V.
 
@@ -114,8 +125,9 @@ def _logprob_fwd_kernel(
         lse = m + tl.log(denom)
         label = tl.load(labels_ptr + row64)
         valid = label >= 0
-        picked = _scaled(tl.load(base + tl.maximum(label, 0) * stride_v), temperature,
-                         HAS_TEMPERATURE)
+        picked = _scaled(
+            tl.load(base + tl.maximum(label, 0) * stride_v), temperature, HAS_TEMPERATURE
+        )
         tl.store(logp_ptr + row64, tl.where(valid, picked - lse, 0.0))
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row64, tl.where(valid, lse - sum_px / denom, 0.0))
@@ -123,9 +135,24 @@ def _logprob_fwd_kernel(
 
 @triton.jit
 def _logprob_bwd_kernel(
-    grad_ptr, logits_ptr, labels_ptr, logp_ptr, dlogits_ptr,
-    n_rows, T, V, stride_b, stride_t, stride_v, dstride_b, dstride_t, dstride_v, temperature,
-    HAS_TEMPERATURE: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr, BLOCK_V: tl.constexpr,
+    grad_ptr,
+    logits_ptr,
+    labels_ptr,
+    logp_ptr,
+    dlogits_ptr,
+    n_rows,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_v,
+    dstride_b,
+    dstride_t,
+    dstride_v,
+    temperature,
+    HAS_TEMPERATURE: tl.constexpr,
+    ROUND_BF16_BY_BITS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """``dlogits = g (onehot(label) - softmax(x)) / temperature``, one row per loop step.
 
@@ -150,15 +177,15 @@ def _logprob_bwd_kernel(
             for v0 in range(0, V, BLOCK_V):
                 offs = v0 + cols
                 in_vocab = offs < V
-                raw = tl.load(base + offs.to(tl.int64) * stride_v, mask=in_vocab,
-                              other=float("-inf"))
+                raw = tl.load(
+                    base + offs.to(tl.int64) * stride_v, mask=in_vocab, other=float("-inf")
+                )
                 x = _scaled(raw, temperature, HAS_TEMPERATURE)
                 minus_gp = -g * tl.exp(x - lse)
                 dx = tl.where(offs == label, g + minus_gp, minus_gp)
                 if HAS_TEMPERATURE:
                     dx = tl.math.div_rn(dx, temperature)
-                _store_grad(dbase + offs.to(tl.int64) * dstride_v, dx, in_vocab,
-                            ROUND_BF16_BY_BITS)
+                _store_grad(dbase + offs.to(tl.int64) * dstride_v, dx, in_vocab, ROUND_BF16_BY_BITS)
         else:
             zeros = tl.zeros((BLOCK_V,), dlogits_ptr.dtype.element_ty)
             for v0 in range(0, V, BLOCK_V):
@@ -171,8 +198,9 @@ def _logprob_bwd_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _launch_config(n_rows: int, V: int, device: torch.device,
-                   block_v: int | None) -> tuple[tuple[int], int, int]:
+def _launch_config(
+    n_rows: int, V: int, device: torch.device, block_v: int | None
+) -> tuple[tuple[int], int, int]:
     """``(grid, BLOCK_V, num_warps)`` of the persistent row loop."""
     block = block_v or min(triton.next_power_of_2(V), _MAX_BLOCK_V)
     num_warps = 8 if block >= 2048 else 4
@@ -210,16 +238,32 @@ def selective_log_softmax_triton(
     flat_labels = labels.reshape(n_rows).contiguous()
     grid, block, num_warps = _launch_config(n_rows, V, logits.device, block_v)
     _logprob_fwd_kernel[grid](
-        logits, flat_labels, logp, entropy if with_entropy else logp,
-        n_rows, T, V, *_strides(logits), float(temperature),
-        HAS_TEMPERATURE=temperature != 1.0, WITH_ENTROPY=with_entropy, BLOCK_V=block,
+        logits,
+        flat_labels,
+        logp,
+        entropy if with_entropy else logp,
+        n_rows,
+        T,
+        V,
+        *_strides(logits),
+        float(temperature),
+        HAS_TEMPERATURE=temperature != 1.0,
+        WITH_ENTROPY=with_entropy,
+        BLOCK_V=block,
         num_warps=num_warps,
     )
     return logp, entropy
 
 
-def _dlogits_into(grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor,
-                  temperature: float, out: Tensor, block_v: int | None) -> None:
+def _dlogits_into(
+    grad_logp: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    logp: Tensor,
+    temperature: float,
+    out: Tensor,
+    block_v: int | None,
+) -> None:
     """Launch the backward kernel writing ``dlogits`` of ``(B, T, V)`` logits into ``out``."""
     B, T, V = logits.shape
     n_rows = B * T
@@ -230,17 +274,32 @@ def _dlogits_into(grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tenso
     flat_logp = logp.reshape(n_rows).contiguous()
     grid, block, num_warps = _launch_config(n_rows, V, logits.device, block_v)
     _logprob_bwd_kernel[grid](
-        grad, logits, flat_labels, flat_logp, out, n_rows, T, V, *_strides(logits),
-        *_strides(out), float(temperature),
+        grad,
+        logits,
+        flat_labels,
+        flat_logp,
+        out,
+        n_rows,
+        T,
+        V,
+        *_strides(logits),
+        *_strides(out),
+        float(temperature),
         HAS_TEMPERATURE=temperature != 1.0,
         ROUND_BF16_BY_BITS=_INTERPRET and out.dtype == torch.bfloat16,
-        BLOCK_V=block, num_warps=num_warps,
+        BLOCK_V=block,
+        num_warps=num_warps,
     )
 
 
 def selective_log_softmax_backward_triton(
-    grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor, temperature: float = 1.0,
-    *, block_v: int | None = None,
+    grad_logp: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    logp: Tensor,
+    temperature: float = 1.0,
+    *,
+    block_v: int | None = None,
 ) -> Tensor:
     """``tapo::selective_log_softmax_backward``: a new ``dlogits`` in the logits' dtype."""
     _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
@@ -250,8 +309,13 @@ def selective_log_softmax_backward_triton(
 
 
 def selective_log_softmax_backward_inplace_triton(
-    grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor, temperature: float = 1.0,
-    *, block_v: int | None = None,
+    grad_logp: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    logp: Tensor,
+    temperature: float = 1.0,
+    *,
+    block_v: int | None = None,
 ) -> None:
     """``tapo::selective_log_softmax_backward_inplace``: overwrite ``logits`` with ``dlogits``."""
     _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
@@ -259,10 +323,28 @@ def selective_log_softmax_backward_inplace_triton(
 
 
 def policy_loss_from_logits_triton(
-    logits, labels, old_logp, advantages, mask, ref_logp=None, call_map=None, call_delta=None,
-    temperature=1.0, with_entropy=False, inplace_backward=False, algo="grpo", eps_low=0.2,
-    eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05, kl_coef=0.0, kl_type="k3",
-    agg="token-mean", norm_const=None, global_count=None,
+    logits,
+    labels,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp=None,
+    call_map=None,
+    call_delta=None,
+    temperature=1.0,
+    with_entropy=False,
+    inplace_backward=False,
+    algo="grpo",
+    eps_low=0.2,
+    eps_high=0.2,
+    dual_clip_c=3.0,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    kl_coef=0.0,
+    kl_type="k3",
+    agg="token-mean",
+    norm_const=None,
+    global_count=None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``tapo::policy_loss_from_logits`` on CUDA (or CPU tensors under ``TRITON_INTERPRET=1``).
 
@@ -270,8 +352,19 @@ def policy_loss_from_logits_triton(
     ``tapo_kernels.reference.policy_loss_from_logits``.
     """
     loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg,
-             norm_const, global_count)
+    knobs = (
+        algo,
+        eps_low,
+        eps_high,
+        dual_clip_c,
+        tau_pos,
+        tau_neg,
+        kl_coef,
+        kl_type,
+        agg,
+        norm_const,
+        global_count,
+    )
     _checks.check_policy_loss_from_logits(logits, labels, *loss_tensors, temperature, *knobs)
     logp, entropy = selective_log_softmax_triton(logits, labels, temperature, with_entropy)
     _chunked.check_logp_finite(logp, mask)
@@ -284,46 +377,108 @@ def policy_loss_from_logits_triton(
 # --------------------------------------------------------------------------------------
 
 
-def _logprob_chunk_triton(logits: Tensor, labels: Tensor, temperature: float, logp_out: Tensor,
-                          entropy_out: Tensor | None) -> None:
-    logp, entropy = selective_log_softmax_triton(logits[None], labels[None], temperature,
-                                                 entropy_out is not None)
+def _logprob_chunk_triton(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    logp_out: Tensor,
+    entropy_out: Tensor | None,
+    scratch: bool,
+) -> None:
+    logp, entropy = selective_log_softmax_triton(
+        logits[None], labels[None], temperature, entropy_out is not None
+    )
     logp_out.copy_(logp[0])
     if entropy_out is not None:
         entropy_out.copy_(entropy[0])
 
 
-def _dlogits_chunk_triton(grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor,
-                          temperature: float) -> Tensor:
-    # the chunk's logits were recomputed for this call alone: overwrite them with dlogits
-    _dlogits_into(grad_logp[None], logits[None], labels[None], logp[None], temperature,
-                  logits[None], None)
-    return logits
+def _dlogits_chunk_triton(
+    grad_logp: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    logp: Tensor,
+    temperature: float,
+    scratch: bool,
+) -> Tensor:
+    # a scratch chunk (recomputed logits) is overwritten with its own gradient
+    out = logits if scratch else torch.empty_like(logits)
+    _dlogits_into(
+        grad_logp[None], logits[None], labels[None], logp[None], temperature, out[None], None
+    )
+    return out
 
 
 def policy_loss_from_hidden_triton(
-    hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp=None, call_map=None,
-    call_delta=None, temperature=1.0, with_entropy=False, chunk_size=None, algo="grpo",
-    eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05, kl_coef=0.0,
-    kl_type="k3", agg="token-mean", norm_const=None, global_count=None,
+    hidden,
+    weight,
+    bias,
+    labels,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp=None,
+    call_map=None,
+    call_delta=None,
+    temperature=1.0,
+    with_entropy=False,
+    chunk_size=None,
+    algo="grpo",
+    eps_low=0.2,
+    eps_high=0.2,
+    dual_clip_c=3.0,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    kl_coef=0.0,
+    kl_type="k3",
+    agg="token-mean",
+    norm_const=None,
+    global_count=None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``tapo::policy_loss_from_hidden``: chunked ``linear`` + the Triton log-softmax + the loss."""
     loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg,
-             norm_const, global_count)
-    _checks.check_policy_loss_from_hidden(hidden, weight, bias, labels, *loss_tensors,
-                                          temperature, chunk_size, *knobs)
+    knobs = (
+        algo,
+        eps_low,
+        eps_high,
+        dual_clip_c,
+        tau_pos,
+        tau_neg,
+        kl_coef,
+        kl_type,
+        agg,
+        norm_const,
+        global_count,
+    )
+    _checks.check_policy_loss_from_hidden(
+        hidden, weight, bias, labels, *loss_tensors, temperature, chunk_size, *knobs
+    )
     logp, entropy = _chunked.selective_log_softmax_from_hidden_chunked(
-        hidden, weight, bias, labels, temperature, with_entropy, chunk_size,
-        chunk_fn=_logprob_chunk_triton)
+        hidden,
+        weight,
+        bias,
+        labels,
+        temperature,
+        with_entropy,
+        chunk_size,
+        chunk_fn=_logprob_chunk_triton,
+    )
     _chunked.check_logp_finite(logp, mask)
     loss, metrics = policy_loss_triton(logp, *loss_tensors, *knobs)
     return loss, metrics, logp, entropy
 
 
 def selective_log_softmax_from_hidden_backward_triton(
-    grad_logp, hidden, weight, bias, labels, logp, temperature=1.0, chunk_size=None,
-    weight_grad=True, bias_grad=True,
+    grad_logp,
+    hidden,
+    weight,
+    bias,
+    labels,
+    logp,
+    temperature=1.0,
+    chunk_size=None,
+    weight_grad=True,
+    bias_grad=True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``tapo::selective_log_softmax_from_hidden_backward``: ``(dhidden, dweight, dbias)``.
 
@@ -331,7 +486,18 @@ def selective_log_softmax_from_hidden_backward_triton(
     ``dhidden = dlogits @ W`` and ``dW += dlogits^T @ h`` accumulated in fp32.
     """
     _checks.check_selective_log_softmax_from_hidden_backward(
-        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size)
+        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size
+    )
     return _chunked.selective_log_softmax_from_hidden_backward_chunked(
-        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size, weight_grad,
-        bias_grad, chunk_fn=_dlogits_chunk_triton)
+        grad_logp,
+        hidden,
+        weight,
+        bias,
+        labels,
+        logp,
+        temperature,
+        chunk_size,
+        weight_grad,
+        bias_grad,
+        chunk_fn=_dlogits_chunk_triton,
+    )

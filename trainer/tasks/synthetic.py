@@ -7,14 +7,25 @@ city of Zorvex Quill?"). Values are drawn at random, so a fact cannot be inferre
 others: the model has to search for it and copy the answer from the observation.
 
 Splits: the (entity, attribute) facts are shuffled; ``heldout_fraction`` of them form the
-held-out split, the rest the training split. Demonstrations are training questions with the
-query ``"<name> <attribute>"``, which BM25 ranks first for exactly the right sentence.
+held-out split, the rest the training split.
+
+Demonstrations (for the supervised warm-up) are successful trajectories of two scripted
+demonstrators on training questions. The careful one searches ``"<name> <attribute>"``,
+which BM25 ranks first for exactly the right sentence. The sloppy one (a share
+``sloppy_demo_fraction`` of the demonstrations) searches only ``"<name>"``, which finds the
+entity's shortest fact, right for about one question in ``len(attributes)``; only its lucky,
+successful trajectories are kept. A model warmed up on this mixture has learned the format
+and a habit that fails on most questions it is applied to; RL has to learn from reward
+alone to always name the attribute in the query (and to copy the answer faithfully).
 """
 
 from __future__ import annotations
 
 import random
 
+from dataclasses import replace
+
+from ..tools.text_search import BM25Index
 from .base import Example, TaskData
 
 ATTRIBUTES: dict[str, list[str]] = {
@@ -67,7 +78,8 @@ def demo_query(attribute: str, name: str) -> str:
 
 
 def synthetic_task(num_entities: int = 48, attributes: list[str] | None = None,
-                   heldout_fraction: float = 0.25, num_demos: int = 64, seed: int = 0) -> TaskData:
+                   heldout_fraction: float = 0.25, num_demos: int = 64, seed: int = 0,
+                   sloppy_demo_fraction: float = 0.0) -> TaskData:
     """Build the task (deterministic in its arguments); all questions share corpus 0."""
     attributes = list(attributes or ATTRIBUTES)
     unknown = [a for a in attributes if a not in ATTRIBUTES]
@@ -93,5 +105,18 @@ def synthetic_task(num_entities: int = 48, attributes: list[str] | None = None,
     heldout, train = examples[:n_heldout], examples[n_heldout:]
     # the documents are shuffled too, so a fact's position says nothing about its entity
     rng.shuffle(docs)
-    demos = train[: min(num_demos, len(train))]
+    index = BM25Index(docs) if sloppy_demo_fraction > 0 else None
+    demos_rng = random.Random(f"demos-{seed}")
+    demos: list[Example] = []
+    for ex in train:
+        if len(demos) == num_demos:
+            break
+        if index is not None and demos_rng.random() < sloppy_demo_fraction:
+            name = ex.question.split(" of ", 1)[1].rstrip("?")
+            hits = index.search(name, top_k=1)
+            if hits and docs[hits[0][0]] == fact_sentence(ex.query[len(name) + 1:], name,
+                                                          ex.answers[0]):
+                demos.append(replace(ex, query=name))  # the sloppy search happened to work
+            continue  # a failed sloppy trajectory is not a demonstration
+        demos.append(ex)
     return TaskData(train=train, heldout=heldout, demos=demos, corpora={0: docs})

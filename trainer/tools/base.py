@@ -51,7 +51,7 @@ class Tool(ABC):
             raise ToolArgumentError(
                 f"arguments of {self.name} must be a JSON object, got {type(arguments).__name__}"
             )
-        for arg, tp in self.required.items():
+        for arg in self.required:
             if arg not in arguments:
                 raise ToolArgumentError(f"{self.name} needs the argument '{arg}'")
         for arg, value in arguments.items():

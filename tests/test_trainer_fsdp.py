@@ -1,0 +1,100 @@
+"""Two processes with FSDP2 over gloo (torchrun): every loss with TAPO on and off, kill + resume.
+
+Run by pytest, this file launches ``torchrun``; launched by torchrun (``python -m
+torch.distributed.run ... tests/test_trainer_fsdp.py smoke <dir>``) it is the worker that
+trains the six variants one after another in the same two processes.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MICRO = [
+    "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
+    "model.num_kv_heads=1", "model.vocab_size=300", "model.max_position_embeddings=256",
+    "task.num_entities=8", "task.attributes=[pet]", "task.num_demos=8",
+    "warmup.steps=2", "warmup.batch_size=4", "warmup.lr=3e-3",
+    "rollout.group_size=4", "rollout.max_new_tokens_per_turn=24", "rollout.max_total_tokens=128",
+    "rollout.max_turns=2", "rl.prompts_per_step=2", "eval.num_questions=2", "eval.k=2",
+    "eval.at_start=false", "logging.progress=false", "logging.tensorboard=false",
+    "logging.plots=false",
+]
+VARIANTS = [(loss, tapo) for loss in ("grpo", "gspo", "sapo") for tapo in ("true", "false")]
+TIMING_KEYS = ("perf/", "eval/time_s")
+
+
+def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TAPO_DISABLE_NATIVE": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_loss_with_and_without_tapo_trains_under_fsdp2(tmp_path):
+    proc = torchrun(str(Path(__file__).resolve()), "smoke", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for loss, tapo in VARIANTS:
+        run_dir = tmp_path / f"{loss}_tapo_{tapo}"
+        rl = [r for r in rows(run_dir / "metrics.jsonl") if r.get("phase") == "rl"]
+        assert [r["rl_step"] for r in rl] == [1, 2], (loss, tapo)
+        for r in rl:
+            assert math.isfinite(r["actor/loss"]) and math.isfinite(r["actor/grad_norm"]), (loss, tapo, r)
+            assert r["actor/skipped_steps"] == 0
+            assert r["train/turns"] > 0
+        assert (run_dir / "checkpoints" / "latest").is_file()
+    assert "2 process(es) on cpu with FSDP2" in proc.stdout
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    common = ["-m", "trainer.train", *MICRO, "rl.steps=4", "checkpoint.every=2",
+              f"logging.run_dir={tmp_path}"]
+    full = torchrun(*common, "logging.name=full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = torchrun(*common, "logging.name=resumed", "debug.kill_at_step=3")
+    assert killed.returncode != 0  # SIGKILL in the middle of RL step 3
+    ckpts = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step_*"))
+    assert ckpts[-1] == "step_000004"  # warm-up (2 steps) + RL step 2
+    resumed = torchrun(*common, "logging.name=resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = rows(tmp_path / "full" / "metrics.jsonl"), rows(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert len([r for r in a if r.get("phase") == "rl"]) == 4
+    for ra, rb in zip(a, b, strict=True):
+        same = {k: v for k, v in ra.items() if not k.startswith(TIMING_KEYS)}
+        assert same == {k: rb[k] for k in same}, ra["step"]
+
+
+def _smoke_worker(out_dir: str) -> None:
+    """Train the six variants in this torchrun process pair (one process group for all)."""
+    sys.path.insert(0, str(ROOT))
+    from trainer.config import load_config
+    from trainer.distributed import cleanup
+    from trainer.train import Trainer
+
+    trainer = None
+    for loss, tapo in VARIANTS:
+        cfg = load_config(None, [*MICRO, "rl.steps=2", "checkpoint.every=0", f"algo.loss={loss}",
+                                 f"tapo.enabled={tapo}", f"logging.run_dir={out_dir}",
+                                 f"logging.name={loss}_tapo_{tapo}"])
+        trainer = Trainer(cfg)
+        trainer.fit()
+    cleanup(trainer.ctx)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "smoke":
+        _smoke_worker(sys.argv[2])
+    else:
+        pytest.main([__file__, "-q"])

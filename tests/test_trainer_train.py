@@ -1,0 +1,161 @@
+"""The training loop in one process: outputs, fault tolerance, checkpoints, metrics, CLI."""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+from test_trainer_rollout import ScriptedLM  # noqa: E402  (tests/ is on sys.path under pytest)
+
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import ModelConfig, load_config
+from trainer.distributed import DistContext
+from trainer.metrics import MetricsLogger, read_metrics
+from trainer.modeling import TAGS, format_call, tiny_model
+from trainer.train import Trainer, main, run
+
+# a model and task small enough that a whole run takes seconds on one core
+MICRO = [
+    "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
+    "model.num_kv_heads=1", "model.vocab_size=300", "model.max_position_embeddings=256",
+    "task.num_entities=8", "task.attributes=[pet]", "task.num_demos=8",
+    "warmup.steps=4", "warmup.batch_size=4", "warmup.lr=3e-3",
+    "rollout.group_size=4", "rollout.max_new_tokens_per_turn=48", "rollout.max_total_tokens=160",
+    "rollout.max_turns=2", "rl.prompts_per_step=2", "rl.steps=2", "eval.num_questions=4", "eval.k=2",
+    "checkpoint.every=1", "logging.progress=false", "dist.threads_per_rank=1",
+]
+
+
+def micro_config(tmp_path, *extra):
+    return load_config(None, [*MICRO, f"logging.run_dir={tmp_path}", *extra])
+
+
+def test_single_process_run_writes_every_output(tmp_path, capsys):
+    cfg = micro_config(tmp_path, "logging.name=single")
+    summary = run(cfg)
+    run_dir = tmp_path / "single"
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    rl = [r for r in rows if r.get("phase") == "rl"]
+    assert [r["rl_step"] for r in rl] == [1, 2] and [r["step"] for r in rl] == [5, 6]
+    for r in rl:
+        for key in ("train/reward", "train/accuracy", "train/tool_call_rate", "actor/loss",
+                    "actor/clip_frac", "actor/mean_kl", "actor/entropy", "tapo/call_correction_rate",
+                    "tapo/trajectory_correction_rate", "perf/tokens_per_s", "perf/step_time_s",
+                    "perf/fused_correct_share"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), key
+        assert 0 <= r["perf/fused_correct_share"] < 1
+    evals = [r["eval/tag"] for r in rows if r.get("phase") == "eval"]
+    assert evals == ["initial", "after_warmup", "final"]
+    assert [r["step"] for r in rows if r.get("phase") == "warmup"] == [4]
+    assert set(summary["heldout_pass@1"]) == {"initial", "after_warmup", "final"}
+    for name in ("reward.png", "tapo.png", "heldout_accuracy.png"):
+        assert (run_dir / "plots" / name).stat().st_size > 1000
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert latest_checkpoint(run_dir).name == "step_000006"
+    assert json.loads((run_dir / "summary.json").read_text())["rl_steps"] == 2
+    out = capsys.readouterr().out
+    assert "held-out accuracy (greedy pass@1)" in out and str(run_dir / "plots") in out
+
+
+def test_tool_errors_timeouts_malformed_calls_and_nan_steps_do_not_stop_training(tmp_path):
+    cfg = micro_config(tmp_path, "logging.name=faults", "tools.timeout_s=0.2", "rl.steps=3",
+                       "debug.malformed_call_rate=0.3", "debug.nan_loss_steps=[2]",
+                       "warmup.steps=12", "eval.at_start=false")
+    trainer = Trainer(cfg)
+    search = trainer.registry.tools[0]
+    real_run, calls = search.run, []
+
+    def flaky(arguments, context):  # every third call raises, every third hangs past the timeout
+        calls.append(1)
+        if len(calls) % 3 == 0:
+            raise RuntimeError("search backend down")
+        if len(calls) % 3 == 1:
+            time.sleep(1.0)
+        return real_run(arguments, context)
+
+    trainer.warmup()  # demonstrations use the real tool
+    search.run = flaky
+    # sample from a scripted policy that always searches (the micro model has not learned the
+    # call format yet), train the real model on its episodes
+    scripts = {ex.question: [format_call("search", {"query": ex.query}),
+                             f"{TAGS.answer_open}{ex.answers[0]}{TAGS.answer_close}"]
+               for ex in trainer.task.train}
+    trainer.engine.model = ScriptedLM(trainer.tokenizer, scripts)
+    m1 = trainer.rl_step(1)
+    # 8 calls: a third hang (timeout), a third raise, and injected malformed calls on top
+    assert m1["train/calls_per_episode"] == 1 and m1["train/invalid_call_rate"] >= 0.5
+    assert math.isfinite(m1["actor/loss"]) and m1["actor/skipped_steps"] == 0
+
+    def adam_steps():
+        return {int(s["step"]) for s in trainer.optimizer.state.values()}
+
+    assert adam_steps() == {1}
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    m2 = trainer.rl_step(2)  # the loss is NaN: the update is skipped and logged
+    assert m2["actor/skipped_steps"] == 1 and adam_steps() == {1}
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    m3 = trainer.rl_step(3)
+    assert m3["actor/skipped_steps"] == 0 and math.isfinite(m3["actor/loss"]) and adam_steps() == {2}
+    assert len(calls) >= 3  # the flaky tool really was hit, including a raise and a timeout
+    trainer.state.update(phase="rl", rl_step=3, global_step=15)
+    trainer._save()
+    assert latest_checkpoint(tmp_path / "faults").name == "step_000015"
+
+
+def _tiny(seed):
+    return tiny_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                  num_kv_heads=1), 64, 0, 1, seed=seed)
+
+
+def test_checkpoints_are_atomic_and_restore_exactly(tmp_path):
+    ctx = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"), fsdp=False)
+    model = _tiny(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(input_ids=torch.randint(0, 64, (2, 5))).logits.sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, 1, model, opt, {"rl_step": 1}, ctx, keep=1)
+    save_checkpoint(tmp_path, 2, model, opt, {"rl_step": 2}, ctx, keep=1)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000002"]  # keep=1 pruned step 1
+    # debris of a save killed midway: a temp dir and a final-looking dir without the state file
+    (root / ".tmp_step_000003").mkdir()
+    (root / "step_000004").mkdir()
+    (root / "step_000004" / ".metadata").write_text("partial")
+    assert latest_checkpoint(tmp_path).name == "step_000002"
+    fresh = _tiny(1)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=False))
+    state = load_checkpoint(root / "step_000002", fresh, fresh_opt, ctx)
+    assert state == {"rl_step": 2}
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=False):
+        assert torch.equal(a, b)
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=False):
+        sa, sb = opt.state[a], fresh_opt.state[b]
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    save_checkpoint(tmp_path, 2, fresh, fresh_opt, {"rl_step": 2, "again": True}, ctx, keep=2)
+    assert json.loads((root / "step_000002" / "trainer_state.json").read_text())["again"] is True
+
+
+def test_metrics_resume_drops_lines_after_the_checkpoint(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    for step in range(1, 6):
+        logger.log(step, {"x": float(step), "bad": float("nan")})
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 6, "x": ')  # a line cut by a kill
+    resumed = MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=3)
+    resumed.log(4, {"x": 40.0})
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["x"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert rows[0]["bad"] == "nan"
+
+
+def test_cli(tmp_path, capsys):
+    assert main(["--print-config", "rl.steps=3"]) == 0
+    assert "steps: 3" in capsys.readouterr().out
+    assert main(["rl.stepz=3"]) == 2
+    assert "did you mean 'rl.steps'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
