@@ -7,7 +7,7 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 install:  ## install torch (CPU wheel first, so nothing pulls a CUDA build), then the package
 	$(PIP) torch==2.13.0
 	$(PIP) numpy triton==3.7.1 setuptools wheel pybind11 ninja
-	$(PIP) --no-build-isolation -e '.[test,train]'
+	$(PIP) --no-build-isolation -e '.[test,train,neural]'
 
 test: install  ## the whole test suite (Triton kernels run in the interpreter on CPU)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests

@@ -16,7 +16,8 @@ def load_task(cfg: TaskConfig) -> TaskData:
     """The task a config names."""
     if cfg.name == "synthetic":
         return synthetic_task(cfg.num_entities, cfg.attributes, cfg.heldout_fraction,
-                              cfg.num_demos, cfg.seed, cfg.sloppy_demo_fraction)
+                              cfg.num_demos, cfg.seed, cfg.sloppy_demo_fraction,
+                              cfg.num_demo_entities)
     return load_jsonl_task(cfg.train_path, cfg.eval_path, cfg.corpus_path, cfg.demos_path,
                            cfg.heldout_fraction, cfg.seed)
 

@@ -77,45 +77,61 @@ def demo_query(attribute: str, name: str) -> str:
     return f"{name} {attribute}"
 
 
-def synthetic_task(num_entities: int = 48, attributes: list[str] | None = None,
-                   heldout_fraction: float = 0.25, num_demos: int = 64, seed: int = 0,
-                   sloppy_demo_fraction: float = 0.0) -> TaskData:
-    """Build the task (deterministic in its arguments); all questions share corpus 0."""
-    attributes = list(attributes or ATTRIBUTES)
-    unknown = [a for a in attributes if a not in ATTRIBUTES]
-    if unknown:
-        raise ValueError(f"unknown attributes {unknown}; available: {sorted(ATTRIBUTES)}")
-    rng = random.Random(f"facts-{seed}")
-    names = entity_names(num_entities, seed)
-    docs: list[str] = []
-    examples: list[Example] = []
+def _facts(names: list[str], attributes: list[str], rng: random.Random, seed: int,
+           tag: str) -> tuple[list[str], list[Example]]:
+    docs, examples = [], []
     for e, name in enumerate(names):
         for attribute in attributes:
             value = rng.choice(ATTRIBUTES[attribute])
             docs.append(fact_sentence(attribute, name, value))
             examples.append(Example(
-                uid=f"syn-{seed}-{e}-{attribute.replace(' ', '_')}",
+                uid=f"syn-{seed}-{tag}{e}-{attribute.replace(' ', '_')}",
                 question=question_text(attribute, name),
                 answers=(value,),
                 corpus_id=0,
                 query=demo_query(attribute, name),
             ))
+    return docs, examples
+
+
+def synthetic_task(num_entities: int = 48, attributes: list[str] | None = None,
+                   heldout_fraction: float = 0.25, num_demos: int = 64, seed: int = 0,
+                   sloppy_demo_fraction: float = 0.0, num_demo_entities: int = 0) -> TaskData:
+    """Build the task (deterministic in its arguments); all questions share corpus 0.
+
+    ``num_demo_entities > 0`` draws the demonstrations from that many extra entities whose
+    facts are in the corpus but never asked in training or evaluation (so the warm-up cannot
+    memorise answers and has to learn to copy); 0 draws them from the training questions.
+    """
+    attributes = list(attributes or ATTRIBUTES)
+    unknown = [a for a in attributes if a not in ATTRIBUTES]
+    if unknown:
+        raise ValueError(f"unknown attributes {unknown}; available: {sorted(ATTRIBUTES)}")
+    rng = random.Random(f"facts-{seed}")
+    all_names = entity_names(num_entities + num_demo_entities, seed)
+    docs, examples = _facts(all_names[:num_entities], attributes, rng, seed, "")
+    demo_docs, demo_pool = _facts(all_names[num_entities:], attributes, rng, seed, "demo")
+    docs += demo_docs
     rng.shuffle(examples)
     n_heldout = max(1, round(heldout_fraction * len(examples)))
     heldout, train = examples[:n_heldout], examples[n_heldout:]
     # the documents are shuffled too, so a fact's position says nothing about its entity
     rng.shuffle(docs)
+    if num_demo_entities:
+        rng.shuffle(demo_pool)
+    else:
+        demo_pool = train
     index = BM25Index(docs) if sloppy_demo_fraction > 0 else None
     demos_rng = random.Random(f"demos-{seed}")
     demos: list[Example] = []
-    for ex in train:
+    for ex in demo_pool:
         if len(demos) == num_demos:
             break
         if index is not None and demos_rng.random() < sloppy_demo_fraction:
             name = ex.question.split(" of ", 1)[1].rstrip("?")
             hits = index.search(name, top_k=1)
-            if hits and docs[hits[0][0]] == fact_sentence(ex.query[len(name) + 1:], name,
-                                                          ex.answers[0]):
+            attribute = ex.query[len(name) + 1:]
+            if hits and docs[hits[0][0]] == fact_sentence(attribute, name, ex.answers[0]):
                 demos.append(replace(ex, query=name))  # the sloppy search happened to work
             continue  # a failed sloppy trajectory is not a demonstration
         demos.append(ex)

@@ -1,0 +1,834 @@
+// CPU kernels of tapo::policy_loss and tapo::policy_loss_backward (SPEC section 3), the
+// semantics of tapo_kernels/reference.py::policy_loss and of autograd through it.
+//
+// Design: OpenMP (at::parallel_for) over rows; inside a row, an explicit 8 x fp32 / 4 x fp64
+// vector loop over tokens (GCC vector extensions, an AVX2 build picked at run time), so the
+// exponentials and clips of a token cost a few cycles. Per-row results are kept per row and
+// reduced serially in row order (deterministic for any thread count), in fp64.
+//   forward : one pass. Per row: the TAPO lift and the GSPO row ratio first (the row is then
+//             in cache), then the token pass (loss, clip, ratio, KL sums; NaN flags).
+//   backward: a first pass for the row mask counts (the aggregation weights need them), then
+//             the token pass writing d loss / d logp.
+// Tokens are assumed to be mostly in mask (the loop does not skip masked tokens; their loss
+// and gradient are multiplied by 0, like the reference).
+//
+// Gradient semantics are torch's: maximum/minimum split the gradient 0.5/0.5 on exact ties,
+// clamp passes it at its bounds inclusive and zero outside (log-ratio clamp [-20, 20], PPO
+// clip, GSPO clamp(max=10), k3 clamps). Scalars meet fp32 tensors as fp32 (torch's rule for a
+// Python float against a float32 tensor). fp32 exponentials use a Cephes-style polynomial
+// (about 1 ulp, like torch's vectorised exp); fp64 uses std::exp lane by lane.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tapo_common.h"
+
+namespace tapo {
+namespace {
+
+enum class Algo { kGrpo, kGspo, kSapo };
+enum class KlType { kK1, kK2, kK3 };
+enum class Agg { kTokenMean, kSeqMeanTokenMean, kSeqMeanTokenSum, kSeqMeanTokenSumNorm };
+
+// ---------------------------------------------------------------------------------------------
+// validation (tapo_kernels/_checks.py::check_policy_loss, same order and messages)
+// ---------------------------------------------------------------------------------------------
+
+struct LossOptions {
+  Algo algo;
+  KlType kl_type;
+  Agg agg;
+  double eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef;
+  std::optional<double> norm_const, global_count;
+};
+
+template <typename Enum, size_t K>
+Enum parse_choice(const char* what, c10::string_view value,
+                  const std::pair<const char*, Enum> (&choices)[K]) {
+  for (const auto& [name, e] : choices) {
+    if (value == name) return e;
+  }
+  std::string expected = "(";
+  for (size_t i = 0; i < K; ++i) expected += (i ? ", '" : "'") + std::string(choices[i].first) + "'";
+  expected += ")";
+  TORCH_CHECK_VALUE(false, "unknown ", what, " ", py_str_repr(value), "; expected one of ",
+                    expected);
+}
+
+LossOptions check_policy_loss_args(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
+    const std::optional<at::Tensor>& call_map, const std::optional<at::Tensor>& call_delta,
+    c10::string_view algo, double eps_low, double eps_high, double dual_clip_c, double tau_pos,
+    double tau_neg, double kl_coef, c10::string_view kl_type, c10::string_view agg,
+    std::optional<double> norm_const, std::optional<double> global_count) {
+  static const std::pair<const char*, Algo> kAlgos[] = {
+      {"grpo", Algo::kGrpo}, {"gspo", Algo::kGspo}, {"sapo", Algo::kSapo}};
+  static const std::pair<const char*, Agg> kAggs[] = {
+      {"token-mean", Agg::kTokenMean},
+      {"seq-mean-token-mean", Agg::kSeqMeanTokenMean},
+      {"seq-mean-token-sum", Agg::kSeqMeanTokenSum},
+      {"seq-mean-token-sum-norm", Agg::kSeqMeanTokenSumNorm}};
+  static const std::pair<const char*, KlType> kKlTypes[] = {
+      {"k1", KlType::kK1}, {"k2", KlType::kK2}, {"k3", KlType::kK3}};
+  LossOptions opt;
+  opt.algo = parse_choice("algo", algo, kAlgos);
+  opt.agg = parse_choice("agg", agg, kAggs);
+  opt.kl_type = parse_choice("kl_type", kl_type, kKlTypes);
+
+  const at::Tensor* ref = ref_logp.has_value() ? &*ref_logp : nullptr;
+  const at::Tensor* map = call_map.has_value() ? &*call_map : nullptr;
+  const at::Tensor* dlt = call_delta.has_value() ? &*call_delta : nullptr;
+  check_same_device({{"logp", &logp}, {"old_logp", &old_logp}, {"advantages", &advantages},
+                     {"mask", &mask}, {"ref_logp", ref}, {"call_map", map}, {"call_delta", dlt}});
+  TORCH_CHECK_VALUE(logp.dim() == 2, "logp must be 2-D (B, T), got shape ",
+                    shape_repr(logp.sizes()));
+  const int64_t B = logp.size(0);
+  const int64_t T = logp.size(1);
+  check_dtype("logp", logp, {at::kFloat, at::kDouble});
+  const at::ScalarType dtype = logp.scalar_type();
+  for (const auto& [name, t] : {std::make_pair("old_logp", &old_logp), std::make_pair("ref_logp", ref)}) {
+    if (t == nullptr) continue;
+    check_shape(name, *t, {B, T});
+    check_dtype(name, *t, {dtype});
+  }
+  TORCH_CHECK_VALUE(
+      advantages.sizes() == at::IntArrayRef({B}) || advantages.sizes() == at::IntArrayRef({B, T}),
+      "advantages must have shape (", B, ",) or (", B, ", ", T, "), got ",
+      shape_repr(advantages.sizes()));
+  check_dtype("advantages", advantages, {dtype});
+  check_shape("mask", mask, {B, T});
+  check_dtype("mask", mask, {at::kBool, dtype});
+  TORCH_CHECK_VALUE((map == nullptr) == (dlt == nullptr),
+                    "call_map and call_delta must be given together");
+  if (map != nullptr) {
+    check_shape("call_map", *map, {B, T});
+    check_dtype("call_map", *map, {at::kInt});
+    TORCH_CHECK_VALUE(dlt->dim() == 1, "call_delta must be 1-D (N,), got shape ",
+                      shape_repr(dlt->sizes()));
+    check_dtype("call_delta", *dlt, {dtype});
+  }
+  for (const auto& [name, v] : {std::make_pair("eps_low", eps_low), std::make_pair("eps_high", eps_high)}) {
+    TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0, name, " must be finite and >= 0, got ",
+                      py_float_repr(v));
+  }
+  TORCH_CHECK_VALUE(eps_low < 1.0,
+                    "eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got ",
+                    py_float_repr(eps_low));
+  TORCH_CHECK_VALUE(std::isfinite(dual_clip_c) && (dual_clip_c == 0.0 || dual_clip_c > 1.0),
+                    "dual_clip_c must be 0 (off) or > 1, got ", py_float_repr(dual_clip_c));
+  for (const auto& [name, v] : {std::make_pair("tau_pos", tau_pos), std::make_pair("tau_neg", tau_neg)}) {
+    TORCH_CHECK_VALUE(std::isfinite(v) && v > 0.0, name, " must be finite and > 0, got ",
+                      py_float_repr(v));
+  }
+  TORCH_CHECK_VALUE(std::isfinite(kl_coef), "kl_coef must be finite, got ", py_float_repr(kl_coef));
+  TORCH_CHECK_VALUE(!(kl_coef != 0.0 && ref == nullptr), "kl_coef != 0 needs ref_logp");
+  if (norm_const.has_value()) {
+    TORCH_CHECK_VALUE(std::isfinite(*norm_const) && *norm_const > 0,
+                      "norm_const must be finite and > 0, got ", py_float_repr(*norm_const));
+  }
+  if (global_count.has_value()) {
+    TORCH_CHECK_VALUE(std::isfinite(*global_count) && *global_count > 0,
+                      "global_count must be finite and > 0, got ", py_float_repr(*global_count));
+  }
+  opt.eps_low = eps_low;
+  opt.eps_high = eps_high;
+  opt.dual_clip_c = dual_clip_c;
+  opt.tau_pos = tau_pos;
+  opt.tau_neg = tau_neg;
+  opt.kl_coef = kl_coef;
+  opt.norm_const = norm_const;
+  opt.global_count = global_count;
+  return opt;
+}
+
+// ---------------------------------------------------------------------------------------------
+// vector helpers (GCC vector extensions: 32-byte vectors; lowered to SSE pairs without AVX)
+// ---------------------------------------------------------------------------------------------
+
+#define TAPO_INLINE __attribute__((always_inline)) inline
+
+template <typename scalar_t>
+struct Vec;
+
+template <>
+struct Vec<float> {
+  static constexpr int kWidth = 8;
+  using V = float __attribute__((vector_size(32)));
+  using I = int32_t __attribute__((vector_size(32)));  // comparison results: -1 / 0
+  using U = uint32_t __attribute__((vector_size(32)));
+  using D = double __attribute__((vector_size(64)));  // fp64 accumulators, one per lane
+  using B = uint8_t __attribute__((vector_size(8)));  // bool mask lanes
+  static constexpr uint32_t kExpBits = 0x7f800000u;
+};
+
+template <>
+struct Vec<double> {
+  static constexpr int kWidth = 4;
+  using V = double __attribute__((vector_size(32)));
+  using I = int64_t __attribute__((vector_size(32)));
+  using U = uint64_t __attribute__((vector_size(32)));
+  using D = V;
+  using B = uint8_t __attribute__((vector_size(4)));
+  static constexpr uint64_t kExpBits = 0x7ff0000000000000ull;
+};
+
+template <typename V, typename S>
+TAPO_INLINE V splat(S s) {
+  V v;
+  for (size_t k = 0; k < sizeof(V) / sizeof(S); ++k) v[k] = s;
+  return v;
+}
+
+template <typename V, typename S>
+TAPO_INLINE V vload(const S* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename S>
+TAPO_INLINE void vstore(S* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename V>
+TAPO_INLINE V vmin(V a, V b) {
+  return a < b ? a : b;
+}
+
+template <typename V>
+TAPO_INLINE V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+
+// torch.clamp(x, lo, hi) = min(max(x, lo), hi)
+template <typename V>
+TAPO_INLINE V vclamp(V x, V lo, V hi) {
+  return vmin(vmax(x, lo), hi);
+}
+
+// Lanes that are NaN or inf (exponent bits all ones).
+template <typename scalar_t>
+TAPO_INLINE typename Vec<scalar_t>::I nonfinite(typename Vec<scalar_t>::V x) {
+  using U = typename Vec<scalar_t>::U;
+  using I = typename Vec<scalar_t>::I;
+  U u;
+  std::memcpy(&u, &x, sizeof(u));
+  const U e = splat<U>(Vec<scalar_t>::kExpBits);
+  return reinterpret_cast<I>((u & e) == e);
+}
+
+// exp on fp32 lanes: Cephes expf (range reduction by ln 2 in two parts, degree-6
+// polynomial, exponent built from bits), about 1 ulp. Inputs are clamped to [-87, 88], enough
+// for every use here (|log-ratio| <= 20, k3's |d| <= 20; the sigmoid saturates long before).
+TAPO_INLINE Vec<float>::V vexp(Vec<float>::V x) {
+  using V = Vec<float>::V;
+  using I = Vec<float>::I;
+  x = vclamp(x, splat<V>(-87.0f), splat<V>(88.0f));
+  const V fx = x * splat<V>(1.44269504088896341f) + splat<V>(0.5f);
+  I n = __builtin_convertvector(fx, I);  // truncation toward zero ...
+  n += reinterpret_cast<I>(__builtin_convertvector(n, V) > fx);  // ... then floor (-1 where true)
+  const V nf = __builtin_convertvector(n, V);
+  V r = x - nf * splat<V>(0.693359375f);
+  r = r - nf * splat<V>(-2.12194440e-4f);
+  const V r2 = r * r;
+  V y = splat<V>(1.9875691500e-4f);
+  y = y * r + splat<V>(1.3981999507e-3f);
+  y = y * r + splat<V>(8.3334519073e-3f);
+  y = y * r + splat<V>(4.1665795894e-2f);
+  y = y * r + splat<V>(1.6666665459e-1f);
+  y = y * r + splat<V>(5.0000001201e-1f);
+  y = y * r2 + r + splat<V>(1.0f);
+  const I bits = (n + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// exp on fp64 lanes: the C library's exp (correctly rounded in practice, like Python's math.exp).
+TAPO_INLINE Vec<double>::V vexp(Vec<double>::V x) {
+  Vec<double>::V out;
+  for (int k = 0; k < Vec<double>::kWidth; ++k) out[k] = std::exp(x[k]);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// per-token math, shared by the forward and the backward
+// ---------------------------------------------------------------------------------------------
+
+// Knobs in the kernel's dtype, rounded as torch rounds a Python float against the tensor.
+template <typename scalar_t>
+struct Consts {
+  Algo algo;
+  KlType kl_type;
+  bool has_ref;
+  bool dual;  // grpo with dual_clip_c > 1
+  scalar_t lo, hi;  // 1 - eps_low, 1 + eps_high
+  scalar_t dual_c;
+  scalar_t tau_pos, tau_neg, c4_pos, c4_neg;  // c4 = 4 / tau, computed in scalar_t
+  scalar_t kl_coef;
+};
+
+template <typename scalar_t>
+Consts<scalar_t> make_consts(const LossOptions& o, bool has_ref) {
+  Consts<scalar_t> c;
+  c.algo = o.algo;
+  c.kl_type = o.kl_type;
+  c.has_ref = has_ref;
+  c.dual = o.algo == Algo::kGrpo && o.dual_clip_c > 1.0;
+  c.lo = static_cast<scalar_t>(1.0 - o.eps_low);
+  c.hi = static_cast<scalar_t>(1.0 + o.eps_high);
+  c.dual_c = static_cast<scalar_t>(o.dual_clip_c);
+  c.tau_pos = static_cast<scalar_t>(o.tau_pos);
+  c.tau_neg = static_cast<scalar_t>(o.tau_neg);
+  c.c4_pos = static_cast<scalar_t>(4.0) / c.tau_pos;
+  c.c4_neg = static_cast<scalar_t>(4.0) / c.tau_neg;
+  c.kl_coef = static_cast<scalar_t>(o.kl_coef);
+  return c;
+}
+
+template <typename scalar_t>
+struct TokenVec {
+  using V = typename Vec<scalar_t>::V;
+  using I = typename Vec<scalar_t>::I;
+  V loss;     // per-token loss (policy term + kl_coef * KL)
+  V ratio;    // r (s_it for GSPO)
+  V kl;       // KL estimate (0 without ref_logp)
+  I clipped;  // PPO clip or dual clip strictly active
+  V dloss;    // d loss / d logp of this token
+};
+
+// row_ratio / row_dratio: GSPO's s_it and d s_it / d logp_t (constant over the row).
+template <typename scalar_t>
+TAPO_INLINE TokenVec<scalar_t> token_math(const Consts<scalar_t>& c, typename Vec<scalar_t>::V lp,
+                                          typename Vec<scalar_t>::V old,
+                                          typename Vec<scalar_t>::V a,
+                                          typename Vec<scalar_t>::V ref, scalar_t row_ratio,
+                                          scalar_t row_dratio) {
+  using V = typename Vec<scalar_t>::V;
+  using I = typename Vec<scalar_t>::I;
+  const V zero = splat<V>(scalar_t(0)), one = splat<V>(scalar_t(1)), half = splat<V>(scalar_t(0.5));
+  TokenVec<scalar_t> out;
+
+  V dratio;  // d r / d logp
+  if (c.algo == Algo::kGspo) {
+    out.ratio = splat<V>(row_ratio);
+    dratio = splat<V>(row_dratio);
+  } else {
+    const V diff = lp - old;
+    const V lim = splat<V>(scalar_t(20));
+    const I lr_inside = (diff >= -lim) & (diff <= lim);
+    out.ratio = vexp(vclamp(diff, -lim, lim));
+    dratio = lr_inside ? out.ratio : zero;
+  }
+  const V r = out.ratio;
+  const V na = -a;
+
+  V dl_dr;  // d (policy loss) / d r
+  if (c.algo == Algo::kSapo) {
+    const I pos = a > zero;
+    const V tau = pos ? splat<V>(c.tau_pos) : splat<V>(c.tau_neg);
+    const V c4 = pos ? splat<V>(c.c4_pos) : splat<V>(c.c4_neg);
+    const V sig = one / (one + vexp(-(tau * (r - one))));
+    out.loss = na * sig * c4;
+    dl_dr = na * c4 * (sig * (one - sig)) * tau;
+    out.clipped = reinterpret_cast<I>(zero);
+  } else {
+    const V lo = splat<V>(c.lo), hi = splat<V>(c.hi);
+    const V l1 = na * r;
+    const V l2 = na * vclamp(r, lo, hi);
+    const I in_clip = (r >= lo) & (r <= hi);
+    const I gt = l1 > l2, lt = l1 < l2, eq = l1 == l2;
+    out.loss = gt ? l1 : l2;  // torch.maximum
+    out.clipped = lt;
+    const V w1 = gt ? one : (eq ? half : zero);  // maximum's gradient split
+    const V w2 = lt ? one : (eq ? half : zero);
+    dl_dr = w1 * na + w2 * (in_clip ? na : zero);
+    if (c.dual) {
+      const I neg = a < zero;
+      const V l3 = na * splat<V>(c.dual_c);
+      const V wm = out.loss < l3 ? one : (out.loss == l3 ? half : zero);  // minimum's split
+      dl_dr = neg ? dl_dr * wm : dl_dr;
+      const I dual_on = neg & (l3 < out.loss);
+      out.loss = dual_on ? l3 : out.loss;
+      out.clipped = out.clipped | dual_on;
+    }
+  }
+  out.dloss = dl_dr * dratio;
+
+  if (c.has_ref) {
+    const V d = ref - lp;
+    V dkl;  // d KL / d logp
+    if (c.kl_type == KlType::kK1) {
+      out.kl = -d;
+      dkl = one;
+    } else if (c.kl_type == KlType::kK2) {
+      out.kl = half * d * d;
+      dkl = -d;
+    } else {
+      const V lim_d = splat<V>(scalar_t(20)), lim_k = splat<V>(scalar_t(10));
+      const V dc = vclamp(d, -lim_d, lim_d);
+      const V ed = vexp(dc);
+      const V e = ed - dc - one;
+      out.kl = vclamp(e, -lim_k, lim_k);
+      const I inside = (d >= -lim_d) & (d <= lim_d) & (e >= -lim_k) & (e <= lim_k);
+      dkl = inside ? -(ed - one) : zero;
+    }
+    const V coef = splat<V>(c.kl_coef);
+    out.loss = out.loss + coef * out.kl;
+    out.dloss = out.dloss + coef * dkl;
+  } else {
+    out.kl = zero;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// row kernels
+// ---------------------------------------------------------------------------------------------
+
+// One row's inputs. `adv` is per token (T values) or null, then `adv_row` is the row's value.
+template <typename scalar_t>
+struct RowIn {
+  const scalar_t* logp;
+  const scalar_t* old;
+  const scalar_t* ref;  // null without ref_logp
+  const scalar_t* adv;
+  scalar_t adv_row;
+  const scalar_t* mask_f;  // float mask, or
+  const uint8_t* mask_b;   // bool mask
+  int64_t T;
+  scalar_t row_ratio, row_dratio;  // GSPO
+};
+
+enum BadFlag : uint32_t {
+  kBadLogp = 1,
+  kBadOld = 2,
+  kBadAdv = 4,
+  kBadRef = 8,
+  kBadDelta = 16,
+  kBadMap = 32,
+};
+
+struct RowStats {
+  double loss = 0, clipped = 0, ratio = 0, kl = 0, lifted = 0, mask = 0;
+  uint32_t bad = 0;
+};
+
+// Loads lane block [t, t + W) of a row; `count` < W pads the rest with finite zeros (mask 0).
+template <typename scalar_t>
+struct RowLoader {
+  using VT = Vec<scalar_t>;
+  using V = typename VT::V;
+  static constexpr int W = VT::kWidth;
+
+  TAPO_INLINE static V load(const scalar_t* p, int64_t t, int count) {
+    if (count == W) return vload<V>(p + t);
+    scalar_t buf[W] = {};
+    for (int k = 0; k < count; ++k) buf[k] = p[t + k];
+    return vload<V>(buf);
+  }
+  TAPO_INLINE static V mask(const RowIn<scalar_t>& in, int64_t t, int count) {
+    if (in.mask_f != nullptr) return load(in.mask_f, t, count);
+    typename VT::B b;
+    if (count == W) {
+      std::memcpy(&b, in.mask_b + t, sizeof(b));
+    } else {
+      uint8_t buf[W] = {};
+      for (int k = 0; k < count; ++k) buf[k] = in.mask_b[t + k];
+      std::memcpy(&b, buf, sizeof(b));
+    }
+    return __builtin_convertvector(b != 0, V) * splat<V>(scalar_t(-1));  // -1 (true) -> 1
+  }
+};
+
+template <typename scalar_t>
+TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<scalar_t>& c,
+                                      bool check_adv) {
+  using VT = Vec<scalar_t>;
+  using V = typename VT::V;
+  using I = typename VT::I;
+  using D = typename VT::D;
+  using L = RowLoader<scalar_t>;
+  constexpr int W = VT::kWidth;
+  D acc_loss{}, acc_clip{}, acc_ratio{}, acc_kl{}, acc_mask{};
+  I bad_logp{}, bad_old{}, bad_adv{}, bad_ref{};
+  const V zero = splat<V>(scalar_t(0)), one = splat<V>(scalar_t(1));
+  const V a_row = splat<V>(in.adv_row);
+  for (int64_t t = 0; t < in.T; t += W) {
+    const int count = static_cast<int>(std::min<int64_t>(W, in.T - t));
+    const V lp = L::load(in.logp, t, count);
+    const V old = L::load(in.old, t, count);
+    const V a = in.adv != nullptr ? L::load(in.adv, t, count) : a_row;
+    const V ref = in.ref != nullptr ? L::load(in.ref, t, count) : zero;
+    const V m = L::mask(in, t, count);
+    bad_logp |= nonfinite<scalar_t>(lp);
+    bad_old |= nonfinite<scalar_t>(old);
+    if (check_adv) bad_adv |= nonfinite<scalar_t>(a);
+    bad_ref |= nonfinite<scalar_t>(ref);
+    const TokenVec<scalar_t> tok = token_math(c, lp, old, a, ref, in.row_ratio, in.row_dratio);
+    acc_loss += __builtin_convertvector(tok.loss * m, D);
+    acc_clip += __builtin_convertvector((tok.clipped ? one : zero) * m, D);
+    acc_ratio += __builtin_convertvector(tok.ratio * m, D);
+    acc_kl += __builtin_convertvector(tok.kl * m, D);
+    acc_mask += __builtin_convertvector(m, D);
+  }
+  RowStats s;
+  for (int k = 0; k < W; ++k) {
+    s.loss += acc_loss[k];
+    s.clipped += acc_clip[k];
+    s.ratio += acc_ratio[k];
+    s.kl += acc_kl[k];
+    s.mask += acc_mask[k];
+    s.bad |= (bad_logp[k] ? kBadLogp : 0u) | (bad_old[k] ? kBadOld : 0u) |
+             (bad_adv[k] ? kBadAdv : 0u) | (bad_ref[k] ? kBadRef : 0u);
+  }
+  return s;
+}
+
+template <typename scalar_t>
+TAPO_INLINE void backward_row_body(const RowIn<scalar_t>& in, const Consts<scalar_t>& c,
+                                   scalar_t row_grad, scalar_t* grad) {
+  using VT = Vec<scalar_t>;
+  using V = typename VT::V;
+  using L = RowLoader<scalar_t>;
+  constexpr int W = VT::kWidth;
+  const V zero = splat<V>(scalar_t(0));
+  const V a_row = splat<V>(in.adv_row);
+  const V g_row = splat<V>(row_grad);
+  for (int64_t t = 0; t < in.T; t += W) {
+    const int count = static_cast<int>(std::min<int64_t>(W, in.T - t));
+    const V lp = L::load(in.logp, t, count);
+    const V old = L::load(in.old, t, count);
+    const V a = in.adv != nullptr ? L::load(in.adv, t, count) : a_row;
+    const V ref = in.ref != nullptr ? L::load(in.ref, t, count) : zero;
+    const V m = L::mask(in, t, count);
+    const TokenVec<scalar_t> tok = token_math(c, lp, old, a, ref, in.row_ratio, in.row_dratio);
+    const V g = g_row * m * tok.dloss;
+    if (count == W) {
+      vstore(grad + t, g);
+    } else {
+      for (int k = 0; k < count; ++k) grad[t + k] = g[k];
+    }
+  }
+}
+
+template <typename scalar_t>
+RowStats forward_row_generic(const RowIn<scalar_t>& in, const Consts<scalar_t>& c, bool check_adv) {
+  return forward_row_body(in, c, check_adv);
+}
+template <typename scalar_t>
+__attribute__((target("avx2"))) RowStats forward_row_avx2(const RowIn<scalar_t>& in,
+                                                          const Consts<scalar_t>& c,
+                                                          bool check_adv) {
+  return forward_row_body(in, c, check_adv);
+}
+template <typename scalar_t>
+void backward_row_generic(const RowIn<scalar_t>& in, const Consts<scalar_t>& c, scalar_t row_grad,
+                          scalar_t* grad) {
+  backward_row_body(in, c, row_grad, grad);
+}
+template <typename scalar_t>
+__attribute__((target("avx2"))) void backward_row_avx2(const RowIn<scalar_t>& in,
+                                                       const Consts<scalar_t>& c,
+                                                       scalar_t row_grad, scalar_t* grad) {
+  backward_row_body(in, c, row_grad, grad);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the ops
+// ---------------------------------------------------------------------------------------------
+
+// Contiguous inputs and the per-row preparation shared by both directions.
+template <typename scalar_t>
+struct LossBatch {
+  int64_t B = 0, T = 0, N = 0;
+  at::Tensor logp_t, old_t, adv_t, mask_t, ref_t, map_t, delta_t;
+  const scalar_t* logp = nullptr;
+  const scalar_t* old = nullptr;
+  const scalar_t* adv = nullptr;
+  bool adv_per_token = false;
+  const scalar_t* mask_f = nullptr;
+  const uint8_t* mask_b = nullptr;
+  const scalar_t* ref = nullptr;
+  const int32_t* map = nullptr;
+  const scalar_t* delta = nullptr;
+
+  LossBatch(const at::Tensor& logp_in, const at::Tensor& old_in, const at::Tensor& adv_in,
+            const at::Tensor& mask_in, const std::optional<at::Tensor>& ref_in,
+            const std::optional<at::Tensor>& map_in, const std::optional<at::Tensor>& delta_in) {
+    B = logp_in.size(0);
+    T = logp_in.size(1);
+    logp_t = logp_in.contiguous();
+    old_t = old_in.contiguous();
+    adv_t = adv_in.contiguous();
+    mask_t = mask_in.contiguous();
+    logp = logp_t.data_ptr<scalar_t>();
+    old = old_t.data_ptr<scalar_t>();
+    adv = adv_t.data_ptr<scalar_t>();
+    adv_per_token = adv_t.dim() == 2;
+    if (mask_t.scalar_type() == at::kBool) {
+      mask_b = reinterpret_cast<const uint8_t*>(mask_t.data_ptr<bool>());
+    } else {
+      mask_f = mask_t.data_ptr<scalar_t>();
+    }
+    if (ref_in.has_value()) {
+      ref_t = ref_in->contiguous();
+      ref = ref_t.data_ptr<scalar_t>();
+    }
+    if (map_in.has_value()) {
+      map_t = map_in->contiguous();
+      delta_t = delta_in->contiguous();
+      map = map_t.data_ptr<int32_t>();
+      delta = delta_t.data_ptr<scalar_t>();
+      N = delta_t.numel();
+    }
+  }
+
+  scalar_t mask_at(int64_t i) const {
+    return mask_f != nullptr ? mask_f[i] : static_cast<scalar_t>(mask_b[i] != 0);
+  }
+
+  // The row's inputs. With a TAPO call map, the lifted advantages
+  // a' = min(0, a + delta[call_map]) (a < 0, covered tokens) are written to `lifted_adv` (T
+  // values); `stats` receives the masked count of lifted tokens and the flags of this pass.
+  RowIn<scalar_t> row(int64_t i, std::vector<scalar_t>& lifted_adv, RowStats* stats) const {
+    RowIn<scalar_t> in;
+    const int64_t base = i * T;
+    in.logp = logp + base;
+    in.old = old + base;
+    in.ref = ref != nullptr ? ref + base : nullptr;
+    in.mask_f = mask_f != nullptr ? mask_f + base : nullptr;
+    in.mask_b = mask_b != nullptr ? mask_b + base : nullptr;
+    in.T = T;
+    in.adv = adv_per_token ? adv + base : nullptr;
+    in.adv_row = adv_per_token ? scalar_t(0) : adv[i];
+    in.row_ratio = in.row_dratio = scalar_t(0);
+    if (map == nullptr) return in;
+    lifted_adv.resize(T);
+    double lifted = 0.0;
+    uint32_t bad = 0;
+    const int32_t* row_map = map + base;
+    for (int64_t t = 0; t < T; ++t) {
+      scalar_t a = adv_per_token ? adv[base + t] : in.adv_row;
+      bad |= bits_finite(a) ? 0u : kBadAdv;
+      const int32_t k = row_map[t];
+      if (k < -1 || k >= N) {
+        bad |= kBadMap;
+      } else if (k >= 0 && a < scalar_t(0)) {
+        const scalar_t lifted_a = std::min(a + delta[k], scalar_t(0));  // reference.apply_lift
+        if (lifted_a != a) lifted += static_cast<double>(mask_at(base + t));
+        a = lifted_a;
+      }
+      lifted_adv[t] = a;
+    }
+    in.adv = lifted_adv.data();
+    if (stats != nullptr) {
+      stats->lifted = lifted;
+      stats->bad |= bad;
+    }
+    return in;
+  }
+
+  // GSPO: log s_i = masked mean of the clamped log-ratio; s_it = exp(min(log s_i, 10)) and
+  // d s_it / d logp_t = s_it where log s_i <= 10 (the clamp's bound is inclusive), else 0.
+  void gspo_row(RowIn<scalar_t>& in) const {
+    double sum_lr = 0.0, sum_m = 0.0;
+    for (int64_t t = 0; t < T; ++t) {
+      const scalar_t diff = in.logp[t] - in.old[t];
+      const scalar_t lr = std::min(std::max(diff, scalar_t(-20)), scalar_t(20));
+      const scalar_t m = in.mask_f != nullptr ? in.mask_f[t] : scalar_t(in.mask_b[t] != 0);
+      sum_lr += static_cast<double>(lr * m);
+      sum_m += static_cast<double>(m);
+    }
+    const scalar_t log_s = static_cast<scalar_t>(sum_lr / std::max(sum_m, 1.0));
+    const scalar_t ratio = std::exp(std::min(log_s, scalar_t(10)));
+    in.row_ratio = ratio;
+    in.row_dratio = log_s <= scalar_t(10) ? ratio : scalar_t(0);
+  }
+};
+
+int64_t row_grain(int64_t T) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1));
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> policy_loss_impl(const LossBatch<scalar_t>& batch,
+                                                    const LossOptions& opt) {
+  const int64_t B = batch.B, T = batch.T;
+  const Consts<scalar_t> consts = make_consts<scalar_t>(opt, batch.ref != nullptr);
+  const auto forward_row = cpu_has_avx2() ? &forward_row_avx2<scalar_t> : &forward_row_generic<scalar_t>;
+  std::vector<RowStats> rows(B);
+  at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
+    std::vector<scalar_t> lifted_adv;
+    for (int64_t i = lo; i < hi; ++i) {
+      RowStats pre;
+      RowIn<scalar_t> in = batch.row(i, lifted_adv, &pre);
+      if (opt.algo == Algo::kGspo) batch.gspo_row(in);
+      // with a call map the advantages were checked before the lift
+      RowStats s = forward_row(in, consts, batch.map == nullptr && batch.adv_per_token);
+      s.lifted = pre.lifted;
+      s.bad |= pre.bad;
+      rows[i] = s;
+    }
+  });
+
+  // value checks, raised in the reference's order
+  uint32_t bad = 0;
+  for (const RowStats& s : rows) bad |= s.bad;
+  if (!batch.adv_per_token) {
+    for (int64_t i = 0; i < B; ++i) bad |= bits_finite(batch.adv[i]) ? 0u : kBadAdv;
+  }
+  if (batch.delta != nullptr && !all_finite(batch.delta, batch.N)) bad |= kBadDelta;
+  TORCH_CHECK_VALUE(!(bad & kBadLogp), "logp contains NaN or inf");
+  TORCH_CHECK_VALUE(!(bad & kBadOld), "old_logp contains NaN or inf");
+  TORCH_CHECK_VALUE(!(bad & kBadAdv), "advantages contains NaN or inf");
+  TORCH_CHECK_VALUE(!(bad & kBadRef), "ref_logp contains NaN or inf");
+  TORCH_CHECK_VALUE(!(bad & kBadDelta), "call_delta contains NaN or inf");
+  TORCH_CHECK_VALUE(!(bad & kBadMap), "call_map out of range: entries must be -1 or in [0, N=",
+                    batch.N, ")");
+
+  // aggregation (reference.aggregate) and metrics, in fp64 and row order
+  double total_mask = 0, total_loss = 0, clipped = 0, ratio = 0, kl = 0, lifted = 0;
+  double seq_sum = 0, nonempty = 0;
+  const double norm = opt.norm_const.value_or(static_cast<double>(T));
+  for (const RowStats& s : rows) {
+    total_mask += s.mask;
+    total_loss += s.loss;
+    clipped += s.clipped;
+    ratio += s.ratio;
+    kl += s.kl;
+    lifted += s.lifted;
+    if (s.mask > 0) {
+      nonempty += 1;
+      switch (opt.agg) {
+        case Agg::kSeqMeanTokenMean: seq_sum += s.loss / std::max(s.mask, 1.0); break;
+        case Agg::kSeqMeanTokenSum: seq_sum += s.loss; break;
+        case Agg::kSeqMeanTokenSumNorm: seq_sum += s.loss / norm; break;
+        case Agg::kTokenMean: break;
+      }
+    }
+  }
+  double loss;
+  if (opt.agg == Agg::kTokenMean) {
+    loss = total_loss / opt.global_count.value_or(std::max(total_mask, 1.0));
+  } else {
+    loss = seq_sum / opt.global_count.value_or(std::max(nonempty, 1.0));
+  }
+  const double count = std::max(total_mask, 1.0);
+  at::Tensor metrics = at::empty({4}, batch.logp_t.options().dtype(at::kFloat));
+  float* mp = metrics.data_ptr<float>();
+  mp[0] = static_cast<float>(clipped / count);
+  mp[1] = static_cast<float>(ratio / count);
+  mp[2] = static_cast<float>(kl / count);
+  mp[3] = static_cast<float>(lifted / count);
+  return {at::scalar_tensor(loss, batch.logp_t.options()), metrics};
+}
+
+template <typename scalar_t>
+at::Tensor policy_loss_backward_impl(const LossBatch<scalar_t>& batch, const LossOptions& opt,
+                                     double grad_loss) {
+  const int64_t B = batch.B, T = batch.T;
+  // pass 1: mask count per row, for the aggregation weights
+  std::vector<double> row_mask(B, 0.0);
+  at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      double m = 0.0;
+      for (int64_t t = 0; t < T; ++t) m += static_cast<double>(batch.mask_at(i * T + t));
+      row_mask[i] = m;
+    }
+  });
+  double total_mask = 0.0, nonempty = 0.0;
+  for (int64_t i = 0; i < B; ++i) {
+    total_mask += row_mask[i];
+    nonempty += row_mask[i] > 0 ? 1.0 : 0.0;
+  }
+  const double norm = opt.norm_const.value_or(static_cast<double>(T));
+  const double seq_denom = opt.global_count.value_or(std::max(nonempty, 1.0));
+  auto row_weight = [&](int64_t i) -> double {  // d loss / d L[i, t] (before the mask)
+    switch (opt.agg) {
+      case Agg::kTokenMean: return 1.0 / opt.global_count.value_or(std::max(total_mask, 1.0));
+      case Agg::kSeqMeanTokenMean:
+        return row_mask[i] > 0 ? 1.0 / (std::max(row_mask[i], 1.0) * seq_denom) : 0.0;
+      case Agg::kSeqMeanTokenSum: return row_mask[i] > 0 ? 1.0 / seq_denom : 0.0;
+      case Agg::kSeqMeanTokenSumNorm: return row_mask[i] > 0 ? 1.0 / (norm * seq_denom) : 0.0;
+    }
+    return 0.0;
+  };
+
+  // pass 2: the token gradients
+  const Consts<scalar_t> consts = make_consts<scalar_t>(opt, batch.ref != nullptr);
+  const auto backward_row =
+      cpu_has_avx2() ? &backward_row_avx2<scalar_t> : &backward_row_generic<scalar_t>;
+  at::Tensor grad = at::empty({B, T}, batch.logp_t.options());
+  scalar_t* g = grad.data_ptr<scalar_t>();
+  std::atomic<bool> map_ok{true};
+  at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
+    std::vector<scalar_t> lifted_adv;
+    for (int64_t i = lo; i < hi; ++i) {
+      RowStats pre;
+      RowIn<scalar_t> in = batch.row(i, lifted_adv, &pre);
+      if (pre.bad & kBadMap) map_ok.store(false, std::memory_order_relaxed);
+      if (opt.algo == Algo::kGspo) batch.gspo_row(in);
+      backward_row(in, consts, static_cast<scalar_t>(grad_loss * row_weight(i)), g + i * T);
+    }
+  });
+  TORCH_CHECK_VALUE(map_ok.load(), "call_map out of range: entries must be -1 or in [0, N=",
+                    batch.N, ")");
+  return grad;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> policy_loss_cpu(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
+    const std::optional<at::Tensor>& call_map, const std::optional<at::Tensor>& call_delta,
+    c10::string_view algo, double eps_low, double eps_high, double dual_clip_c, double tau_pos,
+    double tau_neg, double kl_coef, c10::string_view kl_type, c10::string_view agg,
+    std::optional<double> norm_const, std::optional<double> global_count) {
+  const LossOptions opt = check_policy_loss_args(
+      logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low, eps_high,
+      dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
+  return AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "tapo_policy_loss", [&] {
+    const LossBatch<scalar_t> batch(logp, old_logp, advantages, mask, ref_logp, call_map,
+                                    call_delta);
+    return policy_loss_impl<scalar_t>(batch, opt);
+  });
+}
+
+// The values were validated by the forward; only the structure is re-checked here (and the
+// call map's range, which guards the memory reads).
+at::Tensor policy_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& logp, const at::Tensor& old_logp,
+    const at::Tensor& advantages, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
+    const std::optional<at::Tensor>& call_map, const std::optional<at::Tensor>& call_delta,
+    c10::string_view algo, double eps_low, double eps_high, double dual_clip_c, double tau_pos,
+    double tau_neg, double kl_coef, c10::string_view kl_type, c10::string_view agg,
+    std::optional<double> norm_const, std::optional<double> global_count) {
+  const LossOptions opt = check_policy_loss_args(
+      logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low, eps_high,
+      dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must have one element, got shape ",
+                    shape_repr(grad_loss.sizes()));
+  const double g = grad_loss.item<double>();
+  return AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "tapo_policy_loss_backward", [&] {
+    const LossBatch<scalar_t> batch(logp, old_logp, advantages, mask, ref_logp, call_map,
+                                    call_delta);
+    return policy_loss_backward_impl<scalar_t>(batch, opt, g);
+  });
+}
+
+TORCH_LIBRARY_IMPL(tapo, CPU, m) {
+  m.impl("policy_loss", &policy_loss_cpu);
+  m.impl("policy_loss_backward", &policy_loss_backward_cpu);
+}
+
+}  // namespace tapo
