@@ -466,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
             best_call = cand.call;
           }
           if (cand.row != cur_row) {
-            if (cur_row >= 0 && cur_max >= theta_f) {
+            if (cur_row >= 0 && cur_max > theta_f) {
               ++n_support;
               support_adv += seq_adv[cur_row];
             }

@@ -25,9 +25,15 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "tapo_common.h"
+
+// The 32-byte vector helpers are always inlined, so no vector crosses a call boundary in the
+// build without AVX; GCC's note about that ABI is moot here.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace tapo {
 namespace {
@@ -59,6 +65,7 @@ Enum parse_choice(const char* what, c10::string_view value,
   expected += ")";
   TORCH_CHECK_VALUE(false, "unknown ", what, " ", py_str_repr(value), "; expected one of ",
                     expected);
+  return choices[0].second;  // not reached
 }
 
 LossOptions check_policy_loss_args(
@@ -179,11 +186,11 @@ struct Vec<double> {
   static constexpr uint64_t kExpBits = 0x7ff0000000000000ull;
 };
 
+// Every lane = s (scalar minus a zero vector broadcasts s; exact, -0.0 included).
 template <typename V, typename S>
 TAPO_INLINE V splat(S s) {
-  V v;
-  for (size_t k = 0; k < sizeof(V) / sizeof(S); ++k) v[k] = s;
-  return v;
+  using Lane = std::remove_reference_t<decltype(std::declval<V>()[0])>;
+  return static_cast<Lane>(s) - V{};
 }
 
 template <typename V, typename S>
@@ -218,11 +225,10 @@ TAPO_INLINE V vclamp(V x, V lo, V hi) {
 template <typename scalar_t>
 TAPO_INLINE typename Vec<scalar_t>::I nonfinite(typename Vec<scalar_t>::V x) {
   using U = typename Vec<scalar_t>::U;
-  using I = typename Vec<scalar_t>::I;
   U u;
   std::memcpy(&u, &x, sizeof(u));
   const U e = splat<U>(Vec<scalar_t>::kExpBits);
-  return reinterpret_cast<I>((u & e) == e);
+  return (u & e) == e;
 }
 
 // exp on fp32 lanes: Cephes expf (range reduction by ln 2 in two parts, degree-6
@@ -234,7 +240,7 @@ TAPO_INLINE Vec<float>::V vexp(Vec<float>::V x) {
   x = vclamp(x, splat<V>(-87.0f), splat<V>(88.0f));
   const V fx = x * splat<V>(1.44269504088896341f) + splat<V>(0.5f);
   I n = __builtin_convertvector(fx, I);  // truncation toward zero ...
-  n += reinterpret_cast<I>(__builtin_convertvector(n, V) > fx);  // ... then floor (-1 where true)
+  n += __builtin_convertvector(n, V) > fx;  // ... then floor (the comparison is -1 where true)
   const V nf = __builtin_convertvector(n, V);
   V r = x - nf * splat<V>(0.693359375f);
   r = r - nf * splat<V>(-2.12194440e-4f);
@@ -263,34 +269,33 @@ TAPO_INLINE Vec<double>::V vexp(Vec<double>::V x) {
 // per-token math, shared by the forward and the backward
 // ---------------------------------------------------------------------------------------------
 
-// Knobs in the kernel's dtype, rounded as torch rounds a Python float against the tensor.
+// Knobs in the kernel's dtype (rounded as torch rounds a Python float against the tensor),
+// broadcast once per call.
 template <typename scalar_t>
 struct Consts {
-  Algo algo;
-  KlType kl_type;
-  bool has_ref;
+  using V = typename Vec<scalar_t>::V;
   bool dual;  // grpo with dual_clip_c > 1
-  scalar_t lo, hi;  // 1 - eps_low, 1 + eps_high
-  scalar_t dual_c;
-  scalar_t tau_pos, tau_neg, c4_pos, c4_neg;  // c4 = 4 / tau, computed in scalar_t
-  scalar_t kl_coef;
+  V lo, hi;  // 1 - eps_low, 1 + eps_high
+  V dual_c;
+  V tau_pos, tau_neg, c4_pos, c4_neg;  // c4 = 4 / tau, computed in scalar_t
+  V kl_coef;
 };
 
 template <typename scalar_t>
-Consts<scalar_t> make_consts(const LossOptions& o, bool has_ref) {
+Consts<scalar_t> make_consts(const LossOptions& o) {
+  using V = typename Vec<scalar_t>::V;
+  const auto tau_pos = static_cast<scalar_t>(o.tau_pos);
+  const auto tau_neg = static_cast<scalar_t>(o.tau_neg);
   Consts<scalar_t> c;
-  c.algo = o.algo;
-  c.kl_type = o.kl_type;
-  c.has_ref = has_ref;
   c.dual = o.algo == Algo::kGrpo && o.dual_clip_c > 1.0;
-  c.lo = static_cast<scalar_t>(1.0 - o.eps_low);
-  c.hi = static_cast<scalar_t>(1.0 + o.eps_high);
-  c.dual_c = static_cast<scalar_t>(o.dual_clip_c);
-  c.tau_pos = static_cast<scalar_t>(o.tau_pos);
-  c.tau_neg = static_cast<scalar_t>(o.tau_neg);
-  c.c4_pos = static_cast<scalar_t>(4.0) / c.tau_pos;
-  c.c4_neg = static_cast<scalar_t>(4.0) / c.tau_neg;
-  c.kl_coef = static_cast<scalar_t>(o.kl_coef);
+  c.lo = splat<V>(static_cast<scalar_t>(1.0 - o.eps_low));
+  c.hi = splat<V>(static_cast<scalar_t>(1.0 + o.eps_high));
+  c.dual_c = splat<V>(static_cast<scalar_t>(o.dual_clip_c));
+  c.tau_pos = splat<V>(tau_pos);
+  c.tau_neg = splat<V>(tau_neg);
+  c.c4_pos = splat<V>(static_cast<scalar_t>(scalar_t(4) / tau_pos));
+  c.c4_neg = splat<V>(static_cast<scalar_t>(scalar_t(4) / tau_neg));
+  c.kl_coef = splat<V>(static_cast<scalar_t>(o.kl_coef));
   return c;
 }
 
@@ -305,22 +310,27 @@ struct TokenVec {
   V dloss;    // d loss / d logp of this token
 };
 
-// row_ratio / row_dratio: GSPO's s_it and d s_it / d logp_t (constant over the row).
-template <typename scalar_t>
+// The KL term of a kernel variant: none (no ref_logp) or one estimator.
+enum class KlTerm { kNone, kK1, kK2, kK3 };
+
+// row_ratio / row_dratio: GSPO's s_it and d s_it / d logp_t (constant over the row). The
+// algorithm and the KL term are template parameters so each variant's loop is branch-free.
+template <typename scalar_t, Algo kAlgo, KlTerm kKl>
 TAPO_INLINE TokenVec<scalar_t> token_math(const Consts<scalar_t>& c, typename Vec<scalar_t>::V lp,
                                           typename Vec<scalar_t>::V old,
                                           typename Vec<scalar_t>::V a,
-                                          typename Vec<scalar_t>::V ref, scalar_t row_ratio,
-                                          scalar_t row_dratio) {
+                                          typename Vec<scalar_t>::V ref,
+                                          typename Vec<scalar_t>::V row_ratio,
+                                          typename Vec<scalar_t>::V row_dratio) {
   using V = typename Vec<scalar_t>::V;
   using I = typename Vec<scalar_t>::I;
   const V zero = splat<V>(scalar_t(0)), one = splat<V>(scalar_t(1)), half = splat<V>(scalar_t(0.5));
   TokenVec<scalar_t> out;
 
   V dratio;  // d r / d logp
-  if (c.algo == Algo::kGspo) {
-    out.ratio = splat<V>(row_ratio);
-    dratio = splat<V>(row_dratio);
+  if constexpr (kAlgo == Algo::kGspo) {
+    out.ratio = row_ratio;
+    dratio = row_dratio;
   } else {
     const V diff = lp - old;
     const V lim = splat<V>(scalar_t(20));
@@ -332,16 +342,16 @@ TAPO_INLINE TokenVec<scalar_t> token_math(const Consts<scalar_t>& c, typename Ve
   const V na = -a;
 
   V dl_dr;  // d (policy loss) / d r
-  if (c.algo == Algo::kSapo) {
+  if constexpr (kAlgo == Algo::kSapo) {
     const I pos = a > zero;
-    const V tau = pos ? splat<V>(c.tau_pos) : splat<V>(c.tau_neg);
-    const V c4 = pos ? splat<V>(c.c4_pos) : splat<V>(c.c4_neg);
+    const V tau = pos ? c.tau_pos : c.tau_neg;
+    const V c4 = pos ? c.c4_pos : c.c4_neg;
     const V sig = one / (one + vexp(-(tau * (r - one))));
     out.loss = na * sig * c4;
     dl_dr = na * c4 * (sig * (one - sig)) * tau;
-    out.clipped = reinterpret_cast<I>(zero);
+    out.clipped = I{};
   } else {
-    const V lo = splat<V>(c.lo), hi = splat<V>(c.hi);
+    const V lo = c.lo, hi = c.hi;
     const V l1 = na * r;
     const V l2 = na * vclamp(r, lo, hi);
     const I in_clip = (r >= lo) & (r <= hi);
@@ -353,7 +363,7 @@ TAPO_INLINE TokenVec<scalar_t> token_math(const Consts<scalar_t>& c, typename Ve
     dl_dr = w1 * na + w2 * (in_clip ? na : zero);
     if (c.dual) {
       const I neg = a < zero;
-      const V l3 = na * splat<V>(c.dual_c);
+      const V l3 = na * c.dual_c;
       const V wm = out.loss < l3 ? one : (out.loss == l3 ? half : zero);  // minimum's split
       dl_dr = neg ? dl_dr * wm : dl_dr;
       const I dual_on = neg & (l3 < out.loss);
@@ -363,13 +373,13 @@ TAPO_INLINE TokenVec<scalar_t> token_math(const Consts<scalar_t>& c, typename Ve
   }
   out.dloss = dl_dr * dratio;
 
-  if (c.has_ref) {
+  if constexpr (kKl != KlTerm::kNone) {
     const V d = ref - lp;
     V dkl;  // d KL / d logp
-    if (c.kl_type == KlType::kK1) {
+    if constexpr (kKl == KlTerm::kK1) {
       out.kl = -d;
       dkl = one;
-    } else if (c.kl_type == KlType::kK2) {
+    } else if constexpr (kKl == KlTerm::kK2) {
       out.kl = half * d * d;
       dkl = -d;
     } else {
@@ -381,7 +391,7 @@ TAPO_INLINE TokenVec<scalar_t> token_math(const Consts<scalar_t>& c, typename Ve
       const I inside = (d >= -lim_d) & (d <= lim_d) & (e >= -lim_k) & (e <= lim_k);
       dkl = inside ? -(ed - one) : zero;
     }
-    const V coef = splat<V>(c.kl_coef);
+    const V coef = c.kl_coef;
     out.loss = out.loss + coef * out.kl;
     out.dloss = out.dloss + coef * dkl;
   } else {
@@ -408,14 +418,9 @@ struct RowIn {
   scalar_t row_ratio, row_dratio;  // GSPO
 };
 
-enum BadFlag : uint32_t {
-  kBadLogp = 1,
-  kBadOld = 2,
-  kBadAdv = 4,
-  kBadRef = 8,
-  kBadDelta = 16,
-  kBadMap = 32,
-};
+// Value problems found by the passes, raised after them in the reference's order.
+constexpr uint32_t kBadLogp = 1, kBadOld = 2, kBadAdv = 4, kBadRef = 8, kBadDelta = 16,
+                   kBadMap = 32;
 
 struct RowStats {
   double loss = 0, clipped = 0, ratio = 0, kl = 0, lifted = 0, mask = 0;
@@ -449,7 +454,7 @@ struct RowLoader {
   }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, Algo kAlgo, KlTerm kKl>
 TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<scalar_t>& c,
                                       bool check_adv) {
   using VT = Vec<scalar_t>;
@@ -458,27 +463,39 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
   using D = typename VT::D;
   using L = RowLoader<scalar_t>;
   constexpr int W = VT::kWidth;
+  constexpr int64_t kBlock = 16 * W;  // tokens summed in the kernel's dtype before fp64
   D acc_loss{}, acc_clip{}, acc_ratio{}, acc_kl{}, acc_mask{};
-  I bad_logp{}, bad_old{}, bad_adv{}, bad_ref{};
+  I bad{};
   const V zero = splat<V>(scalar_t(0)), one = splat<V>(scalar_t(1));
   const V a_row = splat<V>(in.adv_row);
-  for (int64_t t = 0; t < in.T; t += W) {
-    const int count = static_cast<int>(std::min<int64_t>(W, in.T - t));
-    const V lp = L::load(in.logp, t, count);
-    const V old = L::load(in.old, t, count);
-    const V a = in.adv != nullptr ? L::load(in.adv, t, count) : a_row;
-    const V ref = in.ref != nullptr ? L::load(in.ref, t, count) : zero;
-    const V m = L::mask(in, t, count);
-    bad_logp |= nonfinite<scalar_t>(lp);
-    bad_old |= nonfinite<scalar_t>(old);
-    if (check_adv) bad_adv |= nonfinite<scalar_t>(a);
-    bad_ref |= nonfinite<scalar_t>(ref);
-    const TokenVec<scalar_t> tok = token_math(c, lp, old, a, ref, in.row_ratio, in.row_dratio);
-    acc_loss += __builtin_convertvector(tok.loss * m, D);
-    acc_clip += __builtin_convertvector((tok.clipped ? one : zero) * m, D);
-    acc_ratio += __builtin_convertvector(tok.ratio * m, D);
-    acc_kl += __builtin_convertvector(tok.kl * m, D);
-    acc_mask += __builtin_convertvector(m, D);
+  const V row_ratio = splat<V>(in.row_ratio), row_dratio = splat<V>(in.row_dratio);
+  const I logp_flag = splat<I>(kBadLogp), old_flag = splat<I>(kBadOld);
+  const I adv_flag = splat<I>(check_adv ? kBadAdv : 0u), ref_flag = splat<I>(kBadRef);
+  for (int64_t t0 = 0; t0 < in.T; t0 += kBlock) {
+    V s_loss{}, s_clip{}, s_ratio{}, s_kl{}, s_mask{};
+    const int64_t t1 = std::min(in.T, t0 + kBlock);
+    for (int64_t t = t0; t < t1; t += W) {
+      const int count = static_cast<int>(std::min<int64_t>(W, t1 - t));
+      const V lp = L::load(in.logp, t, count);
+      const V old = L::load(in.old, t, count);
+      const V a = in.adv != nullptr ? L::load(in.adv, t, count) : a_row;
+      const V ref = kKl != KlTerm::kNone ? L::load(in.ref, t, count) : zero;
+      const V m = L::mask(in, t, count);
+      bad |= (nonfinite<scalar_t>(lp) & logp_flag) | (nonfinite<scalar_t>(old) & old_flag) |
+             (nonfinite<scalar_t>(a) & adv_flag) | (nonfinite<scalar_t>(ref) & ref_flag);
+      const TokenVec<scalar_t> tok =
+          token_math<scalar_t, kAlgo, kKl>(c, lp, old, a, ref, row_ratio, row_dratio);
+      s_loss += tok.loss * m;
+      s_clip += (tok.clipped ? one : zero) * m;
+      s_ratio += tok.ratio * m;
+      if constexpr (kKl != KlTerm::kNone) s_kl += tok.kl * m;
+      s_mask += m;
+    }
+    acc_loss += __builtin_convertvector(s_loss, D);
+    acc_clip += __builtin_convertvector(s_clip, D);
+    acc_ratio += __builtin_convertvector(s_ratio, D);
+    acc_kl += __builtin_convertvector(s_kl, D);
+    acc_mask += __builtin_convertvector(s_mask, D);
   }
   RowStats s;
   for (int k = 0; k < W; ++k) {
@@ -487,13 +504,12 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
     s.ratio += acc_ratio[k];
     s.kl += acc_kl[k];
     s.mask += acc_mask[k];
-    s.bad |= (bad_logp[k] ? kBadLogp : 0u) | (bad_old[k] ? kBadOld : 0u) |
-             (bad_adv[k] ? kBadAdv : 0u) | (bad_ref[k] ? kBadRef : 0u);
+    s.bad |= static_cast<uint32_t>(bad[k]);
   }
   return s;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, Algo kAlgo, KlTerm kKl>
 TAPO_INLINE void backward_row_body(const RowIn<scalar_t>& in, const Consts<scalar_t>& c,
                                    scalar_t row_grad, scalar_t* grad) {
   using VT = Vec<scalar_t>;
@@ -502,15 +518,17 @@ TAPO_INLINE void backward_row_body(const RowIn<scalar_t>& in, const Consts<scala
   constexpr int W = VT::kWidth;
   const V zero = splat<V>(scalar_t(0));
   const V a_row = splat<V>(in.adv_row);
+  const V row_ratio = splat<V>(in.row_ratio), row_dratio = splat<V>(in.row_dratio);
   const V g_row = splat<V>(row_grad);
   for (int64_t t = 0; t < in.T; t += W) {
     const int count = static_cast<int>(std::min<int64_t>(W, in.T - t));
     const V lp = L::load(in.logp, t, count);
     const V old = L::load(in.old, t, count);
     const V a = in.adv != nullptr ? L::load(in.adv, t, count) : a_row;
-    const V ref = in.ref != nullptr ? L::load(in.ref, t, count) : zero;
+    const V ref = kKl != KlTerm::kNone ? L::load(in.ref, t, count) : zero;
     const V m = L::mask(in, t, count);
-    const TokenVec<scalar_t> tok = token_math(c, lp, old, a, ref, in.row_ratio, in.row_dratio);
+    const TokenVec<scalar_t> tok =
+        token_math<scalar_t, kAlgo, kKl>(c, lp, old, a, ref, row_ratio, row_dratio);
     const V g = g_row * m * tok.dloss;
     if (count == W) {
       vstore(grad + t, g);
@@ -521,25 +539,111 @@ TAPO_INLINE void backward_row_body(const RowIn<scalar_t>& in, const Consts<scala
 }
 
 template <typename scalar_t>
-RowStats forward_row_generic(const RowIn<scalar_t>& in, const Consts<scalar_t>& c, bool check_adv) {
-  return forward_row_body(in, c, check_adv);
-}
+using ForwardRowFn = RowStats (*)(const RowIn<scalar_t>&, const Consts<scalar_t>&, bool);
 template <typename scalar_t>
+using BackwardRowFn = void (*)(const RowIn<scalar_t>&, const Consts<scalar_t>&, scalar_t,
+                               scalar_t*);
+
+template <typename scalar_t, Algo kAlgo, KlTerm kKl>
+RowStats forward_row_generic(const RowIn<scalar_t>& in, const Consts<scalar_t>& c,
+                             bool check_adv) {
+  return forward_row_body<scalar_t, kAlgo, kKl>(in, c, check_adv);
+}
+template <typename scalar_t, Algo kAlgo, KlTerm kKl>
 __attribute__((target("avx2"))) RowStats forward_row_avx2(const RowIn<scalar_t>& in,
                                                           const Consts<scalar_t>& c,
                                                           bool check_adv) {
-  return forward_row_body(in, c, check_adv);
+  return forward_row_body<scalar_t, kAlgo, kKl>(in, c, check_adv);
 }
-template <typename scalar_t>
-void backward_row_generic(const RowIn<scalar_t>& in, const Consts<scalar_t>& c, scalar_t row_grad,
-                          scalar_t* grad) {
-  backward_row_body(in, c, row_grad, grad);
+template <typename scalar_t, Algo kAlgo, KlTerm kKl>
+void backward_row_generic(const RowIn<scalar_t>& in, const Consts<scalar_t>& c,
+                          scalar_t row_grad, scalar_t* grad) {
+  backward_row_body<scalar_t, kAlgo, kKl>(in, c, row_grad, grad);
 }
-template <typename scalar_t>
+template <typename scalar_t, Algo kAlgo, KlTerm kKl>
 __attribute__((target("avx2"))) void backward_row_avx2(const RowIn<scalar_t>& in,
                                                        const Consts<scalar_t>& c,
                                                        scalar_t row_grad, scalar_t* grad) {
-  backward_row_body(in, c, row_grad, grad);
+  backward_row_body<scalar_t, kAlgo, kKl>(in, c, row_grad, grad);
+}
+
+// Sum of one row's mask (the backward's first pass): integers for a bool mask, kernel-dtype
+// lanes for a float mask.
+template <typename scalar_t>
+TAPO_INLINE double mask_sum_body(const scalar_t* mask_f, const uint8_t* mask_b, int64_t T) {
+  if (mask_b != nullptr) {
+    uint64_t count = 0;
+    for (int64_t t = 0; t < T; ++t) count += mask_b[t] != 0;
+    return static_cast<double>(count);
+  }
+  using VT = Vec<scalar_t>;
+  using V = typename VT::V;
+  using D = typename VT::D;
+  constexpr int W = VT::kWidth;
+  constexpr int64_t kBlock = 16 * W;
+  D acc{};
+  for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
+    V block{};
+    const int64_t t1 = std::min(T, t0 + kBlock);
+    for (int64_t t = t0; t < t1; t += W) {
+      block += RowLoader<scalar_t>::load(mask_f, t, static_cast<int>(std::min<int64_t>(W, t1 - t)));
+    }
+    acc += __builtin_convertvector(block, D);
+  }
+  double sum = 0.0;
+  for (int k = 0; k < W; ++k) sum += acc[k];
+  return sum;
+}
+
+template <typename scalar_t>
+double mask_sum_generic(const scalar_t* mask_f, const uint8_t* mask_b, int64_t T) {
+  return mask_sum_body(mask_f, mask_b, T);
+}
+template <typename scalar_t>
+__attribute__((target("avx2"))) double mask_sum_avx2(const scalar_t* mask_f, const uint8_t* mask_b,
+                                                     int64_t T) {
+  return mask_sum_body(mask_f, mask_b, T);
+}
+
+// The row kernels of one (algorithm, KL term) variant, for this CPU.
+template <typename scalar_t>
+struct RowKernels {
+  ForwardRowFn<scalar_t> forward;
+  BackwardRowFn<scalar_t> backward;
+};
+
+template <typename scalar_t, Algo kAlgo, KlTerm kKl>
+RowKernels<scalar_t> row_kernels_for() {
+  if (cpu_has_avx2()) {
+    return {&forward_row_avx2<scalar_t, kAlgo, kKl>, &backward_row_avx2<scalar_t, kAlgo, kKl>};
+  }
+  return {&forward_row_generic<scalar_t, kAlgo, kKl>, &backward_row_generic<scalar_t, kAlgo, kKl>};
+}
+
+template <typename scalar_t, Algo kAlgo>
+RowKernels<scalar_t> row_kernels_for(KlTerm kl) {
+  switch (kl) {
+    case KlTerm::kNone: return row_kernels_for<scalar_t, kAlgo, KlTerm::kNone>();
+    case KlTerm::kK1: return row_kernels_for<scalar_t, kAlgo, KlTerm::kK1>();
+    case KlTerm::kK2: return row_kernels_for<scalar_t, kAlgo, KlTerm::kK2>();
+    case KlTerm::kK3: return row_kernels_for<scalar_t, kAlgo, KlTerm::kK3>();
+  }
+  return row_kernels_for<scalar_t, kAlgo, KlTerm::kNone>();
+}
+
+template <typename scalar_t>
+RowKernels<scalar_t> row_kernels(const LossOptions& opt, bool has_ref) {
+  KlTerm kl = KlTerm::kNone;
+  if (has_ref) {
+    kl = opt.kl_type == KlType::kK1 ? KlTerm::kK1
+         : opt.kl_type == KlType::kK2 ? KlTerm::kK2 : KlTerm::kK3;
+  }
+  switch (opt.algo) {
+    case Algo::kGrpo: return row_kernels_for<scalar_t, Algo::kGrpo>(kl);
+    case Algo::kGspo: return row_kernels_for<scalar_t, Algo::kGspo>(kl);
+    case Algo::kSapo: return row_kernels_for<scalar_t, Algo::kSapo>(kl);
+  }
+  return row_kernels_for<scalar_t, Algo::kGrpo>(kl);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -663,8 +767,8 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> policy_loss_impl(const LossBatch<scalar_t>& batch,
                                                     const LossOptions& opt) {
   const int64_t B = batch.B, T = batch.T;
-  const Consts<scalar_t> consts = make_consts<scalar_t>(opt, batch.ref != nullptr);
-  const auto forward_row = cpu_has_avx2() ? &forward_row_avx2<scalar_t> : &forward_row_generic<scalar_t>;
+  const Consts<scalar_t> consts = make_consts<scalar_t>(opt);
+  const ForwardRowFn<scalar_t> forward_row = row_kernels<scalar_t>(opt, batch.ref != nullptr).forward;
   std::vector<RowStats> rows(B);
   at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
     std::vector<scalar_t> lifted_adv;
@@ -739,10 +843,10 @@ at::Tensor policy_loss_backward_impl(const LossBatch<scalar_t>& batch, const Los
   // pass 1: mask count per row, for the aggregation weights
   std::vector<double> row_mask(B, 0.0);
   at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
+    const auto mask_sum = cpu_has_avx2() ? &mask_sum_avx2<scalar_t> : &mask_sum_generic<scalar_t>;
     for (int64_t i = lo; i < hi; ++i) {
-      double m = 0.0;
-      for (int64_t t = 0; t < T; ++t) m += static_cast<double>(batch.mask_at(i * T + t));
-      row_mask[i] = m;
+      row_mask[i] = mask_sum(batch.mask_f != nullptr ? batch.mask_f + i * T : nullptr,
+                             batch.mask_b != nullptr ? batch.mask_b + i * T : nullptr, T);
     }
   });
   double total_mask = 0.0, nonempty = 0.0;
@@ -764,9 +868,9 @@ at::Tensor policy_loss_backward_impl(const LossBatch<scalar_t>& batch, const Los
   };
 
   // pass 2: the token gradients
-  const Consts<scalar_t> consts = make_consts<scalar_t>(opt, batch.ref != nullptr);
-  const auto backward_row =
-      cpu_has_avx2() ? &backward_row_avx2<scalar_t> : &backward_row_generic<scalar_t>;
+  const Consts<scalar_t> consts = make_consts<scalar_t>(opt);
+  const BackwardRowFn<scalar_t> backward_row =
+      row_kernels<scalar_t>(opt, batch.ref != nullptr).backward;
   at::Tensor grad = at::empty({B, T}, batch.logp_t.options());
   scalar_t* g = grad.data_ptr<scalar_t>();
   std::atomic<bool> map_ok{true};

@@ -506,10 +506,10 @@ def test_observation_tokens_get_zero_hidden_gradient(backend):
 
 
 def test_long_row_spans_several_chunks():
-    """CPU: one row of T = 2600 tokens, V = 4096: three chunks of 1024 rows in the chunked kernel."""
+    """CPU: one row of T = 2600 tokens, V = 8192: three chunks of 1024 rows in the chunked kernel."""
     from tapo_kernels.logprob import default_chunk_tokens
 
-    T, V = 2600, 4096
+    T, V = 2600, 8192
     assert default_chunk_tokens(V, torch.device("cpu")) * 2 < T
     logits = random_logits(1, T, V, torch.bfloat16, 17)
     case = make_case(logits, 17, KNOBS_BY_ALGO["grpo"])
@@ -575,20 +575,30 @@ def test_large_vocab_accumulates_in_fp32(backend):
 
 @pytest.mark.parametrize("backend", sorted(HIDDEN_BACKENDS))
 def test_weight_gradient_accumulates_in_fp32_over_chunks(backend):
-    """bf16 hidden states, one token per chunk (96 chunks): dweight and dbias sum in fp32,
-    so they stay as accurate as the plain composition's single GEMM."""
+    """Trap 7 for the LM head: bf16 inputs, 128 chunks of 2 tokens; dweight and dbias must be
+    summed in fp32 (a bf16 running sum rounds once per chunk and swamps small terms).
+
+    Inputs are chosen so the bf16 logits are exact (h in {-1, 0, 1}, weight and bias in
+    eighths, H = 4: every logit is a multiple of 1/8 below 5 in magnitude) and every token
+    has the same advantage with ratio 1, so d loss / d logits has one sign per column: the
+    plain composition then only rounds dlogits and its one GEMM output, and a low-precision
+    accumulator shows up as an error many times larger.
+    """
     gen = torch.Generator().manual_seed(31)
-    h = torch.randn(4, 24, 16, generator=gen).bfloat16()
-    w = (0.3 * torch.randn(40, 16, generator=gen)).bfloat16()
-    bias = torch.randn(40, generator=gen).bfloat16()
-    case = make_case(
-        torch.nn.functional.linear(h.double(), w.double(), bias.double()),
-        31,
+    B, T, H, V = 2, 128, 4, 24
+    h = torch.randint(-1, 2, (B, T, H), generator=gen).bfloat16()
+    w = (torch.randint(-8, 9, (V, H), generator=gen) / 8).bfloat16()
+    bias = (torch.randint(-8, 9, (V,), generator=gen) / 8).bfloat16()
+    logits64 = torch.nn.functional.linear(h.double(), w.double(), bias.double())
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    true_logp, _ = oracle_logp64(logits64, labels, 1.0)
+    case = Case(
+        labels,
+        (true_logp.float(), torch.ones(B), torch.ones(B, T), None, None, None),
         dict(algo="grpo", agg="token-mean"),
-        with_calls=False,
-        mask=torch.ones(4, 24),
+        with_entropy=False,
     )
-    case.extra["chunk_size"] = 1
+    case.extra["chunk_size"] = 2
     compare(
         HIDDEN_BACKENDS[backend](h, w, bias, case),
         hidden_oracle64(h, w, bias, case),
@@ -713,7 +723,7 @@ def peak_extra_mib(impl: str, B: int, T: int, H: int, V: int) -> float:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_hidden_path_peak_memory_is_flat_in_T():
     B, H, V = 2, 64, 4096
-    T = 1024  # 2k tokens, then 8k tokens; the default chunk is 1024 tokens at V = 4096
+    T = 1024  # 2k tokens, then 8k tokens; the default chunk is 2048 tokens at V = 4096
     fused = [peak_extra_mib("fused", B, t, H, V) for t in (T, 4 * T)]
     composed = [peak_extra_mib("reference", B, t, H, V) for t in (T, 4 * T)]
     print(f"peak extra MiB: fused {fused}, reference {composed}")

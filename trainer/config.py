@@ -64,7 +64,7 @@ class TaskConfig:
     heldout_fraction: float = 0.25
     num_demos: int = 64
     sloppy_demo_fraction: float = 0.0  # demos whose query is the bare name (see tasks/synthetic.py)
-    num_demo_entities: int = 0  # extra entities only demonstrations are about (0 = train questions)
+    demos_from: str = "train"  # train (training questions) | worlds (fresh small worlds)
     # jsonl task: lines {"question", "answer" (str or list), optional "corpus" (list of docs)}
     train_path: str | None = None
     eval_path: str | None = None
@@ -423,7 +423,7 @@ def validate(cfg: Config) -> None:
         check(0 < t.heldout_fraction < 1, "task.heldout_fraction",
               f"must be in (0, 1), got {t.heldout_fraction}")
         nonneg("task.num_demos", t.num_demos)
-        nonneg("task.num_demo_entities", t.num_demo_entities)
+        choice("task.demos_from", t.demos_from, ["train", "worlds"])
         check(0 <= t.sloppy_demo_fraction <= 1, "task.sloppy_demo_fraction",
               f"must be in [0, 1], got {t.sloppy_demo_fraction}")
     else:

@@ -53,15 +53,21 @@ def format_call(name: str, arguments: dict, tags: ChatTags = TAGS) -> str:
 def train_tokenizer(texts: Iterable[str], vocab_size: int, tags: ChatTags = TAGS):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (about 0.1 s).
 
-    Byte-level pre-tokenisation makes ``decode(encode(s)) == s`` for every string, and the
-    tags plus ``<pad>``/``<eos>`` are special tokens with ids 0..7.
+    Byte-level encoding makes ``decode(encode(s)) == s`` for every string, and the tags plus
+    ``<pad>``/``<eos>`` are special tokens with ids 0..7. Every whitespace character is its
+    own pre-token, so a word has the same tokens after a space, a quote or a tag: copying a
+    name from the question into a JSON query, or an answer out of an observation, is then a
+    token-for-token copy (GPT-2 style " word" vs "word" tokens would make it a lookup).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [PAD, EOS, *tags.all()]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s|[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, show_progress=False,

@@ -5,8 +5,11 @@
 # else is (B, T)-sized. So the kernels are row loops over the vocabulary in BLOCK_V slices with an
 # online log-sum-exp in fp32 (no second pass, no fp32 copy of the logits), on a persistent 1-D
 # grid (a bounded number of programs, each looping over rows), so any number of tokens works
-# (one program per token on a 2-D grid breaks at T >= 65,536 on CUDA's y limit). Tuned for
-# RL vocabularies V = 32k..256k: BLOCK_V = 4096 with 8 warps, 16 contiguous elements per thread.
+# (one program per token on a 2-D grid breaks at T >= 65,536 on CUDA's y limit). Sized for
+# RL vocabularies V = 32k..256k: BLOCK_V = 4096 with 8 warps, 16 contiguous elements per thread,
+# 8 programs per SM; these are a starting point, not yet timed on a GPU (so far the kernels
+# have only run in the Triton interpreter). A temperature other than 1 divides with div_rn,
+# as torch does, so logp matches the reference bit for bit in the interpreter.
 # Out-of-range vocabulary columns are loaded as -inf (0 would inflate the log-sum-exp), and the
 # backward recovers the log-sum-exp as x[label] - logp from the forward's fp32 log-probability,
 # so nothing (B, T, V)-sized is saved. Rows whose gradient is 0 (every token outside the mask)

@@ -78,7 +78,7 @@ def demo_query(attribute: str, name: str) -> str:
 
 
 def _facts(names: list[str], attributes: list[str], rng: random.Random, seed: int,
-           tag: str) -> tuple[list[str], list[Example]]:
+           tag: str, corpus_id: int = 0) -> tuple[list[str], list[Example]]:
     docs, examples = [], []
     for e, name in enumerate(names):
         for attribute in attributes:
@@ -88,51 +88,71 @@ def _facts(names: list[str], attributes: list[str], rng: random.Random, seed: in
                 uid=f"syn-{seed}-{tag}{e}-{attribute.replace(' ', '_')}",
                 question=question_text(attribute, name),
                 answers=(value,),
-                corpus_id=0,
+                corpus_id=corpus_id,
                 query=demo_query(attribute, name),
             ))
     return docs, examples
 
 
+def _sloppy(ex: Example, docs: list[str]) -> Example | None:
+    """The demonstration of the name-only search, if its top hit is the asked fact."""
+    name = ex.question.split(" of ", 1)[1].rstrip("?")
+    attribute = ex.query[len(name) + 1:]
+    hits = BM25Index(docs).search(name, top_k=1)
+    if hits and docs[hits[0][0]] == fact_sentence(attribute, name, ex.answers[0]):
+        return replace(ex, query=name)
+    return None
+
+
 def synthetic_task(num_entities: int = 48, attributes: list[str] | None = None,
                    heldout_fraction: float = 0.25, num_demos: int = 64, seed: int = 0,
-                   sloppy_demo_fraction: float = 0.0, num_demo_entities: int = 0) -> TaskData:
-    """Build the task (deterministic in its arguments); all questions share corpus 0.
+                   sloppy_demo_fraction: float = 0.0, demos_from: str = "train",
+                   world_size: int = 3) -> TaskData:
+    """Build the task (deterministic in its arguments); questions search corpus 0.
 
-    ``num_demo_entities > 0`` draws the demonstrations from that many extra entities whose
-    facts are in the corpus but never asked in training or evaluation (so the warm-up cannot
-    memorise answers and has to learn to copy); 0 draws them from the training questions.
+    ``demos_from="train"`` demonstrates training questions. ``demos_from="worlds"`` builds
+    each demonstration in its own small world: ``world_size`` of the task's entities with
+    freshly drawn values, in a corpus of their own (ids 1, 2, ...). The warm-up then sees the
+    entities' names but cannot memorise any answer (each world contradicts the others), so
+    it has to learn to copy from the observation, and no held-out answer leaks into it.
     """
     attributes = list(attributes or ATTRIBUTES)
     unknown = [a for a in attributes if a not in ATTRIBUTES]
     if unknown:
         raise ValueError(f"unknown attributes {unknown}; available: {sorted(ATTRIBUTES)}")
+    if demos_from not in ("train", "worlds"):
+        raise ValueError(f"demos_from must be 'train' or 'worlds', got {demos_from!r}")
     rng = random.Random(f"facts-{seed}")
-    all_names = entity_names(num_entities + num_demo_entities, seed)
-    docs, examples = _facts(all_names[:num_entities], attributes, rng, seed, "")
-    demo_docs, demo_pool = _facts(all_names[num_entities:], attributes, rng, seed, "demo")
-    docs += demo_docs
+    names = entity_names(num_entities, seed)
+    docs, examples = _facts(names, attributes, rng, seed, "")
     rng.shuffle(examples)
     n_heldout = max(1, round(heldout_fraction * len(examples)))
     heldout, train = examples[:n_heldout], examples[n_heldout:]
     # the documents are shuffled too, so a fact's position says nothing about its entity
     rng.shuffle(docs)
-    if num_demo_entities:
-        rng.shuffle(demo_pool)
-    else:
-        demo_pool = train
-    index = BM25Index(docs) if sloppy_demo_fraction > 0 else None
+    corpora = {0: docs}
     demos_rng = random.Random(f"demos-{seed}")
     demos: list[Example] = []
-    for ex in demo_pool:
-        if len(demos) == num_demos:
-            break
-        if index is not None and demos_rng.random() < sloppy_demo_fraction:
-            name = ex.question.split(" of ", 1)[1].rstrip("?")
-            hits = index.search(name, top_k=1)
-            attribute = ex.query[len(name) + 1:]
-            if hits and docs[hits[0][0]] == fact_sentence(attribute, name, ex.answers[0]):
-                demos.append(replace(ex, query=name))  # the sloppy search happened to work
-            continue  # a failed sloppy trajectory is not a demonstration
+    attempts = 0
+    while len(demos) < num_demos and attempts < 20 * max(num_demos, 1):
+        attempts += 1
+        if demos_from == "train":
+            if attempts > len(train):
+                break
+            ex, ex_docs = train[attempts - 1], docs
+        else:
+            world_id = len(corpora)
+            members = demos_rng.sample(names, min(world_size, len(names)))
+            ex_docs, world = _facts(members, attributes, demos_rng, seed, f"w{world_id}-",
+                                    corpus_id=world_id)
+            demos_rng.shuffle(ex_docs)
+            ex = demos_rng.choice(world[: len(attributes)])  # a fact of the first member
+        if sloppy_demo_fraction > 0 and demos_rng.random() < sloppy_demo_fraction:
+            sloppy = _sloppy(ex, ex_docs)
+            if sloppy is None:
+                continue  # a failed sloppy trajectory is not a demonstration
+            ex = sloppy
+        if demos_from == "worlds":
+            corpora[ex.corpus_id] = ex_docs
         demos.append(ex)
-    return TaskData(train=train, heldout=heldout, demos=demos, corpora={0: docs})
+    return TaskData(train=train, heldout=heldout, demos=demos, corpora=corpora)
