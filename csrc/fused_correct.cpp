@@ -21,11 +21,20 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "tapo_common.h"
+#include <time.h>
+#include <cstdio>
+static double _tnow(){ timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts); return ts.tv_sec*1e3 + ts.tv_nsec*1e-6; }
+#define PROF(name) if (getenv("TAPO_PROF")) { double _n = _tnow(); fprintf(stderr, "%s %.3f\n", name, _n - _t0); _t0 = _n; }
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace tapo {
 namespace {
@@ -127,6 +136,54 @@ inline float box_iou(const float* a, const float* b) {
   return uni > 0.0f ? inter / uni : 0.0f;
 }
 
+// Outputs at least this large are written with non-temporal stores (they do not fit in cache
+// anyway; the stores then skip reading the destination lines first).
+constexpr int64_t kStreamBytes = int64_t{4} << 20;
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// dst[0, n) = src[0, n), with the TAPO lift min(a + d, 0) on negative values when `lift`
+// (reference.apply_lift); returns whether a source value is NaN or inf.
+inline bool write_segment(const float* __restrict src, float* __restrict dst, int64_t n, float d,
+                          bool lift, bool stream) {
+  uint32_t bad = 0;
+  int64_t i = 0;
+  auto one = [&](int64_t k) {
+    float a = src[k];
+    bad |= !bits_finite(a);
+    if (lift && a < 0.0f) a = std::min(a + d, 0.0f);
+    dst[k] = a;
+  };
+#if defined(__SSE2__)
+  while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0) one(i++);
+  const __m128i exp_bits = _mm_set1_epi32(0x7f800000);
+  const __m128 zero = _mm_setzero_ps(), dv = _mm_set1_ps(d);
+  __m128i bad_lanes = _mm_setzero_si128();
+  for (; i + 4 <= n; i += 4) {
+    __m128 v = _mm_loadu_ps(src + i);
+    const __m128i e = _mm_and_si128(_mm_castps_si128(v), exp_bits);
+    bad_lanes = _mm_or_si128(bad_lanes, _mm_cmpeq_epi32(e, exp_bits));
+    if (lift) {
+      const __m128 negative = _mm_cmplt_ps(v, zero);
+      const __m128 lifted = _mm_min_ps(_mm_add_ps(v, dv), zero);  // a + d < 0 ? a + d : 0
+      v = _mm_or_ps(_mm_and_ps(negative, lifted), _mm_andnot_ps(negative, v));
+    }
+    if (stream) {
+      _mm_stream_ps(dst + i, v);
+    } else {
+      _mm_store_ps(dst + i, v);
+    }
+  }
+  bad |= _mm_movemask_epi8(bad_lanes) != 0;
+#endif
+  for (; i < n; ++i) one(i);
+  return bad != 0;
+}
+
 // A valid call of a successful row (a candidate) or of a failing row, with its sort key
 // inside its scope bucket.
 struct CallKey {
@@ -226,6 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     const at::Tensor& call_tool, const at::Tensor& call_key, const at::Tensor& call_params,
     const at::Tensor& tool_sim_kind, double theta, double alpha_min, double beta,
     bool batch_scope) {
+  double _t0 = _tnow();
   check_fused_correct_args(advantages, seq_advantages, group_ids, call_seq, call_start, call_end,
                            call_tool, call_key, call_params, tool_sim_kind, theta, alpha_min,
                            beta);
@@ -253,6 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
       TORCH_CHECK_VALUE(false, message);
     }
   };
+  PROF("args")
   const at::Tensor seq_adv_t = seq_advantages.contiguous();
   const float* seq_adv = seq_adv_t.data_ptr<float>();
   check_value(all_finite(seq_adv, B), "seq_advantages contains NaN or inf");
@@ -263,34 +322,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   at::Tensor witness = at::full({N}, -1, adv_t.options().dtype(at::kLong));
   std::vector<std::vector<Lift>> lifts_of_row;  // filled only for rows with corrected calls
   auto write_corrected = [&]() {
-    // One parallel pass over rows: copy, NaN/inf flag, and the lifts of the row's spans while
-    // the row is in cache. Spans of one row never overlap, so the order of lifts is irrelevant.
+    // One parallel pass over rows: the copy, the NaN/inf check of the advantages and the
+    // lifts of the row's spans (sorted by start; spans never overlap) in the same loop.
+    // Large outputs are written with non-temporal stores, as memcpy does for clone: no read
+    // of the destination before it is written.
     float* out = corrected.data_ptr<float>();
+    const bool stream = B * T * static_cast<int64_t>(sizeof(float)) >= kStreamBytes;
     std::atomic<bool> finite{true};
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(T, 1));
     at::parallel_for(0, B, grain, [&](int64_t row_lo, int64_t row_hi) {
-      // Rows in pieces of about 32 KiB: memcpy (as fast as clone), then the NaN check and the
-      // lifts on the piece while it is in L1/L2.
-      const int64_t rows_per_piece = std::max<int64_t>(1, 8192 / std::max<int64_t>(T, 1));
       bool bad = false;
-      for (int64_t row = row_lo; row < row_hi; row += rows_per_piece) {
-        const int64_t rows = std::min(rows_per_piece, row_hi - row);
+      for (int64_t row = row_lo; row < row_hi; ++row) {
+        const float* src = adv + row * T;
         float* dst = out + row * T;
-        std::memcpy(dst, adv + row * T, sizeof(float) * rows * T);
-        bad |= any_nonfinite(dst, rows * T);
-        if (lifts_of_row.empty()) continue;
-        for (int64_t r = row; r < row + rows; ++r) {
-          for (const Lift& lift : lifts_of_row[r]) {
-            float* span = out + r * T;
-            for (int64_t t = lift.start; t < lift.end; ++t) {
-              const float a = span[t];
-              if (a < 0.0f) span[t] = std::min(a + lift.delta, 0.0f);  // reference.apply_lift
-            }
+        int64_t pos = 0;
+        if (!lifts_of_row.empty()) {
+          for (const Lift& lift : lifts_of_row[row]) {
+            bad |= write_segment(src + pos, dst + pos, lift.start - pos, 0.0f, false, stream);
+            bad |= write_segment(src + lift.start, dst + lift.start, lift.end - lift.start,
+                                 lift.delta, true, stream);
+            pos = lift.end;
           }
         }
+        bad |= write_segment(src + pos, dst + pos, T - pos, 0.0f, false, stream);
       }
+      if (stream) stream_fence();
       if (bad) finite.store(false, std::memory_order_relaxed);
     });
+    PROF("write")
     TORCH_CHECK_VALUE(finite.load(), "advantages contains NaN or inf");
     return std::make_tuple(corrected, delta, confidence, witness);
   };
@@ -302,6 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   const float* params = params_t.data_ptr<float>();
   check_value(all_finite(params, N * D), "call_params contains NaN or inf");
 
+  PROF("params")
   const at::Tensor seq_t = call_seq.contiguous(), start_t = call_start.contiguous(),
                    end_t = call_end.contiguous(), tool_t = call_tool.contiguous(),
                    key_t = call_key.contiguous();
@@ -358,6 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
                 "overlapping call spans in one row: each token may belong to at most one call");
   }
 
+  PROF("checks")
   // ---- scopes, candidates, failing calls --------------------------------------------------
   // Dense scope index per row (prompt group, or 0 for the whole batch).
   std::vector<int32_t> scope(B, 0);
@@ -373,11 +434,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
       scope[b] = static_cast<int32_t>(std::lower_bound(ids.begin(), ids.end(), gid[b]) - ids.begin());
     }
   }
+  PROF("scope")
   std::vector<int64_t> pool_size(num_scopes, 0);  // successful rows per scope
   for (int64_t b = 0; b < B; ++b) {
     if (seq_adv[b] > 0.0f) ++pool_size[scope[b]];
   }
 
+  PROF("pool")
   std::vector<CallKey> cands, fails;
   for (int64_t k = 0; k < N; ++k) {
     if (tool[k] < 0) continue;
@@ -385,13 +448,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     if (a > 0.0f) cands.push_back({tool[k], key[k], seq[k], k});
     if (a < 0.0f) fails.push_back({tool[k], key[k], seq[k], k});
   }
+  PROF("build")
   if (fails.empty()) return write_corrected();
   // Inside a scope, candidates of one (tool, key) form a run ordered by (row, call index):
   // the calls of one pool trajectory are contiguous. Failing calls are grouped the same way
   // so that a block of them shares one candidate range.
   const std::vector<int64_t> cand_offsets = sort_by_scope(cands, scope, num_scopes);
+  PROF("sortc")
   const std::vector<int64_t> fail_offsets = sort_by_scope(fails, scope, num_scopes);
 
+  PROF("sortf")
   std::vector<Task> tasks;
   int64_t max_range = 0;
   for (int64_t s = 0; s < num_scopes; ++s) {
@@ -414,6 +480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   std::vector<const float*> cand_rows(cands.size());
   for (size_t c = 0; c < cands.size(); ++c) cand_rows[c] = params + cands[c].call * D;
 
+  PROF("tasks")
   // ---- per failing call: s_k, w_k, T_k, conf_k, d_k ----------------------------------------
   // fp32 scalars, as torch rounds a Python float against a float32 tensor.
   const float theta_f = static_cast<float>(theta);
@@ -466,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
             best_call = cand.call;
           }
           if (cand.row != cur_row) {
-            if (cur_row >= 0 && cur_max > theta_f) {
+            if (cur_row >= 0 && cur_max >= theta_f) {
               ++n_support;
               support_adv += seq_adv[cur_row];
             }
@@ -497,6 +564,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     }
   }
 
+  PROF("loop")
   // ---- corrected advantages ------------------------------------------------------------------
   for (const CallKey& call : fails) {
     const float d = out_delta[call.call];
@@ -504,6 +572,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     if (lifts_of_row.empty()) lifts_of_row.resize(B);
     lifts_of_row[call.row].push_back({start[call.call], end[call.call], d});
   }
+  for (auto& lifts : lifts_of_row) {
+    std::sort(lifts.begin(), lifts.end(),
+              [](const Lift& x, const Lift& y) { return x.start < y.start; });
+  }
+  PROF("lifts")
   return write_corrected();
 }
 

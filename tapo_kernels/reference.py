@@ -333,7 +333,7 @@ def selective_log_softmax(
     if not with_entropy:
         return logp, logp.new_empty((0,))
     p = torch.softmax(x, dim=-1)
-    entropy = lse - (p * x).sum(-1)
+    entropy = lse - torch.where(p > 0, p * x, 0.0).sum(-1)  # 0 * -inf columns count 0
     return logp, torch.where(labels >= 0, entropy, torch.zeros_like(entropy)).detach()
 
 
