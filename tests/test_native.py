@@ -24,15 +24,17 @@ pytestmark = pytest.mark.skipif(
     reason=f"native CPU kernels not loaded for {_missing} ({tapo_kernels.NATIVE_ERROR or 'no C++ kernel registered'})",
 )
 
-KNOB_NAMES = ("theta", "alpha_min", "beta", "batch_scope")
 
-
-def assert_close_by_rule(out: Tensor, ref64: Tensor, ref_own: Tensor, eps: float, what: str) -> None:
+def assert_close_by_rule(
+    out: Tensor, ref64: Tensor, ref_own: Tensor, eps: float, what: str
+) -> None:
     """``|out - ref64| <= 2 |ref_own - ref64| + eps`` in the max norm (STYLE.md practice 3)."""
     assert not torch.isnan(out).any(), f"{what}: NaN in the kernel output"
     err = (out.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
     ref_err = (ref_own.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
-    assert err <= 2 * ref_err + eps, f"{what}: error {err:.3e} > 2 x reference error {ref_err:.3e} + {eps:.0e}"
+    assert err <= 2 * ref_err + eps, (
+        f"{what}: error {err:.3e} > 2 x reference error {ref_err:.3e} + {eps:.0e}"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -51,12 +53,9 @@ def _quantize_advantages(batch: testing.CorrectBatch) -> testing.CorrectBatch:
     return batch
 
 
-def _has_candidates(batch: testing.CorrectBatch) -> bool:
-    valid = batch.call_tool >= 0
-    return bool((valid & (batch.seq_advantages[batch.call_seq] > 0)).any())
-
-
-def _run_both(batch: testing.CorrectBatch, knobs: tuple) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+def _run_both(
+    batch: testing.CorrectBatch, knobs: tuple
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     args = batch.op_args()
     before = [t.clone() for t in args]
     native = torch.ops.tapo.fused_correct(*args, *knobs)
@@ -68,8 +67,14 @@ def _run_both(batch: testing.CorrectBatch, knobs: tuple) -> tuple[tuple[Tensor, 
 
 # (theta, alpha_min, beta): defaults, permissive gates (many corrections), strict gates, and
 # dyadic gates that quantized similarities (multiples of 1/64) and confidences hit exactly
-_KNOB_SETS = ((0.7, 0.3, 0.8), (0.2, 0.05, 1.0), (0.5, 0.25, 0.8), (0.4, 0.15, 0.5), (0.95, 0.6, 0.8),
-              (0.25, 0.125, 1.0))
+_KNOB_SETS = (
+    (0.7, 0.3, 0.8),
+    (0.2, 0.05, 1.0),
+    (0.5, 0.25, 0.8),
+    (0.4, 0.15, 0.5),
+    (0.95, 0.6, 0.8),
+    (0.25, 0.125, 1.0),
+)
 
 
 def _batch_config(seed: int) -> dict:
@@ -91,13 +96,14 @@ def _batch_config(seed: int) -> dict:
 @pytest.mark.parametrize("seed", range(24))
 def test_fused_correct_quantized_equals_reference_exactly(seed: int, batch_scope: bool) -> None:
     theta, alpha_min, beta = _KNOB_SETS[seed % len(_KNOB_SETS)]
-    batch = _quantize_advantages(testing.correct_batch(seed=seed, quantized=True, **_batch_config(seed)))
+    batch = _quantize_advantages(
+        testing.correct_batch(seed=seed, quantized=True, **_batch_config(seed))
+    )
     knobs = (theta, alpha_min, beta, batch_scope)
-    if not _has_candidates(batch):
-        pytest.skip("no candidate call in this batch: reference.fused_correct raises IndexError "
-                    "there (the native result is checked by test_fused_correct_without_pool)")
     native, ref = _run_both(batch, knobs)
-    for name, x, y in zip(("corrected", "delta", "confidence", "witness"), native, ref, strict=True):
+    for name, x, y in zip(
+        ("corrected", "delta", "confidence", "witness"), native, ref, strict=True
+    ):
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert torch.equal(x, y), f"{name} differs: {(x != y).sum().item()} entries"
 
@@ -108,16 +114,19 @@ def test_fused_correct_float_matches_reference_by_rule(seed: int, batch_scope: b
     theta, alpha_min, beta = _KNOB_SETS[seed % len(_KNOB_SETS)]
     batch = testing.correct_batch(seed=seed, quantized=False, **_batch_config(seed))
     knobs = (theta, alpha_min, beta, batch_scope)
-    if not _has_candidates(batch):
-        pytest.skip("no candidate call in this batch: reference.fused_correct raises IndexError "
-                    "there (the native result is checked by test_fused_correct_without_pool)")
     native, ref32 = _run_both(batch, knobs)
     ref64 = reference.fused_correct(
-        batch.advantages.double(), batch.seq_advantages.double(), *batch.op_args()[2:8],
-        batch.call_params.double(), batch.tool_sim_kind, *knobs,
+        batch.advantages.double(),
+        batch.seq_advantages.double(),
+        *batch.op_args()[2:8],
+        batch.call_params.double(),
+        batch.tool_sim_kind,
+        *knobs,
     )
     assert torch.equal(native[3], ref32[3]), "witness differs from the reference"
-    for name, x, r64, r32 in zip(("corrected", "delta", "confidence"), native[:3], ref64[:3], ref32[:3], strict=True):
+    for name, x, r64, r32 in zip(
+        ("corrected", "delta", "confidence"), native[:3], ref64[:3], ref32[:3], strict=True
+    ):
         assert x.dtype == torch.float32
         assert_close_by_rule(x, r64, r32, 1e-6, name)
 
@@ -126,7 +135,9 @@ def test_fused_correct_corrects_calls_with_permissive_gates() -> None:
     """The comparisons above must include real corrections, not only zero deltas."""
     corrected_calls = 0
     for seed in range(8):
-        batch = _quantize_advantages(testing.correct_batch(seed=seed, B=16, group_size=8, calls_per_row=6))
+        batch = _quantize_advantages(
+            testing.correct_batch(seed=seed, B=16, group_size=8, calls_per_row=6)
+        )
         native, ref = _run_both(batch, (0.2, 0.05, 1.0, False))
         assert torch.equal(native[1], ref[1])
         corrected_calls += int((native[1] > 0).sum())
@@ -137,24 +148,78 @@ def test_fused_correct_corrects_calls_with_permissive_gates() -> None:
 @pytest.mark.parametrize("batch_scope", [False, True])
 def test_fused_correct_large_batch(batch_scope: bool) -> None:
     """A batch with many failing calls per scope (exercises the blocked similarity kernel)."""
-    batch = testing.correct_batch(B=64, T=40, group_size=16, calls_per_row=12, D=70, num_tools=2,
-                                  num_keys=1, num_queries=5, quantized=False, seed=7)
+    batch = testing.correct_batch(
+        B=64,
+        T=40,
+        group_size=16,
+        calls_per_row=12,
+        D=70,
+        num_tools=2,
+        num_keys=1,
+        num_queries=5,
+        quantized=False,
+        seed=7,
+    )
     knobs = (0.5, 0.1, 0.8, batch_scope)
     native, ref32 = _run_both(batch, knobs)
     ref64 = reference.fused_correct(
-        batch.advantages.double(), batch.seq_advantages.double(), *batch.op_args()[2:8],
-        batch.call_params.double(), batch.tool_sim_kind, *knobs,
+        batch.advantages.double(),
+        batch.seq_advantages.double(),
+        *batch.op_args()[2:8],
+        batch.call_params.double(),
+        batch.tool_sim_kind,
+        *knobs,
     )
     assert int((native[1] > 0).sum()) > 0
     assert torch.equal(native[3], ref32[3])
-    for name, x, r64, r32 in zip(("corrected", "delta", "confidence"), native[:3], ref64[:3], ref32[:3], strict=True):
+    for name, x, r64, r32 in zip(
+        ("corrected", "delta", "confidence"), native[:3], ref64[:3], ref32[:3], strict=True
+    ):
         assert_close_by_rule(x, r64, r32, 1e-6, name)
+
+
+def test_fused_correct_long_rows() -> None:
+    """A (B, T) batch of at least 4 MiB: the pass writing `corrected` streams its stores."""
+    batch = _quantize_advantages(
+        testing.correct_batch(B=16, T=65_600, group_size=8, calls_per_row=6, seed=12)
+    )
+    assert batch.advantages.numel() * 4 >= 4 << 20
+    native, ref = _run_both(batch, (0.2, 0.05, 1.0, False))
+    assert int((native[1] > 0).sum()) > 0
+    for x, y in zip(native, ref, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_native_results_do_not_depend_on_thread_count() -> None:
+    correct_batch = testing.correct_batch(
+        B=40, T=300, group_size=8, calls_per_row=8, quantized=False, seed=1
+    )
+    loss_batch = testing.loss_batch(B=40, T=300, dtype=torch.float32, seed=1)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            fc = torch.ops.tapo.fused_correct(*correct_batch.op_args(), 0.3, 0.1, 0.8, True)
+            pl = _loss_and_grad(
+                torch.ops.tapo.policy_loss,
+                list(loss_batch.op_args()),
+                dict(algo="gspo", kl_coef=0.1, agg="seq-mean-token-mean"),
+            )
+            results.append(fc + pl)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for x, y in zip(results[0], other, strict=True):
+            assert torch.equal(x, y)
 
 
 def test_fused_correct_without_calls_returns_a_copy() -> None:
     batch = testing.correct_batch(B=5, T=9, calls_per_row=0, seed=3)
     assert batch.call_seq.numel() == 0
-    corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(*batch.op_args(), 0.7, 0.3, 0.8, False)
+    corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(
+        *batch.op_args(), 0.7, 0.3, 0.8, False
+    )
     assert torch.equal(corrected, batch.advantages)
     assert corrected.data_ptr() != batch.advantages.data_ptr()
     assert delta.shape == confidence.shape == witness.shape == (0,)
@@ -179,7 +244,9 @@ def test_fused_correct_without_pool() -> None:
     batch = testing.correct_batch(B=9, T=30, seed=2)
     batch.seq_advantages = -batch.seq_advantages.abs() - 0.5  # every row fails
     batch.advantages = batch.seq_advantages[:, None] * batch.mask
-    corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(*batch.op_args(), 0.1, 0.0, 1.0, True)
+    corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(
+        *batch.op_args(), 0.1, 0.0, 1.0, True
+    )
     assert torch.equal(corrected, batch.advantages)
     assert not delta.any() and not confidence.any()
     assert bool((witness == -1).all())
@@ -203,11 +270,13 @@ def _bad_fused_correct_cases():
     def put(i, fn):
         def mutate(args, knobs):
             args[i] = fn(args[i])
+
         return mutate
 
     def knob(i, v):
         def mutate(args, knobs):
             knobs[i] = v
+
         return mutate
 
     def nan_at(i, value):
@@ -215,6 +284,7 @@ def _bad_fused_correct_cases():
             t = t.clone()
             t.view(-1)[0] = value
             return t
+
         return put(i, fn)
 
     def overlap(args, knobs):
@@ -237,8 +307,18 @@ def _bad_fused_correct_cases():
         ("advantages 1-D", put(0, lambda t: t[0]), ValueError, "advantages must be 2-D"),
         ("empty batch", put(0, lambda t: t[:0]), ValueError, "batch is empty"),
         ("advantages dtype", put(0, lambda t: t.double()), TypeError, "advantages must have dtype"),
-        ("seq_advantages shape", put(1, lambda t: t[:-1]), ValueError, "seq_advantages must have shape"),
-        ("seq_advantages dtype", put(1, lambda t: t.half()), TypeError, "seq_advantages must have dtype"),
+        (
+            "seq_advantages shape",
+            put(1, lambda t: t[:-1]),
+            ValueError,
+            "seq_advantages must have shape",
+        ),
+        (
+            "seq_advantages dtype",
+            put(1, lambda t: t.half()),
+            TypeError,
+            "seq_advantages must have dtype",
+        ),
         ("group_ids dtype", put(2, lambda t: t.int()), TypeError, "group_ids must have dtype"),
         ("call_seq 2-D", put(3, lambda t: t[None]), ValueError, "call_seq must be 1-D"),
         ("call_start length", put(4, lambda t: t[:-1]), ValueError, "call_start must have shape"),
@@ -246,9 +326,19 @@ def _bad_fused_correct_cases():
         ("call_tool length", put(6, lambda t: t[1:]), ValueError, "call_tool must have shape"),
         ("call_key dtype", put(7, lambda t: t.float()), TypeError, "call_key must have dtype"),
         ("call_params rows", put(8, lambda t: t[1:]), ValueError, "call_params must have shape"),
-        ("call_params dtype", put(8, lambda t: t.double()), TypeError, "call_params must have dtype"),
+        (
+            "call_params dtype",
+            put(8, lambda t: t.double()),
+            TypeError,
+            "call_params must have dtype",
+        ),
         ("tool_sim_kind 2-D", put(9, lambda t: t[None]), ValueError, "tool_sim_kind must be 1-D"),
-        ("tool_sim_kind dtype", put(9, lambda t: t.int()), TypeError, "tool_sim_kind must have dtype"),
+        (
+            "tool_sim_kind dtype",
+            put(9, lambda t: t.int()),
+            TypeError,
+            "tool_sim_kind must have dtype",
+        ),
         ("tool_sim_kind entry", put(9, lambda t: t + 2), ValueError, "tool_sim_kind entries"),
         ("theta > 1", knob(0, 1.5), ValueError, "theta must be in [0, 1]"),
         ("theta < 0", knob(0, -0.1), ValueError, "theta must be in [0, 1]"),
@@ -258,13 +348,23 @@ def _bad_fused_correct_cases():
         ("beta inf", knob(2, float("inf")), ValueError, "beta must be"),
         ("advantages nan", nan_at(0, float("nan")), ValueError, "advantages contains NaN or inf"),
         ("advantages inf", nan_at(0, float("-inf")), ValueError, "advantages contains NaN or inf"),
-        ("seq_advantages nan", nan_at(1, float("nan")), ValueError, "seq_advantages contains NaN or inf"),
+        (
+            "seq_advantages nan",
+            nan_at(1, float("nan")),
+            ValueError,
+            "seq_advantages contains NaN or inf",
+        ),
         ("call_params inf", nan_at(8, float("inf")), ValueError, "call_params contains NaN or inf"),
         ("call_seq out of range", put(3, lambda t: t + 100), ValueError, "call_seq out of range"),
         ("call_seq negative", put(3, lambda t: t - 100), ValueError, "call_seq out of range"),
         ("span past T", put(5, lambda t: t + 1000), ValueError, "call span out of range"),
         ("span before 0", put(4, lambda t: t - 1000), ValueError, "call span out of range"),
-        ("start > end", lambda a, k: a.__setitem__(4, a[5] + 1), ValueError, "call_start > call_end"),
+        (
+            "start > end",
+            lambda a, k: a.__setitem__(4, a[5] + 1),
+            ValueError,
+            "call_start > call_end",
+        ),
         ("overlapping spans", overlap, ValueError, "overlapping call spans"),
         ("call_tool >= num_tools", put(6, lambda t: t + 10), ValueError, "call_tool out of range"),
         ("iou tool with D < 4", iou_without_box, ValueError, "D >= 4"),
@@ -307,8 +407,12 @@ def _check_against_reference(args: list, knobs: dict, dtype: torch.dtype, what: 
     native = _loss_and_grad(torch.ops.tapo.policy_loss, args, knobs)
     ref64 = _loss_and_grad(reference.policy_loss, args, knobs, torch.float64)
     ref_own = _loss_and_grad(reference.policy_loss, args, knobs, dtype)
-    assert native[0].dtype == dtype and native[2].dtype == dtype and native[1].dtype == torch.float32
-    for name, x, r64, r_own in zip(("loss", "metrics", "grad"), native, ref64, ref_own, strict=True):
+    assert (
+        native[0].dtype == dtype and native[2].dtype == dtype and native[1].dtype == torch.float32
+    )
+    for name, x, r64, r_own in zip(
+        ("loss", "metrics", "grad"), native, ref64, ref_own, strict=True
+    ):
         scale = max(1.0, r64.abs().max().item())
         if dtype == torch.float64 and name != "metrics":
             eps = 1e-12 * scale  # fp64 kernel vs fp64 reference: rounding only
@@ -323,17 +427,33 @@ def _check_against_reference(args: list, knobs: dict, dtype: torch.dtype, what: 
 def test_policy_loss_matches_reference(algo: str, agg: str, kl_type: str) -> None:
     variants = itertools.product((True, False), (True, False), (torch.float32, torch.float64))
     for i, (per_token, with_calls, dtype) in enumerate(variants):
-        batch = testing.loss_batch(B=(7, 13)[i % 2], T=(33, 97)[i % 2], dtype=dtype, per_token=per_token,
-                                   with_calls=with_calls, spread=0.5, seed=i)
-        knobs = dict(algo=algo, agg=agg, kl_type=kl_type, kl_coef=0.05, eps_low=0.2, eps_high=0.28,
-                     dual_clip_c=(3.0, 0.0)[i % 2])
+        batch = testing.loss_batch(
+            B=(7, 13)[i % 2],
+            T=(33, 97)[i % 2],
+            dtype=dtype,
+            per_token=per_token,
+            with_calls=with_calls,
+            spread=0.5,
+            seed=i,
+        )
+        knobs = dict(
+            algo=algo,
+            agg=agg,
+            kl_type=kl_type,
+            kl_coef=0.05,
+            eps_low=0.2,
+            eps_high=0.28,
+            dual_clip_c=(3.0, 0.0)[i % 2],
+        )
         if algo == "gspo":
             knobs.update(eps_low=0.03, eps_high=0.04)  # GSPO ratios are row means: near 1
         if i % 4 == 1:
             knobs.update(norm_const=50.0, global_count=40.0)
         if i % 4 == 2:
             knobs.update(global_count=(123.0 if agg == "token-mean" else 5.0))
-        _check_against_reference(list(batch.op_args()), knobs, dtype, f"{algo}/{agg}/{kl_type} variant {i}")
+        _check_against_reference(
+            list(batch.op_args()), knobs, dtype, f"{algo}/{agg}/{kl_type} variant {i}"
+        )
 
 
 @pytest.mark.parametrize("algo", reference.ALGOS)
@@ -349,10 +469,14 @@ def test_policy_loss_bool_mask_equals_float_mask() -> None:
     for algo in reference.ALGOS:
         knobs = dict(algo=algo, kl_coef=0.1, agg="seq-mean-token-mean")
         as_float = _loss_and_grad(torch.ops.tapo.policy_loss, args, knobs)
-        as_bool = _loss_and_grad(torch.ops.tapo.policy_loss, args[:3] + [args[3] > 0] + args[4:], knobs)
+        as_bool = _loss_and_grad(
+            torch.ops.tapo.policy_loss, args[:3] + [args[3] > 0] + args[4:], knobs
+        )
         for x, y in zip(as_float, as_bool, strict=True):
             assert torch.equal(x, y)
-        _check_against_reference(args[:3] + [args[3] > 0] + args[4:], knobs, torch.float64, f"{algo} bool mask")
+        _check_against_reference(
+            args[:3] + [args[3] > 0] + args[4:], knobs, torch.float64, f"{algo} bool mask"
+        )
 
 
 def test_policy_loss_non_contiguous_inputs() -> None:
@@ -361,9 +485,24 @@ def test_policy_loss_non_contiguous_inputs() -> None:
     strided = [t.T.contiguous().T if t is not None and t.dim() == 2 else t for t in args]
     assert not strided[0].is_contiguous()
     knobs = dict(algo="grpo", kl_coef=0.1)
-    for x, y in zip(_loss_and_grad(torch.ops.tapo.policy_loss, args, knobs),
-                    _loss_and_grad(torch.ops.tapo.policy_loss, strided, knobs), strict=True):
+    for x, y in zip(
+        _loss_and_grad(torch.ops.tapo.policy_loss, args, knobs),
+        _loss_and_grad(torch.ops.tapo.policy_loss, strided, knobs),
+        strict=True,
+    ):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5)])
+def test_policy_loss_empty_shapes(shape: tuple[int, int]) -> None:
+    B, T = shape
+    args = [torch.zeros(B, T), torch.zeros(B, T), torch.ones(B), torch.ones(B, T), None, None, None]
+    for agg in reference.AGGS:
+        knobs = dict(algo="gspo", agg=agg)
+        native = _loss_and_grad(torch.ops.tapo.policy_loss, args, knobs)
+        ref = _loss_and_grad(reference.policy_loss, args, knobs)
+        for x, y in zip(native, ref, strict=True):
+            assert x.shape == y.shape and torch.equal(x, y)
 
 
 def _away_from_kinks(B: int, T: int, seed: int, per_token: bool) -> list:
@@ -372,10 +511,14 @@ def _away_from_kinks(B: int, T: int, seed: int, per_token: bool) -> list:
     gen = torch.Generator().manual_seed(seed)
     log_ratio_levels = torch.tensor([-0.5, -0.1, 0.05, 0.1, 0.4, 1.3], dtype=torch.float64)
     pick = torch.randint(0, len(log_ratio_levels), (B, T), generator=gen)
-    log_ratio = log_ratio_levels[pick] + 0.01 * (torch.rand(B, T, generator=gen, dtype=torch.float64) - 0.5)
+    log_ratio = log_ratio_levels[pick] + 0.01 * (
+        torch.rand(B, T, generator=gen, dtype=torch.float64) - 0.5
+    )
     logp = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 3
     old = logp - log_ratio
-    ref = logp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)  # |d| << 2.5: k3 below 10
+    ref = logp + 0.3 * torch.randn(
+        B, T, generator=gen, dtype=torch.float64
+    )  # |d| << 2.5: k3 below 10
     mask = (torch.rand(B, T, generator=gen) < 0.8).double()
     adv = torch.randn(B, T if per_token else 1, generator=gen, dtype=torch.float64)
     adv = adv + 0.3 * adv.sign()  # away from 0, where SAPO switches tau
@@ -390,7 +533,9 @@ def test_policy_loss_gradcheck(algo: str) -> None:
     # checked against the clip bounds below.
     per_token = algo != "gspo"
     logp, old, adv, mask, ref = _away_from_kinks(4, 9, seed=3, per_token=per_token)
-    knobs = dict(algo=algo, kl_coef=0.1, kl_type="k3", agg="seq-mean-token-mean", eps_low=0.2, eps_high=0.28)
+    knobs = dict(
+        algo=algo, kl_coef=0.1, kl_type="k3", agg="seq-mean-token-mean", eps_low=0.2, eps_high=0.28
+    )
     if algo == "gspo":
         row_log_ratio = ((logp - old) * mask).sum(1) / mask.sum(1).clamp(min=1)
         bounds = torch.tensor([math.log(0.8), math.log(1.28)], dtype=torch.float64)
@@ -403,7 +548,9 @@ def test_policy_loss_gradcheck(algo: str) -> None:
     def loss_of(x: Tensor) -> Tensor:
         return torch.ops.tapo.policy_loss(x, old, adv, mask, ref, *calls, **knobs)[0]
 
-    assert torch.autograd.gradcheck(loss_of, (logp.clone().requires_grad_(True),), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(
+        loss_of, (logp.clone().requires_grad_(True),), eps=1e-6, atol=1e-8
+    )
 
 
 @pytest.mark.parametrize("agg", reference.AGGS)
@@ -457,8 +604,15 @@ def test_policy_loss_tie_with_dual_clip() -> None:
     if torch.exp(torch.tensor(20.0, dtype=torch.float64)).item() != math.exp(20.0):
         pytest.skip("torch's exp(20) differs from the C library's here; no exact tie to build")
     logp = torch.tensor([[0.0]], dtype=torch.float64)
-    args = [logp, logp - 20.0, torch.tensor([-1.0], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64),
-            None, None, None]
+    args = [
+        logp,
+        logp - 20.0,
+        torch.tensor([-1.0], dtype=torch.float64),
+        torch.ones(1, 1, dtype=torch.float64),
+        None,
+        None,
+        None,
+    ]
     knobs = dict(algo="grpo", dual_clip_c=math.exp(20.0))
     _, _, grad = _loss_and_grad(torch.ops.tapo.policy_loss, args, knobs)
     assert grad.item() == 0.5 * math.exp(20.0)
@@ -480,7 +634,9 @@ def test_policy_loss_clamp_bounds_are_inclusive() -> None:
         knobs = dict(algo=algo, dual_clip_c=0.0, agg="seq-mean-token-sum")
         _, _, grad = _loss_and_grad(torch.ops.tapo.policy_loss, args, knobs)
         # seq-mean-token-sum over 2 rows: d loss / d L = 1/2
-        assert torch.allclose(grad[0], torch.tensor([0.5 * math.exp(bound)], dtype=torch.float64), rtol=1e-14)
+        assert torch.allclose(
+            grad[0], torch.tensor([0.5 * math.exp(bound)], dtype=torch.float64), rtol=1e-14
+        )
         assert grad[1].item() == 0.0
         _check_against_reference(args, knobs, torch.float64, f"{algo} clamp bound")
 
@@ -488,22 +644,40 @@ def test_policy_loss_clamp_bounds_are_inclusive() -> None:
 def test_policy_loss_backward_op_matches_reference_kernel() -> None:
     batch = testing.loss_batch(B=5, T=23, dtype=torch.float64, seed=17)
     args = list(batch.op_args())
-    knobs = dict(algo="sapo", kl_coef=0.2, kl_type="k2", agg="seq-mean-token-sum-norm", norm_const=12.0)
+    knobs = dict(
+        algo="sapo", kl_coef=0.2, kl_type="k2", agg="seq-mean-token-sum-norm", norm_const=12.0
+    )
     grad_loss = torch.tensor(0.37, dtype=torch.float64)
     native = torch.ops.tapo.policy_loss_backward(grad_loss, *args, **knobs)
     ref = _library.policy_loss_backward_reference_kernel(grad_loss, *args, **knobs)
     torch.testing.assert_close(native, ref, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("algo", reference.ALGOS)
+def test_policy_loss_opcheck(algo: str) -> None:
+    """Schema, fake kernel, autograd registration and AOT dispatch with the native kernels."""
+    batch = testing.loss_batch(B=4, T=9, dtype=torch.float64, seed=1)
+    args = list(batch.op_args())
+    args[0] = args[0].clone().requires_grad_(True)
+    knobs = dict(algo=algo, kl_coef=0.1)
+    torch.library.opcheck(torch.ops.tapo.policy_loss.default, tuple(args), knobs)
+    grad_loss = torch.tensor(1.0, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.tapo.policy_loss_backward.default, (grad_loss, *batch.op_args()), knobs
+    )
+
+
 def _bad_policy_loss_cases():
     def put(i, fn):
         def mutate(args, knobs):
             args[i] = fn(args[i])
+
         return mutate
 
     def knob(**kw):
         def mutate(args, knobs):
             knobs.update(kw)
+
         return mutate
 
     def poison(i, value):
@@ -511,6 +685,7 @@ def _bad_policy_loss_cases():
             t = t.clone()
             t.view(-1)[-1] = value
             return t
+
         return put(i, fn)
 
     return [
@@ -538,21 +713,38 @@ def _bad_policy_loss_cases():
         ("tau_pos 0", knob(tau_pos=0.0), ValueError, "tau_pos must be"),
         ("tau_neg inf", knob(tau_neg=float("inf")), ValueError, "tau_neg must be"),
         ("kl_coef nan", knob(kl_coef=float("nan")), ValueError, "kl_coef must be finite"),
-        ("kl without ref", lambda a, k: (a.__setitem__(4, None), k.update(kl_coef=0.1)), ValueError,
-         "kl_coef != 0 needs ref_logp"),
+        (
+            "kl without ref",
+            lambda a, k: (a.__setitem__(4, None), k.update(kl_coef=0.1)),
+            ValueError,
+            "kl_coef != 0 needs ref_logp",
+        ),
         ("norm_const 0", knob(norm_const=0.0), ValueError, "norm_const must be"),
         ("global_count < 0", knob(global_count=-3.0), ValueError, "global_count must be"),
         ("logp nan", poison(0, float("nan")), ValueError, "logp contains NaN or inf"),
         ("old_logp inf", poison(1, float("inf")), ValueError, "old_logp contains NaN or inf"),
         ("advantages nan", poison(2, float("nan")), ValueError, "advantages contains NaN or inf"),
-        ("row advantages nan", put(2, lambda t: torch.where(torch.arange(t.shape[0]) == 1, float("nan"), t[:, 0])),
-         ValueError, "advantages contains NaN or inf"),
+        (
+            "row advantages nan",
+            put(2, lambda t: torch.where(torch.arange(t.shape[0]) == 1, float("nan"), t[:, 0])),
+            ValueError,
+            "advantages contains NaN or inf",
+        ),
         ("ref_logp nan", poison(4, float("nan")), ValueError, "ref_logp contains NaN or inf"),
         ("call_delta inf", poison(6, float("-inf")), ValueError, "call_delta contains NaN or inf"),
-        ("call_map too high", put(5, lambda t: t.clamp(min=0) + 1000), ValueError, "call_map out of range"),
+        (
+            "call_map too high",
+            put(5, lambda t: t.clamp(min=0) + 1000),
+            ValueError,
+            "call_map out of range",
+        ),
         ("call_map below -1", put(5, lambda t: t - 5), ValueError, "call_map out of range"),
-        ("error order", lambda a, k: (poison(2, float("nan"))(a, k), poison(4, float("nan"))(a, k)),
-         ValueError, "advantages contains NaN or inf"),
+        (
+            "error order",
+            lambda a, k: (poison(2, float("nan"))(a, k), poison(4, float("nan"))(a, k)),
+            ValueError,
+            "advantages contains NaN or inf",
+        ),
     ]
 
 

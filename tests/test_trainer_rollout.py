@@ -272,3 +272,51 @@ def test_demonstration_matches_the_rollout_format(task, tokenizer, registry):
     obs = fmt.observation_ids(c.observation)
     assert ep.token_ids[c.end:c.end + len(obs)] == obs and sum(ep.mask[c.end:c.end + len(obs)]) == 0
     assert sum(ep.mask) == len(ep.token_ids) - ep.prompt_len - len(obs)
+
+
+def test_multi_token_tags_are_found_by_text_and_stop_generation(task, tokenizer, registry):
+    """Real checkpoints may spell tags as several tokens: spans come from character offsets."""
+    from trainer.modeling import ChatTags
+    from trainer.rollout import find_call
+
+    tags = ChatTags(tool_open="[CALL]", tool_close="[/CALL]", obs_open="[OBS]", obs_close="[/OBS]",
+                    answer_open="[ANS]", answer_close="[/ANS]")
+    fmt = PromptFormatter(tokenizer, RolloutConfig(), tags, max_obs_tokens=32)
+    assert len(fmt.encode(tags.tool_open)) > 1 and len(fmt.encode(tags.tool_close)) > 1
+    body = json.dumps({"name": "search", "arguments": {"query": "Zorvex Quill pet"}})
+    tokens = fmt.encode(f"I will search. [CALL]{body}[/CALL]")
+    i0, i1, found, closed = find_call(fmt, tokens)
+    assert closed and found == body and fmt.decode(tokens[i0:i1]) == f"[CALL]{body}[/CALL]"
+    tokens = fmt.encode(f"ok [CALL]{body[:20]}")
+    i0, i1, found, closed = find_call(fmt, tokens)
+    assert not closed and found == body[:20] and fmt.decode(tokens[i0:i1]) == f"[CALL]{body[:20]}"
+    assert find_call(fmt, fmt.encode("no call here")) is None
+    # the engine stops a turn at a multi-token closing tag and still records the call
+    ex = task.train[7]
+    script = {ex.question: [f"[CALL]{format_call('search', {'query': ex.query})[len('<tool_call>'):-len('</tool_call>')]}"
+                            f"[/CALL] trailing text never generated", f"[ANS]{ex.answers[0]}[/ANS]"]}
+    engine = RolloutEngine(ScriptedLM(tokenizer, script), tokenizer, registry,
+                           RolloutConfig(max_new_tokens_per_turn=80, max_total_tokens=256),
+                           max_obs_tokens=32, tags=tags)
+    engine.model.obs_close = None  # the scripted model counts turns by the observation close tag
+    engine.model.next_token = _turns_by_text(engine.model, "[/OBS]")
+    (ep,) = engine.rollout([ex], [0], seed=0)
+    (c,) = ep.calls
+    assert c.valid and engine.fmt.decode(ep.token_ids[c.start:c.end]).endswith("[/CALL]")
+    assert ep.finish == "answer" and ep.answer == ex.answers[0]
+    assert "trailing" not in engine.fmt.decode(ep.token_ids)
+
+
+def _turns_by_text(model, close_text):
+    """A ``next_token`` for ScriptedLM that counts turns by a multi-token closing text."""
+    def next_token(ctx):
+        text = model.tok.decode(ctx, skip_special_tokens=False)
+        question = text.split("Question: ", 1)[1].split("\n", 1)[0]
+        turns = model.scripts[question]
+        turn = text.count(close_text)
+        prefix = text.rsplit(close_text, 1)[0] + close_text if turn else \
+            f"Question: {question}\n"
+        written = len(ctx) - len(model.tok.encode(prefix, add_special_tokens=False))
+        script = turns[min(turn, len(turns) - 1)]
+        return script[written] if written < len(script) else model.tok.eos_token_id
+    return next_token

@@ -128,7 +128,7 @@ def test_synthetic_task_is_reproducible_and_needs_search():
     assert synthetic_task(num_entities=20, seed=4).train != a.train
     assert len(a.train) + len(a.heldout) == 20 * 5 == len(a.corpora[0])
     assert {e.uid for e in a.train}.isdisjoint({e.uid for e in a.heldout})
-    assert set(a.demos) <= set(a.train)
+    assert set(a.demos) <= set(a.train)  # default: demonstrations of training questions
     registry = build_registry(["search"], a.corpora)
     for ex in a.train + a.heldout:
         # the question never contains its answer; the demo query retrieves exactly its fact
@@ -136,6 +136,31 @@ def test_synthetic_task_is_reproducible_and_needs_search():
         obs = registry.execute([(registry.parse(call("search", query=ex.query)), ToolContext(0))])[0]
         assert obs.observation.endswith(f" is {ex.answers[0]}.")
         assert ex.question.split(" of ", 1)[1].rstrip("?") in obs.observation
+
+
+@pytest.mark.parametrize("demos_from", ["train", "worlds"])
+def test_demonstrations_are_successful_trajectories(demos_from):
+    task = synthetic_task(num_entities=12, attributes=["home city", "pet", "profession"], num_demos=40,
+                          seed=1, sloppy_demo_fraction=0.6, demos_from=demos_from)
+    registry = build_registry(["search"], task.corpora)
+    # worlds are drawn until 40 demonstrations succeed; train questions run out first (27)
+    assert len(task.demos) == 40 if demos_from == "worlds" else 10 <= len(task.demos) < 27
+    sloppy = 0
+    for ex in task.demos:
+        name = ex.question.split(" of ", 1)[1].rstrip("?")
+        sloppy += ex.query == name
+        obs = registry.execute([(registry.parse(call("search", query=ex.query)), ToolContext(ex.corpus_id))])[0]
+        attribute = ex.question[len("What is the "):].split(" of ")[0]
+        # the demonstrated search finds exactly the asked fact (sloppy ones were kept only if lucky)
+        assert obs.observation == f"The {attribute} of {name} is {ex.answers[0]}."
+    assert 0 < sloppy < len(task.demos)
+    if demos_from == "worlds":
+        # every demonstration lives in its own corpus of 3 entities x 3 attributes, apart from
+        # the corpus the training and held-out questions search
+        assert sorted(ex.corpus_id for ex in task.demos) == list(range(1, 41))
+        assert all(len(task.corpora[ex.corpus_id]) == 3 * 3 for ex in task.demos)
+    else:
+        assert {ex.uid for ex in task.demos} <= {ex.uid for ex in task.train}
 
 
 def test_jsonl_loader(tmp_path):
@@ -215,6 +240,8 @@ def test_bundled_yaml_configs_load():
 
     configs = sorted(Path("trainer/configs").glob("*.yaml"))
     assert {p.name for p in configs} >= {"tiny_grpo_tapo.yaml", "tiny_gspo_tapo.yaml", "tiny_sapo_tapo.yaml"}
+    # the embedded default: running without --config is the tiny GRPO + TAPO run
+    assert load_config("trainer/configs/tiny_grpo_tapo.yaml").to_dict() == Config().to_dict()
     for path in configs:
         header = path.read_text().splitlines()[0]
         assert header.startswith("# ") and ("trainer.train" in header or "tapo-train" in header), path

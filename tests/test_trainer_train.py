@@ -24,6 +24,7 @@ MICRO = [
     "rollout.group_size=4", "rollout.max_new_tokens_per_turn=48", "rollout.max_total_tokens=160",
     "rollout.max_turns=2", "rl.prompts_per_step=2", "rl.steps=2", "eval.num_questions=4", "eval.k=2",
     "checkpoint.every=1", "logging.progress=false", "dist.threads_per_rank=1",
+    "algo.num_minibatches=2",
 ]
 
 
@@ -90,15 +91,15 @@ def test_tool_errors_timeouts_malformed_calls_and_nan_steps_do_not_stop_training
     def adam_steps():
         return {int(s["step"]) for s in trainer.optimizer.state.values()}
 
-    assert adam_steps() == {1}
+    assert adam_steps() == {2}  # two mini-batches, two optimizer steps
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    m2 = trainer.rl_step(2)  # the loss is NaN: the update is skipped and logged
-    assert m2["actor/skipped_steps"] == 1 and adam_steps() == {1}
+    m2 = trainer.rl_step(2)  # the loss is NaN: both updates are skipped and logged
+    assert m2["actor/skipped_steps"] == 2 and adam_steps() == {2}
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())
     m3 = trainer.rl_step(3)
-    assert m3["actor/skipped_steps"] == 0 and math.isfinite(m3["actor/loss"]) and adam_steps() == {2}
+    assert m3["actor/skipped_steps"] == 0 and math.isfinite(m3["actor/loss"]) and adam_steps() == {4}
     assert len(calls) >= 3  # the flaky tool really was hit, including a raise and a timeout
     trainer.state.update(phase="rl", rl_step=3, global_step=15)
     trainer._save()
@@ -159,3 +160,98 @@ def test_cli(tmp_path, capsys):
     assert "did you mean 'rl.steps'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+def _both_loss_paths(preset):
+    """``micro_batch_loss`` both ways, plus an fp64 oracle of the loss, gradient and entropy.
+
+    Positions: token t is scored by logits[:, t-1]; mask 0 on column 0, a fully masked row,
+    TAPO lifts on two call spans, temperature 0.7, off-policy old log-probs.
+    """
+    import tapo_kernels
+    from trainer.train import micro_batch_loss
+
+    gen = torch.Generator().manual_seed(7)
+    B, T, V, temp = 5, 11, 37, 0.7
+    logits64 = torch.randn(B, T, V, generator=gen, dtype=torch.float64) * 3
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    mask = (torch.rand(B, T, generator=gen) < 0.75).float()
+    mask[:, 0] = 0
+    mask[2] = 0
+    lp64 = torch.nn.functional.pad(torch.log_softmax(logits64[:, :-1] / temp, -1).gather(
+        2, ids[:, 1:, None]).squeeze(2), (1, 0))
+    old = ((lp64 + 0.2 * torch.randn(B, T, generator=gen, dtype=torch.float64)) * mask).float()
+    adv = torch.randn(B, 1, generator=gen) * mask
+    call_map = torch.full((B, T), -1, dtype=torch.int32)
+    call_map[1, 2:6], call_map[3, 4:8] = 0, 1
+    delta = torch.tensor([0.3, 0.5])
+    knobs = {"preset": preset, "global_count": 4.0}
+    if preset == "grpo":
+        knobs["agg"] = "token-mean"
+    results = {}
+    for from_logits in (True, False):
+        logits = logits64.float().requires_grad_()
+        loss, metrics, entropy = micro_batch_loss(logits, ids, old, adv, mask, None, call_map, delta,
+                                                  temperature=temp, from_logits=from_logits, **knobs)
+        loss.backward()
+        results[from_logits] = (loss.detach().double(), logits.grad.double(),
+                                (entropy * mask).double(), metrics)
+    # fp64 oracle: the package's pure-torch reference on fp64 log-probs
+    logits = logits64.clone().requires_grad_()
+    lp = torch.nn.functional.pad(torch.log_softmax(logits[:, :-1] / temp, -1).gather(
+        2, ids[:, 1:, None]).squeeze(2), (1, 0))
+    merged = {**tapo_kernels.PRESETS[preset], **{k: v for k, v in knobs.items() if k != "preset"}}
+    loss64, _ = tapo_kernels.reference.policy_loss(lp, old.double(), adv.double(), mask.double(), None,
+                                                   call_map, delta.double(), **merged)
+    loss64.backward()
+    p64 = torch.softmax(logits64[:, :-1] / temp, -1)
+    ent64 = torch.nn.functional.pad(-(p64 * p64.log()).sum(-1), (1, 0)) * mask
+    return results[True], results[False], (loss64.detach(), logits.grad, ent64)
+
+
+def _within_rule(got, base, ref):
+    """Tolerance by rule: error vs fp64 at most 2x the plain fp32 path's error + 1e-6."""
+    assert torch.isfinite(got).all()
+    err, base_err = (got - ref).abs().max(), (base - ref).abs().max()
+    assert err <= 2 * base_err + 1e-6, (err.item(), base_err.item())
+
+
+@pytest.mark.parametrize("preset", ["grpo", "gspo", "sapo"])
+def test_loss_from_logits_matches_the_log_softmax_path(preset):
+    fused, plain, ref = _both_loss_paths(preset)
+    _within_rule(fused[0], plain[0], ref[0])  # loss
+    _within_rule(fused[1], plain[1], ref[1])  # d loss / d logits
+    assert fused[3] == pytest.approx(plain[3], abs=1e-6)
+    assert fused[3]["lifted_frac"] > 0  # the TAPO lift really was applied
+
+
+@pytest.mark.xfail(strict=True, reason="policy_loss_from_logits computes the entropy as "
+                   "lse - sum(e*x)/sum(e) on unshifted logits: ~6x the fp32 error of "
+                   "-(p*log p).sum() (1.6e-6 vs 2.7e-7 here); a logged metric only")
+def test_entropy_from_logits_is_as_accurate_as_torch():
+    fused, plain, ref = _both_loss_paths("grpo")
+    _within_rule(fused[2], plain[2], ref[2])
+
+
+def test_jsonl_task_trains_end_to_end(tmp_path):
+    """Questions with their own corpora, a shared corpus, and demonstrations from files."""
+    rows = []
+    for i, (name, city) in enumerate([("Ada Lorn", "Kestrel"), ("Bo Tarn", "Marlow"),
+                                      ("Cy Venn", "Dunmore"), ("Di Rusk", "Ashford")]):
+        row = {"question": f"Where does {name} live?", "answer": [city, city.lower()]}
+        if i % 2:
+            row["corpus"] = [f"{name} lives in {city}.", "Unrelated text."]
+        rows.append(row)
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "corpus.txt").write_text("Ada Lorn lives in Kestrel.\nCy Venn lives in Dunmore.\n")
+    demos = [{**rows[0], "query": "Ada Lorn"}, {**rows[1], "query": "Bo Tarn"}]
+    (tmp_path / "demos.jsonl").write_text("\n".join(json.dumps(r) for r in demos) + "\n")
+    cfg = micro_config(tmp_path, "logging.name=jsonl", "task.name=jsonl",
+                       f"task.train_path={tmp_path / 'train.jsonl'}",
+                       f"task.corpus_path={tmp_path / 'corpus.txt'}",
+                       f"task.demos_path={tmp_path / 'demos.jsonl'}", "task.heldout_fraction=0.25",
+                       "rl.steps=1", "eval.at_start=false")
+    summary = run(cfg)
+    assert summary["rl_steps"] == 1
+    rl = [r for r in read_metrics(tmp_path / "jsonl" / "metrics.jsonl") if r.get("phase") == "rl"]
+    assert len(rl) == 1 and math.isfinite(rl[0]["actor/loss"])

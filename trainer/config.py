@@ -43,7 +43,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     # tiny Qwen2-style model (random init) and in-process BPE tokenizer, used when path is None
-    vocab_size: int = 512
+    vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 2
@@ -59,12 +59,12 @@ class TaskConfig:
     name: str = "synthetic"  # synthetic | jsonl
     seed: int = 0
     # synthetic task
-    num_entities: int = 48
+    num_entities: int = 64
     attributes: list[str] = field(default_factory=lambda: ["home city", "profession", "pet"])
     heldout_fraction: float = 0.25
-    num_demos: int = 64
-    sloppy_demo_fraction: float = 0.0  # demos whose query is the bare name (see tasks/synthetic.py)
-    demos_from: str = "train"  # train (training questions) | worlds (fresh small worlds)
+    num_demos: int = 256
+    sloppy_demo_fraction: float = 0.8  # demos whose query is the bare name (see tasks/synthetic.py)
+    demos_from: str = "worlds"  # train (training questions) | worlds (fresh small worlds)
     # jsonl task: lines {"question", "answer" (str or list), optional "corpus" (list of docs)}
     train_path: str | None = None
     eval_path: str | None = None
@@ -88,7 +88,7 @@ class RolloutConfig:
 
     group_size: int = 8  # G rollouts per prompt
     max_turns: int = 3
-    max_new_tokens_per_turn: int = 40
+    max_new_tokens_per_turn: int = 48
     max_total_tokens: int = 192  # prompt + policy + observation tokens of one trajectory
     temperature: float = 1.0
     batch_size: int = 64  # trajectories generated together
@@ -112,8 +112,9 @@ class AlgoConfig:
     kl_type: str = "k3"
     scale_by_std: bool = True  # False = Dr. GRPO advantages
     reward: str = "em"  # em | f1
-    num_minibatches: int = 1  # optimizer steps per rollout batch
+    num_minibatches: int = 2  # optimizer steps per rollout batch
     micro_batch_size: int = 0  # trajectories per forward/backward (0 = whole mini-batch)
+    loss_from_logits: bool = True  # tapo_kernels.policy_loss_from_logits (else log_softmax + policy_loss)
 
 
 @dataclass
@@ -132,7 +133,7 @@ class TapoConfig:
 class OptimConfig:
     """AdamW for the RL phase."""
 
-    lr: float = 1e-4
+    lr: float = 2e-4
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99
@@ -144,8 +145,8 @@ class OptimConfig:
 class WarmupConfig:
     """Supervised warm-up on demonstrations before RL (0 steps = none)."""
 
-    steps: int = 200
-    lr: float = 1e-3
+    steps: int = 400
+    lr: float = 2e-3
     batch_size: int = 32
     weight_decay: float = 0.0
 
@@ -154,7 +155,7 @@ class WarmupConfig:
 class RLConfig:
     """The RL phase."""
 
-    steps: int = 40
+    steps: int = 60
     prompts_per_step: int = 8  # over all ranks; each prompt gets group_size rollouts
 
 
@@ -166,7 +167,7 @@ class EvalConfig:
     k: int = 4
     temperature: float = 1.0
     at_start: bool = True  # before the warm-up
-    every: int = 0  # also every N RL steps (0 = only before and after RL)
+    every: int = 20  # also every N RL steps (0 = only before and after RL)
 
 
 @dataclass

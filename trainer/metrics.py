@@ -120,8 +120,15 @@ def make_plots(run_path: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for key in present:
             xs, ys = zip(*series[key], strict=True)
-            ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, label=key)
-        ax.set_xlabel("step")
+            if len(xs) < 20:
+                ax.plot(xs, ys, marker="o", markersize=3, label=key)
+                continue
+            # noisy per-step curves: faint raw values plus a 10-step moving average
+            (line,) = ax.plot(xs, ys, alpha=0.25, linewidth=1)
+            window = [sum(ys[max(0, i - 9): i + 1]) / len(ys[max(0, i - 9): i + 1])
+                      for i in range(len(ys))]
+            ax.plot(xs, window, color=line.get_color(), label=f"{key} (10-step mean)")
+        ax.set_xlabel("step (warm-up steps first, then RL steps)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -79,6 +79,38 @@ def step_seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
+def micro_batch_loss(logits: Tensor, input_ids: Tensor, old_logp: Tensor, advantages: Tensor,
+                     mask: Tensor, ref_logp: Tensor | None, call_map: Tensor | None,
+                     call_delta: Tensor | None, *, temperature: float, from_logits: bool,
+                     **knobs: Any) -> tuple[Tensor, dict[str, float], Tensor]:
+    """Policy loss of one micro-batch: ``(loss, metrics, entropy [b, T])``.
+
+    Token ``t`` of a row is predicted by ``logits[:, t - 1]``; every ``(b, T)`` input is in
+    token positions (column 0, the first prompt token, has mask 0). ``from_logits`` uses
+    ``tapo_kernels.policy_loss_from_logits`` (chunked fp32 selective log-softmax, entropy in
+    the same pass, no ``(b, T, V)`` fp32 copy); otherwise log-probs come from a plain
+    ``log_softmax`` and go through ``tapo_kernels.policy_loss``. Both apply the TAPO lift
+    through ``call_map`` / ``call_delta``.
+    """
+    def shift(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[:, 1:]
+
+    if from_logits:
+        out = tapo_kernels.policy_loss_from_logits(
+            logits[:, :-1], input_ids[:, 1:], old_logp[:, 1:], advantages[:, 1:], mask[:, 1:],
+            ref_logp=shift(ref_logp), call_map=shift(call_map), call_delta=call_delta,
+            temperature=temperature, with_entropy=True, **knobs)
+        entropy = torch.nn.functional.pad(out.entropy, (1, 0))
+        return out.loss, out.metrics_dict(prefix=""), entropy
+    lp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # [b, T-1, V] fp32
+    logp = torch.nn.functional.pad(lp.gather(2, input_ids[:, 1:, None]).squeeze(2), (1, 0))
+    with torch.no_grad():
+        entropy = torch.nn.functional.pad(-(lp.exp() * lp).sum(-1), (1, 0))
+    out = tapo_kernels.policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp,
+                                   call_map=call_map, call_delta=call_delta, **knobs)
+    return out.loss, out.metrics_dict(prefix=""), entropy
+
+
 def rank_print(ctx: DistContext, *args: Any) -> None:
     if ctx.is_main:
         print(*args, flush=True)
@@ -101,8 +133,12 @@ class Trainer:
         self.checkpoint = latest_checkpoint(self.run_path) if resume else None
         if resume and self.checkpoint is None:
             rank_print(ctx, f"--resume: no checkpoint under {self.run_path}, starting afresh")
-        if ctx.is_main and self.checkpoint is None:
-            self._fresh_run_dir()
+        if ctx.is_main:
+            if self.checkpoint is None:
+                self._fresh_run_dir()
+            # the resolved config of this launch (a resume may override keys)
+            write_atomic(self.run_path / "config.yaml",
+                         yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         barrier(ctx)
         self.task: TaskData = load_task(cfg.task)
         self.registry = build_registry(cfg.tools.enabled, self.task.corpora,
@@ -128,7 +164,6 @@ class Trainer:
             (self.run_path / name).unlink(missing_ok=True)
         for name in ("tensorboard", "checkpoints", "plots", "tokenizer"):
             shutil.rmtree(self.run_path / name, ignore_errors=True)
-        write_atomic(self.run_path / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def _tokenizer_texts(self) -> list[str]:
         texts = list(self.task.texts())
@@ -202,23 +237,16 @@ class Trainer:
             return model(input_ids=batch.input_ids[rows],
                          attention_mask=batch.attention_mask[rows]).logits  # [b, T, V]
 
-    def _token_logp(self, logits: Tensor, input_ids: Tensor,
-                    with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        """``(b, T)`` fp32 log-prob of each token given its prefix (column 0 is 0), entropy."""
+    def _token_logp(self, logits: Tensor, input_ids: Tensor) -> Tensor:
+        """``(b, T)`` fp32 log-prob of each token given its prefix (column 0 is 0)."""
         lp = torch.log_softmax(logits[:, :-1].float() / self.cfg.rollout.temperature, dim=-1)
-        picked = torch.nn.functional.pad(lp.gather(2, input_ids[:, 1:, None]).squeeze(2), (1, 0))
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():
-                entropy = torch.nn.functional.pad(-(lp.exp() * lp).sum(-1), (1, 0))
-        return picked, entropy
+        return torch.nn.functional.pad(lp.gather(2, input_ids[:, 1:, None]).squeeze(2), (1, 0))
 
     @torch.no_grad()
     def _frozen_logp(self, model: nn.Module, batch: Batch) -> Tensor:
         out = []
         for rows in self._micro_slices(0, batch.shape[0]):
-            out.append(self._token_logp(self._logits(model, batch, rows),
-                                        batch.input_ids[rows])[0])
+            out.append(self._token_logp(self._logits(model, batch, rows), batch.input_ids[rows]))
         return torch.cat(out) * batch.mask
 
     def _micro_slices(self, start: int, stop: int) -> list[slice]:
@@ -259,8 +287,8 @@ class Trainer:
             scale = max(tokens, 1.0) / ctx.world  # FSDP averages gradients over ranks
             loss_sum = 0.0
             for rows in self._micro_slices(0, batch.shape[0]):
-                logp, _ = self._token_logp(self._logits(self.model, batch, rows),
-                                           batch.input_ids[rows])
+                logp = self._token_logp(self._logits(self.model, batch, rows),
+                                        batch.input_ids[rows])
                 loss = -(logp * batch.mask[rows]).sum() / scale
                 loss.backward()
                 loss_sum += loss.item()
@@ -378,19 +406,17 @@ class Trainer:
             loss_ok = True
             for rows in self._micro_slices(start, stop):
                 logits = self._logits(self.model, batch, rows)
-                logp, entropy = self._token_logp(logits, batch.input_ids[rows], with_entropy=True)
-                out = tapo_kernels.policy_loss(
-                    logp, batch.old_logp[rows], advantages[rows], batch.mask[rows],
-                    ref_logp=None if ref_logp is None else ref_logp[rows],
-                    call_map=None if call_map is None else call_map[rows], call_delta=call_delta,
+                loss, metrics, entropy = micro_batch_loss(
+                    logits, batch.input_ids[rows], batch.old_logp[rows], advantages[rows],
+                    batch.mask[rows], None if ref_logp is None else ref_logp[rows],
+                    None if call_map is None else call_map[rows], call_delta,
+                    temperature=cfg.rollout.temperature, from_logits=cfg.algo.loss_from_logits,
                     global_count=global_count, **knobs)
-                loss = out.loss
                 if rl_step in cfg.debug.nan_loss_steps:
                     loss = loss * float("nan")  # fault injection: a diverged step
                 loss.backward()
                 loss_ok &= bool(torch.isfinite(loss.detach()).item())
                 n = batch.mask[rows].sum().item()
-                metrics = out.metrics_dict(prefix="")
                 sums["loss"] += loss.item() if math.isfinite(loss.item()) else 0.0
                 for key in ("clip_frac", "mean_ratio", "mean_kl", "lifted_frac"):
                     sums[key] += metrics[key] * n
@@ -399,6 +425,7 @@ class Trainer:
             norm, ok = self._clip_and_step(self.optimizer, loss_ok)
             norms.append(norm)
             skipped += int(not ok)
+        sums["loss"] /= max(len(norms), 1)  # mean over the mini-batch updates
         sums["grad_norm"] = max(norms) if norms else 0.0
         sums["skipped"] = float(skipped)
         return sums

@@ -78,6 +78,16 @@ def find_call(fmt: PromptFormatter, tokens: Sequence[int]) -> tuple[int, int, st
     Works for tags of any tokenisation: token ``i`` covers characters ``[ends[i-1], ends[i])``
     of the decoded turn; the span is the smallest run of tokens covering the tag-to-tag text.
     """
+    open_ids, close_ids = fmt.encode(fmt.tags.tool_open), fmt.encode(fmt.tags.tool_close)
+    if len(open_ids) == 1 and len(close_ids) == 1:  # single-token tags: find them by id
+        if open_ids[0] not in tokens:
+            return None
+        i0 = list(tokens).index(open_ids[0])
+        rest = list(tokens[i0 + 1:])
+        closed = close_ids[0] in rest
+        i1 = i0 + 1 + (rest.index(close_ids[0]) + 1 if closed else len(rest))
+        body = fmt.decode(tokens[i0 + 1: i1 - 1 if closed else i1])
+        return i0, i1, body, closed
     text = fmt.decode(tokens)
     c0 = text.find(fmt.tags.tool_open)
     if c0 < 0:

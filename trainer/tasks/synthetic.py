@@ -10,19 +10,21 @@ Splits: the (entity, attribute) facts are shuffled; ``heldout_fraction`` of them
 held-out split, the rest the training split.
 
 Demonstrations (for the supervised warm-up) are successful trajectories of two scripted
-demonstrators on training questions. The careful one searches ``"<name> <attribute>"``,
-which BM25 ranks first for exactly the right sentence. The sloppy one (a share
-``sloppy_demo_fraction`` of the demonstrations) searches only ``"<name>"``, which finds the
-entity's shortest fact, right for about one question in ``len(attributes)``; only its lucky,
-successful trajectories are kept. A model warmed up on this mixture has learned the format
-and a habit that fails on most questions it is applied to; RL has to learn from reward
-alone to always name the attribute in the query (and to copy the answer faithfully).
+demonstrators, either on training questions (``demos_from="train"``) or, as the tiny config
+does, each in a small world of its own (``demos_from="worlds"``: a few of the task's
+entities with freshly drawn values, in a separate corpus), so the warm-up learns the format
+and to copy names and answers but cannot memorise a single answer. The careful
+demonstrator searches ``"<name> <attribute>"``, which BM25 ranks first for exactly the right
+sentence. The sloppy one (a share ``sloppy_demo_fraction`` of the attempts) searches only
+``"<name>"``, which finds the entity's shortest fact, the right one for about one question
+in three; only its lucky, successful trajectories are kept. A model warmed up on this
+mixture has a habit that fails on most questions it is applied to; RL has to learn from
+the reward alone to always name the attribute in the query.
 """
 
 from __future__ import annotations
 
 import random
-
 from dataclasses import replace
 
 from ..tools.text_search import BM25Index
