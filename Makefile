@@ -20,7 +20,7 @@ bench: install  ## micro-benchmarks; JSON and ratio tables land in benchmarks/re
 	$(PY) benchmarks/render.py benchmarks/results/latest.json
 
 train: install  ## the main job on the embedded default
-	$(PY) -m trainer.launch --config trainer/configs/tiny_grpo_tapo.yaml
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m trainer.train --config trainer/configs/tiny_grpo_tapo.yaml
 
 demo: install  ## correct a synthetic batch and print what TAPO did
 	$(PY) -m tapo_kernels.demo

@@ -13,10 +13,11 @@
 //   backward: a pass for the row mask counts (the aggregation weights need them), then the
 //             token pass writing d loss / d logp (recomputing the forward's token math).
 // Tokens are assumed to be mostly in mask (masked tokens are computed and multiplied by 0,
-// like the reference). Measured on a 2-core AMD EPYC VM at B=64, T=1024 fp32, one thread:
-// forward 150-430 us and backward 140-420 us depending on the variant, about 4-6 torch.exp
-// passes over the same tokens; fwd+bwd through autograd is 2.2-10x faster than the eager
-// reference, of which ~100 us is the Python autograd wrapper.
+// like the reference). Measured on a shared 2-core AMD EPYC VM at B=64, T=1024 fp32, one
+// thread: forward 140-375 us and backward 130-375 us depending on the variant (4-6 torch.exp
+// passes over the same tokens: the exponentials bound it, not memory); fwd+bwd through
+// autograd, two threads, 3.1-10x faster than the eager reference, ~100 us of it the Python
+// autograd wrapper.
 //
 // Gradient semantics are torch's: maximum/minimum split the gradient 0.5/0.5 on exact ties,
 // clamp passes it at its bounds inclusive and zero outside (log-ratio clamp [-20, 20], PPO
@@ -67,7 +68,9 @@ Enum parse_choice(const char* what, c10::string_view value,
     if (value == name) return e;
   }
   std::string expected = "(";
-  for (size_t i = 0; i < K; ++i) expected += (i ? ", '" : "'") + std::string(choices[i].first) + "'";
+  for (size_t i = 0; i < K; ++i) {
+    expected += (i ? ", '" : "'") + std::string(choices[i].first) + "'";
+  }
   expected += ")";
   TORCH_CHECK_VALUE(false, "unknown ", what, " ", py_str_repr(value), "; expected one of ",
                     expected);
@@ -106,7 +109,8 @@ LossOptions check_policy_loss_args(
   const int64_t T = logp.size(1);
   check_dtype("logp", logp, {at::kFloat, at::kDouble});
   const at::ScalarType dtype = logp.scalar_type();
-  for (const auto& [name, t] : {std::make_pair("old_logp", &old_logp), std::make_pair("ref_logp", ref)}) {
+  for (const auto& [name, t] :
+       {std::make_pair("old_logp", &old_logp), std::make_pair("ref_logp", ref)}) {
     if (t == nullptr) continue;
     check_shape(name, *t, {B, T});
     check_dtype(name, *t, {dtype});
@@ -127,7 +131,8 @@ LossOptions check_policy_loss_args(
                       shape_repr(dlt->sizes()));
     check_dtype("call_delta", *dlt, {dtype});
   }
-  for (const auto& [name, v] : {std::make_pair("eps_low", eps_low), std::make_pair("eps_high", eps_high)}) {
+  for (const auto& [name, v] :
+       {std::make_pair("eps_low", eps_low), std::make_pair("eps_high", eps_high)}) {
     TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0, name, " must be finite and >= 0, got ",
                       py_float_repr(v));
   }
@@ -136,7 +141,8 @@ LossOptions check_policy_loss_args(
                     py_float_repr(eps_low));
   TORCH_CHECK_VALUE(std::isfinite(dual_clip_c) && (dual_clip_c == 0.0 || dual_clip_c > 1.0),
                     "dual_clip_c must be 0 (off) or > 1, got ", py_float_repr(dual_clip_c));
-  for (const auto& [name, v] : {std::make_pair("tau_pos", tau_pos), std::make_pair("tau_neg", tau_neg)}) {
+  for (const auto& [name, v] :
+       {std::make_pair("tau_pos", tau_pos), std::make_pair("tau_neg", tau_neg)}) {
     TORCH_CHECK_VALUE(std::isfinite(v) && v > 0.0, name, " must be finite and > 0, got ",
                       py_float_repr(v));
   }
@@ -175,11 +181,9 @@ struct Vec<float> {
   static constexpr int kWidth = 8;
   using V = float __attribute__((vector_size(32)));
   using I = int32_t __attribute__((vector_size(32)));  // comparison results: -1 / 0
-  using U = uint32_t __attribute__((vector_size(32)));
   using D = double __attribute__((vector_size(64)));  // fp64 accumulators, one per lane
   using B = uint8_t __attribute__((vector_size(8)));  // bool mask lanes
   using M = int32_t __attribute__((vector_size(32)));  // call map lanes
-  static constexpr uint32_t kExpBits = 0x7f800000u;
 };
 
 template <>
@@ -187,11 +191,9 @@ struct Vec<double> {
   static constexpr int kWidth = 4;
   using V = double __attribute__((vector_size(32)));
   using I = int64_t __attribute__((vector_size(32)));
-  using U = uint64_t __attribute__((vector_size(32)));
   using D = V;
   using B = uint8_t __attribute__((vector_size(4)));
   using M = int32_t __attribute__((vector_size(16)));
-  static constexpr uint64_t kExpBits = 0x7ff0000000000000ull;
 };
 
 // Every lane = s (scalar minus a zero vector broadcasts s; exact, -0.0 included).
@@ -229,27 +231,18 @@ TAPO_INLINE V vclamp(V x, V lo, V hi) {
   return vmin(vmax(x, lo), hi);
 }
 
-// Lanes that are NaN or inf (exponent bits all ones).
-template <typename scalar_t>
-TAPO_INLINE typename Vec<scalar_t>::I nonfinite(typename Vec<scalar_t>::V x) {
-  using U = typename Vec<scalar_t>::U;
-  U u;
-  std::memcpy(&u, &x, sizeof(u));
-  const U e = splat<U>(Vec<scalar_t>::kExpBits);
-  return (u & e) == e;
-}
-
-// exp on fp32 lanes: Cephes expf (range reduction by ln 2 in two parts, its degree-7
-// polynomial, exponent built from bits), about 1 ulp. Inputs are clamped to [-87, 88], enough
-// for every use here (|log-ratio| <= 20, k3's |d| <= 20; the sigmoid saturates long before).
+// exp on fp32 lanes: Cephes expf (n = round(x / ln 2), r = x - n ln 2 in two parts so
+// |r| <= ln 2 / 2, its polynomial, 2^n built from bits), within 1 ulp like torch's exp.
+// Inputs are clamped to [-87, 88], enough for every use here (|log-ratio| <= 20, k3's
+// |d| <= 20; the sigmoid saturates long before).
 TAPO_INLINE Vec<float>::V vexp(Vec<float>::V x) {
   using V = Vec<float>::V;
   using I = Vec<float>::I;
   x = vclamp(x, splat<V>(-87.0f), splat<V>(88.0f));
-  const V fx = x * splat<V>(1.44269504088896341f) + splat<V>(0.5f);
-  I n = __builtin_convertvector(fx, I);  // truncation toward zero ...
-  n += __builtin_convertvector(n, V) > fx;  // ... then floor (the comparison is -1 where true)
-  const V nf = __builtin_convertvector(n, V);
+  // n = round(x / ln 2): adding 1.5 * 2^23 leaves n in the low mantissa bits
+  const V magic = splat<V>(12582912.0f);
+  const V t = x * splat<V>(1.44269504088896341f) + magic;
+  const V nf = t - magic;
   V r = x - nf * splat<V>(0.693359375f);
   r = r - nf * splat<V>(-2.12194440e-4f);
   // exp(r) ~ 1 + r + r^2 q(r), q of degree 5 evaluated by Estrin's scheme (short dependency
@@ -261,7 +254,10 @@ TAPO_INLINE Vec<float>::V vexp(Vec<float>::V x) {
   const V q45 = splat<V>(1.3981999507e-3f) + splat<V>(1.9875691500e-4f) * r;
   const V q = q01 + r2 * q23 + r4 * q45;
   const V y = q * r2 + r + splat<V>(1.0f);
-  const I bits = (n + 127) << 23;
+  // 2^n from the bits of t: its low bits are n + 0x400000 above the magic's exponent field
+  I bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = (bits - splat<I>(0x4B400000 - 127)) << 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return y * scale;
@@ -823,7 +819,8 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_impl(const LossBatch<scalar_t>& b
                                                     const LossOptions& opt) {
   const int64_t B = batch.B, T = batch.T;
   const Consts<scalar_t> consts = make_consts<scalar_t>(opt);
-  const ForwardRowFn<scalar_t> forward_row = row_kernels<scalar_t>(opt, batch.ref != nullptr).forward;
+  const ForwardRowFn<scalar_t> forward_row =
+      row_kernels<scalar_t>(opt, batch.ref != nullptr).forward;
   std::vector<RowStats> rows(B);
   at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) rows[i] = forward_row(batch.row(i), consts);

@@ -11,6 +11,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <optional>
@@ -178,8 +179,12 @@ __attribute__((target("avx2"))) inline bool any_nonfinite_avx2(const double* dat
   return any_nonfinite_body(data, n);
 }
 
+// Whether the AVX2 builds of the kernels run. TAPO_NATIVE_ISA=generic forces the baseline
+// builds (the tests compare both).
 inline bool cpu_has_avx2() {
   static const bool has = [] {
+    const char* isa = std::getenv("TAPO_NATIVE_ISA");
+    if (isa != nullptr && std::string(isa) == "generic") return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") != 0;
   }();

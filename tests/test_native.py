@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -187,6 +190,38 @@ def test_fused_correct_long_rows() -> None:
     native, ref = _run_both(batch, (0.2, 0.05, 1.0, False))
     assert int((native[1] > 0).sum()) > 0
     for x, y in zip(native, ref, strict=True):
+        assert torch.equal(x, y)
+
+
+_ISA_SCRIPT = """
+import sys, torch, tapo_kernels
+from tapo_kernels import testing
+torch.set_num_threads(1)
+out = []
+for seed in range(3):
+    b = testing.correct_batch(B=24, T=50, group_size=6, calls_per_row=6, D=37, quantized=False, seed=seed)
+    out += list(torch.ops.tapo.fused_correct(*b.op_args(), 0.3, 0.1, 0.8, seed == 1))
+    for dtype in (torch.float32, torch.float64):
+        lb = testing.loss_batch(B=5, T=45, dtype=dtype, seed=seed)
+        for algo in ("grpo", "gspo", "sapo"):
+            logp = lb.logp.clone().requires_grad_(True)
+            loss, metrics = torch.ops.tapo.policy_loss(logp, *lb.op_args()[1:], algo=algo, kl_coef=0.1)
+            out += [loss.detach(), metrics, torch.autograd.grad(loss, logp)[0]]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_native_baseline_and_avx2_builds_agree(tmp_path) -> None:
+    """Both instruction-set builds of the kernels give the same bits (no FMA contraction,
+    fixed summation orders). TAPO_NATIVE_ISA=generic forces the baseline build."""
+    outputs = []
+    for isa in ("generic", "auto"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, TAPO_NATIVE_ISA=isa)
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True)
+        outputs.append(torch.load(path))
+    assert len(outputs[0]) == len(outputs[1]) > 0
+    for x, y in zip(*outputs, strict=True):
         assert torch.equal(x, y)
 
 
