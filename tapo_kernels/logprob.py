@@ -105,7 +105,7 @@ def logprob_chunk_torch(
     """Selective log-softmax of ``n`` rows of logits, in fp32, written into the outputs.
 
     ``lse = m + log sum exp(x - m)`` with ``m`` the row max (as ``torch.logsumexp``), and the
-    entropy ``lse - sum(e * x) / sum(e)`` with ``e = exp(x - m)``; a ``-inf`` logit
+    entropy ``log sum(e) - sum(e * (x - m)) / sum(e)`` with ``e = exp(x - m)``; a ``-inf`` logit
     contributes nothing to the entropy (rather than ``0 * -inf = NaN``).
     """
     x, owned = _scaled_fp32(logits, temperature, scratch)
@@ -121,8 +121,9 @@ def logprob_chunk_torch(
     lse = denom.log() + row_max.squeeze(-1)
     logp_out.copy_(torch.where(valid, picked - lse, torch.zeros_like(lse)))
     if entropy_out is not None:
-        mean_x = e.mul_(x).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
-        entropy = lse - mean_x / denom
+        # on shifted logits: H = log sum e - sum(e * (x - m)) / sum e (no cancellation of m)
+        mean_xs = e.mul_(x - row_max).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
+        entropy = denom.log() - mean_xs / denom
         entropy_out.copy_(torch.where(valid, entropy, torch.zeros_like(entropy)))
 
 
