@@ -1,10 +1,34 @@
-"""Prints the side-by-side ratio tables of ``common.py`` at the end of a benchmark session."""
+"""Prints the side-by-side ratio tables of ``common.py`` at the end of a benchmark session.
+
+The tables are also merged into ``benchmarks/results/ratios-<device>.json``: the cases of this
+session replace the same cases of earlier sessions (each case keeps the environment it was
+measured in), so the suites can be run one at a time.
+"""
 
 from __future__ import annotations
 
 import json
 
 from .common import DEVICE, RESULTS_DIR, _CASES, device_name, environment, ratio_tables
+
+SHARE_BASE = "train_step"  # cases with this provider print shares of it instead of ratios
+
+
+def _line(case: str, providers: dict[str, float]) -> str:
+    ref = providers.get("reference")
+    floor = providers.get("floor")
+    base = providers.get(SHARE_BASE)
+    parts = []
+    for name, t in sorted(providers.items(), key=lambda kv: kv[1]):
+        s = f"{name} {t * 1e3:.3f} ms"
+        if ref and name != "reference":
+            s += f" (speedup {ref / t:.2f}x vs reference)"
+        if floor and name != "floor":
+            s += f" [{t / floor:.2f}x floor]"
+        if base and name != SHARE_BASE:
+            s += f" [{100 * t / base:.3f}% of {SHARE_BASE}]"
+        parts.append(s)
+    return f"{case}: " + "; ".join(parts)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -13,18 +37,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.section(f"side-by-side ratios on {device_name()} (median time / reference; / floor)")
     for case, providers in sorted(_CASES.items()):
-        ref = providers.get("reference")
-        floor = providers.get("floor")
-        parts = []
-        for name, t in sorted(providers.items(), key=lambda kv: kv[1]):
-            s = f"{name} {t * 1e3:.3f} ms"
-            if ref and name != "reference":
-                s += f" (speedup {ref / t:.2f}x vs reference)"
-            if floor and name != "floor":
-                s += f" [{t / floor:.2f}x floor]"
-            parts.append(s)
-        tr.write_line(f"{case}: " + "; ".join(parts))
+        tr.write_line(_line(case, providers))
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"ratios-{DEVICE}.json"
-    out.write_text(json.dumps({"environment": environment(), "mean_seconds": ratio_tables()}, indent=2))
+    cases = {}
+    if out.exists():
+        try:
+            cases = json.loads(out.read_text()).get("cases", {})
+        except (json.JSONDecodeError, AttributeError):
+            cases = {}
+    env = environment()
+    for case, providers in ratio_tables().items():
+        cases[case] = {"environment": env, "median_seconds": providers}
+    out.write_text(json.dumps({"device": device_name(), "cases": dict(sorted(cases.items()))},
+                              indent=2) + "\n")
     tr.write_line(f"written {out}")

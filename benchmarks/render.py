@@ -3,7 +3,8 @@
 Usage: ``python benchmarks/render.py [benchmarks/results/ratios-cpu.json ...]``. Reads the
 ratio files written at the end of a benchmark session (``conftest.py``) or a
 pytest-benchmark ``--benchmark-json`` file, and prints one table per file with the median
-time of every provider, its speedup over the eager reference and its multiple of the floor.
+time of every provider, its speedup over the eager reference, its multiple of the floor
+and, for the overhead case, its share of a training step.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from pathlib import Path
 
 def load(path: Path) -> tuple[dict, dict[str, dict[str, float]]]:
     data = json.loads(path.read_text())
-    if "mean_seconds" in data:  # ratios file
-        return data["environment"], data["mean_seconds"]
+    if "cases" in data:  # ratios file: every case with the environment it was measured in
+        envs = [c["environment"] for c in data["cases"].values()]
+        env = dict(envs[0]) if envs else {}
+        env["commit"] = ", ".join(sorted({e.get("commit") or "?" for e in envs}))
+        return env, {case: c["median_seconds"] for case, c in data["cases"].items()}
     cases: dict[str, dict[str, float]] = defaultdict(dict)  # pytest-benchmark JSON
     env = {}
     for b in data.get("benchmarks", []):
@@ -33,15 +37,17 @@ def render(env: dict, cases: dict[str, dict[str, float]]) -> str:
         f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, "
         f"commit {env.get('commit')}",
         "",
-        "| case | provider | median ms | speedup vs reference | x floor |",
-        "|---|---|---:|---:|---:|",
+        "| case | provider | median ms | speedup vs reference | x floor | share of train step |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for case, providers in sorted(cases.items()):
         ref, floor = providers.get("reference"), providers.get("floor")
+        step = providers.get("train_step")
         for name, t in sorted(providers.items(), key=lambda kv: kv[1]):
             speed = f"{ref / t:.2f}x" if ref else ""
             fl = f"{t / floor:.2f}" if floor else ""
-            lines.append(f"| {case} | {name} | {t * 1e3:.3f} | {speed} | {fl} |")
+            share = f"{100 * t / step:.3f}%" if step else ""
+            lines.append(f"| {case} | {name} | {t * 1e3:.3f} | {speed} | {fl} | {share} |")
     return "\n".join(lines)
 
 
