@@ -252,3 +252,92 @@ def test_jsonl_task_trains_end_to_end(tmp_path):
     assert summary["rl_steps"] == 1
     rl = [r for r in read_metrics(tmp_path / "jsonl" / "metrics.jsonl") if r.get("phase") == "rl"]
     assert len(rl) == 1 and math.isfinite(rl[0]["actor/loss"])
+
+
+def _tiny_policy(**extra):
+    from trainer.modeling import attach_hidden_loss, tiny_model
+    from trainer.train import hidden_batch_loss
+
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=2, num_kv_heads=1, max_position_embeddings=64, **extra)
+    model = tiny_model(cfg, 61, pad_id=0, eos_id=1, seed=3)
+    attach_hidden_loss(model, hidden_batch_loss)
+    return model
+
+
+@pytest.mark.parametrize("preset", ["grpo", "gspo", "sapo"])
+def test_hidden_state_loss_matches_the_logits_paths(preset):
+    """Loss, metrics, entropy and every parameter gradient agree across the three loss inputs."""
+    from trainer.train import micro_batch_loss
+
+    model = _tiny_policy()
+    gen = torch.Generator().manual_seed(11)
+    B, T = 4, 19
+    ids = torch.randint(2, 61, (B, T), generator=gen)
+    attn = torch.ones(B, T, dtype=torch.long)
+    mask = (torch.rand(B, T, generator=gen) < 0.8).float()
+    mask[:, 0] = 0
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1] / 0.9, -1)
+        old = torch.nn.functional.pad(lp.gather(2, ids[:, 1:, None]).squeeze(2), (1, 0))
+    old = (old + 0.1 * torch.randn(B, T, generator=gen)) * mask
+    adv = torch.randn(B, 1, generator=gen) * mask
+    call_map = torch.full((B, T), -1, dtype=torch.int32)
+    call_map[1, 3:7] = 0
+    delta = torch.tensor([0.4])
+    kw = dict(ref_logp=None, call_map=call_map, call_delta=delta, temperature=0.9,
+              preset=preset, global_count=7.0)
+    results = {}
+    for source in ("hidden", "logits", "logp"):
+        model.zero_grad()
+        if source == "hidden":
+            loss, metrics, entropy = model.hidden_loss(ids, attn, old_logp=old,
+                                                       advantages=adv, mask=mask, **kw)
+        else:
+            logits = model(input_ids=ids, attention_mask=attn).logits
+            loss, metrics, entropy = micro_batch_loss(
+                logits, ids, old, adv, mask, kw["ref_logp"], call_map, delta, temperature=0.9,
+                from_logits=source == "logits", preset=preset, global_count=7.0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[source] = (loss.detach(), metrics, entropy * mask, grads)
+    base = results["logp"]
+    assert base[1]["lifted_frac"] > 0
+    for source in ("hidden", "logits"):
+        got = results[source]
+        torch.testing.assert_close(got[0], base[0], rtol=1e-5, atol=1e-6)
+        assert got[1] == pytest.approx(base[1], rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(got[2], base[2], rtol=1e-4, atol=1e-5)
+        assert got[3].keys() == base[3].keys() and len(base[3]) > 5
+        for name, g in base[3].items():
+            torch.testing.assert_close(got[3][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_heads_that_rescale_logits_fall_back_to_the_logits_path():
+    from trainer.modeling import hidden_loss_unsupported
+
+    model = _tiny_policy()
+    assert hidden_loss_unsupported(model) is None
+    model.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping" in hidden_loss_unsupported(model)
+
+
+def test_training_update_never_calls_the_lm_head(tmp_path, monkeypatch):
+    """With the default loss input the update computes no logits (only rollouts do)."""
+    trainer = Trainer(micro_config(tmp_path, "logging.name=nohead", "warmup.steps=0"))
+    assert trainer.loss_input == "hidden"
+    calls = []
+    head = trainer.model.get_output_embeddings()
+    monkeypatch.setattr(head, "forward", lambda *a, **k: calls.append(1) or 1 / 0)
+    real_rollout = trainer.engine.rollout
+
+    def rollout_with_head(*args, **kwargs):  # generation may use the head
+        monkeypatch.undo()
+        try:
+            return real_rollout(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(head, "forward", lambda *a, **k: calls.append(1) or 1 / 0)
+
+    monkeypatch.setattr(trainer.engine, "rollout", rollout_with_head)
+    metrics = trainer.rl_step(1)
+    assert calls == [] and math.isfinite(metrics["actor/loss"])

@@ -114,7 +114,10 @@ class AlgoConfig:
     reward: str = "em"  # em | f1
     num_minibatches: int = 2  # optimizer steps per rollout batch
     micro_batch_size: int = 0  # trajectories per forward/backward (0 = whole mini-batch)
-    loss_from_logits: bool = True  # tapo_kernels.policy_loss_from_logits (else log_softmax + policy_loss)
+    # where the loss starts: hidden = tapo_kernels.policy_loss_from_hidden (the LM head's
+    # full logits are never built); logits = policy_loss_from_logits on the model's logits;
+    # logp = log_softmax + gather, then tapo_kernels.policy_loss
+    loss_input: str = "hidden"
 
 
 @dataclass
@@ -462,6 +465,7 @@ def validate(cfg: Config) -> None:
         choice(f"algo.loss_overrides.{knob}", knob, list(LOSS_KNOBS))
     nonneg("algo.kl_coef", a.kl_coef)
     choice("algo.kl_type", a.kl_type, ["k1", "k2", "k3"])
+    choice("algo.loss_input", a.loss_input, ["hidden", "logits", "logp"])
     choice("algo.reward", a.reward, ["em", "f1"])
     positive("algo.num_minibatches", a.num_minibatches)
     nonneg("algo.micro_batch_size", a.micro_batch_size)

@@ -86,6 +86,10 @@ def shard_model(model: nn.Module, ctx: DistContext, mixed_precision: str = "bf16
     for block in decoder_layers(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    if hasattr(model, "hidden_loss"):  # modeling.attach_hidden_loss: a second forward method
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "hidden_loss")
     return model
 
 

@@ -131,5 +131,49 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
 
 
+def hidden_loss_unsupported(model: nn.Module) -> str | None:
+    """Why the LM head of ``model`` cannot be fused into the loss (``None`` when it can).
+
+    The hidden-state loss computes ``hidden @ W.T + b`` itself, so it needs the decoder
+    (``get_decoder()``) and a plain linear head; heads that rescale or soft-cap their logits
+    (e.g. ``logit_scale``, ``final_logit_softcapping``) take the logits path instead.
+    """
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            return f"the model's config sets {attr}"
+    get_decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if get_decoder is None or get_decoder() is None:
+        return "the model has no get_decoder()"
+    if not isinstance(head, nn.Linear):
+        return "the model's output embedding is not an nn.Linear"
+    return None
+
+
+def attach_hidden_loss(model: nn.Module, loss_fn) -> None:
+    """Give ``model`` a method ``hidden_loss(input_ids, attention_mask, **kw)``.
+
+    It runs the decoder only (no logits) and returns
+    ``loss_fn(hidden, weight, bias, input_ids=input_ids, **kw)`` with the LM head's weight
+    and bias. Under FSDP2 the method is registered as a forward
+    method (``register_fsdp_forward_method``), so the root's parameters (embeddings, final
+    norm, head) are all-gathered around it exactly as around ``forward``.
+    """
+    import types
+
+    def hidden_loss(self, input_ids, attention_mask, **kw):
+        hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
+        head = self.get_output_embeddings()
+        weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
+        bias = head.bias
+        if bias is not None and bias.dtype != hidden.dtype:
+            bias = bias.to(hidden.dtype)
+        return loss_fn(hidden, weight, bias, input_ids=input_ids, **kw)
+
+    model.hidden_loss = types.MethodType(hidden_loss, model)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -61,8 +61,10 @@ from .distributed import (
 from .evaluate import evaluate
 from .metrics import MetricsLogger, make_plots
 from .modeling import (
+    attach_hidden_loss,
     count_parameters,
     format_call,
+    hidden_loss_unsupported,
     load_pretrained,
     load_tokenizer,
     tiny_model,
@@ -79,11 +81,15 @@ def step_seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
+def _shift(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t[:, 1:]
+
+
 def micro_batch_loss(logits: Tensor, input_ids: Tensor, old_logp: Tensor, advantages: Tensor,
                      mask: Tensor, ref_logp: Tensor | None, call_map: Tensor | None,
                      call_delta: Tensor | None, *, temperature: float, from_logits: bool,
                      **knobs: Any) -> tuple[Tensor, dict[str, float], Tensor]:
-    """Policy loss of one micro-batch: ``(loss, metrics, entropy [b, T])``.
+    """Policy loss of one micro-batch from the model's logits: ``(loss, metrics, entropy [b, T])``.
 
     Token ``t`` of a row is predicted by ``logits[:, t - 1]``; every ``(b, T)`` input is in
     token positions (column 0, the first prompt token, has mask 0). ``from_logits`` uses
@@ -92,13 +98,10 @@ def micro_batch_loss(logits: Tensor, input_ids: Tensor, old_logp: Tensor, advant
     ``log_softmax`` and go through ``tapo_kernels.policy_loss``. Both apply the TAPO lift
     through ``call_map`` / ``call_delta``.
     """
-    def shift(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t[:, 1:]
-
     if from_logits:
         out = tapo_kernels.policy_loss_from_logits(
             logits[:, :-1], input_ids[:, 1:], old_logp[:, 1:], advantages[:, 1:], mask[:, 1:],
-            ref_logp=shift(ref_logp), call_map=shift(call_map), call_delta=call_delta,
+            ref_logp=_shift(ref_logp), call_map=_shift(call_map), call_delta=call_delta,
             temperature=temperature, with_entropy=True, **knobs)
         entropy = torch.nn.functional.pad(out.entropy, (1, 0))
         return out.loss, out.metrics_dict(prefix=""), entropy
@@ -108,6 +111,25 @@ def micro_batch_loss(logits: Tensor, input_ids: Tensor, old_logp: Tensor, advant
         entropy = torch.nn.functional.pad(-(lp.exp() * lp).sum(-1), (1, 0))
     out = tapo_kernels.policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp,
                                    call_map=call_map, call_delta=call_delta, **knobs)
+    return out.loss, out.metrics_dict(prefix=""), entropy
+
+
+def hidden_batch_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, *, input_ids: Tensor,
+                      old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                      ref_logp: Tensor | None, call_map: Tensor | None,
+                      call_delta: Tensor | None, temperature: float,
+                      **knobs: Any) -> tuple[Tensor, dict[str, float], Tensor]:
+    """Policy loss of one micro-batch from the decoder's last hidden states ``[b, T, H]``.
+
+    ``tapo_kernels.policy_loss_from_hidden`` with the LM head ``weight [V, H]`` (and
+    ``bias``): the head's ``(b, T, V)`` logits are never built, only one chunk at a time.
+    Same positions, outputs and TAPO lift as ``micro_batch_loss``.
+    """
+    out = tapo_kernels.policy_loss_from_hidden(
+        hidden[:, :-1], weight, input_ids[:, 1:], old_logp[:, 1:], advantages[:, 1:], mask[:, 1:],
+        bias=bias, ref_logp=_shift(ref_logp), call_map=_shift(call_map), call_delta=call_delta,
+        temperature=temperature, with_entropy=True, **knobs)
+    entropy = torch.nn.functional.pad(out.entropy, (1, 0))
     return out.loss, out.metrics_dict(prefix=""), entropy
 
 
@@ -188,6 +210,14 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.to(ctx.device)
+        self.loss_input = cfg.algo.loss_input
+        if self.loss_input == "hidden":
+            why = hidden_loss_unsupported(model)
+            if why is None:
+                attach_hidden_loss(model, hidden_batch_loss)
+            else:
+                rank_print(ctx, f"algo.loss_input=hidden: {why}; computing the loss from logits")
+                self.loss_input = "logits"
         self.tokenizer = tokenizer
         self.num_params = count_parameters(model)
         # the frozen reference (KL) and, under FSDP, a full replica for generation: rollouts
@@ -405,12 +435,8 @@ class Trainer:
             global_count = max(all_reduce_sum([local], ctx)[0].item(), 1.0) / ctx.world
             loss_ok = True
             for rows in self._micro_slices(start, stop):
-                logits = self._logits(self.model, batch, rows)
-                loss, metrics, entropy = micro_batch_loss(
-                    logits, batch.input_ids[rows], batch.old_logp[rows], advantages[rows],
-                    batch.mask[rows], None if ref_logp is None else ref_logp[rows],
-                    None if call_map is None else call_map[rows], call_delta,
-                    temperature=cfg.rollout.temperature, from_logits=cfg.algo.loss_from_logits,
+                loss, metrics, entropy = self._micro_batch_loss(
+                    batch, rows, advantages, ref_logp, call_map, call_delta,
                     global_count=global_count, **knobs)
                 if rl_step in cfg.debug.nan_loss_steps:
                     loss = loss * float("nan")  # fault injection: a diverged step
@@ -429,6 +455,24 @@ class Trainer:
         sums["grad_norm"] = max(norms) if norms else 0.0
         sums["skipped"] = float(skipped)
         return sums
+
+    def _micro_batch_loss(self, batch: Batch, rows: slice, advantages: Tensor,
+                          ref_logp: Tensor | None, call_map: Tensor | None,
+                          call_delta: Tensor | None, **knobs: Any):
+        """``(loss, metrics, entropy)`` of rows ``rows`` through the configured loss input."""
+        inputs = dict(old_logp=batch.old_logp[rows], advantages=advantages[rows],
+                      mask=batch.mask[rows], ref_logp=None if ref_logp is None else ref_logp[rows],
+                      call_map=None if call_map is None else call_map[rows], call_delta=call_delta,
+                      temperature=self.cfg.rollout.temperature, **knobs)
+        ids = batch.input_ids[rows]
+        if self.loss_input == "hidden":
+            with self.autocast:
+                return self.model.hidden_loss(ids, batch.attention_mask[rows], **inputs)
+        logits = self._logits(self.model, batch, rows)
+        return micro_batch_loss(logits, ids, inputs.pop("old_logp"), inputs.pop("advantages"),
+                                inputs.pop("mask"), inputs.pop("ref_logp"), inputs.pop("call_map"),
+                                inputs.pop("call_delta"), from_logits=self.loss_input == "logits",
+                                **inputs)
 
     def _step_metrics(self, episodes: Sequence[Episode], batch: Batch, upd: dict[str, float],
                       tapo_counts: list[float], t_rollout: float, t_tapo: float,
