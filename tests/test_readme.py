@@ -29,3 +29,32 @@ def test_readme_setup_commands_exist_in_makefile():
     for target in ("train", "test", "install", "bench"):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
     assert "make test" in (README.parent / ".ci" / "run").read_text()
+
+
+def test_config_reference_lists_every_key():
+    """Every trainer config key (dataclass leaf) has a row in the README's config reference."""
+    import dataclasses
+
+    from trainer.config import Config
+
+    def leaves(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from leaves(value, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    text = README.read_text()
+    section = text.split("### Config reference", 1)[1].split("\n## ", 1)[0]
+    documented = set()
+    for row in re.findall(r"^\| (`[^|]+) \|", section, flags=re.M):
+        names = [n.strip().strip("`") for n in row.split(",")]
+        head = names[0]
+        documented.add(head)
+        prefix = head.rsplit(".", 1)[0] + "." if "." in head else ""
+        documented.update(prefix + n for n in names[1:])
+    missing = sorted(set(leaves(Config())) - documented)
+    assert not missing, f"config keys missing from the README: {missing}"
+    stale = sorted(documented - set(leaves(Config())))
+    assert not stale, f"README documents keys that do not exist: {stale}"

@@ -97,8 +97,31 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+OVERVIEW = ("reward", "heldout_accuracy", "tool_use", "tapo")  # the 2 x 2 overview.png
+
+
+def _draw(ax, title: str, keys: list[str], series: dict[str, list[tuple[int, float]]]) -> bool:
+    present = [k for k in keys if series.get(k)]
+    for key in present:
+        xs, ys = zip(*series[key], strict=True)
+        if len(xs) < 20:
+            ax.plot(xs, ys, marker="o", markersize=3, label=key)
+            continue
+        # noisy per-step curves: faint raw values plus a 10-step moving average
+        (line,) = ax.plot(xs, ys, alpha=0.25, linewidth=1)
+        window = [sum(ys[max(0, i - 9): i + 1]) / len(ys[max(0, i - 9): i + 1])
+                  for i in range(len(ys))]
+        ax.plot(xs, window, color=line.get_color(), label=f"{key} (10-step mean)")
+    ax.set_xlabel("step (warm-up steps first, then RL steps)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if present:
+        ax.legend(fontsize=7)
+    return bool(present)
+
+
 def make_plots(run_path: Path) -> list[Path]:
-    """One PNG per panel of ``PANELS`` under ``<run>/plots``; returns the files written."""
+    """One PNG per panel of ``PANELS`` plus a 2 x 2 ``overview.png`` under ``<run>/plots``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,27 +137,20 @@ def make_plots(run_path: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for title, keys in PANELS.items():
-        present = [k for k in keys if series.get(k)]
-        if not present:
-            continue
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for key in present:
-            xs, ys = zip(*series[key], strict=True)
-            if len(xs) < 20:
-                ax.plot(xs, ys, marker="o", markersize=3, label=key)
-                continue
-            # noisy per-step curves: faint raw values plus a 10-step moving average
-            (line,) = ax.plot(xs, ys, alpha=0.25, linewidth=1)
-            window = [sum(ys[max(0, i - 9): i + 1]) / len(ys[max(0, i - 9): i + 1])
-                      for i in range(len(ys))]
-            ax.plot(xs, window, color=line.get_color(), label=f"{key} (10-step mean)")
-        ax.set_xlabel("step (warm-up steps first, then RL steps)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{title}.png"
-        fig.savefig(path, dpi=90)
+        if _draw(ax, title, keys, series):
+            fig.tight_layout()
+            path = out_dir / f"{title}.png"
+            fig.savefig(path, dpi=90)
+            written.append(path)
         plt.close(fig)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.6))
+    drawn = [_draw(ax, title, PANELS[title], series) for ax, title in zip(axes.flat, OVERVIEW)]
+    if any(drawn):
+        fig.suptitle(run_path.name)
+        fig.tight_layout()
+        path = out_dir / "overview.png"
+        fig.savefig(path, dpi=80)
         written.append(path)
+    plt.close(fig)
     return written
