@@ -487,12 +487,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     if (!std::is_sorted(spans.begin(), spans.end(), by_row_start)) {
       std::sort(spans.begin(), spans.end(), by_row_start);
     }
-    bool overlap = false;
     for (size_t i = 1; i < spans.size(); ++i) {
-      overlap |= spans[i].row == spans[i - 1].row && spans[i].start < spans[i - 1].end;
+      const Span& a = spans[i - 1];
+      const Span& b = spans[i];
+      if (b.row == a.row && b.start < a.end) {
+        const std::string msg =
+            "call_start/call_end: overlapping call spans in row " + std::to_string(a.row) + " ([" +
+            std::to_string(a.start) + ", " + std::to_string(a.end) + ") and [" +
+            std::to_string(b.start) + ", " + std::to_string(b.end) +
+            ")): each token may belong to at most one call";
+        check_value(false, msg.c_str());
+      }
     }
-    check_value(!overlap,
-                "overlapping call spans in one row: each token may belong to at most one call");
   }
 
   // ---- scopes, candidates, failing calls --------------------------------------------------

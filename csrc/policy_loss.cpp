@@ -1,5 +1,6 @@
-// CPU kernels of tapo::policy_loss and tapo::policy_loss_backward (SPEC section 3), the
-// semantics of tapo_kernels/reference.py::policy_loss and of autograd through it.
+// CPU kernels of tapo::policy_loss, tapo::policy_loss_backward and tapo::policy_loss_with_grad
+// (SPEC section 3), the semantics of tapo_kernels/reference.py::policy_loss and of autograd
+// through it, and the autograd of tapo::policy_loss for CPU tensors (AutogradCPU).
 //
 // Design: OpenMP (at::parallel_for) over rows; inside a row, an explicit 8 x fp32 / 4 x fp64
 // vector loop over tokens (GCC vector extensions, an AVX2 build picked at run time; one
@@ -12,18 +13,30 @@
 //             so bad input still gets the reference's first error.
 //   backward: a pass for the row mask counts (the aggregation weights need them), then the
 //             token pass writing d loss / d logp (recomputing the forward's token math).
+//   with_grad: the backward's mask-count pass, then the forward's token pass, which also
+//             writes d loss / d logp (d loss = 1) from the same token math; the forward's
+//             checks and aggregation follow. Loss and metrics equal the forward's, the
+//             gradient the backward's for grad_loss = 1, bit for bit.
+//   autograd: with logp requiring grad, the forward runs with_grad and saves only the
+//             gradient; the backward is grad_out * grad_logp (one multiply, no token math).
 // Tokens are assumed to be mostly in mask (masked tokens are computed and multiplied by 0,
-// like the reference). Measured on a shared 2-core AMD EPYC VM at B=64, T=1024 fp32, one
-// thread: forward 140-375 us and backward 130-375 us depending on the variant (4-6 torch.exp
-// passes over the same tokens: the exponentials bound it, not memory); fwd+bwd through
-// autograd, two threads, 3.1-10x faster than the eager reference, ~100 us of it the Python
-// autograd wrapper.
+// like the reference). The exponentials bound the token passes, not memory. Measured on a
+// shared, noisy 2-core AMD EPYC VM (two threads; ranges of medians over repeated runs of 200)
+// at B=64, T=1024 fp32, per-token advantages, k3 KL, the lift, token-mean:
+//   plain forward (no grad)           grpo 126-231 us, gspo 110-213 us, sapo 186-278 us
+//   policy_loss_backward              grpo 120-250 us, gspo 100-194 us, sapo 145-262 us
+//   fwd+bwd through autograd          grpo 189-319 us, gspo 174-295 us, sapo 241-370 us
+//     (with the Python autograd kernel and a separate backward: 355-640, 312-616, 424-756 us;
+//      the floor, a clone of logp plus a read of the other inputs, is 59-66 us)
+//   B=2, T=16 fwd+bwd through autograd: 25-57 us (112-237 us with the Python autograd kernel)
 //
 // Gradient semantics are torch's: maximum/minimum split the gradient 0.5/0.5 on exact ties,
 // clamp passes it at its bounds inclusive and zero outside (log-ratio clamp [-20, 20], PPO
 // clip, GSPO clamp(max=10), k3 clamps). Scalars meet fp32 tensors as fp32 (torch's rule for a
 // Python float against a float32 tensor). fp32 exponentials use a Cephes-style polynomial
 // (about 1 ulp, like torch's vectorised exp); fp64 uses std::exp lane by lane.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -532,8 +545,12 @@ TAPO_INLINE void gspo_row_ratio(const RowIn<scalar_t>& in, scalar_t& ratio, scal
   dratio = log_s <= scalar_t(10) ? ratio : scalar_t(0);
 }
 
-template <typename scalar_t, Algo kAlgo, KlTerm kKl>
-TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<scalar_t>& c) {
+// The forward's token pass of one row. With kGrad it also writes d loss / d logp of the row
+// (row_grad * mask * d L / d logp, the same expression as backward_row_body) from the same
+// token math: the value-and-gradient op's single pass.
+template <typename scalar_t, Algo kAlgo, KlTerm kKl, bool kGrad>
+TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<scalar_t>& c,
+                                      scalar_t row_grad, scalar_t* grad) {
   using VT = Vec<scalar_t>;
   using V = typename VT::V;
   using I = typename VT::I;
@@ -549,6 +566,7 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
   V probe{};
   const V zero = splat<V>(scalar_t(0)), one = splat<V>(scalar_t(1));
   const V a_row = splat<V>(in.adv_row);
+  const V g_row = splat<V>(row_grad);
   for (int64_t t0 = 0; t0 < in.T; t0 += kBlock) {
     V s_loss{}, s_clip{}, s_ratio{}, s_kl{}, s_lift{}, s_mask{};
     const int64_t t1 = std::min(in.T, t0 + kBlock);
@@ -569,6 +587,14 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
       }
       const TokenVec<scalar_t> tok =
           token_math<scalar_t, kAlgo, kKl>(c, lp, old, a, ref, row_ratio, row_dratio);
+      if constexpr (kGrad) {
+        const V g = g_row * m * tok.dloss;
+        if (count == W) {
+          vstore(grad + t, g);
+        } else {
+          for (int k = 0; k < count; ++k) grad[t + k] = g[k];
+        }
+      }
       s_loss += tok.loss * m;
       s_clip += (tok.clipped ? one : zero) * m;
       s_ratio += tok.ratio * m;
@@ -641,15 +667,30 @@ using ForwardRowFn = RowStats (*)(const RowIn<scalar_t>&, const Consts<scalar_t>
 template <typename scalar_t>
 using BackwardRowFn = uint32_t (*)(const RowIn<scalar_t>&, const Consts<scalar_t>&, scalar_t,
                                    scalar_t*);
+template <typename scalar_t>
+using ForwardGradRowFn = RowStats (*)(const RowIn<scalar_t>&, const Consts<scalar_t>&, scalar_t,
+                                      scalar_t*);
 
 template <typename scalar_t, Algo kAlgo, KlTerm kKl>
 RowStats forward_row_generic(const RowIn<scalar_t>& in, const Consts<scalar_t>& c) {
-  return forward_row_body<scalar_t, kAlgo, kKl>(in, c);
+  return forward_row_body<scalar_t, kAlgo, kKl, false>(in, c, scalar_t(0), nullptr);
 }
 template <typename scalar_t, Algo kAlgo, KlTerm kKl>
 __attribute__((target("avx2"))) RowStats forward_row_avx2(const RowIn<scalar_t>& in,
                                                           const Consts<scalar_t>& c) {
-  return forward_row_body<scalar_t, kAlgo, kKl>(in, c);
+  return forward_row_body<scalar_t, kAlgo, kKl, false>(in, c, scalar_t(0), nullptr);
+}
+template <typename scalar_t, Algo kAlgo, KlTerm kKl>
+RowStats forward_grad_row_generic(const RowIn<scalar_t>& in, const Consts<scalar_t>& c,
+                                  scalar_t row_grad, scalar_t* grad) {
+  return forward_row_body<scalar_t, kAlgo, kKl, true>(in, c, row_grad, grad);
+}
+template <typename scalar_t, Algo kAlgo, KlTerm kKl>
+__attribute__((target("avx2"))) RowStats forward_grad_row_avx2(const RowIn<scalar_t>& in,
+                                                               const Consts<scalar_t>& c,
+                                                               scalar_t row_grad,
+                                                               scalar_t* grad) {
+  return forward_row_body<scalar_t, kAlgo, kKl, true>(in, c, row_grad, grad);
 }
 template <typename scalar_t, Algo kAlgo, KlTerm kKl>
 uint32_t backward_row_generic(const RowIn<scalar_t>& in, const Consts<scalar_t>& c,
@@ -706,14 +747,17 @@ template <typename scalar_t>
 struct RowKernels {
   ForwardRowFn<scalar_t> forward;
   BackwardRowFn<scalar_t> backward;
+  ForwardGradRowFn<scalar_t> forward_grad;
 };
 
 template <typename scalar_t, Algo kAlgo, KlTerm kKl>
 RowKernels<scalar_t> row_kernels_for() {
   if (cpu_has_avx2()) {
-    return {&forward_row_avx2<scalar_t, kAlgo, kKl>, &backward_row_avx2<scalar_t, kAlgo, kKl>};
+    return {&forward_row_avx2<scalar_t, kAlgo, kKl>, &backward_row_avx2<scalar_t, kAlgo, kKl>,
+            &forward_grad_row_avx2<scalar_t, kAlgo, kKl>};
   }
-  return {&forward_row_generic<scalar_t, kAlgo, kKl>, &backward_row_generic<scalar_t, kAlgo, kKl>};
+  return {&forward_row_generic<scalar_t, kAlgo, kKl>, &backward_row_generic<scalar_t, kAlgo, kKl>,
+          &forward_grad_row_generic<scalar_t, kAlgo, kKl>};
 }
 
 template <typename scalar_t, Algo kAlgo>
@@ -814,18 +858,12 @@ int64_t row_grain(int64_t T) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1));
 }
 
+// The forward's value checks, aggregation and metrics from its per-row results.
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor> policy_loss_impl(const LossBatch<scalar_t>& batch,
-                                                    const LossOptions& opt) {
+std::tuple<at::Tensor, at::Tensor> finish_forward(const LossBatch<scalar_t>& batch,
+                                                  const LossOptions& opt,
+                                                  const std::vector<RowStats>& rows) {
   const int64_t B = batch.B, T = batch.T;
-  const Consts<scalar_t> consts = make_consts<scalar_t>(opt);
-  const ForwardRowFn<scalar_t> forward_row =
-      row_kernels<scalar_t>(opt, batch.ref != nullptr).forward;
-  std::vector<RowStats> rows(B);
-  at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) rows[i] = forward_row(batch.row(i), consts);
-  });
-
   // value checks, raised in the reference's order: the pass only flags rows that may hold a
   // NaN or inf; then each input is checked on its own
   uint32_t bad = 0;
@@ -884,35 +922,65 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_impl(const LossBatch<scalar_t>& b
 }
 
 template <typename scalar_t>
-at::Tensor policy_loss_backward_impl(const LossBatch<scalar_t>& batch, const LossOptions& opt,
-                                     double grad_loss) {
+std::tuple<at::Tensor, at::Tensor> policy_loss_impl(const LossBatch<scalar_t>& batch,
+                                                    const LossOptions& opt) {
   const int64_t B = batch.B, T = batch.T;
-  // pass 1: mask count per row, for the aggregation weights
-  std::vector<double> row_mask(B, 0.0);
+  const Consts<scalar_t> consts = make_consts<scalar_t>(opt);
+  const ForwardRowFn<scalar_t> forward_row =
+      row_kernels<scalar_t>(opt, batch.ref != nullptr).forward;
+  std::vector<RowStats> rows(B);
   at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
-    const auto mask_sum = cpu_has_avx2() ? &mask_sum_avx2<scalar_t> : &mask_sum_generic<scalar_t>;
-    for (int64_t i = lo; i < hi; ++i) {
-      row_mask[i] = mask_sum(batch.mask_f != nullptr ? batch.mask_f + i * T : nullptr,
-                             batch.mask_b != nullptr ? batch.mask_b + i * T : nullptr, T);
-    }
+    for (int64_t i = lo; i < hi; ++i) rows[i] = forward_row(batch.row(i), consts);
   });
-  double total_mask = 0.0, nonempty = 0.0;
-  for (int64_t i = 0; i < B; ++i) {
-    total_mask += row_mask[i];
-    nonempty += row_mask[i] > 0 ? 1.0 : 0.0;
+  return finish_forward(batch, opt, rows);
+}
+
+// d loss / d L[i, t] of each row (before the mask), from a pass over the row mask counts
+// (reference.aggregate's weights).
+struct AggWeights {
+  std::vector<double> row_mask;
+  double total_mask = 0.0, nonempty = 0.0, norm = 1.0, seq_denom = 1.0;
+  Agg agg = Agg::kTokenMean;
+  std::optional<double> global_count;
+
+  template <typename scalar_t>
+  AggWeights(const LossBatch<scalar_t>& batch, const LossOptions& opt)
+      : row_mask(batch.B, 0.0), agg(opt.agg), global_count(opt.global_count) {
+    const int64_t B = batch.B, T = batch.T;
+    at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
+      const auto mask_sum =
+          cpu_has_avx2() ? &mask_sum_avx2<scalar_t> : &mask_sum_generic<scalar_t>;
+      for (int64_t i = lo; i < hi; ++i) {
+        row_mask[i] = mask_sum(batch.mask_f != nullptr ? batch.mask_f + i * T : nullptr,
+                               batch.mask_b != nullptr ? batch.mask_b + i * T : nullptr, T);
+      }
+    });
+    for (int64_t i = 0; i < B; ++i) {
+      total_mask += row_mask[i];
+      nonempty += row_mask[i] > 0 ? 1.0 : 0.0;
+    }
+    norm = opt.norm_const.value_or(static_cast<double>(std::max<int64_t>(T, 1)));
+    seq_denom = opt.global_count.value_or(std::max(nonempty, 1.0));
   }
-  const double norm = opt.norm_const.value_or(static_cast<double>(std::max<int64_t>(T, 1)));
-  const double seq_denom = opt.global_count.value_or(std::max(nonempty, 1.0));
-  auto row_weight = [&](int64_t i) -> double {  // d loss / d L[i, t] (before the mask)
-    switch (opt.agg) {
-      case Agg::kTokenMean: return 1.0 / opt.global_count.value_or(std::max(total_mask, 1.0));
+
+  double operator()(int64_t i) const {
+    switch (agg) {
+      case Agg::kTokenMean: return 1.0 / global_count.value_or(std::max(total_mask, 1.0));
       case Agg::kSeqMeanTokenMean:
         return row_mask[i] > 0 ? 1.0 / (std::max(row_mask[i], 1.0) * seq_denom) : 0.0;
       case Agg::kSeqMeanTokenSum: return row_mask[i] > 0 ? 1.0 / seq_denom : 0.0;
       case Agg::kSeqMeanTokenSumNorm: return row_mask[i] > 0 ? 1.0 / (norm * seq_denom) : 0.0;
     }
     return 0.0;
-  };
+  }
+};
+
+template <typename scalar_t>
+at::Tensor policy_loss_backward_impl(const LossBatch<scalar_t>& batch, const LossOptions& opt,
+                                     double grad_loss) {
+  const int64_t B = batch.B, T = batch.T;
+  // pass 1: mask count per row, for the aggregation weights
+  const AggWeights row_weight(batch, opt);
 
   // pass 2: the token gradients
   const Consts<scalar_t> consts = make_consts<scalar_t>(opt);
@@ -932,6 +1000,31 @@ at::Tensor policy_loss_backward_impl(const LossBatch<scalar_t>& batch, const Los
   TORCH_CHECK_VALUE(map_ok.load(), "call_map out of range: entries must be -1 or in [0, N=",
                     batch.N, ")");
   return grad;
+}
+
+// Loss, metrics and d loss / d logp (for d loss = 1): the mask-count pass for the aggregation
+// weights, then one token pass computing both (GSPO: its row pass first, per row). The value
+// checks and the aggregation are the forward's; the gradient equals the backward's for
+// grad_loss = 1 bit for bit.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_with_grad_impl(
+    const LossBatch<scalar_t>& batch, const LossOptions& opt) {
+  const int64_t B = batch.B, T = batch.T;
+  const AggWeights row_weight(batch, opt);
+  const Consts<scalar_t> consts = make_consts<scalar_t>(opt);
+  const ForwardGradRowFn<scalar_t> forward_grad_row =
+      row_kernels<scalar_t>(opt, batch.ref != nullptr).forward_grad;
+  at::Tensor grad = at::empty({B, T}, batch.logp_t.options());
+  scalar_t* g = grad.data_ptr<scalar_t>();
+  std::vector<RowStats> rows(B);
+  at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      rows[i] = forward_grad_row(batch.row(i), consts, static_cast<scalar_t>(row_weight(i)),
+                                 g + i * T);
+    }
+  });
+  auto [loss, metrics] = finish_forward(batch, opt, rows);
+  return {loss, metrics, grad};
 }
 
 }  // namespace
@@ -975,9 +1068,122 @@ at::Tensor policy_loss_backward_cpu(
   });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_with_grad_cpu(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
+    const std::optional<at::Tensor>& call_map, const std::optional<at::Tensor>& call_delta,
+    c10::string_view algo, double eps_low, double eps_high, double dual_clip_c, double tau_pos,
+    double tau_neg, double kl_coef, c10::string_view kl_type, c10::string_view agg,
+    std::optional<double> norm_const, std::optional<double> global_count) {
+  const LossOptions opt = check_policy_loss_args(
+      logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low, eps_high,
+      dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
+  return AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "tapo_policy_loss_with_grad", [&] {
+    const LossBatch<scalar_t> batch(logp, old_logp, advantages, mask, ref_logp, call_map,
+                                    call_delta);
+    return policy_loss_with_grad_impl<scalar_t>(batch, opt);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// autograd of tapo::policy_loss on CPU tensors
+// ---------------------------------------------------------------------------------------------
+//
+// Registered at AutogradCPU, which takes precedence over the Python autograd kernel registered
+// at the Autograd alias (that one stays for CUDA and for the reference build). When logp needs
+// a gradient the forward runs tapo::policy_loss_with_grad (value and gradient in one token
+// pass) and saves only d loss / d logp; the backward scales it by the incoming gradient.
+// Otherwise the op runs below autograd as tapo::policy_loss. Both calls go through the
+// dispatcher, so tracing (FakeTensor, torch.compile) records the ops, not this kernel.
+
+namespace {
+
+using LossSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, c10::string_view, double, double, double, double, double,
+    double, c10::string_view, c10::string_view, std::optional<double>, std::optional<double>);
+using LossWithGradSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, c10::string_view, double, double, double, double, double,
+    double, c10::string_view, c10::string_view, std::optional<double>, std::optional<double>);
+
+const c10::TypedOperatorHandle<LossSig>& policy_loss_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("tapo::policy_loss", "")
+                             .typed<LossSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<LossWithGradSig>& policy_loss_with_grad_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("tapo::policy_loss_with_grad", "")
+                             .typed<LossWithGradSig>();
+  return op;
+}
+
+constexpr size_t kLossInputs = 18;  // arguments of tapo::policy_loss
+
+class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& logp, const at::Tensor& old_logp,
+      const at::Tensor& advantages, const at::Tensor& mask,
+      const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& call_map,
+      const std::optional<at::Tensor>& call_delta, c10::string_view algo, double eps_low,
+      double eps_high, double dual_clip_c, double tau_pos, double tau_neg, double kl_coef,
+      c10::string_view kl_type, c10::string_view agg, std::optional<double> norm_const,
+      std::optional<double> global_count) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, metrics, grad_logp] = policy_loss_with_grad_op().call(
+        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low,
+        eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
+    ctx->save_for_backward({grad_logp});
+    ctx->mark_non_differentiable({metrics});
+    return {loss, metrics};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    torch::autograd::variable_list grads(kLossInputs);
+    const at::Tensor& grad_loss = grad_outputs[0];
+    if (grad_loss.defined() && ctx->needs_input_grad(0)) {
+      grads[0] = grad_loss * ctx->get_saved_variables()[0];
+    }
+    return grads;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> policy_loss_autograd_cpu(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
+    const std::optional<at::Tensor>& call_map, const std::optional<at::Tensor>& call_delta,
+    c10::string_view algo, double eps_low, double eps_high, double dual_clip_c, double tau_pos,
+    double tau_neg, double kl_coef, c10::string_view kl_type, c10::string_view agg,
+    std::optional<double> norm_const, std::optional<double> global_count) {
+  if (at::GradMode::is_enabled() && logp.requires_grad()) {
+    torch::autograd::variable_list out = PolicyLossFunction::apply(
+        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low,
+        eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
+    return {out[0], out[1]};
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return policy_loss_op().call(logp, old_logp, advantages, mask, ref_logp, call_map, call_delta,
+                               algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef,
+                               kl_type, agg, norm_const, global_count);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(tapo, CPU, m) {
   m.impl("policy_loss", &policy_loss_cpu);
   m.impl("policy_loss_backward", &policy_loss_backward_cpu);
+  m.impl("policy_loss_with_grad", &policy_loss_with_grad_cpu);
+}
+
+TORCH_LIBRARY_IMPL(tapo, AutogradCPU, m) {
+  m.impl("policy_loss", &policy_loss_autograd_cpu);
 }
 
 }  // namespace tapo

@@ -1,7 +1,8 @@
 """tapo-kernels: tool-aware credit correction (TAPO) and fused RL policy losses.
 
 Importing this package registers ``torch.ops.tapo.fused_correct``,
-``torch.ops.tapo.policy_loss`` and ``torch.ops.tapo.policy_loss_backward``. It does not
+``torch.ops.tapo.policy_loss``, ``torch.ops.tapo.policy_loss_backward`` and
+``torch.ops.tapo.policy_loss_with_grad`` (among others). It does not
 import Triton or initialise CUDA.
 """
 

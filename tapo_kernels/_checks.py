@@ -120,8 +120,13 @@ def check_fused_correct(
         seq, start, end = call_seq[nonempty], call_start[nonempty], call_end[nonempty]
         order = torch.argsort(seq * (T + 1) + start)
         seq, start, end = seq[order], start[order], end[order]
-        if bool(((seq[1:] == seq[:-1]) & (start[1:] < end[:-1])).any()):
-            raise ValueError("overlapping call spans in one row: each token may belong to at most one call")
+        bad = ((seq[1:] == seq[:-1]) & (start[1:] < end[:-1])).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(
+                f"call_start/call_end: overlapping call spans in row {int(seq[i])} "
+                f"([{int(start[i])}, {int(end[i])}) and [{int(start[i + 1])}, {int(end[i + 1])})): "
+                "each token may belong to at most one call")
 
 
 def check_policy_loss(

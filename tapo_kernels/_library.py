@@ -4,7 +4,8 @@ Every op is defined here exactly once. Backends attach through the dispatcher:
 
 * CPU: the C++ kernels of ``tapo_kernels._C`` (``TORCH_LIBRARY_IMPL(tapo, CPU, m)``) when
   the native build is present, else the pure-torch reference (validated in Python).
-  ``TAPO_DISABLE_NATIVE=1`` forces the reference even when the build exists.
+  ``TAPO_DISABLE_NATIVE=1`` forces the reference even when the build exists. The native
+  build also registers the autograd of ``policy_loss`` for CPU tensors in C++ (AutogradCPU).
 * CUDA: the Triton launchers in ``tapo_kernels/ops/``, imported on first call, so that
   ``import tapo_kernels`` neither imports Triton nor initialises CUDA.
 * Meta/fake: shape-only kernels, so the ops trace under ``torch.compile(fullgraph=True)``.
@@ -37,12 +38,15 @@ _LOSS_ARGS = (
 )
 POLICY_LOSS_SCHEMA = f"policy_loss({_LOSS_ARGS}) -> (Tensor, Tensor)"
 POLICY_LOSS_BACKWARD_SCHEMA = f"policy_loss_backward(Tensor grad_loss, {_LOSS_ARGS}) -> Tensor"
+# (loss, metrics, d loss / d logp for d loss = 1): value and gradient from one token pass
+POLICY_LOSS_WITH_GRAD_SCHEMA = f"policy_loss_with_grad({_LOSS_ARGS}) -> (Tensor, Tensor, Tensor)"
 
 lib.define(FUSED_CORRECT_SCHEMA)
 lib.define(POLICY_LOSS_SCHEMA)
 lib.define(POLICY_LOSS_BACKWARD_SCHEMA)
+lib.define(POLICY_LOSS_WITH_GRAD_SCHEMA)
 
-OPS = ("fused_correct", "policy_loss", "policy_loss_backward")
+OPS = ("fused_correct", "policy_loss", "policy_loss_backward", "policy_loss_with_grad")
 
 # --------------------------------------------------------------------------------------
 # fake (meta) kernels
@@ -70,6 +74,13 @@ def _policy_loss_backward_fake(grad_loss, logp, *rest):
     return torch.empty_like(logp)
 
 
+@torch.library.register_fake("tapo::policy_loss_with_grad")
+def _policy_loss_with_grad_fake(logp, *rest):
+    # the gradient is a new contiguous (B, T) tensor, whatever logp's strides
+    grad = logp.new_empty(logp.shape)
+    return logp.new_empty(()), logp.new_empty((4,), dtype=torch.float32), grad
+
+
 # --------------------------------------------------------------------------------------
 # autograd: the loss is differentiable with respect to logp only
 # --------------------------------------------------------------------------------------
@@ -87,8 +98,28 @@ def _policy_loss_backward(ctx, grad_loss, grad_metrics):
     return (grad_logp,) + (None,) * (_N_LOSS_INPUTS - 1)
 
 
+# The Autograd alias kernel: CUDA (Triton) and the reference build. The native build also
+# registers a C++ kernel at AutogradCPU (csrc/policy_loss.cpp), which takes precedence for CPU
+# tensors: it runs tapo::policy_loss_with_grad and saves only the gradient.
 torch.library.register_autograd(
     "tapo::policy_loss", _policy_loss_backward, setup_context=_policy_loss_setup_context
+)
+
+
+# tapo::policy_loss_with_grad returns its own gradient: none of its outputs is differentiable
+# (they never require grad, whatever the inputs).
+def _policy_loss_with_grad_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _policy_loss_with_grad_backward(ctx, *grads):  # pragma: no cover - outputs never need it
+    raise RuntimeError("tapo::policy_loss_with_grad is not differentiable")
+
+
+torch.library.register_autograd(
+    "tapo::policy_loss_with_grad",
+    _policy_loss_with_grad_backward,
+    setup_context=_policy_loss_with_grad_setup_context,
 )
 
 # --------------------------------------------------------------------------------------
@@ -151,11 +182,38 @@ def policy_loss_backward_reference_kernel(
     return grad
 
 
+def policy_loss_with_grad_reference_kernel(
+    logp, old_logp, advantages, mask, ref_logp=None, call_map=None, call_delta=None,
+    algo="grpo", eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05,
+    kl_coef=0.0, kl_type="k3", agg="token-mean", norm_const=None, global_count=None,
+):
+    """Reference ``tapo::policy_loss_with_grad``: the reference forward, then autograd for
+    d loss / d logp (d loss = 1). Outputs are detached; the gradient is contiguous."""
+    tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    knobs = dict(algo=algo, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
+                 tau_pos=tau_pos, tau_neg=tau_neg, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
+                 norm_const=norm_const, global_count=global_count)
+    _checks.check_policy_loss(logp, *tensors, **knobs)
+    with _autograd_enabled():
+        x = logp.detach().requires_grad_(True)
+        loss, metrics = reference.policy_loss(x, *tensors, **knobs)
+        (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), metrics, grad.contiguous()
+
+
+def policy_loss_with_grad_cuda_kernel(logp, *args, **kwargs):
+    """``tapo::policy_loss_with_grad`` on CUDA: the Triton forward and backward ops."""
+    loss, metrics = torch.ops.tapo.policy_loss(logp, *args, **kwargs)
+    one = torch.ones((), dtype=logp.dtype, device=logp.device)
+    grad = torch.ops.tapo.policy_loss_backward(one, logp, *args, **kwargs)
+    return loss, metrics, grad.contiguous()
+
 
 _REFERENCE_KERNELS = {
     "fused_correct": fused_correct_reference_kernel,
     "policy_loss": policy_loss_reference_kernel,
     "policy_loss_backward": policy_loss_backward_reference_kernel,
+    "policy_loss_with_grad": policy_loss_with_grad_reference_kernel,
 }
 
 
@@ -198,7 +256,10 @@ for _op in OPS:
     else:
         lib.impl(_op, _REFERENCE_KERNELS[_op], "CPU")
         CPU_BACKEND[_op] = "reference"
-    lib.impl(_op, _triton_kernel(_op), "CUDA")
+    if _op == "policy_loss_with_grad":  # no Triton kernel of its own
+        lib.impl(_op, policy_loss_with_grad_cuda_kernel, "CUDA")
+    else:
+        lib.impl(_op, _triton_kernel(_op), "CUDA")
 
 
 # ======================================================================================

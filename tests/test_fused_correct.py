@@ -1068,3 +1068,17 @@ def test_front_door_without_calls():
     assert result.corrected.data_ptr() != advantages.data_ptr()
     stats = result.stats()
     assert (stats.failing_calls, stats.corrected_calls, stats.mean_lift) == (0, 0, 0.0)
+
+
+def test_overlapping_spans_error_names_the_row_and_both_spans(fused_correct_impl):
+    """Spans given out of order (row 2: [5, 8) listed before [3, 6)) are reported sorted."""
+    B, T = 4, 10
+    adv = torch.full((B, T), -1.0)
+    seq_adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    gid = torch.zeros(B, dtype=torch.int64)
+    ints = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    args = (adv, seq_adv, gid, ints([0, 2, 2]), ints([0, 5, 3]), ints([2, 8, 6]), ints([0, 0, 0]),
+            ints([0, 0, 0]), torch.ones(3, 4), ints([0]))
+    with pytest.raises(ValueError, match=re.escape(
+            "call_start/call_end: overlapping call spans in row 2 ([3, 6) and [5, 8))")):
+        fused_correct_impl(*args, 0.7, 0.3, 0.8, False)

@@ -8,6 +8,7 @@ twice the error of the reference run in the kernel's own dtype, plus a tiny epsi
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -20,7 +21,7 @@ from torch import Tensor
 import tapo_kernels
 from tapo_kernels import _library, reference, testing
 
-NATIVE_OPS = ("fused_correct", "policy_loss", "policy_loss_backward")
+NATIVE_OPS = ("fused_correct", "policy_loss", "policy_loss_backward", "policy_loss_with_grad")
 _missing = [op for op in NATIVE_OPS if tapo_kernels.CPU_BACKEND.get(op) != "native"]
 pytestmark = pytest.mark.skipif(
     bool(_missing),
@@ -804,3 +805,245 @@ def test_policy_loss_backward_rejects_out_of_range_call_map() -> None:
     args[5] = args[5].clamp(min=0) + 100
     with pytest.raises(ValueError, match="call_map out of range"):
         torch.ops.tapo.policy_loss_backward(torch.tensor(1.0, dtype=torch.float64), *args)
+
+
+# --------------------------------------------------------------------------------------
+# policy_loss_with_grad and the C++ autograd of policy_loss (AutogradCPU)
+# --------------------------------------------------------------------------------------
+
+WITH_GRAD_KERNELS = {
+    "native": torch.ops.tapo.policy_loss_with_grad,
+    "reference": _library.policy_loss_with_grad_reference_kernel,
+}
+
+
+def _poisoned_call(fn, args: list, knobs: dict):
+    """``fn(*args, **knobs)`` right after freeing a NaN-filled tensor of the gradient's size,
+    so an allocation the kernel forgets to fill likely reads back NaN."""
+    poison = torch.full_like(args[0], float("nan"), memory_format=torch.contiguous_format)
+    del poison
+    return fn(*args, **knobs)
+
+
+def _with_grad_knobs(algo: str, agg: str, kl_type: str, i: int) -> dict:
+    knobs = dict(algo=algo, agg=agg, kl_type=kl_type, kl_coef=0.05, eps_low=0.2, eps_high=0.28,
+                 dual_clip_c=(3.0, 0.0)[i % 2])
+    if algo == "gspo":
+        knobs.update(eps_low=0.03, eps_high=0.04)
+    if i % 3 == 1:
+        knobs.update(norm_const=50.0, global_count=40.0)
+    return knobs
+
+
+@pytest.mark.parametrize("kl_type", reference.KL_TYPES)
+@pytest.mark.parametrize("agg", reference.AGGS)
+@pytest.mark.parametrize("algo", reference.ALGOS)
+def test_policy_loss_with_grad_matches_reference(algo: str, agg: str, kl_type: str) -> None:
+    """(loss, metrics, d loss / d logp) of both kernels vs the fp64 reference and autograd;
+    the last row of every batch is fully masked (zero gradient)."""
+    variants = itertools.product((True, False), (torch.float32, torch.float64))
+    for i, (with_calls, dtype) in enumerate(variants):
+        batch = testing.loss_batch(B=(6, 11)[i % 2], T=(37, 90)[i % 2], dtype=dtype,
+                                   per_token=i % 3 != 2, with_calls=with_calls, empty_row=True,
+                                   spread=0.5, seed=100 + i)
+        args = list(batch.op_args())
+        assert not args[3][-1].any()
+        knobs = _with_grad_knobs(algo, agg, kl_type, i)
+        what = f"{algo}/{agg}/{kl_type} calls={with_calls} {dtype}"
+        ref64 = _loss_and_grad(reference.policy_loss, args, knobs, torch.float64)
+        ref_own = _loss_and_grad(reference.policy_loss, args, knobs, dtype)
+        for name, fn in WITH_GRAD_KERNELS.items():
+            out = _poisoned_call(fn, args, knobs)
+            assert len(out) == 3
+            loss, metrics, grad = out
+            assert loss.shape == () and loss.dtype == dtype and not loss.requires_grad
+            assert metrics.shape == (4,) and metrics.dtype == torch.float32
+            assert grad.shape == args[0].shape and grad.dtype == dtype and grad.is_contiguous()
+            assert torch.equal(grad[-1], torch.zeros_like(grad[-1])), f"{name} {what}"
+            assert torch.equal(grad[args[3] == 0], torch.zeros_like(grad[args[3] == 0]))
+            for part, x, r64, r_own in zip(("loss", "metrics", "grad"), out, ref64, ref_own,
+                                           strict=True):
+                scale = max(1.0, r64.abs().max().item())
+                eps = (1e-12 if dtype == torch.float64 and part != "metrics" else 1e-6) * scale
+                assert_close_by_rule(x, r64, r_own, eps, f"{name} {what} {part}")
+            if name == "reference":  # the reference forward and autograd, exactly
+                for x, y in zip(out, ref_own, strict=True):
+                    assert torch.equal(x, y), f"{name} {what}"
+
+
+@pytest.mark.parametrize("algo", reference.ALGOS)
+def test_policy_loss_with_grad_equals_forward_and_backward_ops(algo: str) -> None:
+    """The single pass gives the forward's loss and metrics and the backward's gradient for
+    grad_loss = 1, bit for bit (same token math, same summation orders)."""
+    for i, (dtype, agg) in enumerate(itertools.product((torch.float32, torch.float64),
+                                                       reference.AGGS)):
+        batch = testing.loss_batch(B=9, T=(29, 64, 3, 130)[i % 4], dtype=dtype, seed=40 + i)
+        args = list(batch.op_args())
+        if i % 2:
+            args[3] = args[3] > 0  # bool mask
+        knobs = dict(algo=algo, agg=agg, kl_coef=0.1, kl_type=reference.KL_TYPES[i % 3])
+        loss, metrics, grad = _poisoned_call(torch.ops.tapo.policy_loss_with_grad, args, knobs)
+        fwd_loss, fwd_metrics = torch.ops.tapo.policy_loss(*args, **knobs)
+        one = torch.ones((), dtype=dtype)
+        bwd_grad = torch.ops.tapo.policy_loss_backward(one, *args, **knobs)
+        assert torch.equal(loss, fwd_loss) and torch.equal(metrics, fwd_metrics)
+        assert torch.equal(grad, bwd_grad)
+        assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("algo", reference.ALGOS)
+def test_policy_loss_autograd_scales_by_upstream_gradient(algo: str) -> None:
+    for dtype, agg in ((torch.float32, "token-mean"), (torch.float64, "seq-mean-token-sum")):
+        batch = testing.loss_batch(B=8, T=45, dtype=dtype, spread=0.5, seed=61)
+        args = list(batch.op_args())
+        knobs = dict(algo=algo, agg=agg, kl_coef=0.1)
+        if algo == "gspo":
+            knobs.update(eps_low=0.03, eps_high=0.04)
+        x = args[0].clone().requires_grad_(True)
+        loss, metrics = torch.ops.tapo.policy_loss(x, *args[1:], **knobs)
+        assert "PolicyLossFunction" in loss.grad_fn.name()  # the C++ autograd kernel
+        assert not metrics.requires_grad
+        (3.7 * loss).backward()
+        x64 = args[0].double().clone().requires_grad_(True)
+        rest64 = [t.double() if t is not None and t.is_floating_point() else t for t in args[1:]]
+        (3.7 * reference.policy_loss(x64, *rest64, **knobs)[0]).backward()
+        xo = args[0].clone().requires_grad_(True)
+        (3.7 * reference.policy_loss(xo, *args[1:], **knobs)[0]).backward()
+        scale = x64.grad.abs().max().item()
+        eps = (1e-12 if dtype == torch.float64 else 1e-6) * scale
+        assert_close_by_rule(x.grad, x64.grad, xo.grad, eps, f"{algo} {dtype} 3.7 * loss")
+        # a second backward accumulates into .grad
+        first = x.grad.clone()
+        loss, _ = torch.ops.tapo.policy_loss(x, *args[1:], **knobs)
+        (-0.5 * loss).backward()
+        torch.testing.assert_close(x.grad, first * (3.2 / 3.7), rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("algo", reference.ALGOS)
+def test_policy_loss_cpp_autograd_gradcheck(algo: str) -> None:
+    """gradcheck (fp64) through the AutogradCPU kernel, token-mean with the lift; and the
+    metrics output is not differentiable."""
+    per_token = algo != "gspo"  # see test_policy_loss_gradcheck
+    logp, old, adv, mask, ref = _away_from_kinks(5, 11, seed=7, per_token=per_token)
+    mask[2] = 0.0  # a fully masked row
+    call_map = torch.full(logp.shape, -1, dtype=torch.int32)
+    call_map[:, 1:4] = torch.arange(logp.shape[0], dtype=torch.int32)[:, None]
+    calls = (call_map, torch.full((logp.shape[0],), 0.25, dtype=torch.float64))
+    knobs = dict(algo=algo, kl_coef=0.1, kl_type="k3", agg="token-mean", eps_low=0.2,
+                 eps_high=0.28)
+    if algo == "gspo":
+        calls = (None, None)
+        row_log_ratio = ((logp - old) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        bounds = torch.tensor([math.log(0.8), math.log(1.28)], dtype=torch.float64)
+        assert (row_log_ratio[:, None] - bounds).abs().min() > 1e-3
+
+    def loss_of(x: Tensor) -> Tensor:
+        loss, metrics = torch.ops.tapo.policy_loss(x, old, adv, mask, ref, *calls, **knobs)
+        assert "PolicyLossFunction" in loss.grad_fn.name() and metrics.grad_fn is None
+        return loss
+
+    x = logp.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(loss_of, (x,), eps=1e-6, atol=1e-8)
+    (grad,) = torch.autograd.grad(loss_of(x), x)
+    assert torch.equal(grad[2], torch.zeros_like(grad[2])) and grad.abs().sum() > 0
+
+
+def test_policy_loss_autograd_cpu_kernel_is_registered() -> None:
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("tapo::policy_loss", "AutogradCPU")
+    assert tapo_kernels.CPU_BACKEND["policy_loss_with_grad"] == "native"
+
+
+def test_policy_loss_without_grad() -> None:
+    """no_grad, inference mode, or logp without requires_grad: the plain forward, no graph."""
+    batch = testing.loss_batch(B=5, T=20, dtype=torch.float32, seed=71)
+    args = list(batch.op_args())
+    knobs = dict(algo="sapo", kl_coef=0.1)
+    expected = torch.ops.tapo.policy_loss_with_grad(*args, **knobs)[:2]
+    x = args[0].clone().requires_grad_(True)
+    with torch.no_grad():
+        no_grad = torch.ops.tapo.policy_loss(x, *args[1:], **knobs)
+    with torch.inference_mode():
+        inference = torch.ops.tapo.policy_loss(x, *args[1:], **knobs)
+    plain = torch.ops.tapo.policy_loss(*args, **knobs)
+    old_grad = torch.ops.tapo.policy_loss(args[0], args[1].clone().requires_grad_(True),
+                                          *args[2:], **knobs)
+    for out in (no_grad, inference, plain, old_grad):
+        assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+    for out in (no_grad, inference, plain):
+        assert out[0].grad_fn is None and not out[0].requires_grad
+    with_grad = torch.ops.tapo.policy_loss(x, *args[1:], **knobs)
+    assert with_grad[0].requires_grad and torch.equal(with_grad[0].detach(), expected[0])
+
+
+def test_policy_loss_with_grad_outputs_are_not_differentiable() -> None:
+    batch = testing.loss_batch(B=3, T=12, dtype=torch.float64, seed=72)
+    args = list(batch.op_args())
+    x = args[0].clone().requires_grad_(True)
+    for out in torch.ops.tapo.policy_loss_with_grad(x, *args[1:], kl_coef=0.1):
+        assert not out.requires_grad and out.grad_fn is None
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("algo", reference.ALGOS)
+def test_policy_loss_with_grad_opcheck(algo: str, requires_grad: bool) -> None:
+    for i, dtype in enumerate((torch.float32, torch.float64)):
+        batch = testing.loss_batch(B=4, T=9, dtype=dtype, per_token=i == 0, seed=3 + i)
+        args = list(batch.op_args())
+        args[0] = args[0].clone().requires_grad_(requires_grad)
+        knobs = dict(algo=algo, kl_coef=0.1, agg=reference.AGGS[i + 1])
+        torch.library.opcheck(torch.ops.tapo.policy_loss_with_grad.default, tuple(args), knobs)
+
+
+@pytest.mark.parametrize("case", _bad_policy_loss_cases(), ids=lambda c: c[0])
+def test_policy_loss_with_grad_bad_input(case) -> None:
+    """The single pass validates like the forward: same errors, same messages, also through
+    autograd (logp requires grad)."""
+    _, mutate, exc_type, text = case
+    batch = testing.loss_batch(B=4, T=10, dtype=torch.float32, seed=2)
+    args, knobs = list(batch.op_args()), dict(algo="grpo", kl_coef=0.0)
+    mutate(args, knobs)
+    with pytest.raises(exc_type) as reference_error:
+        _library.policy_loss_reference_kernel(*args, **knobs)
+    with pytest.raises(exc_type) as with_grad_error:
+        torch.ops.tapo.policy_loss_with_grad(*args, **knobs)
+    if args[0].dim() == 2:
+        args[0] = args[0].clone().requires_grad_(True)
+    with pytest.raises(exc_type) as autograd_error:
+        torch.ops.tapo.policy_loss(*args, **knobs)
+    assert str(with_grad_error.value) == str(reference_error.value)
+    assert str(autograd_error.value) == str(reference_error.value)
+    assert text in str(reference_error.value)
+
+
+_FALLBACK_SCRIPT = """
+import json, torch, tapo_kernels
+from tapo_kernels import _library, reference, testing
+b = testing.loss_batch(B=4, T=11, dtype=torch.float64, seed=5)
+args = list(b.op_args())
+knobs = dict(algo="gspo", kl_coef=0.1, agg="seq-mean-token-mean")
+loss, metrics, grad = torch.ops.tapo.policy_loss_with_grad(*args, **knobs)
+x = args[0].clone().requires_grad_(True)
+(2.5 * torch.ops.tapo.policy_loss(x, *args[1:], **knobs)[0]).backward()
+xr = args[0].clone().requires_grad_(True)
+ref_loss, ref_metrics = reference.policy_loss(xr, *args[1:], **knobs)
+(ref_grad,) = torch.autograd.grad(ref_loss, xr)
+print(json.dumps({
+    "native_error": tapo_kernels.NATIVE_ERROR,
+    "backend": tapo_kernels.CPU_BACKEND["policy_loss_with_grad"],
+    "autograd_cpu": torch._C._dispatch_has_kernel_for_dispatch_key("tapo::policy_loss", "AutogradCPU"),
+    "loss": torch.equal(loss, ref_loss.detach()), "metrics": torch.equal(metrics, ref_metrics),
+    "grad": torch.equal(grad, ref_grad), "grad_nonzero": bool(grad.abs().sum() > 0),
+    "autograd": bool(torch.allclose(x.grad, 2.5 * ref_grad, rtol=1e-12, atol=0)),
+}))
+"""
+
+
+def test_policy_loss_with_grad_reference_fallback_in_a_fresh_process() -> None:
+    """TAPO_DISABLE_NATIVE=1: the reference kernels and the Python autograd, no AutogradCPU."""
+    env = dict(os.environ, TAPO_DISABLE_NATIVE="1")
+    out = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["native_error"] and result["backend"] == "reference"
+    assert result["autograd_cpu"] is False
+    assert all(result[k] for k in ("loss", "metrics", "grad", "grad_nonzero", "autograd")), result
