@@ -2,19 +2,23 @@
 // tapo_kernels/reference.py::fused_correct.
 //
 // Design: the op is memory-bound on the (B, T) advantages, so they are read once and
-// `corrected` written once, at the end, in one parallel pass that fuses the copy, the NaN
-// check and the lifts (non-temporal stores for large outputs, as memcpy does for clone).
+// `corrected` written once, in one parallel region: thread 0 makes the plan of the call part
+// (checks, buckets, tasks) while the other threads copy the rows no lift can touch; then all
+// threads take similarity tasks, then the rest of those rows, and after a barrier the failing
+// rows are copied with the lifts of their spans applied while the row is in cache. Copies are
+// memcpy followed by the NaN/inf check of the (cached) source.
 // The call part is small: valid calls of successful rows (candidates) and of failing rows
 // are bucketed by (scope, tool) with a counting sort, then ordered by (key, row, call index)
 // (a sort only where calls did not arrive row by row). A failing call's candidates are then
 // one contiguous range, and the calls of one pool trajectory are contiguous inside it.
-// Blocks of 4 failing calls sharing a range are one OpenMP task (dynamic schedule): a
-// blocked fp32 dot-product kernel (or a vectorised IoU) fills their similarity rows, then a
-// scan per call gives s_k, w_k, T_k. Tuned for group scope (small ranges, the copy
-// dominates); batch scope is compute-bound, O(failing x candidates x D).
-// Measured on a shared 2-core AMD EPYC VM (B=512, T=8192, N=4903, D=256, groups of 8, min
-// over runs): 1.2-1.3 ms = 1.5-2.0x advantages.clone() (the write pass alone: 0.85-0.9x
-// clone), 190-600x the eager reference; batch scope ~9 ms (26-46x the reference).
+// Blocks of 4 failing calls sharing a range are one task (taken in runs of 16): a blocked
+// fp32 dot-product kernel (or a vectorised IoU) fills their similarity rows, then a scan per
+// call gives s_k, w_k, T_k. Tuned for group scope (small ranges, the copy dominates); batch
+// scope is compute-bound, O(failing x candidates x D).
+// Measured on a shared 2-core AMD EPYC VM (B=512, T=8192, N=4096, D=256, groups of 8, min
+// over 200 runs): 0.70 ms against 0.27-0.28 ms for advantages.clone() (0.58 ms at D=4: the
+// copy plus ~0.1 ms of plan and ~0.2 ms of tasks on two threads); before the overlap the same
+// run gave 0.73-0.75 ms.
 //
 // Numerics: similarities in fp32 like the reference (`params.to(float32)`); dot products
 // use 16 partial sums in a fixed order (exact, hence equal to the reference, when products
@@ -26,9 +30,14 @@
 
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <exception>
+#include <string>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -37,7 +46,7 @@
 #include "tapo_common.h"
 
 #if defined(__SSE2__)
-#include <emmintrin.h>
+#include <emmintrin.h>  // _mm_pause
 #endif
 
 // The 32-byte vector helpers are always inlined, so no vector crosses a call boundary in the
@@ -208,52 +217,44 @@ void iou_row(const float* box, const BoxesSoA& cands, int64_t lo, int64_t C, flo
   }
 }
 
-// Outputs at least this large are written with non-temporal stores (they do not fit in cache
-// anyway; the stores then skip reading the destination lines first).
-constexpr int64_t kStreamBytes = int64_t{4} << 20;
-
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
+// dst[0, n) = src[0, n); returns whether a source value is NaN or inf. memcpy, then the
+// check on the source while it is still in cache: measured on a 2-core AMD EPYC VM at
+// 512 x 8192 fp32, 2 threads, row by row, this costs what the memcpy alone costs (230 us),
+// while one fused pass with non-temporal SSE or AVX2 stores took 390-410 us and one with
+// regular vector stores 290 us.
+inline bool copy_segment(const float* __restrict src, float* __restrict dst, int64_t n) {
+  if (n <= 0) return false;
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+  return any_nonfinite(src, n);
 }
 
-// dst[0, n) = src[0, n), with the TAPO lift min(a + d, 0) on negative values when `lift`
-// (reference.apply_lift); returns whether a source value is NaN or inf.
-inline bool write_segment(const float* __restrict src, float* __restrict dst, int64_t n, float d,
-                          bool lift, bool stream) {
-  uint32_t bad = 0;
-  int64_t i = 0;
-  auto one = [&](int64_t k) {
-    float a = src[k];
-    bad |= !bits_finite(a);
-    if (lift && a < 0.0f) a = std::min(a + d, 0.0f);
-    dst[k] = a;
-  };
-#if defined(__SSE2__)
-  while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0) one(i++);
-  const __m128i exp_bits = _mm_set1_epi32(0x7f800000);
-  const __m128 zero = _mm_setzero_ps(), dv = _mm_set1_ps(d);
-  __m128i bad_lanes = _mm_setzero_si128();
-  for (; i + 4 <= n; i += 4) {
-    __m128 v = _mm_loadu_ps(src + i);
-    const __m128i e = _mm_and_si128(_mm_castps_si128(v), exp_bits);
-    bad_lanes = _mm_or_si128(bad_lanes, _mm_cmpeq_epi32(e, exp_bits));
-    if (lift) {
-      const __m128 negative = _mm_cmplt_ps(v, zero);
-      const __m128 lifted = _mm_min_ps(_mm_add_ps(v, dv), zero);  // a + d < 0 ? a + d : 0
-      v = _mm_or_ps(_mm_and_ps(negative, lifted), _mm_andnot_ps(negative, v));
-    }
-    if (stream) {
-      _mm_stream_ps(dst + i, v);
-    } else {
-      _mm_store_ps(dst + i, v);
-    }
+// dst[0, n) = the TAPO lift min(a + d, 0) of src[0, n) on negative values, src elsewhere
+// (reference.apply_lift). Branch-free so that it vectorises.
+__attribute__((always_inline)) inline void lift_body(const float* __restrict src,
+                                                     float* __restrict dst, int64_t n, float d) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = src[i];
+    const float up = a + d;
+    const float lifted = up < 0.0f ? up : 0.0f;
+    dst[i] = a < 0.0f ? lifted : a;
   }
-  bad |= _mm_movemask_epi8(bad_lanes) != 0;
+}
+void lift_segment_generic(const float* src, float* dst, int64_t n, float d) {
+  lift_body(src, dst, n, d);
+}
+__attribute__((target("avx2"))) void lift_segment_avx2(const float* src, float* dst, int64_t n,
+                                                       float d) {
+  lift_body(src, dst, n, d);
+}
+inline void lift_segment(const float* src, float* dst, int64_t n, float d) {
+  cpu_has_avx2() ? lift_segment_avx2(src, dst, n, d) : lift_segment_generic(src, dst, n, d);
+}
+
+// A short wait while another thread finishes the plan.
+inline void spin_pause() {
+#if defined(__SSE2__)
+  _mm_pause();
 #endif
-  for (; i < n; ++i) one(i);
-  return bad != 0;
 }
 
 // A valid call of a successful row (a candidate) or of a failing row, with its sort key
@@ -276,13 +277,7 @@ struct Task {
 };
 
 struct Span {
-  int64_t row, start, end;
-};
-
-// A corrected call span, for the pass that writes `corrected`.
-struct Lift {
-  int64_t start, end;
-  float delta;
+  int64_t row, start, end, call;
 };
 
 // Orders `calls` by (scope, tool) with a stable counting sort, then by CallKey inside each
@@ -380,9 +375,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
                       "tool_sim_kind entries must be 0 (cosine) or 1 (iou)");
   }
 
-  // The advantages are read once, at the end, by the pass that writes `corrected` (copy,
-  // NaN check and lifts fused). A later check that fails first confirms the advantages are
-  // finite, so the first error raised is the reference's first error.
+  // The advantages are read once, by the copy into `corrected` (copy and NaN check fused);
+  // the lifted spans are read again at the end. A value check that fails first confirms the
+  // advantages are finite, so the first error raised is the reference's first error.
   const at::Tensor adv_t = advantages.contiguous();
   const float* adv = adv_t.data_ptr<float>();
   auto check_value = [&](bool ok, const char* message) {
@@ -399,276 +394,322 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   at::Tensor delta = at::zeros({N}, adv_t.options());
   at::Tensor confidence = at::zeros({N}, adv_t.options());
   at::Tensor witness = at::full({N}, -1, adv_t.options().dtype(at::kLong));
-  std::vector<std::vector<Lift>> lifts_of_row;  // filled only for rows with corrected calls
-  auto write_corrected = [&]() {
-    // One parallel pass over rows: the copy, the NaN/inf check of the advantages and the
-    // lifts of the row's spans (sorted by start; spans never overlap) in the same loop.
-    // Large outputs are written with non-temporal stores, as memcpy does for clone: no read
-    // of the destination before it is written.
-    float* out = corrected.data_ptr<float>();
-    const bool stream = B * T * static_cast<int64_t>(sizeof(float)) >= kStreamBytes;
-    std::atomic<bool> finite{true};
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(T, 1));
-    at::parallel_for(0, B, grain, [&](int64_t row_lo, int64_t row_hi) {
-      bool bad = false;
-      for (int64_t row = row_lo; row < row_hi; ++row) {
-        const float* src = adv + row * T;
-        float* dst = out + row * T;
-        int64_t pos = 0;
-        if (!lifts_of_row.empty()) {
-          for (const Lift& lift : lifts_of_row[row]) {
-            bad |= write_segment(src + pos, dst + pos, lift.start - pos, 0.0f, false, stream);
-            bad |= write_segment(src + lift.start, dst + lift.start, lift.end - lift.start,
-                                 lift.delta, true, stream);
-            pos = lift.end;
-          }
-        }
-        bad |= write_segment(src + pos, dst + pos, T - pos, 0.0f, false, stream);
-      }
-      if (stream) stream_fence();
-      if (bad) finite.store(false, std::memory_order_relaxed);
-    });
-    TORCH_CHECK_VALUE(finite.load(), "advantages contains NaN or inf");
-    return std::make_tuple(corrected, delta, confidence, witness);
-  };
-  if (N == 0) return write_corrected();
 
+  // Inputs of the call part in fp32 / contiguous form (ATen work stays outside the parallel
+  // region below).
   const at::Tensor params_t =
       call_params.scalar_type() == at::kFloat ? call_params.contiguous()
                                               : call_params.to(at::kFloat).contiguous();
   const float* params = params_t.data_ptr<float>();
-  check_value(all_finite(params, N * D), "call_params contains NaN or inf");
-
   const at::Tensor seq_t = call_seq.contiguous(), start_t = call_start.contiguous(),
                    end_t = call_end.contiguous(), tool_t = call_tool.contiguous(),
-                   key_t = call_key.contiguous();
+                   key_t = call_key.contiguous(), gid_t = group_ids.contiguous();
   const int64_t* seq = seq_t.data_ptr<int64_t>();
   const int64_t* start = start_t.data_ptr<int64_t>();
   const int64_t* end = end_t.data_ptr<int64_t>();
   const int64_t* tool = tool_t.data_ptr<int64_t>();
   const int64_t* key = key_t.data_ptr<int64_t>();
+  const int64_t* gid = gid_t.data_ptr<int64_t>();
 
-  // One scan collects every index problem; they are raised in the reference's order.
-  bool seq_bad = false, span_bad = false, order_bad = false, tool_bad = false;
-  bool any_valid = false, any_iou = false;
-  for (int64_t k = 0; k < N; ++k) {
-    seq_bad |= seq[k] < 0 || seq[k] >= B;
-    span_bad |= start[k] < 0 || end[k] > T;
-    order_bad |= start[k] > end[k];
-    tool_bad |= tool[k] >= num_tools;
-    any_valid |= tool[k] >= 0;
-    any_iou |= tool[k] >= 0 && tool[k] < num_tools && kinds[tool[k]] == kSimIou;
-  }
-  const std::string seq_msg =
-      "call_seq out of range: every entry must be in [0, B=" + std::to_string(B) + ")";
-  check_value(!seq_bad, seq_msg.c_str());
-  const std::string span_msg =
-      "call span out of range: need 0 <= call_start and call_end <= T=" + std::to_string(T);
-  check_value(!span_bad, span_msg.c_str());
-  check_value(!order_bad, "call span with call_start > call_end");
-  const std::string tool_msg = "call_tool out of range: valid tool ids are [0, " +
-                               std::to_string(num_tools) + "), < 0 marks an invalid call";
-  check_value(!tool_bad, tool_msg.c_str());
-  check_value(!(any_valid && D == 0), "call_params must have D >= 1");
-  const std::string iou_msg =
-      "call_params needs D >= 4 for iou tools (a box is 4 numbers), got D=" + std::to_string(D);
-  check_value(!(any_iou && D < 4), iou_msg.c_str());
-  {
-    // Non-empty spans ordered by (row, start); neighbours in one row must not overlap. Calls
-    // usually arrive in that order, so the sort is mostly skipped.
-    std::vector<Span> spans;
-    spans.reserve(N);
-    for (int64_t k = 0; k < N; ++k) {
-      if (end[k] > start[k]) spans.push_back({seq[k], start[k], end[k]});
-    }
-    auto by_row_start = [](const Span& x, const Span& y) {
-      return std::tie(x.row, x.start) < std::tie(y.row, y.start);
-    };
-    if (!std::is_sorted(spans.begin(), spans.end(), by_row_start)) {
-      std::sort(spans.begin(), spans.end(), by_row_start);
-    }
-    for (size_t i = 1; i < spans.size(); ++i) {
-      const Span& a = spans[i - 1];
-      const Span& b = spans[i];
-      if (b.row == a.row && b.start < a.end) {
-        const std::string msg =
-            "call_start/call_end: overlapping call spans in row " + std::to_string(a.row) + " ([" +
-            std::to_string(a.start) + ", " + std::to_string(a.end) + ") and [" +
-            std::to_string(b.start) + ", " + std::to_string(b.end) +
-            ")): each token may belong to at most one call";
-        check_value(false, msg.c_str());
-      }
-    }
-  }
-
-  // ---- scopes, candidates, failing calls --------------------------------------------------
-  // Dense scope index per row (prompt group, or 0 for the whole batch).
-  std::vector<int32_t> scope(B, 0);
-  int64_t num_scopes = 1;
-  if (!batch_scope) {
-    const at::Tensor gid_t = group_ids.contiguous();
-    const int64_t* gid = gid_t.data_ptr<int64_t>();
-    std::vector<int64_t> ids(gid, gid + B);
-    if (!std::is_sorted(ids.begin(), ids.end())) std::sort(ids.begin(), ids.end());
-    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-    num_scopes = static_cast<int64_t>(ids.size());
-    for (int64_t b = 0; b < B; ++b) {
-      const auto rank = std::lower_bound(ids.begin(), ids.end(), gid[b]) - ids.begin();
-      scope[b] = static_cast<int32_t>(rank);
-    }
-  }
-  std::vector<int64_t> pool_size(num_scopes, 0);  // successful rows per scope
-  for (int64_t b = 0; b < B; ++b) {
-    if (seq_adv[b] > 0.0f) ++pool_size[scope[b]];
-  }
-
+  // ---- the plan of the call part: checks, scopes, candidates, failing calls, tasks ---------
+  std::vector<int32_t> scope;
+  std::vector<int64_t> pool_size;  // successful rows per scope
   std::vector<CallKey> cands, fails;
-  for (int64_t k = 0; k < N; ++k) {
-    if (tool[k] < 0) continue;
-    const float a = seq_adv[seq[k]];
-    if (a > 0.0f) cands.push_back({tool[k], key[k], seq[k], k});
-    if (a < 0.0f) fails.push_back({tool[k], key[k], seq[k], k});
-  }
-  if (fails.empty()) return write_corrected();
-  // Inside a scope, candidates of one (tool, key) form a run ordered by (row, call index):
-  // the calls of one pool trajectory are contiguous. Failing calls are grouped the same way
-  // so that a block of them shares one candidate range.
-  const std::vector<int64_t> cand_offsets = sort_calls(cands, scope, num_scopes, num_tools);
-  const std::vector<int64_t> fail_offsets = sort_calls(fails, scope, num_scopes, num_tools);
-
   std::vector<Task> tasks;
   int64_t max_range = 0;
-  for (int64_t s = 0; s < num_scopes; ++s) {
-    int64_t lo = cand_offsets[s];
-    const int64_t cand_end = cand_offsets[s + 1];
-    for (int64_t f = fail_offsets[s]; f < fail_offsets[s + 1];) {
-      int64_t run_end = f + 1;
-      while (run_end < fail_offsets[s + 1] && fails[run_end].same_match(fails[f])) ++run_end;
-      while (lo < cand_end && cands[lo].match_less(fails[f])) ++lo;
-      int64_t hi = lo;
-      while (hi < cand_end && cands[hi].same_match(fails[f])) ++hi;
-      max_range = std::max(max_range, hi - lo);
-      for (int64_t first = f; first < run_end; first += kFailBlock) {
-        tasks.push_back({first, std::min<int64_t>(kFailBlock, run_end - first), lo, hi});
-      }
-      f = run_end;
-      lo = hi;
-    }
-  }
-  // Candidates in sorted order, structure of arrays: parameter rows, call index, row, and
-  // for the IoU tools the boxes and their areas.
-  const int64_t n_cand = static_cast<int64_t>(cands.size());
-  std::vector<const float*> cand_rows(n_cand);
-  std::vector<int64_t> cand_call(n_cand), cand_row(n_cand);
-  bool any_iou_cand = false;
-  for (int64_t c = 0; c < n_cand; ++c) {
-    cand_rows[c] = params + cands[c].call * D;
-    cand_call[c] = cands[c].call;
-    cand_row[c] = cands[c].row;
-    any_iou_cand |= kinds[cands[c].tool] == kSimIou;
-  }
-  BoxesSoA cand_boxes;
-  if (any_iou_cand) {
-    cand_boxes.resize(n_cand);
-    for (int64_t c = 0; c < n_cand; ++c) {
-      if (kinds[cands[c].tool] == kSimIou) cand_boxes.set(c, cand_rows[c]);
-    }
-  }
+  std::vector<const float*> cand_rows;  // candidates in sorted order, structure of arrays
+  std::vector<int64_t> cand_call, cand_row;
+  BoxesSoA cand_boxes;  // the IoU tools' boxes and areas
+  std::vector<int64_t> lift_offsets, lift_calls;  // per failing row: its calls by start
 
-  // ---- per failing call: s_k, w_k, T_k, conf_k, d_k ----------------------------------------
+  auto plan = [&]() {
+    if (N == 0) return;
+    check_value(all_finite(params, N * D), "call_params contains NaN or inf");
+    // One scan collects every index problem; they are raised in the reference's order.
+    bool seq_bad = false, span_bad = false, order_bad = false, tool_bad = false;
+    bool any_valid = false, any_iou = false;
+    for (int64_t k = 0; k < N; ++k) {
+      seq_bad |= seq[k] < 0 || seq[k] >= B;
+      span_bad |= start[k] < 0 || end[k] > T;
+      order_bad |= start[k] > end[k];
+      tool_bad |= tool[k] >= num_tools;
+      any_valid |= tool[k] >= 0;
+      any_iou |= tool[k] >= 0 && tool[k] < num_tools && kinds[tool[k]] == kSimIou;
+    }
+    const std::string seq_msg =
+        "call_seq out of range: every entry must be in [0, B=" + std::to_string(B) + ")";
+    check_value(!seq_bad, seq_msg.c_str());
+    const std::string span_msg =
+        "call span out of range: need 0 <= call_start and call_end <= T=" + std::to_string(T);
+    check_value(!span_bad, span_msg.c_str());
+    check_value(!order_bad, "call span with call_start > call_end");
+    const std::string tool_msg = "call_tool out of range: valid tool ids are [0, " +
+                                 std::to_string(num_tools) + "), < 0 marks an invalid call";
+    check_value(!tool_bad, tool_msg.c_str());
+    check_value(!(any_valid && D == 0), "call_params must have D >= 1");
+    const std::string iou_msg =
+        "call_params needs D >= 4 for iou tools (a box is 4 numbers), got D=" + std::to_string(D);
+    check_value(!(any_iou && D < 4), iou_msg.c_str());
+    {
+      // Non-empty spans ordered by (row, start); neighbours in one row must not overlap. Calls
+      // usually arrive in that order, so the sort is mostly skipped.
+      std::vector<Span> spans;
+      spans.reserve(N);
+      for (int64_t k = 0; k < N; ++k) {
+        if (end[k] > start[k]) spans.push_back({seq[k], start[k], end[k], k});
+      }
+      auto by_row_start = [](const Span& x, const Span& y) {
+        return std::tie(x.row, x.start) < std::tie(y.row, y.start);
+      };
+      if (!std::is_sorted(spans.begin(), spans.end(), by_row_start)) {
+        std::sort(spans.begin(), spans.end(), by_row_start);
+      }
+      for (size_t i = 1; i < spans.size(); ++i) {
+        const Span& a = spans[i - 1];
+        const Span& b = spans[i];
+        if (b.row == a.row && b.start < a.end) {
+          const std::string msg =
+              "call_start/call_end: overlapping call spans in row " + std::to_string(a.row) +
+              " ([" + std::to_string(a.start) + ", " + std::to_string(a.end) + ") and [" +
+              std::to_string(b.start) + ", " + std::to_string(b.end) +
+              ")): each token may belong to at most one call";
+          check_value(false, msg.c_str());
+        }
+      }
+      // the spans a lift may rewrite (valid calls of failing rows), by row and start (CSR)
+      lift_offsets.assign(B + 1, 0);
+      for (const Span& span : spans) {
+        if (tool[span.call] >= 0 && seq_adv[span.row] < 0.0f) ++lift_offsets[span.row + 1];
+      }
+      for (int64_t b = 0; b < B; ++b) lift_offsets[b + 1] += lift_offsets[b];
+      lift_calls.resize(lift_offsets[B]);
+      int64_t filled = 0;
+      for (const Span& span : spans) {
+        if (tool[span.call] >= 0 && seq_adv[span.row] < 0.0f) lift_calls[filled++] = span.call;
+      }
+    }
+
+    // Dense scope index per row (prompt group, or 0 for the whole batch).
+    scope.assign(B, 0);
+    int64_t num_scopes = 1;
+    if (!batch_scope) {
+      std::vector<int64_t> ids(gid, gid + B);
+      if (!std::is_sorted(ids.begin(), ids.end())) std::sort(ids.begin(), ids.end());
+      ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+      num_scopes = static_cast<int64_t>(ids.size());
+      for (int64_t b = 0; b < B; ++b) {
+        const auto rank = std::lower_bound(ids.begin(), ids.end(), gid[b]) - ids.begin();
+        scope[b] = static_cast<int32_t>(rank);
+      }
+    }
+    pool_size.assign(num_scopes, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      if (seq_adv[b] > 0.0f) ++pool_size[scope[b]];
+    }
+
+    cands.reserve(N);
+    fails.reserve(N);
+    for (int64_t k = 0; k < N; ++k) {
+      if (tool[k] < 0) continue;
+      const float a = seq_adv[seq[k]];
+      if (a > 0.0f) cands.push_back({tool[k], key[k], seq[k], k});
+      if (a < 0.0f) fails.push_back({tool[k], key[k], seq[k], k});
+    }
+    if (fails.empty()) return;
+    // Inside a scope, candidates of one (tool, key) form a run ordered by (row, call index):
+    // the calls of one pool trajectory are contiguous. Failing calls are grouped the same way
+    // so that a block of them shares one candidate range.
+    const std::vector<int64_t> cand_offsets = sort_calls(cands, scope, num_scopes, num_tools);
+    const std::vector<int64_t> fail_offsets = sort_calls(fails, scope, num_scopes, num_tools);
+
+    for (int64_t s = 0; s < num_scopes; ++s) {
+      int64_t lo = cand_offsets[s];
+      const int64_t cand_end = cand_offsets[s + 1];
+      for (int64_t f = fail_offsets[s]; f < fail_offsets[s + 1];) {
+        int64_t run_end = f + 1;
+        while (run_end < fail_offsets[s + 1] && fails[run_end].same_match(fails[f])) ++run_end;
+        while (lo < cand_end && cands[lo].match_less(fails[f])) ++lo;
+        int64_t hi = lo;
+        while (hi < cand_end && cands[hi].same_match(fails[f])) ++hi;
+        max_range = std::max(max_range, hi - lo);
+        for (int64_t first = f; first < run_end; first += kFailBlock) {
+          tasks.push_back({first, std::min<int64_t>(kFailBlock, run_end - first), lo, hi});
+        }
+        f = run_end;
+        lo = hi;
+      }
+    }
+    const int64_t n_cand = static_cast<int64_t>(cands.size());
+    cand_rows.resize(n_cand);
+    cand_call.resize(n_cand);
+    cand_row.resize(n_cand);
+    bool any_iou_cand = false;
+    for (int64_t c = 0; c < n_cand; ++c) {
+      cand_rows[c] = params + cands[c].call * D;
+      cand_call[c] = cands[c].call;
+      cand_row[c] = cands[c].row;
+      any_iou_cand |= kinds[cands[c].tool] == kSimIou;
+    }
+    if (any_iou_cand) {
+      cand_boxes.resize(n_cand);
+      for (int64_t c = 0; c < n_cand; ++c) {
+        if (kinds[cands[c].tool] == kSimIou) cand_boxes.set(c, cand_rows[c]);
+      }
+    }
+  };
+
+  // ---- one task: s_k, w_k, T_k, conf_k, d_k of up to kFailBlock failing calls -------------
   // fp32 scalars, as torch rounds a Python float against a float32 tensor.
   const float theta_f = static_cast<float>(theta);
   const float alpha_f = static_cast<float>(alpha_min);
   const float beta_f = static_cast<float>(beta);
   static const DotBlockFn dot_block = pick_dot_block();
-
   float* out_delta = delta.data_ptr<float>();
   float* out_conf = confidence.data_ptr<float>();
   int64_t* out_witness = witness.data_ptr<int64_t>();
-  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
 
-#pragma omp parallel num_threads(at::get_num_threads()) if (n_tasks > 4)
-  {
-    std::vector<float> sims(kFailBlock * max_range);  // this thread's similarity block
-    std::vector<int64_t> segments;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t ti = 0; ti < n_tasks; ++ti) {
-      const Task& task = tasks[ti];
-      const int64_t C = task.cand_hi - task.cand_lo;
-      const CallKey* block = fails.data() + task.first;
-      const float* fail_rows[kFailBlock];
-      for (int f = 0; f < kFailBlock; ++f) {
-        // a short block repeats its last call (results unused) to keep one kernel shape
-        fail_rows[f] = params + block[std::min<int64_t>(f, task.count - 1)].call * D;
-      }
-      if (C > 0 && kinds[block[0].tool] == kSimIou) {
-        for (int64_t f = 0; f < task.count; ++f) {
-          iou_row(fail_rows[f], cand_boxes, task.cand_lo, C, sims.data() + f * C);
-        }
-      } else if (C > 0) {
-        dot_block(fail_rows, cand_rows.data() + task.cand_lo, C, D, sims.data());
-        for (int64_t i = 0; i < task.count * C; ++i) sims[i] = std::max(sims[i], 0.0f);
-      }
-      // the pool trajectories of the range: runs of one row (shared by the block)
-      segments.clear();
-      for (int64_t c = 0; c < C; ++c) {
-        if (c == 0 || cand_row[task.cand_lo + c] != cand_row[task.cand_lo + c - 1]) {
-          segments.push_back(c);
-        }
-      }
-      segments.push_back(C);
-
+  auto run_task = [&](const Task& task, std::vector<float>& sims, std::vector<int64_t>& segments) {
+    const int64_t C = task.cand_hi - task.cand_lo;
+    const CallKey* block = fails.data() + task.first;
+    const float* fail_rows[kFailBlock];
+    for (int f = 0; f < kFailBlock; ++f) {
+      // a short block repeats its last call (results unused) to keep one kernel shape
+      fail_rows[f] = params + block[std::min<int64_t>(f, task.count - 1)].call * D;
+    }
+    if (C > 0 && kinds[block[0].tool] == kSimIou) {
       for (int64_t f = 0; f < task.count; ++f) {
-        const CallKey& call = block[f];
-        const float* sim = sims.data() + f * C;
-        float best = -1.0f;  // s_k; every candidate similarity is >= 0
-        int64_t n_support = 0;  // |T_k|
-        double support_adv = 0.0;  // sum of A_j over T_k
-        for (size_t g = 0; g + 1 < segments.size(); ++g) {
-          float row_best = sim[segments[g]];  // m_kj
-          for (int64_t c = segments[g] + 1; c < segments[g + 1]; ++c) {
-            row_best = std::max(row_best, sim[c]);
-          }
-          best = std::max(best, row_best);
-          if (row_best >= theta_f) {
-            ++n_support;
-            support_adv += seq_adv[cand_row[task.cand_lo + segments[g]]];
-          }
-        }
-        int64_t best_call = std::numeric_limits<int64_t>::max();  // w_k: lowest index at s_k
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t k = cand_call[task.cand_lo + c];
-          best_call = (sim[c] == best && k < best_call) ? k : best_call;
-        }
-
-        const float s = C > 0 ? best : 0.0f;
-        const int64_t pool = pool_size[scope[call.row]];
-        const float cov =
-            pool > 0 ? static_cast<float>(n_support) / static_cast<float>(pool) : 0.0f;
-        const float a_bar = n_support > 0 ? static_cast<float>(support_adv) /
-                                                static_cast<float>(n_support)
-                                          : 0.0f;
-        const float conf = s * cov;
-        const bool gate = s >= theta_f && conf >= alpha_f;
-        out_delta[call.call] = gate ? beta_f * conf * a_bar : 0.0f;
-        out_conf[call.call] = conf;
-        out_witness[call.call] = C > 0 ? best_call : -1;
+        iou_row(fail_rows[f], cand_boxes, task.cand_lo, C, sims.data() + f * C);
+      }
+    } else if (C > 0) {
+      dot_block(fail_rows, cand_rows.data() + task.cand_lo, C, D, sims.data());
+      for (int64_t i = 0; i < task.count * C; ++i) sims[i] = std::max(sims[i], 0.0f);
+    }
+    // the pool trajectories of the range: runs of one row (shared by the block)
+    segments.clear();
+    for (int64_t c = 0; c < C; ++c) {
+      if (c == 0 || cand_row[task.cand_lo + c] != cand_row[task.cand_lo + c - 1]) {
+        segments.push_back(c);
       }
     }
-  }
+    segments.push_back(C);
 
-  // ---- corrected advantages ------------------------------------------------------------------
-  for (const CallKey& call : fails) {
-    const float d = out_delta[call.call];
-    if (d == 0.0f || start[call.call] >= end[call.call]) continue;
-    if (lifts_of_row.empty()) lifts_of_row.resize(B);
-    lifts_of_row[call.row].push_back({start[call.call], end[call.call], d});
+    for (int64_t f = 0; f < task.count; ++f) {
+      const CallKey& call = block[f];
+      const float* sim = sims.data() + f * C;
+      float best = -1.0f;  // s_k; every candidate similarity is >= 0
+      int64_t n_support = 0;  // |T_k|
+      double support_adv = 0.0;  // sum of A_j over T_k
+      for (size_t g = 0; g + 1 < segments.size(); ++g) {
+        float row_best = sim[segments[g]];  // m_kj
+        for (int64_t c = segments[g] + 1; c < segments[g + 1]; ++c) {
+          row_best = std::max(row_best, sim[c]);
+        }
+        best = std::max(best, row_best);
+        if (row_best >= theta_f) {
+          ++n_support;
+          support_adv += seq_adv[cand_row[task.cand_lo + segments[g]]];
+        }
+      }
+      int64_t best_call = std::numeric_limits<int64_t>::max();  // w_k: lowest index at s_k
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t k = cand_call[task.cand_lo + c];
+        best_call = (sim[c] == best && k < best_call) ? k : best_call;
+      }
+
+      const float s = C > 0 ? best : 0.0f;
+      const int64_t pool = pool_size[scope[call.row]];
+      const float cov = pool > 0 ? static_cast<float>(n_support) / static_cast<float>(pool) : 0.0f;
+      const float a_bar =
+          n_support > 0 ? static_cast<float>(support_adv) / static_cast<float>(n_support) : 0.0f;
+      const float conf = s * cov;
+      const bool gate = s >= theta_f && conf >= alpha_f;
+      out_delta[call.call] = gate ? beta_f * conf * a_bar : 0.0f;
+      out_conf[call.call] = conf;
+      out_witness[call.call] = C > 0 ? best_call : -1;
+    }
+  };
+
+  // ---- one parallel region: the copy overlaps the plan and the similarities ----------------
+  // Thread 0 makes the plan (serial) while the other threads copy the rows that no lift can
+  // touch (successful and zero-advantage rows) into `corrected`, with the NaN/inf check and,
+  // for large outputs, non-temporal stores (as memcpy does for clone). Then every thread takes
+  // similarity tasks and the rest of those rows; after a barrier (every d_k is known) the
+  // failing rows are copied with the lifts of their spans in the same pass. The plan's errors
+  // are caught here and raised after the region.
+  float* out = corrected.data_ptr<float>();
+  std::vector<int64_t> free_rows, failing_rows;
+  free_rows.reserve(B);
+  for (int64_t b = 0; b < B; ++b) (seq_adv[b] < 0.0f ? failing_rows : free_rows).push_back(b);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(T, 1));
+  std::atomic<int64_t> next_free{0}, next_failing{0}, next_task{0};
+  std::atomic<bool> planned{false}, finite{true};
+  std::exception_ptr plan_error;
+  // A row: the copy (with the NaN/inf check) then, when `lifts` (failing rows, after the
+  // barrier: the plan and every d_k are final), the lifts of its spans while the row is still
+  // in cache. Free rows are copied while the plan is being made, so they never read it.
+  auto copy_row = [&](int64_t row, bool lifts) {
+    const float* src = adv + row * T;
+    float* dst = out + row * T;
+    const bool bad = copy_segment(src, dst, T);
+    if (lifts && !lift_offsets.empty()) {
+      for (int64_t i = lift_offsets[row]; i < lift_offsets[row + 1]; ++i) {
+        const int64_t k = lift_calls[i];
+        const float d = out_delta[k];
+        if (d != 0.0f) lift_segment(src + start[k], dst + start[k], end[k] - start[k], d);
+      }
+    }
+    return bad;
+  };
+  // copies chunks of `rows` until none is left (or, with `until_planned`, the plan is made)
+  auto copy_rows = [&](const std::vector<int64_t>& rows, std::atomic<int64_t>& next, bool lifts,
+                       bool until_planned) {
+    const int64_t n = static_cast<int64_t>(rows.size());
+    bool bad = false;
+    while (!(until_planned && planned.load(std::memory_order_acquire))) {
+      const int64_t lo = next.fetch_add(rows_per_chunk, std::memory_order_relaxed);
+      if (lo >= n) break;
+      for (int64_t i = lo; i < std::min(n, lo + rows_per_chunk); ++i) bad |= copy_row(rows[i], lifts);
+    }
+    if (bad) finite.store(false, std::memory_order_relaxed);
+  };
+  const int64_t n_chunks = (B + rows_per_chunk - 1) / rows_per_chunk;
+  const int n_threads =
+      static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n_chunks, 2)));
+  const bool parallel = n_threads > 1 && (B * T >= (int64_t{1} << 16) || N >= 256);
+#pragma omp parallel num_threads(n_threads) if (parallel)
+  {
+    if (omp_get_thread_num() == 0) {
+      try {
+        plan();
+      } catch (...) {
+        plan_error = std::current_exception();
+      }
+      planned.store(true, std::memory_order_release);
+    } else {
+      copy_rows(free_rows, next_free, false, true);
+      while (!planned.load(std::memory_order_acquire)) spin_pause();
+    }
+    if (!plan_error && !tasks.empty()) {
+      std::vector<float> sims(kFailBlock * max_range);  // this thread's similarity block
+      std::vector<int64_t> segments;
+      const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+      // runs of kTaskRun tasks: neighbouring tasks write neighbouring outputs (no false
+      // sharing between threads) and the counter is touched less often
+      constexpr int64_t kTaskRun = 16;
+      for (int64_t lo = next_task.fetch_add(kTaskRun, std::memory_order_relaxed); lo < n_tasks;
+           lo = next_task.fetch_add(kTaskRun, std::memory_order_relaxed)) {
+        for (int64_t ti = lo; ti < std::min(n_tasks, lo + kTaskRun); ++ti) {
+          run_task(tasks[ti], sims, segments);
+        }
+      }
+    }
+    copy_rows(free_rows, next_free, false, false);
+#pragma omp barrier
+    copy_rows(failing_rows, next_failing, true, false);
   }
-  for (auto& lifts : lifts_of_row) {
-    std::sort(lifts.begin(), lifts.end(),
-              [](const Lift& x, const Lift& y) { return x.start < y.start; });
-  }
-  return write_corrected();
+  TORCH_CHECK_VALUE(finite.load(), "advantages contains NaN or inf");
+  if (plan_error) std::rethrow_exception(plan_error);
+  return std::make_tuple(corrected, delta, confidence, witness);
 }
 
 TORCH_LIBRARY_IMPL(tapo, CPU, m) { m.impl("fused_correct", &fused_correct_cpu); }
