@@ -306,6 +306,25 @@ lib.define(SELECTIVE_LOG_SOFTMAX_BACKWARD_SCHEMA)
 lib.define(SELECTIVE_LOG_SOFTMAX_BACKWARD_INPLACE_SCHEMA)
 lib.define(SELECTIVE_LOG_SOFTMAX_FROM_HIDDEN_BACKWARD_SCHEMA)
 
+# Internal ops of the native CPU kernels (csrc/logprob.cpp): the selective log-softmax rows,
+# dlogits rows and the chunked LM-head passes. The Python kernels of the public ops validate
+# the inputs, then call these; without the native build they run the chunked torch loops.
+NATIVE_LOGPROB_SCHEMAS = (
+    "_logprob_rows(Tensor logits, Tensor labels, float temperature, bool with_entropy) "
+    "-> (Tensor, Tensor)",
+    "_dlogits_rows(Tensor grad_logp, Tensor logits, Tensor labels, Tensor logp, "
+    "float temperature, Tensor(a!) out) -> ()",
+    "_logprob_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
+    "float temperature, bool with_entropy, int chunk) -> (Tensor, Tensor)",
+    "_logprob_from_hidden_backward(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, "
+    "Tensor labels, Tensor logp, float temperature, int chunk, bool weight_grad, "
+    "bool bias_grad) -> (Tensor, Tensor, Tensor)",
+)
+for _schema in NATIVE_LOGPROB_SCHEMAS:
+    lib.define(_schema)
+NATIVE_LOGPROB_OPS = tuple(s.split("(", 1)[0] for s in NATIVE_LOGPROB_SCHEMAS)
+_logprob.NATIVE = all(_has_cpu_kernel(op) for op in NATIVE_LOGPROB_OPS)
+
 LOGPROB_OPS = (
     "policy_loss_from_logits",
     "policy_loss_from_hidden",
@@ -426,9 +445,8 @@ _REFERENCE_KERNELS.update({
 })
 
 for _op in LOGPROB_OPS:
-    if _has_cpu_kernel(_op):
-        CPU_BACKEND[_op] = "native"
-    else:  # the chunked torch implementation (validated), not the plain composition
-        lib.impl(_op, _REFERENCE_KERNELS[_op], "CPU")
-        CPU_BACKEND[_op] = "chunked-torch"
+    # validation and the loss in Python; the vocabulary passes in C++ (csrc/logprob.cpp) when
+    # the native build is present, else in chunked torch ops (never the plain composition)
+    lib.impl(_op, _REFERENCE_KERNELS[_op], "CPU")
+    CPU_BACKEND[_op] = "native" if _logprob.NATIVE else "chunked-torch"
     lib.impl(_op, _triton_kernel(_op), "CUDA")

@@ -11,11 +11,13 @@ backward recomputes each chunk's logits, turns them into ``dlogits`` and multipl
 ``dhidden``, ``dweight`` (accumulated in fp32) and ``dbias``. Peak extra memory is one chunk
 of logits plus weight-sized accumulators, independent of ``T``.
 
-This module holds the chunked implementation in plain torch ops (the CPU kernel, and the
-fallback on a CUDA machine without Triton). The Triton kernels (``ops/logprob_loss.py``)
-reuse the chunk loops here with their own per-chunk kernels. The backward recovers the
-log-sum-exp from the saved log-probability, ``lse = x[label] - logp``, so nothing
-``(B, T, V)``-sized is saved and only the logits are read again.
+This module holds the validated op kernels of the CPU backend: after the checks, the
+vocabulary passes run in C++ (``csrc/logprob.cpp``, one fused row kernel per pass) when the
+native build is present (``NATIVE``), else in the chunked implementation in plain torch ops
+below, which is also the fallback on a CUDA machine without Triton. The Triton kernels
+(``ops/logprob_loss.py``) reuse the chunk loops here with their own per-chunk kernels. The
+backward recovers the log-sum-exp from the saved log-probability, ``lse = x[label] - logp``,
+so nothing ``(B, T, V)``-sized is saved and only the logits are read again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from torch import Tensor
 from . import _checks
 from .loss import _KNOBS, PRESETS
 from .reference import METRIC_NAMES
+
+# Whether the native CPU kernels (tapo::_logprob_rows & co.) are registered; set by _library.
+NATIVE = False
 
 # Elements of one chunk of fp32 logits on the CPU (32 MiB per temporary). Measured on a shared
 # 2-core x86 CPU (AVX512) at 4k tokens x V = 32k: the chunk GEMMs run about as fast as one full
@@ -317,6 +322,24 @@ def selective_log_softmax_from_hidden_backward_chunked(
 # --------------------------------------------------------------------------------------
 
 
+def _native(t: Tensor) -> bool:
+    """Whether the C++ kernels take this CPU tensor (rows must be contiguous along V)."""
+    return NATIVE and t.device.type == "cpu" and (t.shape[-1] <= 1 or t.stride(-1) == 1)
+
+
+def _selective_log_softmax(logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool):
+    if _native(logits):
+        return torch.ops.tapo._logprob_rows(logits, labels, temperature, with_entropy)
+    return selective_log_softmax_chunked(logits, labels, temperature, with_entropy)
+
+
+def _write_dlogits(grad_logp, logits, labels, logp, temperature, out) -> None:
+    if _native(logits) and _native(out):
+        torch.ops.tapo._dlogits_rows(grad_logp, logits, labels, logp, temperature, out)
+    else:
+        selective_log_softmax_backward_chunked(grad_logp, logits, labels, logp, temperature, out)
+
+
 def check_logp_finite(logp: Tensor, mask: Tensor) -> None:
     """Raise when a log-probability the loss reads is NaN or infinite."""
     bad = ~torch.isfinite(logp) & (mask != 0)
@@ -367,7 +390,7 @@ def policy_loss_from_logits_kernel(
         global_count,
     )
     _checks.check_policy_loss_from_logits(logits, labels, *loss_tensors, temperature, *knobs)
-    logp, entropy = selective_log_softmax_chunked(logits, labels, temperature, with_entropy)
+    logp, entropy = _selective_log_softmax(logits, labels, temperature, with_entropy)
     check_logp_finite(logp, mask)
     loss, metrics = torch.ops.tapo.policy_loss(logp, *loss_tensors, *knobs)
     return loss, metrics, logp, entropy
@@ -377,14 +400,14 @@ def selective_log_softmax_backward_kernel(grad_logp, logits, labels, logp, tempe
     """``tapo::selective_log_softmax_backward``: a new ``dlogits`` in the logits' dtype."""
     _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
     out = torch.empty_like(logits)
-    selective_log_softmax_backward_chunked(grad_logp, logits, labels, logp, temperature, out)
+    _write_dlogits(grad_logp, logits, labels, logp, temperature, out)
     return out
 
 
 def selective_log_softmax_backward_inplace_kernel(grad_logp, logits, labels, logp, temperature=1.0):
     """``tapo::selective_log_softmax_backward_inplace``: overwrite ``logits`` with ``dlogits``."""
     _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
-    selective_log_softmax_backward_chunked(grad_logp, logits, labels, logp, temperature, logits)
+    _write_dlogits(grad_logp, logits, labels, logp, temperature, logits)
 
 
 def policy_loss_from_hidden_kernel(
@@ -431,9 +454,15 @@ def policy_loss_from_hidden_kernel(
     _checks.check_policy_loss_from_hidden(
         hidden, weight, bias, labels, *loss_tensors, temperature, chunk_size, *knobs
     )
-    logp, entropy = selective_log_softmax_from_hidden_chunked(
-        hidden, weight, bias, labels, temperature, with_entropy, chunk_size
-    )
+    if _native(hidden):
+        chunk = chunk_size or default_chunk_tokens(weight.shape[0], hidden.device)
+        logp, entropy = torch.ops.tapo._logprob_from_hidden(
+            hidden, weight, bias, labels, temperature, with_entropy, chunk
+        )
+    else:
+        logp, entropy = selective_log_softmax_from_hidden_chunked(
+            hidden, weight, bias, labels, temperature, with_entropy, chunk_size
+        )
     check_logp_finite(logp, mask)
     loss, metrics = torch.ops.tapo.policy_loss(logp, *loss_tensors, *knobs)
     return loss, metrics, logp, entropy
@@ -455,6 +484,12 @@ def selective_log_softmax_from_hidden_backward_kernel(
     _checks.check_selective_log_softmax_from_hidden_backward(
         grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size
     )
+    if _native(hidden):
+        chunk = chunk_size or default_chunk_tokens(weight.shape[0], hidden.device)
+        return torch.ops.tapo._logprob_from_hidden_backward(
+            grad_logp, hidden, weight, bias, labels, logp, temperature, chunk, weight_grad,
+            bias_grad,
+        )
     return selective_log_softmax_from_hidden_backward_chunked(
         grad_logp,
         hidden,

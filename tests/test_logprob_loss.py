@@ -2,8 +2,9 @@
 
 Layout, in order:
 
-1. every backend (the chunked torch CPU kernel through the op and autograd, the same with
-   ``inplace_backward``, the Triton launchers under the interpreter) against the reference
+1. every backend (the CPU kernel through the op and autograd, with its C++ vocabulary passes
+   and with the chunked torch ones, the same with ``inplace_backward``, the Triton launchers
+   under the interpreter) against the reference
    composition on fresh random inputs: loss, metrics, logp, entropy and every gradient, for
    every algorithm and for fp32 / bf16 (and one fp16) inputs, tolerance by rule;
 2. the traps of ANCHORS.md: peaked logits with ``V`` not a multiple of the block, ties,
@@ -20,13 +21,15 @@ hard-wires fp32 for the log-softmax, so its two lines are restated here in float
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import sys
 import textwrap
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +179,32 @@ def logits_op(logits: Tensor, case: Case, inplace: bool = False) -> Result:
     return loss, metrics, logp, entropy, (grad,)
 
 
+@contextmanager
+def chunked_torch() -> Iterator[None]:
+    """Run the CPU kernels' vocabulary passes in chunked torch ops instead of C++."""
+    from tapo_kernels import logprob
+
+    saved, logprob.NATIVE = logprob.NATIVE, False
+    try:
+        yield
+    finally:
+        logprob.NATIVE = saved
+
+
+def logits_op_torch(logits: Tensor, case: Case, inplace: bool = False) -> Result:
+    with chunked_torch():
+        return logits_op(logits, case, inplace)
+
+
+def selective_log_softmax_cpu(logits: Tensor, labels: Tensor, backend: str):
+    """fp32 (logp, entropy) of the CPU kernel's vocabulary pass: "op" (C++ when built) or "op-torch"."""
+    from tapo_kernels import logprob
+
+    if backend == "op" and logprob.NATIVE:
+        return torch.ops.tapo._logprob_rows(logits, labels, 1.0, True)
+    return logprob.selective_log_softmax_chunked(logits, labels, 1.0, True)
+
+
 def logits_triton(logits: Tensor, case: Case, block_v: int | None = 16) -> Result:
     lp_ops = ops.logprob_loss
     logp, entropy = lp_ops.selective_log_softmax_triton(
@@ -212,6 +241,8 @@ def logits_oracle64(logits: Tensor, case: Case) -> Result:
 LOGITS_BACKENDS: dict[str, Callable[[Tensor, Case], Result]] = {
     "op": logits_op,
     "op-inplace": lambda logits, case: logits_op(logits, case, inplace=True),
+    "op-torch": logits_op_torch,
+    "op-torch-inplace": lambda logits, case: logits_op_torch(logits, case, inplace=True),
     "triton": logits_triton,
 }
 
@@ -282,7 +313,12 @@ def hidden_oracle64(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Resul
     return loss, metrics, logp.detach(), entropy, torch.autograd.grad(loss, leaves)
 
 
-HIDDEN_BACKENDS = {"op": hidden_op, "triton": hidden_triton}
+def hidden_op_torch(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Result:
+    with chunked_torch():
+        return hidden_op(h, w, b, case)
+
+
+HIDDEN_BACKENDS = {"op": hidden_op, "op-torch": hidden_op_torch, "triton": hidden_triton}
 GRAD_NAMES = ("dhidden", "dweight", "dbias")
 
 
@@ -384,15 +420,15 @@ def test_from_hidden_without_bias_default_chunk(backend):
 
 
 @pytest.mark.parametrize("block_v", [16, None], ids=["block16", "default-block"])
-@pytest.mark.parametrize("backend", ["op", "triton"])
+@pytest.mark.parametrize("backend", ["op", "op-torch", "triton"])
 def test_peaked_logits_vocab_not_multiple_of_block(backend, block_v):
     """x25 logits shifted so the top logit is 0 (V = 37: blocks of 16 or 64 end past V).
 
     A padded column read as 0 instead of -inf would add exp(0) = 1 per padded column to the
     sum of exponentials, i.e. lse + log(1 + #pad) and every logp off by about 3.
     """
-    if backend == "op" and block_v is not None:
-        pytest.skip("the chunked torch kernel has no vocabulary block")
+    if backend != "triton" and block_v is not None:
+        pytest.skip("the CPU kernels have no vocabulary block")
     logits = 25 * torch.randn(4, 5, 37, generator=torch.Generator().manual_seed(7))
     logits = logits - logits.amax(-1, keepdim=True)  # top logit 0, the rest very negative
     gen = torch.Generator().manual_seed(8)
@@ -400,8 +436,8 @@ def test_peaked_logits_vocab_not_multiple_of_block(backend, block_v):
     peaked = torch.rand(4, 5, generator=gen) < 0.5
     labels = torch.where(peaked, logits.argmax(-1), labels)  # half the tokens: the peak
     case = make_case(logits, 7, KNOBS_BY_ALGO["grpo"], mask=torch.ones(4, 5), labels=labels)
-    if backend == "op":
-        result = logits_op(logits, case)
+    if backend != "triton":
+        result = LOGITS_BACKENDS[backend](logits, case)
     else:
         result = logits_triton(logits, case, block_v=block_v)
     compare(result, logits_oracle64(logits, case), logits_reference(logits, case))
@@ -505,7 +541,8 @@ def test_observation_tokens_get_zero_hidden_gradient(backend):
     assert (dh[:, 3:6] == 0).all() and (dh[:, :3].abs().amax(-1) > 0).all()
 
 
-def test_long_row_spans_several_chunks():
+@pytest.mark.parametrize("backend", ["op", "op-torch"])
+def test_long_row_spans_several_chunks(backend):
     """CPU: one row of T = 2600 tokens, V = 8192: three chunks of 1024 rows in the chunked kernel."""
     from tapo_kernels.logprob import default_chunk_tokens
 
@@ -513,7 +550,8 @@ def test_long_row_spans_several_chunks():
     assert default_chunk_tokens(V, torch.device("cpu")) * 2 < T
     logits = random_logits(1, T, V, torch.bfloat16, 17)
     case = make_case(logits, 17, KNOBS_BY_ALGO["grpo"])
-    compare(logits_op(logits, case), logits_oracle64(logits, case), logits_reference(logits, case))
+    result = LOGITS_BACKENDS[backend](logits, case)
+    compare(result, logits_oracle64(logits, case), logits_reference(logits, case))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (T = 65,536 on the device)")
@@ -538,15 +576,13 @@ def test_long_row_65536_tokens_cuda():
     assert (logp[0, -1] != 0) or case.labels[0, -1] < 0  # the last token was computed
 
 
-@pytest.mark.parametrize("backend", ["op", "triton"])
+@pytest.mark.parametrize("backend", ["op", "op-torch", "triton"])
 def test_logp_stays_fp32_from_bf16_logits(backend):
     """Trap 5: logp from bf16 logits is fp32-accurate (a bf16 logp near -8 would be off by ~0.03)."""
     logits = random_logits(2, 5, 64, torch.bfloat16, 23, scale=4.0)
     labels = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(23))
-    if backend == "op":
-        from tapo_kernels.logprob import selective_log_softmax_chunked
-
-        logp, entropy = selective_log_softmax_chunked(logits, labels, 1.0, True)
+    if backend != "triton":
+        logp, entropy = selective_log_softmax_cpu(logits, labels, backend)
     else:
         logp, entropy = ops.selective_log_softmax_triton(logits, labels, 1.0, True)
     logp64, entropy64 = oracle_logp64(logits.double(), labels, 1.0)
@@ -555,16 +591,14 @@ def test_logp_stays_fp32_from_bf16_logits(backend):
     assert float((entropy.double() - entropy64).abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["op", "triton"])
+@pytest.mark.parametrize("backend", ["op", "op-torch", "triton"])
 def test_large_vocab_accumulates_in_fp32(backend):
     """Trap 7: V = 300,007 bf16 logits; the sum of exponentials and the entropy stay fp32."""
     V = 300_007
     logits = random_logits(1, 3, V, torch.bfloat16, 29)
     labels = torch.tensor([[0, V - 1, 12345]])
-    if backend == "op":
-        from tapo_kernels.logprob import selective_log_softmax_chunked
-
-        logp, entropy = selective_log_softmax_chunked(logits, labels, 1.0, True)
+    if backend != "triton":
+        logp, entropy = selective_log_softmax_cpu(logits, labels, backend)
     else:
         logp, entropy = ops.selective_log_softmax_triton(logits, labels, 1.0, True)
     logp64, entropy64 = oracle_logp64(logits.double(), labels, 1.0)
@@ -638,20 +672,22 @@ def test_sliced_logits_are_read_in_place(backend):
         out = logits_triton(sliced, case)
         expected = logits_triton(sliced.contiguous(), case)
     else:
-        leaf = full.clone().requires_grad_(True)
-        x = leaf * 1.0 if backend == "op-inplace" else leaf
-        loss, metrics, logp, entropy = OP_LOGITS(
-            x[:, :-1],
-            case.labels,
-            *case.loss_tensors,
-            with_entropy=True,
-            inplace_backward=backend == "op-inplace",
-            **case.knobs,
-        )
-        (grad,) = torch.autograd.grad(loss, leaf)
-        assert (grad[:, -1] == 0).all()
-        out = (loss, metrics, logp, entropy, (grad[:, :-1],))
-        expected = logits_op(sliced.contiguous(), case)
+        torch_path, inplace = backend.startswith("op-torch"), backend.endswith("inplace")
+        with chunked_torch() if torch_path else contextlib.nullcontext():
+            leaf = full.clone().requires_grad_(True)
+            x = leaf * 1.0 if inplace else leaf
+            loss, metrics, logp, entropy = OP_LOGITS(
+                x[:, :-1],
+                case.labels,
+                *case.loss_tensors,
+                with_entropy=True,
+                inplace_backward=inplace,
+                **case.knobs,
+            )
+            (grad,) = torch.autograd.grad(loss, leaf)
+            assert (grad[:, -1] == 0).all()
+            out = (loss, metrics, logp, entropy, (grad[:, :-1],))
+            expected = logits_op(sliced.contiguous(), case)
     for a, b in zip(out[:4] + out[4], expected[:4] + expected[4], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

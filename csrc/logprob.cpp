@@ -1,0 +1,513 @@
+// CPU kernels of the log-probability front ends (SPEC section 3): the selective log-softmax
+// of tapo::policy_loss_from_logits / tapo::policy_loss_from_hidden and their backward, as
+// internal ops that tapo_kernels/logprob.py calls after validating the inputs:
+//
+//   tapo::_logprob_rows                  logits (B, T, V) -> fp32 logp (B, T) [, entropy (B, T)]
+//   tapo::_dlogits_rows                  writes d loss / d logits into out (may be the logits)
+//   tapo::_logprob_from_hidden           the same from hidden (B, T, H) and the LM head (V, H),
+//   tapo::_logprob_from_hidden_backward  chunked over tokens: the (B*T, V) logits never exist
+//
+// Math (fp32, as the reference: x = logits.float() / temperature):
+//   forward : m = max x, s = sum exp(x - m), lse = m + log s, logp = x[label] - lse,
+//             entropy = log s - sum(exp(x - m) (x - m)) / s; a negative label gives 0 and 0.
+//   backward: lse = x[label] - logp (recovered from the forward's output, so nothing (B, T, V)-
+//             sized is saved), d = (-g exp(x - lse) + g onehot(label)) / temperature; rows with
+//             g = 0 (masked, ignored) get exact zeros without reading the logits.
+// Design: one row at a time (at::parallel_for over rows), two passes over a row (max, then
+// exponentials), which stays in cache for any realistic vocabulary (V = 151,936 fp32 is
+// 600 KiB); 8 x fp32 lanes (GCC vector extensions, an AVX2 build picked at run time, bitwise
+// equal to the baseline build), bf16 read by a shift, fp16 converted lane by lane. Sums are
+// accumulated in fp32 lanes over blocks of 1,024 logits and in fp64 across blocks (torch's
+// log_softmax uses fp32 throughout, so the result is at least as accurate). exp() underflows
+// to exactly 0 below -87 (torch returns subnormals down to -103: an absolute difference
+// below 1.2e-38 per logit). A row with a NaN, +inf, or no finite maximum gives NaN, which
+// the Python caller reports as an error when the row is in the mask.
+// The hidden-state path multiplies one chunk of tokens with the LM head (at::addmm into a
+// reused buffer, the same product at::linear computes), reduces it with the row kernel and
+// reuses the buffer; the backward recomputes the chunk's logits, turns them into dlogits (in
+// place for fp32, else into an fp32 buffer), and accumulates dhidden = dlogits @ W,
+// dW += dlogits^T @ h and db += sum dlogits in fp32.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "tapo_common.h"
+#include "tapo_vec.h"
+
+namespace tapo {
+namespace {
+
+using VF = Vec<float>::V;
+using VI = Vec<float>::I;
+constexpr int W = Vec<float>::kWidth;
+constexpr int64_t kBlock = 1024;  // logits summed in fp32 lanes before the fp64 accumulator
+constexpr float kExpFloor = -87.0f;  // exp(x) for x below this is taken as exactly 0
+
+// ------------------------------------------------------------------------------------------
+// loads and stores of 8 lanes in fp32
+// ------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+TAPO_INLINE VF load8(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return vload<VF>(p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    using U16 = uint16_t __attribute__((vector_size(16)));
+    U16 h;
+    std::memcpy(&h, p, sizeof(h));
+    VI bits = __builtin_convertvector(h, VI) << 16;
+    VF v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  } else {
+    VF v;
+    for (int k = 0; k < W; ++k) v[k] = static_cast<float>(p[k]);
+    return v;
+  }
+}
+
+template <typename scalar_t>
+TAPO_INLINE void store8(scalar_t* p, VF v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    vstore(p, v);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    // round to nearest even, NaN kept quiet: c10::BFloat16's rule on 8 lanes
+    using U32 = uint32_t __attribute__((vector_size(32)));
+    using U16 = uint16_t __attribute__((vector_size(16)));
+    U32 u;
+    std::memcpy(&u, &v, sizeof(u));
+    const U32 rounded = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
+    const U32 is_nan = (U32)((u & 0x7fffffffu) > 0x7f800000u);  // lanes of all ones where NaN
+    const U32 out = (rounded & ~is_nan) | (0x7fc0u & is_nan);
+    const U16 h = __builtin_convertvector(out, U16);
+    std::memcpy(p, &h, sizeof(h));
+  } else {
+    for (int k = 0; k < W; ++k) p[k] = static_cast<scalar_t>(v[k]);
+  }
+}
+
+template <typename scalar_t>
+TAPO_INLINE float load1(const scalar_t* p) {
+  return static_cast<float>(*p);
+}
+
+// exp(xs) with xs <= ~0; exactly 0 below kExpFloor (also for xs = -inf).
+TAPO_INLINE VF exp_floor(VF xs) {
+  const VI keep = xs >= splat<VF>(kExpFloor);
+  const VF e = vexp(xs);
+  VI bits;
+  std::memcpy(&bits, &e, sizeof(bits));
+  bits &= keep;
+  VF out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+TAPO_INLINE float exp_floor1(float xs) {
+  return exp_floor(splat<VF>(xs))[0];
+}
+
+TAPO_INLINE double lane_sum(VF v) {
+  double s = 0.0;
+  for (int k = 0; k < W; ++k) s += v[k];
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------
+// one row: forward
+// ------------------------------------------------------------------------------------------
+
+struct RowArgs {
+  int64_t V;
+  float temperature;
+  bool scaled;  // temperature != 1
+};
+
+template <typename scalar_t, bool kEntropy>
+TAPO_INLINE void forward_row_body(const scalar_t* x, int64_t label, const RowArgs& a, float* logp,
+                                  float* entropy) {
+  const int64_t V = a.V;
+  const int64_t Vv = V - V % W;
+  // pass 1: the maximum of the raw logits (dividing by temperature > 0 keeps the order, and
+  // max(x) / t == max(x / t) exactly); NaN is tracked separately as the comparison drops it
+  VF vmx = splat<VF>(-std::numeric_limits<float>::infinity());
+  VI vnan = VI{};
+  for (int64_t j = 0; j < Vv; j += W) {
+    const VF v = load8(x + j);
+    vmx = vmax(vmx, v);
+    vnan |= v != v;
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  for (int k = 0; k < W; ++k) {
+    mx = std::max(mx, vmx[k]);
+    nan |= vnan[k] != 0;
+  }
+  for (int64_t j = Vv; j < V; ++j) {
+    const float v = load1(x + j);
+    mx = std::max(mx, v);
+    nan |= v != v;
+  }
+  const float m = a.scaled ? mx / a.temperature : mx;
+  if (nan || !std::isfinite(m)) {
+    *logp = std::numeric_limits<float>::quiet_NaN();
+    if constexpr (kEntropy) *entropy = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  // pass 2: s = sum exp(x - m) and (entropy) sum exp(x - m) (x - m)
+  const VF vm = splat<VF>(m);
+  const VF vt = splat<VF>(a.temperature);
+  const VF floor = splat<VF>(kExpFloor - 1.0f);
+  double s = 0.0, sx = 0.0;
+  for (int64_t b0 = 0; b0 < Vv; b0 += kBlock) {
+    const int64_t b1 = std::min(b0 + kBlock, Vv);
+    VF acc = VF{}, accx = VF{};
+    for (int64_t j = b0; j < b1; j += W) {
+      VF v = load8(x + j);
+      if (a.scaled) v = v / vt;
+      const VF xs = v - vm;
+      const VF e = exp_floor(xs);
+      acc += e;
+      if constexpr (kEntropy) accx += e * vmax(xs, floor);  // 0 * finite where e underflows
+    }
+    s += lane_sum(acc);
+    if constexpr (kEntropy) sx += lane_sum(accx);
+  }
+  for (int64_t j = Vv; j < V; ++j) {
+    float v = load1(x + j);
+    if (a.scaled) v = v / a.temperature;
+    const float xs = v - m;
+    const float e = exp_floor1(xs);
+    s += e;
+    if constexpr (kEntropy) sx += static_cast<double>(e) * std::max(xs, kExpFloor - 1.0f);
+  }
+  float picked = load1(x + label);
+  if (a.scaled) picked = picked / a.temperature;
+  const double log_s = std::log(s);
+  *logp = static_cast<float>(static_cast<double>(picked) - (static_cast<double>(m) + log_s));
+  if constexpr (kEntropy) *entropy = static_cast<float>(log_s - sx / s);
+}
+
+template <typename scalar_t>
+void forward_row_generic(const scalar_t* x, int64_t label, const RowArgs& a, float* logp,
+                         float* entropy) {
+  if (entropy != nullptr) {
+    forward_row_body<scalar_t, true>(x, label, a, logp, entropy);
+  } else {
+    forward_row_body<scalar_t, false>(x, label, a, logp, entropy);
+  }
+}
+
+template <typename scalar_t>
+__attribute__((target("avx2"))) void forward_row_avx2(const scalar_t* x, int64_t label,
+                                                      const RowArgs& a, float* logp,
+                                                      float* entropy) {
+  if (entropy != nullptr) {
+    forward_row_body<scalar_t, true>(x, label, a, logp, entropy);
+  } else {
+    forward_row_body<scalar_t, false>(x, label, a, logp, entropy);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// one row: backward (out may be x itself)
+// ------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename out_t>
+TAPO_INLINE void backward_row_body(const scalar_t* x, out_t* out, int64_t label, float g,
+                                   float logp, const RowArgs& a) {
+  const int64_t V = a.V;
+  const int64_t Vv = V - V % W;
+  if (label < 0 || g == 0.0f) {  // nothing flows back through this token
+    const VF zero = VF{};
+    for (int64_t j = 0; j < Vv; j += W) store8(out + j, zero);
+    for (int64_t j = Vv; j < V; ++j) out[j] = static_cast<out_t>(0.0f);
+    return;
+  }
+  float xl = load1(x + label);
+  if (a.scaled) xl = xl / a.temperature;
+  const float lse = xl - logp;
+  const VF vl = splat<VF>(lse);
+  const VF vt = splat<VF>(a.temperature);
+  const VF vng = splat<VF>(-g);
+  for (int64_t j = 0; j < Vv; j += W) {
+    VF v = load8(x + j);
+    if (a.scaled) v = v / vt;
+    VF d = exp_floor(v - vl) * vng;
+    if (a.scaled) d = d / vt;
+    store8(out + j, d);
+  }
+  for (int64_t j = Vv; j < V; ++j) {
+    float v = load1(x + j);
+    if (a.scaled) v = v / a.temperature;
+    float d = exp_floor1(v - lse) * -g;
+    if (a.scaled) d = d / a.temperature;
+    out[j] = static_cast<out_t>(d);
+  }
+  // the label's logit was read before the loop overwrote it (in place)
+  float dl = exp_floor1(xl - lse) * -g + g;
+  if (a.scaled) dl = dl / a.temperature;
+  out[label] = static_cast<out_t>(dl);
+}
+
+template <typename scalar_t, typename out_t>
+void backward_row_generic(const scalar_t* x, out_t* out, int64_t label, float g, float logp,
+                          const RowArgs& a) {
+  backward_row_body(x, out, label, g, logp, a);
+}
+
+template <typename scalar_t, typename out_t>
+__attribute__((target("avx2"))) void backward_row_avx2(const scalar_t* x, out_t* out,
+                                                       int64_t label, float g, float logp,
+                                                       const RowArgs& a) {
+  backward_row_body(x, out, label, g, logp, a);
+}
+
+// ------------------------------------------------------------------------------------------
+// row loops over (B, T, V) tensors with any strides but a unit last stride
+// ------------------------------------------------------------------------------------------
+
+void check_rows(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.dim() == 3, name, " must be 3-D (B, T, V), got shape ",
+                    shape_repr(t.sizes()));
+  TORCH_CHECK_VALUE(t.size(2) <= 1 || t.stride(2) == 1, name,
+                    " must have a unit stride along the vocabulary");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+// Rows per parallel task: about 64k logits of work.
+int64_t row_grain(int64_t V) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1));
+}
+
+void check_labels(const at::Tensor& labels, int64_t B, int64_t T, int64_t V) {
+  check_dtype("labels", labels, {at::kLong});
+  check_shape("labels", labels, {B, T});
+  if (labels.numel() == 0) return;
+  const int64_t hi = labels.max().item<int64_t>();
+  TORCH_CHECK_VALUE(hi < V, "labels must be < V = ", V, ", got ", hi);
+}
+
+std::tuple<at::Tensor, at::Tensor> logprob_rows(const at::Tensor& logits, const at::Tensor& labels,
+                                                double temperature, bool with_entropy) {
+  check_rows("logits", logits);
+  check_dtype("logits", logits, {at::kFloat, at::kBFloat16, at::kHalf});
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
+                    "temperature must be finite and > 0, got ", py_float_repr(temperature));
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  check_labels(labels, B, T, V);
+  TORCH_CHECK_VALUE(V > 0 || B * T == 0, "logits must have V > 0");
+  const at::Tensor lab = labels.contiguous();
+  const auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({B, T}, opts);
+  at::Tensor entropy = with_entropy ? at::empty({B, T}, opts) : at::empty({0}, opts);
+  const RowArgs a{V, static_cast<float>(temperature), static_cast<float>(temperature) != 1.0f};
+  const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+  const int64_t* lab_p = lab.data_ptr<int64_t>();
+  float* logp_p = logp.data_ptr<float>();
+  float* ent_p = with_entropy ? entropy.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprob_rows", [&] {
+    const scalar_t* base = logits.const_data_ptr<scalar_t>();
+    const auto row_fn = cpu_has_avx2() ? &forward_row_avx2<scalar_t> : &forward_row_generic<scalar_t>;
+    at::parallel_for(0, B * T, row_grain(V), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t label = lab_p[r];
+        if (label < 0) {
+          logp_p[r] = 0.0f;
+          if (ent_p != nullptr) ent_p[r] = 0.0f;
+          continue;
+        }
+        const scalar_t* x = base + (r / T) * s0 + (r % T) * s1;
+        row_fn(x, label, a, logp_p + r, ent_p != nullptr ? ent_p + r : nullptr);
+      }
+    });
+  });
+  return {logp, entropy};
+}
+
+// d loss / d logits of rows [row0, row0 + n) of the flat (B*T) row index into out.
+template <typename scalar_t, typename out_t>
+void dlogits_rows_impl(const at::Tensor& logits, const at::Tensor& out, const int64_t* lab_p,
+                       const float* g_p, const float* logp_p, float temperature) {
+  const int64_t T = logits.size(1), V = logits.size(2), rows = logits.size(0) * T;
+  const RowArgs a{V, temperature, temperature != 1.0f};
+  const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+  const int64_t o0 = out.stride(0), o1 = out.stride(1);
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  out_t* obase = out.data_ptr<out_t>();
+  const auto row_fn = cpu_has_avx2() ? &backward_row_avx2<scalar_t, out_t>
+                                     : &backward_row_generic<scalar_t, out_t>;
+  at::parallel_for(0, rows, row_grain(V), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = r / T, t = r % T;
+      row_fn(base + b * s0 + t * s1, obase + b * o0 + t * o1, lab_p[r], g_p[r], logp_p[r], a);
+    }
+  });
+}
+
+void dlogits_rows(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                  const at::Tensor& logp, double temperature, const at::Tensor& out) {
+  check_rows("logits", logits);
+  check_rows("out", out);
+  check_dtype("logits", logits, {at::kFloat, at::kBFloat16, at::kHalf});
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
+                    "temperature must be finite and > 0, got ", py_float_repr(temperature));
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  check_shape("out", out, logits.sizes());
+  TORCH_CHECK_TYPE(out.scalar_type() == logits.scalar_type() || out.scalar_type() == at::kFloat,
+                   "out must have the dtype of logits or float32, got ",
+                   dtype_name(out.scalar_type()));
+  check_labels(labels, B, T, V);
+  check_dtype("grad_logp", grad_logp, {at::kFloat});
+  check_shape("grad_logp", grad_logp, {B, T});
+  check_dtype("logp", logp, {at::kFloat});
+  check_shape("logp", logp, {B, T});
+  const at::Tensor lab = labels.contiguous(), g = grad_logp.contiguous(), lp = logp.contiguous();
+  const float temp = static_cast<float>(temperature);
+  const int64_t* lab_p = lab.data_ptr<int64_t>();
+  const float* g_p = g.data_ptr<float>();
+  const float* lp_p = lp.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "dlogits_rows", [&] {
+    if (out.scalar_type() == logits.scalar_type()) {
+      dlogits_rows_impl<scalar_t, scalar_t>(logits, out, lab_p, g_p, lp_p, temp);
+    } else {
+      dlogits_rows_impl<scalar_t, float>(logits, out, lab_p, g_p, lp_p, temp);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// the LM head, one chunk of tokens at a time
+// ------------------------------------------------------------------------------------------
+
+struct HiddenArgs {
+  at::Tensor h;  // (M, H) contiguous rows
+  at::Tensor lab;  // (M,) int64
+  at::Tensor wt;  // (H, V) = weight.t()
+  std::optional<at::Tensor> bias;
+  int64_t M, V, chunk;
+};
+
+HiddenArgs hidden_args(const at::Tensor& hidden, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+                       int64_t chunk) {
+  TORCH_CHECK_VALUE(hidden.dim() == 3, "hidden must be 3-D (B, T, H), got shape ",
+                    shape_repr(hidden.sizes()));
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(2),
+                    "weight must have shape (V, ", hidden.size(2), "), got ",
+                    shape_repr(weight.sizes()));
+  check_dtype("hidden", hidden, {at::kFloat, at::kBFloat16, at::kHalf});
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(),
+                   "weight must have the dtype of hidden (", dtype_name(hidden.scalar_type()),
+                   "), got ", dtype_name(weight.scalar_type()));
+  TORCH_CHECK_VALUE(chunk > 0, "chunk_size must be > 0, got ", chunk);
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2), V = weight.size(0);
+  if (bias.has_value()) {
+    check_shape("bias", *bias, {V});
+    TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(),
+                     "bias must have the dtype of hidden");
+  }
+  check_labels(labels, B, T, V);
+  return {hidden.reshape({B * T, H}).contiguous(), labels.reshape({B * T}).contiguous(),
+          weight.t(), bias, B * T, V, chunk};
+}
+
+// logits of rows [start, start + n) into buf[:n] (addmm, as at::linear computes them)
+at::Tensor chunk_logits(const HiddenArgs& a, at::Tensor& buf, int64_t start, int64_t n) {
+  at::Tensor out = buf.narrow(0, 0, n);
+  const at::Tensor h = a.h.narrow(0, start, n);
+  if (a.bias.has_value()) {
+    at::addmm_out(out, *a.bias, h, a.wt);
+  } else {
+    at::mm_out(out, h, a.wt);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> logprob_from_hidden(const at::Tensor& hidden,
+                                                       const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& labels,
+                                                       double temperature, bool with_entropy,
+                                                       int64_t chunk) {
+  const HiddenArgs a = hidden_args(hidden, weight, bias, labels, chunk);
+  const int64_t B = hidden.size(0), T = hidden.size(1);
+  const auto opts = hidden.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({a.M}, opts);
+  at::Tensor entropy = with_entropy ? at::empty({a.M}, opts) : at::empty({0}, opts);
+  if (a.M == 0) return {logp.view({B, T}), with_entropy ? entropy.view({B, T}) : entropy};
+  at::Tensor buf = at::empty({std::min(a.chunk, a.M), a.V}, hidden.options());
+  for (int64_t start = 0; start < a.M; start += a.chunk) {
+    const int64_t n = std::min(a.chunk, a.M - start);
+    const at::Tensor x = chunk_logits(a, buf, start, n);
+    auto [lp, ent] = logprob_rows(x.unsqueeze(0), a.lab.narrow(0, start, n).unsqueeze(0),
+                                  temperature, with_entropy);
+    logp.narrow(0, start, n).copy_(lp.view({n}));
+    if (with_entropy) entropy.narrow(0, start, n).copy_(ent.view({n}));
+  }
+  return {logp.view({B, T}), with_entropy ? entropy.view({B, T}) : entropy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_from_hidden_backward(
+    const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& logp,
+    double temperature, int64_t chunk, bool weight_grad, bool bias_grad) {
+  const HiddenArgs a = hidden_args(hidden, weight, bias, labels, chunk);
+  const int64_t H = hidden.size(2);
+  check_dtype("grad_logp", grad_logp, {at::kFloat});
+  check_shape("grad_logp", grad_logp, {hidden.size(0), hidden.size(1)});
+  check_dtype("logp", logp, {at::kFloat});
+  check_shape("logp", logp, {hidden.size(0), hidden.size(1)});
+  const at::Tensor g = grad_logp.reshape({a.M}).contiguous();
+  const at::Tensor lp = logp.reshape({a.M}).contiguous();
+  const bool fp32 = hidden.scalar_type() == at::kFloat;
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor dhidden = at::empty({a.M, H}, hidden.options());
+  at::Tensor dweight32 = weight_grad ? at::zeros({a.V, H}, f32) : at::Tensor();
+  const bool want_bias = bias.has_value() && bias_grad;
+  at::Tensor dbias32 = want_bias ? at::zeros({a.V}, f32) : at::Tensor();
+  const at::Tensor w32 = fp32 ? weight : weight.to(at::kFloat);  // dlogits are fp32
+  if (a.M > 0) {
+    const int64_t rows = std::min(a.chunk, a.M);
+    at::Tensor buf = at::empty({rows, a.V}, hidden.options());
+    at::Tensor dbuf = fp32 ? buf : at::empty({rows, a.V}, f32);
+    for (int64_t start = 0; start < a.M; start += a.chunk) {
+      const int64_t n = std::min(a.chunk, a.M - start);
+      const at::Tensor x = chunk_logits(a, buf, start, n);
+      at::Tensor d = dbuf.narrow(0, 0, n);
+      dlogits_rows(g.narrow(0, start, n).unsqueeze(0), x.unsqueeze(0),
+                   a.lab.narrow(0, start, n).unsqueeze(0), lp.narrow(0, start, n).unsqueeze(0),
+                   temperature, d.unsqueeze(0));
+      at::Tensor dh = dhidden.narrow(0, start, n);
+      if (fp32) {
+        at::mm_out(dh, d, w32);
+      } else {
+        dh.copy_(at::mm(d, w32));
+      }
+      const at::Tensor h = a.h.narrow(0, start, n);
+      if (weight_grad) dweight32.addmm_(d.t(), fp32 ? h : h.to(at::kFloat));
+      if (want_bias) dbias32.add_(d.sum(0));
+    }
+  }
+  at::Tensor dweight = weight_grad ? dweight32.to(weight.scalar_type()) : weight.new_empty({0});
+  at::Tensor dbias = want_bias ? dbias32.to(bias->scalar_type()) : hidden.new_empty({0});
+  return {dhidden.view(hidden.sizes()), dweight, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tapo, CPU, m) {
+  m.impl("_logprob_rows", &logprob_rows);
+  m.impl("_dlogits_rows", &dlogits_rows);
+  m.impl("_logprob_from_hidden", &logprob_from_hidden);
+  m.impl("_logprob_from_hidden_backward", &logprob_from_hidden_backward);
+}
+
+}  // namespace tapo

@@ -1,0 +1,208 @@
+"""The C++ vocabulary passes of the logits / hidden-state front ends (``csrc/logprob.cpp``).
+
+Each internal op is compared with the chunked torch implementation (itself compared with the
+reference composition in ``test_logprob_loss.py``) on fresh random inputs: every dtype,
+temperatures, vocabularies around the vector width and the 1,024-logit summation block,
+``-inf`` columns, ignored labels, strided rows, outputs poisoned with NaN before the call.
+Exact checks: the bf16 store rounds like torch, the AVX2 and baseline builds agree bit for
+bit, rows with ``g = 0`` get exact zeros, non-finite rows give NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tapo_kernels
+from tapo_kernels import logprob
+
+pytestmark = pytest.mark.skipif(
+    not logprob.NATIVE, reason=f"native build absent: {tapo_kernels.NATIVE_ERROR}"
+)
+
+ROWS = torch.ops.tapo._logprob_rows if logprob.NATIVE else None
+DLOGITS = torch.ops.tapo._dlogits_rows if logprob.NATIVE else None
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NAN = float("nan")
+
+
+def _batch(B, T, V, dtype, seed, neg_inf_cols=0, ignored=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = 4.0 * torch.randn(B, T, V, generator=gen)
+    if neg_inf_cols:
+        x[..., V - neg_inf_cols :] = float("-inf")  # padded vocabulary columns
+    labels = torch.randint(0, V - neg_inf_cols, (B, T), generator=gen)
+    if ignored:
+        labels[torch.rand(B, T, generator=gen) < 0.2] = -100
+    g = torch.randn(B, T, generator=gen)
+    g[torch.rand(B, T, generator=gen) < 0.2] = 0.0  # masked tokens
+    return x.to(dtype), labels, g
+
+
+def _tol(dtype):
+    """logp/entropy are fp32 for every input dtype: only the summation order differs."""
+    return dict(rtol=2e-5, atol=2e-5)
+
+
+def _grad_tol(dtype):
+    """dlogits are stored in the logits' dtype: one rounding of an fp32 value (2 ulp slack)."""
+    return dict(rtol=2 * torch.finfo(dtype).eps + 2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("V", [1, 7, 8, 37, 1029, 2051])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_match_chunked_torch(dtype, V, temperature):
+    x, labels, g = _batch(3, 5, V, dtype, seed=V + int(temperature * 10), neg_inf_cols=V // 4)
+    logp, entropy = ROWS(x, labels, temperature, True)
+    ref_logp, ref_entropy = logprob.selective_log_softmax_chunked(x, labels, temperature, True)
+    assert logp.dtype == entropy.dtype == torch.float32
+    torch.testing.assert_close(logp, ref_logp, **_tol(dtype))
+    torch.testing.assert_close(entropy, ref_entropy, **_tol(dtype))
+    assert (logp[labels < 0] == 0).all() and (entropy[labels < 0] == 0).all()
+    no_entropy_logp, none = ROWS(x, labels, temperature, False)
+    assert none.numel() == 0 and torch.equal(no_entropy_logp, logp)
+
+    ref = torch.empty_like(x)
+    logprob.selective_log_softmax_backward_chunked(g, x, labels, ref_logp, temperature, ref)
+    out = torch.full_like(x, NAN)  # poisoned: every element must be written
+    DLOGITS(g, x, labels, logp, temperature, out)
+    torch.testing.assert_close(out.float(), ref.float(), **_grad_tol(dtype))
+    assert (out[(g == 0) | (labels < 0)] == 0).all()
+    inplace = x.clone()
+    DLOGITS(g, inplace, labels, logp, temperature, inplace)
+    assert torch.equal(inplace, out)  # in place = into a separate buffer, bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_store_rounds_like_torch(dtype):
+    """dlogits written in bf16/fp16 equal the kernel's own fp32 dlogits cast by torch."""
+    x, labels, g = _batch(4, 6, 300, dtype, seed=3)
+    g = g * 1000.0  # large gradients: many values away from zero, all rounding cases
+    logp, _ = ROWS(x, labels, 1.0, False)
+    low, f32 = torch.full_like(x, NAN), torch.full(x.shape, NAN)
+    DLOGITS(g, x, labels, logp, 1.0, low)
+    DLOGITS(g, x, labels, logp, 1.0, f32)
+    assert torch.equal(low, f32.to(dtype))
+
+
+def test_strided_rows_equal_contiguous_rows():
+    full, labels, g = _batch(3, 9, 41, torch.float32, seed=5)
+    sliced = full[:, 1:-1]  # rows 2 apart in T, not contiguous
+    lab, gg = labels[:, 1:-1], g[:, 1:-1]
+    a = ROWS(sliced, lab, 0.9, True)
+    b = ROWS(sliced.contiguous(), lab.contiguous(), 0.9, True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    out = torch.full((3, 9, 41), NAN)[:, 1:-1]  # a strided output too
+    DLOGITS(gg, sliced, lab, a[0], 0.9, out)
+    expected = torch.empty(3, 7, 41)
+    DLOGITS(gg.contiguous(), sliced.contiguous(), lab.contiguous(), a[0], 0.9, expected)
+    assert torch.equal(out, expected)
+
+
+def test_non_finite_rows_give_nan_and_the_op_raises():
+    x, labels, _ = _batch(1, 4, 19, torch.float32, seed=7, ignored=False)
+    x[0, 0, 3] = NAN
+    x[0, 1, 5] = float("inf")
+    x[0, 2] = float("-inf")
+    logp, entropy = ROWS(x, labels, 1.0, True)
+    assert torch.isnan(logp[0, :3]).all() and torch.isnan(entropy[0, :3]).all()
+    assert torch.isfinite(logp[0, 3]) and torch.isfinite(entropy[0, 3])
+    old = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="non-finite log-probability"):
+        torch.ops.tapo.policy_loss_from_logits(x, labels, old, torch.ones(1), torch.ones(1, 4))
+
+
+def test_label_out_of_range_raises():
+    x, labels, g = _batch(1, 3, 10, torch.float32, seed=9)
+    labels[0, 1] = 10
+    with pytest.raises(ValueError, match="labels must be < V = 10"):
+        ROWS(x, labels, 1.0, False)
+    with pytest.raises(ValueError, match="labels must be < V = 10"):
+        DLOGITS(g, x, labels, torch.zeros(1, 3), 1.0, torch.empty_like(x))
+
+
+def test_empty_batch():
+    x = torch.empty(0, 4, 11)
+    logp, entropy = ROWS(x, torch.empty(0, 4, dtype=torch.int64), 1.0, True)
+    assert logp.shape == entropy.shape == (0, 4)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_hidden_passes_match_chunked_torch(dtype, chunk, with_bias):
+    gen = torch.Generator().manual_seed(chunk)
+    B, T, H, V = 2, 9, 16, 45
+    h = torch.randn(B, T, H, generator=gen).to(dtype)
+    w = (0.5 * torch.randn(V, H, generator=gen)).to(dtype)
+    bias = torch.randn(V, generator=gen).to(dtype) if with_bias else None
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels[0, :2] = -100
+    g = torch.randn(B, T, generator=gen)
+    logp, entropy = torch.ops.tapo._logprob_from_hidden(h, w, bias, labels, 1.1, True, chunk)
+    ref = logprob.selective_log_softmax_from_hidden_chunked(h, w, bias, labels, 1.1, True, chunk)
+    torch.testing.assert_close(logp, ref[0], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(entropy, ref[1], rtol=2e-5, atol=2e-5)
+    grads = torch.ops.tapo._logprob_from_hidden_backward(
+        g, h, w, bias, labels, logp, 1.1, chunk, True, True
+    )
+    ref_grads = logprob.selective_log_softmax_from_hidden_backward_chunked(
+        g, h, w, bias, labels, logp, 1.1, chunk, True, True
+    )
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(("dhidden", "dweight", "dbias"), grads, ref_grads, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    dh, dw, db = torch.ops.tapo._logprob_from_hidden_backward(
+        g, h, w, bias, labels, logp, 1.1, chunk, False, False
+    )
+    assert dw.numel() == 0 and db.numel() == 0 and torch.equal(dh, grads[0])
+
+
+_ISA_SCRIPT = """
+import json, torch, tapo_kernels
+from tapo_kernels import logprob
+gen = torch.Generator().manual_seed(11)
+out = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    x = (4 * torch.randn(3, 7, 1043, generator=gen)).to(dtype)
+    x[..., -5:] = float("-inf")
+    labels = torch.randint(0, 1000, (3, 7), generator=gen)
+    labels[0, 0] = -1
+    g = torch.randn(3, 7, generator=gen)
+    lp, ent = torch.ops.tapo._logprob_rows(x, labels, 0.8, True)
+    d = torch.empty_like(x)
+    torch.ops.tapo._dlogits_rows(g, x, labels, lp, 0.8, d)
+    out[str(dtype)] = [lp.double().tolist(), ent.double().tolist(), d.double().sum(-1).tolist(),
+                       d.float().view(torch.int32).sum().item()]
+print(json.dumps(out))
+"""
+
+
+def test_avx2_and_baseline_builds_agree_bit_for_bit():
+    runs = []
+    for isa in ("", "generic"):
+        env = dict(os.environ, TAPO_NATIVE_ISA=isa)
+        res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, check=True,
+                             capture_output=True, text=True)
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1]
+
+
+def test_without_the_native_build_the_chunked_torch_passes_run():
+    script = (
+        "import json, tapo_kernels; from tapo_kernels import logprob; "
+        "print(json.dumps([logprob.NATIVE, tapo_kernels.CPU_BACKEND['policy_loss_from_hidden']]))"
+    )
+    env = dict(os.environ, TAPO_DISABLE_NATIVE="1")
+    res = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
+                         text=True)
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [False, "chunked-torch"]
+    assert tapo_kernels.CPU_BACKEND["policy_loss_from_hidden"] == "native"
