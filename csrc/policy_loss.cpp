@@ -394,13 +394,17 @@ TAPO_INLINE typename Vec<scalar_t>::V lift_advantages(const RowIn<scalar_t>& in,
   const I idx = RowLoader<scalar_t>::call_index(in.map, t, count);
   const I n = splat<I>(in.N);
   bad_map |= (idx < -1) | (idx >= n);
-  const I covered = (idx >= 0) & (idx < n);
-  V d = V{};
-  if (in.N > 0) {
-    for (int k = 0; k < VT::kWidth; ++k) d[k] = in.delta[covered[k] ? idx[k] : 0];
-  }
   const V zero = V{};
-  const V lifted_a = (covered & (a < zero)) ? vmin(a + d, zero) : a;
+  const I need = (idx >= 0) & (idx < n) & (a < zero);  // covered by a call, negative
+  bool any = false;
+  for (int k = 0; k < VT::kWidth; ++k) any |= need[k] != 0;
+  if (!any) {  // no lane to lift (most blocks): skip the gather
+    lifted = I{};
+    return a;
+  }
+  V d = V{};
+  for (int k = 0; k < VT::kWidth; ++k) d[k] = in.delta[need[k] ? idx[k] : 0];
+  const V lifted_a = need ? vmin(a + d, zero) : a;
   lifted = lifted_a != a;
   return lifted_a;
 }
