@@ -427,6 +427,23 @@ def test_fused_correct_bad_input(case) -> None:
     assert text in str(native_error.value)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_fused_correct_finds_a_non_finite_advantage_at_every_position(value) -> None:
+    """T = 77: every lane of the 32-wide unrolled finite check, and the scalar tail."""
+    batch = testing.correct_batch(B=3, T=77, calls_per_row=2, num_tools=1, seed=6)
+    args, knobs = list(batch.op_args()), [0.7, 0.3, 0.8, False]
+    torch.ops.tapo.fused_correct(*args, *knobs)  # finite: no error
+    for pos in list(range(0, 77)) + [77 + 40, 2 * 77 + 76]:
+        bad = args[0].clone()
+        bad.view(-1)[pos] = value
+        with pytest.raises(ValueError, match="advantages contains NaN or inf"):
+            torch.ops.tapo.fused_correct(bad, *args[1:], *knobs)
+    huge = args[0].clone()
+    huge.view(-1)[5] = 3.4e38  # the largest finite magnitudes pass
+    huge.view(-1)[6] = -3.4e38
+    torch.ops.tapo.fused_correct(huge, *args[1:], *knobs)
+
+
 # --------------------------------------------------------------------------------------
 # policy_loss
 # --------------------------------------------------------------------------------------
