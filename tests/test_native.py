@@ -197,6 +197,32 @@ def test_fused_correct_long_rows() -> None:
         assert torch.equal(x, y)
 
 
+def test_fused_correct_streamed_copy_finds_non_finite_values_everywhere() -> None:
+    """>= 4 MiB with an odd T: rows start at every 4-byte offset modulo 32, so the scalar head
+    (up to the store alignment), the streamed body and the tail of the streaming copy all
+    run, for rows copied before and after the similarities; each finds a NaN or inf."""
+    T = 8069
+    batch = _quantize_advantages(
+        testing.correct_batch(B=130, T=T, group_size=10, calls_per_row=4, seed=21)
+    )
+    assert batch.advantages.numel() * 4 >= 4 << 20
+    native, ref = _run_both(batch, (0.2, 0.05, 1.0, False))
+    for x, y in zip(native, ref, strict=True):
+        assert torch.equal(x, y)
+    args = list(batch.op_args())
+    failing = (batch.seq_advantages < 0).nonzero().flatten().tolist()
+    succeeding = (batch.seq_advantages > 0).nonzero().flatten().tolist()
+    rows = sorted(set(range(8)) | {failing[-1], succeeding[-1]})
+    values = (float("nan"), float("inf"), float("-inf"))
+    for i, (row, pos) in enumerate(
+        (r, p) for r in rows for p in (0, 1, 5, 7, 8, 15, 16, 100, T - 17, T - 9, T - 1)
+    ):
+        bad = args[0].clone()
+        bad[row, pos] = values[i % 3]
+        with pytest.raises(ValueError, match="advantages contains NaN or inf"):
+            torch.ops.tapo.fused_correct(bad, *args[1:], 0.2, 0.05, 1.0, False)
+
+
 _ISA_SCRIPT = """
 import sys, torch, tapo_kernels
 from tapo_kernels import testing
