@@ -5,9 +5,8 @@
 // `corrected` written once, in one parallel region: thread 0 makes the plan of the call part
 // (checks, buckets, tasks) while the other threads copy the rows no lift can touch; then all
 // threads take similarity tasks, then the rest of those rows, and after a barrier the failing
-// rows are copied with the lifts of their spans applied while the row is in cache. Copies of
-// large outputs are one streaming pass (loads, non-temporal stores, NaN/inf check); small
-// ones are memcpy followed by the check of the (cached) source.
+// rows are copied with the lifts of their spans applied while the row is in cache. Copies are
+// memcpy followed by the NaN/inf check of the (cached) source.
 // The call part is small: valid calls of successful rows (candidates) and of failing rows
 // are bucketed by (scope, tool) with a counting sort, then ordered by (key, row, call index)
 // (a sort only where calls did not arrive row by row). A failing call's candidates are then
@@ -17,12 +16,13 @@
 // call gives s_k, w_k, T_k. Tuned for group scope (small ranges, the copy dominates); batch
 // scope is compute-bound, O(failing x candidates x D).
 // Measured on a shared 2-core AMD EPYC VM (the benchmark batch: B=512, T=8192, N=4096, D=256,
-// groups of 8, half the rows failing, ~2,070 failing calls and ~29,000 similarity pairs;
-// medians of 400 calls interleaved in one process): 0.78 ms against 0.42 ms for
-// advantages.clone(). Phases (instrumented): plan 0.23-0.30 ms on thread 0 (a third of it the
-// finite check of the 4 MiB call_params), similarity tasks 0.3-0.4 ms on both threads, the
-// copies the rest; the op's working set (advantages, output, parameters) exceeds this CPU's
-// 32 MiB L3, the clone's fits.
+// groups of 8, half the rows failing, ~2,070 failing calls, ~29,000 similarity pairs):
+// 0.8-1.2 ms against 0.3-0.45 ms for advantages.clone() in the same loop. Phases
+// (instrumented): the plan 0.23-0.30 ms on thread 0 (a third of it the finite check of the
+// 4 MiB call_params), similarity tasks 0.3-0.4 ms on both threads, the copies the rest. The
+// op's working set (advantages, output, parameters) exceeds this CPU's 32 MiB L3 while a
+// clone's stays in it. A streaming copy (non-temporal stores) and prefetching whole candidate
+// rows were tried and gave no consistent gain.
 //
 // Numerics: similarities in fp32 like the reference (`params.to(float32)`); dot products
 // use 16 partial sums in a fixed order (exact, hence equal to the reference, when products
@@ -35,7 +35,6 @@
 #include <torch/library.h>
 
 #include <omp.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -222,50 +221,13 @@ void iou_row(const float* box, const BoxesSoA& cands, int64_t lo, int64_t C, flo
   }
 }
 
-// dst[0, n) = src[0, n); returns whether a source value is NaN or inf. Two ways, the same
-// result:
-//  - streaming: one pass of loads, non-temporal stores and the finite check (AVX2), for
-//    outputs larger than kStreamBytes: the output then does not push the advantages and the
-//    call parameters out of the last-level cache. Measured on a 2-core AMD EPYC VM at
-//    B=512 T=8192 (16 MiB), the whole op interleaved with the other way in one process over
-//    400 calls: median 0.775 vs 0.870 ms, p25 0.726 vs 0.802 ms (a clone: 0.42 ms).
-//  - memcpy, then the check of the (cached) source: smaller outputs, and CPUs without AVX2.
-// The caller fences (_mm_sfence) before anything else reads or rewrites streamed rows.
-constexpr int64_t kStreamBytes = int64_t{4} << 20;
-
-__attribute__((target("avx2"))) bool copy_stream_avx2(const float* __restrict src,
-                                                      float* __restrict dst, int64_t n) {
-  uint32_t top = 0;  // the largest |value| bit pattern: >= inf's exactly when not finite
-  auto scalar = [&](int64_t j) {
-    uint32_t u;
-    std::memcpy(&u, src + j, sizeof(u));
-    dst[j] = src[j];
-    u &= 0x7fffffffu;
-    top = top > u ? top : u;
-  };
-  int64_t i = 0;
-  while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0) scalar(i++);  // align dst
-  const __m256i abs_bits = _mm256_set1_epi32(0x7fffffff);
-  __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
-  for (; i + 16 <= n; i += 16) {
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 8));
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), a);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 8), b);
-    m0 = _mm256_max_epu32(m0, _mm256_and_si256(a, abs_bits));
-    m1 = _mm256_max_epu32(m1, _mm256_and_si256(b, abs_bits));
-  }
-  alignas(32) uint32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_max_epu32(m0, m1));
-  for (int k = 0; k < 8; ++k) top = top > lanes[k] ? top : lanes[k];
-  for (; i < n; ++i) scalar(i);
-  return top >= 0x7f800000u;
-}
-
-inline bool copy_segment(const float* __restrict src, float* __restrict dst, int64_t n,
-                         bool stream) {
+// dst[0, n) = src[0, n); returns whether a source value is NaN or inf. memcpy, then the
+// check on the source while it is still in cache: measured on a 2-core AMD EPYC VM at
+// 512 x 8192 fp32, 2 threads, row by row, this costs what the memcpy alone costs (230 us),
+// while one fused pass with non-temporal SSE or AVX2 stores took 390-410 us and one with
+// regular vector stores 290 us.
+inline bool copy_segment(const float* __restrict src, float* __restrict dst, int64_t n) {
   if (n <= 0) return false;
-  if (stream) return copy_stream_avx2(src, dst, n);
   std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
   return any_nonfinite(src, n);
 }
@@ -674,7 +636,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   // ---- one parallel region: the copy overlaps the plan and the similarities ----------------
   // Thread 0 makes the plan (serial) while the other threads copy the rows that no lift can
   // touch (successful and zero-advantage rows) into `corrected`, with the NaN/inf check and,
-  // for large outputs, non-temporal stores. Then every thread takes
+  // for large outputs, non-temporal stores (as memcpy does for clone). Then every thread takes
   // similarity tasks and the rest of those rows; after a barrier (every d_k is known) the
   // failing rows are copied with the lifts of their spans in the same pass. The plan's errors
   // are caught here and raised after the region.
@@ -689,13 +651,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
   // A row: the copy (with the NaN/inf check) then, when `lifts` (failing rows, after the
   // barrier: the plan and every d_k are final), the lifts of its spans while the row is still
   // in cache. Free rows are copied while the plan is being made, so they never read it.
-  const bool stream = B * T * static_cast<int64_t>(sizeof(float)) >= kStreamBytes && cpu_has_avx2();
   auto copy_row = [&](int64_t row, bool lifts) {
     const float* src = adv + row * T;
     float* dst = out + row * T;
-    const bool bad = copy_segment(src, dst, T, stream);
+    const bool bad = copy_segment(src, dst, T);
     if (lifts && !lift_offsets.empty()) {
-      if (stream) _mm_sfence();  // the streamed row is complete before its spans are rewritten
       for (int64_t i = lift_offsets[row]; i < lift_offsets[row + 1]; ++i) {
         const int64_t k = lift_calls[i];
         const float d = out_delta[k];
@@ -748,10 +708,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
       }
     }
     copy_rows(free_rows, next_free, false, false);
-    if (stream) _mm_sfence();  // streamed rows are visible to every thread after the barrier
 #pragma omp barrier
     copy_rows(failing_rows, next_failing, true, false);
-    if (stream) _mm_sfence();
   }
   TORCH_CHECK_VALUE(finite.load(), "advantages contains NaN or inf");
   if (plan_error) std::rethrow_exception(plan_error);

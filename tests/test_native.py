@@ -197,10 +197,10 @@ def test_fused_correct_long_rows() -> None:
         assert torch.equal(x, y)
 
 
-def test_fused_correct_streamed_copy_finds_non_finite_values_everywhere() -> None:
-    """>= 4 MiB with an odd T: rows start at every 4-byte offset modulo 32, so the scalar head
-    (up to the store alignment), the streamed body and the tail of the streaming copy all
-    run, for rows copied before and after the similarities; each finds a NaN or inf."""
+def test_fused_correct_large_batch_finds_non_finite_values_everywhere() -> None:
+    """>= 4 MiB with an odd T: rows start at every 4-byte offset modulo 32, rows copied before
+    and after the similarities; a NaN or inf at the start, inside or at the end of a row is
+    found, and a finite batch equals the reference exactly."""
     T = 8069
     batch = _quantize_advantages(
         testing.correct_batch(B=130, T=T, group_size=10, calls_per_row=4, seed=21)
