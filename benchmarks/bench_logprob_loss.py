@@ -1,7 +1,8 @@
 """Benchmarks of ``tapo::policy_loss_from_logits`` and ``tapo::policy_loss_from_hidden``.
 
-Providers: the op on this device (chunked torch / C++ on CPU, Triton on CUDA), the eager
-reference composition (``reference.policy_loss_from_logits`` / ``_from_hidden``: full logits,
+Providers: the op on this device (C++ vocabulary passes on CPU, Triton on CUDA), on the CPU
+also the op with its chunked torch passes (``op_torch``, the fallback without the native
+build), the eager reference composition (``reference.policy_loss_from_logits`` / ``_from_hidden``: full logits,
 autograd), the reference under ``torch.compile``, and on CUDA Liger-Kernel when installed
 (``triton_grpo_loss`` for logits, ``LigerFusedLinearGRPOLoss`` for hidden states; their GRPO
 differs in details such as the aggregation, so they are timing peers, not oracles).
@@ -17,18 +18,19 @@ Run: ``pytest benchmarks/bench_logprob_loss.py --benchmark-only``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 import tapo_kernels
-from tapo_kernels import reference
+from tapo_kernels import logprob, reference
 
 from .common import DEVICE, record, sync
 
@@ -87,6 +89,17 @@ def _liger_logits_loss(x, inp):
     return per_token if per_token.dim() == 0 else (per_token * mask).sum() / mask.sum()
 
 
+@contextlib.contextmanager
+def _vocab_passes(provider: str) -> Iterator[None]:
+    """``op_torch``: the op's CPU kernel with the chunked torch passes instead of C++."""
+    saved = logprob.NATIVE
+    logprob.NATIVE = saved and provider != "op_torch"
+    try:
+        yield
+    finally:
+        logprob.NATIVE = saved
+
+
 def logits_step(provider: str, inp: dict[str, torch.Tensor]) -> Callable[[bool], object]:
     """``step(backward)``: one loss evaluation (and its backward) with ``provider``.
 
@@ -102,8 +115,8 @@ def logits_step(provider: str, inp: dict[str, torch.Tensor]) -> Callable[[bool],
 
     def step(backward: bool):
         x = buffer if buffer is not None else inp["logits"].detach().requires_grad_(backward)
-        with torch.set_grad_enabled(backward):
-            if provider == "op":
+        with torch.set_grad_enabled(backward), _vocab_passes(provider):
+            if provider in ("op", "op_torch"):
                 loss = tapo_kernels.policy_loss_from_logits(
                     x, inp["labels"], *loss_args, **KNOBS
                 ).loss
@@ -145,8 +158,8 @@ def hidden_step(provider: str, inp: dict[str, torch.Tensor]) -> Callable[[bool],
     def step(backward: bool):
         h = inp["hidden"].detach().requires_grad_(backward)
         w = inp["weight"].detach().requires_grad_(backward)
-        with torch.set_grad_enabled(backward):
-            if provider == "op":
+        with torch.set_grad_enabled(backward), _vocab_passes(provider):
+            if provider in ("op", "op_torch"):
                 loss = tapo_kernels.policy_loss_from_hidden(
                     h, w, inp["labels"], *loss_args, **KNOBS
                 ).loss
@@ -237,10 +250,12 @@ def peak_mib(kind: str, provider: str, mode: str, size: tuple[int, ...]) -> floa
 # benchmarks
 # --------------------------------------------------------------------------------------
 
-PROVIDERS = ["op", "reference", "reference_compile", "liger"]
+PROVIDERS = ["op", "op_torch", "reference", "reference_compile", "liger"]
 
 
 def _skip_unavailable(provider: str) -> None:
+    if provider == "op_torch" and (DEVICE != "cpu" or not logprob.NATIVE):
+        pytest.skip("op_torch compares the CPU kernel's C++ and torch passes")
     if provider == "liger":
         if DEVICE != "cuda":
             pytest.skip("Liger's kernels need CUDA")
@@ -271,6 +286,8 @@ def _run_benchmark(benchmark, kind: str, provider: str, mode: str, size: tuple[i
         backend = (
             "triton" if DEVICE == "cuda" else tapo_kernels.CPU_BACKEND[f"policy_loss_from_{kind}"]
         )
+        if provider == "op_torch":
+            backend = "chunked-torch"
         name = f"{provider}[{backend}]"
     tokens = size[0] * size[1]
     shape = "x".join(map(str, size))
