@@ -13,9 +13,9 @@
 //   backward: lse = x[label] - logp (recovered from the forward's output, so nothing (B, T, V)-
 //             sized is saved), d = (-g exp(x - lse) + g onehot(label)) / temperature; rows with
 //             g = 0 (masked, ignored) get exact zeros without reading the logits.
-// Design: one row at a time (at::parallel_for over rows), two passes over a row (max, then
-// exponentials), which stays in cache for any realistic vocabulary (V = 151,936 fp32 is
-// 600 KiB); 8 x fp32 lanes (GCC vector extensions, an AVX2 build picked at run time, bitwise
+// Design: one row at a time (at::parallel_for over rows); the forward reads a row once, in
+// blocks of 1,024 logits (the block's maximum, then its exponentials from L1, an online
+// log-sum-exp across blocks); 8 x fp32 lanes (GCC vector extensions, an AVX2 build picked at run time, bitwise
 // equal to the baseline build), bf16 read by a shift, fp16 converted lane by lane. Sums are
 // accumulated in fp32 lanes over blocks of 1,024 logits and in fp64 across blocks (torch's
 // log_softmax uses fp32 throughout, so the result is at least as accurate). exp() underflows
@@ -133,43 +133,58 @@ struct RowArgs {
 template <typename scalar_t, bool kEntropy>
 TAPO_INLINE void forward_row_body(const scalar_t* x, int64_t label, const RowArgs& a, float* logp,
                                   float* entropy) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t V = a.V;
-  const int64_t Vv = V - V % W;
-  // pass 1: the maximum of the raw logits (dividing by temperature > 0 keeps the order, and
-  // max(x) / t == max(x / t) exactly); NaN is tracked separately as the comparison drops it
-  VF vmx = splat<VF>(-std::numeric_limits<float>::infinity());
-  VI vnan = VI{};
-  for (int64_t j = 0; j < Vv; j += W) {
-    const VF v = load8(x + j);
-    vmx = vmax(vmx, v);
-    vnan |= v != v;
-  }
-  float mx = -std::numeric_limits<float>::infinity();
-  bool nan = false;
-  for (int k = 0; k < W; ++k) {
-    mx = std::max(mx, vmx[k]);
-    nan |= vnan[k] != 0;
-  }
-  for (int64_t j = Vv; j < V; ++j) {
-    const float v = load1(x + j);
-    mx = std::max(mx, v);
-    nan |= v != v;
-  }
-  const float m = a.scaled ? mx / a.temperature : mx;
-  if (nan || !std::isfinite(m)) {
-    *logp = std::numeric_limits<float>::quiet_NaN();
-    if constexpr (kEntropy) *entropy = std::numeric_limits<float>::quiet_NaN();
-    return;
-  }
-  // pass 2: s = sum exp(x - m) and (entropy) sum exp(x - m) (x - m)
-  const VF vm = splat<VF>(m);
   const VF vt = splat<VF>(a.temperature);
   const VF floor = splat<VF>(kExpFloor - 1.0f);
+  // One pass over the row in blocks of kBlock logits (online log-sum-exp): a block's maximum,
+  // then its exponentials while the block is in L1. m is the running maximum of x / t, s and
+  // sx the sums sum exp(x - m) and sum exp(x - m) (x - m) relative to it (fp64), rescaled by
+  // exp(m_old - m_new) when the maximum grows. The maximum is taken on the raw logits
+  // (dividing by t > 0 keeps the order, and max(x) / t == max(x / t) exactly); NaN is tracked
+  // separately as the comparison drops it.
+  float m = kNegInf;
   double s = 0.0, sx = 0.0;
-  for (int64_t b0 = 0; b0 < Vv; b0 += kBlock) {
-    const int64_t b1 = std::min(b0 + kBlock, Vv);
+  bool bad = false;  // a NaN or +inf: the result is NaN
+  for (int64_t b0 = 0; b0 < V && !bad; b0 += kBlock) {
+    const int64_t b1 = std::min(b0 + kBlock, V);
+    const int64_t bv = b1 - (b1 - b0) % W;  // end of the block's full vectors
+    VF vmx = splat<VF>(kNegInf);
+    VI vnan = VI{};
+    for (int64_t j = b0; j < bv; j += W) {
+      const VF v = load8(x + j);
+      vmx = vmax(vmx, v);
+      vnan |= v != v;
+    }
+    float bmx = kNegInf;
+    bool nan = false;
+    for (int k = 0; k < W; ++k) {
+      bmx = std::max(bmx, vmx[k]);
+      nan |= vnan[k] != 0;
+    }
+    for (int64_t j = bv; j < b1; ++j) {
+      const float v = load1(x + j);
+      bmx = std::max(bmx, v);
+      nan |= v != v;
+    }
+    const float bm = a.scaled ? bmx / a.temperature : bmx;
+    if (nan || bm == std::numeric_limits<float>::infinity()) {
+      bad = true;
+      break;
+    }
+    if (bm == kNegInf) continue;  // every logit of the block is -inf: nothing to add
+    if (bm > m) {
+      if (m != kNegInf) {
+        const double d = static_cast<double>(m) - static_cast<double>(bm);
+        const double r = std::exp(d);
+        if constexpr (kEntropy) sx = r * (sx + d * s);
+        s *= r;
+      }
+      m = bm;
+    }
+    const VF vm = splat<VF>(m);
     VF acc = VF{}, accx = VF{};
-    for (int64_t j = b0; j < b1; j += W) {
+    for (int64_t j = b0; j < bv; j += W) {
       VF v = load8(x + j);
       if (a.scaled) v = v / vt;
       const VF xs = v - vm;
@@ -179,14 +194,19 @@ TAPO_INLINE void forward_row_body(const scalar_t* x, int64_t label, const RowArg
     }
     s += lane_sum(acc);
     if constexpr (kEntropy) sx += lane_sum(accx);
+    for (int64_t j = bv; j < b1; ++j) {
+      float v = load1(x + j);
+      if (a.scaled) v = v / a.temperature;
+      const float xs = v - m;
+      const float e = exp_floor1(xs);
+      s += e;
+      if constexpr (kEntropy) sx += static_cast<double>(e) * std::max(xs, kExpFloor - 1.0f);
+    }
   }
-  for (int64_t j = Vv; j < V; ++j) {
-    float v = load1(x + j);
-    if (a.scaled) v = v / a.temperature;
-    const float xs = v - m;
-    const float e = exp_floor1(xs);
-    s += e;
-    if constexpr (kEntropy) sx += static_cast<double>(e) * std::max(xs, kExpFloor - 1.0f);
+  if (bad || m == kNegInf) {  // NaN, +inf, or no finite logit
+    *logp = std::numeric_limits<float>::quiet_NaN();
+    if constexpr (kEntropy) *entropy = std::numeric_limits<float>::quiet_NaN();
+    return;
   }
   float picked = load1(x + label);
   if (a.scaled) picked = picked / a.temperature;

@@ -79,6 +79,35 @@ def test_rows_match_chunked_torch(dtype, V, temperature):
     assert torch.equal(inplace, out)  # in place = into a separate buffer, bit for bit
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_online_maximum_across_blocks(temperature):
+    """Rows read in blocks of 1,024 logits: a maximum that grows in every block, one in the
+    last block after an all -inf first block, one in the first block with an all -inf later
+    block, a single finite logit; logp and entropy as the fp64 oracle."""
+    V = 3 * 1024 + 5
+    x = torch.empty(1, 5, V, dtype=torch.float64)
+    x[0, 0] = torch.linspace(-60.0, 40.0, V)  # the maximum moves up in every block
+    x[0, 1] = torch.randn(V, generator=torch.Generator().manual_seed(1)) * 5
+    x[0, 1, :1024] = float("-inf")
+    x[0, 1, -1] = 30.0
+    x[0, 2] = torch.randn(V, generator=torch.Generator().manual_seed(2)) * 5
+    x[0, 2, 7] = 25.0
+    x[0, 2, 1024:2048] = float("-inf")
+    x[0, 3] = float("-inf")
+    x[0, 3, 2500] = 3.0  # one finite logit: logp 0 and entropy 0 at it
+    x[0, 4] = torch.randn(V, generator=torch.Generator().manual_seed(4)) * 10
+    labels = torch.tensor([[V - 1, V - 2, 7, 2500, 1500]])
+    logp, entropy = ROWS(x.float(), labels, temperature, True)
+    z = x / temperature
+    lse = torch.logsumexp(z, -1)
+    p = torch.softmax(z, -1)
+    ref_logp = z.gather(-1, labels[..., None]).squeeze(-1) - lse
+    ref_entropy = lse - torch.nan_to_num(p * z, nan=0.0).sum(-1)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-5, atol=1e-5)
+    assert float(logp[0, 3]) == 0.0 and abs(float(entropy[0, 3])) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_store_rounds_like_torch(dtype):
     """dlogits written in bf16/fp16 equal the kernel's own fp32 dlogits cast by torch."""
