@@ -15,10 +15,12 @@
 //             g = 0 (masked, ignored) get exact zeros without reading the logits.
 // Design: one row at a time (at::parallel_for over rows); the forward reads a row once, in
 // blocks of 1,024 logits (the block's maximum, then its exponentials from L1, an online
-// log-sum-exp across blocks); 8 x fp32 lanes (GCC vector extensions, an AVX2 build picked at run time, bitwise
-// equal to the baseline build), bf16 read by a shift, fp16 converted lane by lane. Sums are
-// accumulated in fp32 lanes over blocks of 1,024 logits and in fp64 across blocks (torch's
-// log_softmax uses fp32 throughout, so the result is at least as accurate). exp() underflows
+// log-sum-exp across blocks), the backward once; 8 x fp32 lanes (GCC vector extensions, an
+// AVX2 build picked at run time, bitwise equal to the baseline build), bf16 read by a shift,
+// fp16 converted lane by lane. Sums are accumulated in fp32 lanes within a block and in fp64
+// across blocks (torch's log_softmax uses fp32 throughout, so the result is at least as
+// accurate). Measured on a shared 2-core AMD EPYC VM at 4k x 32k fp32: forward 45 ms (71 ms
+// with the entropy), dlogits 46 ms; the chunked torch passes 552 and 291 ms. exp() underflows
 // to exactly 0 below -87 (torch returns subnormals down to -103: an absolute difference
 // below 1.2e-38 per logit). A row with a NaN, +inf, or no finite maximum gives NaN, which
 // the Python caller reports as an error when the row is in the mask.
