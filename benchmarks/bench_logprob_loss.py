@@ -23,7 +23,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ import torch
 
 import tapo_kernels
 from tapo_kernels import logprob, reference
+from tapo_kernels.testing import chunked_torch_passes
 
 from .common import DEVICE, record, sync
 
@@ -89,15 +90,9 @@ def _liger_logits_loss(x, inp):
     return per_token if per_token.dim() == 0 else (per_token * mask).sum() / mask.sum()
 
 
-@contextlib.contextmanager
-def _vocab_passes(provider: str) -> Iterator[None]:
+def _vocab_passes(provider: str):
     """``op_torch``: the op's CPU kernel with the chunked torch passes instead of C++."""
-    saved = logprob.NATIVE
-    logprob.NATIVE = saved and provider != "op_torch"
-    try:
-        yield
-    finally:
-        logprob.NATIVE = saved
+    return chunked_torch_passes() if provider == "op_torch" else contextlib.nullcontext()
 
 
 def logits_step(provider: str, inp: dict[str, torch.Tensor]) -> Callable[[bool], object]:

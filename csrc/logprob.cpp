@@ -102,14 +102,7 @@ TAPO_INLINE float load1(const scalar_t* p) {
 
 // exp(xs) with xs <= ~0; exactly 0 below kExpFloor (also for xs = -inf).
 TAPO_INLINE VF exp_floor(VF xs) {
-  const VI keep = xs >= splat<VF>(kExpFloor);
-  const VF e = vexp(xs);
-  VI bits;
-  std::memcpy(&bits, &e, sizeof(bits));
-  bits &= keep;
-  VF out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
+  return xs >= splat<VF>(kExpFloor) ? vexp(xs) : VF{};
 }
 
 TAPO_INLINE float exp_floor1(float xs) {
@@ -304,6 +297,18 @@ void check_rows(const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor");
 }
 
+// f(scalar_t{}) for the logits dtypes the kernels take (fp32, bf16, fp16).
+template <typename F>
+void dispatch_logits(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK_TYPE(false, "logits must have dtype float32/bfloat16/float16, got ",
+                              dtype_name(dtype));
+  }
+}
+
 // Rows per parallel task: about 64k logits of work.
 int64_t row_grain(int64_t V) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1));
@@ -315,6 +320,32 @@ void check_labels(const at::Tensor& labels, int64_t B, int64_t T, int64_t V) {
   if (labels.numel() == 0) return;
   const int64_t hi = labels.max().item<int64_t>();
   TORCH_CHECK_VALUE(hi < V, "labels must be < V = ", V, ", got ", hi);
+}
+
+// logp (and entropy, when ent_p) of every (B, T) row of logits; labels, logp_p and ent_p are
+// flat over the rows. Unchecked: the callers validate.
+void forward_rows(const at::Tensor& logits, const int64_t* lab_p, float temperature,
+                  float* logp_p, float* ent_p) {
+  const int64_t T = logits.size(1), V = logits.size(2), rows = logits.size(0) * T;
+  const RowArgs a{V, temperature, temperature != 1.0f};
+  const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+  dispatch_logits(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* base = logits.const_data_ptr<scalar_t>();
+    const auto row_fn = cpu_has_avx2() ? &forward_row_avx2<scalar_t> : &forward_row_generic<scalar_t>;
+    at::parallel_for(0, rows, row_grain(V), [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t label = lab_p[r];
+        if (label < 0) {
+          logp_p[r] = 0.0f;
+          if (ent_p != nullptr) ent_p[r] = 0.0f;
+          continue;
+        }
+        const scalar_t* x = base + (r / T) * s0 + (r % T) * s1;
+        row_fn(x, label, a, logp_p + r, ent_p != nullptr ? ent_p + r : nullptr);
+      }
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> logprob_rows(const at::Tensor& logits, const at::Tensor& labels,
@@ -330,46 +361,41 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows(const at::Tensor& logits, const 
   const auto opts = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({B, T}, opts);
   at::Tensor entropy = with_entropy ? at::empty({B, T}, opts) : at::empty({0}, opts);
-  const RowArgs a{V, static_cast<float>(temperature), static_cast<float>(temperature) != 1.0f};
-  const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
-  const int64_t* lab_p = lab.data_ptr<int64_t>();
-  float* logp_p = logp.data_ptr<float>();
-  float* ent_p = with_entropy ? entropy.data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprob_rows", [&] {
-    const scalar_t* base = logits.const_data_ptr<scalar_t>();
-    const auto row_fn = cpu_has_avx2() ? &forward_row_avx2<scalar_t> : &forward_row_generic<scalar_t>;
-    at::parallel_for(0, B * T, row_grain(V), [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        const int64_t label = lab_p[r];
-        if (label < 0) {
-          logp_p[r] = 0.0f;
-          if (ent_p != nullptr) ent_p[r] = 0.0f;
-          continue;
-        }
-        const scalar_t* x = base + (r / T) * s0 + (r % T) * s1;
-        row_fn(x, label, a, logp_p + r, ent_p != nullptr ? ent_p + r : nullptr);
-      }
-    });
-  });
+  forward_rows(logits, lab.data_ptr<int64_t>(), static_cast<float>(temperature),
+               logp.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr);
   return {logp, entropy};
 }
 
-// d loss / d logits of rows [row0, row0 + n) of the flat (B*T) row index into out.
+// d loss / d logits of every (B, T) row of logits into out (same shape, any row strides).
 template <typename scalar_t, typename out_t>
-void dlogits_rows_impl(const at::Tensor& logits, const at::Tensor& out, const int64_t* lab_p,
+void backward_rows_typed(const at::Tensor& logits, const at::Tensor& out, const int64_t* lab_p,
                        const float* g_p, const float* logp_p, float temperature) {
   const int64_t T = logits.size(1), V = logits.size(2), rows = logits.size(0) * T;
   const RowArgs a{V, temperature, temperature != 1.0f};
   const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
   const int64_t o0 = out.stride(0), o1 = out.stride(1);
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  out_t* obase = out.data_ptr<out_t>();
+  out_t* obase = out.mutable_data_ptr<out_t>();
   const auto row_fn = cpu_has_avx2() ? &backward_row_avx2<scalar_t, out_t>
                                      : &backward_row_generic<scalar_t, out_t>;
   at::parallel_for(0, rows, row_grain(V), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / T, t = r % T;
       row_fn(base + b * s0 + t * s1, obase + b * o0 + t * o1, lab_p[r], g_p[r], logp_p[r], a);
+    }
+  });
+}
+
+// The same with labels, d loss / d logp and logp flat over the rows; out has the dtype of
+// logits or float32. Unchecked: the callers validate.
+void backward_rows(const at::Tensor& logits, const at::Tensor& out, const int64_t* lab_p,
+                   const float* g_p, const float* logp_p, float temperature) {
+  dispatch_logits(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (out.scalar_type() == logits.scalar_type()) {
+      backward_rows_typed<scalar_t, scalar_t>(logits, out, lab_p, g_p, logp_p, temperature);
+    } else {
+      backward_rows_typed<scalar_t, float>(logits, out, lab_p, g_p, logp_p, temperature);
     }
   });
 }
@@ -392,17 +418,8 @@ void dlogits_rows(const at::Tensor& grad_logp, const at::Tensor& logits, const a
   check_dtype("logp", logp, {at::kFloat});
   check_shape("logp", logp, {B, T});
   const at::Tensor lab = labels.contiguous(), g = grad_logp.contiguous(), lp = logp.contiguous();
-  const float temp = static_cast<float>(temperature);
-  const int64_t* lab_p = lab.data_ptr<int64_t>();
-  const float* g_p = g.data_ptr<float>();
-  const float* lp_p = lp.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "dlogits_rows", [&] {
-    if (out.scalar_type() == logits.scalar_type()) {
-      dlogits_rows_impl<scalar_t, scalar_t>(logits, out, lab_p, g_p, lp_p, temp);
-    } else {
-      dlogits_rows_impl<scalar_t, float>(logits, out, lab_p, g_p, lp_p, temp);
-    }
-  });
+  backward_rows(logits, out, lab.data_ptr<int64_t>(), g.data_ptr<float>(), lp.data_ptr<float>(),
+                static_cast<float>(temperature));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -466,13 +483,14 @@ std::tuple<at::Tensor, at::Tensor> logprob_from_hidden(const at::Tensor& hidden,
   at::Tensor entropy = with_entropy ? at::empty({a.M}, opts) : at::empty({0}, opts);
   if (a.M == 0) return {logp.view({B, T}), with_entropy ? entropy.view({B, T}) : entropy};
   at::Tensor buf = at::empty({std::min(a.chunk, a.M), a.V}, hidden.options());
+  const int64_t* lab_p = a.lab.data_ptr<int64_t>();
+  float* logp_p = logp.data_ptr<float>();
+  float* ent_p = with_entropy ? entropy.data_ptr<float>() : nullptr;
   for (int64_t start = 0; start < a.M; start += a.chunk) {
     const int64_t n = std::min(a.chunk, a.M - start);
-    const at::Tensor x = chunk_logits(a, buf, start, n);
-    auto [lp, ent] = logprob_rows(x.unsqueeze(0), a.lab.narrow(0, start, n).unsqueeze(0),
-                                  temperature, with_entropy);
-    logp.narrow(0, start, n).copy_(lp.view({n}));
-    if (with_entropy) entropy.narrow(0, start, n).copy_(ent.view({n}));
+    forward_rows(chunk_logits(a, buf, start, n).unsqueeze(0), lab_p + start,
+                 static_cast<float>(temperature), logp_p + start,
+                 ent_p != nullptr ? ent_p + start : nullptr);
   }
   return {logp.view({B, T}), with_entropy ? entropy.view({B, T}) : entropy};
 }
@@ -504,9 +522,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_from_hidden_backward(
       const int64_t n = std::min(a.chunk, a.M - start);
       const at::Tensor x = chunk_logits(a, buf, start, n);
       at::Tensor d = dbuf.narrow(0, 0, n);
-      dlogits_rows(g.narrow(0, start, n).unsqueeze(0), x.unsqueeze(0),
-                   a.lab.narrow(0, start, n).unsqueeze(0), lp.narrow(0, start, n).unsqueeze(0),
-                   temperature, d.unsqueeze(0));
+      backward_rows(x.unsqueeze(0), d.unsqueeze(0), a.lab.data_ptr<int64_t>() + start,
+                    g.data_ptr<float>() + start, lp.data_ptr<float>() + start,
+                    static_cast<float>(temperature));
       at::Tensor dh = dhidden.narrow(0, start, n);
       if (fp32) {
         at::mm_out(dh, d, w32);

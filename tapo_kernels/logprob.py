@@ -327,6 +327,11 @@ def _native(t: Tensor) -> bool:
     return NATIVE and t.device.type == "cpu" and (t.shape[-1] <= 1 or t.stride(-1) == 1)
 
 
+def _chunk(chunk_size: int | None, weight: Tensor) -> int:
+    """Tokens per chunk of the LM-head passes: as asked, else the device's default."""
+    return chunk_size or default_chunk_tokens(weight.shape[0], weight.device)
+
+
 def _selective_log_softmax(logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool):
     if _native(logits):
         return torch.ops.tapo._logprob_rows(logits, labels, temperature, with_entropy)
@@ -455,9 +460,8 @@ def policy_loss_from_hidden_kernel(
         hidden, weight, bias, labels, *loss_tensors, temperature, chunk_size, *knobs
     )
     if _native(hidden):
-        chunk = chunk_size or default_chunk_tokens(weight.shape[0], hidden.device)
         logp, entropy = torch.ops.tapo._logprob_from_hidden(
-            hidden, weight, bias, labels, temperature, with_entropy, chunk
+            hidden, weight, bias, labels, temperature, with_entropy, _chunk(chunk_size, weight)
         )
     else:
         logp, entropy = selective_log_softmax_from_hidden_chunked(
@@ -485,10 +489,9 @@ def selective_log_softmax_from_hidden_backward_kernel(
         grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size
     )
     if _native(hidden):
-        chunk = chunk_size or default_chunk_tokens(weight.shape[0], hidden.device)
         return torch.ops.tapo._logprob_from_hidden_backward(
-            grad_logp, hidden, weight, bias, labels, logp, temperature, chunk, weight_grad,
-            bias_grad,
+            grad_logp, hidden, weight, bias, labels, logp, temperature, _chunk(chunk_size, weight),
+            weight_grad, bias_grad,
         )
     return selective_log_softmax_from_hidden_backward_chunked(
         grad_logp,

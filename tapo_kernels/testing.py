@@ -14,6 +14,8 @@ log-probs and TAPO call maps.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -189,3 +191,16 @@ def loss_batch(
 
     return LossBatch(cast(logp), cast(old), cast(adv), cast(mask), cast(ref),
                      None if call_map is None else call_map.to(device), cast(call_delta))
+
+
+@contextmanager
+def chunked_torch_passes() -> Iterator[None]:
+    """Inside: the CPU kernels of the logits / hidden-state losses run their vocabulary passes
+    in chunked torch ops (the fallback without the native build) instead of C++."""
+    from . import logprob
+
+    saved, logprob.NATIVE = logprob.NATIVE, False
+    try:
+        yield
+    finally:
+        logprob.NATIVE = saved

@@ -28,8 +28,7 @@ import subprocess
 import sys
 import textwrap
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +39,7 @@ from torch import Tensor
 import tapo_kernels
 from tapo_kernels import reference
 from tapo_kernels.reference import ALGOS
+from tapo_kernels.testing import chunked_torch_passes as chunked_torch
 from tapo_kernels.testing import loss_batch
 
 ops = pytest.importorskip("tapo_kernels.ops")  # Triton (interpreted on the CPU)
@@ -177,18 +177,6 @@ def logits_op(logits: Tensor, case: Case, inplace: bool = False) -> Result:
     )
     (grad,) = torch.autograd.grad(loss, leaf)
     return loss, metrics, logp, entropy, (grad,)
-
-
-@contextmanager
-def chunked_torch() -> Iterator[None]:
-    """Run the CPU kernels' vocabulary passes in chunked torch ops instead of C++."""
-    from tapo_kernels import logprob
-
-    saved, logprob.NATIVE = logprob.NATIVE, False
-    try:
-        yield
-    finally:
-        logprob.NATIVE = saved
 
 
 def logits_op_torch(logits: Tensor, case: Case, inplace: bool = False) -> Result:
