@@ -362,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     const at::Tensor& call_seq, const at::Tensor& call_start, const at::Tensor& call_end,
     const at::Tensor& call_tool, const at::Tensor& call_key, const at::Tensor& call_params,
     const at::Tensor& tool_sim_kind, double theta, double alpha_min, double beta,
-    bool batch_scope) {
+    bool batch_scope, bool coverage) {
   check_fused_correct_args(advantages, seq_advantages, group_ids, call_seq, call_start, call_end,
                            call_tool, call_key, call_params, tool_sim_kind, theta, alpha_min,
                            beta);
@@ -625,7 +625,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
       const float cov = pool > 0 ? static_cast<float>(n_support) / static_cast<float>(pool) : 0.0f;
       const float a_bar =
           n_support > 0 ? static_cast<float>(support_adv) / static_cast<float>(n_support) : 0.0f;
-      const float conf = s * cov;
+      const float conf = coverage ? s * cov : s;  // coverage off: the ablation conf = s
       const bool gate = s >= theta_f && conf >= alpha_f;
       out_delta[call.call] = gate ? beta_f * conf * a_bar : 0.0f;
       out_conf[call.call] = conf;

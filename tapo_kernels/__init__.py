@@ -11,7 +11,7 @@ from ._library import CPU_BACKEND, NATIVE_ERROR
 from .correction import TapoResult, TapoStats, ToolCalls, build_call_map, fused_correct
 from .logprob import LogprobLossOutput, policy_loss_from_hidden, policy_loss_from_logits
 from .loss import PRESETS, PolicyLossOutput, policy_loss
-from .params import encode_box, encode_text
+from .params import encode_box, encode_results, encode_text
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "ToolCalls",
     "build_call_map",
     "encode_box",
+    "encode_results",
     "encode_text",
     "fused_correct",
     "native_available",

@@ -26,7 +26,8 @@ lib = torch.library.Library("tapo", "DEF")  # noqa: TOR901 (the library lives fo
 FUSED_CORRECT_SCHEMA = (
     "fused_correct(Tensor advantages, Tensor seq_advantages, Tensor group_ids, Tensor call_seq, "
     "Tensor call_start, Tensor call_end, Tensor call_tool, Tensor call_key, Tensor call_params, "
-    "Tensor tool_sim_kind, float theta, float alpha_min, float beta, bool batch_scope) "
+    "Tensor tool_sim_kind, float theta, float alpha_min, float beta, bool batch_scope, "
+    "bool coverage=True) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 _LOSS_ARGS = (

@@ -160,6 +160,7 @@ def fused_correct(
     alpha_min: float = DEFAULT_ALPHA_MIN,
     beta: float = DEFAULT_BETA,
     batch_scope: bool = False,
+    coverage: bool = True,
 ) -> TapoResult:
     """Lift the negative credit of failing trajectories' tool calls that a successful sibling repeated.
 
@@ -173,6 +174,8 @@ def fused_correct(
         alpha_min: minimum confidence ``s_k * coverage_k`` to correct a call.
         beta: strength of the lift (0 disables TAPO).
         batch_scope: witnesses from the whole batch instead of the same prompt group.
+        coverage: weight the confidence by the support factor (``False`` is the ablation
+            ``confidence = s_k``).
 
     Returns:
         ``TapoResult`` with the corrected advantages (a new tensor), per-call lift, confidence
@@ -181,6 +184,6 @@ def fused_correct(
     corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(
         advantages, seq_advantages, group_ids, calls.seq, calls.start, calls.end, calls.tool,
         calls.key, calls.params, tool_sim_kind, float(theta), float(alpha_min), float(beta),
-        bool(batch_scope),
+        bool(batch_scope), bool(coverage),
     )
     return TapoResult(corrected, delta, confidence, witness, seq_advantages, calls)

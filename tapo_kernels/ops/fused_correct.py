@@ -78,6 +78,7 @@ def _fused_correct_kernel(
     theta,
     alpha_min,
     beta,
+    COVERAGE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -91,7 +92,8 @@ def _fused_correct_kernel(
         T_k    = { j : max_{c in j} sim_c >= theta }
                = { j : some candidate c of row j has sim_c >= theta }    (no per-row max needed)
         cov_k  = |T_k| / pool,  Abar_k = sum_{T_k} A_j / |T_k|
-        d_k    = [s_k >= theta and s_k * cov_k >= alpha_min] * beta * (s_k * cov_k) * Abar_k
+        conf_k = s_k * cov_k   (s_k when COVERAGE is off: the ablation without support)
+        d_k    = [s_k >= theta and conf_k >= alpha_min] * beta * conf_k * Abar_k
 
     A row j is counted at its first candidate reaching theta: rows are contiguous after the
     sort, so "first" means no earlier hit of the same row in this tile and j differs from
@@ -194,7 +196,10 @@ def _fused_correct_kernel(
     n_f = n_support.to(tl.float32)
     cov = tl.where(pool > 0, tl.div_rn(n_f, tl.maximum(pool, 1).to(tl.float32)), 0.0)
     a_bar = tl.where(n_support > 0, tl.div_rn(a_support, tl.maximum(n_f, 1.0)), 0.0)
-    conf = s * cov
+    if COVERAGE:
+        conf = s * cov
+    else:
+        conf = s
     gate = (s >= theta) & (conf >= alpha_min)
     lift = tl.where(gate, beta * conf * a_bar, 0.0)
     tl.store(delta_ptr + k, lift)
@@ -298,6 +303,7 @@ def fused_correct_triton(
     alpha_min: float,
     beta: float,
     batch_scope: bool,
+    coverage: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``tapo::fused_correct`` with a Triton kernel; same results as ``reference.fused_correct``.
 
@@ -367,6 +373,7 @@ def fused_correct_triton(
         float(theta),
         float(alpha_min),
         float(beta),
+        COVERAGE=bool(coverage),
         BLOCK_D=block_d,
         BLOCK_T=_BLOCK_T,
     )

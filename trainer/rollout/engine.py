@@ -222,9 +222,10 @@ class RolloutEngine:
                     name=parsed.name, arguments=parsed.arguments,
                     param_text=(self.registry.tools[parsed.tool_id].param_text(parsed.arguments)
                                 if parsed.valid else ""),
-                    params=self.registry.param_vector(parsed), valid=ok,
-                    error=parsed.error if not parsed.valid else outcome.error,
-                    observation=outcome.observation,
+                    valid=ok, error=parsed.error if not parsed.valid else outcome.error,
+                    observation=outcome.observation, refs=outcome.refs,
+                    good=ep.example.is_good_observation(outcome.observation) if ok else
+                    (False if ep.example.evidence else None),
                 ))
                 if ep.done:
                     continue  # the episode ended in this turn (e.g. EOS inside an open call)

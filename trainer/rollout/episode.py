@@ -3,8 +3,8 @@
 An ``Episode`` is one rollout: its token ids (prompt, policy turns, tool observations),
 a mask that is 1 only on policy-generated tokens, the sampling log-probability of each
 policy token, the tool calls it made (token span, tool id, context key, parameters,
-validity) and its final answer. ``collate`` right-pads a list of episodes into the tensors
-the loss and ``tapo_kernels.fused_correct`` take.
+validity, what it retrieved) and its final answer. ``collate`` right-pads a list of episodes
+into the tensors the loss and ``tapo_kernels.fused_correct`` take.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ class CallRecord:
     key: int  # context key: calls against different corpora never match
     name: str | None
     arguments: dict[str, Any]
-    param_text: str  # the text the parameter vector encodes (the search query)
-    params: Tensor  # (D,) float32
+    param_text: str  # the argument text TAPO may compare (the search query)
     valid: bool
     error: str | None
     observation: str = ""
+    refs: tuple[str, ...] = ()  # what the tool retrieved (TAPO's result-aware witness)
+    good: bool | None = None  # ground truth: the observation holds gold evidence (None: unknown)
 
 
 @dataclass
@@ -93,15 +94,20 @@ class Batch:
 
 
 def collate(episodes: Sequence[Episode], pad_id: int, length: int | None = None,
-            param_dim: int = 256) -> Batch:
-    """Pad to ``length`` (default: the longest episode) and gather the calls as ``ToolCalls``."""
+            params: Tensor | None = None, param_dim: int = 256) -> Batch:
+    """Pad to ``length`` (default: the longest episode) and gather the calls as ``ToolCalls``.
+
+    ``params`` holds the ``(N, D)`` parameter vectors of the episodes' calls in order
+    (``ToolRegistry.encode_calls``); without it the calls get zero vectors, which match
+    nothing (enough for the warm-up, which never corrects).
+    """
     T = max(len(ep.token_ids) for ep in episodes) if length is None else length
     B = len(episodes)
     input_ids = torch.full((B, T), pad_id, dtype=torch.int64)
     attention = torch.zeros(B, T, dtype=torch.int64)
     mask = torch.zeros(B, T, dtype=torch.float32)
     old_logp = torch.zeros(B, T, dtype=torch.float32)
-    seq, start, end, tool, key, params = [], [], [], [], [], []
+    seq, start, end, tool, key = [], [], [], [], []
     for i, ep in enumerate(episodes):
         n = len(ep.token_ids)
         if n > T:
@@ -116,11 +122,15 @@ def collate(episodes: Sequence[Episode], pad_id: int, length: int | None = None,
             end.append(c.end)
             tool.append(c.tool_id)
             key.append(c.key)
-            params.append(c.params)
+    if params is None:
+        params = torch.zeros(len(seq), param_dim, dtype=torch.float32)
+    if params.dim() != 2 or params.shape[0] != len(seq):
+        raise ValueError(f"params must have shape ({len(seq)}, D), one row per call, "
+                         f"got {tuple(params.shape)}")
     if seq:
-        calls = ToolCalls.from_lists(seq, start, end, tool, torch.stack(params), key=key)
+        calls = ToolCalls.from_lists(seq, start, end, tool, params, key=key)
     else:
-        calls = ToolCalls.empty(param_dim)
+        calls = ToolCalls.empty(params.shape[1])
     groups = torch.tensor([ep.group for ep in episodes], dtype=torch.int64)
     rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
     return Batch(input_ids, attention, mask, old_logp, groups, rewards, calls)

@@ -17,7 +17,7 @@ def load_task(cfg: TaskConfig) -> TaskData:
     if cfg.name == "synthetic":
         return synthetic_task(cfg.num_entities, cfg.attributes, cfg.heldout_fraction,
                               cfg.num_demos, cfg.seed, cfg.sloppy_demo_fraction,
-                              cfg.demos_from)
+                              cfg.demos_from, kinds=cfg.kinds)
     return load_jsonl_task(cfg.train_path, cfg.eval_path, cfg.corpus_path, cfg.demos_path,
                            cfg.heldout_fraction, cfg.seed)
 

@@ -8,14 +8,42 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Example:
-    """One question. ``query`` (optional) is a search query that finds the evidence; it
-    drives the warm-up demonstrations. ``corpus_id`` selects the corpus the tools search."""
+    """One question.
+
+    ``query`` (optional) is a search query that finds the evidence of a one-call question;
+    ``queries`` lists the queries of a multi-call question in order (the warm-up
+    demonstrations issue them); ``corpus_id`` selects the corpus the tools search.
+    ``evidence`` (optional) is the ground truth of the question: per hop, the documents that
+    answer it. A tool call is *good* when its observation contains one of them; the trainer
+    logs how often failing trajectories hold good calls and whether TAPO lifted them.
+    ``kind`` names the question kind (the synthetic task's ``single``, ``two_fact``,
+    ``two_hop``; ``jsonl`` for loaded questions).
+    """
 
     uid: str
     question: str
     answers: tuple[str, ...]
     corpus_id: int = 0
     query: str | None = None
+    queries: tuple[str, ...] = ()
+    evidence: tuple[tuple[str, ...], ...] = ()
+    kind: str = "single"
+
+    def demo_queries(self) -> tuple[str, ...]:
+        """The queries a demonstration of this question issues, in order."""
+        if self.queries:
+            return self.queries
+        return (self.query,) if self.query else ()
+
+    def evidence_docs(self) -> tuple[str, ...]:
+        """Every gold evidence document of the question (all hops)."""
+        return tuple(doc for hop in self.evidence for doc in hop)
+
+    def is_good_observation(self, observation: str) -> bool | None:
+        """Whether an observation holds gold evidence (``None`` without ground truth)."""
+        if not self.evidence:
+            return None
+        return any(doc in observation for doc in self.evidence_docs())
 
 
 @dataclass
@@ -33,12 +61,13 @@ class TaskData:
             for ex in split:
                 yield ex.question
                 yield from ex.answers
-                if ex.query:
-                    yield ex.query
+                yield from ex.demo_queries()
         for docs in self.corpora.values():
             yield from docs
 
     def summary(self) -> str:
         docs = sum(len(d) for d in self.corpora.values())
-        return (f"{len(self.train)} train / {len(self.heldout)} held-out questions, "
+        kinds = sorted({ex.kind for ex in self.train})
+        mix = "" if kinds == ["single"] else f" ({', '.join(kinds)})"
+        return (f"{len(self.train)} train / {len(self.heldout)} held-out questions{mix}, "
                 f"{len(self.demos)} demonstrations, {docs} documents in {len(self.corpora)} corpora")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .base import SIM_KINDS, Tool, ToolArgumentError, ToolContext
+from .base import SIM_KINDS, WITNESS_KINDS, Tool, ToolArgumentError, ToolContext, ToolResult
 from .calculator import CalculatorTool
 from .faults import FailingTool, SlowTool
 from .parser import INVALID_TOOL, ParsedCall, parse_tool_call
-from .registry import ToolOutcome, ToolRegistry
+from .registry import WITNESS_MODES, ToolOutcome, ToolRegistry
 from .text_search import BM25Index, TextSearchTool
 
 AVAILABLE_TOOLS = ("search", "calculator", "failing", "slow")
@@ -35,5 +35,6 @@ def build_registry(enabled: Sequence[str], corpora: Mapping[int, Sequence[str]],
 __all__ = [
     "AVAILABLE_TOOLS", "BM25Index", "CalculatorTool", "FailingTool", "INVALID_TOOL", "ParsedCall",
     "SIM_KINDS", "SlowTool", "TextSearchTool", "Tool", "ToolArgumentError", "ToolContext",
-    "ToolOutcome", "ToolRegistry", "build_registry", "parse_tool_call",
+    "ToolOutcome", "ToolRegistry", "ToolResult", "WITNESS_KINDS", "WITNESS_MODES", "build_registry",
+    "parse_tool_call",
 ]

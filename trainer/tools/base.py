@@ -1,8 +1,10 @@
 """The tool interface: named, deterministic functions of JSON arguments that return text.
 
 Every tool declares its argument types (checked before it runs), the similarity kind TAPO
-uses to compare two of its calls (``cosine`` on encoded parameter text, ``iou`` on boxes)
-and how its arguments become a parameter vector (``param_vector``). Tools receive a
+uses to compare two of its calls (``cosine`` on parameter vectors, ``iou`` on boxes) and
+what its parameter vector encodes (``witness``): its ``arguments`` (the text of
+``param_text``, hashed character 3-grams) or its ``results`` (the references a call
+retrieved, for tools whose results define when two calls are equivalent). Tools receive a
 ``ToolContext`` naming the corpus of the current question, which is also the context key of
 the call: calls against different corpora never match.
 """
@@ -13,12 +15,17 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-from torch import Tensor
-
-from tapo_kernels import encode_text
-
 SIM_KINDS = {"cosine": 0, "iou": 1}  # the tool_sim_kind codes of tapo::fused_correct
+WITNESS_KINDS = ("arguments", "results")
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What ``Tool.run`` may return instead of plain text: the observation and the
+    references (e.g. document texts or ids) it was built from."""
+
+    text: str
+    refs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -36,12 +43,15 @@ class Tool(ABC):
     """A deterministic information tool.
 
     Subclasses set ``name``, ``description``, ``required`` / ``optional`` (argument name ->
-    Python type) and implement ``run``. ``param_text`` names the argument text TAPO compares.
+    Python type) and implement ``run``. ``param_text`` names the argument text TAPO compares
+    when ``witness = "arguments"``; with ``witness = "results"`` it compares the references
+    of the ``ToolResult`` that ``run`` returned.
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     sim_kind: ClassVar[str] = "cosine"
+    witness: ClassVar[str] = "arguments"
     required: ClassVar[dict[str, type]] = {}
     optional: ClassVar[dict[str, type]] = {}
 
@@ -69,17 +79,9 @@ class Tool(ABC):
         return arguments
 
     @abstractmethod
-    def run(self, arguments: dict[str, Any], context: ToolContext) -> str:
-        """The observation text for valid arguments (may raise; the registry reports it)."""
+    def run(self, arguments: dict[str, Any], context: ToolContext) -> str | ToolResult:
+        """The observation for valid arguments (may raise; the registry reports it)."""
 
     def param_text(self, arguments: dict[str, Any]) -> str:
         """The text of the call that TAPO compares (all argument values by default)."""
         return " ".join(str(arguments[k]) for k in sorted(arguments))
-
-    def param_vector(self, arguments: dict[str, Any]) -> Tensor:
-        """``(D,)`` float32 parameter vector (hashed character n-grams of ``param_text``)."""
-        return encode_text([self.param_text(arguments)])[0]
-
-    @staticmethod
-    def empty_vector() -> Tensor:
-        return torch.zeros(encode_text([""]).shape[1], dtype=torch.float32)

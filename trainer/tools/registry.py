@@ -16,8 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import SIM_KINDS, Tool, ToolContext
-from .parser import INVALID_TOOL, ParsedCall, parse_tool_call
+from tapo_kernels import encode_results, encode_text
+
+from .base import SIM_KINDS, Tool, ToolContext, ToolResult
+from .parser import ParsedCall, parse_tool_call
+
+# how the trainer turns calls into TAPO parameter vectors (config key tapo.witness)
+WITNESS_MODES = ("tool", "arguments", "neural")
 
 
 @dataclass
@@ -28,6 +33,7 @@ class ToolOutcome:
     ok: bool
     error: str | None = None
     seconds: float = 0.0
+    refs: tuple[str, ...] = ()  # what the observation was built from (ToolResult.refs)
 
 
 class ToolRegistry:
@@ -56,11 +62,36 @@ class ToolRegistry:
     def parse(self, body: str, closed: bool = True) -> ParsedCall:
         return parse_tool_call(body, self.by_name, closed)
 
-    def param_vector(self, call: ParsedCall) -> Tensor:
-        """``(D,)`` parameters of a call (zeros for an invalid call: it matches nothing)."""
-        if call.tool_id == INVALID_TOOL:
-            return Tool.empty_vector()
-        return self.tools[call.tool_id].param_vector(call.arguments)
+    def encode_calls(self, tool_ids: Sequence[int], param_texts: Sequence[str],
+                     refs: Sequence[Sequence[str]], mode: str = "tool",
+                     neural=None) -> Tensor:
+        """``(N, D)`` float32 TAPO parameter vectors of ``N`` calls, encoded as one batch.
+
+        ``mode="tool"``: each tool's declared ``witness`` (``arguments``: ``encode_text`` of
+        its parameter text; ``results``: ``encode_results`` of the references it
+        retrieved); ``"arguments"``: ``encode_text`` for every tool; ``"neural"``: the
+        sentence encoder ``neural`` (a ``tapo_kernels.params.NeuralTextEncoder``) on the
+        parameter text. Invalid calls (tool id < 0) get zero rows: they match nothing.
+        """
+        if mode not in WITNESS_MODES:
+            raise ValueError(f"unknown witness mode {mode!r}; expected one of {WITNESS_MODES}")
+        n = len(tool_ids)
+        if not len(param_texts) == len(refs) == n:
+            raise ValueError("tool_ids, param_texts and refs must have one entry per call")
+        if mode == "neural":
+            if neural is None:
+                raise ValueError("witness mode 'neural' needs a NeuralTextEncoder")
+            texts = [t if i >= 0 else "" for i, t in zip(tool_ids, param_texts, strict=True)]
+            return neural(texts)
+        by_results = [i >= 0 and mode == "tool" and self.tools[i].witness == "results"
+                      for i in tool_ids]
+        texts = [t if i >= 0 and not r else ""
+                 for i, t, r in zip(tool_ids, param_texts, by_results, strict=True)]
+        out = encode_text(texts)
+        rows = [k for k, r in enumerate(by_results) if r]
+        if rows:
+            out[rows] = encode_results([refs[k] for k in rows], dim=out.shape[1])
+        return out
 
     def execute(self, calls: Sequence[tuple[ParsedCall, ToolContext]]) -> list[ToolOutcome]:
         """Run the valid calls concurrently; each gets ``timeout_s`` from the common start."""
@@ -91,7 +122,10 @@ class ToolRegistry:
                 outcomes[i] = ToolOutcome(f"error: {msg}", ok=False, error=msg, seconds=elapsed)
                 continue
             status, text = box[0]
-            if status == "ok" and isinstance(text, str):
+            if status == "ok" and isinstance(text, ToolResult) and isinstance(text.text, str):
+                outcomes[i] = ToolOutcome(text.text, ok=True, seconds=elapsed,
+                                          refs=tuple(str(r) for r in text.refs))
+            elif status == "ok" and isinstance(text, str):
                 outcomes[i] = ToolOutcome(text, ok=True, seconds=elapsed)
             else:
                 msg = text if status == "error" else f"tool returned {type(text).__name__}, not str"

@@ -14,7 +14,7 @@ from typing import Any
 import bm25s
 import numpy as np
 
-from .base import Tool, ToolArgumentError, ToolContext
+from .base import Tool, ToolArgumentError, ToolContext, ToolResult
 
 
 class BM25Index:
@@ -41,11 +41,19 @@ class BM25Index:
 
 
 class TextSearchTool(Tool):
-    """``search(query)``: the ``top_k`` best BM25 matches in the question's corpus."""
+    """``search(query)``: the ``top_k`` best BM25 matches in the question's corpus.
+
+    TAPO compares searches by what they retrieved (``witness = "results"``): two queries
+    that return the same documents asked for the same information, however they were
+    worded, and two similar-looking queries that return different documents did not (on the
+    bundled task, "Zorvex Quill" and "Zorvex Quill pet" share most character 3-grams but
+    only the second finds the pet).
+    """
 
     name = "search"
     description = "Search the document collection; returns the best matching documents."
     sim_kind = "cosine"
+    witness = "results"
     required = {"query": str}
     optional = {"top_k": int}
 
@@ -74,12 +82,13 @@ class TextSearchTool(Tool):
             raise ToolArgumentError(f"top_k must be in [1, {self.max_top_k}], got {top_k}")
         return arguments
 
-    def run(self, arguments: dict[str, Any], context: ToolContext) -> str:
+    def run(self, arguments: dict[str, Any], context: ToolContext) -> ToolResult:
         index = self.index(context.corpus_id)
         hits = index.search(arguments["query"], int(arguments.get("top_k", self.top_k)))
         if not hits:
-            return "no results"
-        return " ".join(index.documents[i] for i, _ in hits)
+            return ToolResult("no results")
+        docs = tuple(index.documents[i] for i, _ in hits)
+        return ToolResult(" ".join(docs), refs=docs)
 
     def param_text(self, arguments: dict[str, Any]) -> str:
         return arguments["query"]
