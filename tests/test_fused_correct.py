@@ -103,8 +103,11 @@ def run(impl: Callable, args: dict[str, Tensor], **knobs) -> tuple[Tensor, Tenso
     ``corrected`` tensor, output shapes and dtypes, no NaN or inf."""
     k = {**DEFAULT_KNOBS, **knobs}
     before = {name: t.clone() for name, t in args.items()}
+    # the ``coverage`` switch is passed only when a test sets it: its default is tested too
+    extra = (k["coverage"],) if "coverage" in k else ()
     out = impl(
-        *(args[n] for n in ARG_NAMES), k["theta"], k["alpha_min"], k["beta"], k["batch_scope"]
+        *(args[n] for n in ARG_NAMES), k["theta"], k["alpha_min"], k["beta"], k["batch_scope"],
+        *extra,
     )
     corrected, delta, confidence, witness = out
     for name, t in args.items():
@@ -175,6 +178,32 @@ def test_identical_query_in_success_and_failure(fused_correct_impl, theta):
         delta=[0.0, F32_0_8],
         confidence=[0.0, 1.0],
         witness=[-1, 0],
+    )
+
+
+@pytest.mark.parametrize("coverage", [True, False])
+@pytest.mark.parametrize("alpha_min", [0.3, 0.6, 0.0])
+def test_coverage_and_gate_ablations(fused_correct_impl, coverage, alpha_min):
+    # Rows 0 and 1 succeed (A = 1 and 0.5), row 2 fails (A = -1). Row 0 calls E0, row 1
+    # calls E1, row 2 calls E0: s = 1 (witness call 0), pool = 2 rows, T_k = {row 0}:
+    # cov = 1/2, Abar = 1. With coverage: conf = 1 * 1/2 = 0.5; without: conf = s = 1.
+    # Gate: s >= 0.7 and conf >= alpha_min (alpha_min = 0 is "no confidence gate").
+    args = make_args(
+        token_adv=[[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [-1.0, -1.0, -1.0]],
+        seq_adv=[1.0, 0.5, -1.0],
+        groups=[0, 0, 0],
+        calls=[(0, 0, 2, 0, 0, E0), (1, 0, 2, 0, 0, E1), (2, 1, 3, 0, 0, E0)],
+    )
+    out = run(fused_correct_impl, args, alpha_min=alpha_min, coverage=coverage)
+    conf = 0.5 if coverage else 1.0
+    d = F32_0_8 * conf if conf >= alpha_min else 0.0  # beta * conf * Abar, Abar = 1
+    lifted = float(torch.tensor(-1.0) + torch.tensor(d))  # min(0, -1 + d) in fp32
+    assert_outputs(
+        out,
+        corrected=[[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [-1.0, lifted, lifted]],
+        delta=[0.0, 0.0, d],
+        confidence=[0.0, 0.0, conf],
+        witness=[-1, -1, 0],
     )
 
 
@@ -638,6 +667,7 @@ def reference_outputs(args: dict[str, Tensor], knobs: dict, dtype: torch.dtype):
         knobs["alpha_min"],
         knobs["beta"],
         knobs["batch_scope"],
+        knobs.get("coverage", True),
     )
 
 
@@ -738,6 +768,12 @@ REFERENCE_CASES = {  # id -> (correct_batch arguments, op knobs); seeds chosen t
         dict(theta=0.0, alpha_min=0.0, beta=2.0, batch_scope=True),
     ),
     "noncontiguous": (dict(seed=31, B=7, T=10, **Q3), DEFAULT_KNOBS),
+    # the ablation without the support factor (confidence = s)
+    "no-coverage": (dict(seed=37, B=13, T=29), {**DEFAULT_KNOBS, "coverage": False}),
+    "no-coverage-bf16-batch-scope": (
+        dict(seed=2, B=7, T=17, param_dtype=torch.bfloat16, **Q3),
+        {**DEFAULT_KNOBS, "batch_scope": True, "coverage": False, "alpha_min": 0.9},
+    ),
 }
 
 
@@ -936,10 +972,12 @@ def _sample_inputs() -> list[tuple]:
             batch.op_args()
             + (knobs["theta"], knobs["alpha_min"], knobs["beta"], knobs["batch_scope"])
         )
+    no_coverage = correct_batch(seed=6, B=4, T=7)  # the ablation switch set explicitly
+    samples.append(no_coverage.op_args() + (0.7, 0.3, 0.8, False, False))
     return samples
 
 
-@pytest.mark.parametrize("sample", range(3))
+@pytest.mark.parametrize("sample", range(4))
 def test_opcheck(sample):
     torch.library.opcheck(torch.ops.tapo.fused_correct, _sample_inputs()[sample])
 

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
+import tapo_kernels
 from trainer.config import Config, ConfigError, load_config, parse_overrides
+from trainer.study import load_study
 from trainer.rewards import exact_match, f1_score, normalize_answer
 from trainer.tasks import TaskFileError, load_jsonl_task, synthetic_task
 from trainer.tools import INVALID_TOOL, ToolContext, build_registry
@@ -62,7 +64,8 @@ def test_malformed_calls_become_invalid_records_never_exceptions(registry, body,
     (outcome,) = registry.execute([(parsed, ToolContext(0))])
     assert not outcome.ok and outcome.observation.startswith("error: ")
     # an invalid call has an all-zero parameter vector: it can never be a TAPO witness
-    assert torch.count_nonzero(registry.param_vector(parsed)) == 0
+    params = registry.encode_calls([parsed.tool_id], [""], [outcome.refs])
+    assert params.shape == (1, 256) and torch.count_nonzero(params) == 0
 
 
 def test_tool_exceptions_and_timeouts_become_error_observations(registry):
@@ -86,14 +89,40 @@ def test_calculator_rejects_names_and_huge_powers():
             evaluate(bad)
 
 
-def test_sim_kinds_and_param_vectors(registry):
+def test_sim_kinds_and_parameter_vectors(registry):
     assert registry.sim_kind_tensor().tolist() == [0, 0, 0, 0]
-    a = registry.param_vector(registry.parse(call("search", query="Zorvex Quill home city")))
-    b = registry.param_vector(registry.parse(call("search", query="zorvex  quill HOME city")))
-    c = registry.param_vector(registry.parse(call("search", query="Amra Tel pet")))
-    assert a.shape == (256,) and torch.allclose(a.norm(), torch.tensor(1.0))
-    assert torch.dot(a, b) == pytest.approx(1.0, abs=1e-6)  # case and spacing folded
-    assert torch.dot(a, c) < 0.5
+    queries = ["Zorvex Quill home city", "zorvex  quill HOME city", "home city Zorvex",
+               "Zorvex Quill", "Amra Tel pet"]
+    outcomes = registry.execute([(registry.parse(call("search", query=q)), ToolContext(0))
+                                 for q in queries])
+    assert [o.refs for o in outcomes[:3]] == [(DOCS[0],)] * 3  # the same document
+    assert outcomes[3].refs == (DOCS[1],) and outcomes[4].refs == (DOCS[3],)
+    ids, refs = [0] * len(queries), [o.refs for o in outcomes]
+    # default ("tool"): search declares witness = "results", so calls compare what they
+    # retrieved: differently worded queries that found the same fact are identical, the
+    # bare name (which found another fact) is not, however similar its text
+    by_results = registry.encode_calls(ids, queries, refs)
+    sim = by_results @ by_results.T
+    assert by_results.shape == (5, 256)
+    torch.testing.assert_close(by_results.norm(dim=1), torch.ones(5))
+    assert sim[0, 1] == pytest.approx(1.0, abs=1e-6) and sim[0, 2] == pytest.approx(1.0, abs=1e-6)
+    assert sim[0, 3] < 0.35 and sim[0, 4] < 0.35
+    # "arguments": hashed character 3-grams of the query text for every tool
+    by_text = registry.encode_calls(ids, queries, refs, mode="arguments")
+    torch.testing.assert_close(by_text, tapo_kernels.encode_text(queries))
+    text_sim = by_text @ by_text.T
+    assert text_sim[0, 1] == pytest.approx(1.0, abs=1e-6)  # case and spacing folded
+    assert text_sim[0, 3] > 0.7  # the bare name looks like the careful query ...
+    assert text_sim[0, 4] < 0.5
+    # tools declaring "arguments" (the calculator) compare their argument text in every mode
+    calc = registry.encode_calls([1], ["2 * 3"], [()])
+    torch.testing.assert_close(calc, tapo_kernels.encode_text(["2 * 3"]))
+    with pytest.raises(ValueError, match="witness mode"):
+        registry.encode_calls(ids, queries, refs, mode="bogus")
+    with pytest.raises(ValueError, match="NeuralTextEncoder"):
+        registry.encode_calls(ids, queries, refs, mode="neural")
+    with pytest.raises(ValueError, match="one entry per call"):
+        registry.encode_calls(ids, queries[:2], refs)
 
 
 # ----------------------------------------------------------------------------- search
@@ -126,66 +155,22 @@ def test_synthetic_task_is_reproducible_and_needs_search():
     a, b = synthetic_task(num_entities=20, seed=3), synthetic_task(num_entities=20, seed=3)
     assert a.train == b.train and a.heldout == b.heldout and a.corpora == b.corpora
     assert synthetic_task(num_entities=20, seed=4).train != a.train
+    # single questions only (the default): one per (entity, attribute), split by entity
     assert len(a.train) + len(a.heldout) == 20 * 5 == len(a.corpora[0])
     assert {e.uid for e in a.train}.isdisjoint({e.uid for e in a.heldout})
+    heldout_names = {e.question.split(" of ", 1)[1] for e in a.heldout}
+    assert len(heldout_names) == 5 and not any(e.question.split(" of ", 1)[1] in heldout_names
+                                               for e in a.train)
     assert set(a.demos) <= set(a.train)  # default: demonstrations of training questions
     registry = build_registry(["search"], a.corpora)
     for ex in a.train + a.heldout:
-        # the question never contains its answer; the demo query retrieves exactly its fact
+        # the question never contains its answer; the demo query retrieves exactly its fact,
+        # which is the question's ground-truth evidence
         assert ex.answers[0].lower() not in ex.question.lower()
         obs = registry.execute([(registry.parse(call("search", query=ex.query)), ToolContext(0))])[0]
         assert obs.observation.endswith(f" is {ex.answers[0]}.")
         assert ex.question.split(" of ", 1)[1].rstrip("?") in obs.observation
-
-
-@pytest.mark.parametrize("demos_from", ["train", "worlds"])
-def test_demonstrations_are_successful_trajectories(demos_from):
-    task = synthetic_task(num_entities=12, attributes=["home city", "pet", "profession"], num_demos=40,
-                          seed=1, sloppy_demo_fraction=0.6, demos_from=demos_from)
-    registry = build_registry(["search"], task.corpora)
-    # worlds are drawn until 40 demonstrations succeed; train questions run out first (27)
-    assert len(task.demos) == 40 if demos_from == "worlds" else 10 <= len(task.demos) < 27
-    sloppy = 0
-    for ex in task.demos:
-        name = ex.question.split(" of ", 1)[1].rstrip("?")
-        sloppy += ex.query == name
-        obs = registry.execute([(registry.parse(call("search", query=ex.query)), ToolContext(ex.corpus_id))])[0]
-        attribute = ex.question[len("What is the "):].split(" of ")[0]
-        # the demonstrated search finds exactly the asked fact (sloppy ones were kept only if lucky)
-        assert obs.observation == f"The {attribute} of {name} is {ex.answers[0]}."
-    assert 0 < sloppy < len(task.demos)
-    if demos_from == "worlds":
-        # every demonstration lives in its own corpus of 3 entities x 3 attributes, apart from
-        # the corpus the training and held-out questions search
-        assert sorted(ex.corpus_id for ex in task.demos) == list(range(1, 41))
-        assert all(len(task.corpora[ex.corpus_id]) == 3 * 3 for ex in task.demos)
-    else:
-        assert {ex.uid for ex in task.demos} <= {ex.uid for ex in task.train}
-
-
-def test_jsonl_loader(tmp_path):
-    train = tmp_path / "train.jsonl"
-    rows = [{"question": f"q{i}?", "answer": ["a", "b"] if i % 2 else "a"} for i in range(8)]
-    rows[3]["corpus"] = ["own doc one", "own doc two"]
-    rows[5]["corpus"] = ["own doc one", "own doc two"]
-    train.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("shared one\nshared two\n")
-    task = load_jsonl_task(train, corpus_path=corpus, heldout_fraction=0.25, seed=1)
-    assert len(task.train) == 6 and len(task.heldout) == 2
-    assert task.corpora[0] == ["shared one", "shared two"] and task.corpora[1] == ["own doc one", "own doc two"]
-    by_q = {e.question: e for e in task.train + task.heldout}
-    assert by_q["q3?"].corpus_id == by_q["q5?"].corpus_id == 1 and by_q["q0?"].corpus_id == 0
-    assert by_q["q1?"].answers == ("a", "b")
-    bad = tmp_path / "bad.jsonl"
-    for line, msg in [('{"question": "q"}', "'answer'"), ("not json", "invalid JSON"),
-                      ('{"question": "", "answer": "a"}', "'question'")]:
-        bad.write_text(line + "\n")
-        with pytest.raises(TaskFileError, match=msg):
-            load_jsonl_task(bad, corpus_path=corpus)
-    bad.write_text('{"question": "q", "answer": "a"}\n')
-    with pytest.raises(TaskFileError, match="no corpus_path"):
-        load_jsonl_task(bad)
+        assert ex.evidence == ((obs.observation,),) and ex.is_good_observation(obs.observation)
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -244,6 +229,10 @@ def test_bundled_yaml_configs_load():
     assert load_config("trainer/configs/tiny_grpo_tapo.yaml").to_dict() == Config().to_dict()
     for path in configs:
         header = path.read_text().splitlines()[0]
+        if path.name.startswith("study_"):  # study configs: every arm is a valid run config
+            assert header == f"# python -m trainer.study --config trainer/configs/{path.name}"
+            load_study(path)
+            continue
         assert header.startswith("# ") and ("trainer.train" in header or "tapo-train" in header), path
         if "real" in path.name:
             continue  # names a checkpoint path that exists only on the user's machine

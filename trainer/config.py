@@ -66,7 +66,7 @@ class TaskConfig:
     kinds: dict[str, float] = field(
         default_factory=lambda: {"single": 0.2, "two_fact": 0.4, "two_hop": 0.4})
     heldout_fraction: float = 0.25
-    num_demos: int = 256
+    num_demos: int = 1024
     sloppy_demo_fraction: float = 0.8  # demos whose query is the bare name (see tasks/synthetic.py)
     demos_from: str = "worlds"  # train (training questions) | worlds (fresh small worlds)
     # jsonl task: lines {"question", "answer" (str or list), optional "corpus" (list of docs)}

@@ -2,7 +2,7 @@
 
 From a seed it invents ``num_entities`` people with made-up names ("Zorvex Quill"), one
 value per attribute ("home city" -> "Marlow") and, when two-hop questions are asked, a
-mentor (another entity). The corpus holds one sentence per fact ("The home city of Zorvex
+mentor for two thirds of them (the students; the other third are the mentors). The corpus holds one sentence per fact ("The home city of Zorvex
 Quill is Marlow.", "The mentor of Zorvex Quill is Amra Tel."). Values are drawn at random,
 so a fact cannot be inferred from the others: the model has to search for it and copy the
 answer from the observation.
@@ -12,7 +12,7 @@ Question kinds (``kinds`` maps a kind to its share of the questions):
 * ``single``: "What is the pet of Zorvex Quill?" - one search, ``"Zorvex Quill pet"``;
 * ``two_fact``: "What are the profession and the pet of Zorvex Quill?" - two searches, one
   per fact; the answer is "potter and heron" (either order is accepted);
-* ``two_hop``: "What is the home city of the mentor of Zorvex Quill?" - search
+* ``two_hop`` (students only): "What is the home city of the mentor of Zorvex Quill?" - search
   ``"Zorvex Quill mentor"``, read the mentor's name, then search ``"Amra Tel home city"``.
 
 Every question carries its ground truth: per hop, the document that answers it. A call is
@@ -73,15 +73,17 @@ def _word(rng: random.Random, syllables: int) -> str:
 
 
 def entity_names(n: int, seed: int) -> list[str]:
-    """``n`` distinct two-word fictional names, reproducible from ``seed``."""
+    """``n`` two-word fictional names with distinct word sets, reproducible from ``seed``
+    (so that a bag-of-words search for a name finds only that entity's facts)."""
     rng = random.Random(f"names-{seed}")
     names: list[str] = []
-    seen: set[str] = set()
+    seen: set[frozenset[str]] = set()
     while len(names) < n:
-        name = f"{_word(rng, rng.randint(1, 2))} {_word(rng, rng.randint(1, 2))}"
-        if name not in seen:
-            seen.add(name)
-            names.append(name)
+        first, last = _word(rng, rng.randint(1, 2)), _word(rng, rng.randint(1, 2))
+        words = frozenset((first.lower(), last.lower()))
+        if len(words) == 2 and words not in seen:
+            seen.add(words)
+            names.append(f"{first} {last}")
     return names
 
 
@@ -126,13 +128,19 @@ class World:
 
 def make_world(names: list[str], attributes: list[str], rng: random.Random, corpus_id: int = 0,
                relation: bool = False) -> World:
-    """Draw a value per (entity, attribute) and, with ``relation``, a mentor per entity."""
+    """Draw a value per (entity, attribute) and, with ``relation``, a mentor for each
+    *student*: the last third of ``names`` (at least one) are mentors, the others students.
+    A mentor has no mentor, so the only document that holds both a student's name and the
+    word "mentor" is the student's own mentor fact: ``"<student> mentor"`` finds it."""
     world = World(list(names), list(attributes), corpus_id)
     for name in names:
         for attribute in attributes:
             world.values[name, attribute] = rng.choice(ATTRIBUTES[attribute])
-        if relation and len(names) > 1:
-            world.values[name, RELATION] = rng.choice([n for n in names if n != name])
+    if relation and len(names) > 1:
+        mentors = names[len(names) - max(1, len(names) // 3):]
+        students = names[: len(names) - len(mentors)]
+        for name in students:
+            world.values[name, RELATION] = rng.choice(mentors)
     world.docs = [fact_sentence(a, n, v) for (n, a), v in world.values.items()]
     rng.shuffle(world.docs)  # a fact's position says nothing about its entity
     return world
@@ -162,7 +170,9 @@ def questions_about(world: World, name: str, kind: str, uid: str) -> list[Exampl
                 out.append(_example(world, kind, f"{uid}-{a}+{b}", two_fact_text(a, b, name),
                                     answers, [(name, a), (name, b)]))
     elif kind == "two_hop":
-        mentor = world.values[name, RELATION]
+        mentor = world.values.get((name, RELATION))
+        if mentor is None:  # mentors have no mentor
+            return []
         for a in attrs:
             out.append(_example(world, kind, f"{uid}-{RELATION}-{a}", two_hop_text(a, name),
                                 (world.values[mentor, a],), [(name, RELATION), (mentor, a)]))
