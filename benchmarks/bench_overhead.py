@@ -7,14 +7,20 @@ Side by side in one run:
 
 - ``train_step``: one whole RL step (rollout, rewards, TAPO, two policy updates, weight sync);
 - ``update``: the policy-update part of the step alone (forward, loss, backward, optimizer);
+- ``encode``: the calls' parameter vectors as the trainer builds them (``tapo.witness=tool``:
+  the documents each search retrieved); ``encode[arguments]``: hashed 3-grams of the queries;
 - ``fused_correct[rollout]``: ``tapo_kernels.fused_correct`` on a real rollout batch's calls;
+- ``tapo[encode+correct]``: both, as one step of the trainer runs them
+  (``trainer.credit.correct_credit``);
 - ``fused_correct[4 calls]``: the op on a synthetic batch of the same shape with exactly 4
   valid calls per trajectory and D=256 parameter vectors;
 - ``loss+lift`` / ``loss``: ``policy_loss`` forward+backward with and without the fused TAPO
   lift (the difference is the TAPO part of the loss).
 
-The terminal summary prints every provider as a share of ``train_step`` (target: TAPO under
-1% of a step on CPU). Run: ``pytest benchmarks/bench_overhead.py --benchmark-only``.
+The terminal summary prints every provider as a share of ``train_step``, and the whole TAPO
+path of a step, ``tapo[whole path]`` = ``tapo[encode+correct]`` + (``loss+lift`` - ``loss``),
+derived from those medians of the same run. Run:
+``pytest benchmarks/bench_overhead.py --benchmark-only``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ WARMUP_STEPS = 150  # enough supervised steps for the policy to emit tool calls
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from trainer.config import load_config
+    from trainer.credit import encode_calls
     from trainer.distributed import cleanup
     from trainer.rollout import collate
     from trainer.train import Trainer
@@ -61,7 +68,8 @@ def setup(tmp_path_factory):
     for ep in episodes:
         ep.reward = float(rng.random() < 0.5)  # a mix of successes and failures in every group
     batch = collate(episodes, trainer.tokenizer.pad_token_id)
-    yield trainer, batch
+    batch.calls.params = encode_calls(trainer.registry, episodes, "tool")
+    yield trainer, batch, episodes
     cleanup(trainer.ctx)
 
 
@@ -72,7 +80,7 @@ def _correct_args(trainer, batch):
 
 
 def test_train_step(benchmark, setup):
-    trainer, _ = setup
+    trainer, _, _ = setup
     steps = iter(range(1, 1000))
     shares = []
 
@@ -87,7 +95,7 @@ def test_train_step(benchmark, setup):
 
 
 def test_update(benchmark, setup):
-    trainer, batch = setup
+    trainer, batch, _ = setup
     adv, seq_adv, *_ = _correct_args(trainer, batch)
     knobs = trainer._loss_knobs()
 
@@ -99,7 +107,7 @@ def test_update(benchmark, setup):
 
 
 def test_fused_correct_rollout(benchmark, setup):
-    trainer, batch = setup
+    trainer, batch, _ = setup
     adv, seq_adv, gid, calls, kinds = _correct_args(trainer, batch)
     result = benchmark(lambda: tapo_kernels.fused_correct(adv, seq_adv, gid, calls, kinds))
     stats = result.stats()
@@ -108,8 +116,32 @@ def test_fused_correct_rollout(benchmark, setup):
            corrected_calls=stats.corrected_calls, backend=tapo_kernels.CPU_BACKEND["fused_correct"])
 
 
+@pytest.mark.parametrize("mode", ["tool", "arguments"])
+def test_encode(benchmark, setup, mode):
+    from trainer.credit import encode_calls
+
+    trainer, batch, episodes = setup
+    benchmark(lambda: encode_calls(trainer.registry, episodes, mode))
+    calls = len(batch.calls)
+    provider = "encode" if mode == "tool" else f"encode[{mode}]"
+    record(benchmark, CASE, provider, calls=calls,
+           us_per_call=benchmark.stats.stats.median * 1e6 / max(calls, 1))
+
+
+def test_tapo_encode_and_correct(benchmark, setup):
+    from trainer.config import TapoConfig
+    from trainer.credit import correct_credit
+
+    trainer, batch, episodes = setup
+    adv, seq_adv, *_ = _correct_args(trainer, batch)
+    cfg = TapoConfig()
+    benchmark(lambda: correct_credit(cfg, trainer.registry, trainer.sim_kind, episodes, batch,
+                                     adv, seq_adv, seed=0))
+    record(benchmark, CASE, "tapo[encode+correct]", calls=len(batch.calls))
+
+
 def test_fused_correct_four_calls(benchmark, setup):
-    trainer, batch = setup
+    trainer, batch, _ = setup
     B, T = batch.shape
     b = correct_batch(B=B, T=T, group_size=GROUP_SIZE, calls_per_row=MAX_CALLS, D=256,
                       invalid_prob=0.0)
@@ -120,7 +152,7 @@ def test_fused_correct_four_calls(benchmark, setup):
 
 @pytest.mark.parametrize("lift", [True, False], ids=["loss+lift", "loss"])
 def test_loss_tapo_part(benchmark, setup, lift):
-    trainer, batch = setup
+    trainer, batch, _ = setup
     adv, seq_adv, gid, calls, kinds = _correct_args(trainer, batch)
     B, T = batch.shape
     result = tapo_kernels.fused_correct(adv, seq_adv, gid, calls, kinds)

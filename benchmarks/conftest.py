@@ -31,9 +31,20 @@ def _line(case: str, providers: dict[str, float]) -> str:
     return f"{case}: " + "; ".join(parts)
 
 
+def _derive_whole_tapo_path() -> None:
+    """``tapo[whole path]`` = encode + fused_correct + the lift's share of the loss, from the
+    medians of this run (the lift part is ``loss+lift - loss``, floored at 0)."""
+    for providers in _CASES.values():
+        parts = ("tapo[encode+correct]", "loss+lift", "loss")
+        if all(p in providers for p in parts):
+            lift = max(0.0, providers["loss+lift"] - providers["loss"])
+            providers["tapo[whole path]"] = providers["tapo[encode+correct]"] + lift
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _CASES:
         return
+    _derive_whole_tapo_path()
     tr = terminalreporter
     tr.section(f"side-by-side ratios on {device_name()} (median time / reference; / floor)")
     for case, providers in sorted(_CASES.items()):

@@ -51,6 +51,28 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, *, scale_by_std: bool =
 # --------------------------------------------------------------------------------------
 
 
+def encode_text(texts: list[str], dim: int = 256, n: int = 3) -> Tensor:
+    """The definition of ``tapo_kernels.encode_text``, one n-gram at a time.
+
+    Each text is lower-cased and its whitespace folded; every run of ``n`` characters (the
+    whole text if shorter) adds 1 to bucket ``crc32(utf8(gram)) % dim``; rows are then
+    L2-normalised (an empty text stays the zero vector).
+    """
+    import zlib
+
+    out = torch.zeros(len(texts), dim, dtype=torch.float32)
+    for row, text in enumerate(texts):
+        folded = " ".join(text.lower().split())
+        if not folded:
+            continue
+        grams = [folded] if len(folded) < n else [folded[i: i + n]
+                                                    for i in range(len(folded) - n + 1)]
+        for gram in grams:
+            out[row, zlib.crc32(gram.encode("utf-8")) % dim] += 1.0
+    norm = out.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, out / norm.clamp(min=1e-12), out)
+
+
 def build_call_map(call_seq: Tensor, call_start: Tensor, call_end: Tensor, B: int, T: int) -> Tensor:
     """``(B, T) int32``: the index of the call whose span covers each token, -1 elsewhere.
 

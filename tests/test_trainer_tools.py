@@ -173,6 +173,29 @@ def test_synthetic_task_is_reproducible_and_needs_search():
         assert ex.evidence == ((obs.observation,),) and ex.is_good_observation(obs.observation)
 
 
+def test_jsonl_questions_carry_queries_and_evidence(tmp_path):
+    rows = [
+        {"question": "q1?", "answer": "a", "corpus": ["d1 a", "d2"], "evidence": ["d1 a"]},
+        {"question": "q2?", "answer": "b", "corpus": ["d1 a", "d2"], "queries": ["x", "y"],
+         "evidence": [["d1 a"], ["d2"]]},
+        {"question": "q3?", "answer": "c", "corpus": ["d3"]},
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = load_jsonl_task(path, eval_path=path)
+    q1, q2, q3 = task.heldout
+    assert q1.evidence == (("d1 a",),) and q1.is_good_observation("found: d1 a") is True
+    assert q1.is_good_observation("d2") is False
+    assert q2.queries == ("x", "y") and q2.evidence == (("d1 a",), ("d2",))
+    assert q2.demo_queries() == ("x", "y") and q2.is_good_observation("d2")
+    assert q3.evidence == () and q3.is_good_observation("d3") is None  # no ground truth
+    for bad, message in (({"evidence": "d1"}, "'evidence'"), ({"evidence": [[]]}, "'evidence'"),
+                         ({"queries": ["", "x"]}, "'queries'")):
+        path.write_text(json.dumps({"question": "q?", "answer": "a", "corpus": ["d"], **bad}))
+        with pytest.raises(TaskFileError, match=f"t.jsonl:1: {message}"):
+            load_jsonl_task(path)
+
+
 # ----------------------------------------------------------------------------- rewards
 
 

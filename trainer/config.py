@@ -160,10 +160,11 @@ class OptimConfig:
 class WarmupConfig:
     """Supervised warm-up on demonstrations before RL (0 steps = none)."""
 
-    steps: int = 400
+    steps: int = 800
     lr: float = 2e-3
     batch_size: int = 32
     weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | cosine (decays the lr to 0 at the last step)
 
 
 @dataclass
@@ -511,6 +512,7 @@ def validate(cfg: Config) -> None:
     nonneg("warmup.steps", cfg.warmup.steps)
     positive("warmup.lr", cfg.warmup.lr)
     positive("warmup.batch_size", cfg.warmup.batch_size)
+    choice("warmup.schedule", cfg.warmup.schedule, ["constant", "cosine"])
     nonneg("rl.steps", cfg.rl.steps)
     positive("rl.prompts_per_step", cfg.rl.prompts_per_step)
     nonneg("eval.num_questions", cfg.eval.num_questions)

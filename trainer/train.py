@@ -316,6 +316,9 @@ class Trainer:
         self.model.train()
         bar = self._progress(w.steps, "warm-up")
         for step in range(1, w.steps + 1):
+            if w.schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = w.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / w.steps))
             rng = random.Random(step_seed("warmup", cfg.seed, step))
             picks = [rng.randrange(len(demos)) for _ in range(w.batch_size)][ctx.rank::ctx.world]
             batch = collate([demos[i] for i in picks], self.tokenizer.pad_token_id).to(ctx.device)

@@ -1,7 +1,9 @@
 """Questions from JSONL files.
 
 Each line: ``{"question": str, "answer": str | [str, ...], "corpus": [str, ...] (optional),
-"query": str (optional), "id": str (optional)}``. A line's own ``corpus`` becomes a corpus of
+"query": str (optional), "queries": [str, ...] (optional, a multi-call demonstration),
+"evidence": [str, ...] or [[str, ...], ...] (optional: the gold documents, per hop, that make
+a call good in the ground-truth statistics), "id": str (optional)}``. A line's own ``corpus`` becomes a corpus of
 its own (identical corpora are shared); lines without one search the shared corpus from
 ``corpus_path`` (a ``.txt`` file with one document per line, or JSONL with ``{"text": ...}``).
 Demonstrations for the warm-up come from ``demos_path`` (same format, ``query`` required).
@@ -84,10 +86,22 @@ def _examples(path: str | Path, corpora: _Corpora, need_query: bool = False) -> 
         query = obj.get("query")
         if query is not None and not isinstance(query, str):
             raise TaskFileError(f"{where}: 'query' must be a string")
-        if need_query and not query:
-            raise TaskFileError(f"{where}: demonstrations need a 'query'")
+        queries = obj.get("queries", [])
+        if not isinstance(queries, list) or not all(isinstance(q, str) and q for q in queries):
+            raise TaskFileError(f"{where}: 'queries' must be a list of non-empty strings")
+        if need_query and not (query or queries):
+            raise TaskFileError(f"{where}: demonstrations need a 'query' or 'queries'")
+        evidence = obj.get("evidence", [])
+        if isinstance(evidence, list) and all(isinstance(e, str) for e in evidence):
+            evidence = [evidence] if evidence else []  # one hop
+        if not isinstance(evidence, list) or not all(
+                isinstance(hop, list) and hop and all(isinstance(d, str) and d for d in hop)
+                for hop in evidence):
+            raise TaskFileError(f"{where}: 'evidence' must be a list of documents or a list of "
+                                "non-empty lists of documents (one per hop)")
         uid = str(obj.get("id", f"{Path(path).stem}-{lineno}"))
-        out.append(Example(uid, question, tuple(answers), corpus_id, query))
+        out.append(Example(uid, question, tuple(answers), corpus_id, query or None,
+                           tuple(queries), tuple(tuple(hop) for hop in evidence), "jsonl"))
     return out
 
 
