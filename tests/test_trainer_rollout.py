@@ -11,6 +11,7 @@ from torch import nn
 import tapo_kernels
 from trainer.config import ModelConfig, RolloutConfig
 from trainer.modeling import TAGS, format_call, tiny_model, train_tokenizer
+from trainer.credit import encode_calls
 from trainer.rollout import PromptFormatter, RolloutEngine, collate, demonstration, token_logprobs
 from trainer.tasks import Example, synthetic_task
 from trainer.tools import build_registry
@@ -129,7 +130,9 @@ def test_bad_calls_give_error_observations_and_the_episode_goes_on(task, tokeniz
     assert not c.valid and c.tool_id == -1 and error in c.error
     assert c.observation.startswith("error: ") and error in c.observation
     assert ep.finish == "answer" and ep.answer == ex.answers[0]  # the next turn still ran
-    assert torch.count_nonzero(c.params) == 0 or c.name in ("failing", "slow")
+    # a failed call is never a witness: zero parameters, no references, never good
+    params = registry.encode_calls([c.tool_id], [c.param_text], [c.refs])
+    assert torch.count_nonzero(params) == 0 and c.refs == () and c.good is False
     decoded = engine.fmt.decode(ep.token_ids[c.start:c.end])
     assert decoded.endswith(TAGS.tool_close) and decoded in turn_text
 
@@ -231,9 +234,11 @@ def test_collate_feeds_fused_correct_and_policy_loss(task, tokenizer, registry):
     episodes = engine.rollout([ex, other], [0, 0], seed=0)
     for ep in episodes:
         ep.reward = float(ep.answer == ex.answers[0])
-    batch = collate(episodes, tokenizer.pad_token_id)
+    batch = collate(episodes, tokenizer.pad_token_id,
+                    params=encode_calls(registry, episodes, mode="tool"))
     B, T = batch.shape
     assert len(batch.calls) == 2 and batch.calls.seq.tolist() == [0, 1]
+    assert episodes[0].calls[0].refs == episodes[1].calls[0].refs != ()
     call_map = batch.calls.call_map(B, T)
     for k, ep in enumerate(episodes):
         c = ep.calls[0]

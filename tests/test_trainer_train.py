@@ -19,7 +19,7 @@ from trainer.train import Trainer, main, run
 MICRO = [
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
     "model.num_kv_heads=1", "model.vocab_size=300", "model.max_position_embeddings=256",
-    "task.num_entities=8", "task.attributes=[pet]", "task.num_demos=8",
+    "task.num_entities=8", "task.attributes=[pet]", "task.kinds={single: 1}", "task.num_demos=8",
     "warmup.steps=4", "warmup.batch_size=4", "warmup.lr=3e-3",
     "rollout.group_size=4", "rollout.max_new_tokens_per_turn=48", "rollout.max_total_tokens=160",
     "rollout.max_turns=2", "rl.prompts_per_step=2", "rl.steps=2", "eval.num_questions=4", "eval.k=2",
@@ -43,9 +43,13 @@ def test_single_process_run_writes_every_output(tmp_path, capsys):
         for key in ("train/reward", "train/accuracy", "train/tool_call_rate", "actor/loss",
                     "actor/clip_frac", "actor/mean_kl", "actor/entropy", "tapo/call_correction_rate",
                     "tapo/trajectory_correction_rate", "perf/tokens_per_s", "perf/step_time_s",
-                    "perf/fused_correct_share"):
-            assert isinstance(r[key], float) and math.isfinite(r[key]), key
-        assert 0 <= r["perf/fused_correct_share"] < 1
+                    "perf/fused_correct_share", "perf/tapo_share", "perf/tapo_encode_s",
+                    "truth/failing_trajectories", "truth/lifted_calls"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), key
+        assert 0 <= r["perf/fused_correct_share"] <= r["perf/tapo_share"] < 1
+        # ground-truth rates are logged whenever their denominator is not empty
+        if r["truth/failing_trajectories"] > 0:
+            assert 0 <= r["truth/failing_traj_with_good_call"] <= 1
     evals = [r["eval/tag"] for r in rows if r.get("phase") == "eval"]
     assert evals == ["initial", "after_warmup", "final"]
     assert [r["step"] for r in rows if r.get("phase") == "warmup"] == [4]

@@ -1,26 +1,39 @@
-"""Atomic distributed checkpoints (torch.distributed.checkpoint) with resume.
+"""Atomic, verified distributed checkpoints (torch.distributed.checkpoint) with resume.
 
 A checkpoint is a directory ``checkpoints/step_NNNNNN`` holding the DCP shards of the
-model, the optimizer (and the frozen reference model when KL is on) plus
-``trainer_state.json``. It is written to a hidden temporary directory and renamed into
-place only when every rank has finished and the state file is on disk, so a kill at any
-moment leaves either the previous checkpoint or the new one, never a partial one. The
-``latest`` file names the newest complete checkpoint (it is only a hint: resume also scans
-the directory). Older checkpoints beyond ``keep`` are deleted after the rename.
+model, the optimizer (and the frozen reference model when KL is on), ``trainer_state.json``
+and, written last, ``manifest.json``: the step, the SHA-256 of the resolved config and the
+SHA-256 and size of every other file. It is written to a hidden temporary directory and
+renamed into place only when every rank has finished, so a kill at any moment leaves either
+the previous checkpoint or the new one, never a partial one. The ``latest`` file names the
+newest checkpoint (only a hint: resume also scans the directory). Older checkpoints beyond
+``keep`` are deleted after the rename.
+
+Loading never runs code from the run directory: a checkpoint is used only after its
+manifest verifies (every file present, same size and hash, a well-formed state file), and
+even then DCP's pickled ``.metadata`` is read by an unpickler that admits only the
+checkpoint metadata classes, and non-tensor entries are read with ``weights_only=True``.
+``resume_checkpoint`` takes the newest checkpoint that verifies and reports every newer one
+it skipped (a truncated shard, a flipped bit, a missing or bad file).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,6 +46,12 @@ from torch.optim import Optimizer
 from .distributed import DistContext, barrier, broadcast_object
 
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+STATE_KEYS = {"phase": str, "rl_step": int, "global_step": int, "evals": dict}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (unverified, incomplete, or none to resume from)."""
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -66,7 +85,58 @@ def _quiet_single_process(ctx: DistContext):
 
 
 def _complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / STATE_FILE).is_file()
+    """Written to the end (the manifest is the last file of a checkpoint)."""
+    return (path / MANIFEST).is_file()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(path: Path, step: int, config_sha256: str) -> None:
+    """Hash every file of a finished checkpoint directory into ``manifest.json``."""
+    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST}
+    write_atomic(path / MANIFEST, json.dumps({"step": step, "config_sha256": config_sha256,
+                                              "files": files}, indent=1, sort_keys=True))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """``None`` when the checkpoint verifies, else why not (nothing is unpickled here)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if not isinstance(files, dict) or ".metadata" not in files or STATE_FILE not in files:
+            return "the manifest does not list .metadata and the state file"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"no readable manifest ({type(exc).__name__}: {exc})"
+    for name, entry in files.items():
+        if not isinstance(name, str) or "/" in name or name.startswith(".."):
+            return f"the manifest names a file outside the checkpoint: {name!r}"
+        file = path / name
+        try:
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != entry["bytes"]:
+                return f"{name} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}"
+            if _sha256(file) != entry["sha256"]:
+                return f"{name} does not match its SHA-256 in the manifest (corrupted)"
+        except (OSError, KeyError, TypeError) as exc:
+            return f"{name} cannot be checked ({type(exc).__name__}: {exc})"
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} is not valid JSON ({exc})"
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} is not a mapping"
+    for key, tp in STATE_KEYS.items():
+        if not isinstance(state.get(key), tp) or isinstance(state.get(key), bool):
+            return f"{STATE_FILE}: '{key}' must be {tp.__name__}"
+    return None
 
 
 def checkpoint_dir(run_path: Path) -> Path:
@@ -89,6 +159,72 @@ def latest_checkpoint(run_path: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def resume_checkpoint(run_path: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies, and a note for every newer one that did not."""
+    root = checkpoint_dir(run_path)
+    if not root.is_dir():
+        return None, []
+    skipped = []
+    for path in sorted(root.glob("step_*"), reverse=True):
+        if not path.is_dir():
+            continue
+        why = verify_checkpoint(path)
+        if why is None:
+            return path, skipped
+        skipped.append(f"{path.name}: {why}")
+    return None, skipped
+
+
+# DCP metadata is a pickle: admit only the classes a checkpoint's metadata is made of
+_SAFE_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+} | {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+    "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None),
+                                            (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
+                                     "checkpoint never holds: refusing to load it")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """``FileSystemReader`` whose metadata is unpickled with a class allow-list."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = Path(self.path) / ".metadata"
+        with open(path, "rb") as fh:
+            metadata = _MetadataUnpickler(fh).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """Non-tensor entries (optimizer hyper-parameters) are read with ``weights_only=True``."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
 def _app_state(model: nn.Module, optimizer: Optimizer | None,
                ref_model: nn.Module | None) -> dict[str, Any]:
     if optimizer is not None:
@@ -103,7 +239,7 @@ def _app_state(model: nn.Module, optimizer: Optimizer | None,
 
 def save_checkpoint(run_path: Path, step: int, model: nn.Module, optimizer: Optimizer | None,
                     trainer_state: dict[str, Any], ctx: DistContext, keep: int = 2,
-                    ref_model: nn.Module | None = None) -> Path:
+                    ref_model: nn.Module | None = None, config_sha256: str = "") -> Path:
     """Save atomically (collective: every rank calls it). Returns the final directory."""
     root = checkpoint_dir(run_path)
     final = root / f"step_{step:06d}"
@@ -119,6 +255,7 @@ def save_checkpoint(run_path: Path, step: int, model: nn.Module, optimizer: Opti
     barrier(ctx)
     if ctx.is_main:
         write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
+        write_manifest(tmp, step, config_sha256)  # last: it marks the checkpoint complete
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step after a resume: replace it
             old = root / f".old_step_{step:06d}"
@@ -138,10 +275,15 @@ def save_checkpoint(run_path: Path, step: int, model: nn.Module, optimizer: Opti
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer | None, ctx: DistContext,
                     ref_model: nn.Module | None = None) -> dict[str, Any]:
-    """Load weights (and optimizer state) in place; returns the saved trainer state."""
+    """Load weights (and optimizer state) in place; returns the saved trainer state.
+
+    Verify the checkpoint first (``verify_checkpoint``); loading itself unpickles nothing
+    beyond checkpoint metadata and plain values.
+    """
     state = _app_state(model, optimizer, ref_model)
     with _quiet_single_process(ctx):
-        dcp.load(state, checkpoint_id=str(path), no_dist=not ctx.distributed)
+        dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(),
+                 no_dist=not ctx.distributed)
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])

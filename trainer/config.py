@@ -521,8 +521,13 @@ def validate(cfg: Config) -> None:
     nonneg("eval.every", cfg.eval.every)
     nonneg("checkpoint.every", cfg.checkpoint.every)
     positive("checkpoint.keep", cfg.checkpoint.keep)
-    check(bool(cfg.logging.name) and "/" not in cfg.logging.name, "logging.name",
-          f"must be a non-empty directory name, got {cfg.logging.name!r}")
+    name = cfg.logging.name
+    check(bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0"),
+          "logging.name", f"must be a plain directory name (no path separators, not '.' or "
+          f"'..'), got {name!r}")
+    check(bool(cfg.logging.run_dir) and ".." not in Path(cfg.logging.run_dir).parts
+          and "\0" not in cfg.logging.run_dir, "logging.run_dir",
+          f"must be a directory path without '..', got {cfg.logging.run_dir!r}")
     choice("dist.backend", cfg.dist.backend, ["auto", "nccl", "gloo"])
     choice("dist.fsdp", cfg.dist.fsdp, ["auto", "on", "off"])
     choice("dist.mixed_precision", cfg.dist.mixed_precision, ["bf16", "fp16", "off"])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,13 +50,20 @@ from torch import Tensor, nn
 import tapo_kernels
 from tapo_kernels.reference import group_advantages
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+    write_atomic,
+)
 from .config import Config, ConfigError, load_config
 from .credit import TAPO_COUNTS, Credit, correct_credit, truth_counts, truth_rates
 from .distributed import (
     DistContext,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     cleanup,
     copy_full_weights,
     init_distributed,
@@ -76,6 +85,9 @@ from .rewards import exact_match, f1_score, reward
 from .rollout import Batch, Episode, RolloutEngine, collate, demonstration
 from .tasks import TaskData, load_task
 from .tools import build_registry
+
+
+RUN_MARKER = ".tapo-run"  # marks a directory as a run directory of this trainer
 
 
 def step_seed(*parts: Any) -> int:
@@ -145,7 +157,15 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: bool = False) -> None:
         self.cfg = cfg
-        self.ctx = ctx = init_distributed(cfg)
+        self.ctx = init_distributed(cfg)
+        try:
+            self._setup(resume)
+        except BaseException:
+            cleanup(self.ctx)  # no process group is left behind by a run that cannot start
+            raise
+
+    def _setup(self, resume: bool) -> None:
+        cfg, ctx = self.cfg, self.ctx
         self.run_path = cfg.run_path
         self.t_begin = time.perf_counter()
         if cfg.rl.prompts_per_step % ctx.world:
@@ -154,15 +174,15 @@ class Trainer:
         if cfg.warmup.steps and cfg.warmup.batch_size % ctx.world:
             raise ConfigError(f"warmup.batch_size ({cfg.warmup.batch_size}) must be divisible by "
                               f"the number of processes ({ctx.world})")
-        self.checkpoint = latest_checkpoint(self.run_path) if resume else None
-        if resume and self.checkpoint is None:
-            rank_print(ctx, f"--resume: no checkpoint under {self.run_path}, starting afresh")
+        self.config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        self.checkpoint = self._resume_point() if resume else None
         if ctx.is_main:
             if self.checkpoint is None:
                 self._fresh_run_dir()
+            else:
+                self._mark_run_dir()
             # the resolved config of this launch (a resume may override keys)
-            write_atomic(self.run_path / "config.yaml",
-                         yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_atomic(self.run_path / "config.yaml", self.config_text)
         barrier(ctx)
         self.task: TaskData = load_task(cfg.task)
         self.registry = build_registry(cfg.tools.enabled, self.task.corpora,
@@ -187,12 +207,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
+    def _resume_point(self) -> Path:
+        """The newest verified checkpoint (rank 0 decides, every rank gets the same path)."""
+        found = None
+        if self.ctx.is_main:
+            path, skipped = resume_checkpoint(self.run_path)
+            for note in skipped:
+                print(f"--resume: skipping checkpoint {note}", flush=True)
+            found = None if path is None else str(path)
+        found = broadcast_object(found, self.ctx)
+        if found is None:
+            raise CheckpointError(
+                f"--resume: no checkpoint under {self.run_path / 'checkpoints'} verifies; nothing "
+                "was changed (run without --resume to start afresh, which replaces the run's "
+                "outputs)")
+        return Path(found)
+
+    def _mark_run_dir(self) -> None:
+        (self.run_path / RUN_MARKER).touch()
+
     def _fresh_run_dir(self) -> None:
-        self.run_path.mkdir(parents=True, exist_ok=True)
+        """Start the run directory afresh: the outputs of an earlier run of the same name are
+        replaced. Only a directory this trainer created (its marker file, or a run config) is
+        ever cleared, and only the trainer's own outputs inside it."""
+        path = self.run_path
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"logging: {path} exists and is not a directory")
+            own = (path / RUN_MARKER).is_file() or (path / "config.yaml").is_file()
+            if not own and any(path.iterdir()):
+                raise ConfigError(f"logging: {path} is not empty and was not created by "
+                                  "tapo-train; choose another logging.name or logging.run_dir")
+        path.mkdir(parents=True, exist_ok=True)
+        self._mark_run_dir()
         for name in ("metrics.jsonl", "summary.json"):
-            (self.run_path / name).unlink(missing_ok=True)
+            (path / name).unlink(missing_ok=True)
         for name in ("tensorboard", "checkpoints", "plots", "tokenizer"):
-            shutil.rmtree(self.run_path / name, ignore_errors=True)
+            if (path / name).is_dir() and not (path / name).is_symlink():
+                shutil.rmtree(path / name)
+            elif (path / name).is_symlink():
+                (path / name).unlink()
 
     def _tokenizer_texts(self) -> list[str]:
         texts = list(self.task.texts())
@@ -543,7 +597,8 @@ class Trainer:
 
     def _save(self) -> None:
         save_checkpoint(self.run_path, self.state["global_step"], self.model, self.optimizer,
-                        self.state, self.ctx, keep=self.cfg.checkpoint.keep, ref_model=self.ref_model)
+                        self.state, self.ctx, keep=self.cfg.checkpoint.keep, ref_model=self.ref_model,
+                        config_sha256=hashlib.sha256(self.config_text.encode()).hexdigest())
 
     def fit(self) -> dict[str, Any]:
         cfg, ctx, state = self.cfg, self.ctx, self.state
@@ -651,7 +706,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
-    run(cfg, resume=args.resume)
+    try:
+        run(cfg, resume=args.resume)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
