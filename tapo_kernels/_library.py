@@ -54,7 +54,34 @@ OPS = ("fused_correct", "policy_loss", "policy_loss_backward", "policy_loss_with
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.register_fake("tapo::fused_correct")
+def _register_fake(qualname: str):
+    """``register_fake`` with a device check first: the dispatcher runs the fake kernel when
+    any input is a ``meta`` tensor, so a meta tensor among real ones must be an error naming
+    the argument, not shape-only outputs of uninitialised memory on the real device."""
+    name = qualname.split("::", 1)[1]
+
+    def wrap(fake):
+        def checked(*args, **kwargs):
+            schema = getattr(torch.ops.tapo, name).default._schema
+            names = [a.name for a in schema.arguments]
+            bound = list(zip(names, args, strict=False)) + list(kwargs.items())
+            tensors = [(n, a) for n, a in bound if isinstance(a, torch.Tensor)]
+            if tensors:
+                first_name, first = tensors[0]
+                for arg_name, t in tensors[1:]:
+                    if t.device != first.device:
+                        raise ValueError(
+                            f"{arg_name} is on {t.device} but {first_name} is on "
+                            f"{first.device}: every tensor of tapo::{name} must be on one device")
+            return fake(*args, **kwargs)
+
+        return torch.library.register_fake(qualname)(checked)
+
+    return wrap
+
+
+
+@_register_fake("tapo::fused_correct")
 def _fused_correct_fake(advantages, seq_advantages, group_ids, call_seq, *rest):
     n = call_seq.shape[0]
     return (
@@ -65,17 +92,17 @@ def _fused_correct_fake(advantages, seq_advantages, group_ids, call_seq, *rest):
     )
 
 
-@torch.library.register_fake("tapo::policy_loss")
+@_register_fake("tapo::policy_loss")
 def _policy_loss_fake(logp, *rest):
     return logp.new_empty(()), logp.new_empty((4,), dtype=torch.float32)
 
 
-@torch.library.register_fake("tapo::policy_loss_backward")
+@_register_fake("tapo::policy_loss_backward")
 def _policy_loss_backward_fake(grad_loss, logp, *rest):
     return torch.empty_like(logp)
 
 
-@torch.library.register_fake("tapo::policy_loss_with_grad")
+@_register_fake("tapo::policy_loss_with_grad")
 def _policy_loss_with_grad_fake(logp, *rest):
     # the gradient is a new contiguous (B, T) tensor, whatever logp's strides
     grad = logp.new_empty(logp.shape)
@@ -342,31 +369,31 @@ def _logprob_outputs_fake(like: torch.Tensor, B: int, T: int, with_entropy: bool
         like.new_empty((B, T), dtype=f32), entropy
 
 
-@torch.library.register_fake("tapo::policy_loss_from_logits")
+@_register_fake("tapo::policy_loss_from_logits")
 def _policy_loss_from_logits_fake(logits, labels, old_logp, advantages, mask, ref_logp=None,
                                   call_map=None, call_delta=None, temperature=1.0,
                                   with_entropy=False, *rest):
     return _logprob_outputs_fake(logits, logits.shape[0], logits.shape[1], with_entropy)
 
 
-@torch.library.register_fake("tapo::policy_loss_from_hidden")
+@_register_fake("tapo::policy_loss_from_hidden")
 def _policy_loss_from_hidden_fake(hidden, weight, bias, labels, old_logp, advantages, mask,
                                   ref_logp=None, call_map=None, call_delta=None, temperature=1.0,
                                   with_entropy=False, *rest):
     return _logprob_outputs_fake(hidden, hidden.shape[0], hidden.shape[1], with_entropy)
 
 
-@torch.library.register_fake("tapo::selective_log_softmax_backward")
+@_register_fake("tapo::selective_log_softmax_backward")
 def _selective_log_softmax_backward_fake(grad_logp, logits, *rest):
     return torch.empty_like(logits)
 
 
-@torch.library.register_fake("tapo::selective_log_softmax_backward_inplace")
+@_register_fake("tapo::selective_log_softmax_backward_inplace")
 def _selective_log_softmax_backward_inplace_fake(grad_logp, logits, *rest):
     return None
 
 
-@torch.library.register_fake("tapo::selective_log_softmax_from_hidden_backward")
+@_register_fake("tapo::selective_log_softmax_from_hidden_backward")
 def _selective_log_softmax_from_hidden_backward_fake(grad_logp, hidden, weight, bias, labels,
                                                      logp, temperature=1.0, chunk_size=None,
                                                      weight_grad=True, bias_grad=True):

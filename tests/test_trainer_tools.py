@@ -1,6 +1,9 @@
 """Tools, tool-call parser, BM25 search, tasks, rewards and config of the trainer."""
 
 import json
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from trainer.config import Config, ConfigError, load_config, parse_overrides
 from trainer.study import load_study
 from trainer.rewards import exact_match, f1_score, normalize_answer
 from trainer.tasks import TaskFileError, load_jsonl_task, synthetic_task
-from trainer.tools import INVALID_TOOL, ToolContext, build_registry
+from trainer.tools import INVALID_TOOL, Tool, ToolContext, ToolRegistry, build_registry
 from trainer.tools.calculator import evaluate
 from trainer.tools.text_search import BM25Index
 
@@ -82,11 +85,63 @@ def test_tool_exceptions_and_timeouts_become_error_observations(registry):
     assert outcomes[4].observation == "The pet of Zorvex Quill is heron."
 
 
+class _SleepThenWrite(Tool):
+    """Sleeps, then leaves a file behind: proof of whether a timed-out call was stopped."""
+
+    name = "sleepy"
+    required = {"path": str}
+
+    def run(self, arguments, context):
+        time.sleep(1.5)
+        Path(arguments["path"]).write_text("still running")
+        return "done"
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_timeouts_stop_the_call_in_process_isolation(tmp_path, isolation):
+    registry = ToolRegistry([_SleepThenWrite(), *build_registry(["search"], {0: DOCS}).tools],
+                            timeout_s=0.3, isolation=isolation, workers=2)
+    threads = threading.active_count()
+    try:
+        for rep in range(3):
+            marker = tmp_path / f"written-{rep}"
+            calls = [registry.parse(call("sleepy", path=str(marker))),
+                     registry.parse(call("search", query="Amra Tel pet"))]
+            slow, fast = registry.execute([(c, ToolContext(0)) for c in calls])
+            assert not slow.ok and "timed out after 0.3 s" in slow.error
+            assert fast.ok and fast.observation == DOCS[3]
+        time.sleep(2.0)  # long enough for every abandoned call to finish its sleep
+        written = sorted(p.name for p in tmp_path.iterdir())
+        if isolation == "process":
+            # the calls were killed with their workers: nothing ran on, nothing is left
+            assert written == [] and threading.active_count() == threads
+            assert registry._workers.killed == 3
+            alive = [w for w in registry._workers._workers if w.alive]
+            assert len(alive) <= 2
+        else:  # threads cannot be stopped: the abandoned calls finished in the background
+            assert written == ["written-0", "written-1", "written-2"]
+    finally:
+        registry.close()
+
+
 def test_calculator_rejects_names_and_huge_powers():
     assert evaluate("-(7 - 10) ** 2") == -9  # unary minus binds looser than **: -(9)
-    for bad in ("open('x')", "a + 1", "2 ** 1000", "[1]"):
+    assert evaluate("2 ** 1000") == 2 ** 1000 and evaluate("9**64*9**64") == 9 ** 128
+    for bad in ("open('x')", "a + 1", "2 ** 5000", "[1]", "1/0", "(-8) ** 0.5", "2.0 ** 5000",
+                "(" * 150 + "1" + ")" * 49, "1 +"):
         with pytest.raises(ValueError):
             evaluate(bad)
+
+
+@pytest.mark.parametrize("expression", ["(((9**64)**64)**64)**64", "((((9**64)**64)**64)**64)**64",
+                                        "9**9**9**9", "(9**4096)*(9**4096)", "-(9**99)**(9**9)"])
+def test_calculator_bounds_results_before_computing_them(expression):
+    # each of these ran for tens of seconds or more when only the exponent was bounded; now
+    # the size of every integer is checked before it is computed (a hang guard, not a benchmark)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="too large"):
+        evaluate(expression)
+    assert time.perf_counter() - t0 < 1.0
 
 
 def test_sim_kinds_and_parameter_vectors(registry):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import threading
 import time
 
 import pytest
@@ -64,9 +65,11 @@ def test_single_process_run_writes_every_output(tmp_path, capsys):
 
 
 def test_tool_errors_timeouts_malformed_calls_and_nan_steps_do_not_stop_training(tmp_path):
+    # the tool is patched in this process, so it runs on threads here (process isolation
+    # with real fault tools: test_fault_tools_in_worker_processes_never_stop_a_run)
     cfg = micro_config(tmp_path, "logging.name=faults", "tools.timeout_s=0.2", "rl.steps=3",
                        "debug.malformed_call_rate=0.3", "debug.nan_loss_steps=[2]",
-                       "warmup.steps=12", "eval.at_start=false")
+                       "warmup.steps=12", "eval.at_start=false", "tools.isolation=thread")
     trainer = Trainer(cfg)
     search = trainer.registry.tools[0]
     real_run, calls = search.run, []
@@ -108,6 +111,33 @@ def test_tool_errors_timeouts_malformed_calls_and_nan_steps_do_not_stop_training
     trainer.state.update(phase="rl", rl_step=3, global_step=15)
     trainer._save()
     assert latest_checkpoint(tmp_path / "faults").name == "step_000015"
+
+
+def test_fault_tools_in_worker_processes_never_stop_a_run(tmp_path):
+    """Real fault tools, really called (debug.fault_tool_rate), in worker processes: calls that
+    raise or hang become error observations, the run finishes, nothing is left running."""
+    threads = {t.name for t in threading.enumerate()}
+    cfg = micro_config(tmp_path, "logging.name=workers", "tools.enabled=[search, failing, slow]",
+                       "tools.timeout_s=0.3", "debug.fault_tool_rate=0.5", "rl.steps=2",
+                       "warmup.steps=2", "eval.at_start=false", "eval.k=0")
+    trainer = Trainer(cfg)
+    scripts = {ex.question: [format_call("search", {"query": ex.query}),
+                             f"{TAGS.answer_open}{ex.answers[0]}{TAGS.answer_close}"]
+               for ex in trainer.task.train}
+    trainer.engine.model = ScriptedLM(trainer.tokenizer, scripts)
+    train = trainer.task.train
+    episodes = trainer.engine.rollout(train * 4, list(range(4 * len(train))), seed=5)
+    names = [c.name for ep in episodes for c in ep.calls]
+    errors = [c.error for ep in episodes for c in ep.calls if not c.valid]
+    assert {"failing", "slow", "search"} <= set(names)  # the fault tools really were called
+    assert any("timed out" in e for e in errors) and any("RuntimeError" in e for e in errors)
+    metrics = [trainer.rl_step(1), trainer.rl_step(2)]
+    assert all(math.isfinite(m["actor/loss"]) and m["train/invalid_call_rate"] > 0 for m in metrics)
+    assert trainer.registry._workers.killed >= 1  # hung calls were stopped, not abandoned
+    trainer.registry.close()
+    trainer.logger.close()  # TensorBoard's writer thread
+    left = [t.name for t in threading.enumerate() if t.name not in threads]
+    assert left in ([], ["tqdm_monitor"]), left  # tqdm's own monitor may have started
 
 
 def _tiny(seed):

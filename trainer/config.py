@@ -84,6 +84,10 @@ class ToolsConfig:
     search_top_k: int = 1
     timeout_s: float = 5.0  # per call; a call past it becomes an error observation
     max_obs_tokens: int = 48
+    # process: calls run in worker processes and a call past timeout_s is killed;
+    # thread: daemon threads (no start-up cost; a hung call is abandoned, not stopped)
+    isolation: str = "process"
+    workers: int = 2  # tool worker processes per rank
 
 
 @dataclass
@@ -216,6 +220,9 @@ class DebugConfig:
     nan_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN at these RL steps
     kill_at_step: int = 0  # SIGKILL this process in the middle of this RL step (0 = never)
     malformed_call_rate: float = 0.0  # corrupt this fraction of sampled tool calls
+    # send this fraction of valid sampled calls to a fault tool of tools.enabled instead
+    # (failing: raises; slow: runs past tools.timeout_s), with the same query
+    fault_tool_rate: float = 0.0
 
 
 @dataclass
@@ -468,6 +475,10 @@ def validate(cfg: Config) -> None:
         choice(f"tools.enabled[{i}]", name, sorted(AVAILABLE_TOOLS))
     positive("tools.search_top_k", cfg.tools.search_top_k)
     positive("tools.timeout_s", cfg.tools.timeout_s)
+    from .tools import ISOLATION
+
+    choice("tools.isolation", cfg.tools.isolation, list(ISOLATION))
+    positive("tools.workers", cfg.tools.workers)
     positive("tools.max_obs_tokens", cfg.tools.max_obs_tokens)
 
     r = cfg.rollout
@@ -534,3 +545,7 @@ def validate(cfg: Config) -> None:
     nonneg("dist.threads_per_rank", cfg.dist.threads_per_rank)
     check(0 <= cfg.debug.malformed_call_rate <= 1, "debug.malformed_call_rate",
           f"must be in [0, 1], got {cfg.debug.malformed_call_rate}")
+    check(0 <= cfg.debug.fault_tool_rate <= 1, "debug.fault_tool_rate",
+          f"must be in [0, 1], got {cfg.debug.fault_tool_rate}")
+    check(cfg.debug.fault_tool_rate == 0 or bool({"failing", "slow"} & set(cfg.tools.enabled)),
+          "debug.fault_tool_rate", "needs a fault tool (failing or slow) in tools.enabled")

@@ -187,7 +187,8 @@ class Trainer:
         self.task: TaskData = load_task(cfg.task)
         self.registry = build_registry(cfg.tools.enabled, self.task.corpora,
                                        search_top_k=cfg.tools.search_top_k,
-                                       timeout_s=cfg.tools.timeout_s)
+                                       timeout_s=cfg.tools.timeout_s,
+                                       isolation=cfg.tools.isolation, workers=cfg.tools.workers)
         self.sim_kind = self.registry.sim_kind_tensor(ctx.device)
         self.neural = None
         if cfg.tapo.enabled and cfg.tapo.witness == "neural":
@@ -297,7 +298,8 @@ class Trainer:
                          and cfg.dist.mixed_precision == "bf16" else nullcontext())
         self.engine = RolloutEngine(self.rollout_model, tokenizer, self.registry, cfg.rollout,
                                     max_obs_tokens=cfg.tools.max_obs_tokens,
-                                    malformed_call_rate=cfg.debug.malformed_call_rate)
+                                    malformed_call_rate=cfg.debug.malformed_call_rate,
+                                    fault_tool_rate=cfg.debug.fault_tool_rate)
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         for eos in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
             self.engine.stop_ids.setdefault(int(eos), "eos")  # e.g. <|im_end|> of chat models
@@ -692,6 +694,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     try:
         return trainer.fit()
     finally:
+        trainer.registry.close()
         cleanup(trainer.ctx)
 
 

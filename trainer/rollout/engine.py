@@ -117,13 +117,15 @@ class RolloutEngine:
 
     def __init__(self, model: nn.Module, tokenizer, registry: ToolRegistry, cfg: RolloutConfig, *,
                  max_obs_tokens: int = 48, tags: ChatTags = TAGS,
-                 malformed_call_rate: float = 0.0) -> None:
+                 malformed_call_rate: float = 0.0, fault_tool_rate: float = 0.0) -> None:
         self.model = model
         self.registry = registry
         self.cfg = cfg
         self.fmt = PromptFormatter(tokenizer, cfg, tags, max_obs_tokens)
         self.pad_id = tokenizer.pad_token_id
         self.malformed_call_rate = malformed_call_rate
+        self.fault_tool_rate = fault_tool_rate
+        self.fault_tools = [name for name in ("failing", "slow") if name in registry.by_name]
         eos_ids = {tokenizer.eos_token_id}
         if tokenizer.convert_tokens_to_ids(EOS) not in (None, tokenizer.unk_token_id):
             eos_ids.add(tokenizer.convert_tokens_to_ids(EOS))
@@ -203,6 +205,12 @@ class RolloutEngine:
                             fault_rng.random() < self.malformed_call_rate:
                         parsed = ParsedCall(raw=body, error="malformed call injected by "
                                             "debug.malformed_call_rate")
+                    elif parsed.valid and self.fault_tools and \
+                            fault_rng.random() < self.fault_tool_rate:
+                        name = fault_rng.choice(self.fault_tools)
+                        text = self.registry.tools[parsed.tool_id].param_text(parsed.arguments)
+                        parsed = ParsedCall(raw=body, tool_id=self.registry.by_name[name][0],
+                                            name=name, arguments={"query": text or "x"})
                     pending.append((ep, start + i0, start + i1, parsed))
                 if out.stop == "answer":
                     ep.answer = extract_answer(self.fmt, text)

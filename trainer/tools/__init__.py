@@ -8,14 +8,15 @@ from .base import SIM_KINDS, WITNESS_KINDS, Tool, ToolArgumentError, ToolContext
 from .calculator import CalculatorTool
 from .faults import FailingTool, SlowTool
 from .parser import INVALID_TOOL, ParsedCall, parse_tool_call
-from .registry import WITNESS_MODES, ToolOutcome, ToolRegistry
+from .registry import ISOLATION, WITNESS_MODES, ToolOutcome, ToolRegistry
 from .text_search import BM25Index, TextSearchTool
 
 AVAILABLE_TOOLS = ("search", "calculator", "failing", "slow")
 
 
 def build_registry(enabled: Sequence[str], corpora: Mapping[int, Sequence[str]], *,
-                   search_top_k: int = 1, timeout_s: float = 5.0) -> ToolRegistry:
+                   search_top_k: int = 1, timeout_s: float = 5.0, isolation: str = "process",
+                   workers: int = 2) -> ToolRegistry:
     """A registry with the named tools, in the given order (their ids)."""
     tools: list[Tool] = []
     for name in enabled:
@@ -29,12 +30,13 @@ def build_registry(enabled: Sequence[str], corpora: Mapping[int, Sequence[str]],
             tools.append(SlowTool(seconds=max(30.0, 10 * timeout_s)))
         else:
             raise ValueError(f"unknown tool {name!r}; available: {list(AVAILABLE_TOOLS)}")
-    return ToolRegistry(tools, timeout_s=timeout_s)
+    return ToolRegistry(tools, timeout_s=timeout_s, isolation=isolation, workers=workers)
 
 
 __all__ = [
     "AVAILABLE_TOOLS", "BM25Index", "CalculatorTool", "FailingTool", "INVALID_TOOL", "ParsedCall",
     "SIM_KINDS", "SlowTool", "TextSearchTool", "Tool", "ToolArgumentError", "ToolContext",
-    "ToolOutcome", "ToolRegistry", "ToolResult", "WITNESS_KINDS", "WITNESS_MODES", "build_registry",
+    "ISOLATION", "ToolOutcome", "ToolRegistry", "ToolResult", "WITNESS_KINDS", "WITNESS_MODES",
+    "build_registry",
     "parse_tool_call",
 ]

@@ -2,12 +2,14 @@
 
 Execution never raises: a tool exception or a call that runs past ``timeout_s`` becomes an
 error observation and the call is marked failed (tool id -1 for TAPO: never a witness,
-never corrected). Calls of one batch run concurrently on daemon threads, so a hung tool
-cannot block the trainer or its exit.
+never corrected). Calls of one batch run concurrently in worker processes
+(``workers.py``); a call past the deadline is killed with its worker, so a hung tool can
+block neither the trainer nor its exit, and leaves nothing running.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -16,13 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tapo_kernels import encode_results, encode_text
-
 from .base import SIM_KINDS, Tool, ToolContext, ToolResult
 from .parser import ParsedCall, parse_tool_call
+from .workers import ToolWorkers
 
 # how the trainer turns calls into TAPO parameter vectors (config key tapo.witness)
 WITNESS_MODES = ("tool", "arguments", "neural")
+ISOLATION = ("process", "thread")  # where tool calls run (config key tools.isolation)
 
 
 @dataclass
@@ -39,13 +41,21 @@ class ToolOutcome:
 class ToolRegistry:
     """Tools by id (their order of registration) and name."""
 
-    def __init__(self, tools: Sequence[Tool], timeout_s: float = 5.0) -> None:
+    def __init__(self, tools: Sequence[Tool], timeout_s: float = 5.0, isolation: str = "process",
+                 workers: int = 2) -> None:
         names = [t.name for t in tools]
         if len(set(names)) != len(names):
             raise ValueError(f"tool names must be unique, got {names}")
+        if isolation not in ISOLATION:
+            raise ValueError(f"isolation must be one of {ISOLATION}, got {isolation!r}")
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s}")
         self.tools = list(tools)
         self.by_name = {t.name: (i, t) for i, t in enumerate(self.tools)}
         self.timeout_s = timeout_s
+        self.isolation = isolation
+        self.workers = workers
+        self._workers: ToolWorkers | None = None
 
     def __len__(self) -> int:
         return len(self.tools)
@@ -73,6 +83,8 @@ class ToolRegistry:
         sentence encoder ``neural`` (a ``tapo_kernels.params.NeuralTextEncoder``) on the
         parameter text. Invalid calls (tool id < 0) get zero rows: they match nothing.
         """
+        from tapo_kernels import encode_results, encode_text
+
         if mode not in WITNESS_MODES:
             raise ValueError(f"unknown witness mode {mode!r}; expected one of {WITNESS_MODES}")
         n = len(tool_ids)
@@ -94,40 +106,72 @@ class ToolRegistry:
         return out
 
     def execute(self, calls: Sequence[tuple[ParsedCall, ToolContext]]) -> list[ToolOutcome]:
-        """Run the valid calls concurrently; each gets ``timeout_s`` from the common start."""
+        """Run the valid calls concurrently, each for at most ``timeout_s``.
+
+        With ``isolation="process"`` (the default) calls run in worker processes, each
+        stopped ``timeout_s`` after it started (its worker is killed); with ``"thread"`` they
+        run on daemon threads from a common start, and a hung call is abandoned (its thread
+        lives on until the process exits).
+        """
         outcomes: list[ToolOutcome | None] = [None] * len(calls)
-        threads: list[tuple[int, threading.Thread, list]] = []
         start = time.perf_counter()
+        jobs = []
         for i, (call, context) in enumerate(calls):
             if not call.valid:
                 outcomes[i] = ToolOutcome(f"error: {call.error}", ok=False, error=call.error)
+            else:
+                jobs.append((i, call, context))
+        if self.isolation == "process":
+            if self._workers is None:
+                self._workers = ToolWorkers(self.tools, self.workers)
+            replies = self._workers.run([(c.tool_id, c.arguments, ctx.corpus_id)
+                                         for _, c, ctx in jobs], self.timeout_s)
+        else:
+            replies = self._run_threads([(c, ctx) for _, c, ctx in jobs], start)
+        for (i, call, _), (reply, elapsed) in zip(jobs, replies, strict=True):
+            if reply is None:
+                msg = f"tool '{call.name}' timed out after {self.timeout_s:g} s"
+                outcomes[i] = ToolOutcome(f"error: {msg}", ok=False, error=msg, seconds=elapsed)
                 continue
+            status, text, refs = reply
+            if status == "ok":
+                outcomes[i] = ToolOutcome(text, ok=True, seconds=elapsed, refs=refs)
+            else:
+                outcomes[i] = ToolOutcome(f"error: {text}", ok=False, error=text, seconds=elapsed)
+        return [o for o in outcomes if o is not None]
+
+    def _run_threads(self, jobs: Sequence[tuple[ParsedCall, ToolContext]],
+                     start: float) -> list[tuple[tuple[str, str, tuple[str, ...]] | None, float]]:
+        boxes: list[list] = []
+        threads = []
+        for call, context in jobs:
             box: list = []
             tool = self.tools[call.tool_id]
 
             def target(tool=tool, call=call, context=context, box=box) -> None:
                 try:
-                    box.append(("ok", tool.run(call.arguments, context)))
+                    result = tool.run(call.arguments, context)
+                    if isinstance(result, ToolResult) and isinstance(result.text, str):
+                        box.append(("ok", result.text, tuple(str(r) for r in result.refs)))
+                    elif isinstance(result, str):
+                        box.append(("ok", result, ()))
+                    else:
+                        box.append(("error", f"tool returned {type(result).__name__}, not str", ()))
                 except Exception as exc:  # a tool bug must not stop training
-                    box.append(("error", f"{type(exc).__name__}: {exc}"))
+                    box.append(("error", f"{type(exc).__name__}: {exc}", ()))
 
             thread = threading.Thread(target=target, name=f"tool-{tool.name}", daemon=True)
             thread.start()
-            threads.append((i, thread, box))
-        for i, thread, box in threads:
+            threads.append(thread)
+            boxes.append(box)
+        out = []
+        for thread, box in zip(threads, boxes, strict=True):
             thread.join(max(0.0, start + self.timeout_s - time.perf_counter()))
-            elapsed = time.perf_counter() - start
-            if not box:  # still running: abandon the daemon thread
-                msg = f"tool '{calls[i][0].name}' timed out after {self.timeout_s:g} s"
-                outcomes[i] = ToolOutcome(f"error: {msg}", ok=False, error=msg, seconds=elapsed)
-                continue
-            status, text = box[0]
-            if status == "ok" and isinstance(text, ToolResult) and isinstance(text.text, str):
-                outcomes[i] = ToolOutcome(text.text, ok=True, seconds=elapsed,
-                                          refs=tuple(str(r) for r in text.refs))
-            elif status == "ok" and isinstance(text, str):
-                outcomes[i] = ToolOutcome(text, ok=True, seconds=elapsed)
-            else:
-                msg = text if status == "error" else f"tool returned {type(text).__name__}, not str"
-                outcomes[i] = ToolOutcome(f"error: {msg}", ok=False, error=msg, seconds=elapsed)
-        return [o for o in outcomes if o is not None]
+            out.append((box[0] if box else None, time.perf_counter() - start))
+        return out
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop with this process)."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None

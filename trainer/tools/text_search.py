@@ -65,6 +65,15 @@ class TextSearchTool(Tool):
         self.top_k = top_k
         self.max_top_k = max_top_k
 
+    def __getstate__(self) -> dict[str, Any]:  # worker processes build their own indexes
+        state = dict(self.__dict__)
+        state["_indexes"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def index(self, corpus_id: int) -> BM25Index:
         with self._lock:
             if corpus_id not in self._indexes:
