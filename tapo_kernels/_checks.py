@@ -129,6 +129,51 @@ def check_fused_correct(
                 "each token may belong to at most one call")
 
 
+def tensors(**named: object) -> None:
+    """Every argument a ``Tensor`` (``None`` allowed: optional arguments pass ``None``)."""
+    for name, value in named.items():
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def number(name: str, value: object, *, optional: bool = False) -> None:
+    """A Python real number (bool and strings are not), or None when ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+
+
+def check_loss_knobs(algo: str, eps_low: float, eps_high: float, dual_clip_c: float,
+                     tau_pos: float, tau_neg: float, kl_coef: float, kl_type: str, agg: str,
+                     norm_const: float | None, global_count: float | None) -> None:
+    """Types and ranges of the policy-loss knobs (errors name the knob)."""
+    for name, v, options in (("algo", algo, ALGOS), ("agg", agg, AGGS), ("kl_type", kl_type, KL_TYPES)):
+        if not isinstance(v, str) or v not in options:
+            raise ValueError(f"unknown {name} {v!r}; expected one of {options}")
+    for name, v in (("eps_low", eps_low), ("eps_high", eps_high), ("dual_clip_c", dual_clip_c),
+                    ("tau_pos", tau_pos), ("tau_neg", tau_neg), ("kl_coef", kl_coef)):
+        number(name, v)
+    number("norm_const", norm_const, optional=True)
+    number("global_count", global_count, optional=True)
+    for name, v in (("eps_low", eps_low), ("eps_high", eps_high)):
+        if not (math.isfinite(v) and v >= 0.0):
+            raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    if eps_low >= 1.0:
+        raise ValueError(f"eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got {eps_low}")
+    if not (math.isfinite(dual_clip_c) and (dual_clip_c == 0.0 or dual_clip_c > 1.0)):
+        raise ValueError(f"dual_clip_c must be 0 (off) or > 1, got {dual_clip_c}")
+    for name, v in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
+        if not (math.isfinite(v) and v > 0.0):
+            raise ValueError(f"{name} must be finite and > 0, got {v}")
+    if not math.isfinite(kl_coef):
+        raise ValueError(f"kl_coef must be finite, got {kl_coef}")
+    if norm_const is not None and not (math.isfinite(norm_const) and norm_const > 0):
+        raise ValueError(f"norm_const must be finite and > 0, got {norm_const}")
+    if global_count is not None and not (math.isfinite(global_count) and global_count > 0):
+        raise ValueError(f"global_count must be finite and > 0, got {global_count}")
+
+
 def check_policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -152,12 +197,8 @@ def check_policy_loss(
     check_values: bool = True,
 ) -> None:
     """Validate every argument of ``tapo::policy_loss``; raise a clear error on the first problem."""
-    if algo not in ALGOS:
-        raise ValueError(f"unknown algo {algo!r}; expected one of {ALGOS}")
-    if agg not in AGGS:
-        raise ValueError(f"unknown agg {agg!r}; expected one of {AGGS}")
-    if kl_type not in KL_TYPES:
-        raise ValueError(f"unknown kl_type {kl_type!r}; expected one of {KL_TYPES}")
+    check_loss_knobs(algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg,
+                     norm_const, global_count)
     _same_device(dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
                       ref_logp=ref_logp, call_map=call_map, call_delta=call_delta))
     if logp.dim() != 2:
@@ -181,24 +222,8 @@ def check_policy_loss(
         if call_delta.dim() != 1:
             raise ValueError(f"call_delta must be 1-D (N,), got shape {tuple(call_delta.shape)}")
         _dtype("call_delta", call_delta, (logp.dtype,))
-    for name, v in (("eps_low", eps_low), ("eps_high", eps_high)):
-        if not (math.isfinite(v) and v >= 0.0):
-            raise ValueError(f"{name} must be finite and >= 0, got {v}")
-    if eps_low >= 1.0:
-        raise ValueError(f"eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got {eps_low}")
-    if not (math.isfinite(dual_clip_c) and (dual_clip_c == 0.0 or dual_clip_c > 1.0)):
-        raise ValueError(f"dual_clip_c must be 0 (off) or > 1, got {dual_clip_c}")
-    for name, v in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
-        if not (math.isfinite(v) and v > 0.0):
-            raise ValueError(f"{name} must be finite and > 0, got {v}")
-    if not math.isfinite(kl_coef):
-        raise ValueError(f"kl_coef must be finite, got {kl_coef}")
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError("kl_coef != 0 needs ref_logp")
-    if norm_const is not None and not (math.isfinite(norm_const) and norm_const > 0):
-        raise ValueError(f"norm_const must be finite and > 0, got {norm_const}")
-    if global_count is not None and not (math.isfinite(global_count) and global_count > 0):
-        raise ValueError(f"global_count must be finite and > 0, got {global_count}")
     if not check_values:
         return
     _finite("logp", logp)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _library  # noqa: F401  (registers the ops)
+from . import _checks, _library  # noqa: F401  (_library registers the ops)
 from .reference import build_call_map as _build_call_map
 
 # Defaults of SPEC section 2: beta is the paper's best; theta and alpha_min are sweepable.
@@ -181,6 +181,16 @@ def fused_correct(
         ``TapoResult`` with the corrected advantages (a new tensor), per-call lift, confidence
         and witness index; ``.stats()`` summarises the batch.
     """
+    if not isinstance(calls, ToolCalls):
+        raise TypeError(f"calls must be a ToolCalls, got {type(calls).__name__}")
+    _checks.tensors(advantages=advantages, seq_advantages=seq_advantages, group_ids=group_ids,
+                    tool_sim_kind=tool_sim_kind, **{f"calls.{f}": getattr(calls, f) for f in
+                                                    ("seq", "start", "end", "tool", "key", "params")})
+    for name, value in (("theta", theta), ("alpha_min", alpha_min), ("beta", beta)):
+        _checks.number(name, value)
+    for name, value in (("batch_scope", batch_scope), ("coverage", coverage)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(
         advantages, seq_advantages, group_ids, calls.seq, calls.start, calls.end, calls.tool,
         calls.key, calls.params, tool_sim_kind, float(theta), float(alpha_min), float(beta),

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .loss import _KNOBS, PRESETS
 from .reference import METRIC_NAMES
 
 # Whether the native CPU kernels (tapo::_logprob_rows & co.) are registered; set by _library.
@@ -530,12 +529,9 @@ class LogprobLossOutput:
 
 
 def _loss_knobs(preset: str | None, knobs: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(knobs) - set(_KNOBS)
-    if unknown:
-        raise TypeError(f"unknown policy loss arguments {sorted(unknown)}; expected {list(_KNOBS)}")
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    return {**(PRESETS[preset] if preset else {}), **knobs}
+    from .loss import resolve_knobs
+
+    return resolve_knobs(preset, knobs)
 
 
 def _as_fp32(t: Tensor | None) -> Tensor | None:
@@ -581,6 +577,9 @@ def policy_loss_from_logits(
         ``logp`` (fp32, detached) and ``entropy`` (fp32, detached, empty when not asked).
     """
     merged = _loss_knobs(preset, knobs)
+    _checks.tensors(logits=logits, labels=labels, old_logp=old_logp, advantages=advantages,
+                    mask=mask, ref_logp=ref_logp, call_map=call_map, call_delta=call_delta)
+    _checks.number("temperature", temperature)
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_logits(
         logits,
         labels,
@@ -629,6 +628,10 @@ def policy_loss_from_hidden(
         labels ... **knobs: as ``policy_loss_from_logits``.
     """
     merged = _loss_knobs(preset, knobs)
+    _checks.tensors(hidden=hidden, weight=weight, bias=bias, labels=labels, old_logp=old_logp,
+                    advantages=advantages, mask=mask, ref_logp=ref_logp, call_map=call_map,
+                    call_delta=call_delta)
+    _checks.number("temperature", temperature)
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_hidden(
         hidden,
         weight,

@@ -35,6 +35,37 @@ class ConfigError(ValueError):
     """A config file or override that does not describe a valid run."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key written twice in one mapping (PyYAML keeps
+    the last one silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"{key_node.start_mark.name}:{line}: duplicate key {key!r} "
+                              f"(first written on line {seen[key]})")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; syntax errors and duplicate keys raise ``ConfigError``."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+
+
 @dataclass
 class ModelConfig:
     """The policy. ``path`` = a local Hugging Face causal-LM checkpoint; ``None`` = tiny model."""
@@ -375,8 +406,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh)
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
@@ -386,8 +416,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if base_path in seen or not base_path.is_file():
                 raise ConfigError(f"{path}: base config {str(base_path)!r} is missing or circular")
             seen.add(base_path)
-            with open(base_path, encoding="utf-8") as fh:
-                base_tree = yaml.safe_load(fh) or {}
+            base_tree = read_yaml(base_path) or {}
+            if not isinstance(base_tree, dict):
+                raise ConfigError(f"{base_path}: the top level must be a mapping of sections")
             tree = _merge(base_tree, tree)
             path = base_path
     tree = _merge(tree, parse_overrides(overrides or []))
@@ -401,6 +432,24 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     cfg = _build(Config, tree)
     validate(cfg)
     return cfg
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every float of the config (nested sections, lists, override values) is finite."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            _check_finite(value, f"{prefix}{f.name}." if dataclasses.is_dataclass(value)
+                          else f"{prefix}{f.name}")
+        return
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{prefix}: must be a finite number, got {node}")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{prefix}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_finite(value, f"{prefix}[{i}]")
 
 
 def validate(cfg: Config) -> None:
@@ -420,6 +469,7 @@ def validate(cfg: Config) -> None:
     def choice(key: str, value: str, allowed: list[str]) -> None:
         check(value in allowed, key, f"must be one of {allowed}, got {value!r}")
 
+    _check_finite(cfg)  # no inf or NaN in any number, whatever its range below
     choice("device", cfg.device, ["auto", "cpu", "cuda"])
     m = cfg.model
     choice("model.dtype", m.dtype, ["float32", "bfloat16", "float16"])
@@ -497,6 +547,12 @@ def validate(cfg: Config) -> None:
     choice("algo.loss", a.loss, sorted(PRESETS))
     for knob in a.loss_overrides:
         choice(f"algo.loss_overrides.{knob}", knob, list(LOSS_KNOBS))
+    from tapo_kernels.loss import resolve_knobs
+
+    try:  # the loss's own checks, now rather than at the first RL step
+        resolve_knobs(a.loss, {**a.loss_overrides, "kl_coef": a.kl_coef, "kl_type": a.kl_type})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"algo.loss_overrides / algo.kl_*: {exc}") from exc
     nonneg("algo.kl_coef", a.kl_coef)
     choice("algo.kl_type", a.kl_type, ["k1", "k2", "k3"])
     choice("algo.loss_input", a.loss_input, ["hidden", "logits", "logp"])
