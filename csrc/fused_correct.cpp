@@ -564,7 +564,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
 
   // ---- one task: s_k, w_k, T_k, conf_k, d_k of up to kFailBlock failing calls -------------
   // fp32 scalars, as torch rounds a Python float against a float32 tensor.
-  const float theta_f = static_cast<float>(theta);
+  // similarities within 2^-20 below theta reach it (reference.SIM_TOL): the fp32 cosine of a
+  // vector with itself is 1 +- 1 ulp, and theta = 1 must match identical calls everywhere
+  const float theta_f = static_cast<float>(theta) - 0x1p-20f;
   const float alpha_f = static_cast<float>(alpha_min);
   const float beta_f = static_cast<float>(beta);
   static const DotBlockFn dot_block = pick_dot_block();
@@ -586,7 +588,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
       }
     } else if (C > 0) {
       dot_block(fail_rows, cand_rows.data() + task.cand_lo, C, D, sims.data());
-      for (int64_t i = 0; i < task.count * C; ++i) sims[i] = std::max(sims[i], 0.0f);
+      // cosine clamped to [0, 1] (reference.pairwise_similarity)
+      for (int64_t i = 0; i < task.count * C; ++i) sims[i] = std::min(std::max(sims[i], 0.0f), 1.0f);
     }
     // the pool trajectories of the range: runs of one row (shared by the block)
     segments.clear();

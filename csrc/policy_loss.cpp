@@ -333,7 +333,9 @@ struct RowIn {
 };
 
 // Value problems found by the passes, raised after them in the reference's order.
-constexpr uint32_t kMaybeNonfinite = 1, kBadMap = 2;
+// Masked tokens (mask == 0) contribute exactly 0 whatever their inputs: the passes read
+// their inputs as 0, so NaN or inf there is neither an error nor a NaN in the result.
+constexpr uint32_t kMaybeNonfinite = 1, kBadMap = 2, kBadMask = 4;
 
 struct RowStats {
   double loss = 0, clipped = 0, ratio = 0, kl = 0, lifted = 0, mask = 0;
@@ -427,7 +429,9 @@ TAPO_INLINE void gspo_row_ratio(const RowIn<scalar_t>& in, scalar_t& ratio, scal
     for (int64_t t = t0; t < t1; t += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, t1 - t));
       const V m = L::mask(in, t, count);
-      s_lr += vclamp(L::load(in.logp, t, count) - L::load(in.old, t, count), -lim, lim) * m;
+      const auto live = m != V{};
+      const V lr = L::load(in.logp, t, count) - L::load(in.old, t, count);
+      s_lr += (live ? vclamp(lr, -lim, lim) : V{}) * m;
       s_m += m;
     }
     acc_lr += __builtin_convertvector(s_lr, D);
@@ -460,7 +464,7 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
   if constexpr (kAlgo == Algo::kGspo) gspo_row_ratio(in, gspo_ratio, gspo_dratio);
   const V row_ratio = splat<V>(gspo_ratio), row_dratio = splat<V>(gspo_dratio);
   D acc_loss{}, acc_clip{}, acc_ratio{}, acc_kl{}, acc_lift{}, acc_mask{};
-  I bad_map{};
+  I bad_map{}, bad_mask{};
   V probe{};
   const V zero = splat<V>(scalar_t(0)), one = splat<V>(scalar_t(1));
   const V a_row = splat<V>(in.adv_row);
@@ -470,14 +474,17 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
     const int64_t t1 = std::min(in.T, t0 + kBlock);
     for (int64_t t = t0; t < t1; t += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, t1 - t));
-      const V lp = L::load(in.logp, t, count);
-      const V old = L::load(in.old, t, count);
-      V a = in.adv != nullptr ? L::load(in.adv, t, count) : a_row;
-      const V ref = kKl != KlTerm::kNone ? L::load(in.ref, t, count) : zero;
       const V m = L::mask(in, t, count);
+      const auto live = m != zero;  // masked lanes read their inputs as 0
+      const V lp = live ? L::load(in.logp, t, count) : zero;
+      const V old = live ? L::load(in.old, t, count) : zero;
+      V a = live ? (in.adv != nullptr ? L::load(in.adv, t, count) : a_row) : zero;
+      const V ref = kKl != KlTerm::kNone && in.ref != nullptr
+                        ? (live ? L::load(in.ref, t, count) : zero) : zero;
+      bad_mask |= (m < zero) | (m > one);
       // NaN/inf probe: x * 0 is NaN exactly when x is NaN or inf (or when the sum overflows:
       // a false alarm the precise checks after the pass clear)
-      probe += ((lp + old) + (a + ref)) * zero;
+      probe += ((lp + old) + (a + ref) + m) * zero;
       if (in.map != nullptr) {
         I lifted;
         a = lift_advantages(in, t, count, a, lifted, bad_map);
@@ -514,7 +521,8 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
     s.kl += acc_kl[k];
     s.lifted += acc_lift[k];
     s.mask += acc_mask[k];
-    s.bad |= (probe[k] != probe[k] ? kMaybeNonfinite : 0u) | (bad_map[k] ? kBadMap : 0u);
+    s.bad |= (probe[k] != probe[k] ? kMaybeNonfinite : 0u) | (bad_map[k] ? kBadMap : 0u) |
+             (bad_mask[k] ? kBadMask : 0u);
   }
   return s;
 }
@@ -531,17 +539,22 @@ TAPO_INLINE uint32_t backward_row_body(const RowIn<scalar_t>& in, const Consts<s
   scalar_t gspo_ratio = 0, gspo_dratio = 0;
   if constexpr (kAlgo == Algo::kGspo) gspo_row_ratio(in, gspo_ratio, gspo_dratio);
   const V row_ratio = splat<V>(gspo_ratio), row_dratio = splat<V>(gspo_dratio);
-  const V zero = splat<V>(scalar_t(0));
+  const V zero = splat<V>(scalar_t(0)), one = splat<V>(scalar_t(1));
   const V a_row = splat<V>(in.adv_row);
   const V g_row = splat<V>(row_grad);
-  I bad_map{};
+  I bad_map{}, bad_mask{};
+  V probe{};
   for (int64_t t = 0; t < in.T; t += W) {
     const int count = static_cast<int>(std::min<int64_t>(W, in.T - t));
-    const V lp = L::load(in.logp, t, count);
-    const V old = L::load(in.old, t, count);
-    V a = in.adv != nullptr ? L::load(in.adv, t, count) : a_row;
-    const V ref = kKl != KlTerm::kNone ? L::load(in.ref, t, count) : zero;
     const V m = L::mask(in, t, count);
+    const auto live = m != zero;  // masked lanes read their inputs as 0
+    const V lp = live ? L::load(in.logp, t, count) : zero;
+    const V old = live ? L::load(in.old, t, count) : zero;
+    V a = live ? (in.adv != nullptr ? L::load(in.adv, t, count) : a_row) : zero;
+    const V ref = kKl != KlTerm::kNone && in.ref != nullptr
+                      ? (live ? L::load(in.ref, t, count) : zero) : zero;
+    bad_mask |= (m < zero) | (m > one);
+    probe += ((lp + old) + (a + ref) + m) * zero;
     if (in.map != nullptr) {
       I lifted;
       a = lift_advantages(in, t, count, a, lifted, bad_map);
@@ -556,7 +569,10 @@ TAPO_INLINE uint32_t backward_row_body(const RowIn<scalar_t>& in, const Consts<s
     }
   }
   uint32_t bad = 0;
-  for (int k = 0; k < W; ++k) bad |= bad_map[k] ? kBadMap : 0u;
+  for (int k = 0; k < W; ++k) {
+    bad |= (bad_map[k] ? kBadMap : 0u) | (bad_mask[k] ? kBadMask : 0u) |
+           (probe[k] != probe[k] ? kMaybeNonfinite : 0u);
+  }
   return bad;
 }
 
@@ -752,6 +768,58 @@ struct LossBatch {
   }
 };
 
+// The value checks after a pass, in the reference's order (masked tokens are exempt). Runs
+// its precise scans only when the pass flagged something.
+template <typename scalar_t>
+void check_values(const LossBatch<scalar_t>& batch, uint32_t bad) {
+  const int64_t B = batch.B, T = batch.T;
+  const auto live = [&](int64_t k) {
+    return batch.mask_b != nullptr ? batch.mask_b[k] != 0 : batch.mask_f[k] != scalar_t(0);
+  };
+  const auto finite_where_live = [&](const scalar_t* x) {
+    for (int64_t k = 0; k < B * T; ++k) {
+      if (live(k) && !std::isfinite(x[k])) return false;
+    }
+    return true;
+  };
+  if (bad & (kMaybeNonfinite | kBadMask)) {
+    if (batch.mask_f != nullptr) {
+      TORCH_CHECK_VALUE(all_finite(batch.mask_f, B * T), "mask contains NaN or inf");
+      for (int64_t k = 0; k < B * T; ++k) {
+        TORCH_CHECK_VALUE(batch.mask_f[k] >= scalar_t(0) && batch.mask_f[k] <= scalar_t(1),
+                          "mask values must be in [0, 1]");
+      }
+    }
+    TORCH_CHECK_VALUE(finite_where_live(batch.logp), "logp contains NaN or inf at a token with "
+                      "mask != 0");
+    TORCH_CHECK_VALUE(finite_where_live(batch.old), "old_logp contains NaN or inf at a token with "
+                      "mask != 0");
+    bool adv_ok = true;
+    if (batch.adv_per_token) {
+      adv_ok = finite_where_live(batch.adv);
+    } else {
+      for (int64_t i = 0; i < B && adv_ok; ++i) {
+        for (int64_t t = 0; t < T; ++t) {
+          if (live(i * T + t)) {
+            adv_ok = std::isfinite(batch.adv[i]);
+            break;
+          }
+        }
+      }
+    }
+    TORCH_CHECK_VALUE(adv_ok, "advantages contains NaN or inf at a token with mask != 0");
+    if (batch.ref != nullptr) {
+      TORCH_CHECK_VALUE(finite_where_live(batch.ref), "ref_logp contains NaN or inf at a token "
+                        "with mask != 0");
+    }
+  }
+  if (batch.delta != nullptr) {
+    TORCH_CHECK_VALUE(all_finite(batch.delta, batch.N), "call_delta contains NaN or inf");
+  }
+  TORCH_CHECK_VALUE(!(bad & kBadMap), "call_map out of range: entries must be -1 or in [0, N=",
+                    batch.N, ")");
+}
+
 int64_t row_grain(int64_t T) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1));
 }
@@ -766,21 +834,7 @@ std::tuple<at::Tensor, at::Tensor> finish_forward(const LossBatch<scalar_t>& bat
   // NaN or inf; then each input is checked on its own
   uint32_t bad = 0;
   for (const RowStats& s : rows) bad |= s.bad;
-  // (per-token advantages are in the probe; per-row ones are checked here, rows of T = 0 too)
-  const bool row_adv_finite = batch.adv_per_token || all_finite(batch.adv, B);
-  if ((bad & kMaybeNonfinite) || !row_adv_finite) {
-    TORCH_CHECK_VALUE(all_finite(batch.logp, B * T), "logp contains NaN or inf");
-    TORCH_CHECK_VALUE(all_finite(batch.old, B * T), "old_logp contains NaN or inf");
-    TORCH_CHECK_VALUE(all_finite(batch.adv, batch.adv_t.numel()), "advantages contains NaN or inf");
-    if (batch.ref != nullptr) {
-      TORCH_CHECK_VALUE(all_finite(batch.ref, B * T), "ref_logp contains NaN or inf");
-    }
-  }
-  if (batch.delta != nullptr) {
-    TORCH_CHECK_VALUE(all_finite(batch.delta, batch.N), "call_delta contains NaN or inf");
-  }
-  TORCH_CHECK_VALUE(!(bad & kBadMap), "call_map out of range: entries must be -1 or in [0, N=",
-                    batch.N, ")");
+  check_values(batch, bad);
 
   // aggregation (reference.aggregate) and metrics, in fp64 and row order
   double total_mask = 0, total_loss = 0, clipped = 0, ratio = 0, kl = 0, lifted = 0;
@@ -886,17 +940,16 @@ at::Tensor policy_loss_backward_impl(const LossBatch<scalar_t>& batch, const Los
       row_kernels<scalar_t>(opt, batch.ref != nullptr).backward;
   at::Tensor grad = at::empty({B, T}, batch.logp_t.options());
   scalar_t* g = grad.data_ptr<scalar_t>();
-  std::atomic<bool> map_ok{true};
+  std::atomic<uint32_t> flags{0};
   at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
     uint32_t bad = 0;
     for (int64_t i = lo; i < hi; ++i) {
       bad |= backward_row(batch.row(i), consts, static_cast<scalar_t>(grad_loss * row_weight(i)),
                           g + i * T);
     }
-    if (bad & kBadMap) map_ok.store(false, std::memory_order_relaxed);
+    flags.fetch_or(bad, std::memory_order_relaxed);
   });
-  TORCH_CHECK_VALUE(map_ok.load(), "call_map out of range: entries must be -1 or in [0, N=",
-                    batch.N, ")");
+  check_values(batch, flags.load());
   return grad;
 }
 
@@ -944,8 +997,8 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_cpu(
   });
 }
 
-// The values were validated by the forward; only the structure is re-checked here (and the
-// call map's range, which guards the memory reads).
+// The structure is re-checked here, and the values with the same flags as the forward (a
+// direct call of the backward gets the same errors).
 at::Tensor policy_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& logp, const at::Tensor& old_logp,
     const at::Tensor& advantages, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,

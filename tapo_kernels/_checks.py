@@ -42,6 +42,22 @@ def _finite(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
+def _finite_where(name: str, t: Tensor, live: Tensor) -> None:
+    """Finite wherever ``live`` (tokens with mask != 0); masked tokens may hold anything."""
+    if t.numel() and bool((live & ~torch.isfinite(t)).any()):
+        raise ValueError(f"{name} contains NaN or inf at a token with mask != 0")
+
+
+def check_mask_values(mask: Tensor) -> None:
+    """A float mask is finite and in [0, 1] (a bool mask always is)."""
+    if mask.dtype == torch.bool or not mask.numel():
+        return
+    if not bool(torch.isfinite(mask).all()):
+        raise ValueError("mask contains NaN or inf")
+    if bool(((mask < 0) | (mask > 1)).any()):
+        raise ValueError("mask values must be in [0, 1]")
+
+
 def check_fused_correct(
     advantages: Tensor,
     seq_advantages: Tensor,
@@ -226,11 +242,13 @@ def check_policy_loss(
         raise ValueError("kl_coef != 0 needs ref_logp")
     if not check_values:
         return
-    _finite("logp", logp)
-    _finite("old_logp", old_logp)
-    _finite("advantages", advantages)
+    check_mask_values(mask)
+    live = mask != 0
+    _finite_where("logp", logp, live)
+    _finite_where("old_logp", old_logp, live)
+    _finite_where("advantages", advantages, live if advantages.dim() == 2 else live.any(1))
     if ref_logp is not None:
-        _finite("ref_logp", ref_logp)
+        _finite_where("ref_logp", ref_logp, live)
     if call_map is not None:
         _finite("call_delta", call_delta)
         n = call_delta.numel()

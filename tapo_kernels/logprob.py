@@ -142,17 +142,20 @@ def dlogits_chunk_torch(
     """fp32 ``d loss / d logits = g (onehot(label) - softmax(x)) / temperature`` for ``n`` rows.
 
     ``softmax(x) = exp(x - lse)`` with ``lse = x[label] - logp`` recovered from the forward's
-    log-probability. Rows with a negative label get exactly zero (their ``g`` is 0 anyway:
-    they must be masked). Three passes over the chunk: subtract, exp, scale.
+    log-probability. Rows with a negative label or ``g = 0`` get exactly zero, whatever their
+    logits. Three passes over the chunk: subtract, exp, scale.
     """
     x, owned = _scaled_fp32(logits, temperature, scratch)
-    valid = labels >= 0
+    # rows with g = 0 (masked tokens, ignored labels) get exact zeros whatever their logits
+    valid = (labels >= 0) & (grad_logp != 0)
     index = labels.clamp(min=0)[:, None]
     g = torch.where(valid, grad_logp, torch.zeros_like(grad_logp))
     lse = x.gather(-1, index).squeeze(-1) - logp
     # exp(x - inf) = 0 on ignored rows, so no inf * 0 can appear there
     lse = torch.where(valid, lse, torch.full_like(lse, float("inf")))[:, None]
     d = (x.sub_(lse) if owned else x - lse).exp_().mul_(-g[:, None])  # -g * softmax
+    if not bool(valid.all()):  # NaN or inf logits in a row with g = 0 must not leak
+        d.masked_fill_(~valid[:, None], 0.0)
     d.scatter_add_(-1, index, g[:, None])
     if temperature != 1.0:
         d.div_(temperature)

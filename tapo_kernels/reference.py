@@ -13,6 +13,10 @@ from torch import Tensor
 
 SIM_COSINE = 0
 SIM_IOU = 1
+# Similarities within SIM_TOL below theta count as reaching it: the cosine of a vector with
+# itself is 1 +- 1 ulp in fp32, so theta = 1 must still match identical calls, on every
+# backend alike (each compares with fp(theta) - SIM_TOL in its working precision).
+SIM_TOL = 2.0**-20
 
 ALGOS = ("grpo", "gspo", "sapo")
 KL_TYPES = ("k1", "k2", "k3")
@@ -93,10 +97,11 @@ def build_call_map(call_seq: Tensor, call_start: Tensor, call_end: Tensor, B: in
 def pairwise_similarity(p: Tensor, q: Tensor, kind: Tensor) -> Tensor:
     """``(F, C)`` similarity of rows of ``p`` (F, D) to rows of ``q`` (C, D).
 
-    ``kind[f]`` picks the measure for row ``f``: cosine ``max(0, <p, q>)`` on the vectors
-    as given, or the IoU of the boxes ``p[:4]``, ``q[:4]`` (``(x1, y1, x2, y2)``).
+    ``kind[f]`` picks the measure for row ``f``: cosine ``min(1, max(0, <p, q>))`` on the
+    vectors as given (unit vectors from the encoders; the clamp bounds what unnormalised ones
+    can do), or the IoU of the boxes ``p[:4]``, ``q[:4]`` (``(x1, y1, x2, y2)``).
     """
-    cos = (p @ q.T).clamp(min=0)
+    cos = (p @ q.T).clamp(min=0, max=1)
     if not bool((kind == SIM_IOU).any()):
         return cos
     a, b = p[:, None, :4], q[None, :, :4]
@@ -183,14 +188,15 @@ def fused_correct(
     # best match inside each pool trajectory j: m[f, j]; -1 where j has no candidate
     m = torch.full((len(fail), B), -1.0, dtype=dtype, device=device)
     m.scatter_reduce_(1, cseq[None, :].expand_as(sim), sim, reduce="amax", include_self=True)
-    support = m >= theta  # theta >= 0 > -1, so "has a candidate" is implied
+    threshold = torch.tensor(theta, dtype=dtype, device=device) - SIM_TOL
+    support = m >= threshold  # threshold > -1, so "has a candidate" is implied
     n_support = support.sum(1)
     pool = pool_size[fseq]
     cov = torch.where(pool > 0, n_support.to(dtype) / pool.clamp(min=1).to(dtype), 0.0)
     a_sum = (support.to(dtype) * seq_advantages[None, :]).sum(1)
     a_bar = torch.where(n_support > 0, a_sum / n_support.clamp(min=1).to(dtype), 0.0)
     conf = s * cov if coverage else s
-    gate = (s >= theta) & (conf >= alpha_min)
+    gate = (s >= threshold) & (conf >= alpha_min)
     d = torch.where(gate, beta * conf * a_bar, 0.0)
 
     delta[fail] = d
@@ -282,8 +288,16 @@ def policy_loss(
     Dual clip applies to ``grpo`` only (as verl: GSPO and SAPO have none).
     """
     m = mask.to(logp.dtype)
+    # masked tokens contribute exactly 0 whatever their inputs: read them as 0 (the gradient
+    # of logp there is 0 too)
+    live = mask != 0
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(live, logp, zero)
+    old_logp = torch.where(live, old_logp, zero)
+    if ref_logp is not None:
+        ref_logp = torch.where(live, ref_logp, zero)
     a = advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages
-    a = a.to(logp.dtype)
+    a = torch.where(live, a.to(logp.dtype), zero)
     lifted = torch.zeros_like(m, dtype=torch.bool)
     if call_map is not None and call_delta is not None:
         a_new = apply_lift(a, call_map, call_delta)

@@ -763,12 +763,20 @@ def _bad_policy_loss_cases():
         return mutate
 
     def poison(i, value):
-        def fn(t):
-            t = t.clone()
-            t.view(-1)[-1] = value
-            return t
+        """Put ``value`` at the last token with mask != 0 (masked tokens may hold anything)."""
 
-        return put(i, fn)
+        def mutate(a, k):
+            t = a[i].clone()
+            live = (a[3] != 0).reshape(-1).nonzero().flatten()
+            if t.dim() == 1 and t.shape[0] == a[0].shape[0]:  # per-row advantages
+                t[int(live[-1]) // a[0].shape[1]] = value
+            elif t.shape == a[0].shape:
+                t.view(-1)[int(live[-1])] = value
+            else:
+                t.view(-1)[-1] = value
+            a[i] = t
+
+        return mutate
 
     return [
         ("algo", knob(algo="ppo"), ValueError, "unknown algo 'ppo'"),
@@ -821,6 +829,10 @@ def _bad_policy_loss_cases():
             "call_map out of range",
         ),
         ("call_map below -1", put(5, lambda t: t - 5), ValueError, "call_map out of range"),
+        ("mask nan", put(3, lambda t: torch.where(t > 0.5, float("nan"), t)), ValueError,
+         "mask contains NaN or inf"),
+        ("mask > 1", put(3, lambda t: t * 2.0), ValueError, "mask values must be in [0, 1]"),
+        ("mask < 0", put(3, lambda t: -t), ValueError, "mask values must be in [0, 1]"),
         (
             "error order",
             lambda a, k: (poison(2, float("nan"))(a, k), poison(4, float("nan"))(a, k)),

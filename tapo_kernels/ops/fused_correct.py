@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, reference
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -87,7 +87,7 @@ def _fused_correct_kernel(
 
     A failing valid call scans its candidates ``[lo, hi)`` (sorted by row, then index):
 
-        sim_c  = max(0, <p_k, p_c>)  or  IoU(p_k[:4], p_c[:4])        (fp32)
+        sim_c  = min(1, max(0, <p_k, p_c>))  or  IoU(p_k[:4], p_c[:4])     (fp32)
         s_k    = max_c sim_c,  w_k = min{ c : sim_c = s_k }              (original indices)
         T_k    = { j : max_{c in j} sim_c >= theta }
                = { j : some candidate c of row j has sim_c >= theta }    (no per-row max needed)
@@ -95,6 +95,7 @@ def _fused_correct_kernel(
         conf_k = s_k * cov_k   (s_k when COVERAGE is off: the ablation without support)
         d_k    = [s_k >= theta and conf_k >= alpha_min] * beta * conf_k * Abar_k
 
+    ``theta`` here is the comparison threshold ``fp32(theta) - SIM_TOL`` (``_threshold``).
     A row j is counted at its first candidate reaching theta: rows are contiguous after the
     sort, so "first" means no earlier hit of the same row in this tile and j differs from
     the row of the last hit of the previous tiles. Rows are visited in ascending order, as
@@ -162,7 +163,7 @@ def _fused_correct_kernel(
                     other=0.0,
                 ).to(tl.float32)
                 dot += tl.sum(q * p[None, :], axis=1)  # fp32 accumulation whatever the input
-            sim = tl.maximum(dot, 0.0)
+            sim = tl.minimum(tl.maximum(dot, 0.0), 1.0)  # cosine clamped to [0, 1]
         sim = tl.where(in_range, sim, -1.0)
 
         # best similarity; ties go to the lowest original index (the tile is in row order)
@@ -218,6 +219,11 @@ def _fused_correct_kernel(
         a = tl.load(a_row + t, mask=t_ok, other=0.0)
         a = tl.where(a < 0.0, tl.minimum(a + lift, 0.0), a)
         tl.store(a_row + t, a, mask=t_ok)
+
+
+def _threshold(theta: float) -> float:
+    """``fp32(theta) - SIM_TOL`` in fp32: the comparison threshold of every backend."""
+    return float(torch.tensor(theta, dtype=torch.float32) - reference.SIM_TOL)
 
 
 def _alloc_outputs(n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -370,7 +376,7 @@ def fused_correct_triton(
         call_params.stride(1),
         T,
         D,
-        float(theta),
+        _threshold(theta),
         float(alpha_min),
         float(beta),
         COVERAGE=bool(coverage),

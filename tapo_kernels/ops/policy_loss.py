@@ -189,9 +189,9 @@ def _row_stats_kernel(
         offsets = rows[:, None] * T + cols[None, :]
         m = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(COMPUTE)
         count += tl.sum(m, axis=1)
-        if GSPO:
-            x = tl.load(logp_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
-            x_old = tl.load(old_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+        if GSPO:  # masked tokens read as 0, whatever they hold
+            x = tl.load(logp_ptr + offsets, mask=in_bounds & (m != 0.0), other=0.0).to(COMPUTE)
+            x_old = tl.load(old_ptr + offsets, mask=in_bounds & (m != 0.0), other=0.0).to(COMPUTE)
             lr = tl.minimum(tl.maximum(x - x_old, -20.0), 20.0)
             lr_sum += tl.sum(lr * m, axis=1)
     tl.store(row_tokens_ptr + rows, count, mask=row_ok)
@@ -239,7 +239,8 @@ def _policy_loss_fwd_kernel(
     """
     rows, row_ok, col_block, offsets, in_bounds = _tile_index(B, T, n_col_blocks, BLOCK_B, BLOCK_T)
     m = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(COMPUTE)
-    x = tl.load(logp_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+    live = in_bounds & (m != 0.0)  # masked tokens read their inputs as 0, whatever they hold
+    x = tl.load(logp_ptr + offsets, mask=live, other=0.0).to(COMPUTE)
     adv, lifted = _load_advantage(
         adv_ptr,
         cmap_ptr,
@@ -255,12 +256,13 @@ def _policy_loss_fwd_kernel(
         BLOCK_B,
         BLOCK_T,
     )
+    adv = tl.where(live, adv, 0.0)
 
     if ALGO == _GSPO:
         log_seq = tl.load(log_seq_ratio_ptr + rows, mask=row_ok, other=0.0)
         ratio = tl.broadcast_to(_exp(tl.minimum(log_seq, 10.0))[:, None], [BLOCK_B, BLOCK_T])
     else:
-        x_old = tl.load(old_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+        x_old = tl.load(old_ptr + offsets, mask=live, other=0.0).to(COMPUTE)
         ratio = _exp(tl.minimum(tl.maximum(x - x_old, -20.0), 20.0))
 
     if ALGO == _SAPO:
@@ -283,7 +285,7 @@ def _policy_loss_fwd_kernel(
 
     kl = tl.zeros([BLOCK_B, BLOCK_T], COMPUTE)
     if HAS_REF:
-        x_ref = tl.load(ref_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+        x_ref = tl.load(ref_ptr + offsets, mask=live, other=0.0).to(COMPUTE)
         d = x_ref - x
         if KL_TYPE == _K1:
             kl = -d
@@ -372,7 +374,8 @@ def _policy_loss_bwd_kernel(
             row_grad = row_grad / _knob(norm_bits, COMPUTE)
 
     m = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(COMPUTE)
-    x = tl.load(logp_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+    live = in_bounds & (m != 0.0)  # masked tokens read their inputs as 0, whatever they hold
+    x = tl.load(logp_ptr + offsets, mask=live, other=0.0).to(COMPUTE)
     adv, _ = _load_advantage(
         adv_ptr,
         cmap_ptr,
@@ -388,6 +391,7 @@ def _policy_loss_bwd_kernel(
         BLOCK_B,
         BLOCK_T,
     )
+    adv = tl.where(live, adv, 0.0)
     g = row_grad[:, None] * m  # d loss / d loss_tok
 
     if ALGO == _GSPO:
@@ -395,7 +399,7 @@ def _policy_loss_bwd_kernel(
         ratio = tl.broadcast_to(_exp(tl.minimum(log_seq, 10.0))[:, None], [BLOCK_B, BLOCK_T])
         ratio_passes = tl.broadcast_to((log_seq <= 10.0)[:, None], [BLOCK_B, BLOCK_T])
     else:
-        x_old = tl.load(old_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+        x_old = tl.load(old_ptr + offsets, mask=live, other=0.0).to(COMPUTE)
         lr = x - x_old
         ratio = _exp(tl.minimum(tl.maximum(lr, -20.0), 20.0))
         ratio_passes = (lr >= -20.0) & (lr <= 20.0)
@@ -424,7 +428,7 @@ def _policy_loss_bwd_kernel(
     grad_x = tl.where(ratio_passes, grad_ratio * ratio, 0.0)
 
     if HAS_REF:
-        x_ref = tl.load(ref_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
+        x_ref = tl.load(ref_ptr + offsets, mask=live, other=0.0).to(COMPUTE)
         d = x_ref - x
         grad_kl = g * _knob(kl_coef_bits, COMPUTE)
         if KL_TYPE == _K1:
