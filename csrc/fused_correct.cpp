@@ -589,7 +589,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     } else if (C > 0) {
       dot_block(fail_rows, cand_rows.data() + task.cand_lo, C, D, sims.data());
       // cosine clamped to [0, 1] (reference.pairwise_similarity)
-      for (int64_t i = 0; i < task.count * C; ++i) sims[i] = std::min(std::max(sims[i], 0.0f), 1.0f);
+      // (a NaN from an fp32 overflow of unnormalised vectors counts as 0, as in the reference)
+      for (int64_t i = 0; i < task.count * C; ++i) {
+        sims[i] = sims[i] > 0.0f ? std::min(sims[i], 1.0f) : 0.0f;
+      }
     }
     // the pool trajectories of the range: runs of one row (shared by the block)
     segments.clear();

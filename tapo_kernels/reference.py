@@ -99,9 +99,12 @@ def pairwise_similarity(p: Tensor, q: Tensor, kind: Tensor) -> Tensor:
 
     ``kind[f]`` picks the measure for row ``f``: cosine ``min(1, max(0, <p, q>))`` on the
     vectors as given (unit vectors from the encoders; the clamp bounds what unnormalised ones
-    can do), or the IoU of the boxes ``p[:4]``, ``q[:4]`` (``(x1, y1, x2, y2)``).
+    can do, and a dot product that overflows fp32 into NaN counts as 0), or the IoU of the
+    boxes ``p[:4]``, ``q[:4]`` (``(x1, y1, x2, y2)``).
     """
-    cos = (p @ q.T).clamp(min=0, max=1)
+    dot = p @ q.T
+    # NaN only from an fp32 overflow (inf - inf) of unnormalised vectors: no match
+    cos = torch.where(dot > 0, dot.clamp(max=1), torch.zeros_like(dot))
     if not bool((kind == SIM_IOU).any()):
         return cos
     a, b = p[:, None, :4], q[None, :, :4]

@@ -26,6 +26,7 @@ import os
 import pickle
 import shutil
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -239,8 +241,12 @@ def _app_state(model: nn.Module, optimizer: Optimizer | None,
 
 def save_checkpoint(run_path: Path, step: int, model: nn.Module, optimizer: Optimizer | None,
                     trainer_state: dict[str, Any], ctx: DistContext, keep: int = 2,
-                    ref_model: nn.Module | None = None, config_sha256: str = "") -> Path:
-    """Save atomically (collective: every rank calls it). Returns the final directory."""
+                    ref_model: nn.Module | None = None, config_sha256: str = "",
+                    before_commit: Callable[[], None] | None = None) -> Path:
+    """Save atomically (collective: every rank calls it). Returns the final directory.
+
+    ``before_commit`` (fault injection) runs on the main rank once the temporary directory is
+    complete, just before it is renamed into place."""
     root = checkpoint_dir(run_path)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
@@ -257,6 +263,8 @@ def save_checkpoint(run_path: Path, step: int, model: nn.Module, optimizer: Opti
         write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
         write_manifest(tmp, step, config_sha256)  # last: it marks the checkpoint complete
         _fsync_dir(tmp)
+        if before_commit is not None:
+            before_commit()
         if final.exists():  # re-saving a step after a resume: replace it
             old = root / f".old_step_{step:06d}"
             shutil.rmtree(old, ignore_errors=True)
@@ -281,9 +289,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer | None, c
     beyond checkpoint metadata and plain values.
     """
     state = _app_state(model, optimizer, ref_model)
-    with _quiet_single_process(ctx):
-        dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(),
-                 no_dist=not ctx.distributed)
+    try:
+        with _quiet_single_process(ctx), warnings.catch_warnings():
+            dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(),
+                     no_dist=not ctx.distributed)
+    except (Exception, CheckpointException) as exc:  # DCP wraps each rank's error (a BaseException)
+        refused = "refusing to load it" in str(exc) or "Weights only load failed" in str(exc)
+        why = "it holds objects a checkpoint never holds" if refused else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {why}") from exc
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])

@@ -250,6 +250,9 @@ class DebugConfig:
 
     nan_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN at these RL steps
     kill_at_step: int = 0  # SIGKILL this process in the middle of this RL step (0 = never)
+    # SIGKILL this process while it saves the checkpoint of this global step, after the
+    # shards and state are written and before the checkpoint is renamed into place (0 = never)
+    kill_in_save_step: int = 0
     malformed_call_rate: float = 0.0  # corrupt this fraction of sampled tool calls
     # send this fraction of valid sampled calls to a fault tool of tools.enabled instead
     # (failing: raises; slow: runs past tools.timeout_s), with the same query

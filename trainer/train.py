@@ -83,7 +83,7 @@ from .modeling import (
 )
 from .rewards import exact_match, f1_score, reward
 from .rollout import Batch, Episode, RolloutEngine, collate, demonstration
-from .tasks import TaskData, load_task
+from .tasks import TaskData, TaskFileError, load_task
 from .tools import build_registry
 
 
@@ -185,10 +185,14 @@ class Trainer:
             write_atomic(self.run_path / "config.yaml", self.config_text)
         barrier(ctx)
         self.task: TaskData = load_task(cfg.task)
-        self.registry = build_registry(cfg.tools.enabled, self.task.corpora,
-                                       search_top_k=cfg.tools.search_top_k,
-                                       timeout_s=cfg.tools.timeout_s,
-                                       isolation=cfg.tools.isolation, workers=cfg.tools.workers)
+        try:
+            self.registry = build_registry(cfg.tools.enabled, self.task.corpora,
+                                           search_top_k=cfg.tools.search_top_k,
+                                           timeout_s=cfg.tools.timeout_s,
+                                           isolation=cfg.tools.isolation,
+                                           workers=cfg.tools.workers)
+        except ValueError as exc:
+            raise ConfigError(f"tools: {exc}") from exc
         self.sim_kind = self.registry.sim_kind_tensor(ctx.device)
         self.neural = None
         if cfg.tapo.enabled and cfg.tapo.witness == "neural":
@@ -223,6 +227,10 @@ class Trainer:
                 "was changed (run without --resume to start afresh, which replaces the run's "
                 "outputs)")
         return Path(found)
+
+    @staticmethod
+    def _kill() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die without any cleanup
 
     def _mark_run_dir(self) -> None:
         (self.run_path / RUN_MARKER).touch()
@@ -493,7 +501,7 @@ class Trainer:
                 loss.backward()
                 loss_ok &= bool(torch.isfinite(loss.detach()).item())
                 n = batch.mask[rows].sum().item()
-                sums["loss"] += loss.item() if math.isfinite(loss.item()) else 0.0
+                sums["loss"] += loss.item()  # a NaN step logs NaN (and is skipped)
                 for key in ("clip_frac", "mean_ratio", "mean_kl", "lifted_frac"):
                     sums[key] += metrics[key] * n
                 sums["entropy"] += (entropy * batch.mask[rows]).sum().item()
@@ -600,7 +608,9 @@ class Trainer:
     def _save(self) -> None:
         save_checkpoint(self.run_path, self.state["global_step"], self.model, self.optimizer,
                         self.state, self.ctx, keep=self.cfg.checkpoint.keep, ref_model=self.ref_model,
-                        config_sha256=hashlib.sha256(self.config_text.encode()).hexdigest())
+                        config_sha256=hashlib.sha256(self.config_text.encode()).hexdigest(),
+                        before_commit=self._kill if self.cfg.debug.kill_in_save_step
+                        == self.state["global_step"] else None)
 
     def fit(self) -> dict[str, Any]:
         cfg, ctx, state = self.cfg, self.ctx, self.state
@@ -711,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         run(cfg, resume=args.resume)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, TaskFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -163,7 +163,8 @@ def _fused_correct_kernel(
                     other=0.0,
                 ).to(tl.float32)
                 dot += tl.sum(q * p[None, :], axis=1)  # fp32 accumulation whatever the input
-            sim = tl.minimum(tl.maximum(dot, 0.0), 1.0)  # cosine clamped to [0, 1]
+            # cosine clamped to [0, 1]; NaN (an fp32 overflow) counts as 0
+            sim = tl.where(dot > 0.0, tl.minimum(dot, 1.0), 0.0)
         sim = tl.where(in_range, sim, -1.0)
 
         # best similarity; ties go to the lowest original index (the tile is in row order)

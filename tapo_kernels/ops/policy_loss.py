@@ -662,12 +662,12 @@ def policy_loss_backward_triton(
     """``tapo::policy_loss_backward``: ``grad_loss * d loss / d logp``, shape and dtype of ``logp``.
 
     Equal to torch autograd through ``tapo_kernels.reference.policy_loss`` (tie and clamp
-    conventions included). Recomputes every intermediate from the inputs. Values are not
-    re-validated (the forward did it), so NaN inputs are not reported here.
+    conventions included). Recomputes every intermediate from the inputs, and validates them
+    as the forward does (a direct call of the backward gets the same errors).
     """
     tensors = (logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
     knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg)
-    _checks.check_policy_loss(*tensors, *knobs, norm_const, global_count, check_values=False)
+    _checks.check_policy_loss(*tensors, *knobs, norm_const, global_count)
     B, T = logp.shape
     flags = _flags(logp, advantages, ref_logp, call_map, call_delta, algo, dual_clip_c, kl_type)
     operands = _prepare(*tensors)

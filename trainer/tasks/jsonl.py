@@ -25,14 +25,21 @@ class TaskFileError(ValueError):
 
 def _read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TaskFileError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte "
+                                    f"{exc.start})") from exc
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise TaskFileError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+            except RecursionError as exc:
+                raise TaskFileError(f"{path}:{lineno}: JSON nested too deeply") from exc
             if not isinstance(obj, dict):
                 raise TaskFileError(f"{path}:{lineno}: each line must be a JSON object")
             rows.append((lineno, obj))
@@ -49,8 +56,17 @@ def read_corpus(path: str | Path) -> list[str]:
                 raise TaskFileError(f"{path}:{lineno}: a corpus line needs a string 'text'")
             docs.append(obj["text"])
         return docs
-    with open(path, encoding="utf-8") as fh:
-        return [line.strip() for line in fh if line.strip()]
+    docs = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise TaskFileError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte "
+                                    f"{exc.start})") from exc
+            if line:
+                docs.append(line)
+    return docs
 
 
 class _Corpora:
