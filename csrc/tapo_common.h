@@ -10,6 +10,7 @@
 #include <atomic>
 #include <charconv>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -235,6 +236,11 @@ inline bool cpu_has_avx2() {
 template <typename scalar_t>
 bool any_nonfinite(const scalar_t* data, int64_t n) {
   return cpu_has_avx2() ? any_nonfinite_avx2(data, n) : any_nonfinite_generic(data, n);
+}
+
+// A double knob that stays finite in float32 (the kernels compute in fp32): |v| <= FLT_MAX.
+inline bool finite32(double v) {
+  return std::isfinite(v) && std::fabs(v) <= static_cast<double>(std::numeric_limits<float>::max());
 }
 
 // Torch's tensor.isfinite().all() on a contiguous floating tensor (parallel, one pass).

@@ -104,9 +104,9 @@ def check_fused_correct(
     _dtype("tool_sim_kind", tool_sim_kind, (torch.int64,))
     if not (math.isfinite(theta) and 0.0 <= theta <= 1.0):
         raise ValueError(f"theta must be in [0, 1], got {theta}")
-    if not (math.isfinite(alpha_min) and alpha_min >= 0.0):
+    if not (finite32(alpha_min) and alpha_min >= 0.0):
         raise ValueError(f"alpha_min must be finite and >= 0, got {alpha_min}")
-    if not (math.isfinite(beta) and beta >= 0.0):
+    if not (finite32(beta) and beta >= 0.0):
         raise ValueError(f"beta must be finite and >= 0, got {beta}")
 
     # data-dependent checks (one host sync each on CUDA)
@@ -152,6 +152,14 @@ def tensors(**named: object) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
+FLT_MAX = 3.4028234663852886e38
+
+
+def finite32(value: float) -> bool:
+    """Finite, and still finite in float32 (the kernels compute in fp32)."""
+    return math.isfinite(value) and abs(value) <= FLT_MAX
+
+
 def number(name: str, value: object, *, optional: bool = False) -> None:
     """A Python real number (bool and strings are not), or None when ``optional``."""
     if value is None and optional:
@@ -173,20 +181,20 @@ def check_loss_knobs(algo: str, eps_low: float, eps_high: float, dual_clip_c: fl
     number("norm_const", norm_const, optional=True)
     number("global_count", global_count, optional=True)
     for name, v in (("eps_low", eps_low), ("eps_high", eps_high)):
-        if not (math.isfinite(v) and v >= 0.0):
+        if not (finite32(v) and v >= 0.0):
             raise ValueError(f"{name} must be finite and >= 0, got {v}")
     if eps_low >= 1.0:
         raise ValueError(f"eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got {eps_low}")
-    if not (math.isfinite(dual_clip_c) and (dual_clip_c == 0.0 or dual_clip_c > 1.0)):
+    if not (finite32(dual_clip_c) and (dual_clip_c == 0.0 or dual_clip_c > 1.0)):
         raise ValueError(f"dual_clip_c must be 0 (off) or > 1, got {dual_clip_c}")
     for name, v in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
-        if not (math.isfinite(v) and v > 0.0):
+        if not (finite32(v) and v > 0.0):
             raise ValueError(f"{name} must be finite and > 0, got {v}")
-    if not math.isfinite(kl_coef):
+    if not finite32(kl_coef):
         raise ValueError(f"kl_coef must be finite, got {kl_coef}")
-    if norm_const is not None and not (math.isfinite(norm_const) and norm_const > 0):
+    if norm_const is not None and not (finite32(norm_const) and norm_const > 0):
         raise ValueError(f"norm_const must be finite and > 0, got {norm_const}")
-    if global_count is not None and not (math.isfinite(global_count) and global_count > 0):
+    if global_count is not None and not (finite32(global_count) and global_count > 0):
         raise ValueError(f"global_count must be finite and > 0, got {global_count}")
 
 

@@ -203,10 +203,12 @@ def policy_loss_backward_reference_kernel(
                  tau_pos=tau_pos, tau_neg=tau_neg, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
                  norm_const=norm_const, global_count=global_count)
     _checks.check_policy_loss(logp, *tensors, **knobs)
+    if grad_loss.numel() != 1:
+        raise ValueError(f"grad_loss must have one element, got shape {tuple(grad_loss.shape)}")
     with _autograd_enabled():
         x = logp.detach().requires_grad_(True)
         loss, _ = reference.policy_loss(x, *tensors, **knobs)
-        (grad,) = torch.autograd.grad(loss, x, grad_loss)
+        (grad,) = torch.autograd.grad(loss, x, grad_loss.reshape(()).to(loss.dtype))
     return grad
 
 

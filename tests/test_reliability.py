@@ -515,16 +515,32 @@ def _sweep_ops():
     }
 
 
+def _extreme(mutations) -> bool:
+    """Inputs of extreme magnitude: fp32 overflow to inf is correct arithmetic there."""
+    return any(m[0] in ("nan", "knob") and isinstance(m[2], float) and abs(m[2]) >= 1e30
+               for m in mutations)
+
+
 @pytest.mark.parametrize("op", sorted(_sweep_ops()))
 @settings(max_examples=700, deadline=None, suppress_health_check=list(HealthCheck))
 @given(mutations=st.lists(_mutations(), min_size=1, max_size=3))
 def test_bad_input_sweep(op, mutations):
-    """Random bad inputs: finite outputs of the right shapes, or a ValueError / TypeError."""
+    """Random bad inputs: a ValueError / TypeError naming the problem, or results of the right
+    shapes without NaN (inf only from inputs of extreme magnitude) that agree between the
+    native kernel and the reference."""
     native, ref, args = _sweep_ops()[op]
     bad = args
     for m in mutations:
         bad = _mutate(bad, m)
-    for fn in (native, ref):
+    # a NaN incoming gradient propagates into the gradient, as everywhere in autograd
+    nan_grad = (op == "policy_loss_backward" and isinstance(bad[0], torch.Tensor)
+                and bad[0].is_floating_point() and bad[0].device.type != "meta"
+                and not bool(torch.isfinite(bad[0]).all()))
+    # Python types are enforced by the dispatcher: the Python kernel called directly sees
+    # only well-typed arguments
+    typed = all(m[0] != "knob" or isinstance(m[2], float) for m in mutations)
+    results = []
+    for fn in (native, ref if typed else None):
         if fn is None:
             continue
         SWEEP["cases"] += 1
@@ -533,18 +549,35 @@ def test_bad_input_sweep(op, mutations):
         except (ValueError, TypeError) as exc:
             assert str(exc), "an error without a message"
             SWEEP["clear_errors"] += 1
+            results.append(None)
             continue
         except (RuntimeError, NotImplementedError) as exc:  # the dispatcher's own checks
             text = str(exc)
             assert ("expected" in text or "Expected" in text or "argument" in text
                     or "meta" in text or "dtype" in text or "Could not run" in text), text
             SWEEP["clear_errors"] += 1
+            results.append(None)
             continue
         outs = out if isinstance(out, tuple) else (out,)
-        for o in outs:
+        # the front end's logp / entropy outputs mirror the logits at masked tokens too
+        checked = outs[:2] if op == "policy_loss_from_logits" else outs
+        for o in checked:
             if isinstance(o, torch.Tensor) and o.is_floating_point() and o.device.type != "meta":
-                assert bool(torch.isfinite(o).all()), (op, mutations)
+                if nan_grad:
+                    continue
+                assert not bool(torch.isnan(o).any()), (op, mutations)
+                assert _extreme(mutations) or bool(torch.isfinite(o).all()), (op, mutations)
         SWEEP["finite_results"] += 1
+        results.append(outs)
+    if nan_grad:
+        return  # inf * 0 is NaN in one evaluation order and 0 in another: nothing to compare
+    if len(results) == 2 and None not in results:
+        for a, b in zip(*results, strict=True):
+            if isinstance(a, torch.Tensor) and a.device.type != "meta":
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True,
+                                           msg=lambda m: f"{op} {mutations}: {m}")
+    else:  # both backends reject the same inputs
+        assert len(results) < 2 or results[0] is None and results[1] is None, (op, mutations)
 
 
 def test_sweep_counts():

@@ -442,6 +442,7 @@ def _policy_loss_bwd_kernel(
             k3_passes = (k3 >= -10.0) & (k3 <= 10.0) & (d >= -20.0) & (d <= 20.0)
             grad_x -= tl.where(k3_passes, grad_kl * exp_d - grad_kl, 0.0)
 
+    grad_x = tl.where(live, grad_x, 0.0)  # exactly 0 at masked tokens, whatever grad_loss is
     tl.store(grad_ptr + offsets, grad_x.to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
 
