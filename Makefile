@@ -2,7 +2,7 @@
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install test test-fast bench train demo lint format clean
+.PHONY: install test test-fast test-reliability bench train study demo lint format clean
 
 install:  ## install torch (CPU wheel first, so nothing pulls a CUDA build), then the package
 	$(PIP) torch==2.13.0
@@ -11,6 +11,9 @@ install:  ## install torch (CPU wheel first, so nothing pulls a CUDA build), the
 
 test: install  ## the whole test suite (Triton kernels run in the interpreter on CPU)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+test-reliability: install  ## the reliability promises alone (also part of `make test`)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_reliability.py
 
 test-fast:  ## tests without reinstalling
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -x tests
@@ -21,6 +24,9 @@ bench: install  ## micro-benchmarks; JSON and ratio tables land in benchmarks/re
 
 train: install  ## the main job on the embedded default
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m trainer.train --config trainer/configs/tiny_grpo_tapo.yaml
+
+study: install  ## the TAPO study (GRPO vs TAPO vs ablations, 5 seeds; about an hour on 2 cores)
+	$(PY) -m trainer.study --config trainer/configs/study_tapo.yaml
 
 demo: install  ## correct a synthetic batch and print what TAPO did
 	$(PY) -m tapo_kernels.demo

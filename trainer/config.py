@@ -31,6 +31,9 @@ LOSS_KNOBS = ("algo", "eps_low", "eps_high", "dual_clip_c", "tau_pos", "tau_neg"
               "norm_const")
 
 
+RUN_MARKER = ".tapo-run"  # marks a directory as a run directory of this trainer
+
+
 class ConfigError(ValueError):
     """A config file or override that does not describe a valid run."""
 

@@ -158,8 +158,9 @@ def truth_counts(episodes: Sequence[Episode], seq_adv: Sequence[float],
     return out
 
 
-def truth_rates(sums: dict[str, float]) -> dict[str, float]:
-    """The ``truth/*`` metrics from summed counts (a rate with an empty denominator is left out)."""
+def truth_rates(sums: dict[str, float], lifts: bool = True) -> dict[str, float]:
+    """The ``truth/*`` metrics from summed counts (a rate with an empty denominator is left
+    out; without ``lifts``, as when TAPO is off, only the misassignment statistics)."""
     rates = {}
 
     def ratio(key: str, num: str, den: str) -> None:
@@ -168,10 +169,12 @@ def truth_rates(sums: dict[str, float]) -> dict[str, float]:
 
     ratio("truth/failing_traj_with_good_call", "failing_traj_with_good", "failing_traj")
     ratio("truth/failing_call_good_rate", "failing_good_calls", "failing_calls")
+    rates["truth/failing_trajectories"] = sums["failing_traj"]
+    if not lifts:
+        return rates
     ratio("truth/lift_precision", "lifted_good_calls", "lifted_calls")
     ratio("truth/lift_recall", "lifted_good_calls", "failing_good_calls")
     ratio("truth/mean_lift_good", "lift_sum_good", "failing_good_calls")
     ratio("truth/mean_lift_bad", "lift_sum_bad", "failing_valid_bad_calls")
-    rates["truth/failing_trajectories"] = sums["failing_traj"]
     rates["truth/lifted_calls"] = sums["lifted_calls"]
     return rates

@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, _build, load_config, parse_overrides
+from .config import RUN_MARKER, ConfigError, _build, load_config, parse_overrides
 
 STUDY_KEYS = ("name", "base", "overrides", "seeds", "arms", "threshold", "parallel", "out_dir",
               "run_dir")
@@ -135,6 +135,7 @@ def _launch(run: Run, study: StudyConfig, base: Path, threads: int) -> tuple[str
              f"logging.run_dir={run_root}", f"logging.name={run.name}", "logging.progress=false",
              f"dist.threads_per_rank={threads}"]
     path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_MARKER).touch()  # the trainer's own run directory (it holds train.log)
     t0 = time.perf_counter()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     with open(path / "train.log", "a", encoding="utf-8") as log:
@@ -241,11 +242,16 @@ def collect(study: StudyConfig) -> dict[str, Any]:
                 continue
             rows = _rl_rows(path)
             stats = {}
+            lifted = sum(r.get("truth/lifted_calls", 0) or 0 for r in rows)
             for key in STATISTICS:
                 values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+                if not lifted and ("lift" in key):  # an arm that lifts nothing (TAPO off)
+                    values = []
                 stats[key] = sum(values) / len(values) if values else math.nan
             reached = next((x for x, y in curve if y >= study.threshold), None)
+            summary = _summary(path) or {}
             seeds[s] = {"curve": curve, "final": curve[-1][1], "auc": _auc(curve),
+                        "wall_time_s": summary.get("wall_time_s"),
                         "steps_to_threshold": reached, "statistics": stats,
                         "step_statistics": {k: [r.get(k) for r in rows] for k in STATISTICS}}
         out[arm] = seeds
@@ -264,8 +270,17 @@ def write_report(study: StudyConfig, base: Path, results: dict[str, Any]) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     arms = list(study.arms)
     baseline = results.get(arms[0], {})
+    walls = [r["wall_time_s"] for seeds in results.values() for r in seeds.values()
+             if r.get("wall_time_s")]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip() or "unknown"
     lines = [
         f"# Study `{study.name}`",
+        "",
+        f"Written {time.strftime('%Y-%m-%d')} from the runs under `{study.run_dir}` (report "
+        f"written at commit {commit}); {len(walls)} RL runs of "
+        f"{min(walls, default=0) / 60:.1f}-{max(walls, default=0) / 60:.1f} min each "
+        f"(wall time, {study.parallel} at a time on this machine).",
         "",
         f"Command: `python -m trainer.study --config <this study's config>`; run config "
         f"`{base.name}` with `{' '.join(study.overrides)}`; seeds {study.seeds}; every arm of a "

@@ -57,7 +57,7 @@ from .checkpoint import (
     save_checkpoint,
     write_atomic,
 )
-from .config import Config, ConfigError, load_config
+from .config import RUN_MARKER, Config, ConfigError, load_config
 from .credit import TAPO_COUNTS, Credit, correct_credit, truth_counts, truth_rates
 from .distributed import (
     DistContext,
@@ -85,9 +85,6 @@ from .rewards import exact_match, f1_score, reward
 from .rollout import Batch, Episode, RolloutEngine, collate, demonstration
 from .tasks import TaskData, TaskFileError, load_task
 from .tools import build_registry
-
-
-RUN_MARKER = ".tapo-run"  # marks a directory as a run directory of this trainer
 
 
 def step_seed(*parts: Any) -> int:
@@ -572,7 +569,7 @@ class Trainer:
             "tapo/trajectory_correction_rate":
                 s["tapo_corrected_trajectories"] / max(s["tapo_failing_trajectories"], 1.0),
             "tapo/mean_lift": s["tapo_lift_sum"] / max(c_calls, 1.0),
-            **truth_rates(s),
+            **truth_rates(s, lifts=self.cfg.tapo.enabled),
             "perf/step_time_s": step_time, "perf/rollout_time_s": t_rollout,
             "perf/rollout_tokens_per_s": s["policy_tokens"] / max(t_rollout, 1e-9),
             "perf/tokens_per_s": s["all_tokens"] / max(step_time, 1e-9),
