@@ -343,22 +343,39 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = {arm: f"C{i}" for i, arm in enumerate(study.arms)}
+    baseline = results.get(next(iter(study.arms)), {})
+    fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(13, 4.2))
     for arm, seeds in results.items():
-        curves = [dict(r["curve"]) for r in seeds.values()]
+        curves = {s: dict(r["curve"]) for s, r in seeds.items()}
         if not curves:
             continue
-        xs = sorted(set.intersection(*(set(c) for c in curves)))
-        stats = [_mean_std([c[x] for c in curves]) for x in xs]
-        mean = [m for m, _ in stats]
-        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=f"{arm} (n={len(curves)})")
-        ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats],
-                        color=line.get_color(), alpha=0.15)
+        xs = sorted(set.intersection(*(set(c) for c in curves.values())))
+        stats = [_mean_std([c[x] for c in curves.values()]) for x in xs]
+        ax.plot(xs, [m for m, _ in stats], marker="o", markersize=3, color=colors[arm],
+                label=f"{arm} (n={len(curves)})")
+        ax.fill_between(xs, [m - sd for m, sd in stats], [m + sd for m, sd in stats],
+                        color=colors[arm], alpha=0.12)
+        paired = [s for s in curves if s in baseline]
+        if arm == next(iter(study.arms)) or not paired:
+            continue
+        base = {s: dict(baseline[s]["curve"]) for s in paired}
+        xs_d = [x for x in xs if all(x in base[s] for s in paired)]
+        diff = [_mean_std([curves[s][x] - base[s][x] for s in paired]) for x in xs_d]
+        ax_diff.plot(xs_d, [m for m, _ in diff], marker="o", markersize=3, color=colors[arm],
+                     label=arm)
+        ax_diff.fill_between(xs_d, [m - sd for m, sd in diff], [m + sd for m, sd in diff],
+                             color=colors[arm], alpha=0.12)
     ax.set_xlabel("RL step")
     ax.set_ylabel("held-out pass@1 (mean ± std over seeds)")
-    ax.set_title(f"study {study.name}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_title(f"study {study.name}: held-out accuracy")
+    ax_diff.axhline(0.0, color="black", linewidth=0.8)
+    ax_diff.set_xlabel("RL step")
+    ax_diff.set_ylabel(f"pass@1 minus {next(iter(study.arms))}, same seed (mean ± std)")
+    ax_diff.set_title("paired difference to the first arm")
+    for a in (ax, ax_diff):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
@@ -369,6 +386,8 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (key, title) in zip(axes, titles.items(), strict=True):
         for arm, seeds in results.items():
+            if "lift" in key and all(math.isnan(r["statistics"][key]) for r in seeds.values()):
+                continue  # an arm that lifts nothing
             series = [r["step_statistics"][key] for r in seeds.values()]
             if not series:
                 continue
@@ -382,7 +401,7 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
                 window = [v for v in mean[max(0, i - 9): i + 1] if not math.isnan(v)]
                 smooth.append(sum(window) / len(window) if window else math.nan)
             if any(not math.isnan(v) for v in smooth):
-                ax.plot(range(1, steps + 1), smooth, label=arm)
+                ax.plot(range(1, steps + 1), smooth, label=arm, color=colors[arm])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL step (10-step mean over seeds)")
         ax.set_ylim(-0.02, 1.02)

@@ -153,7 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        command = " ".join(["python -m trainer.witnesses", *(argv if argv is not None
+                                                                   else sys.argv[1:])])
+        header = ("# Witness quality\n\nWhich test of \"a successful sibling made the same "
+                  "call\" lifts the right calls? Each witness test runs `fused_correct` on the "
+                  "same rollouts and is scored against the ground truth (a call is good when "
+                  "its observation holds a gold evidence document of its question; failing = "
+                  f"negative advantage).\n\nCommand: `{command}`\n\n")
+        args.out.write_text(header + text, encoding="utf-8")
     return 0
 
 
