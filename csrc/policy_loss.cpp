@@ -411,6 +411,37 @@ TAPO_INLINE typename Vec<scalar_t>::V lift_advantages(const RowIn<scalar_t>& in,
   return lifted_a;
 }
 
+// One lane block's inputs. Masked lanes (mask == 0) read every input as 0, so they contribute
+// exactly 0 whatever they hold. Flags float masks outside [0, 1] in `bad_mask`; `probe` turns
+// NaN when an input (or the mask) is NaN or inf: x * 0 is NaN exactly then (or when the sum
+// overflows: a false alarm that the precise checks after the pass clear).
+template <typename scalar_t>
+struct TokenIn {
+  typename Vec<scalar_t>::V m, lp, old, a, ref;
+  typename Vec<scalar_t>::I live;
+};
+
+template <typename scalar_t, KlTerm kKl>
+TAPO_INLINE TokenIn<scalar_t> load_tokens(const RowIn<scalar_t>& in, int64_t t, int count,
+                                          typename Vec<scalar_t>::V a_row,
+                                          typename Vec<scalar_t>::I& bad_mask,
+                                          typename Vec<scalar_t>::V& probe) {
+  using V = typename Vec<scalar_t>::V;
+  using L = RowLoader<scalar_t>;
+  const V zero = V{}, one = splat<V>(scalar_t(1));
+  TokenIn<scalar_t> x;
+  x.m = L::mask(in, t, count);
+  x.live = x.m != zero;
+  x.lp = x.live ? L::load(in.logp, t, count) : zero;
+  x.old = x.live ? L::load(in.old, t, count) : zero;
+  x.a = x.live ? (in.adv != nullptr ? L::load(in.adv, t, count) : a_row) : zero;
+  x.ref = kKl != KlTerm::kNone && in.ref != nullptr
+              ? (x.live ? L::load(in.ref, t, count) : zero) : zero;
+  bad_mask |= (x.m < zero) | (x.m > one);
+  probe += ((x.lp + x.old) + (x.a + x.ref) + x.m) * zero;
+  return x;
+}
+
 // GSPO: log s_i = masked mean of the clamped log-ratio (fp64 sums); s_it = exp(min(log s_i,
 // 10)) and d s_it / d logp_t = s_it where log s_i <= 10 (the clamp's bound is inclusive).
 template <typename scalar_t>
@@ -474,17 +505,10 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
     const int64_t t1 = std::min(in.T, t0 + kBlock);
     for (int64_t t = t0; t < t1; t += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, t1 - t));
-      const V m = L::mask(in, t, count);
-      const auto live = m != zero;  // masked lanes read their inputs as 0
-      const V lp = live ? L::load(in.logp, t, count) : zero;
-      const V old = live ? L::load(in.old, t, count) : zero;
-      V a = live ? (in.adv != nullptr ? L::load(in.adv, t, count) : a_row) : zero;
-      const V ref = kKl != KlTerm::kNone && in.ref != nullptr
-                        ? (live ? L::load(in.ref, t, count) : zero) : zero;
-      bad_mask |= (m < zero) | (m > one);
-      // NaN/inf probe: x * 0 is NaN exactly when x is NaN or inf (or when the sum overflows:
-      // a false alarm the precise checks after the pass clear)
-      probe += ((lp + old) + (a + ref) + m) * zero;
+      const TokenIn<scalar_t> x = load_tokens<scalar_t, kKl>(in, t, count, a_row, bad_mask, probe);
+      const V m = x.m, lp = x.lp, old = x.old, ref = x.ref;
+      const auto live = x.live;
+      V a = x.a;
       if (in.map != nullptr) {
         I lifted;
         a = lift_advantages(in, t, count, a, lifted, bad_map);
@@ -546,15 +570,10 @@ TAPO_INLINE uint32_t backward_row_body(const RowIn<scalar_t>& in, const Consts<s
   V probe{};
   for (int64_t t = 0; t < in.T; t += W) {
     const int count = static_cast<int>(std::min<int64_t>(W, in.T - t));
-    const V m = L::mask(in, t, count);
-    const auto live = m != zero;  // masked lanes read their inputs as 0
-    const V lp = live ? L::load(in.logp, t, count) : zero;
-    const V old = live ? L::load(in.old, t, count) : zero;
-    V a = live ? (in.adv != nullptr ? L::load(in.adv, t, count) : a_row) : zero;
-    const V ref = kKl != KlTerm::kNone && in.ref != nullptr
-                      ? (live ? L::load(in.ref, t, count) : zero) : zero;
-    bad_mask |= (m < zero) | (m > one);
-    probe += ((lp + old) + (a + ref) + m) * zero;
+    const TokenIn<scalar_t> x = load_tokens<scalar_t, kKl>(in, t, count, a_row, bad_mask, probe);
+    const V m = x.m, lp = x.lp, old = x.old, ref = x.ref;
+    const auto live = x.live;
+    V a = x.a;
     if (in.map != nullptr) {
       I lifted;
       a = lift_advantages(in, t, count, a, lifted, bad_map);

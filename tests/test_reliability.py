@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tapo_kernels
-from tapo_kernels import _library, reference, testing
+from tapo_kernels import _library, testing
 from trainer.checkpoint import (
     MANIFEST,
     CheckpointError,

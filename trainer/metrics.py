@@ -150,7 +150,8 @@ def make_plots(run_path: Path) -> list[Path]:
             written.append(path)
         plt.close(fig)
     fig, axes = plt.subplots(2, 3, figsize=(16, 6.6))
-    drawn = [_draw(ax, title, PANELS[title], series) for ax, title in zip(axes.flat, OVERVIEW)]
+    drawn = [_draw(ax, title, PANELS[title], series)
+             for ax, title in zip(axes.flat, OVERVIEW, strict=True)]
     if any(drawn):
         fig.suptitle(run_path.name)
         fig.tight_layout()

@@ -225,7 +225,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def _auc(curve: list[tuple[int, float]]) -> float:
     if len(curve) < 2:
         return curve[0][1] if curve else math.nan
-    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(curve, curve[1:]))
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False))
     return area / (curve[-1][0] - curve[0][0])
 
 
