@@ -43,8 +43,8 @@ import yaml
 
 from .config import RUN_MARKER, ConfigError, _build, load_config, parse_overrides
 
-STUDY_KEYS = ("name", "base", "overrides", "seeds", "arms", "threshold", "parallel", "out_dir",
-              "run_dir")
+STUDY_KEYS = ("name", "base", "overrides", "seeds", "arms", "baselines", "threshold", "parallel",
+              "out_dir", "run_dir")
 STATISTICS = ("truth/failing_traj_with_good_call", "truth/failing_call_good_rate",
               "truth/lift_precision", "truth/lift_recall", "truth/mean_lift_good",
               "truth/mean_lift_bad")
@@ -52,13 +52,15 @@ STATISTICS = ("truth/failing_traj_with_good_call", "truth/failing_call_good_rate
 
 @dataclass
 class StudyConfig:
-    """A study: ``arms`` maps an arm name to its run overrides (the first arm is the baseline)."""
+    """A study: ``arms`` maps an arm name to its run overrides. Each arm is compared with
+    its ``baselines`` entry (seed by seed), by default the first arm."""
 
     name: str = "study"
     base: str = "tiny_grpo_tapo.yaml"  # run config, relative to the study file
     overrides: list[str] = field(default_factory=list)  # every run
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: dict[str, Any] = field(default_factory=dict)
+    baselines: dict[str, Any] = field(default_factory=dict)  # arm -> the arm it is compared with
     threshold: float = 0.6  # held-out pass@1 for "steps to threshold"
     parallel: int = 2  # runs at once; each gets cores // parallel threads
     out_dir: str = "docs/study/study"
@@ -94,6 +96,9 @@ def load_study(path: str | Path, cli: Sequence[str] = ()) -> tuple[StudyConfig, 
         raise ConfigError(f"parallel: must be >= 1, got {study.parallel}")
     if not 0 < study.threshold <= 1:
         raise ConfigError(f"threshold: must be in (0, 1], got {study.threshold}")
+    for arm, other in study.baselines.items():
+        if arm not in study.arms or other not in study.arms:
+            raise ConfigError(f"baselines.{arm}: both {arm!r} and {other!r} must be arms")
     for arm, items in study.arms.items():
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ConfigError(f"arms.{arm}: must be a list of key=value overrides")
@@ -269,7 +274,10 @@ def write_report(study: StudyConfig, base: Path, results: dict[str, Any]) -> Pat
     out = Path(study.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arms = list(study.arms)
-    baseline = results.get(arms[0], {})
+
+    def baseline_of(arm: str) -> str:
+        return study.baselines.get(arm, arms[0])
+
     walls = [r["wall_time_s"] for seeds in results.values() for r in seeds.values()
              if r.get("wall_time_s")]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -289,7 +297,7 @@ def write_report(study: StudyConfig, base: Path, results: dict[str, Any]) -> Pat
         "steps of the ground-truth metrics (failing = negative advantage; a call is good "
         "when its observation holds a gold evidence document).",
         "",
-        f"| arm | overrides | seeds | final held-out pass@1 | Δ vs `{arms[0]}` (paired) | "
+        "| arm | overrides | seeds | final held-out pass@1 | paired Δ vs its baseline | "
         f"steps to {study.threshold:g} | AUC of held-out curve | failing traj. with a good call "
         "| failing calls good | lift precision | lift recall | mean lift good / bad |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -298,6 +306,7 @@ def write_report(study: StudyConfig, base: Path, results: dict[str, Any]) -> Pat
     for arm in arms:
         seeds = results.get(arm, {})
         finals = [r["final"] for r in seeds.values()]
+        baseline = results.get(baseline_of(arm), {})
         diffs = [r["final"] - baseline[s]["final"] for s, r in seeds.items() if s in baseline]
         reached = [r["steps_to_threshold"] for r in seeds.values()
                    if r["steps_to_threshold"] is not None]
@@ -323,7 +332,8 @@ def write_report(study: StudyConfig, base: Path, results: dict[str, Any]) -> Pat
         overrides = " ".join(f"`{o}`" for o in study.arms[arm]) or "(none)"
         lines.append(
             f"| `{arm}` | {overrides} | {len(seeds)} | {_fmt(*row['final'])} | "
-            f"{'—' if arm == arms[0] else _fmt(*row['diff'])} | {steps} | {_fmt(*row['auc'])} | "
+            f"{'—' if baseline_of(arm) == arm else _fmt(*row['diff']) + f' (vs `{baseline_of(arm)}`)'}"
+            f" | {steps} | {_fmt(*row['auc'])} | "
             f"{pct('truth/failing_traj_with_good_call')} | {pct('truth/failing_call_good_rate')} | "
             f"{pct('truth/lift_precision')} | {pct('truth/lift_recall')} | {lift} |")
     lines += ["", "![held-out curves](curves.png)", "", "![statistics](statistics.png)", ""]
@@ -344,7 +354,7 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     colors = {arm: f"C{i}" for i, arm in enumerate(study.arms)}
-    baseline = results.get(next(iter(study.arms)), {})
+    first = next(iter(study.arms))
     fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(13, 4.2))
     for arm, seeds in results.items():
         curves = {s: dict(r["curve"]) for s, r in seeds.items()}
@@ -356,14 +366,16 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
                 label=f"{arm} (n={len(curves)})")
         ax.fill_between(xs, [m - sd for m, sd in stats], [m + sd for m, sd in stats],
                         color=colors[arm], alpha=0.12)
+        other = study.baselines.get(arm, first)
+        baseline = results.get(other, {})
         paired = [s for s in curves if s in baseline]
-        if arm == next(iter(study.arms)) or not paired:
+        if arm == other or not paired:
             continue
         base = {s: dict(baseline[s]["curve"]) for s in paired}
         xs_d = [x for x in xs if all(x in base[s] for s in paired)]
         diff = [_mean_std([curves[s][x] - base[s][x] for s in paired]) for x in xs_d]
         ax_diff.plot(xs_d, [m for m, _ in diff], marker="o", markersize=3, color=colors[arm],
-                     label=arm)
+                     label=f"{arm} - {other}")
         ax_diff.fill_between(xs_d, [m - sd for m, sd in diff], [m + sd for m, sd in diff],
                              color=colors[arm], alpha=0.12)
     ax.set_xlabel("RL step")
@@ -371,8 +383,8 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
     ax.set_title(f"study {study.name}: held-out accuracy")
     ax_diff.axhline(0.0, color="black", linewidth=0.8)
     ax_diff.set_xlabel("RL step")
-    ax_diff.set_ylabel(f"pass@1 minus {next(iter(study.arms))}, same seed (mean ± std)")
-    ax_diff.set_title("paired difference to the first arm")
+    ax_diff.set_ylabel("pass@1 minus its baseline, same seed (mean ± std)")
+    ax_diff.set_title("paired difference to the baseline")
     for a in (ax, ax_diff):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
