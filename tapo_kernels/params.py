@@ -109,17 +109,34 @@ def encode_results(results: Sequence[Sequence[str]], dim: int = TEXT_DIM) -> Ten
         raise TypeError("encode_results takes a sequence of reference lists, not a string")
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
-    out = np.zeros((len(results), dim), dtype=np.float64)
+    rows = []
     for row, refs in enumerate(results):
         if isinstance(refs, str):
             raise TypeError(f"results[{row}] is a string; expected a sequence of references")
-        for ref in dict.fromkeys(refs):
-            if not isinstance(ref, str):
-                raise TypeError(f"results[{row}] holds {type(ref).__name__}, expected str")
-            out[row] += _ref_vector(ref, dim)
-    norm = np.linalg.norm(out, axis=1, keepdims=True)
-    out = np.divide(out, norm, out=np.zeros_like(out), where=norm > 0)
-    return torch.from_numpy(out.astype(np.float32))
+        key = (tuple(refs), dim)
+        vec = _RESULT_ROWS.get(key)
+        if vec is None:
+            vec = _result_row(key[0], dim, row)
+            if len(_RESULT_ROWS) >= _GRAM_CACHE_LIMIT:
+                _RESULT_ROWS.clear()
+            _RESULT_ROWS[key] = vec
+        rows.append(vec)
+    if not rows:
+        return torch.zeros(0, dim, dtype=torch.float32)
+    return torch.from_numpy(np.stack(rows))
+
+
+_RESULT_ROWS: dict[tuple[tuple[str, ...], int], np.ndarray] = {}  # a call's row, by its refs
+
+
+def _result_row(refs: tuple[str, ...], dim: int, row: int) -> np.ndarray:
+    vec = np.zeros(dim, dtype=np.float64)
+    for ref in dict.fromkeys(refs):
+        if not isinstance(ref, str):
+            raise TypeError(f"results[{row}] holds {type(ref).__name__}, expected str")
+        vec += _ref_vector(ref, dim)
+    norm = np.linalg.norm(vec)
+    return (vec / norm if norm > 0 else vec).astype(np.float32)
 
 
 def encode_box(boxes: Sequence[Sequence[float]] | Tensor, dim: int = TEXT_DIM) -> Tensor:

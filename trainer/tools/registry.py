@@ -84,6 +84,7 @@ class ToolRegistry:
         parameter text. Invalid calls (tool id < 0) get zero rows: they match nothing.
         """
         from tapo_kernels import encode_results, encode_text
+        from tapo_kernels.params import TEXT_DIM
 
         if mode not in WITNESS_MODES:
             raise ValueError(f"unknown witness mode {mode!r}; expected one of {WITNESS_MODES}")
@@ -97,12 +98,14 @@ class ToolRegistry:
             return neural(texts)
         by_results = [i >= 0 and mode == "tool" and self.tools[i].witness == "results"
                       for i in tool_ids]
-        texts = [t if i >= 0 and not r else ""
-                 for i, t, r in zip(tool_ids, param_texts, by_results, strict=True)]
-        out = encode_text(texts)
-        rows = [k for k, r in enumerate(by_results) if r]
-        if rows:
-            out[rows] = encode_results([refs[k] for k in rows], dim=out.shape[1])
+        out = torch.zeros(n, TEXT_DIM, dtype=torch.float32)
+        text_rows = [k for k, (i, r) in enumerate(zip(tool_ids, by_results, strict=True))
+                     if i >= 0 and not r]
+        if text_rows:
+            out[text_rows] = encode_text([param_texts[k] for k in text_rows])
+        result_rows = [k for k, r in enumerate(by_results) if r]
+        if result_rows:
+            out[result_rows] = encode_results([refs[k] for k in result_rows], dim=TEXT_DIM)
         return out
 
     def execute(self, calls: Sequence[tuple[ParsedCall, ToolContext]]) -> list[ToolOutcome]:
