@@ -164,7 +164,7 @@ class AlgoConfig:
 
 @dataclass
 class TapoConfig:
-    """TAPO credit correction (docs/tapo.md; ablations in trainer/credit.py)."""
+    """TAPO credit correction in the trainer (witnesses, ablations: trainer/credit.py)."""
 
     enabled: bool = True
     beta: float = 0.8
