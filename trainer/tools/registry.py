@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import SIM_KINDS, Tool, ToolContext, ToolResult
+from .base import SIM_KINDS, Tool, ToolContext
 from .parser import ParsedCall, parse_tool_call
-from .workers import ToolWorkers
+from .workers import ToolWorkers, reply_of
 
 # how the trainer turns calls into TAPO parameter vectors (config key tapo.witness)
 WITNESS_MODES = ("tool", "arguments", "neural")
@@ -153,13 +153,8 @@ class ToolRegistry:
 
             def target(tool=tool, call=call, context=context, box=box) -> None:
                 try:
-                    result = tool.run(call.arguments, context)
-                    if isinstance(result, ToolResult) and isinstance(result.text, str):
-                        box.append(("ok", result.text, tuple(str(r) for r in result.refs)))
-                    elif isinstance(result, str):
-                        box.append(("ok", result, ()))
-                    else:
-                        box.append(("error", f"tool returned {type(result).__name__}, not str", ()))
+                    status, text, refs = reply_of(tool.run(call.arguments, context))
+                    box.append((status, text, tuple(refs)))
                 except Exception as exc:  # a tool bug must not stop training
                     box.append(("error", f"{type(exc).__name__}: {exc}", ()))
 

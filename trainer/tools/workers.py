@@ -34,7 +34,8 @@ from typing import Any
 Reply = tuple[str, str, tuple[str, ...]]
 
 
-def _reply(result: Any) -> list:
+def reply_of(result: Any) -> list:
+    """``[status, text, refs]`` of what ``Tool.run`` returned (a ``ToolResult`` or text)."""
     from .base import ToolResult
 
     if isinstance(result, ToolResult) and isinstance(result.text, str):
@@ -56,7 +57,7 @@ def worker_main() -> None:  # pragma: no cover - runs in the child process
     for line in sys.stdin:
         try:
             tool_index, arguments, corpus_id = json.loads(line)
-            reply = _reply(tools[tool_index].run(arguments, ToolContext(corpus_id)))
+            reply = reply_of(tools[tool_index].run(arguments, ToolContext(corpus_id)))
         except Exception as exc:  # a tool bug must not stop training
             reply = ["error", f"{type(exc).__name__}: {exc}", []]
         protocol.write(json.dumps(reply) + "\n")
