@@ -946,6 +946,7 @@ def test_valid_args_of_the_bad_input_table_pass(fused_correct_impl):
     run(fused_correct_impl, {n: a[n] for n in ARG_NAMES})
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="mixing devices needs a CUDA device")
 def test_tensors_on_two_devices_raise(fused_correct_impl):
     a = _valid_args()

@@ -542,6 +542,7 @@ def test_long_row_spans_several_chunks(backend):
     compare(result, logits_oracle64(logits, case), logits_reference(logits, case))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (T = 65,536 on the device)")
 def test_long_row_65536_tokens_cuda():
     """Trap 2: one row of T = 65,536 tokens (CUDA's grid-y limit is 65,535)."""
