@@ -18,18 +18,19 @@
 #          branches of the shared tests run too), in parallel with `cuda`  -> suite.log
 #   bench  python -m benchmarks.gpu.bench                     -> bench.log, ratios-<device>.json,
 #                                                                <device>.md
+#   tune   python -m benchmarks.gpu.tune (block-size sweeps)  -> tune.log, tune.json
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 OUT_DIR=${1:-${OUT:-$ROOT/benchmarks/results/gpu-run}}
 mkdir -p "$OUT_DIR"
-STAGES=${STAGES:-"env cuda suite bench"}
+STAGES=${STAGES:-"env cuda suite bench tune"}
 BENCH_ARGS=${BENCH_ARGS:-}
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
-export TAPO_NO_NATIVE=1
+export TAPO_DISABLE_NATIVE=1  # no C++ build there (CPU kernels only; CI tests them)
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 stamp() { echo "[$(date +%H:%M:%S) +$((SECONDS))s] $*"; }
 
@@ -66,14 +67,14 @@ fi
 suite_pid=""
 if has suite; then
   stamp "suite (background)"
-  (TRITON_INTERPRET=1 timeout 240 "$PY" -m pytest -q -m "not cuda" -n 10 -p no:cacheprovider \
+  (TRITON_INTERPRET=1 timeout 150 "$PY" -m pytest -q -m "not cuda" -n 10 -p no:cacheprovider \
      --durations=15 tests >"$OUT_DIR/suite.log" 2>&1; echo "exit $?" >>"$OUT_DIR/suite.log") &
   suite_pid=$!
 fi
 
 if has cuda; then
   stamp cuda
-  TRITON_INTERPRET=0 timeout 300 "$PY" -m pytest -q -m cuda -p no:cacheprovider --durations=15 \
+  TRITON_INTERPRET=0 timeout 200 "$PY" -m pytest -q -m cuda -p no:cacheprovider --durations=15 \
     tests 2>&1 | tee "$OUT_DIR/cuda-tests.log" | tail -n 40
   stamp "cuda exit ${PIPESTATUS[0]}"
 fi
@@ -86,8 +87,14 @@ fi
 if has bench; then
   stamp bench
   # shellcheck disable=SC2086
-  TRITON_INTERPRET=0 timeout 330 "$PY" -m benchmarks.gpu.bench --out "$OUT_DIR" $BENCH_ARGS \
+  TRITON_INTERPRET=0 timeout 270 "$PY" -m benchmarks.gpu.bench --out "$OUT_DIR" $BENCH_ARGS \
     2>&1 | tee "$OUT_DIR/bench.log" | tail -n 60
   stamp "bench exit ${PIPESTATUS[0]}"
+fi
+if has tune; then
+  stamp tune
+  TRITON_INTERPRET=0 timeout 110 "$PY" -m benchmarks.gpu.tune --out "$OUT_DIR" \
+    2>&1 | tee "$OUT_DIR/tune.log" | tail -n 8
+  stamp "tune exit ${PIPESTATUS[0]}"
 fi
 ls -la "$OUT_DIR"
