@@ -129,15 +129,16 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
     for dtype, scope, coverage in itertools.product(
         (torch.float32, torch.bfloat16, torch.float16), (False, True), (True, False)
     ):
-        b = correct_batch(B=16, T=64, D=32, param_dtype=dtype, quantized=False)
+        b = correct_batch(B=16, T=64, D=256 if scope else 32, param_dtype=dtype,
+                          quantized=False)
         label = f"fused_correct params={dtype} batch_scope={scope} coverage={coverage}"
         yield label, lambda b=b, s=scope, c=coverage: ops.fused_correct_triton(
             *b.op_args(), 0.7, 0.3, 0.8, s, c)
 
     def loss_case(dtype=torch.float32, per_token=True, with_ref=True, with_calls=True,
-                  bool_mask=False, **knobs):
-        b = loss_batch(B=5, T=40, dtype=dtype, per_token=per_token, with_ref=with_ref,
-                       with_calls=with_calls)
+                  bool_mask=False, shape=(5, 40), **knobs):
+        b = loss_batch(B=shape[0], T=shape[1], dtype=dtype, per_token=per_token,
+                       with_ref=with_ref, with_calls=with_calls)
         args = list(b.op_args())
         if bool_mask:
             args[3] = args[3] > 0
@@ -148,12 +149,15 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
             ops.policy_loss_triton(*args, **knobs)
             ops.policy_loss_backward_triton(one, *args, **knobs)
 
-        label = (f"policy_loss dtype={dtype} per_token={per_token} ref={with_ref} "
+        label = (f"policy_loss {shape} dtype={dtype} per_token={per_token} ref={with_ref} "
                  f"calls={with_calls} bool_mask={bool_mask} {knobs}")
         return label, launch
 
     for algo, agg in itertools.product(ALGOS, AGGS):
         yield loss_case(algo=algo, agg=agg)
+    # the tile shape (BLOCK_B x BLOCK_T) follows (B, T): short rows, two column blocks, long rows
+    for shape, algo in itertools.product(((16, 1500), (512, 2048), (2, 16384)), ALGOS):
+        yield loss_case(shape=shape, algo=algo)
     for kl_type in KL_TYPES:
         yield loss_case(kl_type=kl_type)
     for dtype in (torch.bfloat16, torch.float16, torch.float64):

@@ -181,19 +181,24 @@ def _row_stats_kernel(
     row_block = tl.program_id(0).to(tl.int64)
     rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_ok = rows < B
-    count = tl.zeros([BLOCK_B], COMPUTE)
-    lr_sum = tl.zeros([BLOCK_B], COMPUTE)
+    # Tile-shaped accumulators, reduced once after the loop: a row reduction inside the loop
+    # crashed Triton 3.6's TritonGPUOptimizeThreadLocality pass (GSPO), and this form also
+    # keeps the cross-thread reduction out of the loop.
+    count_acc = tl.zeros([BLOCK_B, BLOCK_T], COMPUTE)
+    lr_acc = tl.zeros([BLOCK_B, BLOCK_T], COMPUTE)
     for start in range(0, T, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T).to(tl.int64)
         in_bounds = row_ok[:, None] & (cols < T)[None, :]
         offsets = rows[:, None] * T + cols[None, :]
         m = tl.load(mask_ptr + offsets, mask=in_bounds, other=0).to(COMPUTE)
-        count += tl.sum(m, axis=1)
+        count_acc += m
         if GSPO:  # masked tokens read as 0, whatever they hold
             x = tl.load(logp_ptr + offsets, mask=in_bounds & (m != 0.0), other=0.0).to(COMPUTE)
             x_old = tl.load(old_ptr + offsets, mask=in_bounds & (m != 0.0), other=0.0).to(COMPUTE)
             lr = tl.minimum(tl.maximum(x - x_old, -20.0), 20.0)
-            lr_sum += tl.sum(lr * m, axis=1)
+            lr_acc += lr * m
+    count = tl.sum(count_acc, axis=1)
+    lr_sum = tl.sum(lr_acc, axis=1)
     tl.store(row_tokens_ptr + rows, count, mask=row_ok)
     if GSPO:
         tl.store(log_seq_ratio_ptr + rows, lr_sum / tl.maximum(count, 1.0), mask=row_ok)
