@@ -992,3 +992,30 @@ def test_front_doors_presets_casts_and_metrics():
         tapo_kernels.policy_loss_from_hidden(
             torch.randn(2, 5, 4), torch.randn(17, 4), case.labels, old, adv, mask, preset="ppo"
         )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_inplace_backward_equals_new_tensor_over_many_rows(layout, dtype):
+    """The in-place backward launches at most one row per program (several launches when the
+    rows outnumber the programs); it must write exactly what the new-tensor backward writes,
+    for contiguous logits and for a sliced view whose rows are not one strided sequence."""
+    lp_ops = ops.logprob_loss
+    B, T, V = 3, 7, 50
+    gen = torch.Generator().manual_seed(23)
+    full = (3 * torch.randn(B, T + 1, V, generator=gen)).to(dtype)
+    logits = full[:, :-1] if layout == "sliced" else full[:, :T].contiguous()
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels[0, 2] = -100
+    grad = torch.randn(B, T, generator=gen)
+    grad[1, 3] = 0.0
+    logp, _ = lp_ops.selective_log_softmax_triton(logits, labels, 0.9, block_v=16)
+    expected = lp_ops.selective_log_softmax_backward_triton(grad, logits, labels, logp, 0.9,
+                                                            block_v=16)
+    assert B * T > lp_ops._INTERPRET_PROGRAMS  # several launches
+    before = full.clone()
+    lp_ops.selective_log_softmax_backward_inplace_triton(grad, logits, labels, logp, 0.9,
+                                                         block_v=16)
+    assert torch.equal(logits, expected)
+    if layout == "sliced":  # the column past the slice is untouched
+        assert torch.equal(full[:, -1], before[:, -1])

@@ -6,9 +6,13 @@
 # online log-sum-exp in fp32 (no second pass, no fp32 copy of the logits), on a persistent 1-D
 # grid (a bounded number of programs, each looping over rows), so any number of tokens works
 # (one program per token on a 2-D grid breaks at T >= 65,536 on CUDA's y limit). Sized for
-# RL vocabularies V = 32k..256k: BLOCK_V = 4096 with 8 warps, 16 contiguous elements per thread,
-# 8 programs per SM; these are a starting point, not yet timed on a GPU (so far the kernels
-# have only run in the Triton interpreter). A temperature other than 1 divides with div_rn,
+# RL vocabularies V = 32k..256k: BLOCK_V = 8192 with 8 warps (32 contiguous elements per
+# thread), 8 programs per SM. Chosen by `python -m benchmarks.gpu.tune` on an H200 (Triton 3.6,
+# 8192 tokens x 151,936 bf16, 36 combinations of BLOCK_V 2048/4096/8192, 4/8/16 warps, 2/4/8
+# programs per SM, side by side): forward 0.666 ms against 0.756 ms for the former 4096 / 8 / 8
+# (the floor, one read of the logits at 4.3 TB/s, is 0.58 ms); the backward's best three
+# (1.25-1.27 ms) were within the sweep's noise of each other, this one among them.
+# A temperature other than 1 divides with div_rn,
 # as torch does, so logp matches the reference bit for bit in the interpreter.
 # Out-of-range vocabulary columns are loaded as -inf (0 would inflate the log-sum-exp), and the
 # backward recovers the log-sum-exp as x[label] - logp from the forward's fp32 log-probability,
@@ -47,7 +51,7 @@ from .policy_loss import policy_loss_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_MAX_BLOCK_V = 4096
+_MAX_BLOCK_V = 8192
 _PROGRAMS_PER_SM = 8  # resident rows per SM of the persistent grid
 _INTERPRET_PROGRAMS = 3  # a few programs under the interpreter, so each loops over several rows
 # the running max starts here, not at -inf: exp(-inf - floor) = 0, never exp(-inf + inf) = NaN
@@ -267,7 +271,14 @@ def _dlogits_into(
     out: Tensor,
     block_v: int | None,
 ) -> None:
-    """Launch the backward kernel writing ``dlogits`` of ``(B, T, V)`` logits into ``out``."""
+    """Launch the backward kernel writing ``dlogits`` of ``(B, T, V)`` logits into ``out``.
+
+    In place (``out`` is ``logits``) the rows go in launches of at most one row per program.
+    On an H200 (Triton 3.6), one in-place launch in which programs looped over several rows
+    wrote wrong gradients for 4-7% of the rows after each program's first (8192 x 151,936,
+    bf16 and fp32, BLOCK_V 1024 and 4096), while the same launch into a new tensor was
+    exact; the rows of the first round were always right.
+    """
     B, T, V = logits.shape
     n_rows = B * T
     if n_rows == 0:
@@ -276,6 +287,11 @@ def _dlogits_into(
     flat_labels = labels.reshape(n_rows).contiguous()
     flat_logp = logp.reshape(n_rows).contiguous()
     grid, block, num_warps = _launch_config(n_rows, V, logits.device, block_v)
+    if out.data_ptr() == logits.data_ptr() and n_rows > grid[0]:
+        for rows, x in _row_chunks(logits, grid[0]):
+            _dlogits_into(grad[rows], x, flat_labels[rows], flat_logp[rows], temperature, x,
+                          block_v)
+        return
     _logprob_bwd_kernel[grid](
         grad,
         logits,
@@ -293,6 +309,23 @@ def _dlogits_into(
         BLOCK_V=block,
         num_warps=num_warps,
     )
+
+
+def _row_chunks(logits: Tensor, rows_per_chunk: int):
+    """``(slice of flat rows, (1, n, V) view of those rows)`` covering ``logits`` in order."""
+    B, T, V = logits.shape
+    stride_b, stride_t, stride_v = _strides(logits)
+    if B == 1 or stride_b == T * stride_t:  # the (b, t) rows are one strided sequence
+        for r0 in range(0, B * T, rows_per_chunk):
+            n = min(rows_per_chunk, B * T - r0)
+            view = logits.as_strided((1, n, V), (n * stride_t, stride_t, stride_v),
+                                     logits.storage_offset() + r0 * stride_t)
+            yield slice(r0, r0 + n), view
+        return
+    for b in range(B):
+        for t0 in range(0, T, rows_per_chunk):
+            n = min(rows_per_chunk, T - t0)
+            yield slice(b * T + t0, b * T + t0 + n), logits[b : b + 1, t0 : t0 + n]
 
 
 def selective_log_softmax_backward_triton(
