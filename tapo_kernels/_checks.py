@@ -37,25 +37,53 @@ def _same_device(named: dict[str, Tensor | None]) -> None:
             raise ValueError(f"all tensors must be on one device: {first_name} is on {first}, {n} is on {d}")
 
 
-def _finite(name: str, t: Tensor) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+class Flags:
+    """Data-dependent checks collected as device booleans and read back with one host sync.
+
+    ``add(bad, message)`` records a 0-d bool tensor (True = the check failed) and its error;
+    ``raise_first()`` reads every flag at once (a single host sync on CUDA, however many
+    checks) and raises ``ValueError`` with the message of the first failed check, so errors
+    come in the order the checks were written.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Tensor, str]] = []
+
+    def add(self, bad: Tensor, message: str) -> None:
+        self.items.append((bad.reshape(()), message))
+
+    def raise_first(self) -> None:
+        if not self.items:
+            return
+        failed = torch.stack([bad for bad, _ in self.items]).tolist()
+        self.items, items = [], self.items
+        for bad, (_, message) in zip(failed, items, strict=True):
+            if bad:
+                raise ValueError(message)
 
 
-def _finite_where(name: str, t: Tensor, live: Tensor) -> None:
+def _finite(flags: Flags, name: str, t: Tensor) -> None:
+    if t.numel():
+        flags.add(~torch.isfinite(t).all(), f"{name} contains NaN or inf")
+
+
+def _finite_where(flags: Flags, name: str, t: Tensor, live: Tensor) -> None:
     """Finite wherever ``live`` (tokens with mask != 0); masked tokens may hold anything."""
-    if t.numel() and bool((live & ~torch.isfinite(t)).any()):
-        raise ValueError(f"{name} contains NaN or inf at a token with mask != 0")
+    if t.numel():
+        flags.add((live & ~torch.isfinite(t)).any(),
+                  f"{name} contains NaN or inf at a token with mask != 0")
 
 
-def check_mask_values(mask: Tensor) -> None:
+def check_mask_values(mask: Tensor, flags: Flags | None = None) -> None:
     """A float mask is finite and in [0, 1] (a bool mask always is)."""
     if mask.dtype == torch.bool or not mask.numel():
         return
-    if not bool(torch.isfinite(mask).all()):
-        raise ValueError("mask contains NaN or inf")
-    if bool(((mask < 0) | (mask > 1)).any()):
-        raise ValueError("mask values must be in [0, 1]")
+    own = flags is None
+    flags = Flags() if own else flags
+    flags.add(~torch.isfinite(mask).all(), "mask contains NaN or inf")
+    flags.add(((mask < 0) | (mask > 1)).any(), "mask values must be in [0, 1]")
+    if own:
+        flags.raise_first()
 
 
 def check_fused_correct(
@@ -109,40 +137,50 @@ def check_fused_correct(
     if not (finite32(beta) and beta >= 0.0):
         raise ValueError(f"beta must be finite and >= 0, got {beta}")
 
-    # data-dependent checks (one host sync each on CUDA)
-    if tool_sim_kind.numel() and bool(((tool_sim_kind != 0) & (tool_sim_kind != 1)).any()):
-        raise ValueError("tool_sim_kind entries must be 0 (cosine) or 1 (iou)")
-    _finite("advantages", advantages)
-    _finite("seq_advantages", seq_advantages)
+    # data-dependent checks: device flags, read back with one host sync (Flags)
+    flags = Flags()
+    if tool_sim_kind.numel():
+        flags.add(((tool_sim_kind != 0) & (tool_sim_kind != 1)).any(),
+                  "tool_sim_kind entries must be 0 (cosine) or 1 (iou)")
+    _finite(flags, "advantages", advantages)
+    _finite(flags, "seq_advantages", seq_advantages)
     if N == 0:
+        flags.raise_first()
         return
-    _finite("call_params", call_params)
-    if bool(((call_seq < 0) | (call_seq >= B)).any()):
-        raise ValueError(f"call_seq out of range: every entry must be in [0, B={B})")
-    if bool((call_start < 0).any()) or bool((call_end > T).any()):
-        raise ValueError(f"call span out of range: need 0 <= call_start and call_end <= T={T}")
-    if bool((call_start > call_end).any()):
-        raise ValueError("call span with call_start > call_end")
-    if bool((call_tool >= tool_sim_kind.numel()).any()):
-        raise ValueError(f"call_tool out of range: valid tool ids are [0, {tool_sim_kind.numel()}), < 0 marks an invalid call")
-    if bool((call_tool >= 0).any()) and call_params.shape[1] == 0:
-        raise ValueError("call_params must have D >= 1")
-    iou_tools = (tool_sim_kind == 1).nonzero().squeeze(1)
-    if iou_tools.numel() and bool(torch.isin(call_tool, iou_tools).any()) and call_params.shape[1] < 4:
-        raise ValueError(f"call_params needs D >= 4 for iou tools (a box is 4 numbers), got D={call_params.shape[1]}")
-    # overlapping spans: sort non-empty spans by (row, start) and compare neighbours
+    _finite(flags, "call_params", call_params)
+    flags.add(((call_seq < 0) | (call_seq >= B)).any(),
+              f"call_seq out of range: every entry must be in [0, B={B})")
+    flags.add((call_start < 0).any() | (call_end > T).any(),
+              f"call span out of range: need 0 <= call_start and call_end <= T={T}")
+    flags.add((call_start > call_end).any(), "call span with call_start > call_end")
+    flags.add((call_tool >= tool_sim_kind.numel()).any(),
+              f"call_tool out of range: valid tool ids are [0, {tool_sim_kind.numel()}), "
+              "< 0 marks an invalid call")
+    if call_params.shape[1] == 0:
+        flags.add((call_tool >= 0).any(), "call_params must have D >= 1")
+    if call_params.shape[1] < 4 and tool_sim_kind.numel():
+        is_iou = (tool_sim_kind == 1)[call_tool.clamp(0, tool_sim_kind.numel() - 1)]
+        flags.add((is_iou & (call_tool >= 0)).any(),
+                  f"call_params needs D >= 4 for iou tools (a box is 4 numbers), "
+                  f"got D={call_params.shape[1]}")
+    # overlapping spans: sort the spans by (row, start) (empty spans last in their row, so
+    # they never sit between two others) and compare neighbours
     nonempty = call_end > call_start
-    if int(nonempty.sum()) > 1:
-        seq, start, end = call_seq[nonempty], call_start[nonempty], call_end[nonempty]
-        order = torch.argsort(seq * (T + 1) + start)
-        seq, start, end = seq[order], start[order], end[order]
-        bad = ((seq[1:] == seq[:-1]) & (start[1:] < end[:-1])).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
-            raise ValueError(
-                f"call_start/call_end: overlapping call spans in row {int(seq[i])} "
-                f"([{int(start[i])}, {int(end[i])}) and [{int(start[i + 1])}, {int(end[i + 1])})): "
-                "each token may belong to at most one call")
+    key = call_seq.clamp(0, B) * (T + 2) + torch.where(nonempty, call_start.clamp(0, T), T + 1)
+    order = torch.argsort(key)
+    seq, start, end, live = call_seq[order], call_start[order], call_end[order], nonempty[order]
+    overlap = (seq[1:] == seq[:-1]) & (start[1:] < end[:-1]) & live[1:] & live[:-1]
+    flags.add(overlap.any(), "")
+    try:
+        flags.raise_first()
+    except ValueError as err:
+        if str(err):
+            raise
+        i = int(overlap.nonzero()[0, 0])  # the error path may sync again to name the spans
+        raise ValueError(
+            f"call_start/call_end: overlapping call spans in row {int(seq[i])} "
+            f"([{int(start[i])}, {int(end[i])}) and [{int(start[i + 1])}, {int(end[i + 1])})): "
+            "each token may belong to at most one call") from None
 
 
 def tensors(**named: object) -> None:
@@ -219,25 +257,34 @@ def check_policy_loss(
     global_count: float | None,
     *,
     check_values: bool = True,
+    logp_shape: tuple[int, int] | None = None,
+    flags: Flags | None = None,
 ) -> None:
-    """Validate every argument of ``tapo::policy_loss``; raise a clear error on the first problem."""
+    """Validate every argument of ``tapo::policy_loss``; raise a clear error on the first problem.
+
+    ``logp=None`` with ``logp_shape=(B, T)``: the arguments of a loss whose float32
+    log-probabilities are computed later (the logits and hidden-state front ends). With
+    ``flags``, the data-dependent checks are added there for the caller to raise.
+    """
     check_loss_knobs(algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg,
                      norm_const, global_count)
     _same_device(dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
                       ref_logp=ref_logp, call_map=call_map, call_delta=call_delta))
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be 2-D (B, T), got shape {tuple(logp.shape)}")
-    B, T = logp.shape
-    _dtype("logp", logp, _LOSS_DTYPES)
+    like = logp if logp is not None else torch.empty(logp_shape, dtype=torch.float32,
+                                                     device="meta")
+    if like.dim() != 2:
+        raise ValueError(f"logp must be 2-D (B, T), got shape {tuple(like.shape)}")
+    B, T = like.shape
+    _dtype("logp", like, _LOSS_DTYPES)
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if t is not None:
             _shape(name, t, (B, T))
-            _dtype(name, t, (logp.dtype,))
+            _dtype(name, t, (like.dtype,))
     if tuple(advantages.shape) not in ((B,), (B, T)):
         raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
-    _dtype("advantages", advantages, (logp.dtype,))
+    _dtype("advantages", advantages, (like.dtype,))
     _shape("mask", mask, (B, T))
-    _dtype("mask", mask, (torch.bool, logp.dtype))
+    _dtype("mask", mask, (torch.bool, like.dtype))
     if (call_map is None) != (call_delta is None):
         raise ValueError("call_map and call_delta must be given together")
     if call_map is not None:
@@ -245,23 +292,29 @@ def check_policy_loss(
         _dtype("call_map", call_map, (torch.int32,))
         if call_delta.dim() != 1:
             raise ValueError(f"call_delta must be 1-D (N,), got shape {tuple(call_delta.shape)}")
-        _dtype("call_delta", call_delta, (logp.dtype,))
+        _dtype("call_delta", call_delta, (like.dtype,))
     if kl_coef != 0.0 and ref_logp is None:
         raise ValueError("kl_coef != 0 needs ref_logp")
     if not check_values:
         return
-    check_mask_values(mask)
+    own = flags is None
+    flags = Flags() if own else flags
+    check_mask_values(mask, flags)
     live = mask != 0
-    _finite_where("logp", logp, live)
-    _finite_where("old_logp", old_logp, live)
-    _finite_where("advantages", advantages, live if advantages.dim() == 2 else live.any(1))
+    if logp is not None:  # None: the log-probabilities are computed by the caller
+        _finite_where(flags, "logp", logp, live)
+    _finite_where(flags, "old_logp", old_logp, live)
+    _finite_where(flags, "advantages", advantages, live if advantages.dim() == 2 else live.any(1))
     if ref_logp is not None:
-        _finite_where("ref_logp", ref_logp, live)
+        _finite_where(flags, "ref_logp", ref_logp, live)
     if call_map is not None:
-        _finite("call_delta", call_delta)
+        _finite(flags, "call_delta", call_delta)
         n = call_delta.numel()
-        if call_map.numel() and bool(((call_map < -1) | (call_map >= n)).any()):
-            raise ValueError(f"call_map out of range: entries must be -1 or in [0, N={n})")
+        if call_map.numel():
+            flags.add(((call_map < -1) | (call_map >= n)).any(),
+                      f"call_map out of range: entries must be -1 or in [0, N={n})")
+    if own:
+        flags.raise_first()
 
 
 # --------------------------------------------------------------------------------------
@@ -276,23 +329,26 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
-def _check_labels(labels: Tensor, mask: Tensor, B: int, T: int, V: int, check_values: bool) -> None:
+def _check_labels(labels: Tensor, mask: Tensor, B: int, T: int, V: int, check_values: bool,
+                  flags: Flags) -> None:
     """``labels`` is ``(B, T)`` int64 in ``[0, V)``, negative (ignored) only where ``mask == 0``."""
     _shape("labels", labels, (B, T))
     _dtype("labels", labels, (torch.int64,))
     if not check_values or labels.numel() == 0:
         return
-    if bool((labels >= V).any()):
-        raise ValueError(f"labels out of range: entries must be < V={V} (negative marks an ignored token)")
-    if tuple(mask.shape) == (B, T) and bool(((labels < 0) & (mask != 0)).any()):
-        raise ValueError("labels must be >= 0 wherever mask != 0 (a negative label marks an ignored token)")
+    flags.add((labels >= V).any(),
+              f"labels out of range: entries must be < V={V} (negative marks an ignored token)")
+    if tuple(mask.shape) == (B, T):
+        flags.add(((labels < 0) & (mask != 0)).any(),
+                  "labels must be >= 0 wherever mask != 0 (a negative label marks an ignored token)")
 
 
-def _check_loss_arguments(B: int, T: int, device: torch.device, loss_args: tuple,
-                          check_values: bool) -> None:
-    """``check_policy_loss`` on the loss arguments, with a float32 ``(B, T)`` stand-in for logp."""
-    logp_stand_in = torch.zeros((B, T), dtype=torch.float32, device=device)
-    check_policy_loss(logp_stand_in, *loss_args, check_values=check_values)
+def _check_loss_arguments(B: int, T: int, loss_args: tuple, check_values: bool,
+                          flags: Flags) -> None:
+    """``check_policy_loss`` on the loss arguments of float32 ``(B, T)`` log-probabilities
+    that are computed later."""
+    check_policy_loss(None, *loss_args, check_values=check_values, logp_shape=(B, T),
+                      flags=flags)
 
 
 def check_policy_loss_from_logits(
@@ -324,10 +380,11 @@ def check_policy_loss_from_logits(
         raise ValueError("logits has an empty vocabulary dimension (V = 0)")
     _dtype("logits", logits, _LOGIT_DTYPES)
     _check_temperature(temperature)
-    _check_loss_arguments(B, T, logits.device,
-                          (old_logp, advantages, mask, ref_logp, call_map, call_delta, *knobs),
-                          check_values)
-    _check_labels(labels, mask, B, T, V, check_values)
+    flags = Flags()  # the loss arguments' and the labels' value checks: one host sync
+    _check_loss_arguments(B, T, (old_logp, advantages, mask, ref_logp, call_map, call_delta,
+                                 *knobs), check_values, flags)
+    _check_labels(labels, mask, B, T, V, check_values, flags)
+    flags.raise_first()
 
 
 def check_policy_loss_from_hidden(
@@ -366,10 +423,11 @@ def check_policy_loss_from_hidden(
     _check_temperature(temperature)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
-    _check_loss_arguments(B, T, hidden.device,
-                          (old_logp, advantages, mask, ref_logp, call_map, call_delta, *knobs),
-                          check_values)
-    _check_labels(labels, mask, B, T, V, check_values)
+    flags = Flags()  # the loss arguments' and the labels' value checks: one host sync
+    _check_loss_arguments(B, T, (old_logp, advantages, mask, ref_logp, call_map, call_delta,
+                                 *knobs), check_values, flags)
+    _check_labels(labels, mask, B, T, V, check_values, flags)
+    flags.raise_first()
 
 
 def check_selective_log_softmax_backward(

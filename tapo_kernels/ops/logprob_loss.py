@@ -404,7 +404,7 @@ def policy_loss_from_logits_triton(
     _checks.check_policy_loss_from_logits(logits, labels, *loss_tensors, temperature, *knobs)
     logp, entropy = selective_log_softmax_triton(logits, labels, temperature, with_entropy)
     _chunked.check_logp_finite(logp, mask)
-    loss, metrics = policy_loss_triton(logp, *loss_tensors, *knobs)
+    loss, metrics = policy_loss_triton(logp, *loss_tensors, *knobs, validated=True)
     return loss, metrics, logp, entropy
 
 
@@ -500,7 +500,7 @@ def policy_loss_from_hidden_triton(
         chunk_fn=_logprob_chunk_triton,
     )
     _chunked.check_logp_finite(logp, mask)
-    loss, metrics = policy_loss_triton(logp, *loss_tensors, *knobs)
+    loss, metrics = policy_loss_triton(logp, *loss_tensors, *knobs, validated=True)
     return loss, metrics, logp, entropy
 
 

@@ -598,8 +598,12 @@ def policy_loss_triton(
     agg: str = "token-mean",
     norm_const: float | None = None,
     global_count: float | None = None,
+    *,
+    validated: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``tapo::policy_loss`` on CUDA (or on CPU tensors under ``TRITON_INTERPRET=1``).
+
+    ``validated=True``: the caller has checked every argument (the fused front ends).
 
     Returns ``(loss, metrics)``: the scalar loss in ``logp``'s dtype and the ``(4,)``
     float32 metrics ``(clip_frac, mean_ratio, mean_kl, lifted_frac)``, equal to
@@ -607,7 +611,8 @@ def policy_loss_triton(
     """
     tensors = (logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
     knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg)
-    _checks.check_policy_loss(*tensors, *knobs, norm_const, global_count)
+    if not validated:
+        _checks.check_policy_loss(*tensors, *knobs, norm_const, global_count)
     B, T = logp.shape
     flags = _flags(logp, advantages, ref_logp, call_map, call_delta, algo, dual_clip_c, kl_type)
     operands = _prepare(*tensors)
