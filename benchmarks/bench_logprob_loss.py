@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import tapo_kernels
-from tapo_kernels import logprob, reference
+from tapo_kernels import _library, reference
 from tapo_kernels.testing import chunked_torch_passes
 
 from .common import DEVICE, record, sync
@@ -249,7 +249,7 @@ PROVIDERS = ["op", "op_torch", "reference", "reference_compile", "liger"]
 
 
 def _skip_unavailable(provider: str) -> None:
-    if provider == "op_torch" and (DEVICE != "cpu" or not logprob.NATIVE):
+    if provider == "op_torch" and (DEVICE != "cpu" or not _library.NATIVE_LOGPROB):
         pytest.skip("op_torch compares the CPU kernel's C++ and torch passes")
     if provider == "liger":
         if DEVICE != "cuda":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from .common import DEVICE, RESULTS_DIR, _CASES, device_name, environment, ratio_tables
+from .common import _CASES, DEVICE, RESULTS_DIR, device_name, environment, ratio_tables
 
 SHARE_BASE = "train_step"  # cases with this provider print shares of it instead of ratios
 

@@ -6,7 +6,7 @@ Importing this package registers ``torch.ops.tapo.fused_correct``,
 import Triton or initialise CUDA.
 """
 
-from . import _library, reference
+from . import _library, reference  # noqa: F401  (_library registers the ops)
 from ._library import CPU_BACKEND, NATIVE_ERROR
 from .correction import TapoResult, TapoStats, ToolCalls, build_call_map, fused_correct
 from .logprob import LogprobLossOutput, policy_loss_from_hidden, policy_loss_from_logits

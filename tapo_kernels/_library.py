@@ -20,6 +20,9 @@ import os
 import torch
 
 from . import _checks, reference
+from . import fused as _fused  # the composite kernels of the logits / hidden-state ops
+from . import knobs as _knobs
+from . import vocab as _vocab  # the chunked torch vocabulary passes
 
 lib = torch.library.Library("tapo", "DEF")  # noqa: TOR901 (the library lives for the process)
 
@@ -30,13 +33,12 @@ FUSED_CORRECT_SCHEMA = (
     "bool coverage=True) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
-_LOSS_ARGS = (
-    "Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp=None, "
-    "Tensor? call_map=None, Tensor? call_delta=None, str algo=\"grpo\", float eps_low=0.2, "
-    "float eps_high=0.2, float dual_clip_c=3.0, float tau_pos=1.0, float tau_neg=1.05, "
-    "float kl_coef=0.0, str kl_type=\"k3\", str agg=\"token-mean\", float? norm_const=None, "
-    "float? global_count=None"
+_LOSS_TENSOR_ARGS = (
+    "Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp=None, "
+    "Tensor? call_map=None, Tensor? call_delta=None"
 )
+_LOSS_KNOB_ARGS = _knobs.schema_args()  # algo ... global_count, defined once in knobs.py
+_LOSS_ARGS = f"Tensor logp, {_LOSS_TENSOR_ARGS}, {_LOSS_KNOB_ARGS}"
 POLICY_LOSS_SCHEMA = f"policy_loss({_LOSS_ARGS}) -> (Tensor, Tensor)"
 POLICY_LOSS_BACKWARD_SCHEMA = f"policy_loss_backward(Tensor grad_loss, {_LOSS_ARGS}) -> Tensor"
 # (loss, metrics, d loss / d logp for d loss = 1): value and gradient from one token pass
@@ -113,7 +115,7 @@ def _policy_loss_with_grad_fake(logp, *rest):
 # autograd: the loss is differentiable with respect to logp only
 # --------------------------------------------------------------------------------------
 
-_N_LOSS_INPUTS = 18  # arguments of policy_loss (tensors first, then the knobs)
+_N_LOSS_INPUTS = 7 + len(_knobs.NAMES)  # arguments of policy_loss: 7 tensors, then the knobs
 
 
 def _policy_loss_setup_context(ctx, inputs, output):
@@ -161,16 +163,11 @@ def fused_correct_reference_kernel(*args):
     return reference.fused_correct(*args)
 
 
-def policy_loss_reference_kernel(
-    logp, old_logp, advantages, mask, ref_logp=None, call_map=None, call_delta=None,
-    algo="grpo", eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05,
-    kl_coef=0.0, kl_type="k3", agg="token-mean", norm_const=None, global_count=None,
-):
+def policy_loss_reference_kernel(logp, old_logp, advantages, mask, ref_logp=None, call_map=None,
+                                 call_delta=None, *knob_args, **knob_kwargs):
     """Reference implementation of ``tapo::policy_loss`` with full input validation."""
     tensors = (logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = dict(algo=algo, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
-                 tau_pos=tau_pos, tau_neg=tau_neg, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
-                 norm_const=norm_const, global_count=global_count)
+    knobs = _knobs.bind(knob_args, knob_kwargs)
     _checks.check_policy_loss(*tensors, **knobs)
     return reference.policy_loss(*tensors, **knobs)
 
@@ -192,16 +189,12 @@ def _autograd_enabled():
         yield
 
 
-def policy_loss_backward_reference_kernel(
-    grad_loss, logp, old_logp, advantages, mask, ref_logp=None, call_map=None, call_delta=None,
-    algo="grpo", eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05,
-    kl_coef=0.0, kl_type="k3", agg="token-mean", norm_const=None, global_count=None,
-):
+def policy_loss_backward_reference_kernel(grad_loss, logp, old_logp, advantages, mask,
+                                          ref_logp=None, call_map=None, call_delta=None,
+                                          *knob_args, **knob_kwargs):
     """Backward of the reference policy loss: autograd through ``reference.policy_loss``."""
     tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = dict(algo=algo, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
-                 tau_pos=tau_pos, tau_neg=tau_neg, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
-                 norm_const=norm_const, global_count=global_count)
+    knobs = _knobs.bind(knob_args, knob_kwargs)
     _checks.check_policy_loss(logp, *tensors, **knobs)
     if grad_loss.numel() != 1:
         raise ValueError(f"grad_loss must have one element, got shape {tuple(grad_loss.shape)}")
@@ -212,17 +205,13 @@ def policy_loss_backward_reference_kernel(
     return grad
 
 
-def policy_loss_with_grad_reference_kernel(
-    logp, old_logp, advantages, mask, ref_logp=None, call_map=None, call_delta=None,
-    algo="grpo", eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, tau_pos=1.0, tau_neg=1.05,
-    kl_coef=0.0, kl_type="k3", agg="token-mean", norm_const=None, global_count=None,
-):
+def policy_loss_with_grad_reference_kernel(logp, old_logp, advantages, mask, ref_logp=None,
+                                           call_map=None, call_delta=None, *knob_args,
+                                           **knob_kwargs):
     """Reference ``tapo::policy_loss_with_grad``: the reference forward, then autograd for
     d loss / d logp (d loss = 1). Outputs are detached; the gradient is contiguous."""
     tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = dict(algo=algo, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
-                 tau_pos=tau_pos, tau_neg=tau_neg, kl_coef=kl_coef, kl_type=kl_type, agg=agg,
-                 norm_const=norm_const, global_count=global_count)
+    knobs = _knobs.bind(knob_args, knob_kwargs)
     _checks.check_policy_loss(logp, *tensors, **knobs)
     with _autograd_enabled():
         x = logp.detach().requires_grad_(True)
@@ -293,17 +282,8 @@ for _op in OPS:
 
 
 # ======================================================================================
-# Fused front ends: the policy loss from logits or from hidden states (SPEC section 3)
+# Fused front ends: the policy loss from logits or from hidden states (docs/math.md, section 5)
 # ======================================================================================
-
-from . import logprob as _logprob  # noqa: E402  (the chunked torch kernels of these ops)
-
-_LOSS_TENSOR_ARGS = (
-    "Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp=None, "
-    "Tensor? call_map=None, Tensor? call_delta=None"
-)
-_LOSS_KNOB_ARGS = _LOSS_ARGS.split(", Tensor? call_delta=None, ", 1)[1]  # algo ... global_count
-assert _LOSS_ARGS == f"Tensor logp, {_LOSS_TENSOR_ARGS}, {_LOSS_KNOB_ARGS}"
 
 POLICY_LOSS_FROM_LOGITS_SCHEMA = (
     f"policy_loss_from_logits(Tensor logits, Tensor labels, {_LOSS_TENSOR_ARGS}, "
@@ -336,9 +316,10 @@ lib.define(SELECTIVE_LOG_SOFTMAX_BACKWARD_SCHEMA)
 lib.define(SELECTIVE_LOG_SOFTMAX_BACKWARD_INPLACE_SCHEMA)
 lib.define(SELECTIVE_LOG_SOFTMAX_FROM_HIDDEN_BACKWARD_SCHEMA)
 
-# Internal ops of the native CPU kernels (csrc/logprob.cpp): the selective log-softmax rows,
-# dlogits rows and the chunked LM-head passes. The Python kernels of the public ops validate
-# the inputs, then call these; without the native build they run the chunked torch loops.
+# Internal ops: the vocabulary passes (selective log-softmax rows, dlogits rows, the chunked
+# LM-head passes). The composite kernels of the public ops (fused.py) validate the inputs, then
+# call these; the dispatcher picks C++ (csrc/logprob.cpp, when built) or the chunked torch
+# passes (vocab.py) on the CPU, Triton on CUDA.
 NATIVE_LOGPROB_SCHEMAS = (
     "_logprob_rows(Tensor logits, Tensor labels, float temperature, bool with_entropy) "
     "-> (Tensor, Tensor)",
@@ -353,7 +334,31 @@ NATIVE_LOGPROB_SCHEMAS = (
 for _schema in NATIVE_LOGPROB_SCHEMAS:
     lib.define(_schema)
 NATIVE_LOGPROB_OPS = tuple(s.split("(", 1)[0] for s in NATIVE_LOGPROB_SCHEMAS)
-_logprob.NATIVE = all(_has_cpu_kernel(op) for op in NATIVE_LOGPROB_OPS)
+NATIVE_LOGPROB = all(_has_cpu_kernel(op) for op in NATIVE_LOGPROB_OPS)
+
+
+def _triton_pass(op: str):
+    """The CUDA kernel of an internal vocabulary op: its Triton pass, imported on first use
+    (the chunked torch pass on a CUDA machine without Triton)."""
+    name = {"_logprob_rows": "logprob_rows", "_dlogits_rows": "dlogits_rows",
+            "_logprob_from_hidden": "logprob_from_hidden",
+            "_logprob_from_hidden_backward": "logprob_from_hidden_backward"}[op]
+
+    def kernel(*args):
+        try:
+            from .ops import logprob_loss as triton_passes  # imports triton
+        except ImportError:  # pragma: no cover - CUDA machine without triton
+            return _vocab.PASSES[op](*args)
+        return getattr(triton_passes.TRITON, name)(*args)
+
+    kernel.__name__ = f"{op}_cuda"
+    return kernel
+
+
+for _op in NATIVE_LOGPROB_OPS:
+    if not NATIVE_LOGPROB:
+        lib.impl(_op, _vocab.PASSES[_op], "CPU")
+    lib.impl(_op, _triton_pass(_op), "CUDA")
 
 LOGPROB_OPS = (
     "policy_loss_from_logits",
@@ -408,8 +413,10 @@ def _selective_log_softmax_from_hidden_backward_fake(grad_logp, hidden, weight, 
 # autograd: d loss / d logp from tapo::policy_loss_backward (tiny), then one pass over the
 # logits (or one chunked pass over the LM head) turns it into the input gradients.
 
-_N_FROM_LOGITS_INPUTS = 22  # logits, labels, 6 loss tensors, temperature, with_entropy, inplace, 11 knobs
-_N_FROM_HIDDEN_INPUTS = 24  # hidden, weight, bias, labels, 6 loss tensors, 3 options, 11 knobs
+# logits, labels, 6 loss tensors, temperature, with_entropy, inplace_backward, the knobs
+_N_FROM_LOGITS_INPUTS = 11 + len(_knobs.NAMES)
+# hidden, weight, bias, labels, 6 loss tensors, temperature, with_entropy, chunk_size, the knobs
+_N_FROM_HIDDEN_INPUTS = 13 + len(_knobs.NAMES)
 
 
 def _from_logits_setup_context(ctx, inputs, output):
@@ -465,18 +472,10 @@ torch.library.register_autograd(
     "tapo::policy_loss_from_hidden", _from_hidden_backward, setup_context=_from_hidden_setup_context
 )
 
-_REFERENCE_KERNELS.update({
-    "policy_loss_from_logits": _logprob.policy_loss_from_logits_kernel,
-    "policy_loss_from_hidden": _logprob.policy_loss_from_hidden_kernel,
-    "selective_log_softmax_backward": _logprob.selective_log_softmax_backward_kernel,
-    "selective_log_softmax_backward_inplace": _logprob.selective_log_softmax_backward_inplace_kernel,
-    "selective_log_softmax_from_hidden_backward":
-        _logprob.selective_log_softmax_from_hidden_backward_kernel,
-})
+_REFERENCE_KERNELS.update(_fused.KERNELS)
 
 for _op in LOGPROB_OPS:
-    # validation and the loss in Python; the vocabulary passes in C++ (csrc/logprob.cpp) when
-    # the native build is present, else in chunked torch ops (never the plain composition)
-    lib.impl(_op, _REFERENCE_KERNELS[_op], "CPU")
-    CPU_BACKEND[_op] = "native" if _logprob.NATIVE else "chunked-torch"
+    # validation and the loss in Python (fused.py); the vocabulary passes by the dispatcher
+    lib.impl(_op, _fused.KERNELS[_op], "CPU")
+    CPU_BACKEND[_op] = "native" if NATIVE_LOGPROB else "chunked-torch"
     lib.impl(_op, _triton_kernel(_op), "CUDA")

@@ -207,13 +207,13 @@ def check(arch: int = 90, log: Callable[[str], None] = print) -> Report:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset or 0 (it compiles)")
     _install_driver(arch)
-    from . import logprob
+    from . import fused
 
     report = Report(arch=arch)
     # outputs are uninitialised (nothing launches): the finiteness checks after a launch
     # would reject them, so they are switched off here
-    saved = logprob.check_logp_finite
-    logprob.check_logp_finite = lambda *a, **k: None
+    saved = fused.check_logp_finite
+    fused.check_logp_finite = lambda *a, **k: None
     try:
         with _compile_only(report):
             for label, launch in _cases():
@@ -233,7 +233,7 @@ def check(arch: int = 90, log: Callable[[str], None] = print) -> Report:
                     pass
                 log(f"ok   {label}: {len(report.compiled) - before} launches")
     finally:
-        logprob.check_logp_finite = saved
+        fused.check_logp_finite = saved
     return report
 
 

@@ -195,12 +195,19 @@ def loss_batch(
 
 @contextmanager
 def chunked_torch_passes() -> Iterator[None]:
-    """Inside: the CPU kernels of the logits / hidden-state losses run their vocabulary passes
-    in chunked torch ops (the fallback without the native build) instead of C++."""
-    from . import logprob
+    """Inside: the CPU kernels of the internal vocabulary ops (``tapo::_logprob_rows`` & co.)
+    are the chunked torch passes of ``vocab.py`` instead of C++ (the fallback without the
+    native build). A temporary registration over the C++ one, removed on exit."""
+    import warnings
 
-    saved, logprob.NATIVE = logprob.NATIVE, False
+    from . import vocab
+
+    lib = torch.library.Library("tapo", "IMPL")  # noqa: TOR901 (destroyed below)
     try:
+        with warnings.catch_warnings():  # "overriding a previously registered kernel"
+            warnings.simplefilter("ignore")
+            for op, kernel in vocab.PASSES.items():
+                lib.impl(op, kernel, "CPU")
         yield
     finally:
-        logprob.NATIVE = saved
+        lib._destroy()

@@ -186,11 +186,11 @@ def logits_op_torch(logits: Tensor, case: Case, inplace: bool = False) -> Result
 
 def selective_log_softmax_cpu(logits: Tensor, labels: Tensor, backend: str):
     """fp32 (logp, entropy) of the CPU kernel's vocabulary pass: "op" (C++ when built) or "op-torch"."""
-    from tapo_kernels import logprob
+    from tapo_kernels import _library, vocab
 
-    if backend == "op" and logprob.NATIVE:
+    if backend == "op" and _library.NATIVE_LOGPROB:
         return torch.ops.tapo._logprob_rows(logits, labels, 1.0, True)
-    return logprob.selective_log_softmax_chunked(logits, labels, 1.0, True)
+    return vocab.selective_log_softmax_chunked(logits, labels, 1.0, True)
 
 
 def logits_triton(logits: Tensor, case: Case, block_v: int | None = 16) -> Result:
@@ -532,7 +532,7 @@ def test_observation_tokens_get_zero_hidden_gradient(backend):
 @pytest.mark.parametrize("backend", ["op", "op-torch"])
 def test_long_row_spans_several_chunks(backend):
     """CPU: one row of T = 2600 tokens, V = 8192: three chunks of 1024 rows in the chunked kernel."""
-    from tapo_kernels.logprob import default_chunk_tokens
+    from tapo_kernels.vocab import default_chunk_tokens
 
     T, V = 2600, 8192
     assert default_chunk_tokens(V, torch.device("cpu")) * 2 < T

@@ -19,14 +19,15 @@ import pytest
 import torch
 
 import tapo_kernels
-from tapo_kernels import logprob
+from tapo_kernels import vocab
+from tapo_kernels._library import NATIVE_LOGPROB
 
 pytestmark = pytest.mark.skipif(
-    not logprob.NATIVE, reason=f"native build absent: {tapo_kernels.NATIVE_ERROR}"
+    not NATIVE_LOGPROB, reason=f"native build absent: {tapo_kernels.NATIVE_ERROR}"
 )
 
-ROWS = torch.ops.tapo._logprob_rows if logprob.NATIVE else None
-DLOGITS = torch.ops.tapo._dlogits_rows if logprob.NATIVE else None
+ROWS = torch.ops.tapo._logprob_rows if NATIVE_LOGPROB else None
+DLOGITS = torch.ops.tapo._dlogits_rows if NATIVE_LOGPROB else None
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NAN = float("nan")
 
@@ -60,7 +61,7 @@ def _grad_tol(dtype):
 def test_rows_match_chunked_torch(dtype, V, temperature):
     x, labels, g = _batch(3, 5, V, dtype, seed=V + int(temperature * 10), neg_inf_cols=V // 4)
     logp, entropy = ROWS(x, labels, temperature, True)
-    ref_logp, ref_entropy = logprob.selective_log_softmax_chunked(x, labels, temperature, True)
+    ref_logp, ref_entropy = vocab.selective_log_softmax_chunked(x, labels, temperature, True)
     assert logp.dtype == entropy.dtype == torch.float32
     torch.testing.assert_close(logp, ref_logp, **_tol(dtype))
     torch.testing.assert_close(entropy, ref_entropy, **_tol(dtype))
@@ -69,7 +70,7 @@ def test_rows_match_chunked_torch(dtype, V, temperature):
     assert none.numel() == 0 and torch.equal(no_entropy_logp, logp)
 
     ref = torch.empty_like(x)
-    logprob.selective_log_softmax_backward_chunked(g, x, labels, ref_logp, temperature, ref)
+    vocab.selective_log_softmax_backward_chunked(g, x, labels, ref_logp, temperature, ref)
     out = torch.full_like(x, NAN)  # poisoned: every element must be written
     DLOGITS(g, x, labels, logp, temperature, out)
     torch.testing.assert_close(out.float(), ref.float(), **_grad_tol(dtype))
@@ -175,13 +176,13 @@ def test_hidden_passes_match_chunked_torch(dtype, chunk, with_bias):
     labels[0, :2] = -100
     g = torch.randn(B, T, generator=gen)
     logp, entropy = torch.ops.tapo._logprob_from_hidden(h, w, bias, labels, 1.1, True, chunk)
-    ref = logprob.selective_log_softmax_from_hidden_chunked(h, w, bias, labels, 1.1, True, chunk)
+    ref = vocab.selective_log_softmax_from_hidden_chunked(h, w, bias, labels, 1.1, True, chunk)
     torch.testing.assert_close(logp, ref[0], rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(entropy, ref[1], rtol=2e-5, atol=2e-5)
     grads = torch.ops.tapo._logprob_from_hidden_backward(
         g, h, w, bias, labels, logp, 1.1, chunk, True, True
     )
-    ref_grads = logprob.selective_log_softmax_from_hidden_backward_chunked(
+    ref_grads = vocab.selective_log_softmax_from_hidden_backward_chunked(
         g, h, w, bias, labels, logp, 1.1, chunk, True, True
     )
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -197,7 +198,6 @@ def test_hidden_passes_match_chunked_torch(dtype, chunk, with_bias):
 
 _ISA_SCRIPT = """
 import json, torch, tapo_kernels
-from tapo_kernels import logprob
 gen = torch.Generator().manual_seed(11)
 out = {}
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -227,8 +227,9 @@ def test_avx2_and_baseline_builds_agree_bit_for_bit():
 
 def test_without_the_native_build_the_chunked_torch_passes_run():
     script = (
-        "import json, tapo_kernels; from tapo_kernels import logprob; "
-        "print(json.dumps([logprob.NATIVE, tapo_kernels.CPU_BACKEND['policy_loss_from_hidden']]))"
+        "import json, tapo_kernels; from tapo_kernels import _library; "
+        "print(json.dumps([_library.NATIVE_LOGPROB, "
+        "tapo_kernels.CPU_BACKEND['policy_loss_from_hidden']]))"
     )
     env = dict(os.environ, TAPO_DISABLE_NATIVE="1")
     res = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
@@ -242,7 +243,7 @@ def _bad_internal_calls():
     x, labels, g = _batch(2, 3, 10, torch.float32, seed=13)
     lp = torch.zeros(2, 3)
     h, w = torch.randn(2, 3, 4), torch.randn(10, 4)
-    hb = torch.ops.tapo._logprob_from_hidden if logprob.NATIVE else None
+    hb = torch.ops.tapo._logprob_from_hidden if NATIVE_LOGPROB else None
     return [
         ("logits 2-D", lambda: ROWS(x[0], labels, 1.0, False), ValueError, "must be 3-D"),
         ("vocab stride", lambda: ROWS(x.transpose(1, 2), labels, 1.0, False), ValueError,
@@ -269,7 +270,7 @@ def _bad_internal_calls():
 
 
 @pytest.mark.parametrize(
-    "case", _bad_internal_calls() if logprob.NATIVE else [], ids=lambda c: c[0]
+    "case", _bad_internal_calls() if NATIVE_LOGPROB else [], ids=lambda c: c[0]
 )
 def test_internal_ops_reject_bad_input(case):
     _, call, exc, text = case

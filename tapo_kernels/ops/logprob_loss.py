@@ -45,8 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks
-from .. import logprob as _chunked
+from .. import _checks, fused, vocab
 from .policy_loss import policy_loss_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -358,56 +357,6 @@ def selective_log_softmax_backward_inplace_triton(
     _dlogits_into(grad_logp, logits, labels, logp, temperature, logits, block_v)
 
 
-def policy_loss_from_logits_triton(
-    logits,
-    labels,
-    old_logp,
-    advantages,
-    mask,
-    ref_logp=None,
-    call_map=None,
-    call_delta=None,
-    temperature=1.0,
-    with_entropy=False,
-    inplace_backward=False,
-    algo="grpo",
-    eps_low=0.2,
-    eps_high=0.2,
-    dual_clip_c=3.0,
-    tau_pos=1.0,
-    tau_neg=1.05,
-    kl_coef=0.0,
-    kl_type="k3",
-    agg="token-mean",
-    norm_const=None,
-    global_count=None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``tapo::policy_loss_from_logits`` on CUDA (or CPU tensors under ``TRITON_INTERPRET=1``).
-
-    Returns ``(loss, metrics, logp, entropy)`` equal to
-    ``tapo_kernels.reference.policy_loss_from_logits``.
-    """
-    loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = (
-        algo,
-        eps_low,
-        eps_high,
-        dual_clip_c,
-        tau_pos,
-        tau_neg,
-        kl_coef,
-        kl_type,
-        agg,
-        norm_const,
-        global_count,
-    )
-    _checks.check_policy_loss_from_logits(logits, labels, *loss_tensors, temperature, *knobs)
-    logp, entropy = selective_log_softmax_triton(logits, labels, temperature, with_entropy)
-    _chunked.check_logp_finite(logp, mask)
-    loss, metrics = policy_loss_triton(logp, *loss_tensors, *knobs, validated=True)
-    return loss, metrics, logp, entropy
-
-
 # --------------------------------------------------------------------------------------
 # hidden-state path: cuBLAS GEMMs per chunk, the kernels above on each chunk of logits
 # --------------------------------------------------------------------------------------
@@ -445,95 +394,53 @@ def _dlogits_chunk_triton(
     return out
 
 
-def policy_loss_from_hidden_triton(
-    hidden,
-    weight,
-    bias,
-    labels,
-    old_logp,
-    advantages,
-    mask,
-    ref_logp=None,
-    call_map=None,
-    call_delta=None,
-    temperature=1.0,
-    with_entropy=False,
-    chunk_size=None,
-    algo="grpo",
-    eps_low=0.2,
-    eps_high=0.2,
-    dual_clip_c=3.0,
-    tau_pos=1.0,
-    tau_neg=1.05,
-    kl_coef=0.0,
-    kl_type="k3",
-    agg="token-mean",
-    norm_const=None,
-    global_count=None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``tapo::policy_loss_from_hidden``: chunked ``linear`` + the Triton log-softmax + the loss."""
-    loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = (
-        algo,
-        eps_low,
-        eps_high,
-        dual_clip_c,
-        tau_pos,
-        tau_neg,
-        kl_coef,
-        kl_type,
-        agg,
-        norm_const,
-        global_count,
-    )
-    _checks.check_policy_loss_from_hidden(
-        hidden, weight, bias, labels, *loss_tensors, temperature, chunk_size, *knobs
-    )
-    logp, entropy = _chunked.selective_log_softmax_from_hidden_chunked(
-        hidden,
-        weight,
-        bias,
-        labels,
-        temperature,
-        with_entropy,
-        chunk_size,
-        chunk_fn=_logprob_chunk_triton,
-    )
-    _chunked.check_logp_finite(logp, mask)
-    loss, metrics = policy_loss_triton(logp, *loss_tensors, *knobs, validated=True)
-    return loss, metrics, logp, entropy
+def _dlogits_rows_triton(grad_logp, logits, labels, logp, temperature, out) -> None:
+    _dlogits_into(grad_logp, logits, labels, logp, temperature, out, None)
 
 
-def selective_log_softmax_from_hidden_backward_triton(
-    grad_logp,
-    hidden,
-    weight,
-    bias,
-    labels,
-    logp,
-    temperature=1.0,
-    chunk_size=None,
-    weight_grad=True,
-    bias_grad=True,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``tapo::selective_log_softmax_from_hidden_backward``: ``(dhidden, dweight, dbias)``.
+def _logprob_from_hidden_triton(hidden, weight, bias, labels, temperature, with_entropy, chunk):
+    return vocab.selective_log_softmax_from_hidden_chunked(
+        hidden, weight, bias, labels, temperature, with_entropy, chunk,
+        chunk_fn=_logprob_chunk_triton)
 
-    Per chunk: recompute the logits (cuBLAS), overwrite them with ``dlogits`` (Triton), then
-    ``dhidden = dlogits @ W`` and ``dW += dlogits^T @ h`` accumulated in fp32.
-    """
-    _checks.check_selective_log_softmax_from_hidden_backward(
-        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size
-    )
-    return _chunked.selective_log_softmax_from_hidden_backward_chunked(
-        grad_logp,
-        hidden,
-        weight,
-        bias,
-        labels,
-        logp,
-        temperature,
-        chunk_size,
-        weight_grad,
-        bias_grad,
-        chunk_fn=_dlogits_chunk_triton,
-    )
+
+def _logprob_from_hidden_backward_triton(grad_logp, hidden, weight, bias, labels, logp,
+                                         temperature, chunk, weight_grad, bias_grad):
+    return vocab.selective_log_softmax_from_hidden_backward_chunked(
+        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk, weight_grad,
+        bias_grad, chunk_fn=_dlogits_chunk_triton)
+
+
+def _validated_loss(logp, *loss_tensors, **knobs):
+    return policy_loss_triton(logp, *loss_tensors, **knobs, validated=True)
+
+
+# the vocabulary passes and loss of the fused composites (fused.py), in Triton; also the CUDA
+# kernels of the internal ops tapo::_logprob_rows & co.
+TRITON = fused.Passes(
+    logprob_rows=selective_log_softmax_triton,
+    dlogits_rows=_dlogits_rows_triton,
+    logprob_from_hidden=_logprob_from_hidden_triton,
+    logprob_from_hidden_backward=_logprob_from_hidden_backward_triton,
+    loss=_validated_loss,
+)
+
+
+def policy_loss_from_logits_triton(*args, **kwargs):
+    """``tapo::policy_loss_from_logits`` with the Triton kernels (CUDA, or CPU tensors under
+    ``TRITON_INTERPRET=1``): the composite of ``fused.py`` on these passes."""
+    return fused.policy_loss_from_logits_kernel(*args, passes=TRITON, **kwargs)
+
+
+def policy_loss_from_hidden_triton(*args, **kwargs):
+    """``tapo::policy_loss_from_hidden``: cuBLAS GEMMs per chunk, the Triton passes on each
+    chunk of logits (the backward writes dlogits into the chunk's own buffer)."""
+    return fused.policy_loss_from_hidden_kernel(*args, passes=TRITON, **kwargs)
+
+
+def selective_log_softmax_from_hidden_backward_triton(*args, **kwargs):
+    """``tapo::selective_log_softmax_from_hidden_backward``: per chunk, recompute the logits
+    (cuBLAS), overwrite them with ``dlogits`` (Triton), then ``dhidden = dlogits @ W`` and
+    ``dW += dlogits^T @ h`` accumulated in fp32."""
+    return fused.selective_log_softmax_from_hidden_backward_kernel(*args, passes=TRITON,
+                                                                   **kwargs)

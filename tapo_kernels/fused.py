@@ -1,0 +1,155 @@
+"""The fused loss kernels: the policy loss from logits or hidden states, on any device.
+
+One composite per op: validate, run the vocabulary pass (log-probabilities, or ``dlogits`` in
+the backward), run the policy loss. The vocabulary passes are the internal ops
+``tapo::_logprob_rows``, ``_dlogits_rows``, ``_logprob_from_hidden`` and
+``_logprob_from_hidden_backward``, whose kernel the dispatcher chooses: C++ on the CPU when
+the native build is present (``csrc/logprob.cpp``), else chunked torch ops (``vocab.py``);
+Triton on CUDA. The Triton launchers (``ops/logprob_loss.py``) run the same composites with
+their kernels named directly (``Passes``), so the interpreter tests reach them on CPU tensors.
+The math: docs/math.md, section 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _checks, vocab
+from . import knobs as _knobs
+
+
+@dataclass(frozen=True)
+class Passes:
+    """The vocabulary passes and the loss a composite runs (signatures of the internal ops)."""
+
+    logprob_rows: Callable
+    dlogits_rows: Callable
+    logprob_from_hidden: Callable
+    logprob_from_hidden_backward: Callable
+    # (logp, *loss tensors, **knobs) -> (loss, metrics), on arguments already validated
+    loss: Callable
+
+
+def _rows_contiguous(t: Tensor) -> bool:
+    return t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
+def _dispatched(op: str) -> Callable:
+    """The internal op ``tapo::<op>`` (kernel chosen by the dispatcher); a tensor whose rows are
+    strided along the vocabulary goes to the chunked torch pass, which takes any layout."""
+    chunked = vocab.PASSES[op]
+
+    def run(*args):
+        if not all(_rows_contiguous(a) for a in args if isinstance(a, Tensor) and a.dim() == 3):
+            return chunked(*args)
+        return getattr(torch.ops.tapo, op)(*args)
+
+    return run
+
+
+def _dispatched_loss(logp: Tensor, *loss_tensors: Tensor | None, **knobs) -> tuple[Tensor, Tensor]:
+    if logp.is_cuda:  # the front door validated the arguments: no second round of checks
+        from .ops.policy_loss import policy_loss_triton
+
+        return policy_loss_triton(logp, *loss_tensors, **knobs, validated=True)
+    return torch.ops.tapo.policy_loss(logp, *loss_tensors, **knobs)
+
+
+DISPATCHED = Passes(
+    logprob_rows=_dispatched("_logprob_rows"),
+    dlogits_rows=_dispatched("_dlogits_rows"),
+    logprob_from_hidden=_dispatched("_logprob_from_hidden"),
+    logprob_from_hidden_backward=_dispatched("_logprob_from_hidden_backward"),
+    loss=_dispatched_loss,
+)
+
+
+def check_logp_finite(logp: Tensor, mask: Tensor) -> None:
+    """Raise when a log-probability the loss reads is NaN or infinite."""
+    if not logp.numel():
+        return
+    flags = _checks.Flags()
+    flags.add((~torch.isfinite(logp) & (mask != 0)).any(),
+              "logits give a non-finite log-probability at a mask token "
+              "(NaN or inf in the logits, or -inf at the label)")
+    flags.raise_first()
+
+
+def _chunk(chunk_size: int | None, weight: Tensor) -> int:
+    """Tokens per chunk of the LM-head passes: as asked, else the device's default."""
+    return chunk_size or vocab.default_chunk_tokens(weight.shape[0], weight.device)
+
+
+def policy_loss_from_logits_kernel(logits, labels, old_logp, advantages, mask, ref_logp=None,
+                                   call_map=None, call_delta=None, temperature=1.0,
+                                   with_entropy=False, inplace_backward=False, *knob_args,
+                                   passes: Passes = DISPATCHED, **knob_kwargs):
+    """``tapo::policy_loss_from_logits``: ``(loss, metrics, logp, entropy)``."""
+    loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    knobs = _knobs.bind(knob_args, knob_kwargs)
+    _checks.check_policy_loss_from_logits(logits, labels, *loss_tensors, temperature,
+                                          *knobs.values())
+    logp, entropy = passes.logprob_rows(logits, labels, temperature, with_entropy)
+    check_logp_finite(logp, mask)
+    loss, metrics = passes.loss(logp, *loss_tensors, **knobs)
+    return loss, metrics, logp, entropy
+
+
+def policy_loss_from_hidden_kernel(hidden, weight, bias, labels, old_logp, advantages, mask,
+                                   ref_logp=None, call_map=None, call_delta=None,
+                                   temperature=1.0, with_entropy=False, chunk_size=None,
+                                   *knob_args, passes: Passes = DISPATCHED, **knob_kwargs):
+    """``tapo::policy_loss_from_hidden``: ``(loss, metrics, logp, entropy)``; the ``(B*T, V)``
+    logits never exist (``chunk_size`` tokens at a time)."""
+    loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    knobs = _knobs.bind(knob_args, knob_kwargs)
+    _checks.check_policy_loss_from_hidden(hidden, weight, bias, labels, *loss_tensors,
+                                          temperature, chunk_size, *knobs.values())
+    logp, entropy = passes.logprob_from_hidden(hidden, weight, bias, labels, temperature,
+                                               with_entropy, _chunk(chunk_size, weight))
+    check_logp_finite(logp, mask)
+    loss, metrics = passes.loss(logp, *loss_tensors, **knobs)
+    return loss, metrics, logp, entropy
+
+
+def selective_log_softmax_backward_kernel(grad_logp, logits, labels, logp, temperature=1.0, *,
+                                          passes: Passes = DISPATCHED):
+    """``tapo::selective_log_softmax_backward``: a new ``dlogits`` in the logits' dtype."""
+    _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
+    out = torch.empty_like(logits)
+    passes.dlogits_rows(grad_logp, logits, labels, logp, temperature, out)
+    return out
+
+
+def selective_log_softmax_backward_inplace_kernel(grad_logp, logits, labels, logp,
+                                                  temperature=1.0, *,
+                                                  passes: Passes = DISPATCHED):
+    """``tapo::selective_log_softmax_backward_inplace``: overwrite ``logits`` with ``dlogits``."""
+    _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
+    passes.dlogits_rows(grad_logp, logits, labels, logp, temperature, logits)
+
+
+def selective_log_softmax_from_hidden_backward_kernel(grad_logp, hidden, weight, bias, labels,
+                                                      logp, temperature=1.0, chunk_size=None,
+                                                      weight_grad=True, bias_grad=True, *,
+                                                      passes: Passes = DISPATCHED):
+    """``tapo::selective_log_softmax_from_hidden_backward``: ``(dhidden, dweight, dbias)``."""
+    _checks.check_selective_log_softmax_from_hidden_backward(
+        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size)
+    return passes.logprob_from_hidden_backward(grad_logp, hidden, weight, bias, labels, logp,
+                                               temperature, _chunk(chunk_size, weight),
+                                               weight_grad, bias_grad)
+
+
+KERNELS = {
+    "policy_loss_from_logits": policy_loss_from_logits_kernel,
+    "policy_loss_from_hidden": policy_loss_from_hidden_kernel,
+    "selective_log_softmax_backward": selective_log_softmax_backward_kernel,
+    "selective_log_softmax_backward_inplace": selective_log_softmax_backward_inplace_kernel,
+    "selective_log_softmax_from_hidden_backward":
+        selective_log_softmax_from_hidden_backward_kernel,
+}
