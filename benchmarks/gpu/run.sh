@@ -9,7 +9,8 @@
 # package's own torch pin never triggers a reinstall. The C++ CPU extension is not built: CUDA
 # tensors never use it, and the CPU tests that need it run in CI. Wheels carried in .whl/
 # (Liger-Kernel, TRL and the few needs of theirs the machine lacks, bm25s for the trainer
-# tests) are installed into /tmp/site first; nothing is fetched.
+# tests; benchmarks/gpu/fetch_wheels.sh downloads them) are installed into /tmp/site first;
+# nothing is fetched on the GPU machine.
 #
 # Stages (each bounded by a timeout; one failing never stops the next):
 #   env    device, driver, versions                          -> env.txt
