@@ -25,10 +25,11 @@ from typing import Any
 
 import yaml
 
-# policy_loss knobs a config may override (kl_coef/kl_type live in AlgoConfig; the trainer
-# sets global_count itself)
-LOSS_KNOBS = ("algo", "eps_low", "eps_high", "dual_clip_c", "tau_pos", "tau_neg", "agg",
-              "norm_const")
+from tapo_kernels import knobs as _loss_knobs
+
+# policy_loss knobs a config may override: every knob of tapo_kernels.knobs but kl_coef /
+# kl_type (they live in AlgoConfig) and global_count (the trainer sets it)
+LOSS_KNOBS = tuple(k for k in _loss_knobs.NAMES if k not in ("kl_coef", "kl_type", "global_count"))
 
 
 RUN_MARKER = ".tapo-run"  # marks a directory as a run directory of this trainer
@@ -460,7 +461,7 @@ def _check_finite(node: Any, prefix: str = "") -> None:
 
 def validate(cfg: Config) -> None:
     """Reject values that cannot describe a run, naming the key and the allowed range."""
-    from tapo_kernels import PRESETS
+    PRESETS = _loss_knobs.PRESETS
 
     def check(ok: bool, key: str, msg: str) -> None:
         if not ok:
@@ -553,10 +554,8 @@ def validate(cfg: Config) -> None:
     choice("algo.loss", a.loss, sorted(PRESETS))
     for knob in a.loss_overrides:
         choice(f"algo.loss_overrides.{knob}", knob, list(LOSS_KNOBS))
-    from tapo_kernels.loss import resolve_knobs
-
     try:  # the loss's own checks, now rather than at the first RL step
-        resolve_knobs(a.loss, {**a.loss_overrides, "kl_coef": a.kl_coef, "kl_type": a.kl_type})
+        _loss_knobs.resolve(a.loss, {**a.loss_overrides, "kl_coef": a.kl_coef, "kl_type": a.kl_type})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"algo.loss_overrides / algo.kl_*: {exc}") from exc
     nonneg("algo.kl_coef", a.kl_coef)
