@@ -1,4 +1,4 @@
-// CPU kernel of tapo::fused_correct (SPEC section 2), the semantics of
+// CPU kernel of tapo::fused_correct (docs/math.md, section 2), the semantics of
 // tapo_kernels/reference.py::fused_correct.
 //
 // Design: the op is memory-bound on the (B, T) advantages, so they are read once and

@@ -1,4 +1,4 @@
-// CPU kernels of the log-probability front ends (SPEC section 3): the selective log-softmax
+// CPU kernels of the log-probability front ends (docs/math.md, section 5): selective log-softmax
 // of tapo::policy_loss_from_logits / tapo::policy_loss_from_hidden and their backward, as
 // internal ops that tapo_kernels/logprob.py calls after validating the inputs:
 //

@@ -1,5 +1,5 @@
 // CPU kernels of tapo::policy_loss, tapo::policy_loss_backward and tapo::policy_loss_with_grad
-// (SPEC section 3), the semantics of tapo_kernels/reference.py::policy_loss and of autograd
+// (docs/math.md, sections 3-4): the semantics of reference.py::policy_loss and of autograd
 // through it, and the autograd of tapo::policy_loss for CPU tensors (AutogradCPU).
 //
 // Design: OpenMP (at::parallel_for) over rows; inside a row, an explicit 8 x fp32 / 4 x fp64

@@ -11,7 +11,7 @@ from torch import Tensor
 from . import _checks, _library  # noqa: F401  (_library registers the ops)
 from .reference import build_call_map as _build_call_map
 
-# Defaults of SPEC section 2: beta is the paper's best; theta and alpha_min are sweepable.
+# Defaults of docs/math.md, section 2: beta is the paper's best; theta and alpha_min are sweepable.
 DEFAULT_THETA = 0.7
 DEFAULT_ALPHA_MIN = 0.3
 DEFAULT_BETA = 0.8

@@ -1,6 +1,6 @@
 """Readable pure-torch semantics of every tapo op.
 
-This module is the contract in code (``SPEC.md`` sections 1-3). It is the oracle of every
+This module is the contract in code (``docs/math.md``, sections 1-5). It is the oracle of every
 test, the baseline of every benchmark, and the CPU kernel when the native build is absent.
 Functions here do no input validation (see ``_checks.py``) and work in whatever floating
 dtype they are given (float64 for tight oracles, float32 for the kernels' own dtype).
@@ -280,7 +280,7 @@ def policy_loss(
     norm_const: float | None = None,
     global_count: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """SPEC section 3 in plain torch (gradients by autograd). Returns (loss, metrics).
+    """docs/math.md, sections 3-4, in plain torch (gradients by autograd). Returns (loss, metrics).
 
     ``metrics`` is a detached ``(4,)`` tensor ordered as ``METRIC_NAMES``: fraction of
     mask tokens whose loss is clipped (PPO clip or dual clip strictly active; always 0

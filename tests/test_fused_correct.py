@@ -1,4 +1,4 @@
-"""Contract tests of ``torch.ops.tapo.fused_correct`` (SPEC section 2) for every backend.
+"""Contract tests of ``torch.ops.tapo.fused_correct`` (docs/math.md, section 2) for every backend.
 
 Every test that takes ``fused_correct_impl`` runs on each backend of ``tests/conftest.py``
 (the pure-torch reference, the native C++ kernel when built, the Triton kernel under the
@@ -6,7 +6,7 @@ interpreter). Shapes stay tiny because the Triton interpreter is about 1000x slo
 torch.
 
 1. Hand-computed golden cases (exact values, the arithmetic in a comment).
-2. Hypothesis property tests of every SPEC invariant on random batches.
+2. Hypothesis property tests of every invariant (docs/math.md, section 2.7) on random batches.
 3. Every backend against the reference on fresh random batches (fp16/bf16 parameters,
    prime B, T = 1, non-contiguous inputs, all-invalid calls, N = 0).
 4. Bad input: every check of ``_checks.check_fused_correct`` names the argument.
@@ -544,7 +544,7 @@ def random_cases(draw) -> RandomCase:
 
 
 def check_invariants(case: RandomCase, out) -> None:
-    """Every invariant of SPEC section 2 that holds without recomputing similarities."""
+    """Every invariant of docs/math.md, section 2 that holds without recomputing similarities."""
     b, k = case.batch, case.knobs
     corrected, delta, confidence, witness = out
     adv, seq_adv = b.advantages, b.seq_advantages
@@ -699,7 +699,7 @@ def assert_witnesses(out_w: Tensor, ref_w: Tensor, args: dict[str, Tensor], knob
     kernel then legitimately picks another candidate of the tie. Where the witnesses differ,
     the kernel's must be a candidate of the call within 1e-6 of the best similarity, each
     pair's similarity computed on its own (identical pairs give identical values), and when
-    those similarities tie exactly, the lowest call index (SPEC: lowest-index candidate).
+    those similarities tie exactly, the lowest call index (docs/math.md, section 2.3).
     """
     assert torch.equal(out_w == -1, ref_w == -1), (out_w, ref_w)
     seq_adv, gid = args["seq_advantages"], args["group_ids"]

@@ -302,7 +302,7 @@ def test_fused_correct_all_invalid_calls() -> None:
 
 
 def test_fused_correct_without_pool() -> None:
-    """No successful row: nothing is corrected (SPEC invariant), every witness is -1.
+    """No successful row: nothing is corrected (docs/math.md, section 2.7), every witness is -1.
 
     Expected values by hand: with no candidate, s_k = 0, so conf_k = 0 and d_k = 0.
     """
@@ -611,7 +611,7 @@ def _away_from_kinks(B: int, T: int, seed: int, per_token: bool) -> list:
 @pytest.mark.parametrize("algo", reference.ALGOS)
 def test_policy_loss_gradcheck(algo: str) -> None:
     # GSPO-token's gradient equals the derivative of its value only for per-row advantages
-    # (SPEC: then it is sequence-level GSPO); its row ratios s_i = exp(mean log-ratio) are
+    # (then sequence-level GSPO, docs/math.md 3.5); its row ratios s_i = exp(mean log-ratio) are
     # checked against the clip bounds below.
     per_token = algo != "gspo"
     logp, old, adv, mask, ref = _away_from_kinks(4, 9, seed=3, per_token=per_token)
@@ -637,7 +637,7 @@ def test_policy_loss_gradcheck(algo: str) -> None:
 
 @pytest.mark.parametrize("agg", reference.AGGS)
 def test_policy_loss_all_masked_batch(agg: str) -> None:
-    """SPEC: fully masked rows contribute 0; an all-masked batch gives loss 0, zero gradient."""
+    """Fully masked rows give 0; all masked: loss 0, zero gradient (docs/math.md, section 4)."""
     for dtype, global_count in itertools.product((torch.float32, torch.float64), (None, 10.0)):
         batch = testing.loss_batch(B=4, T=16, dtype=dtype, seed=1)
         args = list(batch.op_args())

@@ -1,4 +1,4 @@
-"""Contract tests of ``torch.ops.tapo.policy_loss`` (SPEC section 3) on every backend.
+"""Contract tests of ``torch.ops.tapo.policy_loss`` (docs/math.md, sections 3-4) on every backend.
 
 Layout, in order:
 
@@ -1418,8 +1418,8 @@ def test_torch_compile_fullgraph(backend):
         assert float(logp.grad.abs().max()) > 0
 
 
-# Preset knobs written out from SPEC section 3 (not read from PRESETS).
-SPEC_PRESETS = {
+# Preset knobs written out from docs/math.md, section 3.10 (not read from PRESETS).
+DOC_PRESETS = {
     "grpo": {"algo": "grpo", "eps_low": 0.2, "eps_high": 0.2, "dual_clip_c": 3.0},
     "dapo": {
         "algo": "grpo",
@@ -1434,10 +1434,10 @@ SPEC_PRESETS = {
 }
 
 
-@pytest.mark.parametrize("preset", sorted(SPEC_PRESETS))
+@pytest.mark.parametrize("preset", sorted(DOC_PRESETS))
 def test_preset_knobs_follow_spec(preset):
     assert preset in PRESETS
-    for knob, value in SPEC_PRESETS[preset].items():
+    for knob, value in DOC_PRESETS[preset].items():
         assert PRESETS[preset][knob] == value, f"{preset}.{knob}"
     # the front door equals the reference called with the preset's knobs
     b = loss_batch(B=4, T=9, spread=0.3, seed=seed_of("preset", preset))

@@ -49,10 +49,10 @@ def has_failing_without_candidates(args: tuple[torch.Tensor, ...]) -> bool:
 
 
 def expected_outputs(args: tuple[torch.Tensor, ...], knobs: tuple, batch_scope: bool, dtype):
-    """The reference in ``dtype`` (parameters converted too); SPEC semantics without witnesses.
+    """The reference in ``dtype`` (parameters converted too); documented math without witnesses.
 
     ``reference.fused_correct`` raises IndexError when failing calls exist but no candidate
-    does (``min`` over an empty dimension); SPEC section 2 says every failing call then has
+    does (``min`` over an empty dimension); docs/math.md, section 2.3: every failing call then has
     ``s = 0``, ``w = -1``, ``d = 0`` and nothing changes.
     """
     if has_failing_without_candidates(args):
@@ -162,7 +162,7 @@ def test_batch_has_the_hard_cases_and_they_are_handled():
     out = check_against_reference(args, (0.1, 0.0, 0.8), False, exact=True)
     changed = out[0] != batch.advantages
     assert changed.any(), "no token was lifted"
-    # SPEC invariants, checked directly: lifts only, never flips, only failing rows
+    # the invariants of docs/math.md, section 2.7: lifts only, never flips, only failing rows
     assert bool((out[0] >= batch.advantages).all())
     assert bool((out[0][changed] <= 0).all())
     assert not changed[batch.seq_advantages >= 0].any()

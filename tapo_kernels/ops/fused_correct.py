@@ -1,4 +1,4 @@
-# Triton kernel of ``tapo::fused_correct`` (SPEC section 2): TAPO credit correction.
+# Triton kernel of ``tapo::fused_correct`` (docs/math.md, section 2): TAPO credit correction.
 #
 # Design trade-off: the candidate search is a segmented problem (failing call k only looks at
 # successful calls with the same scope group, tool id and key). Instead of the reference's

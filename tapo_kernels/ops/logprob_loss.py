@@ -1,4 +1,4 @@
-# Triton CUDA kernels of tapo::policy_loss_from_logits / policy_loss_from_hidden (SPEC section 3).
+# Triton CUDA kernels of tapo::policy_loss_from_logits / _from_hidden (docs/math.md, section 5).
 #
 # Design trade-off. The selective log-softmax is a pure streaming pass over the logits: per token
 # one read of V logits for the forward, one read and one write for the backward, everything

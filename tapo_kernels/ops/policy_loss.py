@@ -1,4 +1,4 @@
-# Triton CUDA kernels of tapo::policy_loss and tapo::policy_loss_backward (SPEC section 3).
+# Triton CUDA kernels of tapo::policy_loss and policy_loss_backward (docs/math.md, sections 3-4).
 #
 # Design trade-off. The loss is elementwise per token plus per-row and global reductions,
 # so it is memory bound (about 20-25 bytes read per token, 4 more written by the backward).
