@@ -348,11 +348,10 @@ void check_fused_correct_args(const at::Tensor& advantages, const at::Tensor& se
                     shape_repr(tool_sim_kind.sizes()));
   check_dtype("tool_sim_kind", tool_sim_kind, {at::kLong});
   TORCH_CHECK_VALUE(std::isfinite(theta) && theta >= 0.0 && theta <= 1.0,
-                    "theta must be in [0, 1], got ", py_float_repr(theta));
+                    "theta must be in [0, 1], got ", theta);
   TORCH_CHECK_VALUE(finite32(alpha_min) && alpha_min >= 0.0,
-                    "alpha_min must be finite and >= 0, got ", py_float_repr(alpha_min));
-  TORCH_CHECK_VALUE(finite32(beta) && beta >= 0.0, "beta must be finite and >= 0, got ",
-                    py_float_repr(beta));
+                    "alpha_min must be finite and >= 0, got ", alpha_min);
+  TORCH_CHECK_VALUE(finite32(beta) && beta >= 0.0, "beta must be finite and >= 0, got ", beta);
 }
 
 }  // namespace

@@ -353,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows(const at::Tensor& logits, const 
   check_rows("logits", logits);
   check_dtype("logits", logits, {at::kFloat, at::kBFloat16, at::kHalf});
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
-                    "temperature must be finite and > 0, got ", py_float_repr(temperature));
+                    "temperature must be finite and > 0, got ", temperature);
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   check_labels(labels, B, T, V);
   TORCH_CHECK_VALUE(V > 0 || B * T == 0, "logits must have V > 0");
@@ -406,7 +406,7 @@ void dlogits_rows(const at::Tensor& grad_logp, const at::Tensor& logits, const a
   check_rows("out", out);
   check_dtype("logits", logits, {at::kFloat, at::kBFloat16, at::kHalf});
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
-                    "temperature must be finite and > 0, got ", py_float_repr(temperature));
+                    "temperature must be finite and > 0, got ", temperature);
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   check_shape("out", out, logits.sizes());
   TORCH_CHECK_TYPE(out.scalar_type() == logits.scalar_type() || out.scalar_type() == at::kFloat,

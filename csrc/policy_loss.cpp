@@ -143,28 +143,26 @@ LossOptions check_policy_loss_args(
   }
   for (const auto& [name, v] :
        {std::make_pair("eps_low", eps_low), std::make_pair("eps_high", eps_high)}) {
-    TORCH_CHECK_VALUE(finite32(v) && v >= 0.0, name, " must be finite and >= 0, got ",
-                      py_float_repr(v));
+    TORCH_CHECK_VALUE(finite32(v) && v >= 0.0, name, " must be finite and >= 0, got ", v);
   }
   TORCH_CHECK_VALUE(eps_low < 1.0,
                     "eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got ",
-                    py_float_repr(eps_low));
+                    eps_low);
   TORCH_CHECK_VALUE(finite32(dual_clip_c) && (dual_clip_c == 0.0 || dual_clip_c > 1.0),
-                    "dual_clip_c must be 0 (off) or > 1, got ", py_float_repr(dual_clip_c));
+                    "dual_clip_c must be 0 (off) or > 1, got ", dual_clip_c);
   for (const auto& [name, v] :
        {std::make_pair("tau_pos", tau_pos), std::make_pair("tau_neg", tau_neg)}) {
-    TORCH_CHECK_VALUE(finite32(v) && v > 0.0, name, " must be finite and > 0, got ",
-                      py_float_repr(v));
+    TORCH_CHECK_VALUE(finite32(v) && v > 0.0, name, " must be finite and > 0, got ", v);
   }
-  TORCH_CHECK_VALUE(finite32(kl_coef), "kl_coef must be finite, got ", py_float_repr(kl_coef));
+  TORCH_CHECK_VALUE(finite32(kl_coef), "kl_coef must be finite, got ", kl_coef);
   TORCH_CHECK_VALUE(!(kl_coef != 0.0 && ref == nullptr), "kl_coef != 0 needs ref_logp");
   if (norm_const.has_value()) {
     TORCH_CHECK_VALUE(finite32(*norm_const) && *norm_const > 0,
-                      "norm_const must be finite and > 0, got ", py_float_repr(*norm_const));
+                      "norm_const must be finite and > 0, got ", *norm_const);
   }
   if (global_count.has_value()) {
     TORCH_CHECK_VALUE(finite32(*global_count) && *global_count > 0,
-                      "global_count must be finite and > 0, got ", py_float_repr(*global_count));
+                      "global_count must be finite and > 0, got ", *global_count);
   }
   opt.eps_low = eps_low;
   opt.eps_high = eps_high;

@@ -8,7 +8,6 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
-#include <charconv>
 #include <cmath>
 #include <limits>
 #include <cstdint>
@@ -55,48 +54,6 @@ inline std::string dtype_name(at::ScalarType t) {
       return name;
     }
   }
-}
-
-// Python's repr(float): shortest round-trip digits, fixed notation for decimal exponents in
-// [-4, 16), scientific otherwise ("1e-05", "1e+16"), and ".0" on integral values.
-inline std::string py_float_repr(double v) {
-  if (std::isnan(v)) return "nan";
-  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
-  char buf[64];
-  auto res = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific);
-  std::string sci(buf, res.ptr);  // e.g. "-1.25e-05", "3e+00"
-  std::string sign;
-  if (!sci.empty() && sci[0] == '-') {
-    sign = "-";
-    sci.erase(0, 1);
-  }
-  const auto epos = sci.find('e');
-  std::string mantissa = sci.substr(0, epos);
-  const int exp10 = std::stoi(sci.substr(epos + 1));
-  std::string digits;
-  for (char ch : mantissa) {
-    if (ch != '.') digits += ch;
-  }
-  while (digits.size() > 1 && digits.back() == '0') digits.pop_back();
-  const int decpt = exp10 + 1;  // value = 0.d1d2... * 10^decpt
-  const int ndig = static_cast<int>(digits.size());
-  std::string out;
-  if (decpt > -4 && decpt <= 16) {
-    if (decpt <= 0) {
-      out = "0." + std::string(-decpt, '0') + digits;
-    } else if (decpt >= ndig) {
-      out = digits + std::string(decpt - ndig, '0') + ".0";
-    } else {
-      out = digits.substr(0, decpt) + "." + digits.substr(decpt);
-    }
-  } else {
-    out = digits.substr(0, 1);
-    if (ndig > 1) out += "." + digits.substr(1);
-    const int e = decpt - 1;
-    const std::string mag = std::to_string(e < 0 ? -e : e);
-    out += std::string("e") + (e < 0 ? "-" : "+") + (mag.size() < 2 ? "0" : "") + mag;
-  }
-  return sign + out;
 }
 
 // Python's repr(str) for the plain option strings the ops take.

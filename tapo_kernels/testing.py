@@ -10,13 +10,20 @@ products, IoUs and sums of advantages are exact in fp32 in any summation order a
 ``loss_batch`` builds inputs of ``tapo::policy_loss`` with ratios spread across the clip
 range, a fully masked row, prompt and observation tokens at mask 0, optional reference
 log-probs and TAPO call maps.
+
+The tests' comparisons live here too, so that no test module imports another:
+``assert_close_to_oracle`` (the one tolerance rule of the suite) and ``assert_exact``;
+``assert_witnesses`` (witnesses against the reference, ties broken by rounding allowed);
+``run_policy_loss`` (loss, metrics and gradient of one backend) and ``seed_of``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -211,3 +218,153 @@ def chunked_torch_passes() -> Iterator[None]:
         yield
     finally:
         lib._destroy()
+
+
+# --------------------------------------------------------------------------------------
+# comparisons: the tolerance rule and exact equality
+# --------------------------------------------------------------------------------------
+
+#: ``(rtol, atol)`` of the rule per precision: the slack an element may have beyond twice the
+#: error of the reference computed at the kernel's own precision. Below float64 it is the
+#: absolute 1e-6 the suite has always used (the own-precision term carries the rounding).
+TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (0.0, 1e-6),
+    torch.bfloat16: (0.0, 1e-6),
+    torch.float16: (0.0, 1e-6),
+}
+
+
+def assert_close_to_oracle(
+    out: Tensor,
+    oracle: Tensor,
+    own: Tensor | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    what: str = "output",
+    tol: tuple[float, float] | None = None,
+    per_element: bool = False,
+) -> None:
+    """The tolerance rule of the tests, evaluated in float64 on every element ``i``::
+
+        |out_i - oracle_i| <= 2 * own_err + max(atol, rtol * |oracle_i|)
+
+    ``oracle`` is the reference in float64 (or the value computed by hand); ``own`` is the
+    reference computed at the kernel's own precision, and ``own_err`` its error against the
+    oracle: ``max_j |own_j - oracle_j|`` (the max norm), or ``|own_i - oracle_i|`` with
+    ``per_element`` (outputs that are not reductions, whose every element must be as good as
+    the reference's). Without ``own`` the bound is the tolerance alone. ``(rtol, atol)`` is
+    ``tol``, else ``TOLERANCE[dtype]``; ``dtype`` defaults to ``out.dtype``.
+
+    NaN never passes: ``out`` must be finite wherever the oracle is, and equal to it where
+    the oracle is infinite; shapes must be equal.
+    """
+    assert tuple(out.shape) == tuple(oracle.shape), (
+        f"{what}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
+    )
+    rtol, atol = tol if tol is not None else TOLERANCE[dtype or out.dtype]
+    x = out.detach().double().cpu()
+    ref = oracle.detach().double().cpu()
+    assert not bool(torch.isnan(x).any()), f"{what}: NaN in the output"
+    finite = torch.isfinite(ref)
+    assert bool(torch.isfinite(x[finite]).all()), f"{what}: inf where the oracle is finite"
+    assert torch.equal(x[~finite], ref[~finite]), f"{what}: differs where the oracle is infinite"
+    if not bool(finite.any()):
+        return
+    x, ref = x[finite], ref[finite]
+    err = (x - ref).abs()
+    own_err = torch.zeros_like(err)
+    if own is not None:
+        own_err = (own.detach().double().cpu()[finite] - ref).abs()
+        if not per_element:
+            own_err = own_err.max().expand_as(err)
+    bound = 2 * own_err + torch.clamp(rtol * ref.abs(), min=atol)
+    bad = err > bound
+    assert not bool(bad.any()), (
+        f"{what}: {int(bad.sum())} of {err.numel()} entries off; max error "
+        f"{float(err.max()):.3e}, own-precision error {float(own_err.max()):.3e}, "
+        f"(rtol, atol) = ({rtol:.1e}, {atol:.1e})"
+    )
+
+
+def assert_exact(out: Tensor, expected: Tensor, what: str = "output") -> None:
+    """Bit-exact agreement: same shape, same dtype, equal entries (NaN never equals)."""
+    assert out.dtype == expected.dtype, f"{what}: dtype {out.dtype} != {expected.dtype}"
+    assert tuple(out.shape) == tuple(expected.shape), (
+        f"{what}: shape {tuple(out.shape)} != {tuple(expected.shape)}"
+    )
+    if not torch.equal(out, expected):
+        differ = out != expected
+        raise AssertionError(f"{what}: {int(differ.sum())} of {out.numel()} entries differ")
+
+
+# --------------------------------------------------------------------------------------
+# shared pieces of the op tests
+# --------------------------------------------------------------------------------------
+
+#: The ten tensor arguments of ``tapo::fused_correct``, in schema order.
+CORRECT_ARG_NAMES = (
+    "advantages",
+    "seq_advantages",
+    "group_ids",
+    "call_seq",
+    "call_start",
+    "call_end",
+    "call_tool",
+    "call_key",
+    "call_params",
+    "tool_sim_kind",
+)
+
+
+def seed_of(*parts: object) -> int:
+    """A stable seed per parametrisation, so that every case sees its own random batch."""
+    return zlib.crc32(repr(parts).encode()) % (2**31)
+
+
+def assert_witnesses(out_w: Tensor, ref_w: Tensor, args: dict[str, Tensor], knobs: dict) -> None:
+    """Witnesses equal the reference's, except where the reference broke a tie by rounding.
+
+    The reference computes similarities with one matmul, whose outputs for identical
+    vector pairs can differ in the last bit depending on their position in the product; a
+    kernel then legitimately picks another candidate of the tie. Where the witnesses differ,
+    the kernel's must be a candidate of the call within 1e-6 of the best similarity, each
+    pair's similarity computed on its own (identical pairs give identical values), and when
+    those similarities tie exactly, the lowest call index (docs/math.md, section 2.3).
+    ``args`` maps ``CORRECT_ARG_NAMES`` to the op's tensors, ``knobs`` holds ``batch_scope``.
+    """
+    from . import reference
+
+    out_w, ref_w = out_w.cpu(), ref_w.cpu()
+    assert torch.equal(out_w == -1, ref_w == -1), (out_w, ref_w)
+    args = {name: t.cpu() for name, t in args.items()}
+    seq_adv, gid = args["seq_advantages"], args["group_ids"]
+    seq, tool, key = args["call_seq"], args["call_tool"], args["call_key"]
+    params, kinds = args["call_params"].float(), args["tool_sim_kind"]
+    for k in (out_w != ref_w).nonzero().flatten().tolist():
+        cands = [c for c in range(seq.numel())
+                 if tool[c] >= 0 and tool[c] == tool[k] and key[c] == key[k]
+                 and seq_adv[seq[c]] > 0
+                 and (knobs["batch_scope"] or gid[seq[c]] == gid[seq[k]])]
+        sims = {c: float(reference.pairwise_similarity(
+            params[k:k + 1], params[c:c + 1], kinds[tool[k]].reshape(1))[0, 0]) for c in cands}
+        best = max(sims.values())
+        near = [c for c in cands if sims[c] >= best - 1e-6]
+        w = int(out_w[k])
+        assert w in near, f"call {k}: witness {w} is not a best candidate {near} ({sims})"
+        if len({sims[c] for c in near}) == 1:
+            assert w == min(near), f"call {k}: exact tie {near} must pick the lowest index"
+
+
+def run_policy_loss(
+    impl: tuple[Callable[..., Any], Callable[..., Any]],
+    args: tuple[Tensor | None, ...],
+    knobs: dict[str, Any],
+    grad_loss: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, metrics, d loss / d logp) of one backend: a ``(forward, backward)`` pair with the
+    schemas of ``tapo::policy_loss`` and ``tapo::policy_loss_backward``."""
+    forward, backward = impl
+    loss, metrics = forward(*args, **knobs)
+    grad = backward(torch.full((), grad_loss, dtype=args[0].dtype), *args, **knobs)
+    return loss, metrics, grad

@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from torch import Tensor
 import tapo_kernels
 from tapo_kernels import _library, reference
 from tapo_kernels.reference import AGGS, ALGOS, KL_TYPES
-from tapo_kernels.testing import correct_batch, loss_batch
+from tapo_kernels.testing import correct_batch, loss_batch, seed_of
 
 try:
     from benchmarks.bench_fused_correct import make_batch
@@ -77,10 +76,6 @@ _CHUNK = 1 << 26  # elements per float64 chunk of the error norms
 def big(full: Any, small: Any) -> Any:
     """``full`` on the device, ``small`` when the bodies run on the CPU."""
     return small if ON_CPU else full
-
-
-def seed_of(*parts: object) -> int:
-    return zlib.crc32(repr(parts).encode()) % (2**31)
 
 
 def dev(t: Tensor | None) -> Tensor | None:

@@ -21,6 +21,7 @@ import torch
 import tapo_kernels
 from tapo_kernels import vocab
 from tapo_kernels._library import NATIVE_LOGPROB
+from tapo_kernels.testing import assert_close_to_oracle
 
 pytestmark = pytest.mark.skipif(
     not NATIVE_LOGPROB, reason=f"native build absent: {tapo_kernels.NATIVE_ERROR}"
@@ -45,14 +46,14 @@ def _batch(B, T, V, dtype, seed, neg_inf_cols=0, ignored=True):
     return x.to(dtype), labels, g
 
 
-def _tol(dtype):
-    """logp/entropy are fp32 for every input dtype: only the summation order differs."""
-    return dict(rtol=2e-5, atol=2e-5)
+# (rtol, atol) of assert_close_to_oracle against the chunked torch passes:
+# logp/entropy are fp32 for every input dtype: only the summation order differs
+ROWS_TOL = (2e-5, 2e-5)
 
 
 def _grad_tol(dtype):
     """dlogits are stored in the logits' dtype: one rounding of an fp32 value (2 ulp slack)."""
-    return dict(rtol=2 * torch.finfo(dtype).eps + 2e-5, atol=1e-6)
+    return (2 * torch.finfo(dtype).eps + 2e-5, 1e-6)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -63,8 +64,8 @@ def test_rows_match_chunked_torch(dtype, V, temperature):
     logp, entropy = ROWS(x, labels, temperature, True)
     ref_logp, ref_entropy = vocab.selective_log_softmax_chunked(x, labels, temperature, True)
     assert logp.dtype == entropy.dtype == torch.float32
-    torch.testing.assert_close(logp, ref_logp, **_tol(dtype))
-    torch.testing.assert_close(entropy, ref_entropy, **_tol(dtype))
+    assert_close_to_oracle(logp, ref_logp, what="logp", tol=ROWS_TOL)
+    assert_close_to_oracle(entropy, ref_entropy, what="entropy", tol=ROWS_TOL)
     assert (logp[labels < 0] == 0).all() and (entropy[labels < 0] == 0).all()
     no_entropy_logp, none = ROWS(x, labels, temperature, False)
     assert none.numel() == 0 and torch.equal(no_entropy_logp, logp)
@@ -73,7 +74,7 @@ def test_rows_match_chunked_torch(dtype, V, temperature):
     vocab.selective_log_softmax_backward_chunked(g, x, labels, ref_logp, temperature, ref)
     out = torch.full_like(x, NAN)  # poisoned: every element must be written
     DLOGITS(g, x, labels, logp, temperature, out)
-    torch.testing.assert_close(out.float(), ref.float(), **_grad_tol(dtype))
+    assert_close_to_oracle(out, ref, what="dlogits", tol=_grad_tol(dtype))
     assert (out[(g == 0) | (labels < 0)] == 0).all()
     inplace = x.clone()
     DLOGITS(g, inplace, labels, logp, temperature, inplace)
@@ -104,8 +105,8 @@ def test_online_maximum_across_blocks(temperature):
     p = torch.softmax(z, -1)
     ref_logp = z.gather(-1, labels[..., None]).squeeze(-1) - lse
     ref_entropy = lse - torch.nan_to_num(p * z, nan=0.0).sum(-1)
-    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-5, atol=1e-5)
+    assert_close_to_oracle(logp, ref_logp, what="logp", tol=(1e-5, 1e-5))
+    assert_close_to_oracle(entropy, ref_entropy, what="entropy", tol=(1e-5, 1e-5))
     assert float(logp[0, 3]) == 0.0 and abs(float(entropy[0, 3])) < 1e-6
 
 
@@ -177,19 +178,19 @@ def test_hidden_passes_match_chunked_torch(dtype, chunk, with_bias):
     g = torch.randn(B, T, generator=gen)
     logp, entropy = torch.ops.tapo._logprob_from_hidden(h, w, bias, labels, 1.1, True, chunk)
     ref = vocab.selective_log_softmax_from_hidden_chunked(h, w, bias, labels, 1.1, True, chunk)
-    torch.testing.assert_close(logp, ref[0], rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(entropy, ref[1], rtol=2e-5, atol=2e-5)
+    assert_close_to_oracle(logp, ref[0], what="logp", tol=ROWS_TOL)
+    assert_close_to_oracle(entropy, ref[1], what="entropy", tol=ROWS_TOL)
     grads = torch.ops.tapo._logprob_from_hidden_backward(
         g, h, w, bias, labels, logp, 1.1, chunk, True, True
     )
     ref_grads = vocab.selective_log_softmax_from_hidden_backward_chunked(
         g, h, w, bias, labels, logp, 1.1, chunk, True, True
     )
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    tol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
     for name, a, b in zip(("dhidden", "dweight", "dbias"), grads, ref_grads, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a, b, **tol, msg=name)
+        assert_close_to_oracle(a, b, what=name, tol=tol)
     dh, dw, db = torch.ops.tapo._logprob_from_hidden_backward(
         g, h, w, bias, labels, logp, 1.1, chunk, False, False
     )

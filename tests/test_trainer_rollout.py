@@ -2,18 +2,17 @@
 
 import copy
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 import tapo_kernels
 from trainer.config import ModelConfig, RolloutConfig
-from trainer.modeling import TAGS, format_call, tiny_model, train_tokenizer
 from trainer.credit import encode_calls
+from trainer.modeling import TAGS, format_call, tiny_model, train_tokenizer
 from trainer.rollout import PromptFormatter, RolloutEngine, collate, demonstration, token_logprobs
 from trainer.tasks import Example, synthetic_task
+from trainer.testing import ScriptedLM
 from trainer.tools import build_registry
 
 
@@ -31,49 +30,6 @@ def tokenizer(task):
 @pytest.fixture(scope="module")
 def registry(task):
     return build_registry(["search", "failing", "slow"], task.corpora, timeout_s=0.2)
-
-
-class ScriptedLM(nn.Module):
-    """A stand-in policy that writes a fixed text per turn (turn = number of ``</obs>`` seen).
-
-    It follows the engine's calling convention (left-padded prefill, then one token per step
-    with a cache), keeps each row's context itself, and puts logit 30 on the scripted token,
-    so sampling reproduces the script (the other tokens have probability ~V * e^-30).
-    """
-
-    def __init__(self, tokenizer, scripts: dict[str, list[str]]):
-        super().__init__()
-        self.tok = tokenizer
-        self.scripts = {q: [tokenizer.encode(t, add_special_tokens=False) for t in turns]
-                        for q, turns in scripts.items()}
-        self.obs_close = tokenizer.convert_tokens_to_ids(TAGS.obs_close)
-        self.anchor = nn.Parameter(torch.zeros(1))
-        self.rows: list[list[int]] = []
-
-    def next_token(self, ctx: list[int]) -> int:
-        text = self.tok.decode(ctx, skip_special_tokens=False)
-        question = text.split("Question: ", 1)[1].split("\n", 1)[0]
-        turns = self.scripts[question]
-        turn = ctx.count(self.obs_close)
-        last = max([i for i, t in enumerate(ctx) if t == self.obs_close], default=-1)
-        if turn == 0:
-            last = len(self.tok.encode(f"Question: {question}\n", add_special_tokens=False)) - 1
-        written = len(ctx) - last - 1
-        script = turns[min(turn, len(turns) - 1)]
-        return script[written] if written < len(script) else self.tok.eos_token_id
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=True, logits_to_keep=0):
-        if input_ids.shape[1] > 1 or not self.rows:
-            self.rows = [[t for t, m in zip(r.tolist(), a.tolist(), strict=False) if m] for r, a in
-                         zip(input_ids, attention_mask, strict=False)]
-        else:
-            for row, t in zip(self.rows, input_ids[:, 0].tolist(), strict=False):
-                row.append(t)
-        logits = torch.zeros(input_ids.shape[0], 1, len(self.tok))
-        for i, row in enumerate(self.rows):
-            logits[i, 0, self.next_token(row)] = 30.0
-        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
 
 
 def call_text(query, name="search"):

@@ -10,8 +10,8 @@ import torch
 
 import tapo_kernels
 from trainer.config import Config, ConfigError, load_config, parse_overrides
-from trainer.study import load_study
 from trainer.rewards import exact_match, f1_score, normalize_answer
+from trainer.study import load_study
 from trainer.tasks import TaskFileError, load_jsonl_task, synthetic_task
 from trainer.tools import INVALID_TOOL, Tool, ToolContext, ToolRegistry, build_registry
 from trainer.tools.calculator import evaluate

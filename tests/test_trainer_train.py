@@ -7,13 +7,13 @@ import time
 
 import pytest
 import torch
-from test_trainer_rollout import ScriptedLM  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import ModelConfig, load_config
 from trainer.distributed import DistContext
 from trainer.metrics import MetricsLogger, read_metrics
 from trainer.modeling import TAGS, format_call, tiny_model
+from trainer.testing import ScriptedLM
 from trainer.train import Trainer, main, run
 
 # a model and task small enough that a whole run takes seconds on one core

@@ -1,0 +1,227 @@
+"""Parity of ``tapo::policy_loss`` with the public loss formulas of verl and TRL, on every backend.
+
+The peers' formulas are written out here (not imported): verl's ``agg_loss`` and vanilla PPO
+loss with dual clip, TRL's ``GRPOTrainer._compute_loss`` with token or sequence importance
+weights. Each backend (``policy_loss_impl``, ``tests/conftest.py``) must give the peer's loss
+and gradient in float64, and verl's clip fractions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from tapo_kernels.reference import AGGS, METRIC_NAMES
+from tapo_kernels.testing import assert_close_to_oracle, loss_batch, run_policy_loss, seed_of
+
+CLIP_FRAC = METRIC_NAMES.index("clip_frac")
+
+
+
+def verl_agg_loss(
+    loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, loss_scale_factor: float | None = None
+) -> Tensor:
+    """verl ``agg_loss`` (single rank, no global sizes), seq-mean over non-empty rows.
+
+    Older verl releases divided ``seq-mean-token-sum-norm`` by ``loss_scale_factor`` only
+    (a sum over rows, no seq-mean) and averaged seq-mean modes over all rows; the form here
+    is the current one. The parity batch has no empty row, where the forms agree except
+    for the row count of ``-sum-norm``.
+    """
+    if loss_agg_mode == "token-mean":
+        return (loss_mat * loss_mask).sum() / loss_mask.sum()
+    token_counts = loss_mask.sum(-1)
+    seq_mask = (token_counts > 0).to(loss_mat.dtype)
+    if loss_agg_mode == "seq-mean-token-mean":
+        seq_losses = (loss_mat * loss_mask).sum(-1) / (token_counts + 1e-8)
+    elif loss_agg_mode == "seq-mean-token-sum":
+        seq_losses = (loss_mat * loss_mask).sum(-1)
+    elif loss_agg_mode == "seq-mean-token-sum-norm":
+        scale = loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
+        seq_losses = (loss_mat * loss_mask).sum(-1) / scale
+    else:
+        raise ValueError(loss_agg_mode)
+    return (seq_losses * seq_mask).sum() / seq_mask.sum()
+
+
+def verl_compute_policy_loss(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    cliprange_low: float,
+    cliprange_high: float,
+    clip_ratio_c: float,
+    loss_agg_mode: str,
+):
+    """verl vanilla PPO loss with dual clip: (pg_loss, pg_clipfrac, pg_clipfrac_lower)."""
+    negative_approx_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    masked_mean = lambda x: (x * response_mask).sum() / response_mask.sum()
+    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).to(ratio.dtype))
+    pg_losses3 = -advantages * clip_ratio_c
+    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+    pg_clipfrac_lower = masked_mean(
+        (torch.gt(clip_pg_losses1, pg_losses3) & (advantages < 0)).to(ratio.dtype)
+    )
+    pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
+    pg_loss = verl_agg_loss(pg_losses, response_mask, loss_agg_mode)
+    return pg_loss, pg_clipfrac, pg_clipfrac_lower
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_parity_with_verl(policy_loss_impl, agg):
+    b = loss_batch(
+        B=5,
+        T=10,
+        dtype=torch.float64,
+        spread=0.7,
+        per_token=True,
+        with_ref=False,
+        with_calls=False,
+        empty_row=False,
+        seed=seed_of("verl", agg),
+    )
+    # one token with A < 0 and r = e^2 > c = 3, so that the dual clip is active
+    b.old_logp[0, -1] = b.logp[0, -1] - 2.0
+    b.advantages[0, -1] = -1.0
+    b.mask[0, -1] = 1.0
+    x = b.logp.clone().requires_grad_(True)
+    verl_loss, clipfrac, clipfrac_lower = verl_compute_policy_loss(
+        b.old_logp, x, b.advantages, b.mask, 0.2, 0.28, 3.0, agg
+    )
+    (verl_grad,) = torch.autograd.grad(verl_loss, x)
+    assert float(clipfrac_lower) > 0  # the dual clip is active somewhere
+
+    knobs = {"algo": "grpo", "eps_low": 0.2, "eps_high": 0.28, "dual_clip_c": 3.0, "agg": agg}
+    loss, metrics, grad = run_policy_loss(policy_loss_impl, b.op_args(), knobs)
+    # verl's seq-mean-token-mean divides by (count + 1e-8): relative difference <= 1e-8
+    assert_close_to_oracle(loss, verl_loss.detach(), what="loss", tol=(1e-7, 1e-7))
+    assert_close_to_oracle(grad, verl_grad, what="grad", tol=(1e-7, 1e-7))
+    # PPO clip (r > 1 + eps for A > 0, r < 1 - eps for A < 0) and dual clip (r > c, A < 0)
+    # are disjoint, so our clip_frac is verl's pg_clipfrac + pg_clipfrac_lower
+    expected = (clipfrac + clipfrac_lower).detach()
+    assert_close_to_oracle(metrics[CLIP_FRAC], expected, what="clip_frac", tol=(1e-5, 1e-7))
+
+
+def trl_grpo_compute_loss(
+    per_token_logps: Tensor,
+    old_per_token_logps: Tensor,
+    ref_per_token_logps: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float,
+    loss_type: str,
+    max_completion_length: int,
+    num_items_in_batch: float,
+    importance_sampling_level: str = "token",
+) -> Tensor:
+    """TRL ``GRPOTrainer._compute_loss`` (one process): token or sequence importance weights."""
+    log_ratio = per_token_logps - old_per_token_logps
+    if importance_sampling_level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = (
+            (log_ratio * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)
+        ).unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    per_token_loss1 = coef_1 * advantages.unsqueeze(1)
+    per_token_loss2 = coef_2 * advantages.unsqueeze(1)
+    per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
+    if beta != 0.0:
+        d = ref_per_token_logps - per_token_logps
+        per_token_kl = torch.exp(d) - d - 1
+        per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "grpo":
+        return (
+            (per_token_loss * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)
+        ).mean()
+    if loss_type == "bnpo":
+        return (per_token_loss * completion_mask).sum() / completion_mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (per_token_loss * completion_mask).sum() / (
+            per_token_loss.size(0) * max_completion_length
+        )
+    if loss_type == "dapo":
+        return (per_token_loss * completion_mask).sum() / num_items_in_batch
+    raise ValueError(loss_type)
+
+
+TRL_MAX_COMPLETION_LENGTH = 16
+TRL_CASES = [
+    # TRL loss_type -> our agg (+ normaliser); no row is fully masked in the batch
+    pytest.param("grpo", "token", {"algo": "grpo", "agg": "seq-mean-token-mean"}, id="grpo"),
+    pytest.param("bnpo", "token", {"algo": "grpo", "agg": "token-mean"}, id="bnpo"),
+    pytest.param(
+        "dr_grpo",
+        "token",
+        {
+            "algo": "grpo",
+            "agg": "seq-mean-token-sum-norm",
+            "norm_const": float(TRL_MAX_COMPLETION_LENGTH),
+        },
+        id="dr_grpo",
+    ),
+    pytest.param("dapo", "token", {"algo": "grpo", "agg": "token-mean"}, id="dapo-global-count"),
+    # GSPO: TRL's sequence-level importance weight == our GSPO-token with per-row advantages
+    pytest.param(
+        "grpo", "sequence", {"algo": "gspo", "agg": "seq-mean-token-mean"}, id="gspo-sequence"
+    ),
+]
+
+
+@pytest.mark.parametrize("loss_type, level, ours", TRL_CASES)
+def test_parity_with_trl(policy_loss_impl, loss_type, level, ours):
+    eps_low, eps_high, beta = (0.2, 0.28, 0.04) if level == "token" else (0.05, 0.05, 0.04)
+    b = loss_batch(
+        B=5,
+        T=10,
+        dtype=torch.float64,
+        spread=0.5 if level == "token" else 0.15,
+        per_token=False,
+        with_ref=True,
+        with_calls=False,
+        empty_row=False,
+        seed=seed_of("trl", loss_type, level),
+    )
+    num_items_in_batch = 2.0 * float(b.mask.sum())  # dapo: the global token count
+    x = b.logp.clone().requires_grad_(True)
+    trl_loss = trl_grpo_compute_loss(
+        x,
+        b.old_logp,
+        b.ref_logp,
+        b.advantages,
+        b.mask,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        beta=beta,
+        loss_type=loss_type,
+        max_completion_length=TRL_MAX_COMPLETION_LENGTH,
+        num_items_in_batch=num_items_in_batch,
+        importance_sampling_level=level,
+    )
+    (trl_grad,) = torch.autograd.grad(trl_loss, x)
+    assert float(trl_grad.abs().max()) > 0
+
+    # TRL has no dual clip; its KL is k3 with coefficient beta
+    knobs = {
+        **ours,
+        "eps_low": eps_low,
+        "eps_high": eps_high,
+        "dual_clip_c": 0.0,
+        "kl_coef": beta,
+        "kl_type": "k3",
+    }
+    if loss_type == "dapo":
+        knobs["global_count"] = num_items_in_batch
+    loss, _, grad = run_policy_loss(policy_loss_impl, b.op_args(), knobs)
+    assert_close_to_oracle(loss, trl_loss.detach(), what="loss")
+    assert_close_to_oracle(grad, trl_grad, what="grad")
