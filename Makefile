@@ -9,7 +9,7 @@ install:  ## install torch (CPU wheel first, so nothing pulls a CUDA build), the
 	$(PIP) numpy triton==3.7.1 setuptools wheel pybind11 ninja
 	$(PIP) --no-build-isolation -e '.[test,train,neural]'
 
-test: install  ## the whole test suite (Triton kernels run in the interpreter on CPU)
+test: install lint  ## lint, then the whole test suite (Triton kernels run in the interpreter on CPU)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 test-reliability: install  ## the reliability promises alone (also part of `make test`)
@@ -31,8 +31,8 @@ study: install  ## the TAPO study (GRPO vs TAPO vs ablations, 5 seeds; about an 
 demo: install  ## correct a synthetic batch and print what TAPO did
 	$(PY) -m tapo_kernels.demo
 
-lint:
-	ruff format --check . && ruff check .
+lint:  ## ruff format and ruff check, as CI runs them
+	$(PY) -m ruff format --check . && $(PY) -m ruff check .
 
 format:
 	ruff format . && ruff check --fix .

@@ -47,8 +47,18 @@ def make_batch(B: int, T: int, N: int, D: int, seed: int = 0, device: str = DEVI
     q = queries[group_ids[call_seq], torch.randint(0, 4, (N,), generator=g)]
     params = torch.nn.functional.normalize(q + 0.05 * torch.randn(N, D, generator=g), dim=-1)
     kinds = torch.zeros(2, dtype=torch.int64)
-    args = (advantages, seq_adv, group_ids, call_seq, call_start, call_end, call_tool,
-            call_key, params, kinds)
+    args = (
+        advantages,
+        seq_adv,
+        group_ids,
+        call_seq,
+        call_start,
+        call_end,
+        call_tool,
+        call_key,
+        params,
+        kinds,
+    )
     return tuple(t.to(device) for t in args)
 
 
@@ -93,8 +103,25 @@ def test_fused_correct(benchmark, provider, size, scope):
     case = f"fused_correct B={B} T={T} N={N} D={D}"
     if provider == "floor":
         for s in ("group", "batch"):
-            record(benchmark, f"{case} scope={s}", name, B=B, T=T, N=N, D=D,
-                   rewrite_GBps=rewrite_bytes / mean / 1e9)
+            record(
+                benchmark,
+                f"{case} scope={s}",
+                name,
+                B=B,
+                T=T,
+                N=N,
+                D=D,
+                rewrite_GBps=rewrite_bytes / mean / 1e9,
+            )
     else:
-        record(benchmark, f"{case} scope={scope}", name, B=B, T=T, N=N, D=D, scope=scope,
-               rewrite_GBps=rewrite_bytes / mean / 1e9)
+        record(
+            benchmark,
+            f"{case} scope={scope}",
+            name,
+            B=B,
+            T=T,
+            N=N,
+            D=D,
+            scope=scope,
+            rewrite_GBps=rewrite_bytes / mean / 1e9,
+        )

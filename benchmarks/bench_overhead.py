@@ -50,19 +50,32 @@ def setup(tmp_path_factory):
     from trainer.train import Trainer
 
     run_dir = tmp_path_factory.mktemp("overhead")
-    cfg = load_config(None, [
-        f"logging.run_dir={run_dir}", "logging.name=overhead", "logging.progress=false",
-        "logging.tensorboard=false", "logging.plots=false", f"warmup.steps={WARMUP_STEPS}",
-        f"rl.prompts_per_step={GROUPS}", f"rollout.group_size={GROUP_SIZE}",
-        f"rollout.max_turns={MAX_CALLS + 1}", "checkpoint.every=0", "eval.at_start=false",
-        "eval.every=0",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"logging.run_dir={run_dir}",
+            "logging.name=overhead",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "logging.plots=false",
+            f"warmup.steps={WARMUP_STEPS}",
+            f"rl.prompts_per_step={GROUPS}",
+            f"rollout.group_size={GROUP_SIZE}",
+            f"rollout.max_turns={MAX_CALLS + 1}",
+            "checkpoint.every=0",
+            "eval.at_start=false",
+            "eval.every=0",
+        ],
+    )
     trainer = Trainer(cfg)
     trainer.warmup()
     # one real rollout batch for the fused_correct provider
     rng = random.Random(0)
-    examples = [trainer.task.train[i] for i in rng.sample(range(len(trainer.task.train)), GROUPS)
-                for _ in range(GROUP_SIZE)]
+    examples = [
+        trainer.task.train[i]
+        for i in rng.sample(range(len(trainer.task.train)), GROUPS)
+        for _ in range(GROUP_SIZE)
+    ]
     groups = [j for j in range(GROUPS) for _ in range(GROUP_SIZE)]
     episodes = trainer.engine.rollout(examples, groups, seed=1234)
     for ep in episodes:
@@ -89,15 +102,23 @@ def test_train_step(benchmark, setup):
         shares.append((metrics["perf/fused_correct_share"], metrics["train/tool_call_rate"]))
 
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
-    record(benchmark, CASE, "train_step", groups=GROUPS, group_size=GROUP_SIZE,
-           in_step_fused_correct_share=[s for s, _ in shares],
-           tool_call_rate=[r for _, r in shares])
+    record(
+        benchmark,
+        CASE,
+        "train_step",
+        groups=GROUPS,
+        group_size=GROUP_SIZE,
+        in_step_fused_correct_share=[s for s, _ in shares],
+        tool_call_rate=[r for _, r in shares],
+    )
 
 
 def test_update(benchmark, setup):
+    from trainer.loss import loss_knobs
+
     trainer, batch, _ = setup
     adv, seq_adv, *_ = _correct_args(trainer, batch)
-    knobs = trainer._loss_knobs()
+    knobs = loss_knobs(trainer.cfg)
 
     def update():
         trainer._update(batch, adv, None, None, None, rl_step=1)
@@ -111,9 +132,17 @@ def test_fused_correct_rollout(benchmark, setup):
     adv, seq_adv, gid, calls, kinds = _correct_args(trainer, batch)
     result = benchmark(lambda: tapo_kernels.fused_correct(adv, seq_adv, gid, calls, kinds))
     stats = result.stats()
-    record(benchmark, CASE, "fused_correct[rollout]", B=batch.shape[0], T=batch.shape[1],
-           calls=len(calls), failing_calls=stats.failing_calls,
-           corrected_calls=stats.corrected_calls, backend=tapo_kernels.CPU_BACKEND["fused_correct"])
+    record(
+        benchmark,
+        CASE,
+        "fused_correct[rollout]",
+        B=batch.shape[0],
+        T=batch.shape[1],
+        calls=len(calls),
+        failing_calls=stats.failing_calls,
+        corrected_calls=stats.corrected_calls,
+        backend=tapo_kernels.CPU_BACKEND["fused_correct"],
+    )
 
 
 @pytest.mark.parametrize("mode", ["tool", "arguments"])
@@ -124,8 +153,13 @@ def test_encode(benchmark, setup, mode):
     benchmark(lambda: encode_calls(trainer.registry, episodes, mode))
     calls = len(batch.calls)
     provider = "encode" if mode == "tool" else f"encode[{mode}]"
-    record(benchmark, CASE, provider, calls=calls,
-           us_per_call=benchmark.stats.stats.median * 1e6 / max(calls, 1))
+    record(
+        benchmark,
+        CASE,
+        provider,
+        calls=calls,
+        us_per_call=benchmark.stats.stats.median * 1e6 / max(calls, 1),
+    )
 
 
 def test_tapo_encode_and_correct(benchmark, setup):
@@ -135,18 +169,25 @@ def test_tapo_encode_and_correct(benchmark, setup):
     trainer, batch, episodes = setup
     adv, seq_adv, *_ = _correct_args(trainer, batch)
     cfg = TapoConfig()
-    benchmark(lambda: correct_credit(cfg, trainer.registry, trainer.sim_kind, episodes, batch,
-                                     adv, seq_adv, seed=0))
+    benchmark(
+        lambda: correct_credit(
+            cfg, trainer.registry, trainer.sim_kind, episodes, batch, adv, seq_adv, seed=0
+        )
+    )
     record(benchmark, CASE, "tapo[encode+correct]", calls=len(batch.calls))
 
 
 def test_fused_correct_four_calls(benchmark, setup):
     trainer, batch, _ = setup
     B, T = batch.shape
-    b = correct_batch(B=B, T=T, group_size=GROUP_SIZE, calls_per_row=MAX_CALLS, D=256,
-                      invalid_prob=0.0)
-    benchmark(lambda: torch.ops.tapo.fused_correct(*b.op_args(), theta=0.7, alpha_min=0.3,
-                                                   beta=0.8, batch_scope=False))
+    b = correct_batch(
+        B=B, T=T, group_size=GROUP_SIZE, calls_per_row=MAX_CALLS, D=256, invalid_prob=0.0
+    )
+    benchmark(
+        lambda: torch.ops.tapo.fused_correct(
+            *b.op_args(), theta=0.7, alpha_min=0.3, beta=0.8, batch_scope=False
+        )
+    )
     record(benchmark, CASE, "fused_correct[4 calls]", B=B, T=T, calls=B * MAX_CALLS, D=256)
 
 
@@ -160,8 +201,9 @@ def test_loss_tapo_part(benchmark, setup, lift):
     logp = (batch.old_logp + 0.05 * torch.randn(B, T)).requires_grad_(True)
 
     def full():
-        out = tapo_kernels.policy_loss(logp, batch.old_logp, adv, batch.mask, preset="grpo",
-                                       **extra)
+        out = tapo_kernels.policy_loss(
+            logp, batch.old_logp, adv, batch.mask, preset="grpo", **extra
+        )
         return torch.autograd.grad(out.loss, logp)
 
     benchmark(full)

@@ -40,12 +40,22 @@ def test_encode_text(benchmark, provider):
     fn = tapo_kernels.encode_text if provider == "ours" else reference.encode_text
     out = benchmark(lambda: fn(queries))
     assert out.shape == (CALLS, 256)
-    record(benchmark, f"encode_text {CALLS} queries", provider, calls=CALLS,
-           us_per_call=benchmark.stats.stats.median * 1e6 / CALLS)
+    record(
+        benchmark,
+        f"encode_text {CALLS} queries",
+        provider,
+        calls=CALLS,
+        us_per_call=benchmark.stats.stats.median * 1e6 / CALLS,
+    )
 
 
 def test_encode_results(benchmark):
     _, results = _queries(CALLS)
     benchmark(lambda: tapo_kernels.encode_results(results))
-    record(benchmark, f"encode_results {CALLS} calls", "ours", calls=CALLS,
-           us_per_call=benchmark.stats.stats.median * 1e6 / CALLS)
+    record(
+        benchmark,
+        f"encode_results {CALLS} calls",
+        "ours",
+        calls=CALLS,
+        us_per_call=benchmark.stats.stats.median * 1e6 / CALLS,
+    )

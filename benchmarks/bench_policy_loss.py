@@ -23,14 +23,32 @@ from .common import DEVICE, record, sync
 
 # (B, T): 4k, 64k and 256k tokens
 SIZES = [(8, 512), (64, 1024), (128, 2048)]
-KNOBS = dict(algo="grpo", eps_low=0.2, eps_high=0.28, dual_clip_c=3.0, tau_pos=1.0,
-             tau_neg=1.05, kl_coef=0.01, kl_type="k3", agg="token-mean", norm_const=None,
-             global_count=None)
+KNOBS = dict(
+    algo="grpo",
+    eps_low=0.2,
+    eps_high=0.28,
+    dual_clip_c=3.0,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    kl_coef=0.01,
+    kl_type="k3",
+    agg="token-mean",
+    norm_const=None,
+    global_count=None,
+)
 
 
 def _inputs(B: int, T: int):
-    b = loss_batch(B, T, dtype=torch.float32, per_token=True, with_ref=True, with_calls=True,
-                   empty_row=False, device=DEVICE)
+    b = loss_batch(
+        B,
+        T,
+        dtype=torch.float32,
+        per_token=True,
+        with_ref=True,
+        with_calls=True,
+        empty_row=False,
+        device=DEVICE,
+    )
     return b.op_args()
 
 
@@ -70,6 +88,7 @@ def _callables(provider: str, args):
 
         return fwd, bwd, full
     if provider == "floor":
+
         def floor():
             g = logp.clone()
             for t in rest:
@@ -105,6 +124,13 @@ def test_policy_loss(benchmark, provider, size, mode):
     if provider == "op":
         name = f"op[{'triton' if DEVICE == 'cuda' else tapo_kernels.CPU_BACKEND['policy_loss']}]"
     tokens = B * T
-    record(benchmark, f"policy_loss {mode} B={B} T={T} ({tokens // 1024}k tokens)", name,
-           B=B, T=T, mode=mode, tokens=tokens,
-           Mtokens_per_s=tokens / benchmark.stats.stats.median / 1e6)
+    record(
+        benchmark,
+        f"policy_loss {mode} B={B} T={T} ({tokens // 1024}k tokens)",
+        name,
+        B=B,
+        T=T,
+        mode=mode,
+        tokens=tokens,
+        Mtokens_per_s=tokens / benchmark.stats.stats.median / 1e6,
+    )

@@ -37,8 +37,13 @@ def environment() -> dict:
     except ImportError:
         triton_version = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
     except OSError:
         commit = ""
     import tapo_kernels
@@ -68,5 +73,3 @@ def record(benchmark, case: str, provider: str, **info) -> None:
 
 def ratio_tables() -> dict[str, dict[str, float]]:
     return {case: dict(providers) for case, providers in sorted(_CASES.items())}
-
-

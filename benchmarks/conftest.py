@@ -60,6 +60,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     env = environment()
     for case, providers in ratio_tables().items():
         cases[case] = {"environment": env, "median_seconds": providers}
-    out.write_text(json.dumps({"device": device_name(), "cases": dict(sorted(cases.items()))},
-                              indent=2) + "\n")
+    out.write_text(
+        json.dumps({"device": device_name(), "cases": dict(sorted(cases.items()))}, indent=2) + "\n"
+    )
     tr.write_line(f"written {out}")

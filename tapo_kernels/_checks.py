@@ -34,7 +34,9 @@ def _same_device(named: dict[str, Tensor | None]) -> None:
     first_name, first = next(iter(devices.items()))
     for n, d in devices.items():
         if d != first:
-            raise ValueError(f"all tensors must be on one device: {first_name} is on {first}, {n} is on {d}")
+            raise ValueError(
+                f"all tensors must be on one device: {first_name} is on {first}, {n} is on {d}"
+            )
 
 
 class Flags:
@@ -70,8 +72,10 @@ def _finite(flags: Flags, name: str, t: Tensor) -> None:
 def _finite_where(flags: Flags, name: str, t: Tensor, live: Tensor) -> None:
     """Finite wherever ``live`` (tokens with mask != 0); masked tokens may hold anything."""
     if t.numel():
-        flags.add((live & ~torch.isfinite(t)).any(),
-                  f"{name} contains NaN or inf at a token with mask != 0")
+        flags.add(
+            (live & ~torch.isfinite(t)).any(),
+            f"{name} contains NaN or inf at a token with mask != 0",
+        )
 
 
 def check_mask_values(mask: Tensor, flags: Flags | None = None) -> None:
@@ -103,9 +107,18 @@ def check_fused_correct(
 ) -> None:
     """Validate every argument of ``tapo::fused_correct``; raise a clear error on the first problem."""
     _same_device(
-        dict(advantages=advantages, seq_advantages=seq_advantages, group_ids=group_ids,
-             call_seq=call_seq, call_start=call_start, call_end=call_end, call_tool=call_tool,
-             call_key=call_key, call_params=call_params, tool_sim_kind=tool_sim_kind)
+        dict(
+            advantages=advantages,
+            seq_advantages=seq_advantages,
+            group_ids=group_ids,
+            call_seq=call_seq,
+            call_start=call_start,
+            call_end=call_end,
+            call_tool=call_tool,
+            call_key=call_key,
+            call_params=call_params,
+            tool_sim_kind=tool_sim_kind,
+        )
     )
     if advantages.dim() != 2:
         raise ValueError(f"advantages must be 2-D (B, T), got shape {tuple(advantages.shape)}")
@@ -120,15 +133,22 @@ def check_fused_correct(
     if call_seq.dim() != 1:
         raise ValueError(f"call_seq must be 1-D (N,), got shape {tuple(call_seq.shape)}")
     N = call_seq.shape[0]
-    for name, t in (("call_seq", call_seq), ("call_start", call_start), ("call_end", call_end),
-                    ("call_tool", call_tool), ("call_key", call_key)):
+    for name, t in (
+        ("call_seq", call_seq),
+        ("call_start", call_start),
+        ("call_end", call_end),
+        ("call_tool", call_tool),
+        ("call_key", call_key),
+    ):
         _dtype(name, t, (torch.int64,))
         _shape(name, t, (N,))
     if call_params.dim() != 2 or call_params.shape[0] != N:
         raise ValueError(f"call_params must have shape (N={N}, D), got {tuple(call_params.shape)}")
     _dtype("call_params", call_params, _PARAM_DTYPES)
     if tool_sim_kind.dim() != 1:
-        raise ValueError(f"tool_sim_kind must be 1-D (num_tools,), got shape {tuple(tool_sim_kind.shape)}")
+        raise ValueError(
+            f"tool_sim_kind must be 1-D (num_tools,), got shape {tuple(tool_sim_kind.shape)}"
+        )
     _dtype("tool_sim_kind", tool_sim_kind, (torch.int64,))
     if not (math.isfinite(theta) and 0.0 <= theta <= 1.0):
         raise ValueError(f"theta must be in [0, 1], got {theta}")
@@ -140,29 +160,39 @@ def check_fused_correct(
     # data-dependent checks: device flags, read back with one host sync (Flags)
     flags = Flags()
     if tool_sim_kind.numel():
-        flags.add(((tool_sim_kind != 0) & (tool_sim_kind != 1)).any(),
-                  "tool_sim_kind entries must be 0 (cosine) or 1 (iou)")
+        flags.add(
+            ((tool_sim_kind != 0) & (tool_sim_kind != 1)).any(),
+            "tool_sim_kind entries must be 0 (cosine) or 1 (iou)",
+        )
     _finite(flags, "advantages", advantages)
     _finite(flags, "seq_advantages", seq_advantages)
     if N == 0:
         flags.raise_first()
         return
     _finite(flags, "call_params", call_params)
-    flags.add(((call_seq < 0) | (call_seq >= B)).any(),
-              f"call_seq out of range: every entry must be in [0, B={B})")
-    flags.add((call_start < 0).any() | (call_end > T).any(),
-              f"call span out of range: need 0 <= call_start and call_end <= T={T}")
+    flags.add(
+        ((call_seq < 0) | (call_seq >= B)).any(),
+        f"call_seq out of range: every entry must be in [0, B={B})",
+    )
+    flags.add(
+        (call_start < 0).any() | (call_end > T).any(),
+        f"call span out of range: need 0 <= call_start and call_end <= T={T}",
+    )
     flags.add((call_start > call_end).any(), "call span with call_start > call_end")
-    flags.add((call_tool >= tool_sim_kind.numel()).any(),
-              f"call_tool out of range: valid tool ids are [0, {tool_sim_kind.numel()}), "
-              "< 0 marks an invalid call")
+    flags.add(
+        (call_tool >= tool_sim_kind.numel()).any(),
+        f"call_tool out of range: valid tool ids are [0, {tool_sim_kind.numel()}), "
+        "< 0 marks an invalid call",
+    )
     if call_params.shape[1] == 0:
         flags.add((call_tool >= 0).any(), "call_params must have D >= 1")
     if call_params.shape[1] < 4 and tool_sim_kind.numel():
         is_iou = (tool_sim_kind == 1)[call_tool.clamp(0, tool_sim_kind.numel() - 1)]
-        flags.add((is_iou & (call_tool >= 0)).any(),
-                  f"call_params needs D >= 4 for iou tools (a box is 4 numbers), "
-                  f"got D={call_params.shape[1]}")
+        flags.add(
+            (is_iou & (call_tool >= 0)).any(),
+            f"call_params needs D >= 4 for iou tools (a box is 4 numbers), "
+            f"got D={call_params.shape[1]}",
+        )
     # overlapping spans: sort the spans by (row, start) (empty spans last in their row, so
     # they never sit between two others) and compare neighbours
     nonempty = call_end > call_start
@@ -180,7 +210,8 @@ def check_fused_correct(
         raise ValueError(
             f"call_start/call_end: overlapping call spans in row {int(seq[i])} "
             f"([{int(start[i])}, {int(end[i])}) and [{int(start[i + 1])}, {int(end[i + 1])})): "
-            "each token may belong to at most one call") from None
+            "each token may belong to at most one call"
+        ) from None
 
 
 def tensors(**named: object) -> None:
@@ -206,15 +237,35 @@ def number(name: str, value: object, *, optional: bool = False) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
 
 
-def check_loss_knobs(algo: str, eps_low: float, eps_high: float, dual_clip_c: float,
-                     tau_pos: float, tau_neg: float, kl_coef: float, kl_type: str, agg: str,
-                     norm_const: float | None, global_count: float | None) -> None:
+def check_loss_knobs(
+    algo: str,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float,
+    tau_pos: float,
+    tau_neg: float,
+    kl_coef: float,
+    kl_type: str,
+    agg: str,
+    norm_const: float | None,
+    global_count: float | None,
+) -> None:
     """Types and ranges of the policy-loss knobs (errors name the knob)."""
-    for name, v, options in (("algo", algo, ALGOS), ("agg", agg, AGGS), ("kl_type", kl_type, KL_TYPES)):
+    for name, v, options in (
+        ("algo", algo, ALGOS),
+        ("agg", agg, AGGS),
+        ("kl_type", kl_type, KL_TYPES),
+    ):
         if not isinstance(v, str) or v not in options:
             raise ValueError(f"unknown {name} {v!r}; expected one of {options}")
-    for name, v in (("eps_low", eps_low), ("eps_high", eps_high), ("dual_clip_c", dual_clip_c),
-                    ("tau_pos", tau_pos), ("tau_neg", tau_neg), ("kl_coef", kl_coef)):
+    for name, v in (
+        ("eps_low", eps_low),
+        ("eps_high", eps_high),
+        ("dual_clip_c", dual_clip_c),
+        ("tau_pos", tau_pos),
+        ("tau_neg", tau_neg),
+        ("kl_coef", kl_coef),
+    ):
         number(name, v)
     number("norm_const", norm_const, optional=True)
     number("global_count", global_count, optional=True)
@@ -222,7 +273,9 @@ def check_loss_knobs(algo: str, eps_low: float, eps_high: float, dual_clip_c: fl
         if not (finite32(v) and v >= 0.0):
             raise ValueError(f"{name} must be finite and >= 0, got {v}")
     if eps_low >= 1.0:
-        raise ValueError(f"eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got {eps_low}")
+        raise ValueError(
+            f"eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got {eps_low}"
+        )
     if not (finite32(dual_clip_c) and (dual_clip_c == 0.0 or dual_clip_c > 1.0)):
         raise ValueError(f"dual_clip_c must be 0 (off) or > 1, got {dual_clip_c}")
     for name, v in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
@@ -266,12 +319,31 @@ def check_policy_loss(
     log-probabilities are computed later (the logits and hidden-state front ends). With
     ``flags``, the data-dependent checks are added there for the caller to raise.
     """
-    check_loss_knobs(algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg,
-                     norm_const, global_count)
-    _same_device(dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
-                      ref_logp=ref_logp, call_map=call_map, call_delta=call_delta))
-    like = logp if logp is not None else torch.empty(logp_shape, dtype=torch.float32,
-                                                     device="meta")
+    check_loss_knobs(
+        algo,
+        eps_low,
+        eps_high,
+        dual_clip_c,
+        tau_pos,
+        tau_neg,
+        kl_coef,
+        kl_type,
+        agg,
+        norm_const,
+        global_count,
+    )
+    _same_device(
+        dict(
+            logp=logp,
+            old_logp=old_logp,
+            advantages=advantages,
+            mask=mask,
+            ref_logp=ref_logp,
+            call_map=call_map,
+            call_delta=call_delta,
+        )
+    )
+    like = logp if logp is not None else torch.empty(logp_shape, dtype=torch.float32, device="meta")
     if like.dim() != 2:
         raise ValueError(f"logp must be 2-D (B, T), got shape {tuple(like.shape)}")
     B, T = like.shape
@@ -281,7 +353,9 @@ def check_policy_loss(
             _shape(name, t, (B, T))
             _dtype(name, t, (like.dtype,))
     if tuple(advantages.shape) not in ((B,), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}"
+        )
     _dtype("advantages", advantages, (like.dtype,))
     _shape("mask", mask, (B, T))
     _dtype("mask", mask, (torch.bool, like.dtype))
@@ -311,8 +385,10 @@ def check_policy_loss(
         _finite(flags, "call_delta", call_delta)
         n = call_delta.numel()
         if call_map.numel():
-            flags.add(((call_map < -1) | (call_map >= n)).any(),
-                      f"call_map out of range: entries must be -1 or in [0, N={n})")
+            flags.add(
+                ((call_map < -1) | (call_map >= n)).any(),
+                f"call_map out of range: entries must be -1 or in [0, N={n})",
+            )
     if own:
         flags.raise_first()
 
@@ -329,26 +405,31 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
-def _check_labels(labels: Tensor, mask: Tensor, B: int, T: int, V: int, check_values: bool,
-                  flags: Flags) -> None:
+def _check_labels(
+    labels: Tensor, mask: Tensor, B: int, T: int, V: int, check_values: bool, flags: Flags
+) -> None:
     """``labels`` is ``(B, T)`` int64 in ``[0, V)``, negative (ignored) only where ``mask == 0``."""
     _shape("labels", labels, (B, T))
     _dtype("labels", labels, (torch.int64,))
     if not check_values or labels.numel() == 0:
         return
-    flags.add((labels >= V).any(),
-              f"labels out of range: entries must be < V={V} (negative marks an ignored token)")
+    flags.add(
+        (labels >= V).any(),
+        f"labels out of range: entries must be < V={V} (negative marks an ignored token)",
+    )
     if tuple(mask.shape) == (B, T):
-        flags.add(((labels < 0) & (mask != 0)).any(),
-                  "labels must be >= 0 wherever mask != 0 (a negative label marks an ignored token)")
+        flags.add(
+            ((labels < 0) & (mask != 0)).any(),
+            "labels must be >= 0 wherever mask != 0 (a negative label marks an ignored token)",
+        )
 
 
-def _check_loss_arguments(B: int, T: int, loss_args: tuple, check_values: bool,
-                          flags: Flags) -> None:
+def _check_loss_arguments(
+    B: int, T: int, loss_args: tuple, check_values: bool, flags: Flags
+) -> None:
     """``check_policy_loss`` on the loss arguments of float32 ``(B, T)`` log-probabilities
     that are computed later."""
-    check_policy_loss(None, *loss_args, check_values=check_values, logp_shape=(B, T),
-                      flags=flags)
+    check_policy_loss(None, *loss_args, check_values=check_values, logp_shape=(B, T), flags=flags)
 
 
 def check_policy_loss_from_logits(
@@ -371,8 +452,18 @@ def check_policy_loss_from_logits(
     The logits themselves are not scanned for NaN (that would cost a full read of them); a
     non-finite log-probability is reported after the forward computes it.
     """
-    _same_device(dict(logits=logits, labels=labels, old_logp=old_logp, advantages=advantages,
-                      mask=mask, ref_logp=ref_logp, call_map=call_map, call_delta=call_delta))
+    _same_device(
+        dict(
+            logits=logits,
+            labels=labels,
+            old_logp=old_logp,
+            advantages=advantages,
+            mask=mask,
+            ref_logp=ref_logp,
+            call_map=call_map,
+            call_delta=call_delta,
+        )
+    )
     if logits.dim() != 3:
         raise ValueError(f"logits must be 3-D (B, T, V), got shape {tuple(logits.shape)}")
     B, T, V = logits.shape
@@ -381,8 +472,13 @@ def check_policy_loss_from_logits(
     _dtype("logits", logits, _LOGIT_DTYPES)
     _check_temperature(temperature)
     flags = Flags()  # the loss arguments' and the labels' value checks: one host sync
-    _check_loss_arguments(B, T, (old_logp, advantages, mask, ref_logp, call_map, call_delta,
-                                 *knobs), check_values, flags)
+    _check_loss_arguments(
+        B,
+        T,
+        (old_logp, advantages, mask, ref_logp, call_map, call_delta, *knobs),
+        check_values,
+        flags,
+    )
     _check_labels(labels, mask, B, T, V, check_values, flags)
     flags.raise_first()
 
@@ -404,9 +500,20 @@ def check_policy_loss_from_hidden(
     check_values: bool = True,
 ) -> None:
     """Validate every argument of ``tapo::policy_loss_from_hidden`` (see the logits check)."""
-    _same_device(dict(hidden=hidden, weight=weight, bias=bias, labels=labels, old_logp=old_logp,
-                      advantages=advantages, mask=mask, ref_logp=ref_logp, call_map=call_map,
-                      call_delta=call_delta))
+    _same_device(
+        dict(
+            hidden=hidden,
+            weight=weight,
+            bias=bias,
+            labels=labels,
+            old_logp=old_logp,
+            advantages=advantages,
+            mask=mask,
+            ref_logp=ref_logp,
+            call_map=call_map,
+            call_delta=call_delta,
+        )
+    )
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be 3-D (B, T, H), got shape {tuple(hidden.shape)}")
     B, T, H = hidden.shape
@@ -424,8 +531,13 @@ def check_policy_loss_from_hidden(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
     flags = Flags()  # the loss arguments' and the labels' value checks: one host sync
-    _check_loss_arguments(B, T, (old_logp, advantages, mask, ref_logp, call_map, call_delta,
-                                 *knobs), check_values, flags)
+    _check_loss_arguments(
+        B,
+        T,
+        (old_logp, advantages, mask, ref_logp, call_map, call_delta, *knobs),
+        check_values,
+        flags,
+    )
     _check_labels(labels, mask, B, T, V, check_values, flags)
     flags.raise_first()
 
@@ -448,12 +560,19 @@ def check_selective_log_softmax_backward(
 
 
 def check_selective_log_softmax_from_hidden_backward(
-    grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-    logp: Tensor, temperature: float, chunk_size: int | None,
+    grad_logp: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    logp: Tensor,
+    temperature: float,
+    chunk_size: int | None,
 ) -> None:
     """Shapes, dtypes and devices of ``tapo::selective_log_softmax_from_hidden_backward``."""
-    _same_device(dict(grad_logp=grad_logp, hidden=hidden, weight=weight, bias=bias,
-                      labels=labels, logp=logp))
+    _same_device(
+        dict(grad_logp=grad_logp, hidden=hidden, weight=weight, bias=bias, labels=labels, logp=logp)
+    )
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be 3-D (B, T, H), got shape {tuple(hidden.shape)}")
     B, T, H = hidden.shape

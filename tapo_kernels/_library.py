@@ -74,13 +74,13 @@ def _register_fake(qualname: str):
                     if t.device != first.device:
                         raise ValueError(
                             f"{arg_name} is on {t.device} but {first_name} is on "
-                            f"{first.device}: every tensor of tapo::{name} must be on one device")
+                            f"{first.device}: every tensor of tapo::{name} must be on one device"
+                        )
             return fake(*args, **kwargs)
 
         return torch.library.register_fake(qualname)(checked)
 
     return wrap
-
 
 
 @_register_fake("tapo::fused_correct")
@@ -163,8 +163,17 @@ def fused_correct_reference_kernel(*args):
     return reference.fused_correct(*args)
 
 
-def policy_loss_reference_kernel(logp, old_logp, advantages, mask, ref_logp=None, call_map=None,
-                                 call_delta=None, *knob_args, **knob_kwargs):
+def policy_loss_reference_kernel(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp=None,
+    call_map=None,
+    call_delta=None,
+    *knob_args,
+    **knob_kwargs,
+):
     """Reference implementation of ``tapo::policy_loss`` with full input validation."""
     tensors = (logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
     knobs = _knobs.bind(knob_args, knob_kwargs)
@@ -189,9 +198,18 @@ def _autograd_enabled():
         yield
 
 
-def policy_loss_backward_reference_kernel(grad_loss, logp, old_logp, advantages, mask,
-                                          ref_logp=None, call_map=None, call_delta=None,
-                                          *knob_args, **knob_kwargs):
+def policy_loss_backward_reference_kernel(
+    grad_loss,
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp=None,
+    call_map=None,
+    call_delta=None,
+    *knob_args,
+    **knob_kwargs,
+):
     """Backward of the reference policy loss: autograd through ``reference.policy_loss``."""
     tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
     knobs = _knobs.bind(knob_args, knob_kwargs)
@@ -205,9 +223,17 @@ def policy_loss_backward_reference_kernel(grad_loss, logp, old_logp, advantages,
     return grad
 
 
-def policy_loss_with_grad_reference_kernel(logp, old_logp, advantages, mask, ref_logp=None,
-                                           call_map=None, call_delta=None, *knob_args,
-                                           **knob_kwargs):
+def policy_loss_with_grad_reference_kernel(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp=None,
+    call_map=None,
+    call_delta=None,
+    *knob_args,
+    **knob_kwargs,
+):
     """Reference ``tapo::policy_loss_with_grad``: the reference forward, then autograd for
     d loss / d logp (d loss = 1). Outputs are detached; the gradient is contiguous."""
     tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
@@ -340,9 +366,12 @@ NATIVE_LOGPROB = all(_has_cpu_kernel(op) for op in NATIVE_LOGPROB_OPS)
 def _triton_pass(op: str):
     """The CUDA kernel of an internal vocabulary op: its Triton pass, imported on first use
     (the chunked torch pass on a CUDA machine without Triton)."""
-    name = {"_logprob_rows": "logprob_rows", "_dlogits_rows": "dlogits_rows",
-            "_logprob_from_hidden": "logprob_from_hidden",
-            "_logprob_from_hidden_backward": "logprob_from_hidden_backward"}[op]
+    name = {
+        "_logprob_rows": "logprob_rows",
+        "_dlogits_rows": "dlogits_rows",
+        "_logprob_from_hidden": "logprob_from_hidden",
+        "_logprob_from_hidden_backward": "logprob_from_hidden_backward",
+    }[op]
 
     def kernel(*args):
         try:
@@ -372,21 +401,47 @@ LOGPROB_OPS = (
 def _logprob_outputs_fake(like: torch.Tensor, B: int, T: int, with_entropy: bool):
     f32 = torch.float32
     entropy = like.new_empty((B, T) if with_entropy else (0,), dtype=f32)
-    return like.new_empty((), dtype=f32), like.new_empty((4,), dtype=f32), \
-        like.new_empty((B, T), dtype=f32), entropy
+    return (
+        like.new_empty((), dtype=f32),
+        like.new_empty((4,), dtype=f32),
+        like.new_empty((B, T), dtype=f32),
+        entropy,
+    )
 
 
 @_register_fake("tapo::policy_loss_from_logits")
-def _policy_loss_from_logits_fake(logits, labels, old_logp, advantages, mask, ref_logp=None,
-                                  call_map=None, call_delta=None, temperature=1.0,
-                                  with_entropy=False, *rest):
+def _policy_loss_from_logits_fake(
+    logits,
+    labels,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp=None,
+    call_map=None,
+    call_delta=None,
+    temperature=1.0,
+    with_entropy=False,
+    *rest,
+):
     return _logprob_outputs_fake(logits, logits.shape[0], logits.shape[1], with_entropy)
 
 
 @_register_fake("tapo::policy_loss_from_hidden")
-def _policy_loss_from_hidden_fake(hidden, weight, bias, labels, old_logp, advantages, mask,
-                                  ref_logp=None, call_map=None, call_delta=None, temperature=1.0,
-                                  with_entropy=False, *rest):
+def _policy_loss_from_hidden_fake(
+    hidden,
+    weight,
+    bias,
+    labels,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp=None,
+    call_map=None,
+    call_delta=None,
+    temperature=1.0,
+    with_entropy=False,
+    *rest,
+):
     return _logprob_outputs_fake(hidden, hidden.shape[0], hidden.shape[1], with_entropy)
 
 
@@ -401,9 +456,18 @@ def _selective_log_softmax_backward_inplace_fake(grad_logp, logits, *rest):
 
 
 @_register_fake("tapo::selective_log_softmax_from_hidden_backward")
-def _selective_log_softmax_from_hidden_backward_fake(grad_logp, hidden, weight, bias, labels,
-                                                     logp, temperature=1.0, chunk_size=None,
-                                                     weight_grad=True, bias_grad=True):
+def _selective_log_softmax_from_hidden_backward_fake(
+    grad_logp,
+    hidden,
+    weight,
+    bias,
+    labels,
+    logp,
+    temperature=1.0,
+    chunk_size=None,
+    weight_grad=True,
+    bias_grad=True,
+):
     dweight = torch.empty_like(weight) if weight_grad else weight.new_empty((0,))
     want_bias = bias is not None and bias_grad
     dbias = torch.empty_like(bias) if want_bias else hidden.new_empty((0,))
@@ -435,10 +499,12 @@ def _from_logits_backward(ctx, grad_loss, *unused_output_grads):
     grad_logp = torch.ops.tapo.policy_loss_backward(grad_loss, logp, *loss_tensors, *ctx.knobs)
     if ctx.inplace_backward:
         torch.ops.tapo.selective_log_softmax_backward_inplace(
-            grad_logp, logits, labels, logp, ctx.temperature)
+            grad_logp, logits, labels, logp, ctx.temperature
+        )
         return (logits, *nones)  # the logits buffer now holds the gradient
     grad_logits = torch.ops.tapo.selective_log_softmax_backward(
-        grad_logp, logits, labels, logp, ctx.temperature)
+        grad_logp, logits, labels, logp, ctx.temperature
+    )
     return (grad_logits, *nones)
 
 
@@ -459,10 +525,23 @@ def _from_hidden_backward(ctx, grad_loss, *unused_output_grads):
     grad_logp = torch.ops.tapo.policy_loss_backward(grad_loss, logp, *loss_tensors, *ctx.knobs)
     want_bias = bias is not None and need_bias
     grad_hidden, grad_weight, grad_bias = torch.ops.tapo.selective_log_softmax_from_hidden_backward(
-        grad_logp, hidden, weight, bias, labels, logp, ctx.temperature, ctx.chunk_size,
-        need_weight, want_bias)
-    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
-            grad_bias if want_bias else None, *nones)
+        grad_logp,
+        hidden,
+        weight,
+        bias,
+        labels,
+        logp,
+        ctx.temperature,
+        ctx.chunk_size,
+        need_weight,
+        want_bias,
+    )
+    return (
+        grad_hidden if need_hidden else None,
+        grad_weight if need_weight else None,
+        grad_bias if want_bias else None,
+        *nones,
+    )
 
 
 torch.library.register_autograd(

@@ -43,9 +43,15 @@ class Report:
 
     def as_dict(self) -> dict:
         kernels = sorted({c["kernel"] for c in self.compiled})
-        return {"arch": self.arch, "cases": self.cases, "specializations": len(self.compiled),
-                "kernels": kernels, "failures": self.failures, "rejected": self.rejected,
-                "compiled": self.compiled}
+        return {
+            "arch": self.arch,
+            "cases": self.cases,
+            "specializations": len(self.compiled),
+            "kernels": kernels,
+            "failures": self.failures,
+            "rejected": self.rejected,
+            "compiled": self.compiled,
+        }
 
 
 class _CompileFailed(Exception):
@@ -97,18 +103,25 @@ def _compile_only(report: Report) -> Iterator[None]:
         try:
             kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as err:  # noqa: BLE001 - every compiler error is a finding
-            report.failures.append({"kernel": name, "error": f"{type(err).__name__}: {err}",
-                                    "traceback": traceback.format_exc(limit=8)})
+            report.failures.append(
+                {
+                    "kernel": name,
+                    "error": f"{type(err).__name__}: {err}",
+                    "traceback": traceback.format_exc(limit=8),
+                }
+            )
             raise _CompileFailed(name) from err
         meta = getattr(kernel, "metadata", None)
-        report.compiled.append({
-            "kernel": name,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "num_warps": getattr(meta, "num_warps", None),
-            "shared": getattr(meta, "shared", None),
-            "n_regs": getattr(kernel, "n_regs", None),
-            "n_spills": getattr(kernel, "n_spills", None),
-        })
+        report.compiled.append(
+            {
+                "kernel": name,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "num_warps": getattr(meta, "num_warps", None),
+                "shared": getattr(meta, "shared", None),
+                "n_regs": getattr(kernel, "n_regs", None),
+                "n_spills": getattr(kernel, "n_spills", None),
+            }
+        )
         return kernel
 
     JITFunction.run = compile_only
@@ -129,16 +142,32 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
     for dtype, scope, coverage in itertools.product(
         (torch.float32, torch.bfloat16, torch.float16), (False, True), (True, False)
     ):
-        b = correct_batch(B=16, T=64, D=256 if scope else 32, param_dtype=dtype,
-                          quantized=False)
+        b = correct_batch(B=16, T=64, D=256 if scope else 32, param_dtype=dtype, quantized=False)
         label = f"fused_correct params={dtype} batch_scope={scope} coverage={coverage}"
-        yield label, lambda b=b, s=scope, c=coverage: ops.fused_correct_triton(
-            *b.op_args(), 0.7, 0.3, 0.8, s, c)
+        yield (
+            label,
+            lambda b=b, s=scope, c=coverage: ops.fused_correct_triton(
+                *b.op_args(), 0.7, 0.3, 0.8, s, c
+            ),
+        )
 
-    def loss_case(dtype=torch.float32, per_token=True, with_ref=True, with_calls=True,
-                  bool_mask=False, shape=(5, 40), **knobs):
-        b = loss_batch(B=shape[0], T=shape[1], dtype=dtype, per_token=per_token,
-                       with_ref=with_ref, with_calls=with_calls)
+    def loss_case(
+        dtype=torch.float32,
+        per_token=True,
+        with_ref=True,
+        with_calls=True,
+        bool_mask=False,
+        shape=(5, 40),
+        **knobs,
+    ):
+        b = loss_batch(
+            B=shape[0],
+            T=shape[1],
+            dtype=dtype,
+            per_token=per_token,
+            with_ref=with_ref,
+            with_calls=with_calls,
+        )
         args = list(b.op_args())
         if bool_mask:
             args[3] = args[3] > 0
@@ -149,8 +178,10 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
             ops.policy_loss_triton(*args, **knobs)
             ops.policy_loss_backward_triton(one, *args, **knobs)
 
-        label = (f"policy_loss {shape} dtype={dtype} per_token={per_token} ref={with_ref} "
-                 f"calls={with_calls} bool_mask={bool_mask} {knobs}")
+        label = (
+            f"policy_loss {shape} dtype={dtype} per_token={per_token} ref={with_ref} "
+            f"calls={with_calls} bool_mask={bool_mask} {knobs}"
+        )
         return label, launch
 
     for algo, agg in itertools.product(ALGOS, AGGS):
@@ -197,7 +228,8 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
             ops.policy_loss_from_hidden_triton(h, w, bb, y, *args, chunk_size=4)
             logp = torch.zeros(2, 3)
             ops.selective_log_softmax_from_hidden_backward_triton(
-                torch.ones(2, 3), h, w, bb, y, logp, 1.0, 4)
+                torch.ones(2, 3), h, w, bb, y, logp, 1.0, 4
+            )
 
         yield f"from_hidden dtype={dtype} bias={bias}", launch
 
@@ -251,10 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
-    print(f"sm_{args.arch}: {summary['specializations']} specializations of "
-          f"{len(summary['kernels'])} kernels compiled over {report.cases} cases in "
-          f"{summary['seconds']} s; {len(report.failures)} failures, "
-          f"{len(report.rejected)} inputs rejected by validation")
+    print(
+        f"sm_{args.arch}: {summary['specializations']} specializations of "
+        f"{len(summary['kernels'])} kernels compiled over {report.cases} cases in "
+        f"{summary['seconds']} s; {len(report.failures)} failures, "
+        f"{len(report.rejected)} inputs rejected by validation"
+    )
     for f in report.failures:
         print(f"\n{f['kernel']}: {f['error']}\n{f['traceback']}", file=sys.stderr)
     return 1 if report.failures else 0

@@ -53,21 +53,38 @@ class ToolCalls:
             return torch.as_tensor(list(values), dtype=torch.int64, device=device).reshape(-1)
 
         n = len(seq)
-        return cls(ints(seq), ints(start), ints(end), ints(tool),
-                   ints([0] * n if key is None else key), params.to(device))
+        return cls(
+            ints(seq),
+            ints(start),
+            ints(end),
+            ints(tool),
+            ints([0] * n if key is None else key),
+            params.to(device),
+        )
 
     @classmethod
     def empty(cls, dim: int = 256, device: torch.device | str = "cpu") -> ToolCalls:
         """A batch without tool calls (``N = 0``)."""
         z = torch.zeros(0, dtype=torch.int64, device=device)
-        return cls(z, z.clone(), z.clone(), z.clone(), z.clone(),
-                   torch.zeros(0, dim, dtype=torch.float32, device=device))
+        return cls(
+            z,
+            z.clone(),
+            z.clone(),
+            z.clone(),
+            z.clone(),
+            torch.zeros(0, dim, dtype=torch.float32, device=device),
+        )
 
     def __len__(self) -> int:
         return int(self.seq.shape[0])
 
     def to(self, device: torch.device | str) -> ToolCalls:
-        return ToolCalls(*(t.to(device) for t in (self.seq, self.start, self.end, self.tool, self.key, self.params)))
+        return ToolCalls(
+            *(
+                t.to(device)
+                for t in (self.seq, self.start, self.end, self.tool, self.key, self.params)
+            )
+        )
 
     def call_map(self, B: int, T: int) -> Tensor:
         """``(B, T) int32`` index of the call covering each token (-1 elsewhere), for ``policy_loss``."""
@@ -146,7 +163,9 @@ class TapoResult:
         traj_corr[calls.seq[corrected]] = True
         n_corr = int(corrected.sum())
         lift = float(self.delta[corrected].sum()) / n_corr if n_corr else 0.0
-        return TapoStats(int(failing.sum()), n_corr, int(traj_fail.sum()), int(traj_corr.sum()), lift)
+        return TapoStats(
+            int(failing.sum()), n_corr, int(traj_fail.sum()), int(traj_corr.sum()), lift
+        )
 
 
 def fused_correct(
@@ -183,17 +202,36 @@ def fused_correct(
     """
     if not isinstance(calls, ToolCalls):
         raise TypeError(f"calls must be a ToolCalls, got {type(calls).__name__}")
-    _checks.tensors(advantages=advantages, seq_advantages=seq_advantages, group_ids=group_ids,
-                    tool_sim_kind=tool_sim_kind, **{f"calls.{f}": getattr(calls, f) for f in
-                                                    ("seq", "start", "end", "tool", "key", "params")})
+    _checks.tensors(
+        advantages=advantages,
+        seq_advantages=seq_advantages,
+        group_ids=group_ids,
+        tool_sim_kind=tool_sim_kind,
+        **{
+            f"calls.{f}": getattr(calls, f)
+            for f in ("seq", "start", "end", "tool", "key", "params")
+        },
+    )
     for name, value in (("theta", theta), ("alpha_min", alpha_min), ("beta", beta)):
         _checks.number(name, value)
     for name, value in (("batch_scope", batch_scope), ("coverage", coverage)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(
-        advantages, seq_advantages, group_ids, calls.seq, calls.start, calls.end, calls.tool,
-        calls.key, calls.params, tool_sim_kind, float(theta), float(alpha_min), float(beta),
-        bool(batch_scope), bool(coverage),
+        advantages,
+        seq_advantages,
+        group_ids,
+        calls.seq,
+        calls.start,
+        calls.end,
+        calls.tool,
+        calls.key,
+        calls.params,
+        tool_sim_kind,
+        float(theta),
+        float(alpha_min),
+        float(beta),
+        bool(batch_scope),
+        bool(coverage),
     )
     return TapoResult(corrected, delta, confidence, witness, seq_advantages, calls)

@@ -60,12 +60,21 @@ def main(argv: list[str] | None = None) -> None:
 
     advantages, seq_adv, groups, calls, texts = build()
     result = tk.fused_correct(
-        advantages, seq_adv, groups, calls, torch.tensor([0]),  # tool 0 compares by cosine
-        theta=args.theta, alpha_min=args.alpha_min, beta=args.beta, batch_scope=args.batch_scope,
+        advantages,
+        seq_adv,
+        groups,
+        calls,
+        torch.tensor([0]),  # tool 0 compares by cosine
+        theta=args.theta,
+        alpha_min=args.alpha_min,
+        beta=args.beta,
+        batch_scope=args.batch_scope,
     )
     backend = tk.CPU_BACKEND["fused_correct"]
     print(f"tapo_kernels {tk.__version__}: fused_correct on cpu ({backend} kernel)\n")
-    print(f"{'row':>3} {'A_i':>7}  {'query':<28} {'conf':>5} {'lift':>6}  {'A on call':>9} -> {'A_new':>7}  witness")
+    print(
+        f"{'row':>3} {'A_i':>7}  {'query':<28} {'conf':>5} {'lift':>6}  {'A on call':>9} -> {'A_new':>7}  witness"
+    )
     for k, text in enumerate(texts):
         i = int(calls.seq[k])
         s = int(calls.start[k])

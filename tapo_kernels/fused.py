@@ -73,9 +73,11 @@ def check_logp_finite(logp: Tensor, mask: Tensor) -> None:
     if not logp.numel():
         return
     flags = _checks.Flags()
-    flags.add((~torch.isfinite(logp) & (mask != 0)).any(),
-              "logits give a non-finite log-probability at a mask token "
-              "(NaN or inf in the logits, or -inf at the label)")
+    flags.add(
+        (~torch.isfinite(logp) & (mask != 0)).any(),
+        "logits give a non-finite log-probability at a mask token "
+        "(NaN or inf in the logits, or -inf at the label)",
+    )
     flags.raise_first()
 
 
@@ -84,40 +86,70 @@ def _chunk(chunk_size: int | None, weight: Tensor) -> int:
     return chunk_size or vocab.default_chunk_tokens(weight.shape[0], weight.device)
 
 
-def policy_loss_from_logits_kernel(logits, labels, old_logp, advantages, mask, ref_logp=None,
-                                   call_map=None, call_delta=None, temperature=1.0,
-                                   with_entropy=False, inplace_backward=False, *knob_args,
-                                   passes: Passes = DISPATCHED, **knob_kwargs):
+def policy_loss_from_logits_kernel(
+    logits,
+    labels,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp=None,
+    call_map=None,
+    call_delta=None,
+    temperature=1.0,
+    with_entropy=False,
+    inplace_backward=False,
+    *knob_args,
+    passes: Passes = DISPATCHED,
+    **knob_kwargs,
+):
     """``tapo::policy_loss_from_logits``: ``(loss, metrics, logp, entropy)``."""
     loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
     knobs = _knobs.bind(knob_args, knob_kwargs)
-    _checks.check_policy_loss_from_logits(logits, labels, *loss_tensors, temperature,
-                                          *knobs.values())
+    _checks.check_policy_loss_from_logits(
+        logits, labels, *loss_tensors, temperature, *knobs.values()
+    )
     logp, entropy = passes.logprob_rows(logits, labels, temperature, with_entropy)
     check_logp_finite(logp, mask)
     loss, metrics = passes.loss(logp, *loss_tensors, **knobs)
     return loss, metrics, logp, entropy
 
 
-def policy_loss_from_hidden_kernel(hidden, weight, bias, labels, old_logp, advantages, mask,
-                                   ref_logp=None, call_map=None, call_delta=None,
-                                   temperature=1.0, with_entropy=False, chunk_size=None,
-                                   *knob_args, passes: Passes = DISPATCHED, **knob_kwargs):
+def policy_loss_from_hidden_kernel(
+    hidden,
+    weight,
+    bias,
+    labels,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp=None,
+    call_map=None,
+    call_delta=None,
+    temperature=1.0,
+    with_entropy=False,
+    chunk_size=None,
+    *knob_args,
+    passes: Passes = DISPATCHED,
+    **knob_kwargs,
+):
     """``tapo::policy_loss_from_hidden``: ``(loss, metrics, logp, entropy)``; the ``(B*T, V)``
     logits never exist (``chunk_size`` tokens at a time)."""
     loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
     knobs = _knobs.bind(knob_args, knob_kwargs)
-    _checks.check_policy_loss_from_hidden(hidden, weight, bias, labels, *loss_tensors,
-                                          temperature, chunk_size, *knobs.values())
-    logp, entropy = passes.logprob_from_hidden(hidden, weight, bias, labels, temperature,
-                                               with_entropy, _chunk(chunk_size, weight))
+    _checks.check_policy_loss_from_hidden(
+        hidden, weight, bias, labels, *loss_tensors, temperature, chunk_size, *knobs.values()
+    )
+    logp, entropy = passes.logprob_from_hidden(
+        hidden, weight, bias, labels, temperature, with_entropy, _chunk(chunk_size, weight)
+    )
     check_logp_finite(logp, mask)
     loss, metrics = passes.loss(logp, *loss_tensors, **knobs)
     return loss, metrics, logp, entropy
 
 
-def selective_log_softmax_backward_kernel(grad_logp, logits, labels, logp, temperature=1.0, *,
-                                          passes: Passes = DISPATCHED):
+def selective_log_softmax_backward_kernel(
+    grad_logp, logits, labels, logp, temperature=1.0, *, passes: Passes = DISPATCHED
+):
     """``tapo::selective_log_softmax_backward``: a new ``dlogits`` in the logits' dtype."""
     _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
     out = torch.empty_like(logits)
@@ -125,24 +157,44 @@ def selective_log_softmax_backward_kernel(grad_logp, logits, labels, logp, tempe
     return out
 
 
-def selective_log_softmax_backward_inplace_kernel(grad_logp, logits, labels, logp,
-                                                  temperature=1.0, *,
-                                                  passes: Passes = DISPATCHED):
+def selective_log_softmax_backward_inplace_kernel(
+    grad_logp, logits, labels, logp, temperature=1.0, *, passes: Passes = DISPATCHED
+):
     """``tapo::selective_log_softmax_backward_inplace``: overwrite ``logits`` with ``dlogits``."""
     _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
     passes.dlogits_rows(grad_logp, logits, labels, logp, temperature, logits)
 
 
-def selective_log_softmax_from_hidden_backward_kernel(grad_logp, hidden, weight, bias, labels,
-                                                      logp, temperature=1.0, chunk_size=None,
-                                                      weight_grad=True, bias_grad=True, *,
-                                                      passes: Passes = DISPATCHED):
+def selective_log_softmax_from_hidden_backward_kernel(
+    grad_logp,
+    hidden,
+    weight,
+    bias,
+    labels,
+    logp,
+    temperature=1.0,
+    chunk_size=None,
+    weight_grad=True,
+    bias_grad=True,
+    *,
+    passes: Passes = DISPATCHED,
+):
     """``tapo::selective_log_softmax_from_hidden_backward``: ``(dhidden, dweight, dbias)``."""
     _checks.check_selective_log_softmax_from_hidden_backward(
-        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size)
-    return passes.logprob_from_hidden_backward(grad_logp, hidden, weight, bias, labels, logp,
-                                               temperature, _chunk(chunk_size, weight),
-                                               weight_grad, bias_grad)
+        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size
+    )
+    return passes.logprob_from_hidden_backward(
+        grad_logp,
+        hidden,
+        weight,
+        bias,
+        labels,
+        logp,
+        temperature,
+        _chunk(chunk_size, weight),
+        weight_grad,
+        bias_grad,
+    )
 
 
 KERNELS = {
@@ -150,6 +202,5 @@ KERNELS = {
     "policy_loss_from_hidden": policy_loss_from_hidden_kernel,
     "selective_log_softmax_backward": selective_log_softmax_backward_kernel,
     "selective_log_softmax_backward_inplace": selective_log_softmax_backward_inplace_kernel,
-    "selective_log_softmax_from_hidden_backward":
-        selective_log_softmax_from_hidden_backward_kernel,
+    "selective_log_softmax_from_hidden_backward": selective_log_softmax_from_hidden_backward_kernel,
 }

@@ -33,13 +33,21 @@ DEFAULTS: dict[str, Any] = {name: default for name, _, default in LOSS_KNOBS}
 # Named presets matching the public recipes (docs/math.md, section 3). Any knob can be
 # overridden.
 PRESETS: dict[str, dict[str, Any]] = {
-    "grpo": dict(algo="grpo", eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, kl_type="k3",
-                 agg="seq-mean-token-mean"),
+    "grpo": dict(
+        algo="grpo",
+        eps_low=0.2,
+        eps_high=0.2,
+        dual_clip_c=3.0,
+        kl_type="k3",
+        agg="seq-mean-token-mean",
+    ),
     "dapo": dict(algo="grpo", eps_low=0.2, eps_high=0.28, dual_clip_c=3.0, agg="token-mean"),
-    "dr_grpo": dict(algo="grpo", eps_low=0.2, eps_high=0.2, dual_clip_c=3.0,
-                    agg="seq-mean-token-sum-norm"),
-    "gspo": dict(algo="gspo", eps_low=3e-4, eps_high=4e-4, dual_clip_c=0.0,
-                 agg="seq-mean-token-mean"),
+    "dr_grpo": dict(
+        algo="grpo", eps_low=0.2, eps_high=0.2, dual_clip_c=3.0, agg="seq-mean-token-sum-norm"
+    ),
+    "gspo": dict(
+        algo="gspo", eps_low=3e-4, eps_high=4e-4, dual_clip_c=0.0, agg="seq-mean-token-mean"
+    ),
     "sapo": dict(algo="sapo", tau_pos=1.0, tau_neg=1.05, agg="seq-mean-token-mean"),
 }
 

@@ -90,8 +90,16 @@ def policy_loss_from_logits(
         ``logp`` (fp32, detached) and ``entropy`` (fp32, detached, empty when not asked).
     """
     merged = _knobs.resolve(preset, knobs)
-    _checks.tensors(logits=logits, labels=labels, old_logp=old_logp, advantages=advantages,
-                    mask=mask, ref_logp=ref_logp, call_map=call_map, call_delta=call_delta)
+    _checks.tensors(
+        logits=logits,
+        labels=labels,
+        old_logp=old_logp,
+        advantages=advantages,
+        mask=mask,
+        ref_logp=ref_logp,
+        call_map=call_map,
+        call_delta=call_delta,
+    )
     _checks.number("temperature", temperature)
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_logits(
         logits,
@@ -141,9 +149,18 @@ def policy_loss_from_hidden(
         labels ... **knobs: as ``policy_loss_from_logits``.
     """
     merged = _knobs.resolve(preset, knobs)
-    _checks.tensors(hidden=hidden, weight=weight, bias=bias, labels=labels, old_logp=old_logp,
-                    advantages=advantages, mask=mask, ref_logp=ref_logp, call_map=call_map,
-                    call_delta=call_delta)
+    _checks.tensors(
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        labels=labels,
+        old_logp=old_logp,
+        advantages=advantages,
+        mask=mask,
+        ref_logp=ref_logp,
+        call_map=call_map,
+        call_delta=call_delta,
+    )
     _checks.number("temperature", temperature)
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_hidden(
         hidden,

@@ -27,7 +27,10 @@ class PolicyLossOutput:
 
     def metrics_dict(self, prefix: str = "actor/") -> dict[str, float]:
         """Metrics as Python floats (one host sync)."""
-        return {f"{prefix}{n}": float(v) for n, v in zip(METRIC_NAMES, self.metrics.tolist(), strict=True)}
+        return {
+            f"{prefix}{n}": float(v)
+            for n, v in zip(METRIC_NAMES, self.metrics.tolist(), strict=True)
+        }
 
 
 def policy_loss(
@@ -58,8 +61,15 @@ def policy_loss(
             the preset.
     """
     merged = _knobs.resolve(preset, knobs)
-    _checks.tensors(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
-                    ref_logp=ref_logp, call_map=call_map, call_delta=call_delta)
+    _checks.tensors(
+        logp=logp,
+        old_logp=old_logp,
+        advantages=advantages,
+        mask=mask,
+        ref_logp=ref_logp,
+        call_map=call_map,
+        call_delta=call_delta,
+    )
     loss, metrics = torch.ops.tapo.policy_loss(
         logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, **merged
     )

@@ -72,8 +72,11 @@ def encode_text(texts: Sequence[str], dim: int = TEXT_DIM, n: int = 3) -> Tensor
         base = row * dim
         flat.extend([base + _gram_crc(gram) % dim for gram in _grams(text, n)])
     size = len(texts) * dim
-    counts = np.bincount(np.asarray(flat, dtype=np.int64), minlength=size) if flat \
+    counts = (
+        np.bincount(np.asarray(flat, dtype=np.int64), minlength=size)
+        if flat
         else np.zeros(size, dtype=np.int64)
+    )
     out = torch.from_numpy(counts.astype(np.float32)).reshape(len(texts), dim)
     return _normalise_rows(out)
 
@@ -86,7 +89,9 @@ def _ref_vector(ref: str, dim: int) -> np.ndarray:
     if vec is None:
         if len(_REF_VECTORS) >= _GRAM_CACHE_LIMIT:
             _REF_VECTORS.clear()
-        seed = int.from_bytes(hashlib.blake2b(ref.encode("utf-8"), digest_size=8).digest(), "little")
+        seed = int.from_bytes(
+            hashlib.blake2b(ref.encode("utf-8"), digest_size=8).digest(), "little"
+        )
         vec = np.random.default_rng(seed).standard_normal(dim)
         vec /= np.linalg.norm(vec)
         _REF_VECTORS[ref, dim] = vec

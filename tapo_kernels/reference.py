@@ -69,15 +69,18 @@ def encode_text(texts: list[str], dim: int = 256, n: int = 3) -> Tensor:
         folded = " ".join(text.lower().split())
         if not folded:
             continue
-        grams = [folded] if len(folded) < n else [folded[i: i + n]
-                                                    for i in range(len(folded) - n + 1)]
+        grams = (
+            [folded] if len(folded) < n else [folded[i : i + n] for i in range(len(folded) - n + 1)]
+        )
         for gram in grams:
             out[row, zlib.crc32(gram.encode("utf-8")) % dim] += 1.0
     norm = out.norm(dim=1, keepdim=True)
     return torch.where(norm > 0, out / norm.clamp(min=1e-12), out)
 
 
-def build_call_map(call_seq: Tensor, call_start: Tensor, call_end: Tensor, B: int, T: int) -> Tensor:
+def build_call_map(
+    call_seq: Tensor, call_start: Tensor, call_end: Tensor, B: int, T: int
+) -> Tensor:
     """``(B, T) int32``: the index of the call whose span covers each token, -1 elsewhere.
 
     Spans must not overlap (validated by the ops); with overlaps the last call wins.
@@ -111,8 +114,8 @@ def pairwise_similarity(p: Tensor, q: Tensor, kind: Tensor) -> Tensor:
     iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
     ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
     inter = iw * ih
-    area_a = ((a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0))
-    area_b = ((b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0))
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
     union = area_a + area_b - inter
     iou = torch.where(union > 0, inter / torch.where(union > 0, union, torch.ones_like(union)), 0.0)
     return torch.where(kind[:, None] == SIM_IOU, iou, cos)
@@ -240,7 +243,9 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_type: str) -> Tensor:
     return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
 
 
-def aggregate(L: Tensor, m: Tensor, agg: str, norm_const: float | None, global_count: float | None) -> Tensor:
+def aggregate(
+    L: Tensor, m: Tensor, agg: str, norm_const: float | None, global_count: float | None
+) -> Tensor:
     """Reduce the masked per-token loss ``L`` (already multiplied by ``m``) to a scalar."""
     if agg == "token-mean":
         denom = m.sum().clamp(min=1) if global_count is None else L.new_tensor(global_count)
@@ -399,9 +404,16 @@ def policy_loss_from_logits(
     asked)). Differentiable with respect to ``logits``.
     """
     logp, entropy = selective_log_softmax(logits, labels, temperature, with_entropy)
-    loss, metrics = policy_loss(logp, old_logp.float(), advantages.float(), mask,
-                                None if ref_logp is None else ref_logp.float(), call_map,
-                                None if call_delta is None else call_delta.float(), **knobs)
+    loss, metrics = policy_loss(
+        logp,
+        old_logp.float(),
+        advantages.float(),
+        mask,
+        None if ref_logp is None else ref_logp.float(),
+        call_map,
+        None if call_delta is None else call_delta.float(),
+        **knobs,
+    )
     return loss, metrics, logp.detach(), entropy
 
 
@@ -425,5 +437,16 @@ def policy_loss_from_hidden(
     Materialises the whole ``(B, T, V)`` logits: this is the memory baseline the fused op beats.
     """
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    return policy_loss_from_logits(logits, labels, old_logp, advantages, mask, ref_logp,
-                                   call_map, call_delta, temperature, with_entropy, **knobs)
+    return policy_loss_from_logits(
+        logits,
+        labels,
+        old_logp,
+        advantages,
+        mask,
+        ref_logp,
+        call_map,
+        call_delta,
+        temperature,
+        with_entropy,
+        **knobs,
+    )

@@ -45,9 +45,18 @@ class CorrectBatch:
 
     def op_args(self) -> tuple[Tensor, ...]:
         """The ten tensor arguments of ``tapo::fused_correct``, in schema order."""
-        return (self.advantages, self.seq_advantages, self.group_ids, self.call_seq,
-                self.call_start, self.call_end, self.call_tool, self.call_key,
-                self.call_params, self.tool_sim_kind)
+        return (
+            self.advantages,
+            self.seq_advantages,
+            self.group_ids,
+            self.call_seq,
+            self.call_start,
+            self.call_end,
+            self.call_tool,
+            self.call_key,
+            self.call_params,
+            self.tool_sim_kind,
+        )
 
     def to(self, device) -> CorrectBatch:
         return CorrectBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
@@ -92,7 +101,7 @@ def correct_batch(
     for i in range(B):
         lo = int(torch.randint(0, max(T // 4, 1), (), generator=gen))
         hi = T - int(torch.randint(0, max(T // 4, 1), (), generator=gen))
-        mask[i, lo:max(hi, lo)] = 1.0
+        mask[i, lo : max(hi, lo)] = 1.0
     if B > 2:
         mask[B // 2] = 0.0  # an all-padding row
     adv = seq_adv[:, None] * mask
@@ -129,7 +138,9 @@ def correct_batch(
             else:
                 v = pool[q].clone()
                 if not quantized:
-                    v = torch.nn.functional.normalize(v + 0.05 * torch.randn(D, generator=gen), dim=0)
+                    v = torch.nn.functional.normalize(
+                        v + 0.05 * torch.randn(D, generator=gen), dim=0
+                    )
             params.append(v)
     n = len(seq)
     ints = lambda xs: torch.tensor(xs, dtype=torch.int64).reshape(n)
@@ -137,8 +148,19 @@ def correct_batch(
     kinds = torch.zeros(num_tools, dtype=torch.int64)
     if num_tools > 1:
         kinds[1] = 1
-    batch = CorrectBatch(adv, seq_adv, group_ids, ints(seq), ints(start), ints(end), ints(tool),
-                         ints(key), call_params.to(param_dtype), kinds, mask)
+    batch = CorrectBatch(
+        adv,
+        seq_adv,
+        group_ids,
+        ints(seq),
+        ints(start),
+        ints(end),
+        ints(tool),
+        ints(key),
+        call_params.to(param_dtype),
+        kinds,
+        mask,
+    )
     return batch.to(device)
 
 
@@ -154,8 +176,15 @@ class LossBatch:
 
     def op_args(self) -> tuple[Tensor | None, ...]:
         """The seven tensor arguments of ``tapo::policy_loss``, in schema order."""
-        return (self.logp, self.old_logp, self.advantages, self.mask, self.ref_logp,
-                self.call_map, self.call_delta)
+        return (
+            self.logp,
+            self.old_logp,
+            self.advantages,
+            self.mask,
+            self.ref_logp,
+            self.call_map,
+            self.call_delta,
+        )
 
 
 def loss_batch(
@@ -180,7 +209,11 @@ def loss_batch(
     if empty_row and B > 1:
         mask[B - 1] = 0.0
     seq_adv = torch.randn(B, generator=gen, dtype=torch.float64)
-    adv = seq_adv[:, None] * mask + 0.1 * torch.randn(B, T, generator=gen, dtype=torch.float64) * mask if per_token else seq_adv
+    adv = (
+        seq_adv[:, None] * mask + 0.1 * torch.randn(B, T, generator=gen, dtype=torch.float64) * mask
+        if per_token
+        else seq_adv
+    )
     call_map = call_delta = None
     if with_calls:
         call_map = torch.full((B, T), -1, dtype=torch.int32)
@@ -196,8 +229,15 @@ def loss_batch(
     def cast(t):
         return None if t is None else t.to(dtype).to(device)
 
-    return LossBatch(cast(logp), cast(old), cast(adv), cast(mask), cast(ref),
-                     None if call_map is None else call_map.to(device), cast(call_delta))
+    return LossBatch(
+        cast(logp),
+        cast(old),
+        cast(adv),
+        cast(mask),
+        cast(ref),
+        None if call_map is None else call_map.to(device),
+        cast(call_delta),
+    )
 
 
 @contextmanager
@@ -342,12 +382,23 @@ def assert_witnesses(out_w: Tensor, ref_w: Tensor, args: dict[str, Tensor], knob
     seq, tool, key = args["call_seq"], args["call_tool"], args["call_key"]
     params, kinds = args["call_params"].float(), args["tool_sim_kind"]
     for k in (out_w != ref_w).nonzero().flatten().tolist():
-        cands = [c for c in range(seq.numel())
-                 if tool[c] >= 0 and tool[c] == tool[k] and key[c] == key[k]
-                 and seq_adv[seq[c]] > 0
-                 and (knobs["batch_scope"] or gid[seq[c]] == gid[seq[k]])]
-        sims = {c: float(reference.pairwise_similarity(
-            params[k:k + 1], params[c:c + 1], kinds[tool[k]].reshape(1))[0, 0]) for c in cands}
+        cands = [
+            c
+            for c in range(seq.numel())
+            if tool[c] >= 0
+            and tool[c] == tool[k]
+            and key[c] == key[k]
+            and seq_adv[seq[c]] > 0
+            and (knobs["batch_scope"] or gid[seq[c]] == gid[seq[k]])
+        ]
+        sims = {
+            c: float(
+                reference.pairwise_similarity(
+                    params[k : k + 1], params[c : c + 1], kinds[tool[k]].reshape(1)
+                )[0, 0]
+            )
+            for c in cands
+        }
         best = max(sims.values())
         near = [c for c in cands if sims[c] >= best - 1e-6]
         w = int(out_w[k])

@@ -107,7 +107,11 @@ def logprob_chunk_torch(
     logp_out.copy_(torch.where(valid, picked - lse, torch.zeros_like(lse)))
     if entropy_out is not None:
         # on shifted logits: H = log sum e - sum(e * (x - m)) / sum e (no cancellation of m)
-        mean_xs = e.mul_(x - row_max).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")).sum(-1)
+        mean_xs = (
+            e.mul_(x - row_max)
+            .nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+            .sum(-1)
+        )
         entropy = denom.log() - mean_xs / denom
         entropy_out.copy_(torch.where(valid, entropy, torch.zeros_like(entropy)))
 
@@ -305,34 +309,51 @@ def selective_log_softmax_from_hidden_backward_chunked(
 # --------------------------------------------------------------------------------------
 
 
-def logprob_rows(logits: Tensor, labels: Tensor, temperature: float,
-                 with_entropy: bool) -> tuple[Tensor, Tensor]:
+def logprob_rows(
+    logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool
+) -> tuple[Tensor, Tensor]:
     """``tapo::_logprob_rows``: fp32 log-probabilities (and entropies) of ``(B, T, V)`` logits."""
     return selective_log_softmax_chunked(logits, labels, temperature, with_entropy)
 
 
-def dlogits_rows(grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor,
-                 temperature: float, out: Tensor) -> None:
+def dlogits_rows(
+    grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor, temperature: float, out: Tensor
+) -> None:
     """``tapo::_dlogits_rows``: ``d loss / d logits`` written into ``out`` (may be ``logits``)."""
     selective_log_softmax_backward_chunked(grad_logp, logits, labels, logp, temperature, out)
 
 
-def logprob_from_hidden(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                        temperature: float, with_entropy: bool,
-                        chunk: int) -> tuple[Tensor, Tensor]:
+def logprob_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    temperature: float,
+    with_entropy: bool,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
     """``tapo::_logprob_from_hidden``: the log-probabilities of ``linear(hidden, weight, bias)``."""
-    return selective_log_softmax_from_hidden_chunked(hidden, weight, bias, labels, temperature,
-                                                     with_entropy, chunk)
+    return selective_log_softmax_from_hidden_chunked(
+        hidden, weight, bias, labels, temperature, with_entropy, chunk
+    )
 
 
-def logprob_from_hidden_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor,
-                                 bias: Tensor | None, labels: Tensor, logp: Tensor,
-                                 temperature: float, chunk: int, weight_grad: bool,
-                                 bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def logprob_from_hidden_backward(
+    grad_logp: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    logp: Tensor,
+    temperature: float,
+    chunk: int,
+    weight_grad: bool,
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``tapo::_logprob_from_hidden_backward``: ``(dhidden, dweight, dbias)``."""
     return selective_log_softmax_from_hidden_backward_chunked(
-        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk, weight_grad,
-        bias_grad)
+        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk, weight_grad, bias_grad
+    )
 
 
 PASSES = {

@@ -36,7 +36,10 @@ def fused_correct_backends() -> dict:
 def policy_loss_backends() -> dict:
     """name -> (forward, backward) callables with the schemas of ``tapo::policy_loss(_backward)``."""
     backends = {
-        "reference": (_library.policy_loss_reference_kernel, _library.policy_loss_backward_reference_kernel)
+        "reference": (
+            _library.policy_loss_reference_kernel,
+            _library.policy_loss_backward_reference_kernel,
+        )
     }
     if tapo_kernels.CPU_BACKEND["policy_loss"] == "native":
         backends["native"] = (torch.ops.tapo.policy_loss, torch.ops.tapo.policy_loss_backward)

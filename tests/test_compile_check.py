@@ -16,17 +16,36 @@ import pytest
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA backend")
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = {"_fused_correct_kernel", "_row_stats_kernel", "_policy_loss_fwd_kernel",
-           "_policy_loss_bwd_kernel", "_logprob_fwd_kernel", "_logprob_bwd_kernel"}
+KERNELS = {
+    "_fused_correct_kernel",
+    "_row_stats_kernel",
+    "_policy_loss_fwd_kernel",
+    "_policy_loss_bwd_kernel",
+    "_logprob_fwd_kernel",
+    "_logprob_bwd_kernel",
+}
 
 
 def test_every_kernel_compiles_for_sm90(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
     report_path = tmp_path / "report.json"
     out = subprocess.run(
-        [sys.executable, "-m", "tapo_kernels.compile_check", "--arch", "90", "--quiet",
-         "--json", str(report_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "tapo_kernels.compile_check",
+            "--arch",
+            "90",
+            "--quiet",
+            "--json",
+            str(report_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     report = json.loads(report_path.read_text())

@@ -127,12 +127,18 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
 
 
 def assert_rel(
-    what: str, out: Tensor, ref: Tensor, tol: float, ref_own: Tensor | None = None,
+    what: str,
+    out: Tensor,
+    ref: Tensor,
+    tol: float,
+    ref_own: Tensor | None = None,
     atol: float = 0.0,
 ) -> None:
     """Relative error within ``tol``, or within 2x the own-precision reference's error
     (or ``||out - ref|| <= atol``, for scalars that cancel to near 0)."""
-    assert tuple(out.shape) == tuple(ref.shape), f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert tuple(out.shape) == tuple(ref.shape), (
+        f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    )
     err = rel_err(out, ref)
     own = rel_err(ref_own, ref) if ref_own is not None else 0.0
     bound = max(tol, 2 * own)
@@ -144,8 +150,9 @@ def assert_rel(
     assert abs_err <= atol, f"{what}: rel err {err:.3e} > {bound:.1e}"
 
 
-def assert_metrics(metrics: Tensor, ref: Tensor, mask: Tensor, own: Tensor | None = None,
-                   tol: float = F32_TOL) -> None:
+def assert_metrics(
+    metrics: Tensor, ref: Tensor, mask: Tensor, own: Tensor | None = None, tol: float = F32_TOL
+) -> None:
     """Each metric within ``tol`` (relative) or 2x the own-precision reference's error;
     clip_frac also within 2 flipped tokens (a ratio on the clip bound)."""
     assert metrics.dtype == torch.float32 and metrics.shape == (4,)
@@ -177,12 +184,25 @@ QUANTIZED_CASES = {
     "T1": (dict(seed=6, B=5, T=1, D=4), (0.7, 0.3, 0.8), False, True),
     "bf16-no-coverage": (
         dict(seed=2, B=24, T=200, param_dtype=torch.bfloat16, num_keys=1, num_queries=3),
-        (0.5, 0.25, 1.0), False, False,
+        (0.5, 0.25, 1.0),
+        False,
+        False,
     ),
     "fp16-many-calls-batch": (
-        dict(seed=5, B=64, T=1000, D=64, calls_per_row=8, param_dtype=torch.float16,
-             group_size=8, num_keys=1, num_queries=4),
-        (0.1, 0.0, 0.8), True, True,
+        dict(
+            seed=5,
+            B=64,
+            T=1000,
+            D=64,
+            calls_per_row=8,
+            param_dtype=torch.float16,
+            group_size=8,
+            num_keys=1,
+            num_queries=4,
+        ),
+        (0.1, 0.0, 0.8),
+        True,
+        True,
     ),
 }
 
@@ -272,7 +292,12 @@ def test_fused_correct_realistic_shapes(case):
 # ======================================================================================
 
 LOSS_BASE: dict[str, Any] = dict(
-    B=32, T=1024, dtype=torch.float32, per_token=True, with_ref=True, with_calls=True,
+    B=32,
+    T=1024,
+    dtype=torch.float32,
+    per_token=True,
+    with_ref=True,
+    with_calls=True,
     bool_mask=False,
 )
 KNOBS_BASE: dict[str, Any] = dict(algo="grpo", agg="token-mean", kl_type="k3", kl_coef=0.1)
@@ -293,8 +318,10 @@ LOSS_VARIANTS: dict[str, tuple[dict, dict]] = {
     "norm-const": ({}, dict(agg="seq-mean-token-sum-norm", norm_const=4096.0)),
     "large-512x2048": (dict(B=big(512, 16), T=big(2048, 512)), {}),
     "long-rows-64x16384": (dict(B=big(64, 4), T=big(16384, 4096)), dict(agg="seq-mean-token-mean")),
-    "long-rows-64x16384-gspo": (dict(B=big(64, 4), T=big(16384, 4096)),
-                                dict(algo="gspo", agg="seq-mean-token-mean")),
+    "long-rows-64x16384-gspo": (
+        dict(B=big(64, 4), T=big(16384, 4096)),
+        dict(algo="gspo", agg="seq-mean-token-mean"),
+    ),
 }
 
 
@@ -321,7 +348,8 @@ def check_policy_loss(batch_kw: dict[str, Any], knobs: dict[str, Any], seed: int
         a = as_dtype(args_cpu, dt)
         loss, metrics = _library.policy_loss_reference_kernel(*a, **knobs)
         grad = _library.policy_loss_backward_reference_kernel(
-            torch.tensor(1.0, dtype=dt), *a, **knobs)
+            torch.tensor(1.0, dtype=dt), *a, **knobs
+        )
         refs[dt] = (loss, metrics, grad)
     loss64, metrics64, grad64 = refs[torch.float64]
     own = refs[dtype]
@@ -338,13 +366,14 @@ def check_policy_loss(batch_kw: dict[str, Any], knobs: dict[str, Any], seed: int
     assert_rel("loss", loss, loss64, tol, own[0], atol=1e-7)
     assert_metrics(metrics, metrics64, batch.mask, own[1], tol)
     assert_rel("autograd grad", logp.grad, g * grad64, tol, g * own[2])
-    masked = (args[3] == 0)
+    masked = args[3] == 0
     assert (logp.grad[masked] == 0).all(), "masked tokens got gradient"
 
     # the backward op on its own
     poison(2 * logp.numel())
     grad = torch.ops.tapo.policy_loss_backward(
-        torch.tensor(g, dtype=dtype, device=DEVICE), *args, **knobs)
+        torch.tensor(g, dtype=dtype, device=DEVICE), *args, **knobs
+    )
     assert grad.dtype == dtype and grad.shape == logp.shape
     assert_rel("policy_loss_backward", grad, g * grad64, tol, g * own[2])
 
@@ -362,8 +391,7 @@ def check_policy_loss(batch_kw: dict[str, Any], knobs: dict[str, Any], seed: int
 @pytest.mark.parametrize("variant", list(LOSS_VARIANTS))
 def test_policy_loss_one_knob_at_a_time(variant):
     batch_kw, knob_kw = LOSS_VARIANTS[variant]
-    check_policy_loss(batch_kw, loss_knobs(**knob_kw),
-                      seed_of("loss", variant))
+    check_policy_loss(batch_kw, loss_knobs(**knob_kw), seed_of("loss", variant))
 
 
 @pytest.mark.parametrize("agg", AGGS)
@@ -371,8 +399,11 @@ def test_policy_loss_one_knob_at_a_time(variant):
 def test_policy_loss_algo_agg_grid(algo, agg):
     kl_type = KL_TYPES[(ALGOS.index(algo) + AGGS.index(agg)) % len(KL_TYPES)]
     # T = 1500: two column blocks of 1024 per row, the second partial
-    check_policy_loss(dict(B=16, T=1500), loss_knobs(algo=algo, agg=agg, kl_type=kl_type),
-                      seed_of("grid", algo, agg))
+    check_policy_loss(
+        dict(B=16, T=1500),
+        loss_knobs(algo=algo, agg=agg, kl_type=kl_type),
+        seed_of("grid", algo, agg),
+    )
 
 
 @pytest.mark.parametrize("case", ["policy_loss-nan", "policy_loss-inf", "logits-nan"])
@@ -384,12 +415,17 @@ def test_garbage_at_masked_tokens_changes_nothing(case):
     masked = batch.mask == 0
     value = math.inf if case.endswith("inf") else math.nan
     if case.startswith("policy_loss"):
+
         def run(v):
-            args = [dev(torch.where(masked, torch.full_like(t, v), t))
-                    if t is not None and t.dim() == 2 and t.is_floating_point() and i != 3
-                    else dev(t) for i, t in enumerate(batch.op_args())]
-            return torch.ops.tapo.policy_loss_with_grad(*args, kl_coef=0.1, kl_type="k2",
-                                                        agg="seq-mean-token-mean")
+            args = [
+                dev(torch.where(masked, torch.full_like(t, v), t))
+                if t is not None and t.dim() == 2 and t.is_floating_point() and i != 3
+                else dev(t)
+                for i, t in enumerate(batch.op_args())
+            ]
+            return torch.ops.tapo.policy_loss_with_grad(
+                *args, kl_coef=0.1, kl_type="k2", agg="seq-mean-token-mean"
+            )
     else:
         V = 1000
         gen = torch.Generator().manual_seed(seed_of("garbage-logits"))
@@ -401,9 +437,11 @@ def test_garbage_at_masked_tokens_changes_nothing(case):
             x = dev(torch.where(masked[..., None], torch.full_like(logits, v), logits))
             x.requires_grad_(True)
             loss, metrics, _, _ = torch.ops.tapo.policy_loss_from_logits(
-                x, labels, *tensors, kl_coef=0.1)
+                x, labels, *tensors, kl_coef=0.1
+            )
             loss.backward()
             return loss.detach(), metrics, x.grad
+
     clean, dirty = run(0.0), run(value)
     assert torch.isfinite(dirty[0]) and torch.isfinite(dirty[1]).all()
     for a, b in zip(clean, dirty, strict=True):
@@ -427,8 +465,15 @@ def logprob_inputs(logits: Tensor, algo: str, temperature: float, seed: int):
     fp32: labels ``-100`` at half of the mask-0 tokens; old and reference log-probs near the
     true ones (ratios inside and outside the clip range)."""
     B, T, V = logits.shape
-    b = loss_batch(B, T, dtype=torch.float32, per_token=algo != "gspo", with_ref=True,
-                   with_calls=True, seed=seed)
+    b = loss_batch(
+        B,
+        T,
+        dtype=torch.float32,
+        per_token=algo != "gspo",
+        with_ref=True,
+        with_calls=True,
+        seed=seed,
+    )
     mask = dev(b.mask)
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     labels = torch.randint(0, V, (B, T), generator=gen, device=DEVICE)
@@ -464,7 +509,8 @@ def logits_reference(logits, labels, tensors, temperature, knobs, oracle: bool):
         loss, metrics, logp, entropy = oracle_loss(leaf, labels, tensors, temperature, knobs)
     else:
         loss, metrics, logp, entropy = reference.policy_loss_from_logits(
-            leaf, labels, *tensors, temperature, True, **knobs)
+            leaf, labels, *tensors, temperature, True, **knobs
+        )
     (grad,) = torch.autograd.grad(loss, leaf)
     return loss.detach(), metrics, logp.detach(), entropy, grad
 
@@ -474,12 +520,28 @@ LOGITS_CASES: dict[str, tuple] = {
     "V1000-fp32": ((4, 256), (2, 64), 1000, torch.float32, 1.0, False, "op", "grpo"),
     "V1000-bf16-t0.7": ((4, 256), (2, 64), 1000, torch.bfloat16, 0.7, False, "front", "sapo"),
     "V32768-bf16-inplace": ((2, 512), (2, 16), 32768, torch.bfloat16, 1.0, True, "op", "gspo"),
-    "V32768-fp32-t0.7-inplace": ((2, 256), (1, 16), 32768, torch.float32, 0.7, True, "front",
-                                 "grpo"),
+    "V32768-fp32-t0.7-inplace": (
+        (2, 256),
+        (1, 16),
+        32768,
+        torch.float32,
+        0.7,
+        True,
+        "front",
+        "grpo",
+    ),
     "V151936-bf16-t0.7": ((2, 256), (1, 8), 151936, torch.bfloat16, 0.7, False, "op", "grpo"),
     "V151936-fp32-inplace": ((1, 128), (1, 8), 151936, torch.float32, 1.0, True, "front", "sapo"),
-    "long-row-T65536-V1000": ((1, 65536), (1, 4096), 1000, torch.bfloat16, 1.0, False, "op",
-                              "grpo"),
+    "long-row-T65536-V1000": (
+        (1, 65536),
+        (1, 4096),
+        1000,
+        torch.bfloat16,
+        1.0,
+        False,
+        "op",
+        "grpo",
+    ),
     "8192x151936-bf16": ((4, 2048), (1, 32), 151936, torch.bfloat16, 1.0, True, "op", "grpo"),
 }
 _ORACLE64_MAX = 1 << 28  # elements of logits up to which the float64 oracle runs
@@ -522,13 +584,30 @@ def test_policy_loss_from_logits(case):
     poison(2 * logits.numel())
     if entry == "op":
         loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_logits(
-            x, labels, *tensors, temperature=temperature, with_entropy=True,
-            inplace_backward=inplace, **knobs)
+            x,
+            labels,
+            *tensors,
+            temperature=temperature,
+            with_entropy=True,
+            inplace_backward=inplace,
+            **knobs,
+        )
     else:
         old, adv, mask, ref, call_map, call_delta = tensors
         out = tapo_kernels.policy_loss_from_logits(
-            x, labels, old, adv, mask, ref_logp=ref, call_map=call_map, call_delta=call_delta,
-            temperature=temperature, with_entropy=True, inplace_backward=inplace, **knobs)
+            x,
+            labels,
+            old,
+            adv,
+            mask,
+            ref_logp=ref,
+            call_map=call_map,
+            call_delta=call_delta,
+            temperature=temperature,
+            with_entropy=True,
+            inplace_backward=inplace,
+            **knobs,
+        )
         loss, metrics, logp, entropy = out.loss, out.metrics, out.logp, out.entropy
     (grad,) = torch.autograd.grad(loss, leaf)
     del x
@@ -554,16 +633,51 @@ def test_policy_loss_from_logits(case):
 
 # id -> ((B, T, H, V) on the device, on the CPU), dtype, bias, chunk_size, temperature, algo
 HIDDEN_CASES: dict[str, tuple] = {
-    "fp32-bias-chunk100": ((2, 256, 256, 4096), (2, 40, 32, 500), torch.float32, True, 100, 1.0,
-                           "grpo"),
-    "fp32-nobias-auto-t0.7": ((2, 256, 256, 4096), (2, 40, 32, 500), torch.float32, False, None,
-                              0.7, "sapo"),
-    "bf16-bias-auto": ((4, 512, 1024, 32768), (2, 64, 64, 2048), torch.bfloat16, True, None, 1.0,
-                       "grpo"),
-    "bf16-nobias-chunk300": ((4, 512, 1024, 32768), (2, 64, 64, 2048), torch.bfloat16, False, 300,
-                             1.0, "gspo"),
-    "bf16-M8192-H4096-V131072": ((4, 2048, 4096, 131072), (2, 128, 128, 8192), torch.bfloat16,
-                                 False, None, 1.0, "grpo"),
+    "fp32-bias-chunk100": (
+        (2, 256, 256, 4096),
+        (2, 40, 32, 500),
+        torch.float32,
+        True,
+        100,
+        1.0,
+        "grpo",
+    ),
+    "fp32-nobias-auto-t0.7": (
+        (2, 256, 256, 4096),
+        (2, 40, 32, 500),
+        torch.float32,
+        False,
+        None,
+        0.7,
+        "sapo",
+    ),
+    "bf16-bias-auto": (
+        (4, 512, 1024, 32768),
+        (2, 64, 64, 2048),
+        torch.bfloat16,
+        True,
+        None,
+        1.0,
+        "grpo",
+    ),
+    "bf16-nobias-chunk300": (
+        (4, 512, 1024, 32768),
+        (2, 64, 64, 2048),
+        torch.bfloat16,
+        False,
+        300,
+        1.0,
+        "gspo",
+    ),
+    "bf16-M8192-H4096-V131072": (
+        (4, 2048, 4096, 131072),
+        (2, 128, 128, 8192),
+        torch.bfloat16,
+        False,
+        None,
+        1.0,
+        "grpo",
+    ),
 }
 HIDDEN_GRADS = ("dhidden", "dweight", "dbias")
 
@@ -571,8 +685,9 @@ HIDDEN_GRADS = ("dhidden", "dweight", "dbias")
 def hidden_reference(params, labels, tensors, temperature, knobs, oracle: bool):
     """(loss, metrics, logp, entropy, grads w.r.t. hidden, weight[, bias]): the float64 oracle
     or ``reference.policy_loss_from_hidden`` in the inputs' precision."""
-    leaves = [p.detach().to(torch.float64 if oracle else p.dtype).requires_grad_(True)
-              for p in params]
+    leaves = [
+        p.detach().to(torch.float64 if oracle else p.dtype).requires_grad_(True) for p in params
+    ]
     bias = leaves[2] if len(leaves) == 3 else None
     if oracle:
         logits = torch.nn.functional.linear(leaves[0], leaves[1], bias)
@@ -580,7 +695,8 @@ def hidden_reference(params, labels, tensors, temperature, knobs, oracle: bool):
         del logits
     else:
         loss, metrics, logp, entropy = reference.policy_loss_from_hidden(
-            leaves[0], leaves[1], bias, labels, *tensors, temperature, True, **knobs)
+            leaves[0], leaves[1], bias, labels, *tensors, temperature, True, **knobs
+        )
     grads = torch.autograd.grad(loss, leaves)
     return loss.detach(), metrics, logp.detach(), entropy, grads
 
@@ -599,16 +715,29 @@ def test_policy_loss_from_hidden(case):
         params += ((0.5 * torch.randn(V, generator=gen, device=DEVICE)).to(dtype),)
     with torch.no_grad():
         labels, tensors = logprob_inputs(
-            torch.nn.functional.linear(*params), algo, temperature, seed)
+            torch.nn.functional.linear(*params), algo, temperature, seed
+        )
     free()
 
     leaves = [p.detach().clone().requires_grad_(True) for p in params]
     old, adv, mask, ref, call_map, call_delta = tensors
     poison(4 * B * T * H)
     out = tapo_kernels.policy_loss_from_hidden(
-        leaves[0], leaves[1], labels, old, adv, mask, bias=leaves[2] if with_bias else None,
-        ref_logp=ref, call_map=call_map, call_delta=call_delta, temperature=temperature,
-        with_entropy=True, chunk_size=chunk, **knobs)
+        leaves[0],
+        leaves[1],
+        labels,
+        old,
+        adv,
+        mask,
+        bias=leaves[2] if with_bias else None,
+        ref_logp=ref,
+        call_map=call_map,
+        call_delta=call_delta,
+        temperature=temperature,
+        with_entropy=True,
+        chunk_size=chunk,
+        **knobs,
+    )
     grads = torch.autograd.grad(out.loss, leaves)
     for name, g, leaf in zip(HIDDEN_GRADS, grads, leaves, strict=False):
         assert g.shape == leaf.shape, name
@@ -667,11 +796,17 @@ def _opcheck_sample(op: str) -> tuple[tuple, dict]:
     if op == "policy_loss_from_logits":
         logits, labels, tensors = _small_logits(50, torch.bfloat16)
         return (logits.requires_grad_(True), labels, *tensors), dict(
-            temperature=0.9, with_entropy=True, **knobs)
+            temperature=0.9, with_entropy=True, **knobs
+        )
     if op == "policy_loss_from_hidden":
         h, w, bias, labels, tensors = _small_hidden(59)
-        return (h.requires_grad_(True), w.requires_grad_(True), bias.requires_grad_(True),
-                labels, *tensors), dict(with_entropy=True, chunk_size=3, **knobs)
+        return (
+            h.requires_grad_(True),
+            w.requires_grad_(True),
+            bias.requires_grad_(True),
+            labels,
+            *tensors,
+        ), dict(with_entropy=True, chunk_size=3, **knobs)
     if op.startswith("selective_log_softmax_backward"):
         logits, labels, _ = _small_logits(53, torch.bfloat16)
         logp, _ = reference.selective_log_softmax(logits, labels)
@@ -692,21 +827,32 @@ def test_opcheck_on_device(op):
 
 
 def _loss_step(logp, old, adv, mask, ref, call_map, call_delta):
-    out = tapo_kernels.policy_loss(logp, old, adv, mask, ref_logp=ref, call_map=call_map,
-                                   call_delta=call_delta, preset="grpo", kl_coef=0.1)
+    out = tapo_kernels.policy_loss(
+        logp,
+        old,
+        adv,
+        mask,
+        ref_logp=ref,
+        call_map=call_map,
+        call_delta=call_delta,
+        preset="grpo",
+        kl_coef=0.1,
+    )
     return 2.0 * out.loss, out.metrics
 
 
 def _correct_step(*args):
     corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(
-        *args, 0.7, 0.3, 0.8, False)
+        *args, 0.7, 0.3, 0.8, False
+    )
     return 2.0 * corrected, delta + 1.0, confidence, witness
 
 
 def _logits_step(logits, labels, old, adv, mask):
     x = logits * 2.0  # an intermediate, as an LM head's output would be
-    out = tapo_kernels.policy_loss_from_logits(x, labels, old, adv, mask, preset="dapo",
-                                               with_entropy=True)
+    out = tapo_kernels.policy_loss_from_logits(
+        x, labels, old, adv, mask, preset="dapo", with_entropy=True
+    )
     return out.loss + 0.01 * out.entropy.mean(), out.logp
 
 
@@ -759,8 +905,11 @@ def _bad_call(case: str):
         live = (args[3] != 0).nonzero()[0]
         args[0] = args[0].clone()
         args[0][live[0], live[1]] = float("nan")
-        return (lambda: torch.ops.tapo.policy_loss(*args, kl_coef=0.1), ValueError,
-                "logp contains NaN or inf")
+        return (
+            lambda: torch.ops.tapo.policy_loss(*args, kl_coef=0.1),
+            ValueError,
+            "logp contains NaN or inf",
+        )
     if case == "bf16-logp":
         args[0], args[1] = args[0].bfloat16(), args[1].bfloat16()
         return lambda: torch.ops.tapo.policy_loss(*args), TypeError, "logp must have dtype"
@@ -768,29 +917,46 @@ def _bad_call(case: str):
         logits, labels, tensors = _small_logits(42)
         labels = labels.clone()
         labels[0, 0] = 13
-        return (lambda: torch.ops.tapo.policy_loss_from_logits(logits, labels, *tensors),
-                ValueError, "labels out of range")
+        return (
+            lambda: torch.ops.tapo.policy_loss_from_logits(logits, labels, *tensors),
+            ValueError,
+            "labels out of range",
+        )
     if case == "nan-logit-at-mask-token":
         logits, labels, tensors = _small_logits(43)
         i, j = (tensors[2] != 0).nonzero()[0].tolist()
         logits = logits.clone()
         logits[i, j, 3] = float("nan")
-        return (lambda: torch.ops.tapo.policy_loss_from_logits(logits, labels, *tensors),
-                ValueError, "non-finite log-probability")
+        return (
+            lambda: torch.ops.tapo.policy_loss_from_logits(logits, labels, *tensors),
+            ValueError,
+            "non-finite log-probability",
+        )
     if case == "call-span-out-of-range":
         c = [dev(t) for t in correct_batch(seed=44, B=5, T=9).op_args()]
         assert c[3].numel() > 0
         c[5] = c[5].clone()
         c[5][0] = 10  # call_end > T = 9
-        return (lambda: torch.ops.tapo.fused_correct(*c, 0.7, 0.3, 0.8, False), ValueError,
-                "call span out of range")
+        return (
+            lambda: torch.ops.tapo.fused_correct(*c, 0.7, 0.3, 0.8, False),
+            ValueError,
+            "call span out of range",
+        )
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", [
-    "policy_loss-mixed-devices", "fused_correct-mixed-devices", "nan-logp", "bf16-logp",
-    "label-out-of-range", "nan-logit-at-mask-token", "call-span-out-of-range",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "policy_loss-mixed-devices",
+        "fused_correct-mixed-devices",
+        "nan-logp",
+        "bf16-logp",
+        "label-out-of-range",
+        "nan-logit-at-mask-token",
+        "call-span-out-of-range",
+    ],
+)
 def test_bad_input_raises_clear_error(case):
     call, error, pattern = _bad_call(case)
     with pytest.raises(error, match=pattern):

@@ -102,7 +102,11 @@ def run(impl: Callable, args: dict[str, Tensor], **knobs) -> tuple[Tensor, Tenso
     # the ``coverage`` switch is passed only when a test sets it: its default is tested too
     extra = (k["coverage"],) if "coverage" in k else ()
     out = impl(
-        *(args[n] for n in ARG_NAMES), k["theta"], k["alpha_min"], k["beta"], k["batch_scope"],
+        *(args[n] for n in ARG_NAMES),
+        k["theta"],
+        k["alpha_min"],
+        k["beta"],
+        k["batch_scope"],
         *extra,
     )
     corrected, delta, confidence, witness = out
@@ -816,19 +820,21 @@ GRID_KNOBS = (
 
 def grid_batch(seed: int, quantized: bool) -> dict[str, Tensor]:
     """Sizes and dtypes spread over the seeds: prime B, D off the 16-lane width, fp16/bf16."""
-    return batch_args(correct_batch(
-        B=(13, 31, 7, 29)[seed % 4],
-        T=(97, 1, 33, 64)[seed % 4],
-        group_size=(4, 3, 8, 1)[seed % 4],
-        D=(16, 37, 4, 40)[seed % 4],
-        calls_per_row=(3, 5, 2, 4)[seed % 4],
-        num_tools=(3, 2, 1, 3)[seed % 4],
-        num_keys=(2, 1, 3, 2)[seed % 4],
-        num_queries=(6, 4, 3, 8)[seed % 4],
-        param_dtype=(torch.float32, torch.float16, torch.bfloat16)[seed % 3],
-        quantized=quantized,
-        seed=seed,
-    ))
+    return batch_args(
+        correct_batch(
+            B=(13, 31, 7, 29)[seed % 4],
+            T=(97, 1, 33, 64)[seed % 4],
+            group_size=(4, 3, 8, 1)[seed % 4],
+            D=(16, 37, 4, 40)[seed % 4],
+            calls_per_row=(3, 5, 2, 4)[seed % 4],
+            num_tools=(3, 2, 1, 3)[seed % 4],
+            num_keys=(2, 1, 3, 2)[seed % 4],
+            num_queries=(6, 4, 3, 8)[seed % 4],
+            param_dtype=(torch.float32, torch.float16, torch.bfloat16)[seed % 3],
+            quantized=quantized,
+            seed=seed,
+        )
+    )
 
 
 def grid_knobs(seed: int, batch_scope: bool) -> dict:
@@ -888,9 +894,9 @@ def test_quantized_shapes_equal_reference_exactly(fused_correct_impl, shape, bat
 def test_float_shapes_match_reference_by_rule(fused_correct_impl, param_dtype, batch_scope):
     corrected_calls = 0
     for seed, (B, T, D) in enumerate([(13, 97, 16), (5, 17, 4), (31, 17, 16)]):
-        args = batch_args(correct_batch(
-            B=B, T=T, D=D, quantized=False, param_dtype=param_dtype, seed=100 + seed
-        ))
+        args = batch_args(
+            correct_batch(B=B, T=T, D=D, quantized=False, param_dtype=param_dtype, seed=100 + seed)
+        )
         for theta, alpha_min, beta in SHAPE_KNOBS[:2]:
             knobs = dict(theta=theta, alpha_min=alpha_min, beta=beta, batch_scope=batch_scope)
             out = run(fused_correct_impl, args, **knobs)
@@ -922,7 +928,11 @@ def test_without_pool_nothing_is_corrected(fused_correct_impl):
     batch.seq_advantages = -batch.seq_advantages.abs() - 0.5  # every row fails
     batch.advantages = batch.seq_advantages[:, None] * batch.mask
     corrected, delta, confidence, witness = run(
-        fused_correct_impl, batch_args(batch), theta=0.1, alpha_min=0.0, beta=1.0,
+        fused_correct_impl,
+        batch_args(batch),
+        theta=0.1,
+        alpha_min=0.0,
+        beta=1.0,
         batch_scope=True,
     )
     assert_exact(corrected, batch.advantages, "corrected")
@@ -930,8 +940,9 @@ def test_without_pool_nothing_is_corrected(fused_correct_impl):
     assert bool((witness == -1).all())
 
 
-@pytest.mark.parametrize("seed, shape", [(11, dict(B=13, T=40, calls_per_row=5)),
-                                         (5, dict(B=13, T=97, D=16))])
+@pytest.mark.parametrize(
+    "seed, shape", [(11, dict(B=13, T=40, calls_per_row=5)), (5, dict(B=13, T=97, D=16))]
+)
 def test_strided_inputs_equal_contiguous_inputs(fused_correct_impl, seed, shape):
     """Column-major advantages, every other element of seq_advantages and of the parameter
     rows: the same bits as the contiguous inputs (and the reference), contiguous outputs."""
@@ -944,8 +955,12 @@ def test_strided_inputs_equal_contiguous_inputs(fused_correct_impl, seed, shape)
     wide_seq_adv[::2] = args["seq_advantages"]
     wide_params = torch.full((N, 2 * D), float("nan"), dtype=args["call_params"].dtype)
     wide_params[:, ::2] = args["call_params"]
-    strided = {**args, "advantages": adv_t.t(), "seq_advantages": wide_seq_adv[::2],
-               "call_params": wide_params[:, ::2]}
+    strided = {
+        **args,
+        "advantages": adv_t.t(),
+        "seq_advantages": wide_seq_adv[::2],
+        "call_params": wide_params[:, ::2],
+    }
     assert not any(strided[n].is_contiguous() for n in ("advantages", "seq_advantages"))
     assert not strided["call_params"].is_contiguous()
     for theta, alpha_min, beta in [(0.2, 0.05, 1.0), *SHAPE_KNOBS]:
@@ -1102,8 +1117,11 @@ BAD_INPUTS = {  # id -> (mutation, exception type, argument the message must nam
         "call_params",
     ),
     "call_params-D0": (
-        lambda a: {**a, "call_params": a["call_params"][:, :0].contiguous(),
-                   "tool_sim_kind": torch.zeros_like(a["tool_sim_kind"])},
+        lambda a: {
+            **a,
+            "call_params": a["call_params"][:, :0].contiguous(),
+            "tool_sim_kind": torch.zeros_like(a["tool_sim_kind"]),
+        },
         ValueError,
         "call_params",
     ),
@@ -1352,8 +1370,18 @@ def test_overlapping_spans_error_names_the_row_and_both_spans(fused_correct_impl
     seq_adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
     gid = torch.zeros(B, dtype=torch.int64)
     ints = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-    args = (adv, seq_adv, gid, ints([0, 2, 2]), ints([0, 5, 3]), ints([2, 8, 6]), ints([0, 0, 0]),
-            ints([0, 0, 0]), torch.ones(3, 4), ints([0]))
+    args = (
+        adv,
+        seq_adv,
+        gid,
+        ints([0, 2, 2]),
+        ints([0, 5, 3]),
+        ints([2, 8, 6]),
+        ints([0, 0, 0]),
+        ints([0, 0, 0]),
+        torch.ones(3, 4),
+        ints([0]),
+    )
     with pytest.raises(ValueError, match="call_start") as info:
         fused_correct_impl(*args, 0.7, 0.3, 0.8, False)
     for piece in ("row 2", "[3, 6)", "[5, 8)"):

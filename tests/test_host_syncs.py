@@ -20,8 +20,15 @@ from tapo_kernels.testing import correct_batch, loss_batch
 
 ops = pytest.importorskip("tapo_kernels.ops")
 
-_SYNCING = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
-            torch.Tensor.__float__, torch.Tensor.nonzero, torch.nonzero}
+_SYNCING = {
+    torch.Tensor.__bool__,
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.nonzero,
+    torch.nonzero,
+}
 KNOBS = dict(algo="grpo", eps_low=0.2, eps_high=0.28, kl_coef=0.01, agg="token-mean")
 
 
@@ -47,8 +54,7 @@ def _logits_case(B=3, T=9, V=40):
     logits = torch.randn(B, T, V, generator=gen)
     labels = torch.randint(0, V, (B, T), generator=gen)
     b = loss_batch(B=B, T=T, empty_row=False)
-    return logits, labels, (b.old_logp, b.advantages, b.mask, b.ref_logp, b.call_map,
-                            b.call_delta)
+    return logits, labels, (b.old_logp, b.advantages, b.mask, b.ref_logp, b.call_map, b.call_delta)
 
 
 def test_policy_loss_forward_and_backward_sync_once_each():
@@ -73,8 +79,14 @@ def test_hidden_front_end_syncs_twice():
     logits, labels, loss = _logits_case()
     gen = torch.Generator().manual_seed(6)
     hidden, weight = torch.randn(3, 9, 8, generator=gen), torch.randn(40, 8, generator=gen)
-    assert syncs(lambda: ops.policy_loss_from_hidden_triton(
-        hidden, weight, None, labels, *loss, chunk_size=10, **KNOBS)) == 2
+    assert (
+        syncs(
+            lambda: ops.policy_loss_from_hidden_triton(
+                hidden, weight, None, labels, *loss, chunk_size=10, **KNOBS
+            )
+        )
+        == 2
+    )
 
 
 @pytest.mark.parametrize("bad", ["mask", "logp", "call_map", "labels"])
@@ -92,16 +104,38 @@ def test_batched_checks_still_name_the_first_bad_argument(bad):
         call_map[1, 1] = 10_000
     else:
         labels[mask != 0] = -1
-    expected = {"mask": "mask values must be in", "logp": "logp contains NaN",
-                "call_map": "call_map out of range", "labels": "labels must be >= 0"}[bad]
+    expected = {
+        "mask": "mask values must be in",
+        "logp": "logp contains NaN",
+        "call_map": "call_map out of range",
+        "labels": "labels must be >= 0",
+    }[bad]
     with pytest.raises(ValueError, match=expected):
         if bad == "labels":
-            ops.policy_loss_from_logits_triton(logits, labels, old, adv, mask, ref, call_map,
-                                               call_delta, **KNOBS)
+            ops.policy_loss_from_logits_triton(
+                logits, labels, old, adv, mask, ref, call_map, call_delta, **KNOBS
+            )
         else:
-            _checks.check_policy_loss(logp, old, adv, mask, ref, call_map, call_delta, "grpo",
-                                      0.2, 0.28, 3.0, 1.0, 1.05, 0.01, "k3", "token-mean",
-                                      None, None)
+            _checks.check_policy_loss(
+                logp,
+                old,
+                adv,
+                mask,
+                ref,
+                call_map,
+                call_delta,
+                "grpo",
+                0.2,
+                0.28,
+                3.0,
+                1.0,
+                1.05,
+                0.01,
+                "k3",
+                "token-mean",
+                None,
+                None,
+            )
 
 
 def test_flags_raise_nothing_when_every_check_passes():

@@ -999,12 +999,14 @@ def test_triton_inplace_backward_equals_new_tensor_over_many_rows(layout, dtype)
     grad = torch.randn(B, T, generator=gen)
     grad[1, 3] = 0.0
     logp, _ = lp_ops.selective_log_softmax_triton(logits, labels, 0.9, block_v=16)
-    expected = lp_ops.selective_log_softmax_backward_triton(grad, logits, labels, logp, 0.9,
-                                                            block_v=16)
+    expected = lp_ops.selective_log_softmax_backward_triton(
+        grad, logits, labels, logp, 0.9, block_v=16
+    )
     assert B * T > lp_ops._INTERPRET_PROGRAMS  # several launches
     before = full.clone()
-    lp_ops.selective_log_softmax_backward_inplace_triton(grad, logits, labels, logp, 0.9,
-                                                         block_v=16)
+    lp_ops.selective_log_softmax_backward_inplace_triton(
+        grad, logits, labels, logp, 0.9, block_v=16
+    )
     assert torch.equal(logits, expected)
     if layout == "sliced":  # the column past the slice is untouched
         assert torch.equal(full[:, -1], before[:, -1])

@@ -351,8 +351,7 @@ def _bad_policy_loss_cases():
             "call_map",
         ),
         ("call_map below -1", put(5, lambda t: t - 5), ValueError, "call_map"),
-        ("mask nan", put(3, lambda t: torch.where(t > 0.5, float("nan"), t)), ValueError,
-         "mask"),
+        ("mask nan", put(3, lambda t: torch.where(t > 0.5, float("nan"), t)), ValueError, "mask"),
         ("mask > 1", put(3, lambda t: t * 2.0), ValueError, "mask"),
         ("mask < 0", put(3, lambda t: -t), ValueError, "mask"),
         (
@@ -392,8 +391,15 @@ def _poisoned_call(fn, args: list, knobs: dict):
 
 
 def _with_grad_knobs(algo: str, agg: str, kl_type: str, i: int) -> dict:
-    knobs = dict(algo=algo, agg=agg, kl_type=kl_type, kl_coef=0.05, eps_low=0.2, eps_high=0.28,
-                 dual_clip_c=(3.0, 0.0)[i % 2])
+    knobs = dict(
+        algo=algo,
+        agg=agg,
+        kl_type=kl_type,
+        kl_coef=0.05,
+        eps_low=0.2,
+        eps_high=0.28,
+        dual_clip_c=(3.0, 0.0)[i % 2],
+    )
     if algo == "gspo":
         knobs.update(eps_low=0.03, eps_high=0.04)
     if i % 3 == 1:
@@ -409,9 +415,16 @@ def test_policy_loss_with_grad_matches_reference(algo: str, agg: str, kl_type: s
     the last row of every batch is fully masked (zero gradient)."""
     variants = itertools.product((True, False), (torch.float32, torch.float64))
     for i, (with_calls, dtype) in enumerate(variants):
-        batch = testing.loss_batch(B=(6, 11)[i % 2], T=(37, 90)[i % 2], dtype=dtype,
-                                   per_token=i % 3 != 2, with_calls=with_calls, empty_row=True,
-                                   spread=0.5, seed=100 + i)
+        batch = testing.loss_batch(
+            B=(6, 11)[i % 2],
+            T=(37, 90)[i % 2],
+            dtype=dtype,
+            per_token=i % 3 != 2,
+            with_calls=with_calls,
+            empty_row=True,
+            spread=0.5,
+            seed=100 + i,
+        )
         args = list(batch.op_args())
         assert not args[3][-1].any()
         knobs = _with_grad_knobs(algo, agg, kl_type, i)
@@ -427,8 +440,9 @@ def test_policy_loss_with_grad_matches_reference(algo: str, agg: str, kl_type: s
             assert grad.shape == args[0].shape and grad.dtype == dtype and grad.is_contiguous()
             assert torch.equal(grad[-1], torch.zeros_like(grad[-1])), f"{name} {what}"
             assert torch.equal(grad[args[3] == 0], torch.zeros_like(grad[args[3] == 0]))
-            for part, x, r64, r_own in zip(("loss", "metrics", "grad"), out, ref64, ref_own,
-                                           strict=True):
+            for part, x, r64, r_own in zip(
+                ("loss", "metrics", "grad"), out, ref64, ref_own, strict=True
+            ):
                 # float32 slack relative above 1; float64 the rule's own tolerance
                 tol = None if dtype == torch.float64 and part != "metrics" else (1e-6, 1e-6)
                 assert_close_to_oracle(x, r64, r_own, what=f"{name} {what} {part}", tol=tol)
@@ -441,8 +455,9 @@ def test_policy_loss_with_grad_matches_reference(algo: str, agg: str, kl_type: s
 def test_policy_loss_with_grad_equals_forward_and_backward_ops(algo: str) -> None:
     """The single pass gives the forward's loss and metrics and the backward's gradient for
     grad_loss = 1, bit for bit (same token math, same summation orders)."""
-    for i, (dtype, agg) in enumerate(itertools.product((torch.float32, torch.float64),
-                                                       reference.AGGS)):
+    for i, (dtype, agg) in enumerate(
+        itertools.product((torch.float32, torch.float64), reference.AGGS)
+    ):
         batch = testing.loss_batch(B=9, T=(29, 64, 3, 130)[i % 4], dtype=dtype, seed=40 + i)
         args = list(batch.op_args())
         if i % 2:
@@ -476,8 +491,9 @@ def test_policy_loss_autograd_scales_by_upstream_gradient(algo: str) -> None:
         xo = args[0].clone().requires_grad_(True)
         (3.7 * reference.policy_loss(xo, *args[1:], **knobs)[0]).backward()
         rtol = 1e-12 if dtype == torch.float64 else 1e-6  # relative to the gradient's size
-        assert_close_to_oracle(x.grad, x64.grad, xo.grad, what=f"{algo} {dtype} 3.7 * loss",
-                               tol=(rtol, 0.0))
+        assert_close_to_oracle(
+            x.grad, x64.grad, xo.grad, what=f"{algo} {dtype} 3.7 * loss", tol=(rtol, 0.0)
+        )
         # a second backward accumulates into .grad
         first = x.grad.clone()
         loss, _ = torch.ops.tapo.policy_loss(x, *args[1:], **knobs)
@@ -495,8 +511,7 @@ def test_policy_loss_cpp_autograd_gradcheck(algo: str) -> None:
     call_map = torch.full(logp.shape, -1, dtype=torch.int32)
     call_map[:, 1:4] = torch.arange(logp.shape[0], dtype=torch.int32)[:, None]
     calls = (call_map, torch.full((logp.shape[0],), 0.25, dtype=torch.float64))
-    knobs = dict(algo=algo, kl_coef=0.1, kl_type="k3", agg="token-mean", eps_low=0.2,
-                 eps_high=0.28)
+    knobs = dict(algo=algo, kl_coef=0.1, kl_type="k3", agg="token-mean", eps_low=0.2, eps_high=0.28)
     if algo == "gspo":
         calls = (None, None)
         row_log_ratio = ((logp - old) * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -531,8 +546,9 @@ def test_policy_loss_without_grad() -> None:
     with torch.inference_mode():
         inference = torch.ops.tapo.policy_loss(x, *args[1:], **knobs)
     plain = torch.ops.tapo.policy_loss(*args, **knobs)
-    old_grad = torch.ops.tapo.policy_loss(args[0], args[1].clone().requires_grad_(True),
-                                          *args[2:], **knobs)
+    old_grad = torch.ops.tapo.policy_loss(
+        args[0], args[1].clone().requires_grad_(True), *args[2:], **knobs
+    )
     for out in (no_grad, inference, plain, old_grad):
         assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
     for out in (no_grad, inference, plain):
@@ -569,9 +585,11 @@ def test_policy_loss_with_grad_bad_input(case) -> None:
     args, knobs = list(batch.op_args()), dict(algo="grpo", kl_coef=0.0)
     mutate(args, knobs)
     names_argument = rf"(?<![A-Za-z_]){re.escape(argument)}(?![A-Za-z_])"
-    for fn in (_library.policy_loss_reference_kernel,
-               _library.policy_loss_with_grad_reference_kernel,
-               torch.ops.tapo.policy_loss_with_grad):
+    for fn in (
+        _library.policy_loss_reference_kernel,
+        _library.policy_loss_with_grad_reference_kernel,
+        torch.ops.tapo.policy_loss_with_grad,
+    ):
         with pytest.raises(exc_type, match=names_argument):
             fn(*args, **knobs)
     if args[0].dim() == 2:
@@ -606,8 +624,13 @@ print(json.dumps({
 def test_policy_loss_with_grad_reference_fallback_in_a_fresh_process() -> None:
     """TAPO_DISABLE_NATIVE=1: the reference kernels and the Python autograd, no AutogradCPU."""
     env = dict(os.environ, TAPO_DISABLE_NATIVE="1")
-    out = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _FALLBACK_SCRIPT],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["native_error"] and result["backend"] == "reference"
     assert result["autograd_cpu"] is False

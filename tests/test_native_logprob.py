@@ -220,8 +220,9 @@ def test_avx2_and_baseline_builds_agree_bit_for_bit():
     runs = []
     for isa in ("", "generic"):
         env = dict(os.environ, TAPO_NATIVE_ISA=isa)
-        res = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, check=True,
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [sys.executable, "-c", _ISA_SCRIPT], env=env, check=True, capture_output=True, text=True
+        )
         runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
     assert runs[0] == runs[1]
 
@@ -233,8 +234,9 @@ def test_without_the_native_build_the_chunked_torch_passes_run():
         "tapo_kernels.CPU_BACKEND['policy_loss_from_hidden']]))"
     )
     env = dict(os.environ, TAPO_DISABLE_NATIVE="1")
-    res = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
-                         text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True
+    )
     assert json.loads(res.stdout.strip().splitlines()[-1]) == [False, "chunked-torch"]
     assert tapo_kernels.CPU_BACKEND["policy_loss_from_hidden"] == "native"
 
@@ -247,26 +249,66 @@ def _bad_internal_calls():
     hb = torch.ops.tapo._logprob_from_hidden if NATIVE_LOGPROB else None
     return [
         ("logits 2-D", lambda: ROWS(x[0], labels, 1.0, False), ValueError, "must be 3-D"),
-        ("vocab stride", lambda: ROWS(x.transpose(1, 2), labels, 1.0, False), ValueError,
-         "unit stride along the vocabulary"),
-        ("logits fp64", lambda: ROWS(x.double(), labels, 1.0, False), TypeError,
-         "logits must have dtype"),
-        ("temperature 0", lambda: ROWS(x, labels, 0.0, False), ValueError,
-         "temperature must be finite and > 0"),
-        ("labels int32", lambda: ROWS(x, labels.int(), 1.0, False), TypeError,
-         "labels must have dtype"),
-        ("out fp64", lambda: DLOGITS(g, x, labels, lp, 1.0, torch.empty_like(x).double()),
-         TypeError, "out must have the dtype of logits or float32"),
-        ("out shape", lambda: DLOGITS(g, x, labels, lp, 1.0, torch.empty(2, 3, 9)), ValueError,
-         "out must have shape"),
-        ("grad_logp shape", lambda: DLOGITS(g[:, :2], x, labels, lp, 1.0, torch.empty_like(x)),
-         ValueError, "grad_logp must have shape"),
-        ("chunk 0", lambda: hb(h, w, None, labels, 1.0, False, 0), ValueError,
-         "chunk_size must be > 0"),
-        ("weight shape", lambda: hb(h, w[:, :3], None, labels, 1.0, False, 4), ValueError,
-         "weight must have shape"),
-        ("bias dtype", lambda: hb(h, w, torch.zeros(10).double(), labels, 1.0, False, 4),
-         TypeError, "bias must have the dtype of hidden"),
+        (
+            "vocab stride",
+            lambda: ROWS(x.transpose(1, 2), labels, 1.0, False),
+            ValueError,
+            "unit stride along the vocabulary",
+        ),
+        (
+            "logits fp64",
+            lambda: ROWS(x.double(), labels, 1.0, False),
+            TypeError,
+            "logits must have dtype",
+        ),
+        (
+            "temperature 0",
+            lambda: ROWS(x, labels, 0.0, False),
+            ValueError,
+            "temperature must be finite and > 0",
+        ),
+        (
+            "labels int32",
+            lambda: ROWS(x, labels.int(), 1.0, False),
+            TypeError,
+            "labels must have dtype",
+        ),
+        (
+            "out fp64",
+            lambda: DLOGITS(g, x, labels, lp, 1.0, torch.empty_like(x).double()),
+            TypeError,
+            "out must have the dtype of logits or float32",
+        ),
+        (
+            "out shape",
+            lambda: DLOGITS(g, x, labels, lp, 1.0, torch.empty(2, 3, 9)),
+            ValueError,
+            "out must have shape",
+        ),
+        (
+            "grad_logp shape",
+            lambda: DLOGITS(g[:, :2], x, labels, lp, 1.0, torch.empty_like(x)),
+            ValueError,
+            "grad_logp must have shape",
+        ),
+        (
+            "chunk 0",
+            lambda: hb(h, w, None, labels, 1.0, False, 0),
+            ValueError,
+            "chunk_size must be > 0",
+        ),
+        (
+            "weight shape",
+            lambda: hb(h, w[:, :3], None, labels, 1.0, False, 4),
+            ValueError,
+            "weight must have shape",
+        ),
+        (
+            "bias dtype",
+            lambda: hb(h, w, torch.zeros(10).double(), labels, 1.0, False, 4),
+            TypeError,
+            "bias must have the dtype of hidden",
+        ),
     ]
 
 

@@ -18,7 +18,6 @@ from tapo_kernels.testing import assert_close_to_oracle, loss_batch, run_policy_
 CLIP_FRAC = METRIC_NAMES.index("clip_frac")
 
 
-
 def verl_agg_loss(
     loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, loss_scale_factor: float | None = None
 ) -> Tensor:

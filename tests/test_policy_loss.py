@@ -534,8 +534,15 @@ def test_tie_at_both_clip_bounds(policy_loss_impl):
     d loss / d logp_t = (0.5 * (-a) + 0.5 * (-a) * 1) * r / 2 = (0.5, -1).
     """
     logp = f64([[-1.0, -2.0]])
-    args = (logp, logp.clone(), f64([[-1.0, 2.0]]), torch.ones(1, 2, dtype=torch.float64),
-            None, None, None)
+    args = (
+        logp,
+        logp.clone(),
+        f64([[-1.0, 2.0]]),
+        torch.ones(1, 2, dtype=torch.float64),
+        None,
+        None,
+        None,
+    )
     knobs = dict(algo="grpo", eps_low=0.0, eps_high=0.0, dual_clip_c=0.0)
     _, metrics, grad = check_float64_against_reference(policy_loss_impl, args, knobs)
     assert_exact(grad, f64([[0.5, -1.0]]), "grad")
@@ -551,8 +558,7 @@ def test_tie_with_dual_clip(policy_loss_impl):
     if torch.exp(torch.tensor(20.0, dtype=torch.float64)).item() != math.exp(20.0):
         pytest.skip("torch's exp(20) differs from the C library's here; no exact tie to build")
     logp = f64([[0.0]])
-    args = (logp, logp - 20.0, f64([-1.0]), torch.ones(1, 1, dtype=torch.float64), None, None,
-            None)
+    args = (logp, logp - 20.0, f64([-1.0]), torch.ones(1, 1, dtype=torch.float64), None, None, None)
     knobs = dict(algo="grpo", dual_clip_c=math.exp(20.0))
     _, _, grad = check_float64_against_reference(policy_loss_impl, args, knobs)
     assert grad.item() == 0.5 * math.exp(20.0)
@@ -739,8 +745,15 @@ def test_backward_matches_reference_backward_kernel(policy_loss_impl):
 
 
 def _grid_knobs(algo: str, agg: str, kl_type: str, i: int) -> dict[str, Any]:
-    knobs = dict(algo=algo, agg=agg, kl_type=kl_type, kl_coef=0.05, eps_low=0.2, eps_high=0.28,
-                 dual_clip_c=(3.0, 0.0)[i % 2])
+    knobs = dict(
+        algo=algo,
+        agg=agg,
+        kl_type=kl_type,
+        kl_coef=0.05,
+        eps_low=0.2,
+        eps_high=0.28,
+        dual_clip_c=(3.0, 0.0)[i % 2],
+    )
     if algo == "gspo":
         knobs.update(eps_low=0.03, eps_high=0.04)  # GSPO ratios are row means: near 1
     if i % 4 == 1:
@@ -759,8 +772,15 @@ def test_matches_reference_grid(policy_loss_impl, algo, agg, kl_type):
     The float32 slack is relative above 1 (sums over up to 1,261 tokens reach ~30)."""
     variants = itertools.product((True, False), (True, False), range(2))
     for i, (per_token, with_calls, _) in enumerate(variants):
-        b = loss_batch(B=(7, 13)[i % 2], T=(33, 97)[i % 2], dtype=torch.float32,
-                       per_token=per_token, with_calls=with_calls, spread=0.5, seed=i)
+        b = loss_batch(
+            B=(7, 13)[i % 2],
+            T=(33, 97)[i % 2],
+            dtype=torch.float32,
+            per_token=per_token,
+            with_calls=with_calls,
+            spread=0.5,
+            seed=i,
+        )
         knobs = _grid_knobs(algo, agg, kl_type, i)
         check_against_reference(policy_loss_impl, b.op_args(), knobs, tol32=(1e-6, 1e-6))
 
@@ -783,18 +803,33 @@ def test_matches_reference_cases(policy_loss_impl, algo, agg):
     a single row and T = 1."""
     for i, (B, T, per_token, calls, ref, kl_type, bool_mask, norm, count, g) in enumerate(CASES):
         seed = 1000 * ALGOS.index(algo) + 100 * AGGS.index(agg) + i
-        b = loss_batch(B=B, T=T, dtype=torch.float32, per_token=per_token, with_ref=ref,
-                       with_calls=calls, spread=0.3 if i % 2 else 1.0, seed=seed)
+        b = loss_batch(
+            B=B,
+            T=T,
+            dtype=torch.float32,
+            per_token=per_token,
+            with_ref=ref,
+            with_calls=calls,
+            spread=0.3 if i % 2 else 1.0,
+            seed=seed,
+        )
         if bool_mask:
             b.mask = b.mask > 0
-        knobs = dict(algo=algo, agg=agg, kl_type=kl_type, kl_coef=0.05 if ref else 0.0,
-                     norm_const=norm, global_count=count)
+        knobs = dict(
+            algo=algo,
+            agg=agg,
+            kl_type=kl_type,
+            kl_coef=0.05 if ref else 0.0,
+            norm_const=norm,
+            global_count=count,
+        )
         if algo == "gspo":
             knobs.update(eps_low=3e-4, eps_high=4e-4)
         if i == 2:
             knobs.update(eps_high=0.28, dual_clip_c=0.0, tau_pos=0.8, tau_neg=1.3)
-        check_against_reference(policy_loss_impl, b.op_args(), knobs, grad_loss=g,
-                                nonzero_grad=False)
+        check_against_reference(
+            policy_loss_impl, b.op_args(), knobs, grad_loss=g, nonzero_grad=False
+        )
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -846,8 +881,12 @@ def test_empty_shapes_equal_reference(policy_loss_impl, shape):
     args = (torch.zeros(B, T), torch.zeros(B, T), torch.ones(B), torch.ones(B, T), None, None, None)
     for agg in AGGS:
         knobs = dict(algo="gspo", agg=agg)
-        for name, x, y in zip(("loss", "metrics", "grad"), run_backend(policy_loss_impl, args,
-                              knobs), run_reference(args, knobs), strict=True):
+        for name, x, y in zip(
+            ("loss", "metrics", "grad"),
+            run_backend(policy_loss_impl, args, knobs),
+            run_reference(args, knobs),
+            strict=True,
+        ):
             assert_exact(x, y, name)
 
 
@@ -1293,18 +1332,22 @@ BAD_INPUTS = [
     pytest.param(_bad(tau_neg=math.inf), ValueError, "tau_neg", True, id="tau_neg-inf"),
     pytest.param(_bad(kl_coef=math.nan), ValueError, "kl_coef", True, id="kl_coef-nan"),
     pytest.param(
-        _bad(advantages=lambda c: torch.where(
-            torch.arange(c["advantages"].shape[0]) == 1, math.nan, c["advantages"][:, 0]
-        )),
+        _bad(
+            advantages=lambda c: torch.where(
+                torch.arange(c["advantages"].shape[0]) == 1, math.nan, c["advantages"][:, 0]
+            )
+        ),
         ValueError,
         "advantages",
         False,
         id="nan-in-row-advantages",
     ),
     pytest.param(
-        _bad(call_delta=lambda c: torch.cat(
-            [c["call_delta"][:-1], c["call_delta"].new_tensor([-math.inf])]
-        )),
+        _bad(
+            call_delta=lambda c: torch.cat(
+                [c["call_delta"][:-1], c["call_delta"].new_tensor([-math.inf])]
+            )
+        ),
         ValueError,
         "call_delta",
         False,
@@ -1317,7 +1360,9 @@ BAD_INPUTS = [
         False,
         id="nan-in-mask",
     ),
-    pytest.param(_bad(mask=lambda c: 2.0 * c["mask"]), ValueError, "mask", False, id="mask-above-1"),
+    pytest.param(
+        _bad(mask=lambda c: 2.0 * c["mask"]), ValueError, "mask", False, id="mask-above-1"
+    ),
     pytest.param(_bad(mask=lambda c: -c["mask"]), ValueError, "mask", False, id="mask-below-0"),
     # two problems: the one of the earlier argument is reported
     pytest.param(

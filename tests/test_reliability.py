@@ -57,21 +57,48 @@ from trainer.tools import build_registry
 ROOT = Path(__file__).resolve().parents[1]
 CTX = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"), fsdp=False)
 MICRO = [
-    "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
-    "model.num_kv_heads=1", "model.vocab_size=300", "model.max_position_embeddings=256",
-    "task.num_entities=8", "task.attributes=[pet]", "task.kinds={single: 1}", "task.num_demos=8",
-    "warmup.steps=2", "warmup.batch_size=4", "warmup.lr=3e-3", "rollout.group_size=4",
-    "rollout.max_new_tokens_per_turn=24", "rollout.max_total_tokens=128", "rollout.max_turns=2",
-    "rl.prompts_per_step=2", "eval.num_questions=2", "eval.k=0", "eval.at_start=false",
-    "logging.progress=false", "logging.tensorboard=false", "logging.plots=false",
-    "dist.threads_per_rank=1", "checkpoint.every=1", "checkpoint.keep=3",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.vocab_size=300",
+    "model.max_position_embeddings=256",
+    "task.num_entities=8",
+    "task.attributes=[pet]",
+    "task.kinds={single: 1}",
+    "task.num_demos=8",
+    "warmup.steps=2",
+    "warmup.batch_size=4",
+    "warmup.lr=3e-3",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens_per_turn=24",
+    "rollout.max_total_tokens=128",
+    "rollout.max_turns=2",
+    "rl.prompts_per_step=2",
+    "eval.num_questions=2",
+    "eval.k=0",
+    "eval.at_start=false",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "logging.plots=false",
+    "dist.threads_per_rank=1",
+    "checkpoint.every=1",
+    "checkpoint.keep=3",
 ]
 TIMING_KEYS = ("perf/", "eval/time_s")
 
 
 def _tiny_model(seed: int = 0):
-    cfg = ModelConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_layers=1,
-                      num_heads=2, num_kv_heads=1, max_position_embeddings=32)
+    cfg = ModelConfig(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        max_position_embeddings=32,
+    )
     return tiny_model(cfg, 61, pad_id=0, eos_id=1, seed=seed)
 
 
@@ -97,8 +124,11 @@ class _Evil:
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 # ----------------------------------------------------------------------------- 1. no code
@@ -143,9 +173,17 @@ def test_non_tensor_checkpoint_entries_are_read_weights_only(tmp_path):
 # ----------------------------------------------------------------------------- 2. no loss
 
 
-@pytest.mark.parametrize("override", ["logging.name=..", "logging.name=.", "logging.name=a/b",
-                                      "logging.name=", "logging.run_dir=../runs",
-                                      "logging.run_dir=runs/../../x"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "logging.name=..",
+        "logging.name=.",
+        "logging.name=a/b",
+        "logging.name=",
+        "logging.run_dir=../runs",
+        "logging.run_dir=runs/../../x",
+    ],
+)
 def test_run_directories_stay_inside_run_dir(override):
     key = override.split("=", 1)[0]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -190,15 +228,24 @@ def _op_calls():
     hidden, weight = torch.randn(3, 6, 5), torch.randn(11, 5)
     loss_rest = (lb.advantages, lb.mask)
     return {
-        "fused_correct": (torch.ops.tapo.fused_correct, list(cb.op_args()) + [0.7, 0.3, 0.8, False]),
+        "fused_correct": (
+            torch.ops.tapo.fused_correct,
+            list(cb.op_args()) + [0.7, 0.3, 0.8, False],
+        ),
         "policy_loss": (torch.ops.tapo.policy_loss, list(lb.op_args())),
         "policy_loss_with_grad": (torch.ops.tapo.policy_loss_with_grad, list(lb.op_args())),
-        "policy_loss_backward": (torch.ops.tapo.policy_loss_backward,
-                                 [torch.tensor(1.0), *lb.op_args()]),
-        "policy_loss_from_logits": (torch.ops.tapo.policy_loss_from_logits,
-                                    [logits, labels, lb.old_logp, *loss_rest]),
-        "policy_loss_from_hidden": (torch.ops.tapo.policy_loss_from_hidden,
-                                    [hidden, weight, None, labels, lb.old_logp, *loss_rest]),
+        "policy_loss_backward": (
+            torch.ops.tapo.policy_loss_backward,
+            [torch.tensor(1.0), *lb.op_args()],
+        ),
+        "policy_loss_from_logits": (
+            torch.ops.tapo.policy_loss_from_logits,
+            [logits, labels, lb.old_logp, *loss_rest],
+        ),
+        "policy_loss_from_hidden": (
+            torch.ops.tapo.policy_loss_from_hidden,
+            [hidden, weight, None, labels, lb.old_logp, *loss_rest],
+        ),
     }
 
 
@@ -219,16 +266,24 @@ def test_a_meta_tensor_among_real_ones_is_an_error_naming_it(op):
 # ----------------------------------------------------------------------------- 5. config
 
 
-@pytest.mark.parametrize("override,key", [
-    ("optim.lr=.inf", "optim.lr"), ("optim.weight_decay=.inf", "optim.weight_decay"),
-    ("tapo.beta=.inf", "tapo.beta"), ("rollout.temperature=.inf", "rollout.temperature"),
-    ("tools.timeout_s=.inf", "tools.timeout_s"), ("tapo.theta=.nan", "tapo.theta"),
-    ("algo.loss_overrides={eps_low: abc}", "eps_low"),
-    ("algo.loss_overrides={dual_clip_c: 0.5}", "dual_clip_c"),
-    ("algo.loss_overrides={agg: mean}", "agg"), ("algo.loss_overrides={tau_pos: -1}", "tau_pos"),
-    ("tools.isolation=fork", "tools.isolation"), ("tapo.witness=exact", "tapo.witness"),
-    ("debug.fault_tool_rate=0.5", "debug.fault_tool_rate"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.weight_decay=.inf", "optim.weight_decay"),
+        ("tapo.beta=.inf", "tapo.beta"),
+        ("rollout.temperature=.inf", "rollout.temperature"),
+        ("tools.timeout_s=.inf", "tools.timeout_s"),
+        ("tapo.theta=.nan", "tapo.theta"),
+        ("algo.loss_overrides={eps_low: abc}", "eps_low"),
+        ("algo.loss_overrides={dual_clip_c: 0.5}", "dual_clip_c"),
+        ("algo.loss_overrides={agg: mean}", "agg"),
+        ("algo.loss_overrides={tau_pos: -1}", "tau_pos"),
+        ("tools.isolation=fork", "tools.isolation"),
+        ("tapo.witness=exact", "tapo.witness"),
+        ("debug.fault_tool_rate=0.5", "debug.fault_tool_rate"),
+    ],
+)
 def test_bad_configs_fail_at_load_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
@@ -237,7 +292,9 @@ def test_bad_configs_fail_at_load_naming_the_key(override, key):
 def test_duplicate_yaml_keys_and_bad_yaml_are_errors(tmp_path):
     dup = tmp_path / "dup.yaml"
     dup.write_text("optim:\n  lr: 1.0e-3\n  weight_decay: 0\n  lr: 2.0e-3\n")
-    with pytest.raises(ConfigError, match=r"dup.yaml:4: duplicate key 'lr' \(first written on line 2\)"):
+    with pytest.raises(
+        ConfigError, match=r"dup.yaml:4: duplicate key 'lr' \(first written on line 2\)"
+    ):
         load_config(dup)
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"optim: {lr: \xff}\n")
@@ -254,15 +311,21 @@ def _flip_bit(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage,why", [
-    (lambda p: (p / "__0_0.distcp").write_bytes((p / "__0_0.distcp").read_bytes()[:100]), "bytes"),
-    (lambda p: (p / "__0_0.distcp").unlink(), "missing"),
-    (lambda p: (p / ".metadata").write_bytes(b""), "bytes"),
-    (lambda p: (p / "trainer_state.json").write_text("[1, 2"), "trainer_state.json"),
-    (lambda p: _flip_bit(p / "__0_0.distcp"), "SHA-256"),
-    (lambda p: (p / MANIFEST).unlink(), "manifest"),
-    (lambda p: (p / MANIFEST).write_text("{}"), "manifest"),
-])
+@pytest.mark.parametrize(
+    "damage,why",
+    [
+        (
+            lambda p: (p / "__0_0.distcp").write_bytes((p / "__0_0.distcp").read_bytes()[:100]),
+            "bytes",
+        ),
+        (lambda p: (p / "__0_0.distcp").unlink(), "missing"),
+        (lambda p: (p / ".metadata").write_bytes(b""), "bytes"),
+        (lambda p: (p / "trainer_state.json").write_text("[1, 2"), "trainer_state.json"),
+        (lambda p: _flip_bit(p / "__0_0.distcp"), "SHA-256"),
+        (lambda p: (p / MANIFEST).unlink(), "manifest"),
+        (lambda p: (p / MANIFEST).write_text("{}"), "manifest"),
+    ],
+)
 def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, damage, why):
     model, opt = _checkpoints(tmp_path)
     newest = tmp_path / "checkpoints" / "step_000002"
@@ -272,8 +335,9 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, damage, why):
     assert len(skipped) == 1 and skipped[0].startswith("step_000002") and why in skipped[0]
     fresh = _tiny_model(seed=5)
     load_checkpoint(path, fresh, None, CTX)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(),
-                                                 strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
+    )
 
 
 def test_a_state_file_with_wrong_fields_does_not_verify(tmp_path):
@@ -302,10 +366,12 @@ def _poison_masked(batch, value):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e30])
-@pytest.mark.parametrize("algo,kl_type", [("grpo", "k3"), ("grpo", "k2"), ("gspo", "k1"),
-                                          ("sapo", "k2")])
-def test_masked_tokens_contribute_exactly_zero_whatever_they_hold(policy_loss_impl, value, algo,
-                                                                 kl_type):
+@pytest.mark.parametrize(
+    "algo,kl_type", [("grpo", "k3"), ("grpo", "k2"), ("gspo", "k1"), ("sapo", "k2")]
+)
+def test_masked_tokens_contribute_exactly_zero_whatever_they_hold(
+    policy_loss_impl, value, algo, kl_type
+):
     forward, backward = policy_loss_impl
     batch = testing.loss_batch(B=4, T=9, seed=3)
     knobs = dict(algo=algo, kl_coef=0.1, kl_type=kl_type, agg="seq-mean-token-mean")
@@ -320,9 +386,14 @@ def test_masked_tokens_contribute_exactly_zero_whatever_they_hold(policy_loss_im
     assert torch.equal(grad_c, grad_d) and bool((grad_d[batch.mask == 0] == 0).all())
 
 
-@pytest.mark.parametrize("mask_value,message", [(float("nan"), "mask contains NaN or inf"),
-                                                (1.5, r"mask values must be in \[0, 1\]"),
-                                                (-0.5, r"mask values must be in \[0, 1\]")])
+@pytest.mark.parametrize(
+    "mask_value,message",
+    [
+        (float("nan"), "mask contains NaN or inf"),
+        (1.5, r"mask values must be in \[0, 1\]"),
+        (-0.5, r"mask values must be in \[0, 1\]"),
+    ],
+)
 def test_float_masks_are_validated(policy_loss_impl, mask_value, message):
     forward, backward = policy_loss_impl
     args = list(testing.loss_batch(B=3, T=5, seed=4).op_args())
@@ -346,8 +417,9 @@ def test_nan_logits_at_padding_are_ignored_and_named_when_not():
     outs = []
     for x in (clean, dirty):
         x = x.clone().requires_grad_(True)
-        out = tapo_kernels.policy_loss_from_logits(x, labels, lb.old_logp, lb.advantages,
-                                                   lb.mask, preset="grpo")
+        out = tapo_kernels.policy_loss_from_logits(
+            x, labels, lb.old_logp, lb.advantages, lb.mask, preset="grpo"
+        )
         out.loss.backward()
         outs.append((out.loss.detach(), x.grad))
     assert torch.isfinite(outs[1][0]) and torch.equal(outs[0][0], outs[1][0])
@@ -375,10 +447,19 @@ def test_unnormalised_parameters_give_a_bounded_lift(fused_correct_impl):
 
 def test_python_types_are_checked_naming_the_argument():
     calls = tapo_kernels.ToolCalls.from_lists([0], [0], [1], [0], tapo_kernels.encode_text(["a"]))
-    args = (torch.zeros(1, 2), torch.zeros(1), torch.zeros(1, dtype=torch.long), calls,
-            torch.zeros(1, dtype=torch.long))
-    for kw, name in ((dict(theta="0.5"), "theta"), (dict(theta=None), "theta"),
-                     (dict(beta=[0.8]), "beta"), (dict(batch_scope=1), "batch_scope")):
+    args = (
+        torch.zeros(1, 2),
+        torch.zeros(1),
+        torch.zeros(1, dtype=torch.long),
+        calls,
+        torch.zeros(1, dtype=torch.long),
+    )
+    for kw, name in (
+        (dict(theta="0.5"), "theta"),
+        (dict(theta=None), "theta"),
+        (dict(beta=[0.8]), "beta"),
+        (dict(batch_scope=1), "batch_scope"),
+    ):
         with pytest.raises(TypeError, match=name):
             tapo_kernels.fused_correct(*args, **kw)
     with pytest.raises(TypeError, match="calls must be a ToolCalls"):
@@ -386,8 +467,9 @@ def test_python_types_are_checked_naming_the_argument():
     with pytest.raises(TypeError, match="logp must be a torch.Tensor"):
         tapo_kernels.policy_loss([[0.0]], torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1))
     with pytest.raises(TypeError, match="eps_low must be a number"):
-        tapo_kernels.policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1),
-                                 torch.ones(1, 1), eps_low="abc")
+        tapo_kernels.policy_loss(
+            torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), eps_low="abc"
+        )
 
 
 def test_the_backward_checks_values_too(policy_loss_impl):
@@ -402,17 +484,26 @@ def test_the_backward_checks_values_too(policy_loss_impl):
 
 def test_theta_one_matches_identical_calls_on_every_backend(fused_correct_impl):
     rng = random.Random(0)
-    texts = ["".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(3, 30)))
-             for _ in range(250)]
+    texts = [
+        "".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(3, 30)))
+        for _ in range(250)
+    ]
     params = tapo_kernels.encode_text(texts)
     n = len(texts)
     # row 2k succeeds and row 2k+1 fails, both issuing query k: every failing call has an
     # identical witness, whose fp32 self-similarity is 1 +- 1 ulp
-    args = [torch.tensor([[1.0] * 3, [-1.0] * 3] * n), torch.tensor([1.0, -1.0] * n),
-            torch.arange(n).repeat_interleave(2), torch.arange(2 * n), torch.zeros(2 * n, dtype=torch.long),
-            torch.full((2 * n,), 2), torch.zeros(2 * n, dtype=torch.long),
-            torch.zeros(2 * n, dtype=torch.long), params.repeat_interleave(2, dim=0),
-            torch.zeros(1, dtype=torch.long)]
+    args = [
+        torch.tensor([[1.0] * 3, [-1.0] * 3] * n),
+        torch.tensor([1.0, -1.0] * n),
+        torch.arange(n).repeat_interleave(2),
+        torch.arange(2 * n),
+        torch.zeros(2 * n, dtype=torch.long),
+        torch.full((2 * n,), 2),
+        torch.zeros(2 * n, dtype=torch.long),
+        torch.zeros(2 * n, dtype=torch.long),
+        params.repeat_interleave(2, dim=0),
+        torch.zeros(1, dtype=torch.long),
+    ]
     _, delta, _, witness = fused_correct_impl(*args, 1.0, 0.3, 0.8, False)
     assert int((delta[1::2] > 0).sum()) == n  # all of them, not 1 ulp's worth of luck
     assert torch.equal(witness[1::2], torch.arange(0, 2 * n, 2))
@@ -434,8 +525,13 @@ def test_a_skipped_nan_step_logs_nan_loss(tmp_path):
     from trainer.metrics import read_metrics
     from trainer.train import main
 
-    args = [*MICRO, f"logging.run_dir={tmp_path}", "logging.name=nan", "rl.steps=2",
-            "debug.nan_loss_steps=[2]"]
+    args = [
+        *MICRO,
+        f"logging.run_dir={tmp_path}",
+        "logging.name=nan",
+        "rl.steps=2",
+        "debug.nan_loss_steps=[2]",
+    ]
     assert main(args) == 0
     rl = [r for r in read_metrics(tmp_path / "nan" / "metrics.jsonl") if r.get("phase") == "rl"]
     assert math.isfinite(rl[0]["actor/loss"]) and rl[1]["actor/loss"] == "nan"
@@ -452,12 +548,19 @@ def _mutations():
     return st.one_of(
         st.tuples(st.just("nan"), st.integers(0, 9), st.sampled_from([nan, inf, -inf, 1e38])),
         st.tuples(st.just("shape"), st.integers(0, 9), st.integers(0, 3)),
-        st.tuples(st.just("dtype"), st.integers(0, 9),
-                  st.sampled_from([torch.float64, torch.float16, torch.int32, torch.int64,
-                                   torch.bool, torch.int8])),
-        st.tuples(st.just("int"), st.integers(0, 9), st.integers(-10**12, 10**12)),
-        st.tuples(st.just("knob"), st.integers(0, 12),
-                  st.sampled_from([-1.0, 0.0, 1.0, 2.0, 1e300, nan, inf, -inf, "x", None, True])),
+        st.tuples(
+            st.just("dtype"),
+            st.integers(0, 9),
+            st.sampled_from(
+                [torch.float64, torch.float16, torch.int32, torch.int64, torch.bool, torch.int8]
+            ),
+        ),
+        st.tuples(st.just("int"), st.integers(0, 9), st.integers(-(10**12), 10**12)),
+        st.tuples(
+            st.just("knob"),
+            st.integers(0, 12),
+            st.sampled_from([-1.0, 0.0, 1.0, 2.0, 1e300, nan, inf, -inf, "x", None, True]),
+        ),
         st.tuples(st.just("meta"), st.integers(0, 9), st.just(None)),
         st.tuples(st.just("empty"), st.integers(0, 9), st.just(None)),
         st.tuples(st.just("noncontig"), st.integers(0, 9), st.just(None)),
@@ -502,23 +605,34 @@ def _sweep_ops():
     logits, labels = torch.randn(3, 6, 11), torch.randint(0, 11, (3, 6))
     knobs = ["grpo", 0.2, 0.2, 3.0, 1.0, 1.05, 0.0, "k3", "token-mean", None, None]
     return {
-        "fused_correct": (torch.ops.tapo.fused_correct,
-                          _library.fused_correct_reference_kernel,
-                          list(cb.op_args()) + [0.7, 0.3, 0.8, False]),
-        "policy_loss": (torch.ops.tapo.policy_loss, _library.policy_loss_reference_kernel,
-                        list(lb.op_args()) + knobs),
-        "policy_loss_backward": (torch.ops.tapo.policy_loss_backward,
-                                 _library.policy_loss_backward_reference_kernel,
-                                 [torch.tensor(1.0), *lb.op_args()] + knobs),
-        "policy_loss_from_logits": (torch.ops.tapo.policy_loss_from_logits, None,
-                                    [logits, labels, lb.old_logp, lb.advantages, lb.mask]),
+        "fused_correct": (
+            torch.ops.tapo.fused_correct,
+            _library.fused_correct_reference_kernel,
+            list(cb.op_args()) + [0.7, 0.3, 0.8, False],
+        ),
+        "policy_loss": (
+            torch.ops.tapo.policy_loss,
+            _library.policy_loss_reference_kernel,
+            list(lb.op_args()) + knobs,
+        ),
+        "policy_loss_backward": (
+            torch.ops.tapo.policy_loss_backward,
+            _library.policy_loss_backward_reference_kernel,
+            [torch.tensor(1.0), *lb.op_args()] + knobs,
+        ),
+        "policy_loss_from_logits": (
+            torch.ops.tapo.policy_loss_from_logits,
+            None,
+            [logits, labels, lb.old_logp, lb.advantages, lb.mask],
+        ),
     }
 
 
 def _extreme(mutations) -> bool:
     """Inputs of extreme magnitude: fp32 overflow to inf is correct arithmetic there."""
-    return any(m[0] in ("nan", "knob") and isinstance(m[2], float) and abs(m[2]) >= 1e30
-               for m in mutations)
+    return any(
+        m[0] in ("nan", "knob") and isinstance(m[2], float) and abs(m[2]) >= 1e30 for m in mutations
+    )
 
 
 @pytest.mark.parametrize("op", sorted(_sweep_ops()))
@@ -533,9 +647,13 @@ def test_bad_input_sweep(op, mutations):
     for m in mutations:
         bad = _mutate(bad, m)
     # a NaN incoming gradient propagates into the gradient, as everywhere in autograd
-    nan_grad = (op == "policy_loss_backward" and isinstance(bad[0], torch.Tensor)
-                and bad[0].is_floating_point() and bad[0].device.type != "meta"
-                and not bool(torch.isfinite(bad[0]).all()))
+    nan_grad = (
+        op == "policy_loss_backward"
+        and isinstance(bad[0], torch.Tensor)
+        and bad[0].is_floating_point()
+        and bad[0].device.type != "meta"
+        and not bool(torch.isfinite(bad[0]).all())
+    )
     # Python types are enforced by the dispatcher: the Python kernel called directly sees
     # only well-typed arguments
     typed = all(m[0] != "knob" or isinstance(m[2], float) for m in mutations)
@@ -553,8 +671,14 @@ def test_bad_input_sweep(op, mutations):
             continue
         except (RuntimeError, NotImplementedError) as exc:  # the dispatcher's own checks
             text = str(exc)
-            assert ("expected" in text or "Expected" in text or "argument" in text
-                    or "meta" in text or "dtype" in text or "Could not run" in text), text
+            assert (
+                "expected" in text
+                or "Expected" in text
+                or "argument" in text
+                or "meta" in text
+                or "dtype" in text
+                or "Could not run" in text
+            ), text
             SWEEP["clear_errors"] += 1
             results.append(None)
             continue
@@ -574,8 +698,14 @@ def test_bad_input_sweep(op, mutations):
     if len(results) == 2 and None not in results:
         for a, b in zip(*results, strict=True):
             if isinstance(a, torch.Tensor) and a.device.type != "meta":
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True,
-                                           msg=lambda m: f"{op} {mutations}: {m}")
+                torch.testing.assert_close(
+                    a,
+                    b,
+                    rtol=1e-4,
+                    atol=1e-5,
+                    equal_nan=True,
+                    msg=lambda m: f"{op} {mutations}: {m}",
+                )
     else:  # both backends reject the same inputs
         assert len(results) < 2 or results[0] is None and results[1] is None, (op, mutations)
 
@@ -591,15 +721,25 @@ def test_sweep_counts():
 # ----------------------------------------------------------------------------- kill -9
 
 
-def _train(tmp_path: Path, name: str, *extra: str, resume: bool = False,
-           kill_after: float | None = None) -> int:
-    cmd = [sys.executable, "-m", "trainer.train", *MICRO, "rl.steps=4",
-           f"logging.run_dir={tmp_path}", f"logging.name={name}", *extra]
+def _train(
+    tmp_path: Path, name: str, *extra: str, resume: bool = False, kill_after: float | None = None
+) -> int:
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.train",
+        *MICRO,
+        "rl.steps=4",
+        f"logging.run_dir={tmp_path}",
+        f"logging.name={name}",
+        *extra,
+    ]
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     if kill_after is not None:
         try:
             proc.wait(timeout=kill_after)

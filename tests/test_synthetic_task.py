@@ -19,9 +19,15 @@ def call(query: str) -> str:
 
 @pytest.fixture(scope="module")
 def task():
-    return synthetic_task(num_entities=24, attributes=["home city", "profession", "pet"],
-                          num_demos=60, seed=7, sloppy_demo_fraction=0.6, demos_from="worlds",
-                          kinds=MIX)
+    return synthetic_task(
+        num_entities=24,
+        attributes=["home city", "profession", "pet"],
+        num_demos=60,
+        seed=7,
+        sloppy_demo_fraction=0.6,
+        demos_from="worlds",
+        kinds=MIX,
+    )
 
 
 def search(registry, corpus_id: int, query: str) -> str:
@@ -82,12 +88,20 @@ def test_kinds_follow_their_weights_and_the_split_is_by_entity(task):
 
 @pytest.mark.parametrize("demos_from", ["worlds", "train"])
 def test_demonstrations_succeed_and_are_sloppy_call_by_call(demos_from):
-    task = synthetic_task(num_entities=16, attributes=["home city", "profession", "pet"],
-                          num_demos=60, seed=3, sloppy_demo_fraction=0.6, demos_from=demos_from,
-                          kinds=MIX)
+    task = synthetic_task(
+        num_entities=16,
+        attributes=["home city", "profession", "pet"],
+        num_demos=60,
+        seed=3,
+        sloppy_demo_fraction=0.6,
+        demos_from=demos_from,
+        kinds=MIX,
+    )
     registry = build_registry(["search"], task.corpora)
     # worlds are drawn until 60 demonstrations succeed; each training question is tried once
-    assert len(task.demos) == 60 if demos_from == "worlds" else 10 < len(task.demos) < len(task.train)
+    assert (
+        len(task.demos) == 60 if demos_from == "worlds" else 10 < len(task.demos) < len(task.train)
+    )
     sloppy_calls = careful_calls = mixed = 0
     for ex in task.demos:
         flags = []

@@ -17,13 +17,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 MICRO = [
-    "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
-    "model.num_kv_heads=1", "model.vocab_size=300", "model.max_position_embeddings=256",
-    "task.num_entities=8", "task.attributes=[pet]", "task.kinds={single: 1}", "task.num_demos=8",
-    "warmup.steps=2", "warmup.batch_size=4", "warmup.lr=3e-3",
-    "rollout.group_size=4", "rollout.max_new_tokens_per_turn=24", "rollout.max_total_tokens=128",
-    "rollout.max_turns=2", "rl.prompts_per_step=2", "eval.num_questions=2", "eval.k=2",
-    "eval.at_start=false", "logging.progress=false", "logging.tensorboard=false",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.vocab_size=300",
+    "model.max_position_embeddings=256",
+    "task.num_entities=8",
+    "task.attributes=[pet]",
+    "task.kinds={single: 1}",
+    "task.num_demos=8",
+    "warmup.steps=2",
+    "warmup.batch_size=4",
+    "warmup.lr=3e-3",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens_per_turn=24",
+    "rollout.max_total_tokens=128",
+    "rollout.max_turns=2",
+    "rl.prompts_per_step=2",
+    "eval.num_questions=2",
+    "eval.k=2",
+    "eval.at_start=false",
+    "logging.progress=false",
+    "logging.tensorboard=false",
     "logging.plots=false",
 ]
 VARIANTS = [(loss, tapo) for loss in ("grpo", "gspo", "sapo") for tapo in ("true", "false")]
@@ -31,9 +48,21 @@ TIMING_KEYS = ("perf/", "eval/time_s")
 
 
 def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TAPO_DISABLE_NATIVE": "1",
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TAPO_DISABLE_NATIVE": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -49,7 +78,11 @@ def test_every_loss_with_and_without_tapo_trains_under_fsdp2(tmp_path):
         rl = [r for r in rows(run_dir / "metrics.jsonl") if r.get("phase") == "rl"]
         assert [r["rl_step"] for r in rl] == [1, 2], (loss, tapo)
         for r in rl:
-            assert math.isfinite(r["actor/loss"]) and math.isfinite(r["actor/grad_norm"]), (loss, tapo, r)
+            assert math.isfinite(r["actor/loss"]) and math.isfinite(r["actor/grad_norm"]), (
+                loss,
+                tapo,
+                r,
+            )
             assert r["actor/skipped_steps"] == 0
             assert r["train/turns"] > 0
         assert (run_dir / "checkpoints" / "latest").is_file()
@@ -57,8 +90,14 @@ def test_every_loss_with_and_without_tapo_trains_under_fsdp2(tmp_path):
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
-    common = ["-m", "trainer.train", *MICRO, "rl.steps=4", "checkpoint.every=2",
-              f"logging.run_dir={tmp_path}"]
+    common = [
+        "-m",
+        "trainer.train",
+        *MICRO,
+        "rl.steps=4",
+        "checkpoint.every=2",
+        f"logging.run_dir={tmp_path}",
+    ]
     full = torchrun(*common, "logging.name=full")
     assert full.returncode == 0, full.stderr[-3000:]
     killed = torchrun(*common, "logging.name=resumed", "debug.kill_at_step=3")
@@ -85,9 +124,18 @@ def _smoke_worker(out_dir: str) -> None:
 
     trainer = None
     for loss, tapo in VARIANTS:
-        cfg = load_config(None, [*MICRO, "rl.steps=2", "checkpoint.every=0", f"algo.loss={loss}",
-                                 f"tapo.enabled={tapo}", f"logging.run_dir={out_dir}",
-                                 f"logging.name={loss}_tapo_{tapo}"])
+        cfg = load_config(
+            None,
+            [
+                *MICRO,
+                "rl.steps=2",
+                "checkpoint.every=0",
+                f"algo.loss={loss}",
+                f"tapo.enabled={tapo}",
+                f"logging.run_dir={out_dir}",
+                f"logging.name={loss}_tapo_{tapo}",
+            ],
+        )
         trainer = Trainer(cfg)
         trainer.fit()
     cleanup(trainer.ctx)

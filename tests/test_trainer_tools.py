@@ -31,8 +31,9 @@ def call(name, **arguments):
 
 @pytest.fixture
 def registry():
-    return build_registry(["search", "calculator", "failing", "slow"], {0: DOCS, 7: ["Only one doc."]},
-                          timeout_s=0.3)
+    return build_registry(
+        ["search", "calculator", "failing", "slow"], {0: DOCS, 7: ["Only one doc."]}, timeout_s=0.3
+    )
 
 
 # ----------------------------------------------------------------------------- parser
@@ -44,22 +45,25 @@ def test_parser_accepts_a_well_formed_call(registry):
     assert parsed.arguments == {"query": "Zorvex Quill home city"}
 
 
-@pytest.mark.parametrize("body, closed, fragment", [
-    ('{"name": "search", "arguments": {"query": "x"', True, "not valid JSON"),
-    ("[1, 2]", True, "JSON object"),
-    ('{"arguments": {"query": "x"}}', True, "string 'name'"),
-    (call("browse", url="x"), True, "unknown tool 'browse'"),
-    (call("search"), True, "needs the argument 'query'"),
-    (call("search", query=3), True, "must be str"),
-    (call("search", query="x", page=2), True, "no argument 'page'"),
-    (call("search", query="   "), True, "non-empty"),
-    (call("search", query="x", top_k=99), True, "top_k"),
-    ('{"name": "search", "arguments": [1]}', True, "JSON object"),
-    ('{"name": "search", "arguments": {"query": "x"}, "extra": 1}', True, "unexpected keys"),
-    (call("search", query="x"), False, "not closed"),
-    ("", True, "not valid JSON"),
-    ("[" * 5000, True, "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "body, closed, fragment",
+    [
+        ('{"name": "search", "arguments": {"query": "x"', True, "not valid JSON"),
+        ("[1, 2]", True, "JSON object"),
+        ('{"arguments": {"query": "x"}}', True, "string 'name'"),
+        (call("browse", url="x"), True, "unknown tool 'browse'"),
+        (call("search"), True, "needs the argument 'query'"),
+        (call("search", query=3), True, "must be str"),
+        (call("search", query="x", page=2), True, "no argument 'page'"),
+        (call("search", query="   "), True, "non-empty"),
+        (call("search", query="x", top_k=99), True, "top_k"),
+        ('{"name": "search", "arguments": [1]}', True, "JSON object"),
+        ('{"name": "search", "arguments": {"query": "x"}, "extra": 1}', True, "unexpected keys"),
+        (call("search", query="x"), False, "not closed"),
+        ("", True, "not valid JSON"),
+        ("[" * 5000, True, "not valid JSON"),
+    ],
+)
 def test_malformed_calls_become_invalid_records_never_exceptions(registry, body, closed, fragment):
     parsed = registry.parse(body, closed=closed)
     assert not parsed.valid and parsed.tool_id == INVALID_TOOL
@@ -72,10 +76,13 @@ def test_malformed_calls_become_invalid_records_never_exceptions(registry, body,
 
 
 def test_tool_exceptions_and_timeouts_become_error_observations(registry):
-    calls = [registry.parse(call("failing", query="x")), registry.parse(call("slow", query="x")),
-             registry.parse(call("calculator", expression="2 * (3 + 4)")),
-             registry.parse(call("calculator", expression="__import__('os')")),
-             registry.parse(call("search", query="Zorvex Quill pet"))]
+    calls = [
+        registry.parse(call("failing", query="x")),
+        registry.parse(call("slow", query="x")),
+        registry.parse(call("calculator", expression="2 * (3 + 4)")),
+        registry.parse(call("calculator", expression="__import__('os')")),
+        registry.parse(call("search", query="Zorvex Quill pet")),
+    ]
     outcomes = registry.execute([(c, ToolContext(0)) for c in calls])
     assert [o.ok for o in outcomes] == [False, False, True, False, True]
     assert "RuntimeError" in outcomes[0].observation
@@ -99,14 +106,20 @@ class _SleepThenWrite(Tool):
 
 @pytest.mark.parametrize("isolation", ["process", "thread"])
 def test_timeouts_stop_the_call_in_process_isolation(tmp_path, isolation):
-    registry = ToolRegistry([_SleepThenWrite(), *build_registry(["search"], {0: DOCS}).tools],
-                            timeout_s=0.3, isolation=isolation, workers=2)
+    registry = ToolRegistry(
+        [_SleepThenWrite(), *build_registry(["search"], {0: DOCS}).tools],
+        timeout_s=0.3,
+        isolation=isolation,
+        workers=2,
+    )
     threads = threading.active_count()
     try:
         for rep in range(3):
             marker = tmp_path / f"written-{rep}"
-            calls = [registry.parse(call("sleepy", path=str(marker))),
-                     registry.parse(call("search", query="Amra Tel pet"))]
+            calls = [
+                registry.parse(call("sleepy", path=str(marker))),
+                registry.parse(call("search", query="Amra Tel pet")),
+            ]
             slow, fast = registry.execute([(c, ToolContext(0)) for c in calls])
             assert not slow.ok and "timed out after 0.3 s" in slow.error
             assert fast.ok and fast.observation == DOCS[3]
@@ -126,15 +139,32 @@ def test_timeouts_stop_the_call_in_process_isolation(tmp_path, isolation):
 
 def test_calculator_rejects_names_and_huge_powers():
     assert evaluate("-(7 - 10) ** 2") == -9  # unary minus binds looser than **: -(9)
-    assert evaluate("2 ** 1000") == 2 ** 1000 and evaluate("9**64*9**64") == 9 ** 128
-    for bad in ("open('x')", "a + 1", "2 ** 5000", "[1]", "1/0", "(-8) ** 0.5", "2.0 ** 5000",
-                "(" * 150 + "1" + ")" * 49, "1 +"):
+    assert evaluate("2 ** 1000") == 2**1000 and evaluate("9**64*9**64") == 9**128
+    for bad in (
+        "open('x')",
+        "a + 1",
+        "2 ** 5000",
+        "[1]",
+        "1/0",
+        "(-8) ** 0.5",
+        "2.0 ** 5000",
+        "(" * 150 + "1" + ")" * 49,
+        "1 +",
+    ):
         with pytest.raises(ValueError):
             evaluate(bad)
 
 
-@pytest.mark.parametrize("expression", ["(((9**64)**64)**64)**64", "((((9**64)**64)**64)**64)**64",
-                                        "9**9**9**9", "(9**4096)*(9**4096)", "-(9**99)**(9**9)"])
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "(((9**64)**64)**64)**64",
+        "((((9**64)**64)**64)**64)**64",
+        "9**9**9**9",
+        "(9**4096)*(9**4096)",
+        "-(9**99)**(9**9)",
+    ],
+)
 def test_calculator_bounds_results_before_computing_them(expression):
     # each of these ran for tens of seconds or more when only the exponent was bounded; now
     # the size of every integer is checked before it is computed (a hang guard, not a benchmark)
@@ -146,10 +176,16 @@ def test_calculator_bounds_results_before_computing_them(expression):
 
 def test_sim_kinds_and_parameter_vectors(registry):
     assert registry.sim_kind_tensor().tolist() == [0, 0, 0, 0]
-    queries = ["Zorvex Quill home city", "zorvex  quill HOME city", "home city Zorvex",
-               "Zorvex Quill", "Amra Tel pet"]
-    outcomes = registry.execute([(registry.parse(call("search", query=q)), ToolContext(0))
-                                 for q in queries])
+    queries = [
+        "Zorvex Quill home city",
+        "zorvex  quill HOME city",
+        "home city Zorvex",
+        "Zorvex Quill",
+        "Amra Tel pet",
+    ]
+    outcomes = registry.execute(
+        [(registry.parse(call("search", query=q)), ToolContext(0)) for q in queries]
+    )
     assert [o.refs for o in outcomes[:3]] == [(DOCS[0],)] * 3  # the same document
     assert outcomes[3].refs == (DOCS[1],) and outcomes[4].refs == (DOCS[3],)
     ids, refs = [0] * len(queries), [o.refs for o in outcomes]
@@ -187,7 +223,9 @@ def test_bm25_search_is_deterministic_and_ranks_the_fact_first():
     index = BM25Index(DOCS)
     hits = index.search("Zorvex Quill home city", top_k=4)
     assert hits[0][0] == 0 and hits[0][1] > hits[1][1]
-    assert index.search("Zorvex Quill home city", 4) == BM25Index(list(DOCS)).search("Zorvex Quill home city", 4)
+    assert index.search("Zorvex Quill home city", 4) == BM25Index(list(DOCS)).search(
+        "Zorvex Quill home city", 4
+    )
     assert index.search("xylophone", 3) == []  # no shared term: no results, not random docs
     # equal scores keep document order: docs 0 and 2 tie on "home city"
     tie = index.search("home city", 2)
@@ -199,7 +237,9 @@ def test_search_tool_uses_the_questions_corpus(registry):
     assert registry.execute([(parsed, ToolContext(7))])[0].observation == "Only one doc."
     missing = registry.execute([(registry.parse(call("search", query="x")), ToolContext(99))])[0]
     assert not missing.ok and "no corpus with id 99" in missing.observation
-    none = registry.execute([(registry.parse(call("search", query="xylophone")), ToolContext(0))])[0]
+    none = registry.execute([(registry.parse(call("search", query="xylophone")), ToolContext(0))])[
+        0
+    ]
     assert none.ok and none.observation == "no results"
 
 
@@ -214,15 +254,18 @@ def test_synthetic_task_is_reproducible_and_needs_search():
     assert len(a.train) + len(a.heldout) == 20 * 5 == len(a.corpora[0])
     assert {e.uid for e in a.train}.isdisjoint({e.uid for e in a.heldout})
     heldout_names = {e.question.split(" of ", 1)[1] for e in a.heldout}
-    assert len(heldout_names) == 5 and not any(e.question.split(" of ", 1)[1] in heldout_names
-                                               for e in a.train)
+    assert len(heldout_names) == 5 and not any(
+        e.question.split(" of ", 1)[1] in heldout_names for e in a.train
+    )
     assert set(a.demos) <= set(a.train)  # default: demonstrations of training questions
     registry = build_registry(["search"], a.corpora)
     for ex in a.train + a.heldout:
         # the question never contains its answer; the demo query retrieves exactly its fact,
         # which is the question's ground-truth evidence
         assert ex.answers[0].lower() not in ex.question.lower()
-        obs = registry.execute([(registry.parse(call("search", query=ex.query)), ToolContext(0))])[0]
+        obs = registry.execute([(registry.parse(call("search", query=ex.query)), ToolContext(0))])[
+            0
+        ]
         assert obs.observation.endswith(f" is {ex.answers[0]}.")
         assert ex.question.split(" of ", 1)[1].rstrip("?") in obs.observation
         assert ex.evidence == ((obs.observation,),) and ex.is_good_observation(obs.observation)
@@ -231,8 +274,13 @@ def test_synthetic_task_is_reproducible_and_needs_search():
 def test_jsonl_questions_carry_queries_and_evidence(tmp_path):
     rows = [
         {"question": "q1?", "answer": "a", "corpus": ["d1 a", "d2"], "evidence": ["d1 a"]},
-        {"question": "q2?", "answer": "b", "corpus": ["d1 a", "d2"], "queries": ["x", "y"],
-         "evidence": [["d1 a"], ["d2"]]},
+        {
+            "question": "q2?",
+            "answer": "b",
+            "corpus": ["d1 a", "d2"],
+            "queries": ["x", "y"],
+            "evidence": [["d1 a"], ["d2"]],
+        },
         {"question": "q3?", "answer": "c", "corpus": ["d3"]},
     ]
     path = tmp_path / "t.jsonl"
@@ -244,8 +292,11 @@ def test_jsonl_questions_carry_queries_and_evidence(tmp_path):
     assert q2.queries == ("x", "y") and q2.evidence == (("d1 a",), ("d2",))
     assert q2.demo_queries() == ("x", "y") and q2.is_good_observation("d2")
     assert q3.evidence == () and q3.is_good_observation("d3") is None  # no ground truth
-    for bad, message in (({"evidence": "d1"}, "'evidence'"), ({"evidence": [[]]}, "'evidence'"),
-                         ({"queries": ["", "x"]}, "'queries'")):
+    for bad, message in (
+        ({"evidence": "d1"}, "'evidence'"),
+        ({"evidence": [[]]}, "'evidence'"),
+        ({"queries": ["", "x"]}, "'queries'"),
+    ):
         path.write_text(json.dumps({"question": "q?", "answer": "a", "corpus": ["d"], **bad}))
         with pytest.raises(TaskFileError, match=f"t.jsonl:1: {message}"):
             load_jsonl_task(path)
@@ -267,31 +318,45 @@ def test_rewards():
 
 
 def test_config_files_overrides_and_defaults():
-    cfg = load_config(None, ["rollout.group_size=4", "algo.loss=gspo", "tools.enabled=[search, calculator]",
-                             "optim.lr=3e-4", "model.path=null", "algo.loss_overrides={eps_high: 0.3}"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.group_size=4",
+            "algo.loss=gspo",
+            "tools.enabled=[search, calculator]",
+            "optim.lr=3e-4",
+            "model.path=null",
+            "algo.loss_overrides={eps_high: 0.3}",
+        ],
+    )
     assert cfg.rollout.group_size == 4 and cfg.algo.loss == "gspo" and cfg.optim.lr == 3e-4
-    assert cfg.tools.enabled == ["search", "calculator"] and cfg.algo.loss_overrides == {"eps_high": 0.3}
+    assert cfg.tools.enabled == ["search", "calculator"] and cfg.algo.loss_overrides == {
+        "eps_high": 0.3
+    }
     assert load_config(None).to_dict() == Config().to_dict()
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
     assert isinstance(load_config(None, ["optim.lr=1"]).optim.lr, float)  # ints widen to floats
 
 
-@pytest.mark.parametrize("override, message", [
-    ("rollout.gruop_size=4", "did you mean 'rollout.group_size'"),
-    ("rollout.group_size=1", "rollout.group_size: must be >= 2"),
-    ("rollout.group_size=abc", "expected an integer"),
-    ("algo.loss=ppo", "algo.loss: must be one of"),
-    ("tapo.theta=1.5", "tapo.theta: must be in [0, 1]"),
-    ("tools.enabled=[search, browse]", "tools.enabled[1]"),
-    ("tapo.enabled=maybe", "expected true/false"),
-    ("rollout=3", "config section"),
-    ("model.hidden_size=130", "divisible by model.num_heads"),
-    ("model.path=/nonexistent/ckpt", "does not exist"),
-    ("task.name=jsonl", "task.train_path: is required"),
-    ("algo.loss_overrides={gamma: 1}", "algo.loss_overrides.gamma"),
-    ("rollout.max_total_tokens=4096", "max_position_embeddings"),
-    ("novalue", "key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rollout.gruop_size=4", "did you mean 'rollout.group_size'"),
+        ("rollout.group_size=1", "rollout.group_size: must be >= 2"),
+        ("rollout.group_size=abc", "expected an integer"),
+        ("algo.loss=ppo", "algo.loss: must be one of"),
+        ("tapo.theta=1.5", "tapo.theta: must be in [0, 1]"),
+        ("tools.enabled=[search, browse]", "tools.enabled[1]"),
+        ("tapo.enabled=maybe", "expected true/false"),
+        ("rollout=3", "config section"),
+        ("model.hidden_size=130", "divisible by model.num_heads"),
+        ("model.path=/nonexistent/ckpt", "does not exist"),
+        ("task.name=jsonl", "task.train_path: is required"),
+        ("algo.loss_overrides={gamma: 1}", "algo.loss_overrides.gamma"),
+        ("rollout.max_total_tokens=4096", "max_position_embeddings"),
+        ("novalue", "key=value"),
+    ],
+)
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
@@ -302,7 +367,11 @@ def test_bundled_yaml_configs_load():
     from pathlib import Path
 
     configs = sorted(Path("trainer/configs").glob("*.yaml"))
-    assert {p.name for p in configs} >= {"tiny_grpo_tapo.yaml", "tiny_gspo_tapo.yaml", "tiny_sapo_tapo.yaml"}
+    assert {p.name for p in configs} >= {
+        "tiny_grpo_tapo.yaml",
+        "tiny_gspo_tapo.yaml",
+        "tiny_sapo_tapo.yaml",
+    }
     # the embedded default: running without --config is the tiny GRPO + TAPO run
     assert load_config("trainer/configs/tiny_grpo_tapo.yaml").to_dict() == Config().to_dict()
     for path in configs:
@@ -311,7 +380,9 @@ def test_bundled_yaml_configs_load():
             assert header == f"# python -m trainer.study --config trainer/configs/{path.name}"
             load_study(path)
             continue
-        assert header.startswith("# ") and ("trainer.train" in header or "tapo-train" in header), path
+        assert header.startswith("# ") and ("trainer.train" in header or "tapo-train" in header), (
+            path
+        )
         if "real" in path.name:
             continue  # names a checkpoint path that exists only on the user's machine
         load_config(path)

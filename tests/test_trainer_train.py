@@ -18,13 +18,31 @@ from trainer.train import Trainer, main, run
 
 # a model and task small enough that a whole run takes seconds on one core
 MICRO = [
-    "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
-    "model.num_kv_heads=1", "model.vocab_size=300", "model.max_position_embeddings=256",
-    "task.num_entities=8", "task.attributes=[pet]", "task.kinds={single: 1}", "task.num_demos=8",
-    "warmup.steps=4", "warmup.batch_size=4", "warmup.lr=3e-3",
-    "rollout.group_size=4", "rollout.max_new_tokens_per_turn=48", "rollout.max_total_tokens=160",
-    "rollout.max_turns=2", "rl.prompts_per_step=2", "rl.steps=2", "eval.num_questions=4", "eval.k=2",
-    "checkpoint.every=1", "logging.progress=false", "dist.threads_per_rank=1",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.vocab_size=300",
+    "model.max_position_embeddings=256",
+    "task.num_entities=8",
+    "task.attributes=[pet]",
+    "task.kinds={single: 1}",
+    "task.num_demos=8",
+    "warmup.steps=4",
+    "warmup.batch_size=4",
+    "warmup.lr=3e-3",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens_per_turn=48",
+    "rollout.max_total_tokens=160",
+    "rollout.max_turns=2",
+    "rl.prompts_per_step=2",
+    "rl.steps=2",
+    "eval.num_questions=4",
+    "eval.k=2",
+    "checkpoint.every=1",
+    "logging.progress=false",
+    "dist.threads_per_rank=1",
     "algo.num_minibatches=2",
 ]
 
@@ -41,11 +59,24 @@ def test_single_process_run_writes_every_output(tmp_path, capsys):
     rl = [r for r in rows if r.get("phase") == "rl"]
     assert [r["rl_step"] for r in rl] == [1, 2] and [r["step"] for r in rl] == [5, 6]
     for r in rl:
-        for key in ("train/reward", "train/accuracy", "train/tool_call_rate", "actor/loss",
-                    "actor/clip_frac", "actor/mean_kl", "actor/entropy", "tapo/call_correction_rate",
-                    "tapo/trajectory_correction_rate", "perf/tokens_per_s", "perf/step_time_s",
-                    "perf/fused_correct_share", "perf/tapo_share", "perf/tapo_encode_s",
-                    "truth/failing_trajectories", "truth/lifted_calls"):
+        for key in (
+            "train/reward",
+            "train/accuracy",
+            "train/tool_call_rate",
+            "actor/loss",
+            "actor/clip_frac",
+            "actor/mean_kl",
+            "actor/entropy",
+            "tapo/call_correction_rate",
+            "tapo/trajectory_correction_rate",
+            "perf/tokens_per_s",
+            "perf/step_time_s",
+            "perf/fused_correct_share",
+            "perf/tapo_share",
+            "perf/tapo_encode_s",
+            "truth/failing_trajectories",
+            "truth/lifted_calls",
+        ):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), key
         assert 0 <= r["perf/fused_correct_share"] <= r["perf/tapo_share"] < 1
         # ground-truth rates are logged whenever their denominator is not empty
@@ -67,9 +98,17 @@ def test_single_process_run_writes_every_output(tmp_path, capsys):
 def test_tool_errors_timeouts_malformed_calls_and_nan_steps_do_not_stop_training(tmp_path):
     # the tool is patched in this process, so it runs on threads here (process isolation
     # with real fault tools: test_fault_tools_in_worker_processes_never_stop_a_run)
-    cfg = micro_config(tmp_path, "logging.name=faults", "tools.timeout_s=0.2", "rl.steps=3",
-                       "debug.malformed_call_rate=0.3", "debug.nan_loss_steps=[2]",
-                       "warmup.steps=12", "eval.at_start=false", "tools.isolation=thread")
+    cfg = micro_config(
+        tmp_path,
+        "logging.name=faults",
+        "tools.timeout_s=0.2",
+        "rl.steps=3",
+        "debug.malformed_call_rate=0.3",
+        "debug.nan_loss_steps=[2]",
+        "warmup.steps=12",
+        "eval.at_start=false",
+        "tools.isolation=thread",
+    )
     trainer = Trainer(cfg)
     search = trainer.registry.tools[0]
     real_run, calls = search.run, []
@@ -86,9 +125,13 @@ def test_tool_errors_timeouts_malformed_calls_and_nan_steps_do_not_stop_training
     search.run = flaky
     # sample from a scripted policy that always searches (the micro model has not learned the
     # call format yet), train the real model on its episodes
-    scripts = {ex.question: [format_call("search", {"query": ex.query}),
-                             f"{TAGS.answer_open}{ex.answers[0]}{TAGS.answer_close}"]
-               for ex in trainer.task.train}
+    scripts = {
+        ex.question: [
+            format_call("search", {"query": ex.query}),
+            f"{TAGS.answer_open}{ex.answers[0]}{TAGS.answer_close}",
+        ]
+        for ex in trainer.task.train
+    }
     trainer.engine.model = ScriptedLM(trainer.tokenizer, scripts)
     m1 = trainer.rl_step(1)
     # 8 calls: a third hang (timeout), a third raise, and injected malformed calls on top
@@ -106,7 +149,9 @@ def test_tool_errors_timeouts_malformed_calls_and_nan_steps_do_not_stop_training
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())
     m3 = trainer.rl_step(3)
-    assert m3["actor/skipped_steps"] == 0 and math.isfinite(m3["actor/loss"]) and adam_steps() == {4}
+    assert (
+        m3["actor/skipped_steps"] == 0 and math.isfinite(m3["actor/loss"]) and adam_steps() == {4}
+    )
     assert len(calls) >= 3  # the flaky tool really was hit, including a raise and a timeout
     trainer.state.update(phase="rl", rl_step=3, global_step=15)
     trainer._save()
@@ -117,13 +162,25 @@ def test_fault_tools_in_worker_processes_never_stop_a_run(tmp_path):
     """Real fault tools, really called (debug.fault_tool_rate), in worker processes: calls that
     raise or hang become error observations, the run finishes, nothing is left running."""
     threads = {t.name for t in threading.enumerate()}
-    cfg = micro_config(tmp_path, "logging.name=workers", "tools.enabled=[search, failing, slow]",
-                       "tools.timeout_s=0.3", "debug.fault_tool_rate=0.5", "rl.steps=2",
-                       "warmup.steps=2", "eval.at_start=false", "eval.k=0")
+    cfg = micro_config(
+        tmp_path,
+        "logging.name=workers",
+        "tools.enabled=[search, failing, slow]",
+        "tools.timeout_s=0.3",
+        "debug.fault_tool_rate=0.5",
+        "rl.steps=2",
+        "warmup.steps=2",
+        "eval.at_start=false",
+        "eval.k=0",
+    )
     trainer = Trainer(cfg)
-    scripts = {ex.question: [format_call("search", {"query": ex.query}),
-                             f"{TAGS.answer_open}{ex.answers[0]}{TAGS.answer_close}"]
-               for ex in trainer.task.train}
+    scripts = {
+        ex.question: [
+            format_call("search", {"query": ex.query}),
+            f"{TAGS.answer_open}{ex.answers[0]}{TAGS.answer_close}",
+        ]
+        for ex in trainer.task.train
+    }
     trainer.engine.model = ScriptedLM(trainer.tokenizer, scripts)
     train = trainer.task.train
     episodes = trainer.engine.rollout(train * 4, list(range(4 * len(train))), seed=5)
@@ -141,8 +198,15 @@ def test_fault_tools_in_worker_processes_never_stop_a_run(tmp_path):
 
 
 def _tiny(seed):
-    return tiny_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                                  num_kv_heads=1), 64, 0, 1, seed=seed)
+    return tiny_model(
+        ModelConfig(
+            hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1
+        ),
+        64,
+        0,
+        1,
+        seed=seed,
+    )
 
 
 def test_checkpoints_are_atomic_and_restore_exactly(tmp_path):
@@ -162,14 +226,18 @@ def test_checkpoints_are_atomic_and_restore_exactly(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_000002"
     fresh = _tiny(1)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=False))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=False)
+    )
     state = load_checkpoint(root / "step_000002", fresh, fresh_opt, ctx)
     assert state == {"rl_step": 2}
     for a, b in zip(model.parameters(), fresh.parameters(), strict=False):
         assert torch.equal(a, b)
     for a, b in zip(model.parameters(), fresh.parameters(), strict=False):
         sa, sb = opt.state[a], fresh_opt.state[b]
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(
+            sa["exp_avg_sq"], sb["exp_avg_sq"]
+        )
     save_checkpoint(tmp_path, 2, fresh, fresh_opt, {"rl_step": 2, "again": True}, ctx, keep=2)
     assert json.loads((root / "step_000002" / "trainer_state.json").read_text())["again"] is True
 
@@ -212,8 +280,10 @@ def _both_loss_paths(preset):
     mask = (torch.rand(B, T, generator=gen) < 0.75).float()
     mask[:, 0] = 0
     mask[2] = 0
-    lp64 = torch.nn.functional.pad(torch.log_softmax(logits64[:, :-1] / temp, -1).gather(
-        2, ids[:, 1:, None]).squeeze(2), (1, 0))
+    lp64 = torch.nn.functional.pad(
+        torch.log_softmax(logits64[:, :-1] / temp, -1).gather(2, ids[:, 1:, None]).squeeze(2),
+        (1, 0),
+    )
     old = ((lp64 + 0.2 * torch.randn(B, T, generator=gen, dtype=torch.float64)) * mask).float()
     adv = torch.randn(B, 1, generator=gen) * mask
     call_map = torch.full((B, T), -1, dtype=torch.int32)
@@ -225,18 +295,35 @@ def _both_loss_paths(preset):
     results = {}
     for from_logits in (True, False):
         logits = logits64.float().requires_grad_()
-        loss, metrics, entropy = micro_batch_loss(logits, ids, old, adv, mask, None, call_map, delta,
-                                                  temperature=temp, from_logits=from_logits, **knobs)
+        loss, metrics, entropy = micro_batch_loss(
+            logits,
+            ids,
+            old,
+            adv,
+            mask,
+            None,
+            call_map,
+            delta,
+            temperature=temp,
+            from_logits=from_logits,
+            **knobs,
+        )
         loss.backward()
-        results[from_logits] = (loss.detach().double(), logits.grad.double(),
-                                (entropy * mask).double(), metrics)
+        results[from_logits] = (
+            loss.detach().double(),
+            logits.grad.double(),
+            (entropy * mask).double(),
+            metrics,
+        )
     # fp64 oracle: the package's pure-torch reference on fp64 log-probs
     logits = logits64.clone().requires_grad_()
-    lp = torch.nn.functional.pad(torch.log_softmax(logits[:, :-1] / temp, -1).gather(
-        2, ids[:, 1:, None]).squeeze(2), (1, 0))
+    lp = torch.nn.functional.pad(
+        torch.log_softmax(logits[:, :-1] / temp, -1).gather(2, ids[:, 1:, None]).squeeze(2), (1, 0)
+    )
     merged = {**tapo_kernels.PRESETS[preset], **{k: v for k, v in knobs.items() if k != "preset"}}
-    loss64, _ = tapo_kernels.reference.policy_loss(lp, old.double(), adv.double(), mask.double(), None,
-                                                   call_map, delta.double(), **merged)
+    loss64, _ = tapo_kernels.reference.policy_loss(
+        lp, old.double(), adv.double(), mask.double(), None, call_map, delta.double(), **merged
+    )
     loss64.backward()
     p64 = torch.softmax(logits64[:, :-1] / temp, -1)
     ent64 = torch.nn.functional.pad(-(p64 * p64.log()).sum(-1), (1, 0)) * mask
@@ -267,8 +354,14 @@ def test_entropy_from_logits_is_as_accurate_as_torch():
 def test_jsonl_task_trains_end_to_end(tmp_path):
     """Questions with their own corpora, a shared corpus, and demonstrations from files."""
     rows = []
-    for i, (name, city) in enumerate([("Ada Lorn", "Kestrel"), ("Bo Tarn", "Marlow"),
-                                      ("Cy Venn", "Dunmore"), ("Di Rusk", "Ashford")]):
+    for i, (name, city) in enumerate(
+        [
+            ("Ada Lorn", "Kestrel"),
+            ("Bo Tarn", "Marlow"),
+            ("Cy Venn", "Dunmore"),
+            ("Di Rusk", "Ashford"),
+        ]
+    ):
         row = {"question": f"Where does {name} live?", "answer": [city, city.lower()]}
         if i % 2:
             row["corpus"] = [f"{name} lives in {city}.", "Unrelated text."]
@@ -277,11 +370,17 @@ def test_jsonl_task_trains_end_to_end(tmp_path):
     (tmp_path / "corpus.txt").write_text("Ada Lorn lives in Kestrel.\nCy Venn lives in Dunmore.\n")
     demos = [{**rows[0], "query": "Ada Lorn"}, {**rows[1], "query": "Bo Tarn"}]
     (tmp_path / "demos.jsonl").write_text("\n".join(json.dumps(r) for r in demos) + "\n")
-    cfg = micro_config(tmp_path, "logging.name=jsonl", "task.name=jsonl",
-                       f"task.train_path={tmp_path / 'train.jsonl'}",
-                       f"task.corpus_path={tmp_path / 'corpus.txt'}",
-                       f"task.demos_path={tmp_path / 'demos.jsonl'}", "task.heldout_fraction=0.25",
-                       "rl.steps=1", "eval.at_start=false")
+    cfg = micro_config(
+        tmp_path,
+        "logging.name=jsonl",
+        "task.name=jsonl",
+        f"task.train_path={tmp_path / 'train.jsonl'}",
+        f"task.corpus_path={tmp_path / 'corpus.txt'}",
+        f"task.demos_path={tmp_path / 'demos.jsonl'}",
+        "task.heldout_fraction=0.25",
+        "rl.steps=1",
+        "eval.at_start=false",
+    )
     summary = run(cfg)
     assert summary["rl_steps"] == 1
     rl = [r for r in read_metrics(tmp_path / "jsonl" / "metrics.jsonl") if r.get("phase") == "rl"]
@@ -292,8 +391,16 @@ def _tiny_policy(**extra):
     from trainer.modeling import attach_hidden_loss, tiny_model
     from trainer.train import hidden_batch_loss
 
-    cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
-                      num_heads=2, num_kv_heads=1, max_position_embeddings=64, **extra)
+    cfg = ModelConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        max_position_embeddings=64,
+        **extra,
+    )
     model = tiny_model(cfg, 61, pad_id=0, eos_id=1, seed=3)
     attach_hidden_loss(model, hidden_batch_loss)
     return model
@@ -319,19 +426,37 @@ def test_hidden_state_loss_matches_the_logits_paths(preset):
     call_map = torch.full((B, T), -1, dtype=torch.int32)
     call_map[1, 3:7] = 0
     delta = torch.tensor([0.4])
-    kw = dict(ref_logp=None, call_map=call_map, call_delta=delta, temperature=0.9,
-              preset=preset, global_count=7.0)
+    kw = dict(
+        ref_logp=None,
+        call_map=call_map,
+        call_delta=delta,
+        temperature=0.9,
+        preset=preset,
+        global_count=7.0,
+    )
     results = {}
     for source in ("hidden", "logits", "logp"):
         model.zero_grad()
         if source == "hidden":
-            loss, metrics, entropy = model.hidden_loss(ids, attn, old_logp=old,
-                                                       advantages=adv, mask=mask, **kw)
+            loss, metrics, entropy = model.hidden_loss(
+                ids, attn, old_logp=old, advantages=adv, mask=mask, **kw
+            )
         else:
             logits = model(input_ids=ids, attention_mask=attn).logits
             loss, metrics, entropy = micro_batch_loss(
-                logits, ids, old, adv, mask, kw["ref_logp"], call_map, delta, temperature=0.9,
-                from_logits=source == "logits", preset=preset, global_count=7.0)
+                logits,
+                ids,
+                old,
+                adv,
+                mask,
+                kw["ref_logp"],
+                call_map,
+                delta,
+                temperature=0.9,
+                from_logits=source == "logits",
+                preset=preset,
+                global_count=7.0,
+            )
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[source] = (loss.detach(), metrics, entropy * mask, grads)

@@ -91,5 +91,3 @@ def test_outputs_are_fully_written(monkeypatch):
     for batch_scope in (False, True):
         out = check_equals_reference(batch.op_args(), PERMISSIVE, batch_scope)
         assert not bool((out[3] == -7).any())
-
-

@@ -101,10 +101,17 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(path: Path, step: int, config_sha256: str) -> None:
     """Hash every file of a finished checkpoint directory into ``manifest.json``."""
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-             for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST}
-    write_atomic(path / MANIFEST, json.dumps({"step": step, "config_sha256": config_sha256,
-                                              "files": files}, indent=1, sort_keys=True))
+    files = {
+        p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(path.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    write_atomic(
+        path / MANIFEST,
+        json.dumps(
+            {"step": step, "config_sha256": config_sha256, "files": files}, indent=1, sort_keys=True
+        ),
+    )
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -179,24 +186,41 @@ def resume_checkpoint(run_path: Path) -> tuple[Path | None, list[str]]:
 
 # DCP metadata is a pickle: admit only the classes a checkpoint's metadata is made of
 _SAFE_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-} | {("torch.distributed.checkpoint.metadata", name) for name in (
-    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-    "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
+} | {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None),
-                                            (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
-                                     "checkpoint never holds: refusing to load it")
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to {module}.{name}, which a "
+            "checkpoint never holds: refusing to load it"
+        )
 
 
 class _SafeReader(dcp.FileSystemReader):
@@ -227,8 +251,9 @@ class _SafePlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def _app_state(model: nn.Module, optimizer: Optimizer | None,
-               ref_model: nn.Module | None) -> dict[str, Any]:
+def _app_state(
+    model: nn.Module, optimizer: Optimizer | None, ref_model: nn.Module | None
+) -> dict[str, Any]:
     if optimizer is not None:
         msd, osd = get_state_dict(model, optimizer)
         state: dict[str, Any] = {"model": msd, "optim": osd}
@@ -239,10 +264,18 @@ def _app_state(model: nn.Module, optimizer: Optimizer | None,
     return state
 
 
-def save_checkpoint(run_path: Path, step: int, model: nn.Module, optimizer: Optimizer | None,
-                    trainer_state: dict[str, Any], ctx: DistContext, keep: int = 2,
-                    ref_model: nn.Module | None = None, config_sha256: str = "",
-                    before_commit: Callable[[], None] | None = None) -> Path:
+def save_checkpoint(
+    run_path: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: Optimizer | None,
+    trainer_state: dict[str, Any],
+    ctx: DistContext,
+    keep: int = 2,
+    ref_model: nn.Module | None = None,
+    config_sha256: str = "",
+    before_commit: Callable[[], None] | None = None,
+) -> Path:
     """Save atomically (collective: every rank calls it). Returns the final directory.
 
     ``before_commit`` (fault injection) runs on the main rank once the temporary directory is
@@ -256,8 +289,11 @@ def save_checkpoint(run_path: Path, step: int, model: nn.Module, optimizer: Opti
             shutil.rmtree(tmp)  # left over by a run killed while saving
     barrier(ctx)
     with _quiet_single_process(ctx):
-        dcp.save(_app_state(model, optimizer, ref_model), checkpoint_id=str(tmp),
-                 no_dist=not ctx.distributed)
+        dcp.save(
+            _app_state(model, optimizer, ref_model),
+            checkpoint_id=str(tmp),
+            no_dist=not ctx.distributed,
+        )
     barrier(ctx)
     if ctx.is_main:
         write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
@@ -281,8 +317,13 @@ def save_checkpoint(run_path: Path, step: int, model: nn.Module, optimizer: Opti
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer | None, ctx: DistContext,
-                    ref_model: nn.Module | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: Optimizer | None,
+    ctx: DistContext,
+    ref_model: nn.Module | None = None,
+) -> dict[str, Any]:
     """Load weights (and optimizer state) in place; returns the saved trainer state.
 
     Verify the checkpoint first (``verify_checkpoint``); loading itself unpickles nothing
@@ -291,15 +332,20 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optimizer | None, c
     state = _app_state(model, optimizer, ref_model)
     try:
         with _quiet_single_process(ctx), warnings.catch_warnings():
-            dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(),
-                     no_dist=not ctx.distributed)
+            dcp.load(
+                state,
+                storage_reader=_SafeReader(str(path)),
+                planner=_SafePlanner(),
+                no_dist=not ctx.distributed,
+            )
     except (Exception, CheckpointException) as exc:  # DCP wraps each rank's error (a BaseException)
         refused = "refusing to load it" in str(exc) or "Weights only load failed" in str(exc)
         why = "it holds objects a checkpoint never holds" if refused else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {why}") from exc
     if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
     else:
         set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     if ref_model is not None:

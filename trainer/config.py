@@ -50,8 +50,10 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
         key = loader.construct_object(key_node, deep=deep)
         line = key_node.start_mark.line + 1
         if key in seen:
-            raise ConfigError(f"{key_node.start_mark.name}:{line}: duplicate key {key!r} "
-                              f"(first written on line {seen[key]})")
+            raise ConfigError(
+                f"{key_node.start_mark.name}:{line}: duplicate key {key!r} "
+                f"(first written on line {seen[key]})"
+            )
         seen[key] = line
     return loader.construct_mapping(node, deep=deep)
 
@@ -99,7 +101,8 @@ class TaskConfig:
     attributes: list[str] = field(default_factory=lambda: ["home city", "profession", "pet"])
     # question kinds and their shares (see tasks/synthetic.py): single | two_fact | two_hop
     kinds: dict[str, float] = field(
-        default_factory=lambda: {"single": 0.2, "two_fact": 0.4, "two_hop": 0.4})
+        default_factory=lambda: {"single": 0.2, "two_fact": 0.4, "two_hop": 0.4}
+    )
     heldout_fraction: float = 0.25
     num_demos: int = 1024
     sloppy_demo_fraction: float = 0.8  # demos whose query is the bare name (see tasks/synthetic.py)
@@ -139,8 +142,8 @@ class RolloutConfig:
     prompt_template: str = "Question: {question}\n"
     use_chat_template: bool = False  # real checkpoints: wrap the prompt with the chat template
     system_prompt: str = (
-        "Answer the question. To search, write <tool_call>{\"name\": \"search\", \"arguments\": "
-        "{\"query\": \"...\"}}</tool_call>; results come back in <obs></obs>. "
+        'Answer the question. To search, write <tool_call>{"name": "search", "arguments": '
+        '{"query": "..."}}</tool_call>; results come back in <obs></obs>. '
         "Give the final answer as <answer>...</answer>."
     )
 
@@ -314,7 +317,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}"
+        )
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -446,8 +451,10 @@ def _check_finite(node: Any, prefix: str = "") -> None:
     if dataclasses.is_dataclass(node):
         for f in dataclasses.fields(node):
             value = getattr(node, f.name)
-            _check_finite(value, f"{prefix}{f.name}." if dataclasses.is_dataclass(value)
-                          else f"{prefix}{f.name}")
+            _check_finite(
+                value,
+                f"{prefix}{f.name}." if dataclasses.is_dataclass(value) else f"{prefix}{f.name}",
+            )
         return
     if isinstance(node, float) and not math.isfinite(node):
         raise ConfigError(f"{prefix}: must be a finite number, got {node}")
@@ -481,13 +488,26 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     choice("model.dtype", m.dtype, ["float32", "bfloat16", "float16"])
     if m.path is None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_position_embeddings",
+        ):
             positive(f"model.{name}", getattr(m, name))
-        check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
-              f"must be divisible by model.num_heads ({m.num_heads}), got {m.hidden_size}")
-        check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
-              f"must divide model.num_heads ({m.num_heads}), got {m.num_kv_heads}")
+        check(
+            m.hidden_size % m.num_heads == 0,
+            "model.hidden_size",
+            f"must be divisible by model.num_heads ({m.num_heads}), got {m.hidden_size}",
+        )
+        check(
+            m.num_heads % m.num_kv_heads == 0,
+            "model.num_kv_heads",
+            f"must divide model.num_heads ({m.num_heads}), got {m.num_kv_heads}",
+        )
         check(m.vocab_size >= 64, "model.vocab_size", f"must be >= 64, got {m.vocab_size}")
     else:
         check(Path(m.path).exists(), "model.path", f"local checkpoint {m.path!r} does not exist")
@@ -501,22 +521,36 @@ def validate(cfg: Config) -> None:
 
         for i, attr in enumerate(t.attributes):
             choice(f"task.attributes[{i}]", attr, sorted(ATTRIBUTES))
-        check(0 < t.heldout_fraction < 1, "task.heldout_fraction",
-              f"must be in (0, 1), got {t.heldout_fraction}")
+        check(
+            0 < t.heldout_fraction < 1,
+            "task.heldout_fraction",
+            f"must be in (0, 1), got {t.heldout_fraction}",
+        )
         nonneg("task.num_demos", t.num_demos)
         choice("task.demos_from", t.demos_from, ["train", "worlds"])
-        check(0 <= t.sloppy_demo_fraction <= 1, "task.sloppy_demo_fraction",
-              f"must be in [0, 1], got {t.sloppy_demo_fraction}")
+        check(
+            0 <= t.sloppy_demo_fraction <= 1,
+            "task.sloppy_demo_fraction",
+            f"must be in [0, 1], got {t.sloppy_demo_fraction}",
+        )
         from .tasks.synthetic import KINDS
 
         for kind, weight in t.kinds.items():
             choice(f"task.kinds.{kind}", kind, list(KINDS))
-            check(isinstance(weight, (int, float)) and not isinstance(weight, bool)
-                  and math.isfinite(weight) and weight >= 0, f"task.kinds.{kind}",
-                  f"must be a finite number >= 0, got {weight!r}")
+            check(
+                isinstance(weight, (int, float))
+                and not isinstance(weight, bool)
+                and math.isfinite(weight)
+                and weight >= 0,
+                f"task.kinds.{kind}",
+                f"must be a finite number >= 0, got {weight!r}",
+            )
         check(sum(t.kinds.values()) > 0, "task.kinds", f"needs a positive weight, got {t.kinds}")
-        check(t.kinds.get("two_fact", 0) == 0 or len(t.attributes) >= 2, "task.kinds.two_fact",
-              "needs at least two task.attributes")
+        check(
+            t.kinds.get("two_fact", 0) == 0 or len(t.attributes) >= 2,
+            "task.kinds.two_fact",
+            "needs at least two task.attributes",
+        )
     else:
         check(t.train_path is not None, "task.train_path", "is required when task.name=jsonl")
         for key in ("train_path", "eval_path", "corpus_path", "demos_path"):
@@ -526,8 +560,11 @@ def validate(cfg: Config) -> None:
 
     from .tools import AVAILABLE_TOOLS
 
-    check(len(cfg.tools.enabled) == len(set(cfg.tools.enabled)), "tools.enabled",
-          f"lists a tool twice: {cfg.tools.enabled}")
+    check(
+        len(cfg.tools.enabled) == len(set(cfg.tools.enabled)),
+        "tools.enabled",
+        f"lists a tool twice: {cfg.tools.enabled}",
+    )
     for i, name in enumerate(cfg.tools.enabled):
         choice(f"tools.enabled[{i}]", name, sorted(AVAILABLE_TOOLS))
     positive("tools.search_top_k", cfg.tools.search_top_k)
@@ -539,23 +576,34 @@ def validate(cfg: Config) -> None:
     positive("tools.max_obs_tokens", cfg.tools.max_obs_tokens)
 
     r = cfg.rollout
-    check(r.group_size >= 2, "rollout.group_size",
-          f"must be >= 2 (group advantages need siblings), got {r.group_size}")
+    check(
+        r.group_size >= 2,
+        "rollout.group_size",
+        f"must be >= 2 (group advantages need siblings), got {r.group_size}",
+    )
     for name in ("max_turns", "max_new_tokens_per_turn", "max_total_tokens", "batch_size"):
         positive(f"rollout.{name}", getattr(r, name))
     positive("rollout.temperature", r.temperature)
-    check("{question}" in r.prompt_template, "rollout.prompt_template",
-          "must contain the placeholder {question}")
+    check(
+        "{question}" in r.prompt_template,
+        "rollout.prompt_template",
+        "must contain the placeholder {question}",
+    )
     if m.path is None:
-        check(r.max_total_tokens <= m.max_position_embeddings, "rollout.max_total_tokens",
-              f"exceeds model.max_position_embeddings ({m.max_position_embeddings})")
+        check(
+            r.max_total_tokens <= m.max_position_embeddings,
+            "rollout.max_total_tokens",
+            f"exceeds model.max_position_embeddings ({m.max_position_embeddings})",
+        )
 
     a = cfg.algo
     choice("algo.loss", a.loss, sorted(PRESETS))
     for knob in a.loss_overrides:
         choice(f"algo.loss_overrides.{knob}", knob, list(LOSS_KNOBS))
     try:  # the loss's own checks, now rather than at the first RL step
-        _loss_knobs.resolve(a.loss, {**a.loss_overrides, "kl_coef": a.kl_coef, "kl_type": a.kl_type})
+        _loss_knobs.resolve(
+            a.loss, {**a.loss_overrides, "kl_coef": a.kl_coef, "kl_type": a.kl_type}
+        )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"algo.loss_overrides / algo.kl_*: {exc}") from exc
     nonneg("algo.kl_coef", a.kl_coef)
@@ -594,19 +642,34 @@ def validate(cfg: Config) -> None:
     nonneg("checkpoint.every", cfg.checkpoint.every)
     positive("checkpoint.keep", cfg.checkpoint.keep)
     name = cfg.logging.name
-    check(bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0"),
-          "logging.name", f"must be a plain directory name (no path separators, not '.' or "
-          f"'..'), got {name!r}")
-    check(bool(cfg.logging.run_dir) and ".." not in Path(cfg.logging.run_dir).parts
-          and "\0" not in cfg.logging.run_dir, "logging.run_dir",
-          f"must be a directory path without '..', got {cfg.logging.run_dir!r}")
+    check(
+        bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0"),
+        "logging.name",
+        f"must be a plain directory name (no path separators, not '.' or '..'), got {name!r}",
+    )
+    check(
+        bool(cfg.logging.run_dir)
+        and ".." not in Path(cfg.logging.run_dir).parts
+        and "\0" not in cfg.logging.run_dir,
+        "logging.run_dir",
+        f"must be a directory path without '..', got {cfg.logging.run_dir!r}",
+    )
     choice("dist.backend", cfg.dist.backend, ["auto", "nccl", "gloo"])
     choice("dist.fsdp", cfg.dist.fsdp, ["auto", "on", "off"])
     choice("dist.mixed_precision", cfg.dist.mixed_precision, ["bf16", "fp16", "off"])
     nonneg("dist.threads_per_rank", cfg.dist.threads_per_rank)
-    check(0 <= cfg.debug.malformed_call_rate <= 1, "debug.malformed_call_rate",
-          f"must be in [0, 1], got {cfg.debug.malformed_call_rate}")
-    check(0 <= cfg.debug.fault_tool_rate <= 1, "debug.fault_tool_rate",
-          f"must be in [0, 1], got {cfg.debug.fault_tool_rate}")
-    check(cfg.debug.fault_tool_rate == 0 or bool({"failing", "slow"} & set(cfg.tools.enabled)),
-          "debug.fault_tool_rate", "needs a fault tool (failing or slow) in tools.enabled")
+    check(
+        0 <= cfg.debug.malformed_call_rate <= 1,
+        "debug.malformed_call_rate",
+        f"must be in [0, 1], got {cfg.debug.malformed_call_rate}",
+    )
+    check(
+        0 <= cfg.debug.fault_tool_rate <= 1,
+        "debug.fault_tool_rate",
+        f"must be in [0, 1], got {cfg.debug.fault_tool_rate}",
+    )
+    check(
+        cfg.debug.fault_tool_rate == 0 or bool({"failing", "slow"} & set(cfg.tools.enabled)),
+        "debug.fault_tool_rate",
+        "needs a fault tool (failing or slow) in tools.enabled",
+    )

@@ -52,16 +52,27 @@ class Credit:
     seconds: dict[str, float] = field(default_factory=dict)  # encode / correct
 
 
-TAPO_COUNTS = ("tapo_failing_calls", "tapo_corrected_calls", "tapo_failing_trajectories",
-               "tapo_corrected_trajectories", "tapo_lift_sum")
+TAPO_COUNTS = (
+    "tapo_failing_calls",
+    "tapo_corrected_calls",
+    "tapo_failing_trajectories",
+    "tapo_corrected_trajectories",
+    "tapo_lift_sum",
+)
 
 
-def encode_calls(registry: ToolRegistry, episodes: Sequence[Episode], mode: str,
-                 neural=None) -> Tensor:
+def encode_calls(
+    registry: ToolRegistry, episodes: Sequence[Episode], mode: str, neural=None
+) -> Tensor:
     """``(N, D)`` parameter vectors of every call of the episodes, in batch order."""
     calls = [c for ep in episodes for c in ep.calls]
-    return registry.encode_calls([c.tool_id for c in calls], [c.param_text for c in calls],
-                                 [c.refs for c in calls], mode=mode, neural=neural)
+    return registry.encode_calls(
+        [c.tool_id for c in calls],
+        [c.param_text for c in calls],
+        [c.refs for c in calls],
+        mode=mode,
+        neural=neural,
+    )
 
 
 def random_lift(delta: Tensor, failing: Tensor, seed: int) -> Tensor:
@@ -78,13 +89,22 @@ def random_lift(delta: Tensor, failing: Tensor, seed: int) -> Tensor:
     values = delta[lifted].tolist()
     rng.shuffle(values)
     out[torch.tensor(chosen, dtype=torch.int64, device=delta.device)] = torch.tensor(
-        values, dtype=delta.dtype, device=delta.device)
+        values, dtype=delta.dtype, device=delta.device
+    )
     return out
 
 
-def correct_credit(cfg: TapoConfig, registry: ToolRegistry, sim_kind: Tensor,
-                   episodes: Sequence[Episode], batch, advantages: Tensor, seq_adv: Tensor,
-                   seed: int, neural=None) -> Credit:
+def correct_credit(
+    cfg: TapoConfig,
+    registry: ToolRegistry,
+    sim_kind: Tensor,
+    episodes: Sequence[Episode],
+    batch,
+    advantages: Tensor,
+    seq_adv: Tensor,
+    seed: int,
+    neural=None,
+) -> Credit:
     """Run TAPO on a collated batch (``batch.calls`` gets the encoded parameters)."""
     B, T = advantages.shape
     n = len(batch.calls)
@@ -96,9 +116,17 @@ def correct_credit(cfg: TapoConfig, registry: ToolRegistry, sim_kind: Tensor,
     batch.calls.params = encode_calls(registry, episodes, cfg.witness, neural).to(device)
     t1 = time.perf_counter()
     result = tapo_kernels.fused_correct(
-        advantages, seq_adv, batch.group_ids, batch.calls, sim_kind, theta=cfg.theta,
-        alpha_min=cfg.alpha_min if cfg.gate else 0.0, beta=cfg.beta,
-        batch_scope=cfg.batch_scope, coverage=cfg.coverage)
+        advantages,
+        seq_adv,
+        batch.group_ids,
+        batch.calls,
+        sim_kind,
+        theta=cfg.theta,
+        alpha_min=cfg.alpha_min if cfg.gate else 0.0,
+        beta=cfg.beta,
+        batch_scope=cfg.batch_scope,
+        coverage=cfg.coverage,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()
@@ -106,29 +134,44 @@ def correct_credit(cfg: TapoConfig, registry: ToolRegistry, sim_kind: Tensor,
     if cfg.random_lift:
         failing = (batch.calls.tool >= 0) & (seq_adv[batch.calls.seq] < 0)
         delta = random_lift(delta, failing, seed)
-        result = tapo_kernels.TapoResult(result.corrected, delta, result.confidence,
-                                         result.witness, seq_adv, batch.calls)
+        result = tapo_kernels.TapoResult(
+            result.corrected, delta, result.confidence, result.witness, seq_adv, batch.calls
+        )
     stats = result.stats()
-    counts = {"tapo_failing_calls": stats.failing_calls,
-              "tapo_corrected_calls": stats.corrected_calls,
-              "tapo_failing_trajectories": stats.failing_trajectories,
-              "tapo_corrected_trajectories": stats.corrected_trajectories,
-              "tapo_lift_sum": stats.mean_lift * stats.corrected_calls}
+    counts = {
+        "tapo_failing_calls": stats.failing_calls,
+        "tapo_corrected_calls": stats.corrected_calls,
+        "tapo_failing_trajectories": stats.failing_trajectories,
+        "tapo_corrected_trajectories": stats.corrected_trajectories,
+        "tapo_lift_sum": stats.mean_lift * stats.corrected_calls,
+    }
     seconds = {"encode": t1 - t0, "correct": t2 - t1}
     if cfg.fused:
         return Credit(advantages, batch.calls.call_map(B, T), delta, delta, counts, seconds)
-    corrected = (apply_lift(advantages, batch.calls.call_map(B, T), delta) if cfg.random_lift
-                 else result.corrected)
+    corrected = (
+        apply_lift(advantages, batch.calls.call_map(B, T), delta)
+        if cfg.random_lift
+        else result.corrected
+    )
     return Credit(corrected, None, None, delta, counts, seconds)
 
 
-TRUTH_COUNTS = ("failing_traj", "failing_traj_with_good", "failing_calls", "failing_good_calls",
-                "failing_valid_bad_calls", "lifted_calls", "lifted_good_calls", "lift_sum_good",
-                "lift_sum_bad")
+TRUTH_COUNTS = (
+    "failing_traj",
+    "failing_traj_with_good",
+    "failing_calls",
+    "failing_good_calls",
+    "failing_valid_bad_calls",
+    "lifted_calls",
+    "lifted_good_calls",
+    "lift_sum_good",
+    "lift_sum_bad",
+)
 
 
-def truth_counts(episodes: Sequence[Episode], seq_adv: Sequence[float],
-                 delta: Sequence[float]) -> dict[str, float]:
+def truth_counts(
+    episodes: Sequence[Episode], seq_adv: Sequence[float], delta: Sequence[float]
+) -> dict[str, float]:
     """Sums over one step's episodes (all-reduce them, then ``truth_rates``).
 
     Only episodes whose question has ground truth count (``CallRecord.good`` is not None).

@@ -59,23 +59,34 @@ def init_distributed(cfg: Config) -> DistContext:
     if world > 1 and cfg.dist.fsdp == "off":
         raise ConfigError("dist.fsdp: 'off' is only supported in a single process (use auto or on)")
     if want_fsdp and not dist.is_initialized():
-        backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if use_cuda else "gloo")
+        backend = (
+            cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if use_cuda else "gloo")
+        )
         if backend == "nccl" and not use_cuda:
             raise ConfigError("dist.backend: nccl needs CUDA devices; use gloo on CPU")
         if world == 1:  # a one-rank group, so the FSDP code path also runs without torchrun
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                device_id=device if backend == "nccl" else None)
-    threads = cfg.dist.threads_per_rank or max(1, (os.cpu_count() or 1) //
-                                                int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            device_id=device if backend == "nccl" else None,
+        )
+    threads = cfg.dist.threads_per_rank or max(
+        1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    )
     if device.type == "cpu":
         torch.set_num_threads(threads)
     return DistContext(rank, world, local_rank, device, want_fsdp)
 
 
-def shard_model(model: nn.Module, ctx: DistContext, mixed_precision: str = "bf16",
-                reshard_after_forward: bool = True) -> nn.Module:
+def shard_model(
+    model: nn.Module,
+    ctx: DistContext,
+    mixed_precision: str = "bf16",
+    reshard_after_forward: bool = True,
+) -> nn.Module:
     """FSDP2: ``fully_shard`` each decoder block, then the root (embeddings, norm, head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

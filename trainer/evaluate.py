@@ -15,10 +15,17 @@ from .rollout import RolloutEngine
 from .tasks import Example
 
 
-def evaluate(engine: RolloutEngine, examples: Sequence[Example], ctx: DistContext, *, k: int,
-             temperature: float, seed: int) -> dict[str, float]:
+def evaluate(
+    engine: RolloutEngine,
+    examples: Sequence[Example],
+    ctx: DistContext,
+    *,
+    k: int,
+    temperature: float,
+    seed: int,
+) -> dict[str, float]:
     """Metrics over ``examples`` (each rank takes every ``world``-th question)."""
-    mine = list(examples[ctx.rank::ctx.world])
+    mine = list(examples[ctx.rank :: ctx.world])
     greedy = engine.rollout(mine, list(range(len(mine))), seed=seed, greedy=True) if mine else []
     em = sum(exact_match(ep.answer, ep.example.answers) for ep in greedy)
     f1 = sum(f1_score(ep.answer, ep.example.answers) for ep in greedy)
@@ -35,7 +42,9 @@ def evaluate(engine: RolloutEngine, examples: Sequence[Example], ctx: DistContex
         for ep in sampled:
             hits[ep.group] |= int(exact_match(ep.answer, ep.example.answers) > 0)
         solved_k = sum(hits)
-    total = all_reduce_sum([len(mine), em, f1, used_tool, valid_calls, calls, answered, solved_k], ctx)
+    total = all_reduce_sum(
+        [len(mine), em, f1, used_tool, valid_calls, calls, answered, solved_k], ctx
+    )
     n = max(total[0].item(), 1.0)
     return {
         "eval/pass@1": total[1].item() / n,

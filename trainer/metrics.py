@@ -21,8 +21,12 @@ PANELS: dict[str, list[str]] = {
     "heldout_accuracy": ["eval/pass@1", "eval/pass@k"],
     "tool_use": ["train/tool_call_rate", "train/calls_per_episode", "train/invalid_call_rate"],
     "tapo": ["tapo/call_correction_rate", "tapo/trajectory_correction_rate", "tapo/mean_lift"],
-    "ground_truth": ["truth/failing_traj_with_good_call", "truth/failing_call_good_rate",
-                     "truth/lift_precision", "truth/lift_recall"],
+    "ground_truth": [
+        "truth/failing_traj_with_good_call",
+        "truth/failing_call_good_rate",
+        "truth/lift_precision",
+        "truth/lift_recall",
+    ],
     "lift_by_truth": ["truth/mean_lift_good", "truth/mean_lift_bad"],
     "policy": ["actor/clip_frac", "actor/mean_kl", "actor/entropy", "actor/lifted_frac"],
     "loss": ["actor/loss", "actor/grad_norm"],
@@ -35,8 +39,13 @@ PANELS: dict[str, list[str]] = {
 class MetricsLogger:
     """Append-only JSONL + TensorBoard on the main rank; a no-op elsewhere."""
 
-    def __init__(self, run_path: Path, enabled: bool, tensorboard: bool = True,
-                 resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        run_path: Path,
+        enabled: bool,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
         self.path = run_path / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
@@ -48,8 +57,10 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_path / "tensorboard"),
-                                     purge_step=None if resume_step is None else resume_step + 1)
+            self._tb = SummaryWriter(
+                str(run_path / "tensorboard"),
+                purge_step=None if resume_step is None else resume_step + 1,
+            )
 
     def truncate_after(self, step: int) -> None:
         """Keep only the lines logged at or before ``step`` (global step)."""
@@ -114,8 +125,9 @@ def _draw(ax, title: str, keys: list[str], series: dict[str, list[tuple[int, flo
             continue
         # noisy per-step curves: faint raw values plus a 10-step moving average
         (line,) = ax.plot(xs, ys, alpha=0.25, linewidth=1)
-        window = [sum(ys[max(0, i - 9): i + 1]) / len(ys[max(0, i - 9): i + 1])
-                  for i in range(len(ys))]
+        window = [
+            sum(ys[max(0, i - 9) : i + 1]) / len(ys[max(0, i - 9) : i + 1]) for i in range(len(ys))
+        ]
         ax.plot(xs, window, color=line.get_color(), label=f"{key} (10-step mean)")
     ax.set_xlabel("step (warm-up steps first, then RL steps)")
     ax.set_title(title)
@@ -150,8 +162,10 @@ def make_plots(run_path: Path) -> list[Path]:
             written.append(path)
         plt.close(fig)
     fig, axes = plt.subplots(2, 3, figsize=(16, 6.6))
-    drawn = [_draw(ax, title, PANELS[title], series)
-             for ax, title in zip(axes.flat, OVERVIEW, strict=True)]
+    drawn = [
+        _draw(ax, title, PANELS[title], series)
+        for ax, title in zip(axes.flat, OVERVIEW, strict=True)
+    ]
     if any(drawn):
         fig.suptitle(run_path.name)
         fig.tight_layout()

@@ -34,8 +34,14 @@ class ChatTags:
     answer_close: str = "</answer>"
 
     def all(self) -> list[str]:
-        return [self.tool_open, self.tool_close, self.obs_open, self.obs_close, self.answer_open,
-                self.answer_close]
+        return [
+            self.tool_open,
+            self.tool_close,
+            self.obs_open,
+            self.obs_close,
+            self.answer_open,
+            self.answer_close,
+        ]
 
 
 TAGS = ChatTags()
@@ -64,13 +70,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, tags: ChatTags = TAGS
 
     specials = [PAD, EOS, *tags.all()]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\s|[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(r"\s|[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]+"), behavior="isolated"
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
@@ -90,10 +102,17 @@ def tiny_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, seed
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id,
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=eos_id,
         use_sliding_window=False,
     )
     config._attn_implementation = cfg.attn_implementation
@@ -112,7 +131,9 @@ def load_pretrained(cfg: ModelConfig):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.path, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
+        cfg.path,
+        dtype=DTYPES[cfg.dtype],
+        attn_implementation=cfg.attn_implementation,
         local_files_only=True,
     )
     return model, tokenizer
@@ -163,8 +184,9 @@ def attach_hidden_loss(model: nn.Module, loss_fn) -> None:
     import types
 
     def hidden_loss(self, input_ids, attention_mask, **kw):
-        hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                    use_cache=False).last_hidden_state
+        hidden = self.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         head = self.get_output_embeddings()
         weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
         bias = head.bias

@@ -43,11 +43,26 @@ import yaml
 
 from .config import RUN_MARKER, ConfigError, _build, load_config, parse_overrides
 
-STUDY_KEYS = ("name", "base", "overrides", "seeds", "arms", "baselines", "threshold", "parallel",
-              "out_dir", "run_dir")
-STATISTICS = ("truth/failing_traj_with_good_call", "truth/failing_call_good_rate",
-              "truth/lift_precision", "truth/lift_recall", "truth/mean_lift_good",
-              "truth/mean_lift_bad")
+STUDY_KEYS = (
+    "name",
+    "base",
+    "overrides",
+    "seeds",
+    "arms",
+    "baselines",
+    "threshold",
+    "parallel",
+    "out_dir",
+    "run_dir",
+)
+STATISTICS = (
+    "truth/failing_traj_with_good_call",
+    "truth/failing_call_good_rate",
+    "truth/lift_precision",
+    "truth/lift_recall",
+    "truth/mean_lift_good",
+    "truth/mean_lift_bad",
+)
 
 
 @dataclass
@@ -133,12 +148,21 @@ def _launch(run: Run, study: StudyConfig, base: Path, threads: int) -> tuple[str
         args.append("--resume")
     elif not run.warmup:
         warm = run_root / f"warmup_seed{run.seed}"
-        shutil.copytree(warm, path, ignore=shutil.ignore_patterns("tensorboard", "plots",
-                                                                   "train.log", "summary.json"))
+        shutil.copytree(
+            warm,
+            path,
+            ignore=shutil.ignore_patterns("tensorboard", "plots", "train.log", "summary.json"),
+        )
         args.append("--resume")
-    args += [*study.overrides, *run.overrides, f"seed={run.seed}",
-             f"logging.run_dir={run_root}", f"logging.name={run.name}", "logging.progress=false",
-             f"dist.threads_per_rank={threads}"]
+    args += [
+        *study.overrides,
+        *run.overrides,
+        f"seed={run.seed}",
+        f"logging.run_dir={run_root}",
+        f"logging.name={run.name}",
+        "logging.progress=false",
+        f"dist.threads_per_rank={threads}",
+    ]
     path.mkdir(parents=True, exist_ok=True)
     (path / RUN_MARKER).touch()  # the trainer's own run directory (it holds train.log)
     t0 = time.perf_counter()
@@ -159,10 +183,15 @@ def run_study(study: StudyConfig, base: Path, progress: bool = True) -> None:
     """Train every warm-up and arm run that is not finished yet."""
     rl_steps = load_config(base, study.overrides).rl.steps
     run_root = Path(study.run_dir)
-    warmups = [Run(f"warmup_seed{s}", s, ["rl.steps=0", "eval.at_start=false"], warmup=True)
-               for s in study.seeds]
-    arms = [Run(f"{arm}_seed{s}", s, list(items)) for s in study.seeds
-            for arm, items in study.arms.items()]
+    warmups = [
+        Run(f"warmup_seed{s}", s, ["rl.steps=0", "eval.at_start=false"], warmup=True)
+        for s in study.seeds
+    ]
+    arms = [
+        Run(f"{arm}_seed{s}", s, list(items))
+        for s in study.seeds
+        for arm, items in study.arms.items()
+    ]
     todo_w = [r for r in warmups if not _done(run_root / r.name, 0)]
     todo_a = [r for r in arms if not _done(run_root / r.name, rl_steps)]
     threads = max(1, (os.cpu_count() or 1) // study.parallel)
@@ -170,8 +199,13 @@ def run_study(study: StudyConfig, base: Path, progress: bool = True) -> None:
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo_w) + len(todo_a), desc=f"study {study.name}", unit="run",
-                   dynamic_ncols=True, file=sys.stdout)
+        bar = tqdm(
+            total=len(todo_w) + len(todo_a),
+            desc=f"study {study.name}",
+            unit="run",
+            dynamic_ncols=True,
+            file=sys.stdout,
+        )
     failed = []
     for batch in (todo_w, todo_a):
         with ThreadPoolExecutor(max_workers=study.parallel) as pool:
@@ -179,7 +213,8 @@ def run_study(study: StudyConfig, base: Path, progress: bool = True) -> None:
                 summary = _summary(run_root / name) or {}
                 final = summary.get("heldout_pass@1", {}).get("final")
                 msg = f"{name}: {'failed (see train.log)' if rc else 'done'} in {seconds:.0f} s" + (
-                    f", held-out pass@1 {final:.3f}" if final is not None and not rc else "")
+                    f", held-out pass@1 {final:.3f}" if final is not None and not rc else ""
+                )
                 if rc:
                     failed.append(name)
                 if bar is not None:
@@ -192,8 +227,10 @@ def run_study(study: StudyConfig, base: Path, progress: bool = True) -> None:
     if bar is not None:
         bar.close()
     if failed:
-        raise RuntimeError(f"runs failed: {failed}; their logs: "
-                           + ", ".join(str(run_root / f / "train.log") for f in failed))
+        raise RuntimeError(
+            f"runs failed: {failed}; their logs: "
+            + ", ".join(str(run_root / f / "train.log") for f in failed)
+        )
 
 
 # ------------------------------------------------------------------------------- report
@@ -207,7 +244,7 @@ def _curve(run_path: Path) -> list[tuple[int, float]]:
         if tag == "after_warmup":
             points[0] = value
         elif tag.startswith("rl_step_"):
-            points[int(tag[len("rl_step_"):])] = value
+            points[int(tag[len("rl_step_") :])] = value
     if "final" in summary.get("heldout_pass@1", {}):
         points[int(summary["rl_steps"])] = summary["heldout_pass@1"]["final"]
     return sorted(points.items())
@@ -230,7 +267,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def _auc(curve: list[tuple[int, float]]) -> float:
     if len(curve) < 2:
         return curve[0][1] if curve else math.nan
-    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False))
+    area = sum(
+        (x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False)
+    )
     return area / (curve[-1][0] - curve[0][0])
 
 
@@ -255,10 +294,15 @@ def collect(study: StudyConfig) -> dict[str, Any]:
                 stats[key] = sum(values) / len(values) if values else math.nan
             reached = next((x for x, y in curve if y >= study.threshold), None)
             summary = _summary(path) or {}
-            seeds[s] = {"curve": curve, "final": curve[-1][1], "auc": _auc(curve),
-                        "wall_time_s": summary.get("wall_time_s"),
-                        "steps_to_threshold": reached, "statistics": stats,
-                        "step_statistics": {k: [r.get(k) for r in rows] for k in STATISTICS}}
+            seeds[s] = {
+                "curve": curve,
+                "final": curve[-1][1],
+                "auc": _auc(curve),
+                "wall_time_s": summary.get("wall_time_s"),
+                "steps_to_threshold": reached,
+                "statistics": stats,
+                "step_statistics": {k: [r.get(k) for r in rows] for k in STATISTICS},
+            }
         out[arm] = seeds
     return out
 
@@ -278,10 +322,18 @@ def write_report(study: StudyConfig, base: Path, results: dict[str, Any]) -> Pat
     def baseline_of(arm: str) -> str:
         return study.baselines.get(arm, arms[0])
 
-    walls = [r["wall_time_s"] for seeds in results.values() for r in seeds.values()
-             if r.get("wall_time_s")]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip() or "unknown"
+    walls = [
+        r["wall_time_s"]
+        for seeds in results.values()
+        for r in seeds.values()
+        if r.get("wall_time_s")
+    ]
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        or "unknown"
+    )
     lines = [
         f"# Study `{study.name}`",
         "",
@@ -308,40 +360,62 @@ def write_report(study: StudyConfig, base: Path, results: dict[str, Any]) -> Pat
         finals = [r["final"] for r in seeds.values()]
         baseline = results.get(baseline_of(arm), {})
         diffs = [r["final"] - baseline[s]["final"] for s, r in seeds.items() if s in baseline]
-        reached = [r["steps_to_threshold"] for r in seeds.values()
-                   if r["steps_to_threshold"] is not None]
+        reached = [
+            r["steps_to_threshold"] for r in seeds.values() if r["steps_to_threshold"] is not None
+        ]
         aucs = [r["auc"] for r in seeds.values()]
 
         def stat(key: str, seeds=seeds) -> float:
-            vals = [r["statistics"][key] for r in seeds.values()
-                    if not math.isnan(r["statistics"][key])]
+            vals = [
+                r["statistics"][key] for r in seeds.values() if not math.isnan(r["statistics"][key])
+            ]
             return sum(vals) / len(vals) if vals else math.nan
 
-        row = {"seeds": len(seeds), "final": _mean_std(finals), "diff": _mean_std(diffs),
-               "reached": len(reached), "steps": _mean_std(reached), "auc": _mean_std(aucs),
-               **{k: stat(k) for k in STATISTICS}}
+        row = {
+            "seeds": len(seeds),
+            "final": _mean_std(finals),
+            "diff": _mean_std(diffs),
+            "reached": len(reached),
+            "steps": _mean_std(reached),
+            "auc": _mean_std(aucs),
+            **{k: stat(k) for k in STATISTICS},
+        }
         summary_rows[arm] = row
-        steps = (f"{row['steps'][0]:.0f} ({len(reached)}/{len(seeds)} seeds)" if reached
-                 else f"not reached (0/{len(seeds)})")
+        steps = (
+            f"{row['steps'][0]:.0f} ({len(reached)}/{len(seeds)} seeds)"
+            if reached
+            else f"not reached (0/{len(seeds)})"
+        )
 
         def pct(key: str, row=row) -> str:
             return "n/a" if math.isnan(row[key]) else f"{100 * row[key]:.0f}%"
 
-        lift = ("n/a" if math.isnan(row["truth/mean_lift_good"]) else
-                f"{row['truth/mean_lift_good']:.3f} / {row['truth/mean_lift_bad']:.3f}")
+        lift = (
+            "n/a"
+            if math.isnan(row["truth/mean_lift_good"])
+            else f"{row['truth/mean_lift_good']:.3f} / {row['truth/mean_lift_bad']:.3f}"
+        )
         overrides = " ".join(f"`{o}`" for o in study.arms[arm]) or "(none)"
         lines.append(
             f"| `{arm}` | {overrides} | {len(seeds)} | {_fmt(*row['final'])} | "
             f"{'—' if baseline_of(arm) == arm else _fmt(*row['diff']) + f' (vs `{baseline_of(arm)}`)'}"
             f" | {steps} | {_fmt(*row['auc'])} | "
             f"{pct('truth/failing_traj_with_good_call')} | {pct('truth/failing_call_good_rate')} | "
-            f"{pct('truth/lift_precision')} | {pct('truth/lift_recall')} | {lift} |")
+            f"{pct('truth/lift_precision')} | {pct('truth/lift_recall')} | {lift} |"
+        )
     lines += ["", "![held-out curves](curves.png)", "", "![statistics](statistics.png)", ""]
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
-    payload = {"study": study.__dict__, "summary": {a: {k: v for k, v in r.items()}
-                                                    for a, r in summary_rows.items()},
-               "runs": {a: {str(s): {k: v for k, v in r.items() if k != "step_statistics"}
-                            for s, r in seeds.items()} for a, seeds in results.items()}}
+    payload = {
+        "study": study.__dict__,
+        "summary": {a: {k: v for k, v in r.items()} for a, r in summary_rows.items()},
+        "runs": {
+            a: {
+                str(s): {k: v for k, v in r.items() if k != "step_statistics"}
+                for s, r in seeds.items()
+            }
+            for a, seeds in results.items()
+        },
+    }
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
     _plot(study, results, out)
     return out
@@ -362,10 +436,21 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
             continue
         xs = sorted(set.intersection(*(set(c) for c in curves.values())))
         stats = [_mean_std([c[x] for c in curves.values()]) for x in xs]
-        ax.plot(xs, [m for m, _ in stats], marker="o", markersize=3, color=colors[arm],
-                label=f"{arm} (n={len(curves)})")
-        ax.fill_between(xs, [m - sd for m, sd in stats], [m + sd for m, sd in stats],
-                        color=colors[arm], alpha=0.12)
+        ax.plot(
+            xs,
+            [m for m, _ in stats],
+            marker="o",
+            markersize=3,
+            color=colors[arm],
+            label=f"{arm} (n={len(curves)})",
+        )
+        ax.fill_between(
+            xs,
+            [m - sd for m, sd in stats],
+            [m + sd for m, sd in stats],
+            color=colors[arm],
+            alpha=0.12,
+        )
         other = study.baselines.get(arm, first)
         baseline = results.get(other, {})
         paired = [s for s in curves if s in baseline]
@@ -374,10 +459,21 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
         base = {s: dict(baseline[s]["curve"]) for s in paired}
         xs_d = [x for x in xs if all(x in base[s] for s in paired)]
         diff = [_mean_std([curves[s][x] - base[s][x] for s in paired]) for x in xs_d]
-        ax_diff.plot(xs_d, [m for m, _ in diff], marker="o", markersize=3, color=colors[arm],
-                     label=f"{arm} - {other}")
-        ax_diff.fill_between(xs_d, [m - sd for m, sd in diff], [m + sd for m, sd in diff],
-                             color=colors[arm], alpha=0.12)
+        ax_diff.plot(
+            xs_d,
+            [m for m, _ in diff],
+            marker="o",
+            markersize=3,
+            color=colors[arm],
+            label=f"{arm} - {other}",
+        )
+        ax_diff.fill_between(
+            xs_d,
+            [m - sd for m, sd in diff],
+            [m + sd for m, sd in diff],
+            color=colors[arm],
+            alpha=0.12,
+        )
     ax.set_xlabel("RL step")
     ax.set_ylabel("held-out pass@1 (mean ± std over seeds)")
     ax.set_title(f"study {study.name}: held-out accuracy")
@@ -392,9 +488,11 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
 
-    titles = {"truth/failing_traj_with_good_call": "failing trajectories with a good call",
-              "truth/lift_precision": "lift precision (lifted calls that are good)",
-              "truth/lift_recall": "lift recall (good failing calls lifted)"}
+    titles = {
+        "truth/failing_traj_with_good_call": "failing trajectories with a good call",
+        "truth/lift_precision": "lift precision (lifted calls that are good)",
+        "truth/lift_recall": "lift recall (good failing calls lifted)",
+    }
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (key, title) in zip(axes, titles.items(), strict=True):
         for arm, seeds in results.items():
@@ -410,7 +508,7 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
                 mean.append(sum(vals) / len(vals) if vals else math.nan)
             smooth = []
             for i in range(steps):
-                window = [v for v in mean[max(0, i - 9): i + 1] if not math.isnan(v)]
+                window = [v for v in mean[max(0, i - 9) : i + 1] if not math.isnan(v)]
                 smooth.append(sum(window) / len(window) if window else math.nan)
             if any(not math.isnan(v) for v in smooth):
                 ax.plot(range(1, steps + 1), smooth, label=arm, color=colors[arm])
@@ -425,12 +523,21 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.study", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.study", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--config", required=True, help="study YAML (trainer/configs/study_*.yaml)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="write the report from the finished runs, train nothing")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help=f"study keys ({', '.join(STUDY_KEYS)}) or run overrides")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the finished runs, train nothing",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help=f"study keys ({', '.join(STUDY_KEYS)}) or run overrides",
+    )
     args = parser.parse_args(argv)
     try:
         study, base = load_study(args.config, args.overrides)

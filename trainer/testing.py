@@ -23,8 +23,10 @@ class ScriptedLM(nn.Module):
     def __init__(self, tokenizer, scripts: dict[str, list[str]]):
         super().__init__()
         self.tok = tokenizer
-        self.scripts = {q: [tokenizer.encode(t, add_special_tokens=False) for t in turns]
-                        for q, turns in scripts.items()}
+        self.scripts = {
+            q: [tokenizer.encode(t, add_special_tokens=False) for t in turns]
+            for q, turns in scripts.items()
+        }
         self.obs_close = tokenizer.convert_tokens_to_ids(TAGS.obs_close)
         self.anchor = nn.Parameter(torch.zeros(1))
         self.rows: list[list[int]] = []
@@ -41,11 +43,20 @@ class ScriptedLM(nn.Module):
         script = turns[min(turn, len(turns) - 1)]
         return script[written] if written < len(script) else self.tok.eos_token_id
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=True, logits_to_keep=0):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=True,
+        logits_to_keep=0,
+    ):
         if input_ids.shape[1] > 1 or not self.rows:
-            self.rows = [[t for t, m in zip(r.tolist(), a.tolist(), strict=False) if m] for r, a in
-                         zip(input_ids, attention_mask, strict=False)]
+            self.rows = [
+                [t for t, m in zip(r.tolist(), a.tolist(), strict=False) if m]
+                for r, a in zip(input_ids, attention_mask, strict=False)
+            ]
         else:
             for row, t in zip(self.rows, input_ids[:, 0].tolist(), strict=False):
                 row.append(t)

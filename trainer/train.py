@@ -14,8 +14,8 @@ One RL step, per rank:
 3. TAPO: the calls' parameter vectors (``ToolRegistry.encode_calls``: the documents a
    search retrieved, by default) and ``tapo_kernels.fused_correct`` give a per-call lift
    ``d_k`` (``trainer/credit.py``, with its ablations and ground-truth statistics);
-4. ``tapo_kernels.policy_loss`` with ``call_map`` / ``call_delta``, so the lift is applied
-   inside the loss, optional KL to the frozen post-warm-up model;
+4. the policy loss (``trainer/loss.py``) with ``call_map`` / ``call_delta``, so the lift is
+   applied inside the loss, optional KL to the frozen post-warm-up model;
 5. backward (FSDP2 reduce-scatter), gradient clipping, AdamW step; a step whose loss or
    gradient norm is not finite is skipped and logged;
 6. metrics to ``runs/<name>/metrics.jsonl`` + TensorBoard, periodic atomic DCP checkpoints.
@@ -39,7 +39,6 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +46,9 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-import tapo_kernels
 from tapo_kernels.reference import group_advantages
 
+from . import loss
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -70,12 +69,11 @@ from .distributed import (
     shard_model,
 )
 from .evaluate import evaluate
+from .loss import hidden_batch_loss, micro_batch_loss  # noqa: F401  (tests import them here)
 from .metrics import MetricsLogger, make_plots
 from .modeling import (
-    attach_hidden_loss,
     count_parameters,
     format_call,
-    hidden_loss_unsupported,
     load_pretrained,
     load_tokenizer,
     tiny_model,
@@ -90,58 +88,6 @@ from .tools import build_registry
 def step_seed(*parts: Any) -> int:
     """A 31-bit seed from any labels (CRC32: identical on every machine and process)."""
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
-
-
-def _shift(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t[:, 1:]
-
-
-def micro_batch_loss(logits: Tensor, input_ids: Tensor, old_logp: Tensor, advantages: Tensor,
-                     mask: Tensor, ref_logp: Tensor | None, call_map: Tensor | None,
-                     call_delta: Tensor | None, *, temperature: float, from_logits: bool,
-                     **knobs: Any) -> tuple[Tensor, dict[str, float], Tensor]:
-    """Policy loss of one micro-batch from the model's logits: ``(loss, metrics, entropy [b, T])``.
-
-    Token ``t`` of a row is predicted by ``logits[:, t - 1]``; every ``(b, T)`` input is in
-    token positions (column 0, the first prompt token, has mask 0). ``from_logits`` uses
-    ``tapo_kernels.policy_loss_from_logits`` (chunked fp32 selective log-softmax, entropy in
-    the same pass, no ``(b, T, V)`` fp32 copy); otherwise log-probs come from a plain
-    ``log_softmax`` and go through ``tapo_kernels.policy_loss``. Both apply the TAPO lift
-    through ``call_map`` / ``call_delta``.
-    """
-    if from_logits:
-        out = tapo_kernels.policy_loss_from_logits(
-            logits[:, :-1], input_ids[:, 1:], old_logp[:, 1:], advantages[:, 1:], mask[:, 1:],
-            ref_logp=_shift(ref_logp), call_map=_shift(call_map), call_delta=call_delta,
-            temperature=temperature, with_entropy=True, **knobs)
-        entropy = torch.nn.functional.pad(out.entropy, (1, 0))
-        return out.loss, out.metrics_dict(prefix=""), entropy
-    lp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # [b, T-1, V] fp32
-    logp = torch.nn.functional.pad(lp.gather(2, input_ids[:, 1:, None]).squeeze(2), (1, 0))
-    with torch.no_grad():
-        entropy = torch.nn.functional.pad(-(lp.exp() * lp).sum(-1), (1, 0))
-    out = tapo_kernels.policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp,
-                                   call_map=call_map, call_delta=call_delta, **knobs)
-    return out.loss, out.metrics_dict(prefix=""), entropy
-
-
-def hidden_batch_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, *, input_ids: Tensor,
-                      old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                      ref_logp: Tensor | None, call_map: Tensor | None,
-                      call_delta: Tensor | None, temperature: float,
-                      **knobs: Any) -> tuple[Tensor, dict[str, float], Tensor]:
-    """Policy loss of one micro-batch from the decoder's last hidden states ``[b, T, H]``.
-
-    ``tapo_kernels.policy_loss_from_hidden`` with the LM head ``weight [V, H]`` (and
-    ``bias``): the head's ``(b, T, V)`` logits are never built, only one chunk at a time.
-    Same positions, outputs and TAPO lift as ``micro_batch_loss``.
-    """
-    out = tapo_kernels.policy_loss_from_hidden(
-        hidden[:, :-1], weight, input_ids[:, 1:], old_logp[:, 1:], advantages[:, 1:], mask[:, 1:],
-        bias=bias, ref_logp=_shift(ref_logp), call_map=_shift(call_map), call_delta=call_delta,
-        temperature=temperature, with_entropy=True, **knobs)
-    entropy = torch.nn.functional.pad(out.entropy, (1, 0))
-    return out.loss, out.metrics_dict(prefix=""), entropy
 
 
 def rank_print(ctx: DistContext, *args: Any) -> None:
@@ -166,11 +112,15 @@ class Trainer:
         self.run_path = cfg.run_path
         self.t_begin = time.perf_counter()
         if cfg.rl.prompts_per_step % ctx.world:
-            raise ConfigError(f"rl.prompts_per_step ({cfg.rl.prompts_per_step}) must be divisible "
-                              f"by the number of processes ({ctx.world})")
+            raise ConfigError(
+                f"rl.prompts_per_step ({cfg.rl.prompts_per_step}) must be divisible "
+                f"by the number of processes ({ctx.world})"
+            )
         if cfg.warmup.steps and cfg.warmup.batch_size % ctx.world:
-            raise ConfigError(f"warmup.batch_size ({cfg.warmup.batch_size}) must be divisible by "
-                              f"the number of processes ({ctx.world})")
+            raise ConfigError(
+                f"warmup.batch_size ({cfg.warmup.batch_size}) must be divisible by "
+                f"the number of processes ({ctx.world})"
+            )
         self.config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         self.checkpoint = self._resume_point() if resume else None
         if ctx.is_main:
@@ -183,11 +133,14 @@ class Trainer:
         barrier(ctx)
         self.task: TaskData = load_task(cfg.task)
         try:
-            self.registry = build_registry(cfg.tools.enabled, self.task.corpora,
-                                           search_top_k=cfg.tools.search_top_k,
-                                           timeout_s=cfg.tools.timeout_s,
-                                           isolation=cfg.tools.isolation,
-                                           workers=cfg.tools.workers)
+            self.registry = build_registry(
+                cfg.tools.enabled,
+                self.task.corpora,
+                search_top_k=cfg.tools.search_top_k,
+                timeout_s=cfg.tools.timeout_s,
+                isolation=cfg.tools.isolation,
+                workers=cfg.tools.workers,
+            )
         except ValueError as exc:
             raise ConfigError(f"tools: {exc}") from exc
         self.sim_kind = self.registry.sim_kind_tensor(ctx.device)
@@ -200,12 +153,17 @@ class Trainer:
         self.state: dict[str, Any] = {"phase": "start", "rl_step": 0, "global_step": 0, "evals": {}}
         self.optimizer = self._rl_optimizer()
         if self.checkpoint is not None:
-            self.state = load_checkpoint(self.checkpoint, self.model, self.optimizer, ctx,
-                                         self.ref_model)
+            self.state = load_checkpoint(
+                self.checkpoint, self.model, self.optimizer, ctx, self.ref_model
+            )
             self._sync_rollout_model()
             rank_print(ctx, f"resumed from {self.checkpoint} (RL step {self.state['rl_step']})")
-        self.logger = MetricsLogger(self.run_path, ctx.is_main, cfg.logging.tensorboard,
-                                    resume_step=self.state["global_step"] if self.checkpoint else None)
+        self.logger = MetricsLogger(
+            self.run_path,
+            ctx.is_main,
+            cfg.logging.tensorboard,
+            resume_step=self.state["global_step"] if self.checkpoint else None,
+        )
 
     # ------------------------------------------------------------------ setup
 
@@ -222,7 +180,8 @@ class Trainer:
             raise CheckpointError(
                 f"--resume: no checkpoint under {self.run_path / 'checkpoints'} verifies; nothing "
                 "was changed (run without --resume to start afresh, which replaces the run's "
-                "outputs)")
+                "outputs)"
+            )
         return Path(found)
 
     @staticmethod
@@ -242,8 +201,10 @@ class Trainer:
                 raise ConfigError(f"logging: {path} exists and is not a directory")
             own = (path / RUN_MARKER).is_file() or (path / "config.yaml").is_file()
             if not own and any(path.iterdir()):
-                raise ConfigError(f"logging: {path} is not empty and was not created by "
-                                  "tapo-train; choose another logging.name or logging.run_dir")
+                raise ConfigError(
+                    f"logging: {path} is not empty and was not created by "
+                    "tapo-train; choose another logging.name or logging.run_dir"
+                )
         path.mkdir(parents=True, exist_ok=True)
         self._mark_run_dir()
         for name in ("metrics.jsonl", "summary.json"):
@@ -268,29 +229,33 @@ class Trainer:
         else:
             tok_dir = self.run_path / "tokenizer"
             if ctx.is_main and not (tok_dir / "tokenizer.json").exists():
-                train_tokenizer(self._tokenizer_texts(), cfg.model.vocab_size).save_pretrained(tok_dir)
+                train_tokenizer(self._tokenizer_texts(), cfg.model.vocab_size).save_pretrained(
+                    tok_dir
+                )
             barrier(ctx)
             tokenizer = load_tokenizer(tok_dir)  # every rank reads the same file
-            model = tiny_model(cfg.model, len(tokenizer), tokenizer.pad_token_id,
-                               tokenizer.eos_token_id, seed=cfg.seed)
+            model = tiny_model(
+                cfg.model,
+                len(tokenizer),
+                tokenizer.pad_token_id,
+                tokenizer.eos_token_id,
+                seed=cfg.seed,
+            )
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.to(ctx.device)
-        self.loss_input = cfg.algo.loss_input
-        if self.loss_input == "hidden":
-            why = hidden_loss_unsupported(model)
-            if why is None:
-                attach_hidden_loss(model, hidden_batch_loss)
-            else:
-                rank_print(ctx, f"algo.loss_input=hidden: {why}; computing the loss from logits")
-                self.loss_input = "logits"
+        self.losses = loss.Losses(cfg, ctx, model)  # before sharding: may attach hidden_loss
+        self.loss_input = self.losses.loss_input
         self.tokenizer = tokenizer
         self.num_params = count_parameters(model)
         # the frozen reference (KL) and, under FSDP, a full replica for generation: rollouts
         # then need no collectives, so ranks can generate different numbers of tokens
         # on GPUs with mixed precision the frozen copies compute in the same low precision
-        low = (torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float16) \
-            if ctx.device.type == "cuda" and cfg.dist.mixed_precision != "off" else None
+        low = (
+            (torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float16)
+            if ctx.device.type == "cuda" and cfg.dist.mixed_precision != "off"
+            else None
+        )
         self.ref_model = self._frozen_copy(model, low) if cfg.algo.kl_coef > 0 else None
         if ctx.fsdp:
             self.rollout_model = self._frozen_copy(model, low)
@@ -298,13 +263,15 @@ class Trainer:
         else:
             self.rollout_model = model
             self.model = model
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if ctx.device.type == "cuda" and not ctx.fsdp
-                         and cfg.dist.mixed_precision == "bf16" else nullcontext())
-        self.engine = RolloutEngine(self.rollout_model, tokenizer, self.registry, cfg.rollout,
-                                    max_obs_tokens=cfg.tools.max_obs_tokens,
-                                    malformed_call_rate=cfg.debug.malformed_call_rate,
-                                    fault_tool_rate=cfg.debug.fault_tool_rate)
+        self.engine = RolloutEngine(
+            self.rollout_model,
+            tokenizer,
+            self.registry,
+            cfg.rollout,
+            max_obs_tokens=cfg.tools.max_obs_tokens,
+            malformed_call_rate=cfg.debug.malformed_call_rate,
+            fault_tool_rate=cfg.debug.fault_tool_rate,
+        )
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         for eos in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
             self.engine.stop_ids.setdefault(int(eos), "eos")  # e.g. <|im_end|> of chat models
@@ -324,31 +291,9 @@ class Trainer:
 
     def _rl_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        return torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                 weight_decay=o.weight_decay)
-
-    # ------------------------------------------------------------------ model passes
-
-    def _logits(self, model: nn.Module, batch: Batch, rows: slice) -> Tensor:
-        with self.autocast:
-            return model(input_ids=batch.input_ids[rows],
-                         attention_mask=batch.attention_mask[rows]).logits  # [b, T, V]
-
-    def _token_logp(self, logits: Tensor, input_ids: Tensor) -> Tensor:
-        """``(b, T)`` fp32 log-prob of each token given its prefix (column 0 is 0)."""
-        lp = torch.log_softmax(logits[:, :-1].float() / self.cfg.rollout.temperature, dim=-1)
-        return torch.nn.functional.pad(lp.gather(2, input_ids[:, 1:, None]).squeeze(2), (1, 0))
-
-    @torch.no_grad()
-    def _frozen_logp(self, model: nn.Module, batch: Batch) -> Tensor:
-        out = []
-        for rows in self._micro_slices(0, batch.shape[0]):
-            out.append(self._token_logp(self._logits(model, batch, rows), batch.input_ids[rows]))
-        return torch.cat(out) * batch.mask
-
-    def _micro_slices(self, start: int, stop: int) -> list[slice]:
-        size = self.cfg.algo.micro_batch_size or (stop - start)
-        return [slice(i, min(i + size, stop)) for i in range(start, stop, size)]
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+        )
 
     def _clip_and_step(self, optimizer: torch.optim.Optimizer, loss_ok: bool) -> tuple[float, bool]:
         """Clip, then step unless the loss or gradient norm is not finite (all ranks agree)."""
@@ -372,8 +317,9 @@ class Trainer:
         if not demos or cfg.warmup.steps == 0:
             return
         w = cfg.warmup
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=w.lr, weight_decay=w.weight_decay,
-                                      betas=(0.9, 0.99))
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=w.lr, weight_decay=w.weight_decay, betas=(0.9, 0.99)
+        )
         self.model.train()
         bar = self._progress(w.steps, "warm-up")
         for step in range(1, w.steps + 1):
@@ -381,23 +327,22 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = w.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / w.steps))
             rng = random.Random(step_seed("warmup", cfg.seed, step))
-            picks = [rng.randrange(len(demos)) for _ in range(w.batch_size)][ctx.rank::ctx.world]
+            picks = [rng.randrange(len(demos)) for _ in range(w.batch_size)][ctx.rank :: ctx.world]
             batch = collate([demos[i] for i in picks], self.tokenizer.pad_token_id).to(ctx.device)
-            tokens = all_reduce_sum([batch.mask.sum().item()], ctx)[0].item()
-            scale = max(tokens, 1.0) / ctx.world  # FSDP averages gradients over ranks
-            loss_sum = 0.0
-            for rows in self._micro_slices(0, batch.shape[0]):
-                logp = self._token_logp(self._logits(self.model, batch, rows),
-                                        batch.input_ids[rows])
-                loss = -(logp * batch.mask[rows]).sum() / scale
-                loss.backward()
-                loss_sum += loss.item()
+            loss_sum = self.losses.warmup_backward(self.model, batch)
             norm, ok = self._clip_and_step(optimizer, math.isfinite(loss_sum))
             mean_loss = all_reduce_sum([loss_sum], ctx)[0].item() / ctx.world
             self.state["global_step"] = step
             if step % 10 == 0 or step == w.steps:
-                self.logger.log(step, {"phase": "warmup", "warmup/loss": mean_loss,
-                                       "warmup/grad_norm": norm, "warmup/skipped": int(not ok)})
+                self.logger.log(
+                    step,
+                    {
+                        "phase": "warmup",
+                        "warmup/loss": mean_loss,
+                        "warmup/grad_norm": norm,
+                        "warmup/skipped": int(not ok),
+                    },
+                )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.3f}")
@@ -412,17 +357,6 @@ class Trainer:
         o = self.cfg.optim
         return o.lr * min(1.0, rl_step / o.warmup_steps) if o.warmup_steps else o.lr
 
-    def _loss_knobs(self) -> dict[str, Any]:
-        a = self.cfg.algo
-        knobs = dict(a.loss_overrides)
-        preset = tapo_kernels.PRESETS[a.loss]
-        agg = knobs.get("agg", preset.get("agg", "token-mean"))
-        if agg == "seq-mean-token-sum-norm" and "norm_const" not in knobs:
-            knobs["norm_const"] = float(self.cfg.rollout.max_total_tokens)  # constant all run
-        if a.kl_coef > 0:
-            knobs.update(kl_coef=a.kl_coef, kl_type=a.kl_type)
-        return {"preset": a.loss, **knobs, "agg": agg}
-
     def rl_step(self, rl_step: int) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx
         t_step = time.perf_counter()
@@ -432,13 +366,14 @@ class Trainer:
         prompts = rng.sample(range(len(train)), min(cfg.rl.prompts_per_step, len(train)))
         while len(prompts) < cfg.rl.prompts_per_step:  # tiny tasks: repeat questions
             prompts.append(rng.randrange(len(train)))
-        mine = prompts[ctx.rank::ctx.world]
+        mine = prompts[ctx.rank :: ctx.world]
         G = cfg.rollout.group_size
         examples = [train[i] for i in mine for _ in range(G)]
         groups = [j for j in range(len(mine)) for _ in range(G)]
         t0 = time.perf_counter()
-        episodes = self.engine.rollout(examples, groups, seed=step_seed("rollout", cfg.seed,
-                                                                        rl_step, ctx.rank))
+        episodes = self.engine.rollout(
+            examples, groups, seed=step_seed("rollout", cfg.seed, rl_step, ctx.rank)
+        )
         t_rollout = time.perf_counter() - t0
         # 2. rewards and advantages
         for ep in episodes:
@@ -449,131 +384,129 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, no cleanup
         batch = collate(episodes, self.tokenizer.pad_token_id).to(ctx.device)
         if cfg.rollout.recompute_logp:
-            batch.old_logp = self._frozen_logp(self.model, batch)
-        ref_logp = self._frozen_logp(self.ref_model, batch) if self.ref_model is not None else None
-        seq_adv = group_advantages(batch.rewards, batch.group_ids,
-                                   scale_by_std=cfg.algo.scale_by_std).to(ctx.device)  # [B]
+            batch.old_logp = self.losses.frozen_logp(self.model, batch)
+        ref_logp = (
+            None if self.ref_model is None else self.losses.frozen_logp(self.ref_model, batch)
+        )
+        seq_adv = group_advantages(
+            batch.rewards, batch.group_ids, scale_by_std=cfg.algo.scale_by_std
+        ).to(ctx.device)  # [B]
         advantages = seq_adv[:, None] * batch.mask  # [B, T]
         # 3. TAPO (encoding + fused_correct, timed), then its ground-truth statistics
-        credit = correct_credit(cfg.tapo, self.registry, self.sim_kind, episodes, batch,
-                                advantages, seq_adv, step_seed("random_lift", cfg.seed, rl_step,
-                                                               ctx.rank), self.neural)
+        credit = correct_credit(
+            cfg.tapo,
+            self.registry,
+            self.sim_kind,
+            episodes,
+            batch,
+            advantages,
+            seq_adv,
+            step_seed("random_lift", cfg.seed, rl_step, ctx.rank),
+            self.neural,
+        )
         truth = truth_counts(episodes, seq_adv.tolist(), credit.delta.tolist())
         # 4-5. policy update
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_at(rl_step)
-        upd = self._update(batch, credit.advantages, ref_logp, credit.call_map,
-                           credit.call_delta, rl_step)
+        sums, grad_norm, skipped = self._update(
+            batch, credit.advantages, ref_logp, credit.call_map, credit.call_delta, rl_step
+        )
         self._sync_rollout_model()
         step_time = time.perf_counter() - t_step
-        return self._step_metrics(episodes, batch, upd, credit, truth, t_rollout, step_time)
+        return self._step_metrics(
+            episodes, batch, sums, grad_norm, skipped, credit, truth, t_rollout, step_time
+        )
 
-    def _update(self, batch: Batch, advantages: Tensor, ref_logp: Tensor | None,
-                call_map: Tensor | None, call_delta: Tensor | None, rl_step: int) -> dict[str, float]:
-        cfg, ctx = self.cfg, self.ctx
+    def _update(
+        self,
+        batch: Batch,
+        advantages: Tensor,
+        ref_logp: Tensor | None,
+        call_map: Tensor | None,
+        call_delta: Tensor | None,
+        rl_step: int,
+    ) -> tuple[dict[str, float], float, float]:
+        """``algo.num_minibatches`` optimizer steps on the batch: this rank's
+        ``loss.UPDATE_SUMS``, the largest gradient norm and the number of skipped steps."""
         B = batch.shape[0]
-        knobs = self._loss_knobs()
-        row_tokens = batch.mask.sum(1)
-        per_mb = math.ceil(B / cfg.algo.num_minibatches)
-        sums = {"loss": 0.0, "clip_frac": 0.0, "mean_ratio": 0.0, "mean_kl": 0.0,
-                "lifted_frac": 0.0, "entropy": 0.0, "tokens": 0.0}
-        norms, skipped = [], 0
+        per_mb = math.ceil(B / self.cfg.algo.num_minibatches)
+        sums, norms, skipped = loss.new_update_sums(), [], 0
         self.model.train()
         for start in range(0, B, per_mb):
-            stop = min(start + per_mb, B)
-            if knobs["agg"] == "token-mean":
-                local = row_tokens[start:stop].sum().item()
-            else:
-                local = (row_tokens[start:stop] > 0).sum().item()
-            # the loss is normalised by the global count over ranks; FSDP then averages the
-            # gradients over ranks, hence the division by world
-            global_count = max(all_reduce_sum([local], ctx)[0].item(), 1.0) / ctx.world
-            loss_ok = True
-            for rows in self._micro_slices(start, stop):
-                loss, metrics, entropy = self._micro_batch_loss(
-                    batch, rows, advantages, ref_logp, call_map, call_delta,
-                    global_count=global_count, **knobs)
-                if rl_step in cfg.debug.nan_loss_steps:
-                    loss = loss * float("nan")  # fault injection: a diverged step
-                loss.backward()
-                loss_ok &= bool(torch.isfinite(loss.detach()).item())
-                n = batch.mask[rows].sum().item()
-                sums["loss"] += loss.item()  # a NaN step logs NaN (and is skipped)
-                for key in ("clip_frac", "mean_ratio", "mean_kl", "lifted_frac"):
-                    sums[key] += metrics[key] * n
-                sums["entropy"] += (entropy * batch.mask[rows]).sum().item()
-                sums["tokens"] += n
-            norm, ok = self._clip_and_step(self.optimizer, loss_ok)
+            rows = slice(start, min(start + per_mb, B))
+            finite = self.losses.backward(
+                self.model,
+                batch,
+                rows,
+                advantages,
+                ref_logp,
+                call_map,
+                call_delta,
+                sums,
+                nan=rl_step in self.cfg.debug.nan_loss_steps,
+            )
+            norm, ok = self._clip_and_step(self.optimizer, finite)
             norms.append(norm)
             skipped += int(not ok)
-        sums["loss"] /= max(len(norms), 1)  # mean over the mini-batch updates
-        sums["grad_norm"] = max(norms) if norms else 0.0
-        sums["skipped"] = float(skipped)
-        return sums
+        sums["upd_loss"] /= max(len(norms), 1)  # mean over the mini-batch updates
+        return sums, max(norms, default=0.0), float(skipped)
 
-    def _micro_batch_loss(self, batch: Batch, rows: slice, advantages: Tensor,
-                          ref_logp: Tensor | None, call_map: Tensor | None,
-                          call_delta: Tensor | None, **knobs: Any):
-        """``(loss, metrics, entropy)`` of rows ``rows`` through the configured loss input."""
-        inputs = dict(old_logp=batch.old_logp[rows], advantages=advantages[rows],
-                      mask=batch.mask[rows], ref_logp=None if ref_logp is None else ref_logp[rows],
-                      call_map=None if call_map is None else call_map[rows], call_delta=call_delta,
-                      temperature=self.cfg.rollout.temperature, **knobs)
-        ids = batch.input_ids[rows]
-        if self.loss_input == "hidden":
-            with self.autocast:
-                return self.model.hidden_loss(ids, batch.attention_mask[rows], **inputs)
-        logits = self._logits(self.model, batch, rows)
-        return micro_batch_loss(logits, ids, inputs.pop("old_logp"), inputs.pop("advantages"),
-                                inputs.pop("mask"), inputs.pop("ref_logp"), inputs.pop("call_map"),
-                                inputs.pop("call_delta"), from_logits=self.loss_input == "logits",
-                                **inputs)
-
-    def _step_metrics(self, episodes: Sequence[Episode], batch: Batch, upd: dict[str, float],
-                      credit: Credit, truth: dict[str, float], t_rollout: float,
-                      step_time: float) -> dict[str, Any]:
-        ctx = self.ctx
+    def _step_metrics(
+        self,
+        episodes: Sequence[Episode],
+        batch: Batch,
+        upd: dict[str, float],
+        grad_norm: float,
+        skipped: float,
+        credit: Credit,
+        truth: dict[str, float],
+        t_rollout: float,
+        step_time: float,
+    ) -> dict[str, Any]:
         calls = [c for ep in episodes for c in ep.calls]
-        local = {
-            "n": len(episodes), "reward": sum(ep.reward for ep in episodes),
-            "em": sum(ep.em for ep in episodes), "f1": sum(ep.f1 for ep in episodes),
-            "used": sum(bool(ep.calls) for ep in episodes), "calls": len(calls),
-            "invalid": sum(not c.valid for c in calls),
-            "answered": sum(ep.answer is not None for ep in episodes),
-            "policy_tokens": sum(ep.num_policy_tokens for ep in episodes),
-            "all_tokens": float(batch.attention_mask.sum()),
-            "turns": sum(ep.turns for ep in episodes),
-            **{f"upd_{k}": upd[k] for k in ("loss", "clip_frac", "mean_ratio", "mean_kl",
-                                            "lifted_frac", "entropy", "tokens")},
-            **{k: credit.counts.get(k, 0.0) for k in TAPO_COUNTS},
-            **truth,
-        }
-        s = dict(zip(local, all_reduce_sum(list(local.values()), ctx).tolist(), strict=True))
-        n, tok = s["n"], max(s["upd_tokens"], 1.0)
-        f_calls, c_calls = s["tapo_failing_calls"], s["tapo_corrected_calls"]
+        s = loss.reduce_metrics(
+            {
+                "n": len(episodes),
+                "reward": sum(ep.reward for ep in episodes),
+                "em": sum(ep.em for ep in episodes),
+                "f1": sum(ep.f1 for ep in episodes),
+                "used": sum(bool(ep.calls) for ep in episodes),
+                "calls": len(calls),
+                "invalid": sum(not c.valid for c in calls),
+                "answered": sum(ep.answer is not None for ep in episodes),
+                "policy_tokens": sum(ep.num_policy_tokens for ep in episodes),
+                "all_tokens": float(batch.attention_mask.sum()),
+                "turns": sum(ep.turns for ep in episodes),
+                **upd,
+                **{k: credit.counts.get(k, 0.0) for k in TAPO_COUNTS},
+                **truth,
+            },
+            self.ctx,
+        )
+        n = s["n"]
         t_encode, t_correct = credit.seconds.get("encode", 0.0), credit.seconds.get("correct", 0.0)
         return {
-            "train/reward": s["reward"] / n, "train/accuracy": s["em"] / n, "train/f1": s["f1"] / n,
-            "train/tool_call_rate": s["used"] / n, "train/calls_per_episode": s["calls"] / n,
+            "train/reward": s["reward"] / n,
+            "train/accuracy": s["em"] / n,
+            "train/f1": s["f1"] / n,
+            "train/tool_call_rate": s["used"] / n,
+            "train/calls_per_episode": s["calls"] / n,
             "train/invalid_call_rate": s["invalid"] / max(s["calls"], 1.0),
-            "train/answer_rate": s["answered"] / n, "train/turns": s["turns"] / n,
+            "train/answer_rate": s["answered"] / n,
+            "train/turns": s["turns"] / n,
             "train/response_tokens": s["policy_tokens"] / n,
-            "actor/loss": s["upd_loss"] / ctx.world, "actor/clip_frac": s["upd_clip_frac"] / tok,
-            "actor/mean_ratio": s["upd_mean_ratio"] / tok, "actor/mean_kl": s["upd_mean_kl"] / tok,
-            "actor/lifted_frac": s["upd_lifted_frac"] / tok,
-            "actor/entropy": s["upd_entropy"] / tok,
-            "actor/grad_norm": upd["grad_norm"], "actor/skipped_steps": upd["skipped"],
+            **loss.actor_metrics(s, self.ctx.world),
+            "actor/grad_norm": grad_norm,
+            "actor/skipped_steps": skipped,
             "actor/lr": self.optimizer.param_groups[0]["lr"],
-            "tapo/failing_calls": f_calls, "tapo/corrected_calls": c_calls,
-            "tapo/call_correction_rate": c_calls / max(f_calls, 1.0),
-            "tapo/trajectory_correction_rate":
-                s["tapo_corrected_trajectories"] / max(s["tapo_failing_trajectories"], 1.0),
-            "tapo/mean_lift": s["tapo_lift_sum"] / max(c_calls, 1.0),
+            **loss.tapo_metrics(s),
             **truth_rates(s, lifts=self.cfg.tapo.enabled),
-            "perf/step_time_s": step_time, "perf/rollout_time_s": t_rollout,
+            "perf/step_time_s": step_time,
+            "perf/rollout_time_s": t_rollout,
             "perf/rollout_tokens_per_s": s["policy_tokens"] / max(t_rollout, 1e-9),
             "perf/tokens_per_s": s["all_tokens"] / max(step_time, 1e-9),
-            "perf/tapo_encode_s": t_encode, "perf/fused_correct_s": t_correct,
+            "perf/tapo_encode_s": t_encode,
+            "perf/fused_correct_s": t_correct,
             "perf/fused_correct_share": t_correct / max(step_time, 1e-9),
             "perf/tapo_share": (t_encode + t_correct) / max(step_time, 1e-9),
         }
@@ -591,31 +524,52 @@ class Trainer:
         cfg = self.cfg
         heldout = self.task.heldout[: cfg.eval.num_questions or None]
         t0 = time.perf_counter()
-        result = evaluate(self.engine, heldout, self.ctx, k=cfg.eval.k,
-                          temperature=cfg.eval.temperature, seed=step_seed("eval", cfg.seed, tag))
+        result = evaluate(
+            self.engine,
+            heldout,
+            self.ctx,
+            k=cfg.eval.k,
+            temperature=cfg.eval.temperature,
+            seed=step_seed("eval", cfg.seed, tag),
+        )
         result["eval/time_s"] = time.perf_counter() - t0
         self.state["evals"][tag] = result
         self.logger.log(self.state["global_step"], {"phase": "eval", "eval/tag": tag, **result})
         pass_k = f"pass@{cfg.eval.k} {result['eval/pass@k']:.3f}  " if cfg.eval.k else ""
-        rank_print(self.ctx, f"[eval {tag}] held-out pass@1 {result['eval/pass@1']:.3f}  {pass_k}"
-                             f"tool-call rate {result['eval/tool_call_rate']:.2f}  "
-                             f"({int(result['eval/questions'])} questions, {result['eval/time_s']:.1f} s)")
+        rank_print(
+            self.ctx,
+            f"[eval {tag}] held-out pass@1 {result['eval/pass@1']:.3f}  {pass_k}"
+            f"tool-call rate {result['eval/tool_call_rate']:.2f}  "
+            f"({int(result['eval/questions'])} questions, {result['eval/time_s']:.1f} s)",
+        )
         return result
 
     def _save(self) -> None:
-        save_checkpoint(self.run_path, self.state["global_step"], self.model, self.optimizer,
-                        self.state, self.ctx, keep=self.cfg.checkpoint.keep, ref_model=self.ref_model,
-                        config_sha256=hashlib.sha256(self.config_text.encode()).hexdigest(),
-                        before_commit=self._kill if self.cfg.debug.kill_in_save_step
-                        == self.state["global_step"] else None)
+        save_checkpoint(
+            self.run_path,
+            self.state["global_step"],
+            self.model,
+            self.optimizer,
+            self.state,
+            self.ctx,
+            keep=self.cfg.checkpoint.keep,
+            ref_model=self.ref_model,
+            config_sha256=hashlib.sha256(self.config_text.encode()).hexdigest(),
+            before_commit=self._kill
+            if self.cfg.debug.kill_in_save_step == self.state["global_step"]
+            else None,
+        )
 
     def fit(self) -> dict[str, Any]:
         cfg, ctx, state = self.cfg, self.ctx, self.state
-        rank_print(ctx, f"run {self.run_path}: {self.task.summary()}; model "
-                        f"{self.num_params / 1e6:.2f}M parameters, vocabulary {len(self.tokenizer)}; "
-                        f"{ctx.world} process(es) on {ctx.device.type}"
-                        f"{' with FSDP2' if ctx.fsdp else ''}; loss {cfg.algo.loss}, TAPO "
-                        f"{'on' if cfg.tapo.enabled else 'off'}")
+        rank_print(
+            ctx,
+            f"run {self.run_path}: {self.task.summary()}; model "
+            f"{self.num_params / 1e6:.2f}M parameters, vocabulary {len(self.tokenizer)}; "
+            f"{ctx.world} process(es) on {ctx.device.type}"
+            f"{' with FSDP2' if ctx.fsdp else ''}; loss {cfg.algo.loss}, TAPO "
+            f"{'on' if cfg.tapo.enabled else 'off'}",
+        )
         if state["phase"] == "start":
             if cfg.eval.at_start:
                 self._evaluate("initial")
@@ -637,13 +591,18 @@ class Trainer:
             self.logger.log(state["global_step"], {"phase": "rl", "rl_step": rl_step, **metrics})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(acc=f"{metrics['train/accuracy']:.2f}",
-                                tools=f"{metrics['train/tool_call_rate']:.2f}",
-                                tapo=f"{metrics['tapo/call_correction_rate']:.2f}")
+                bar.set_postfix(
+                    acc=f"{metrics['train/accuracy']:.2f}",
+                    tools=f"{metrics['train/tool_call_rate']:.2f}",
+                    tapo=f"{metrics['tapo/call_correction_rate']:.2f}",
+                )
             if cfg.eval.every and rl_step % cfg.eval.every == 0 and rl_step < cfg.rl.steps:
                 self._evaluate(f"rl_step_{rl_step}")
-            if cfg.checkpoint.every and rl_step % cfg.checkpoint.every == 0 \
-                    and rl_step < cfg.rl.steps:
+            if (
+                cfg.checkpoint.every
+                and rl_step % cfg.checkpoint.every == 0
+                and rl_step < cfg.rl.steps
+            ):
                 self._save()
         if bar is not None:
             bar.close()
@@ -656,7 +615,8 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         evals = self.state["evals"]
         summary = {
-            "run": str(self.run_path), "rl_steps": self.state["rl_step"],
+            "run": str(self.run_path),
+            "rl_steps": self.state["rl_step"],
             "wall_time_s": time.perf_counter() - self.t_begin,
             "heldout_pass@1": {k: v["eval/pass@1"] for k, v in evals.items()},
             "heldout_pass@k": {k: v["eval/pass@k"] for k, v in evals.items()},
@@ -667,29 +627,48 @@ class Trainer:
             write_atomic(self.run_path / "summary.json", json.dumps(summary, indent=1))
             before = evals.get("after_warmup", evals.get("initial"))
             after = evals.get("final")
-            print("\nheld-out accuracy (greedy pass@1): "
-                  + " | ".join(f"{k} {v['eval/pass@1']:.3f}" for k, v in evals.items()
-                               if k in ("initial", "after_warmup", "final")))
+            print(
+                "\nheld-out accuracy (greedy pass@1): "
+                + " | ".join(
+                    f"{k} {v['eval/pass@1']:.3f}"
+                    for k, v in evals.items()
+                    if k in ("initial", "after_warmup", "final")
+                )
+            )
             if before and after:
-                print(f"RL changed held-out accuracy by {after['eval/pass@1'] - before['eval/pass@1']:+.3f} "
-                      f"({before['eval/pass@1']:.3f} before RL -> {after['eval/pass@1']:.3f} after)")
-            print(f"metrics: {self.run_path / 'metrics.jsonl'}   plots: {self.run_path / 'plots'}   "
-                  f"wall time {summary['wall_time_s']:.0f} s", flush=True)
+                print(
+                    f"RL changed held-out accuracy by {after['eval/pass@1'] - before['eval/pass@1']:+.3f} "
+                    f"({before['eval/pass@1']:.3f} before RL -> {after['eval/pass@1']:.3f} after)"
+                )
+            print(
+                f"metrics: {self.run_path / 'metrics.jsonl'}   plots: {self.run_path / 'plots'}   "
+                f"wall time {summary['wall_time_s']:.0f} s",
+                flush=True,
+            )
         self.logger.close()
         return summary
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="tapo-train", description="RL for tool-use agents with TAPO credit correction.",
+        prog="tapo-train",
+        description="RL for tool-use agents with TAPO credit correction.",
         epilog="Overrides are dotted keys with YAML values, e.g. rl.steps=20 algo.loss=gspo "
-               "tapo.enabled=false. Launch on several processes with "
-               "torchrun --nproc_per_node N -m trainer.train ...")
-    parser.add_argument("--config", default=None, help="YAML config (default: the embedded tiny run)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the run's latest checkpoint (otherwise the run "
-                             "directory is started afresh)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        "tapo.enabled=false. Launch on several processes with "
+        "torchrun --nproc_per_node N -m trainer.train ...",
+    )
+    parser.add_argument(
+        "--config", default=None, help="YAML config (default: the embedded tiny run)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run's latest checkpoint (otherwise the run "
+        "directory is started afresh)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_args(argv)
 

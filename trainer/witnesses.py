@@ -35,21 +35,29 @@ from .credit import encode_calls, truth_counts, truth_rates
 from .rewards import exact_match, f1_score, reward
 from .rollout import collate
 
-GRID = {"tool": (0.5, 0.7, 0.9), "arguments": (0.5, 0.7, 0.8, 0.9, 0.95),
-        "neural": (0.7, 0.8, 0.9)}
+GRID = {"tool": (0.5, 0.7, 0.9), "arguments": (0.5, 0.7, 0.8, 0.9, 0.95), "neural": (0.7, 0.8, 0.9)}
 
 
-def measure(config: str | None, run: Path, steps: int, overrides: Sequence[str],
-            modes: Sequence[str]) -> tuple[list[dict], dict]:
+def measure(
+    config: str | None, run: Path, steps: int, overrides: Sequence[str], modes: Sequence[str]
+) -> tuple[list[dict], dict]:
     """Rows ``{mode, theta, truth/...}`` and the rollout summary of ``steps`` batches."""
     from .train import Trainer, step_seed
 
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copytree(run, Path(tmp) / run.name,
-                        ignore=shutil.ignore_patterns("tensorboard", "plots"))
-        cfg = load_config(config, [*overrides, f"logging.run_dir={tmp}",
-                                   f"logging.name={run.name}", "logging.progress=false",
-                                   "logging.tensorboard=false"])
+        shutil.copytree(
+            run, Path(tmp) / run.name, ignore=shutil.ignore_patterns("tensorboard", "plots")
+        )
+        cfg = load_config(
+            config,
+            [
+                *overrides,
+                f"logging.run_dir={tmp}",
+                f"logging.name={run.name}",
+                "logging.progress=false",
+                "logging.tensorboard=false",
+            ],
+        )
         trainer = Trainer(cfg, resume=True)
         if trainer.checkpoint is None:
             raise ConfigError(f"{run} has no checkpoint to load")
@@ -60,8 +68,9 @@ def measure(config: str | None, run: Path, steps: int, overrides: Sequence[str],
             picks = rng.sample(range(len(train)), min(cfg.rl.prompts_per_step, len(train)))
             examples = [train[i] for i in picks for _ in range(G)]
             groups = [j for j in range(len(picks)) for _ in range(G)]
-            episodes = trainer.engine.rollout(examples, groups,
-                                              seed=step_seed("witnesses-rollout", cfg.seed, step))
+            episodes = trainer.engine.rollout(
+                examples, groups, seed=step_seed("witnesses-rollout", cfg.seed, step)
+            )
             for ep in episodes:
                 ep.em = exact_match(ep.answer, ep.example.answers)
                 ep.f1 = f1_score(ep.answer, ep.example.answers)
@@ -84,20 +93,32 @@ def measure(config: str | None, run: Path, steps: int, overrides: Sequence[str],
                 for episodes in batches:
                     batch = collate(episodes, trainer.tokenizer.pad_token_id)
                     batch.calls.params = encode_calls(registry, episodes, mode, neural)
-                    seq_adv = group_advantages(batch.rewards, batch.group_ids,
-                                               scale_by_std=cfg.algo.scale_by_std)
+                    seq_adv = group_advantages(
+                        batch.rewards, batch.group_ids, scale_by_std=cfg.algo.scale_by_std
+                    )
                     result = tapo_kernels.fused_correct(
-                        seq_adv[:, None] * batch.mask, seq_adv, batch.group_ids, batch.calls,
-                        sim_kind, theta=theta, alpha_min=tp.alpha_min, beta=tp.beta,
-                        batch_scope=tp.batch_scope, coverage=tp.coverage)
+                        seq_adv[:, None] * batch.mask,
+                        seq_adv,
+                        batch.group_ids,
+                        batch.calls,
+                        sim_kind,
+                        theta=theta,
+                        alpha_min=tp.alpha_min,
+                        beta=tp.beta,
+                        batch_scope=tp.batch_scope,
+                        coverage=tp.coverage,
+                    )
                     sums.update(truth_counts(episodes, seq_adv.tolist(), result.delta.tolist()))
                 rows.append({"mode": mode, "theta": theta, **truth_rates(dict(sums))})
         episodes = [ep for b in batches for ep in b]
         kinds = Counter(ep.example.kind for ep in episodes)
         solved = Counter(ep.example.kind for ep in episodes if ep.em > 0)
-        summary = {"episodes": len(episodes), "steps": steps,
-                   "accuracy": {k: solved[k] / n for k, n in sorted(kinds.items())},
-                   "checkpoint": trainer.checkpoint.name}
+        summary = {
+            "episodes": len(episodes),
+            "steps": steps,
+            "accuracy": {k: solved[k] / n for k, n in sorted(kinds.items())},
+            "checkpoint": trainer.checkpoint.name,
+        }
         return rows, summary
 
 
@@ -117,19 +138,26 @@ def table(rows: list[dict], summary: dict, run: Path, alpha_min: float, beta: fl
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+
         def pct(key: str, r=r) -> str:
             return f"{100 * r[key]:.1f}%" if key in r else "n/a"
 
-        lift = (f"{r['truth/mean_lift_good']:.3f} / {r['truth/mean_lift_bad']:.3f}"
-                if "truth/mean_lift_good" in r and "truth/mean_lift_bad" in r else "n/a")
-        lines.append(f"| `{r['mode']}` | {r['theta']:g} | {int(r['truth/lifted_calls'])} | "
-                     f"{pct('truth/lift_precision')} | {pct('truth/lift_recall')} | {lift} |")
+        lift = (
+            f"{r['truth/mean_lift_good']:.3f} / {r['truth/mean_lift_bad']:.3f}"
+            if "truth/mean_lift_good" in r and "truth/mean_lift_bad" in r
+            else "n/a"
+        )
+        lines.append(
+            f"| `{r['mode']}` | {r['theta']:g} | {int(r['truth/lifted_calls'])} | "
+            f"{pct('truth/lift_precision')} | {pct('truth/lift_recall')} | {lift} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.witnesses",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.witnesses", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--config", default=None, help="the run's config (default: embedded)")
     parser.add_argument("--run", required=True, type=Path, help="a run directory with a checkpoint")
     parser.add_argument("--steps", type=int, default=10, help="batches of rollouts (default 10)")
@@ -140,8 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in GRID]
     if unknown or args.steps < 1 or not args.run.is_dir():
-        print(f"error: modes must be among {list(GRID)}, --steps >= 1 and --run an existing "
-              f"directory (got {modes}, {args.steps}, {args.run})", file=sys.stderr)
+        print(
+            f"error: modes must be among {list(GRID)}, --steps >= 1 and --run an existing "
+            f"directory (got {modes}, {args.steps}, {args.run})",
+            file=sys.stderr,
+        )
         return 2
     try:
         rows, summary = measure(args.config, args.run, args.steps, args.overrides, modes)
@@ -153,13 +184,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = " ".join(["python -m trainer.witnesses", *(argv if argv is not None
-                                                                   else sys.argv[1:])])
-        header = ("# Witness quality\n\nWhich test of \"a successful sibling made the same "
-                  "call\" lifts the right calls? Each witness test runs `fused_correct` on the "
-                  "same rollouts and is scored against the ground truth (a call is good when "
-                  "its observation holds a gold evidence document of its question; failing = "
-                  f"negative advantage).\n\nCommand: `{command}`\n\n")
+        command = " ".join(
+            ["python -m trainer.witnesses", *(argv if argv is not None else sys.argv[1:])]
+        )
+        header = (
+            '# Witness quality\n\nWhich test of "a successful sibling made the same '
+            'call" lifts the right calls? Each witness test runs `fused_correct` on the '
+            "same rollouts and is scored against the ground truth (a call is good when "
+            "its observation holds a gold evidence document of its question; failing = "
+            f"negative advantage).\n\nCommand: `{command}`\n\n"
+        )
         args.out.write_text(header + text, encoding="utf-8")
     return 0
 

@@ -108,15 +108,29 @@ SECTIONS = ("fused_correct", "policy_loss", "logits", "hidden", "overhead")
 COMPILE_S = 25  # a pessimistic cold torch.compile of one case (forward + backward graphs)
 
 # full shapes, then the --quick ones (8-64x fewer elements); the CPU always runs --quick
-FUSED_SIZES = {False: [(512, 8192, 4096, 256), (64, 1024, 512, 256)],
-               True: [(64, 1024, 512, 256), (16, 256, 64, 256)]}
+FUSED_SIZES = {
+    False: [(512, 8192, 4096, 256), (64, 1024, 512, 256)],
+    True: [(64, 1024, 512, 256), (16, 256, 64, 256)],
+}
 LOSS_SIZES = {False: [(512, 2048), (64, 1024)], True: [(64, 256), (8, 512)]}
 LOGITS_SIZE = {False: (8, 1024, 151936), True: (4, 256, 18992)}
 HIDDEN_SIZE = {False: (8, 1024, 4096, 131072), True: (2, 256, 256, 16384)}
-QWEN_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                num_attention_heads=14, num_key_value_heads=2, vocab_size=151936)
-QWEN_TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, vocab_size=151936 // 16)
+QWEN_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+)
+QWEN_TINY = dict(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=151936 // 16,
+)
 # (B, T, micro-batch rows): the RL batch of the overhead section
 OVERHEAD_BATCH = {False: (64, 1024, 16), True: (8, 128, 4)}
 CALLS_PER_ROW, GROUP = 4, 8
@@ -140,8 +154,9 @@ def _event_seconds(fn: Callable, reset: Callable | None) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def _wall_median(fn: Callable, reset: Callable | None, budget_s: float, min_runs: int = 3,
-                 max_runs: int = 200) -> float:
+def _wall_median(
+    fn: Callable, reset: Callable | None, budget_s: float, min_runs: int = 3, max_runs: int = 200
+) -> float:
     """Median of ``perf_counter`` timings: at least ``min_runs``, then until ``budget_s``."""
     times: list[float] = []
     while len(times) < min_runs or (sum(times) < budget_s and len(times) < max_runs):
@@ -195,8 +210,13 @@ def _op_name(op: str, prefix: str = "op") -> str:
 
 def _driver() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=False)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
@@ -229,8 +249,12 @@ class Case:
         return t / b if t is not None and b else None
 
     def to_json(self, env: dict) -> dict:
-        info = {"section": self.section, **self.info, "providers": self.providers,
-                "targets": self.targets}
+        info = {
+            "section": self.section,
+            **self.info,
+            "providers": self.providers,
+            "targets": self.targets,
+        }
         if self.skipped:
             info["skipped"] = self.skipped
         out = {"environment": env, "median_seconds": dict(self.times), "info": info}
@@ -240,8 +264,9 @@ class Case:
 
 
 class Runner:
-    def __init__(self, out_dir: Path, quick: bool, budget_s: float, compile_: bool,
-                 merge: bool) -> None:
+    def __init__(
+        self, out_dir: Path, quick: bool, budget_s: float, compile_: bool, merge: bool
+    ) -> None:
         self.t0 = time.perf_counter()
         self.out_dir, self.quick, self.budget_s = out_dir, quick, budget_s
         self.compile, self.merge = compile_, merge
@@ -285,10 +310,20 @@ class Runner:
         ms = do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
         return ms / 1e3, "do_bench"
 
-    def provider(self, case: Case, name: str, fn: Callable | None = None, *,
-                 make: Callable | None = None, bytes_moved: int | None = None,
-                 tokens: int | None = None, flops: float | None = None, host: bool = False,
-                 peak: bool = True, warm: bool = False) -> float | None:
+    def provider(
+        self,
+        case: Case,
+        name: str,
+        fn: Callable | None = None,
+        *,
+        make: Callable | None = None,
+        bytes_moved: int | None = None,
+        tokens: int | None = None,
+        flops: float | None = None,
+        host: bool = False,
+        peak: bool = True,
+        warm: bool = False,
+    ) -> float | None:
         """Warm up, time and measure one provider; a failure is recorded, never raised.
 
         ``make()`` (run inside the guard) returns the step, or ``(step, reset)`` where
@@ -331,8 +366,10 @@ class Runner:
             info["Mtokens_per_s"] = round(tokens / secs / 1e6, 3)
         if flops:
             info["TFLOPs"] = round(flops / secs / 1e12, 2)
-        for key, ratio in (("bandwidth_floor_s", "x_bandwidth_floor"),
-                           ("flop_floor_s", "x_flop_floor")):
+        for key, ratio in (
+            ("bandwidth_floor_s", "x_bandwidth_floor"),
+            ("flop_floor_s", "x_flop_floor"),
+        ):
             if case.info.get(key):
                 info[ratio] = round(secs / case.info[key], 3)
         case.providers[name] = info
@@ -342,8 +379,10 @@ class Runner:
         for key, unit in (("GBps", "GB/s"), ("TFLOPs", "TFLOP/s"), ("peak_mib", "MiB peak")):
             if key in info:
                 extra.append(f"{info[key]:.1f} {unit}")
-        self.log(f"  {name:<24} {secs * 1e3:10.3f} ms  {'; '.join(extra)}"
-                 f"  [{method}, warm-up {warm_s:.1f}s]")
+        self.log(
+            f"  {name:<24} {secs * 1e3:10.3f} ms  {'; '.join(extra)}"
+            f"  [{method}, warm-up {warm_s:.1f}s]"
+        )
         return secs
 
     def computed(self, case: Case, name: str, seconds: float, **info) -> None:
@@ -372,8 +411,12 @@ class Runner:
         for _, _, case, name, kwargs in sorted(self.deferred, key=lambda d: d[:2]):
             left = self.budget_s - self.elapsed()
             if left < need:
-                self.skip(case, name, f"time budget: {left:.0f}s of {self.budget_s:.0f}s left, "
-                                      f"a compile may take {need:.0f}s")
+                self.skip(
+                    case,
+                    name,
+                    f"time budget: {left:.0f}s of {self.budget_s:.0f}s left, "
+                    f"a compile may take {need:.0f}s",
+                )
             else:
                 self.log(f"{case.name}")
                 self.provider(case, name, **kwargs)
@@ -382,12 +425,18 @@ class Runner:
         self.deferred.clear()
         _free()
 
-    def target(self, case: Case, what: str, value: float | None, limit: float,
-               unit: str = "") -> None:
+    def target(
+        self, case: Case, what: str, value: float | None, limit: float, unit: str = ""
+    ) -> None:
         met = None if value is None else bool(value <= limit)
-        case.targets.append({"target": f"{what} <= {limit:g}{unit}",
-                             "value": None if value is None else round(value, 6),
-                             "limit": limit, "met": met})
+        case.targets.append(
+            {
+                "target": f"{what} <= {limit:g}{unit}",
+                "value": None if value is None else round(value, 6),
+                "limit": limit,
+                "met": met,
+            }
+        )
 
     # --- output ------------------------------------------------------------------------
 
@@ -408,21 +457,29 @@ class Runner:
         self.md_path.write_text(self.markdown(data))
 
     def markdown(self, data: dict) -> str:
-        lines = [f"# Benchmarks on {data['device']}", "",
-                 f"`python -m benchmarks.gpu.bench{' --quick' if self.quick else ''}`: every "
-                 "case's providers side by side in one process (medians). `floor` is measured "
-                 "(a copy / one pass over the inputs); `floor[bw]` (bytes / 4.3 TB/s) and "
-                 "`floor[flops]` (GEMM FLOP / 790 TFLOP/s) are computed, as is "
-                 "`tapo[whole path]`. Driver "
-                 f"{self.env.get('driver')}, CUDA {self.env.get('cuda')}, "
-                 f"Python {self.env.get('python')}.", "",
-                 render(*load(self.json_path)), "", "## Targets", ""]
+        lines = [
+            f"# Benchmarks on {data['device']}",
+            "",
+            f"`python -m benchmarks.gpu.bench{' --quick' if self.quick else ''}`: every "
+            "case's providers side by side in one process (medians). `floor` is measured "
+            "(a copy / one pass over the inputs); `floor[bw]` (bytes / 4.3 TB/s) and "
+            "`floor[flops]` (GEMM FLOP / 790 TFLOP/s) are computed, as is "
+            "`tapo[whole path]`. Driver "
+            f"{self.env.get('driver')}, CUDA {self.env.get('cuda')}, "
+            f"Python {self.env.get('python')}.",
+            "",
+            render(*load(self.json_path)),
+            "",
+            "## Targets",
+            "",
+        ]
         for name, case in data["cases"].items():
             for t in case.get("info", {}).get("targets", []):
                 mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
                 lines.append(f"- {mark}: {name}: {t['target']} (value {t['value']})")
-        errors = [(n, p, m) for n, c in data["cases"].items()
-                  for p, m in c.get("errors", {}).items()]
+        errors = [
+            (n, p, m) for n, c in data["cases"].items() for p, m in c.get("errors", {}).items()
+        ]
         if errors:
             lines += ["", "## Errors", ""]
             lines += [f"- {n} / {p}: {m.splitlines()[0][:300] if m else ''}" for n, p, m in errors]
@@ -458,22 +515,39 @@ def section_fused_correct(r: Runner) -> None:
         compiled = torch.compile(reference.fused_correct, dynamic=False)  # compiles when run
         floor_s = None
         for scope in ("group", "batch"):
-            case = r.case(f"fused_correct B={B} T={T} N={N} D={D} scope={scope}",
-                          "fused_correct", floor="floor", B=B, T=T, N=N, D=D, scope=scope,
-                          rewrite_bytes=rewrite)
+            case = r.case(
+                f"fused_correct B={B} T={T} N={N} D={D} scope={scope}",
+                "fused_correct",
+                floor="floor",
+                B=B,
+                T=T,
+                N=N,
+                D=D,
+                scope=scope,
+                rewrite_bytes=rewrite,
+            )
             knobs = (0.7, 0.3, 0.8, scope == "batch")
             if floor_s is None:
                 floor_s = r.provider(case, "floor", args[0].clone, bytes_moved=rewrite)
             else:  # the floor does not depend on the scope
                 case.times["floor"] = floor_s
                 case.providers["floor"] = {"note": "measured once, in scope=group"}
-            r.provider(case, op, partial(torch.ops.tapo.fused_correct, *args, *knobs),
-                       bytes_moved=rewrite)
-            r.provider(case, "reference",
-                       partial(_library.fused_correct_reference_kernel, *args, *knobs),
-                       bytes_moved=rewrite)
-            r.defer(case, "reference_compile", 40 + 20 * i + (scope == "batch"),
-                    fn=partial(compiled, *args, *knobs), bytes_moved=rewrite)
+            r.provider(
+                case, op, partial(torch.ops.tapo.fused_correct, *args, *knobs), bytes_moved=rewrite
+            )
+            r.provider(
+                case,
+                "reference",
+                partial(_library.fused_correct_reference_kernel, *args, *knobs),
+                bytes_moved=rewrite,
+            )
+            r.defer(
+                case,
+                "reference_compile",
+                40 + 20 * i + (scope == "batch"),
+                fn=partial(compiled, *args, *knobs),
+                bytes_moved=rewrite,
+            )
             r.target(case, f"{op} / floor", case.ratio(op, "floor"), 2.0, "x")
             r.save()
         del args, compiled
@@ -492,24 +566,39 @@ def section_policy_loss(r: Runner) -> None:
         tokens = B * T
         inputs_bytes = _nbytes(*args)
         # reference_compile: one compiled function for both modes (compiles when run)
-        steps = {p: policy_loss_callables(p, args)
-                 for p in ("op", "reference", "floor", "reference_compile")}
+        steps = {
+            p: policy_loss_callables(p, args)
+            for p in ("op", "reference", "floor", "reference_compile")
+        }
         for mode in ("fwd", "full"):
             k = 0 if mode == "fwd" else 2  # _callables returns (fwd, bwd, full)
             moved = inputs_bytes + (_nbytes(args[0]) if mode == "full" else 0)
             bw_floor = moved / BANDWIDTH
-            case = r.case(f"policy_loss {mode} B={B} T={T} ({tokens // 1024}k tokens)",
-                          "policy_loss", floor="floor", B=B, T=T, mode=mode, tokens=tokens,
-                          bytes=moved, bandwidth_floor_s=bw_floor,
-                          bandwidth_floor_note="computed: every input read once"
-                          + (" + the (B, T) gradient written once" if mode == "full" else "")
-                          + " at 4.3 TB/s")
+            case = r.case(
+                f"policy_loss {mode} B={B} T={T} ({tokens // 1024}k tokens)",
+                "policy_loss",
+                floor="floor",
+                B=B,
+                T=T,
+                mode=mode,
+                tokens=tokens,
+                bytes=moved,
+                bandwidth_floor_s=bw_floor,
+                bandwidth_floor_note="computed: every input read once"
+                + (" + the (B, T) gradient written once" if mode == "full" else "")
+                + " at 4.3 TB/s",
+            )
             r.provider(case, "floor", steps["floor"][k], bytes_moved=moved, tokens=tokens)
             r.provider(case, op, steps["op"][k], bytes_moved=moved, tokens=tokens)
-            r.provider(case, "reference", steps["reference"][k], bytes_moved=moved,
-                       tokens=tokens)
-            r.defer(case, "reference_compile", 30 + 20 * i + (mode == "full"),
-                    fn=steps["reference_compile"][k], bytes_moved=moved, tokens=tokens)
+            r.provider(case, "reference", steps["reference"][k], bytes_moved=moved, tokens=tokens)
+            r.defer(
+                case,
+                "reference_compile",
+                30 + 20 * i + (mode == "full"),
+                fn=steps["reference_compile"][k],
+                bytes_moved=moved,
+                tokens=tokens,
+            )
             if mode == "full":
                 r.target(case, f"{op} full / floor", case.ratio(op, "floor"), 1.5, "x")
             r.save()
@@ -551,9 +640,19 @@ def _liger_logits_step(inp: dict, backward: bool):
     def step():
         buf = padded.detach().requires_grad_(backward)
         with torch.set_grad_enabled(backward):
-            out = triton_grpo_loss(buf, inp["old_logp"], None, inp["labels"], inp["advantages"],
-                                   inp["mask"], temperature=1.0, beta=blp.LIGER_BETA,
-                                   eps_low=0.2, eps_high=0.28, inplace=True)
+            out = triton_grpo_loss(
+                buf,
+                inp["old_logp"],
+                None,
+                inp["labels"],
+                inp["advantages"],
+                inp["mask"],
+                temperature=1.0,
+                beta=blp.LIGER_BETA,
+                eps_low=0.2,
+                eps_high=0.28,
+                inplace=True,
+            )
             per_token = out[0] if isinstance(out, tuple) else out
             mask = inp["mask"]
             loss = per_token if per_token.dim() == 0 else (per_token * mask).sum() / mask.sum()
@@ -577,8 +676,9 @@ def _trl_logits_step(inp: dict, backward: bool):
         x = inp["logits"].detach().requires_grad_(backward)
         with torch.set_grad_enabled(backward):
             logp = selective_log_softmax(x, inp["labels"]).float()
-            loss, _ = reference.policy_loss(logp, inp["old_logp"], inp["advantages"],
-                                            inp["mask"], **blp.KNOBS)
+            loss, _ = reference.policy_loss(
+                logp, inp["old_logp"], inp["advantages"], inp["mask"], **blp.KNOBS
+            )
             if backward:
                 return torch.autograd.grad(loss, x)
         return loss
@@ -605,34 +705,63 @@ def section_logits(r: Runner) -> None:
     dtype = str(inp["logits"].dtype).removeprefix("torch.")
     logits_bytes = _nbytes(inp["logits"])
     tokens = B * T
-    op, op_inplace = _op_name("policy_loss_from_logits"), _op_name(
-        "policy_loss_from_logits", "op_inplace")
+    op, op_inplace = (
+        _op_name("policy_loss_from_logits"),
+        _op_name("policy_loss_from_logits", "op_inplace"),
+    )
     for mode in ("fwd", "full"):
         backward = mode == "full"
         moved = logits_bytes * (3 if backward else 1)
-        case = r.case(f"policy_loss_from_logits {mode} {B}x{T}x{V} {dtype}", "logits",
-                      floor="floor[bw]", B=B, T=T, V=V, dtype=dtype, mode=mode, tokens=tokens,
-                      bytes=moved, bandwidth_floor_s=moved / BANDWIDTH)
-        r.computed(case, "floor[bw]", moved / BANDWIDTH, bytes=moved,
-                   note="computed, not measured: " + ("logits read twice + gradient written "
-                                                      "once" if backward else "logits read "
-                                                      "once") + " at 4.3 TB/s")
+        case = r.case(
+            f"policy_loss_from_logits {mode} {B}x{T}x{V} {dtype}",
+            "logits",
+            floor="floor[bw]",
+            B=B,
+            T=T,
+            V=V,
+            dtype=dtype,
+            mode=mode,
+            tokens=tokens,
+            bytes=moved,
+            bandwidth_floor_s=moved / BANDWIDTH,
+        )
+        r.computed(
+            case,
+            "floor[bw]",
+            moved / BANDWIDTH,
+            bytes=moved,
+            note="computed, not measured: "
+            + ("logits read twice + gradient written once" if backward else "logits read once")
+            + " at 4.3 TB/s",
+        )
         common = dict(bytes_moved=moved, tokens=tokens)
         r.provider(case, op, make=partial(_blp_step, "logits", "op", inp, backward), **common)
         if backward:
-            r.provider(case, op_inplace,
-                       make=partial(_blp_step, "logits", "op_inplace", inp, backward), **common)
-        r.provider(case, "reference",
-                   make=partial(_blp_step, "logits", "reference", inp, backward), **common)
+            r.provider(
+                case,
+                op_inplace,
+                make=partial(_blp_step, "logits", "op_inplace", inp, backward),
+                **common,
+            )
+        r.provider(
+            case,
+            "reference",
+            make=partial(_blp_step, "logits", "reference", inp, backward),
+            **common,
+        )
         if not _needs_cuda(r, case, "liger", "liger_kernel"):
             r.provider(case, "liger", make=partial(_liger_logits_step, inp, backward), **common)
         r.provider(case, "trl", make=partial(_trl_logits_step, inp, backward), **common)
-        r.defer(case, "reference_compile", 10 + backward,
-                make=partial(_blp_step, "logits", "reference_compile", inp, backward), **common)
+        r.defer(
+            case,
+            "reference_compile",
+            10 + backward,
+            make=partial(_blp_step, "logits", "reference_compile", inp, backward),
+            **common,
+        )
         if backward:
             for name in (op, op_inplace):
-                r.target(case, f"{name} full / floor[bw]", case.ratio(name, "floor[bw]"), 1.3,
-                         "x")
+                r.target(case, f"{name} full / floor[bw]", case.ratio(name, "floor[bw]"), 1.3, "x")
         else:
             t = case.times.get(op)
             r.target(case, f"{op} fwd (ms)", None if t is None else t * 1e3, 0.80, " ms")
@@ -670,23 +799,54 @@ def section_hidden(r: Runner) -> None:
         # backward (the op, to never hold them) makes 4: flop_floor_recompute_s.
         n_gemm = 3 if backward else 1
         flops = n_gemm * gemm
-        case = r.case(f"policy_loss_from_hidden {mode} {B}x{T}x{H}x{V} {dtype}", "hidden",
-                      floor="floor[flops]", B=B, T=T, H=H, V=V, M=M, dtype=dtype, mode=mode,
-                      tokens=tokens, gemm_flop=gemm, flop_floor_s=flops / GEMM_FLOPS,
-                      flop_floor_recompute_s=(4 * gemm if backward else gemm) / GEMM_FLOPS)
-        r.computed(case, "floor[flops]", flops / GEMM_FLOPS, gemms=n_gemm, flop=flops,
-                   note=f"computed, not measured: {n_gemm} GEMM(s) of 2*M*H*V FLOP at "
-                        "790 TFLOP/s")
+        case = r.case(
+            f"policy_loss_from_hidden {mode} {B}x{T}x{H}x{V} {dtype}",
+            "hidden",
+            floor="floor[flops]",
+            B=B,
+            T=T,
+            H=H,
+            V=V,
+            M=M,
+            dtype=dtype,
+            mode=mode,
+            tokens=tokens,
+            gemm_flop=gemm,
+            flop_floor_s=flops / GEMM_FLOPS,
+            flop_floor_recompute_s=(4 * gemm if backward else gemm) / GEMM_FLOPS,
+        )
+        r.computed(
+            case,
+            "floor[flops]",
+            flops / GEMM_FLOPS,
+            gemms=n_gemm,
+            flop=flops,
+            note=f"computed, not measured: {n_gemm} GEMM(s) of 2*M*H*V FLOP at 790 TFLOP/s",
+        )
         common = dict(tokens=tokens, flops=flops)
         r.provider(case, op, make=partial(_blp_step, "hidden", "op", inp, backward), **common)
-        r.provider(case, "reference",
-                   make=partial(_blp_step, "hidden", "reference", inp, backward), **common)
+        r.provider(
+            case,
+            "reference",
+            make=partial(_blp_step, "hidden", "reference", inp, backward),
+            **common,
+        )
         if not _needs_cuda(r, case, "liger", "liger_kernel"):
             # LigerFusedLinearGRPOLoss torch.compiles its chunk function (compiled=True)
-            r.defer(case, "liger", 6 - backward,
-                    make=partial(_blp_step, "hidden", "liger", inp, backward), **common)
-        r.defer(case, "reference_compile", 20 + backward,
-                make=partial(_blp_step, "hidden", "reference_compile", inp, backward), **common)
+            r.defer(
+                case,
+                "liger",
+                6 - backward,
+                make=partial(_blp_step, "hidden", "liger", inp, backward),
+                **common,
+            )
+        r.defer(
+            case,
+            "reference_compile",
+            20 + backward,
+            make=partial(_blp_step, "hidden", "reference_compile", inp, backward),
+            **common,
+        )
         if backward:
             t = case.times.get(op)
             ms = None if t is None else t * 1e3
@@ -715,8 +875,9 @@ def _call_texts(B: int, calls_per_row: int) -> tuple[list[str], list[list[str]]]
         for _ in range(calls_per_row):
             k = rng.randrange(4)
             city, attr = 4 * g + k, attrs[(g + k) % len(attrs)]
-            queries.append(f"{attr} of city {city}" if rng.random() < 0.7
-                           else f"City {city}  {attr.upper()}?")
+            queries.append(
+                f"{attr} of city {city}" if rng.random() < 0.7 else f"City {city}  {attr.upper()}?"
+            )
             results.append([f"city-{city}/{attr}", f"city-{city}/overview"])
     return queries, results
 
@@ -750,8 +911,9 @@ def _fully_shard(model) -> None:
 def _build_policy(cfg: dict, fsdp: bool):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**cfg, tie_word_embeddings=True, use_cache=False,
-                         attn_implementation="sdpa")
+    config = Qwen2Config(
+        **cfg, tie_word_embeddings=True, use_cache=False, attn_implementation="sdpa"
+    )
     with torch.device(DEVICE):
         model = Qwen2ForCausalLM(config)
     model.to(torch.bfloat16 if CUDA else torch.float32).train()
@@ -778,9 +940,17 @@ def _make_update(model, opt, captured, batch: dict, micro: int) -> Callable[[], 
             model(input_ids=batch["ids"][sl], logits_to_keep=1)
             hidden = captured.pop("h")
             out = tapo_kernels.policy_loss_from_hidden(
-                hidden, model.lm_head.weight, batch["labels"][sl], batch["old_logp"][sl],
-                batch["advantages"][sl], batch["mask"][sl], call_map=batch["call_map"][sl],
-                call_delta=batch["call_delta"], global_count=total, **blp.KNOBS)
+                hidden,
+                model.lm_head.weight,
+                batch["labels"][sl],
+                batch["old_logp"][sl],
+                batch["advantages"][sl],
+                batch["mask"][sl],
+                call_map=batch["call_map"][sl],
+                call_delta=batch["call_delta"],
+                global_count=total,
+                **blp.KNOBS,
+            )
             out.loss.backward()
         opt.step()
 
@@ -791,21 +961,37 @@ def section_overhead(r: Runner) -> None:
     B, T, micro = OVERHEAD_BATCH[r.quick]
     cfg = QWEN_TINY if r.quick else QWEN_05B
     N, D = B * CALLS_PER_ROW, tapo_kernels.params.TEXT_DIM
-    name = (f"TAPO overhead in a Qwen2-0.5B-class policy update ({B}x{T} tokens)" if not r.quick
-            else f"TAPO overhead in a tiny Qwen2 policy update ({B}x{T} tokens)")
-    case = r.case(name, "overhead", B=B, T=T, micro_batch_rows=micro, calls=N, D=D,
-                  model=dict(cfg, tie_word_embeddings=True, attn_implementation="sdpa",
-                             dtype="bfloat16" if CUDA else "float32"),
-                  optimizer="AdamW(fused=True)",
-                  train_step_note="the policy update only (forward, loss, backward, optimizer "
-                                  "step); rollout generation is excluded, which can only lower "
-                                  "TAPO's share")
+    name = (
+        f"TAPO overhead in a Qwen2-0.5B-class policy update ({B}x{T} tokens)"
+        if not r.quick
+        else f"TAPO overhead in a tiny Qwen2 policy update ({B}x{T} tokens)"
+    )
+    case = r.case(
+        name,
+        "overhead",
+        B=B,
+        T=T,
+        micro_batch_rows=micro,
+        calls=N,
+        D=D,
+        model=dict(
+            cfg,
+            tie_word_embeddings=True,
+            attn_implementation="sdpa",
+            dtype="bfloat16" if CUDA else "float32",
+        ),
+        optimizer="AdamW(fused=True)",
+        train_step_note="the policy update only (forward, loss, backward, optimizer "
+        "step); rollout generation is excluded, which can only lower "
+        "TAPO's share",
+    )
     queries, results = _call_texts(B, CALLS_PER_ROW)
     # (advantages, seq_adv, group_ids, call_seq, start, end, tool, key, params, kinds):
     # exactly 4 calls per trajectory, groups of 8; the parameters are the encoded queries
     adv, seq_adv, gid, cseq, cstart, cend, ctool, ckey, _, kinds = make_batch(B, T, N, D)
-    calls = tapo_kernels.ToolCalls(cseq, cstart, cend, ctool, ckey,
-                                   tapo_kernels.encode_text(queries).to(DEVICE))
+    calls = tapo_kernels.ToolCalls(
+        cseq, cstart, cend, ctool, ckey, tapo_kernels.encode_text(queries).to(DEVICE)
+    )
 
     def encode() -> torch.Tensor:
         return tapo_kernels.encode_text(queries).to(DEVICE)
@@ -841,10 +1027,17 @@ def section_overhead(r: Runner) -> None:
     # the policy update
     ids = torch.randint(0, cfg["vocab_size"], (B, T), generator=gen).to(DEVICE)
     v = cfg["vocab_size"]
-    batch = dict(ids=ids, labels=torch.roll(ids, -1, dims=1), mask=mask,
-                 old_logp=(-torch.log(torch.tensor(float(v)))
-                           + 0.05 * torch.randn(B, T, generator=gen)).to(DEVICE),
-                 advantages=seq_adv, call_map=call_map, call_delta=delta)
+    batch = dict(
+        ids=ids,
+        labels=torch.roll(ids, -1, dims=1),
+        mask=mask,
+        old_logp=(-torch.log(torch.tensor(float(v))) + 0.05 * torch.randn(B, T, generator=gen)).to(
+            DEVICE
+        ),
+        advantages=seq_adv,
+        call_map=call_map,
+        call_delta=delta,
+    )
     fsdp_error = None
     try:
         model, opt, captured = _build_policy(cfg, fsdp=True)
@@ -878,18 +1071,22 @@ def section_overhead(r: Runner) -> None:
     _teardown_dist()
     _free()
 
-    parts = ("encode", "encode[results]", "fused_correct[4 calls]", "call_map", "loss+lift",
-             "loss")
+    parts = ("encode", "encode[results]", "fused_correct[4 calls]", "call_map", "loss+lift", "loss")
     t = case.times
     if all(p in t for p in parts):
         enc = max(t["encode"], t["encode[results]"])
-        whole = enc + t["fused_correct[4 calls]"] + t["call_map"] + max(
-            0.0, t["loss+lift"] - t["loss"])
-        r.computed(case, "tapo[whole path]", whole,
-                   note="computed: max(encode, encode[results]) + fused_correct[4 calls] + "
-                        "call_map + max(0, loss+lift - loss)",
-                   encoder="encode" if t["encode"] >= t["encode[results]"] else "encode[results]",
-                   lift_s=max(0.0, t["loss+lift"] - t["loss"]))
+        whole = (
+            enc + t["fused_correct[4 calls]"] + t["call_map"] + max(0.0, t["loss+lift"] - t["loss"])
+        )
+        r.computed(
+            case,
+            "tapo[whole path]",
+            whole,
+            note="computed: max(encode, encode[results]) + fused_correct[4 calls] + "
+            "call_map + max(0, loss+lift - loss)",
+            encoder="encode" if t["encode"] >= t["encode[results]"] else "encode[results]",
+            lift_s=max(0.0, t["loss+lift"] - t["loss"]),
+        )
         if "train_step" in t:
             share = 100 * whole / t["train_step"]
             case.info["share_percent"] = share
@@ -913,23 +1110,44 @@ def _teardown_dist() -> None:
 # main
 # --------------------------------------------------------------------------------------
 
-RUNNERS = {"fused_correct": section_fused_correct, "policy_loss": section_policy_loss,
-           "logits": section_logits, "hidden": section_hidden, "overhead": section_overhead}
+RUNNERS = {
+    "fused_correct": section_fused_correct,
+    "policy_loss": section_policy_loss,
+    "logits": section_logits,
+    "hidden": section_hidden,
+    "overhead": section_overhead,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu.bench",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu.bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny shapes (8-64x smaller), for a dry run; forced without CUDA")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
-                        help=f"sections to run, of {', '.join(SECTIONS)} (default: all)")
-    parser.add_argument("--budget", type=float, default=210.0,
-                        help="seconds; compiling providers are skipped when they would not "
-                             "fit (default 210)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="run the torch.compile providers (default: on CUDA only)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes (8-64x smaller), for a dry run; forced without CUDA",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        metavar="SECTION",
+        help=f"sections to run, of {', '.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=210.0,
+        help="seconds; compiling providers are skipped when they would not fit (default 210)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the torch.compile providers (default: on CUDA only)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick or not CUDA
     sections = [s for s in SECTIONS if not args.only or s in args.only]
@@ -945,8 +1163,10 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(dynamo_config, knob):
                 setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 64))
     r = Runner(args.out, quick, args.budget, compile_, merge=bool(args.only))
-    r.log(f"{r.device}: sections {', '.join(sections)}; quick={quick} compile={compile_} "
-          f"budget={args.budget:.0f}s; torch {torch.__version__}, driver {r.env['driver']}")
+    r.log(
+        f"{r.device}: sections {', '.join(sections)}; quick={quick} compile={compile_} "
+        f"budget={args.budget:.0f}s; torch {torch.__version__}, driver {r.env['driver']}"
+    )
     torch.manual_seed(0)
     for section in sections:
         r.log(f"== {section}")

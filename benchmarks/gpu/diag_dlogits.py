@@ -38,16 +38,19 @@ def main() -> None:
         ref = expected(logits, labels, grad)
         if inplace:
             out = logits.clone()
-            lp.selective_log_softmax_backward_inplace_triton(grad, out, labels, logp,
-                                                             block_v=block)
+            lp.selective_log_softmax_backward_inplace_triton(grad, out, labels, logp, block_v=block)
         else:
-            out = lp.selective_log_softmax_backward_triton(grad, logits, labels, logp,
-                                                           block_v=block)
+            out = lp.selective_log_softmax_backward_triton(
+                grad, logits, labels, logp, block_v=block
+            )
         err = (out.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-30)
         bad = (err > 2e-2).nonzero().tolist()
         total = float((out.float() - ref).norm() / ref.norm())
-        print(f"B={B} T={T} {str(dtype)[6:]} inplace={inplace} block={block}: rel {total:.2e}, "
-              f"bad rows {len(bad)}/{B * T}, first {bad[:6]}", flush=True)
+        print(
+            f"B={B} T={T} {str(dtype)[6:]} inplace={inplace} block={block}: rel {total:.2e}, "
+            f"bad rows {len(bad)}/{B * T}, first {bad[:6]}",
+            flush=True,
+        )
         del logits, out, ref
         torch.cuda.empty_cache()
 

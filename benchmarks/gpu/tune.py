@@ -48,6 +48,7 @@ def sweep_logits(results: dict) -> None:
     rows = []
     try:
         for block, warps, per_sm in itertools.product((2048, 4096, 8192), (4, 8, 16), (2, 4, 8)):
+
             def config(n_rows, V_, device, block_v, block=block, warps=warps, per_sm=per_sm):
                 b = block_v or min(triton.next_power_of_2(V_), block)
                 return (max(1, min(n_rows, sms * per_sm)),), b, warps
@@ -56,24 +57,44 @@ def sweep_logits(results: dict) -> None:
             try:
                 logp, _ = lp.selective_log_softmax_triton(logits, labels)
                 fwd = _bench(lambda: lp.selective_log_softmax_triton(logits, labels))
-                bwd = _bench(lambda logp=logp: lp._dlogits_into(
-                    grad, logits, labels, logp, 1.0, out, None))
-                rows.append({"BLOCK_V": block, "num_warps": warps, "programs_per_sm": per_sm,
-                             "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3})
-                print(f"logits BLOCK_V={block} warps={warps} per_sm={per_sm}: "
-                      f"fwd {fwd * 1e3:.3f} ms, bwd {bwd * 1e3:.3f} ms", flush=True)
+                bwd = _bench(
+                    lambda logp=logp: lp._dlogits_into(grad, logits, labels, logp, 1.0, out, None)
+                )
+                rows.append(
+                    {
+                        "BLOCK_V": block,
+                        "num_warps": warps,
+                        "programs_per_sm": per_sm,
+                        "fwd_ms": fwd * 1e3,
+                        "bwd_ms": bwd * 1e3,
+                    }
+                )
+                print(
+                    f"logits BLOCK_V={block} warps={warps} per_sm={per_sm}: "
+                    f"fwd {fwd * 1e3:.3f} ms, bwd {bwd * 1e3:.3f} ms",
+                    flush=True,
+                )
             except Exception as err:  # noqa: BLE001 - a config that fails is a finding
-                rows.append({"BLOCK_V": block, "num_warps": warps, "programs_per_sm": per_sm,
-                             "error": f"{type(err).__name__}: {err}"[:300]})
+                rows.append(
+                    {
+                        "BLOCK_V": block,
+                        "num_warps": warps,
+                        "programs_per_sm": per_sm,
+                        "error": f"{type(err).__name__}: {err}"[:300],
+                    }
+                )
     finally:
         lp._launch_config = saved
     logp, _ = lp.selective_log_softmax_triton(logits, labels)
-    current = {"fwd_ms": _bench(lambda: lp.selective_log_softmax_triton(logits, labels)) * 1e3,
-               "bwd_ms": _bench(lambda: lp._dlogits_into(grad, logits, labels, logp, 1.0, out,
-                                                          None)) * 1e3}
+    current = {
+        "fwd_ms": _bench(lambda: lp.selective_log_softmax_triton(logits, labels)) * 1e3,
+        "bwd_ms": _bench(lambda: lp._dlogits_into(grad, logits, labels, logp, 1.0, out, None))
+        * 1e3,
+    }
     ok = [r for r in rows if "error" not in r]
     results["logits"] = {
-        "case": f"{B}x{T}x{V} bf16", "current": current,
+        "case": f"{B}x{T}x{V} bf16",
+        "current": current,
         "best_fwd": min(ok, key=lambda r: r["fwd_ms"]) if ok else None,
         "best_bwd": min(ok, key=lambda r: r["bwd_ms"]) if ok else None,
         "rows": rows,
@@ -85,8 +106,9 @@ def sweep_policy_loss(results: dict) -> None:
     from tapo_kernels.testing import loss_batch
 
     B, T = 512, 2048
-    args = loss_batch(B, T, per_token=True, with_ref=True, with_calls=True, empty_row=False,
-                      device="cuda").op_args()
+    args = loss_batch(
+        B, T, per_token=True, with_ref=True, with_calls=True, empty_row=False, device="cuda"
+    ).op_args()
     knobs = dict(algo="grpo", eps_low=0.2, eps_high=0.28, kl_coef=0.01, agg="token-mean")
     one = torch.ones((), device="cuda")
     saved = pl._TILE_TOKENS, pl._MAX_BLOCK_T
@@ -97,19 +119,33 @@ def sweep_policy_loss(results: dict) -> None:
             try:
                 fwd = _bench(lambda: pl.policy_loss_triton(*args, **knobs))
                 bwd = _bench(lambda: pl.policy_loss_backward_triton(one, *args, **knobs))
-                rows.append({"TILE_TOKENS": tile, "MAX_BLOCK_T": max_t,
-                             "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3})
-                print(f"policy_loss TILE_TOKENS={tile} MAX_BLOCK_T={max_t}: "
-                      f"fwd {fwd * 1e3:.3f} ms, bwd {bwd * 1e3:.3f} ms", flush=True)
+                rows.append(
+                    {
+                        "TILE_TOKENS": tile,
+                        "MAX_BLOCK_T": max_t,
+                        "fwd_ms": fwd * 1e3,
+                        "bwd_ms": bwd * 1e3,
+                    }
+                )
+                print(
+                    f"policy_loss TILE_TOKENS={tile} MAX_BLOCK_T={max_t}: "
+                    f"fwd {fwd * 1e3:.3f} ms, bwd {bwd * 1e3:.3f} ms",
+                    flush=True,
+                )
             except Exception as err:  # noqa: BLE001
-                rows.append({"TILE_TOKENS": tile, "MAX_BLOCK_T": max_t,
-                             "error": f"{type(err).__name__}: {err}"[:300]})
+                rows.append(
+                    {
+                        "TILE_TOKENS": tile,
+                        "MAX_BLOCK_T": max_t,
+                        "error": f"{type(err).__name__}: {err}"[:300],
+                    }
+                )
     finally:
         pl._TILE_TOKENS, pl._MAX_BLOCK_T = saved
     ok = [r for r in rows if "error" not in r]
     results["policy_loss"] = {
-        "case": f"B={B} T={T} fp32, k3 KL, TAPO lift", "current": {
-            "TILE_TOKENS": saved[0], "MAX_BLOCK_T": saved[1]},
+        "case": f"B={B} T={T} fp32, k3 KL, TAPO lift",
+        "current": {"TILE_TOKENS": saved[0], "MAX_BLOCK_T": saved[1]},
         "best_fwd": min(ok, key=lambda r: r["fwd_ms"]) if ok else None,
         "best_bwd": min(ok, key=lambda r: r["bwd_ms"]) if ok else None,
         "rows": rows,
@@ -147,10 +183,15 @@ def kernel_resources() -> list[dict]:
                         kernel._init_handles()
                     except Exception:  # noqa: BLE001
                         continue
-                    rows.append({"kernel": name, "n_regs": kernel.n_regs,
-                                 "n_spills": kernel.n_spills,
-                                 "shared": kernel.metadata.shared,
-                                 "num_warps": kernel.metadata.num_warps})
+                    rows.append(
+                        {
+                            "kernel": name,
+                            "n_regs": kernel.n_regs,
+                            "n_spills": kernel.n_spills,
+                            "shared": kernel.metadata.shared,
+                            "num_warps": kernel.metadata.num_warps,
+                        }
+                    )
     return rows
 
 
@@ -162,8 +203,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for name, fn in (("fused_correct", autotuned_fused_correct),
-                     ("policy_loss", sweep_policy_loss), ("logits", sweep_logits)):
+    for name, fn in (
+        ("fused_correct", autotuned_fused_correct),
+        ("policy_loss", sweep_policy_loss),
+        ("logits", sweep_logits),
+    ):
         if name not in args.only:
             continue
         t0 = time.perf_counter()
@@ -182,8 +226,15 @@ def main() -> None:
     print("kernels with register spills:", spills or "none", flush=True)
     for name in ("policy_loss", "logits"):
         r = results.get(name, {})
-        print(name, "current", r.get("current"), "best fwd", r.get("best_fwd"),
-              "best bwd", r.get("best_bwd"))
+        print(
+            name,
+            "current",
+            r.get("current"),
+            "best fwd",
+            r.get("best_fwd"),
+            "best bwd",
+            r.get("best_bwd"),
+        )
 
 
 if __name__ == "__main__":

@@ -288,8 +288,9 @@ def _dlogits_into(
     grid, block, num_warps = _launch_config(n_rows, V, logits.device, block_v)
     if out.data_ptr() == logits.data_ptr() and n_rows > grid[0]:
         for rows, x in _row_chunks(logits, grid[0]):
-            _dlogits_into(grad[rows], x, flat_labels[rows], flat_logp[rows], temperature, x,
-                          block_v)
+            _dlogits_into(
+                grad[rows], x, flat_labels[rows], flat_logp[rows], temperature, x, block_v
+            )
         return
     _logprob_bwd_kernel[grid](
         grad,
@@ -317,8 +318,11 @@ def _row_chunks(logits: Tensor, rows_per_chunk: int):
     if B == 1 or stride_b == T * stride_t:  # the (b, t) rows are one strided sequence
         for r0 in range(0, B * T, rows_per_chunk):
             n = min(rows_per_chunk, B * T - r0)
-            view = logits.as_strided((1, n, V), (n * stride_t, stride_t, stride_v),
-                                     logits.storage_offset() + r0 * stride_t)
+            view = logits.as_strided(
+                (1, n, V),
+                (n * stride_t, stride_t, stride_v),
+                logits.storage_offset() + r0 * stride_t,
+            )
             yield slice(r0, r0 + n), view
         return
     for b in range(B):
@@ -400,15 +404,33 @@ def _dlogits_rows_triton(grad_logp, logits, labels, logp, temperature, out) -> N
 
 def _logprob_from_hidden_triton(hidden, weight, bias, labels, temperature, with_entropy, chunk):
     return vocab.selective_log_softmax_from_hidden_chunked(
-        hidden, weight, bias, labels, temperature, with_entropy, chunk,
-        chunk_fn=_logprob_chunk_triton)
+        hidden,
+        weight,
+        bias,
+        labels,
+        temperature,
+        with_entropy,
+        chunk,
+        chunk_fn=_logprob_chunk_triton,
+    )
 
 
-def _logprob_from_hidden_backward_triton(grad_logp, hidden, weight, bias, labels, logp,
-                                         temperature, chunk, weight_grad, bias_grad):
+def _logprob_from_hidden_backward_triton(
+    grad_logp, hidden, weight, bias, labels, logp, temperature, chunk, weight_grad, bias_grad
+):
     return vocab.selective_log_softmax_from_hidden_backward_chunked(
-        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk, weight_grad,
-        bias_grad, chunk_fn=_dlogits_chunk_triton)
+        grad_logp,
+        hidden,
+        weight,
+        bias,
+        labels,
+        logp,
+        temperature,
+        chunk,
+        weight_grad,
+        bias_grad,
+        chunk_fn=_dlogits_chunk_triton,
+    )
 
 
 def _validated_loss(logp, *loss_tensors, **knobs):
@@ -442,5 +464,4 @@ def selective_log_softmax_from_hidden_backward_triton(*args, **kwargs):
     """``tapo::selective_log_softmax_from_hidden_backward``: per chunk, recompute the logits
     (cuBLAS), overwrite them with ``dlogits`` (Triton), then ``dhidden = dlogits @ W`` and
     ``dW += dlogits^T @ h`` accumulated in fp32."""
-    return fused.selective_log_softmax_from_hidden_backward_kernel(*args, passes=TRITON,
-                                                                   **kwargs)
+    return fused.selective_log_softmax_from_hidden_backward_kernel(*args, passes=TRITON, **kwargs)

@@ -15,8 +15,9 @@ from .engine import PromptFormatter
 from .episode import CallRecord, Episode
 
 
-def demonstration(fmt: PromptFormatter, registry: ToolRegistry, example: Example,
-                  tool: str = "search") -> Episode:
+def demonstration(
+    fmt: PromptFormatter, registry: ToolRegistry, example: Example, tool: str = "search"
+) -> Episode:
     """The episode ``prompt, (<tool_call>{query}</tool_call>, <obs>...</obs>)*, <answer>a</answer>``.
 
     One call per query of ``example.demo_queries()``, each followed by the real observation
@@ -31,17 +32,30 @@ def demonstration(fmt: PromptFormatter, registry: ToolRegistry, example: Example
         call_ids = fmt.encode(format_call(tool, {"query": query}, fmt.tags))
         start = len(ep.token_ids)
         ep.append(call_ids, policy=True)
-        body = fmt.decode(call_ids)[len(fmt.tags.tool_open): -len(fmt.tags.tool_close)]
+        body = fmt.decode(call_ids)[len(fmt.tags.tool_open) : -len(fmt.tags.tool_close)]
         parsed = registry.parse(body)
         (outcome,) = registry.execute([(parsed, ToolContext(example.corpus_id))])
         ok = parsed.valid and outcome.ok
-        ep.calls.append(CallRecord(start, start + len(call_ids), parsed.tool_id if ok else -1,
-                                   example.corpus_id, parsed.name, parsed.arguments, query,
-                                   ok, parsed.error or outcome.error, outcome.observation,
-                                   refs=outcome.refs,
-                                   good=example.is_good_observation(outcome.observation)))
+        ep.calls.append(
+            CallRecord(
+                start,
+                start + len(call_ids),
+                parsed.tool_id if ok else -1,
+                example.corpus_id,
+                parsed.name,
+                parsed.arguments,
+                query,
+                ok,
+                parsed.error or outcome.error,
+                outcome.observation,
+                refs=outcome.refs,
+                good=example.is_good_observation(outcome.observation),
+            )
+        )
         ep.append(fmt.observation_ids(outcome.observation), policy=False)
-    ep.append(fmt.encode(f"{fmt.tags.answer_open}{example.answers[0]}{fmt.tags.answer_close}"),
-              policy=True)
+    ep.append(
+        fmt.encode(f"{fmt.tags.answer_open}{example.answers[0]}{fmt.tags.answer_close}"),
+        policy=True,
+    )
     ep.answer, ep.turns, ep.finish = example.answers[0], len(queries) + 1, "answer"
     return ep

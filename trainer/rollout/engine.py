@@ -38,8 +38,9 @@ class TurnOutput:
 class PromptFormatter:
     """Turns a question into prompt token ids and observations into observation token ids."""
 
-    def __init__(self, tokenizer, cfg: RolloutConfig, tags: ChatTags = TAGS,
-                 max_obs_tokens: int = 48) -> None:
+    def __init__(
+        self, tokenizer, cfg: RolloutConfig, tags: ChatTags = TAGS, max_obs_tokens: int = 48
+    ) -> None:
         self.tok = tokenizer
         self.cfg = cfg
         self.tags = tags
@@ -51,16 +52,22 @@ class PromptFormatter:
         return list(self.tok.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False,
-                               clean_up_tokenization_spaces=False)
+        return self.tok.decode(
+            list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
 
     def prompt_ids(self, example: Example) -> list[int]:
         text = self.cfg.prompt_template.format(question=example.question)
         if self.cfg.use_chat_template:
-            messages = [{"role": "system", "content": self.cfg.system_prompt},
-                        {"role": "user", "content": text}]
-            return list(self.tok.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False))
+            messages = [
+                {"role": "system", "content": self.cfg.system_prompt},
+                {"role": "user", "content": text},
+            ]
+            return list(
+                self.tok.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
         return self.encode(text)
 
     def observation_ids(self, text: str, budget: int | None = None) -> list[int]:
@@ -83,10 +90,10 @@ def find_call(fmt: PromptFormatter, tokens: Sequence[int]) -> tuple[int, int, st
         if open_ids[0] not in tokens:
             return None
         i0 = list(tokens).index(open_ids[0])
-        rest = list(tokens[i0 + 1:])
+        rest = list(tokens[i0 + 1 :])
         closed = close_ids[0] in rest
         i1 = i0 + 1 + (rest.index(close_ids[0]) + 1 if closed else len(rest))
-        body = fmt.decode(tokens[i0 + 1: i1 - 1 if closed else i1])
+        body = fmt.decode(tokens[i0 + 1 : i1 - 1 if closed else i1])
         return i0, i1, body, closed
     text = fmt.decode(tokens)
     c0 = text.find(fmt.tags.tool_open)
@@ -99,7 +106,7 @@ def find_call(fmt: PromptFormatter, tokens: Sequence[int]) -> tuple[int, int, st
     ends = [len(fmt.decode(tokens[: i + 1])) for i in range(len(tokens))]
     i0 = next(i for i, e in enumerate(ends) if e > c0)
     i1 = next((i + 1 for i, e in enumerate(ends) if e >= c_end), len(tokens))
-    return i0, i1, text[c_body: c1 if closed else len(text)], closed
+    return i0, i1, text[c_body : c1 if closed else len(text)], closed
 
 
 def extract_answer(fmt: PromptFormatter, text: str) -> str | None:
@@ -115,9 +122,18 @@ def extract_answer(fmt: PromptFormatter, text: str) -> str | None:
 class RolloutEngine:
     """Generates episodes for a list of questions with one policy model (no gradients)."""
 
-    def __init__(self, model: nn.Module, tokenizer, registry: ToolRegistry, cfg: RolloutConfig, *,
-                 max_obs_tokens: int = 48, tags: ChatTags = TAGS,
-                 malformed_call_rate: float = 0.0, fault_tool_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        registry: ToolRegistry,
+        cfg: RolloutConfig,
+        *,
+        max_obs_tokens: int = 48,
+        tags: ChatTags = TAGS,
+        malformed_call_rate: float = 0.0,
+        fault_tool_rate: float = 0.0,
+    ) -> None:
         self.model = model
         self.registry = registry
         self.cfg = cfg
@@ -147,8 +163,15 @@ class RolloutEngine:
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
-    def rollout(self, examples: Sequence[Example], group_ids: Sequence[int], *, seed: int,
-                temperature: float | None = None, greedy: bool = False) -> list[Episode]:
+    def rollout(
+        self,
+        examples: Sequence[Example],
+        group_ids: Sequence[int],
+        *,
+        seed: int,
+        temperature: float | None = None,
+        greedy: bool = False,
+    ) -> list[Episode]:
         """One episode per example (repeat an example G times for a group)."""
         temperature = self.cfg.temperature if temperature is None else temperature
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -156,22 +179,32 @@ class RolloutEngine:
         episodes = []
         for ex, g in zip(examples, group_ids, strict=True):
             prompt = self.fmt.prompt_ids(ex)
-            episodes.append(Episode(ex, int(g), len(prompt), list(prompt), [0] * len(prompt),
-                                    [0.0] * len(prompt)))
+            episodes.append(
+                Episode(
+                    ex, int(g), len(prompt), list(prompt), [0] * len(prompt), [0.0] * len(prompt)
+                )
+            )
         was_training = self.model.training
         self.model.eval()
         try:
             for i in range(0, len(episodes), self.cfg.batch_size):
-                self._run(episodes[i: i + self.cfg.batch_size], generator, temperature, greedy,
-                          fault_rng)
+                self._run(
+                    episodes[i : i + self.cfg.batch_size], generator, temperature, greedy, fault_rng
+                )
         finally:
             self.model.train(was_training)
         return episodes
 
     # ------------------------------------------------------------------ internals
 
-    def _run(self, episodes: list[Episode], generator: torch.Generator, temperature: float,
-             greedy: bool, fault_rng: random.Random) -> None:
+    def _run(
+        self,
+        episodes: list[Episode],
+        generator: torch.Generator,
+        temperature: float,
+        greedy: bool,
+        fault_rng: random.Random,
+    ) -> None:
         cfg = self.cfg
         for ep in episodes:
             if len(ep.token_ids) >= cfg.max_total_tokens:
@@ -180,10 +213,13 @@ class RolloutEngine:
             active = [ep for ep in episodes if not ep.done]
             if not active:
                 break
-            budgets = [min(cfg.max_new_tokens_per_turn, cfg.max_total_tokens - len(ep.token_ids))
-                       for ep in active]
-            outputs = self._generate_turn([ep.token_ids for ep in active], budgets, generator,
-                                          temperature, greedy)
+            budgets = [
+                min(cfg.max_new_tokens_per_turn, cfg.max_total_tokens - len(ep.token_ids))
+                for ep in active
+            ]
+            outputs = self._generate_turn(
+                [ep.token_ids for ep in active], budgets, generator, temperature, greedy
+            )
             pending: list[tuple[Episode, int, int, ParsedCall]] = []
             for ep, out in zip(active, outputs, strict=True):
                 start = len(ep.token_ids)
@@ -195,22 +231,35 @@ class RolloutEngine:
                 span = find_call(self.fmt, body_tokens) if out.stop != "answer" else None
                 if span is None and out.stop == "tool":  # a closing tag without an opening one
                     span = (0, len(out.tokens), text, True)
-                    parsed = ParsedCall(raw=text, error="the tool call has no opening "
-                                        f"{self.fmt.tags.tool_open} tag")
+                    parsed = ParsedCall(
+                        raw=text,
+                        error=f"the tool call has no opening {self.fmt.tags.tool_open} tag",
+                    )
                     pending.append((ep, start, start + len(out.tokens), parsed))
                 elif span is not None:
                     i0, i1, body, closed = span
                     parsed = self.registry.parse(body, closed=closed)
-                    if parsed.valid and self.malformed_call_rate > 0 and \
-                            fault_rng.random() < self.malformed_call_rate:
-                        parsed = ParsedCall(raw=body, error="malformed call injected by "
-                                            "debug.malformed_call_rate")
-                    elif parsed.valid and self.fault_tools and \
-                            fault_rng.random() < self.fault_tool_rate:
+                    if (
+                        parsed.valid
+                        and self.malformed_call_rate > 0
+                        and fault_rng.random() < self.malformed_call_rate
+                    ):
+                        parsed = ParsedCall(
+                            raw=body, error="malformed call injected by debug.malformed_call_rate"
+                        )
+                    elif (
+                        parsed.valid
+                        and self.fault_tools
+                        and fault_rng.random() < self.fault_tool_rate
+                    ):
                         name = fault_rng.choice(self.fault_tools)
                         text = self.registry.tools[parsed.tool_id].param_text(parsed.arguments)
-                        parsed = ParsedCall(raw=body, tool_id=self.registry.by_name[name][0],
-                                            name=name, arguments={"query": text or "x"})
+                        parsed = ParsedCall(
+                            raw=body,
+                            tool_id=self.registry.by_name[name][0],
+                            name=name,
+                            arguments={"query": text or "x"},
+                        )
                     pending.append((ep, start + i0, start + i1, parsed))
                 if out.stop == "answer":
                     ep.answer = extract_answer(self.fmt, text)
@@ -219,22 +268,36 @@ class RolloutEngine:
                     ep.answer = extract_answer(self.fmt, text)
                     ep.finish = "eos"
                 elif span is None:  # out of budget with neither a call nor an answer
-                    ep.finish = "max_tokens" if len(ep.token_ids) >= cfg.max_total_tokens \
-                        else "truncated"
+                    ep.finish = (
+                        "max_tokens" if len(ep.token_ids) >= cfg.max_total_tokens else "truncated"
+                    )
             outcomes = self.registry.execute(
-                [(parsed, ToolContext(ep.example.corpus_id)) for ep, _, _, parsed in pending])
+                [(parsed, ToolContext(ep.example.corpus_id)) for ep, _, _, parsed in pending]
+            )
             for (ep, s, e, parsed), outcome in zip(pending, outcomes, strict=True):
                 ok = parsed.valid and outcome.ok
-                ep.calls.append(CallRecord(
-                    start=s, end=e, tool_id=parsed.tool_id if ok else -1, key=ep.example.corpus_id,
-                    name=parsed.name, arguments=parsed.arguments,
-                    param_text=(self.registry.tools[parsed.tool_id].param_text(parsed.arguments)
-                                if parsed.valid else ""),
-                    valid=ok, error=parsed.error if not parsed.valid else outcome.error,
-                    observation=outcome.observation, refs=outcome.refs,
-                    good=ep.example.is_good_observation(outcome.observation) if ok else
-                    (False if ep.example.evidence else None),
-                ))
+                ep.calls.append(
+                    CallRecord(
+                        start=s,
+                        end=e,
+                        tool_id=parsed.tool_id if ok else -1,
+                        key=ep.example.corpus_id,
+                        name=parsed.name,
+                        arguments=parsed.arguments,
+                        param_text=(
+                            self.registry.tools[parsed.tool_id].param_text(parsed.arguments)
+                            if parsed.valid
+                            else ""
+                        ),
+                        valid=ok,
+                        error=parsed.error if not parsed.valid else outcome.error,
+                        observation=outcome.observation,
+                        refs=outcome.refs,
+                        good=ep.example.is_good_observation(outcome.observation)
+                        if ok
+                        else (False if ep.example.evidence else None),
+                    )
+                )
                 if ep.done:
                     continue  # the episode ended in this turn (e.g. EOS inside an open call)
                 budget = cfg.max_total_tokens - len(ep.token_ids)
@@ -249,9 +312,14 @@ class RolloutEngine:
             if not ep.done:
                 ep.finish = "max_turns"
 
-    def _generate_turn(self, contexts: list[list[int]], budgets: list[int],
-                       generator: torch.Generator, temperature: float,
-                       greedy: bool) -> list[TurnOutput]:
+    def _generate_turn(
+        self,
+        contexts: list[list[int]],
+        budgets: list[int],
+        generator: torch.Generator,
+        temperature: float,
+        greedy: bool,
+    ) -> list[TurnOutput]:
         from transformers import DynamicCache
 
         device = self.device
@@ -259,13 +327,19 @@ class RolloutEngine:
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.int64)
         attention = torch.zeros(B, L, dtype=torch.int64)
         for i, ctx in enumerate(contexts):  # left padding: every row ends at column L-1
-            input_ids[i, L - len(ctx):] = torch.tensor(ctx)
-            attention[i, L - len(ctx):] = 1
+            input_ids[i, L - len(ctx) :] = torch.tensor(ctx)
+            attention[i, L - len(ctx) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         logits = out.logits[:, -1]
         next_pos = position_ids[:, -1:] + 1
         outputs = [TurnOutput([], [], "") for _ in range(B)]
@@ -299,19 +373,27 @@ class RolloutEngine:
                     o.stop, finished[i] = "budget", True
             if all(finished):
                 break
-            feed = torch.tensor([self.pad_id if finished[i] else token_list[i] for i in range(B)],
-                                device=device)[:, None]
-            attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype,
-                                                         device=device)], dim=1)
-            out = self.model(input_ids=feed, attention_mask=attention, position_ids=next_pos,
-                             past_key_values=out.past_key_values, use_cache=True)
+            feed = torch.tensor(
+                [self.pad_id if finished[i] else token_list[i] for i in range(B)], device=device
+            )[:, None]
+            attention = torch.cat(
+                [attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], dim=1
+            )
+            out = self.model(
+                input_ids=feed,
+                attention_mask=attention,
+                position_ids=next_pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
         return outputs
 
 
-def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                   temperature: float = 1.0) -> Tensor:
+def token_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0
+) -> Tensor:
     """``(B, T)`` fp32 log-prob of each token given its prefix (column 0 is 0).
 
     Right-padded input. This is the training-side computation the rollout's recorded

@@ -88,13 +88,24 @@ class Batch:
         return tuple(self.input_ids.shape)  # type: ignore[return-value]
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.mask.to(device),
-                     self.old_logp.to(device), self.group_ids.to(device), self.rewards.to(device),
-                     self.calls.to(device))
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.mask.to(device),
+            self.old_logp.to(device),
+            self.group_ids.to(device),
+            self.rewards.to(device),
+            self.calls.to(device),
+        )
 
 
-def collate(episodes: Sequence[Episode], pad_id: int, length: int | None = None,
-            params: Tensor | None = None, param_dim: int = 256) -> Batch:
+def collate(
+    episodes: Sequence[Episode],
+    pad_id: int,
+    length: int | None = None,
+    params: Tensor | None = None,
+    param_dim: int = 256,
+) -> Batch:
     """Pad to ``length`` (default: the longest episode) and gather the calls as ``ToolCalls``.
 
     ``params`` holds the ``(N, D)`` parameter vectors of the episodes' calls in order
@@ -125,8 +136,9 @@ def collate(episodes: Sequence[Episode], pad_id: int, length: int | None = None,
     if params is None:
         params = torch.zeros(len(seq), param_dim, dtype=torch.float32)
     if params.dim() != 2 or params.shape[0] != len(seq):
-        raise ValueError(f"params must have shape ({len(seq)}, D), one row per call, "
-                         f"got {tuple(params.shape)}")
+        raise ValueError(
+            f"params must have shape ({len(seq)}, D), one row per call, got {tuple(params.shape)}"
+        )
     if seq:
         calls = ToolCalls.from_lists(seq, start, end, tool, params, key=key)
     else:

@@ -15,12 +15,33 @@ if TYPE_CHECKING:
 def load_task(cfg: TaskConfig) -> TaskData:
     """The task a config names."""
     if cfg.name == "synthetic":
-        return synthetic_task(cfg.num_entities, cfg.attributes, cfg.heldout_fraction,
-                              cfg.num_demos, cfg.seed, cfg.sloppy_demo_fraction,
-                              cfg.demos_from, kinds=cfg.kinds)
-    return load_jsonl_task(cfg.train_path, cfg.eval_path, cfg.corpus_path, cfg.demos_path,
-                           cfg.heldout_fraction, cfg.seed)
+        return synthetic_task(
+            cfg.num_entities,
+            cfg.attributes,
+            cfg.heldout_fraction,
+            cfg.num_demos,
+            cfg.seed,
+            cfg.sloppy_demo_fraction,
+            cfg.demos_from,
+            kinds=cfg.kinds,
+        )
+    return load_jsonl_task(
+        cfg.train_path,
+        cfg.eval_path,
+        cfg.corpus_path,
+        cfg.demos_path,
+        cfg.heldout_fraction,
+        cfg.seed,
+    )
 
 
-__all__ = ["ATTRIBUTES", "Example", "TaskData", "TaskFileError", "load_jsonl_task", "load_task",
-           "read_corpus", "synthetic_task"]
+__all__ = [
+    "ATTRIBUTES",
+    "Example",
+    "TaskData",
+    "TaskFileError",
+    "load_jsonl_task",
+    "load_task",
+    "read_corpus",
+    "synthetic_task",
+]

@@ -69,5 +69,7 @@ class TaskData:
         docs = sum(len(d) for d in self.corpora.values())
         kinds = sorted({ex.kind for ex in self.train})
         mix = "" if kinds == ["single"] else f" ({', '.join(kinds)})"
-        return (f"{len(self.train)} train / {len(self.heldout)} held-out questions{mix}, "
-                f"{len(self.demos)} demonstrations, {docs} documents in {len(self.corpora)} corpora")
+        return (
+            f"{len(self.train)} train / {len(self.heldout)} held-out questions{mix}, "
+            f"{len(self.demos)} demonstrations, {docs} documents in {len(self.corpora)} corpora"
+        )

@@ -30,8 +30,9 @@ def _read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise TaskFileError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte "
-                                    f"{exc.start})") from exc
+                raise TaskFileError(
+                    f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from exc
             if not line.strip():
                 continue
             try:
@@ -62,8 +63,9 @@ def read_corpus(path: str | Path) -> list[str]:
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as exc:
-                raise TaskFileError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte "
-                                    f"{exc.start})") from exc
+                raise TaskFileError(
+                    f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from exc
             if line:
                 docs.append(line)
     return docs
@@ -90,11 +92,21 @@ def _examples(path: str | Path, corpora: _Corpora, need_query: bool = False) -> 
         if not isinstance(question, str) or not question.strip():
             raise TaskFileError(f"{where}: 'question' must be a non-empty string")
         answers = [answer] if isinstance(answer, str) else answer
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-            raise TaskFileError(f"{where}: 'answer' must be a string or a non-empty list of strings")
+        if (
+            not isinstance(answers, list)
+            or not answers
+            or not all(isinstance(a, str) for a in answers)
+        ):
+            raise TaskFileError(
+                f"{where}: 'answer' must be a string or a non-empty list of strings"
+            )
         corpus = obj.get("corpus")
         if corpus is not None:
-            if not isinstance(corpus, list) or not all(isinstance(d, str) for d in corpus) or not corpus:
+            if (
+                not isinstance(corpus, list)
+                or not all(isinstance(d, str) for d in corpus)
+                or not corpus
+            ):
                 raise TaskFileError(f"{where}: 'corpus' must be a non-empty list of strings")
             corpus_id = corpora.id_for(corpus)
         else:
@@ -111,19 +123,37 @@ def _examples(path: str | Path, corpora: _Corpora, need_query: bool = False) -> 
         if isinstance(evidence, list) and all(isinstance(e, str) for e in evidence):
             evidence = [evidence] if evidence else []  # one hop
         if not isinstance(evidence, list) or not all(
-                isinstance(hop, list) and hop and all(isinstance(d, str) and d for d in hop)
-                for hop in evidence):
-            raise TaskFileError(f"{where}: 'evidence' must be a list of documents or a list of "
-                                "non-empty lists of documents (one per hop)")
+            isinstance(hop, list) and hop and all(isinstance(d, str) and d for d in hop)
+            for hop in evidence
+        ):
+            raise TaskFileError(
+                f"{where}: 'evidence' must be a list of documents or a list of "
+                "non-empty lists of documents (one per hop)"
+            )
         uid = str(obj.get("id", f"{Path(path).stem}-{lineno}"))
-        out.append(Example(uid, question, tuple(answers), corpus_id, query or None,
-                           tuple(queries), tuple(tuple(hop) for hop in evidence), "jsonl"))
+        out.append(
+            Example(
+                uid,
+                question,
+                tuple(answers),
+                corpus_id,
+                query or None,
+                tuple(queries),
+                tuple(tuple(hop) for hop in evidence),
+                "jsonl",
+            )
+        )
     return out
 
 
-def load_jsonl_task(train_path: str | Path, eval_path: str | Path | None = None,
-                    corpus_path: str | Path | None = None, demos_path: str | Path | None = None,
-                    heldout_fraction: float = 0.25, seed: int = 0) -> TaskData:
+def load_jsonl_task(
+    train_path: str | Path,
+    eval_path: str | Path | None = None,
+    corpus_path: str | Path | None = None,
+    demos_path: str | Path | None = None,
+    heldout_fraction: float = 0.25,
+    seed: int = 0,
+) -> TaskData:
     """Load the splits; without ``eval_path`` a seeded ``heldout_fraction`` of train is held out."""
     corpora = _Corpora(read_corpus(corpus_path) if corpus_path else None)
     train = _examples(train_path, corpora)
@@ -141,5 +171,7 @@ def load_jsonl_task(train_path: str | Path, eval_path: str | Path | None = None,
     if 0 not in corpora.corpora:
         for ex in train + heldout + demos:
             if ex.corpus_id == 0:
-                raise TaskFileError(f"question {ex.uid!r} has no 'corpus' and no corpus_path is set")
+                raise TaskFileError(
+                    f"question {ex.uid!r} has no 'corpus' and no corpus_path is set"
+                )
     return TaskData(train=train, heldout=heldout, demos=demos, corpora=corpora.corpora)

@@ -47,22 +47,104 @@ from ..tools.text_search import BM25Index
 from .base import Example, TaskData
 
 ATTRIBUTES: dict[str, list[str]] = {
-    "home city": ["Marlow", "Dunmore", "Kestrel", "Oakhaven", "Brightwater", "Ravenholm",
-                  "Silverton", "Ashford", "Thornbury", "Elmstead", "Caldera", "Pinecrest"],
-    "profession": ["potter", "baker", "sailor", "glassblower", "cartographer", "beekeeper",
-                   "weaver", "locksmith", "astronomer", "falconer", "brewer", "tailor"],
-    "pet": ["heron", "ferret", "tortoise", "parrot", "badger", "gecko", "otter", "raven",
-            "hamster", "lynx", "newt", "pony"],
-    "favorite color": ["crimson", "teal", "amber", "violet", "ochre", "indigo", "scarlet",
-                       "olive", "cobalt", "magenta", "ivory", "jade"],
-    "instrument": ["lute", "harp", "cello", "flute", "oboe", "banjo", "viola", "drum",
-                   "zither", "trumpet", "organ", "fiddle"],
+    "home city": [
+        "Marlow",
+        "Dunmore",
+        "Kestrel",
+        "Oakhaven",
+        "Brightwater",
+        "Ravenholm",
+        "Silverton",
+        "Ashford",
+        "Thornbury",
+        "Elmstead",
+        "Caldera",
+        "Pinecrest",
+    ],
+    "profession": [
+        "potter",
+        "baker",
+        "sailor",
+        "glassblower",
+        "cartographer",
+        "beekeeper",
+        "weaver",
+        "locksmith",
+        "astronomer",
+        "falconer",
+        "brewer",
+        "tailor",
+    ],
+    "pet": [
+        "heron",
+        "ferret",
+        "tortoise",
+        "parrot",
+        "badger",
+        "gecko",
+        "otter",
+        "raven",
+        "hamster",
+        "lynx",
+        "newt",
+        "pony",
+    ],
+    "favorite color": [
+        "crimson",
+        "teal",
+        "amber",
+        "violet",
+        "ochre",
+        "indigo",
+        "scarlet",
+        "olive",
+        "cobalt",
+        "magenta",
+        "ivory",
+        "jade",
+    ],
+    "instrument": [
+        "lute",
+        "harp",
+        "cello",
+        "flute",
+        "oboe",
+        "banjo",
+        "viola",
+        "drum",
+        "zither",
+        "trumpet",
+        "organ",
+        "fiddle",
+    ],
 }
 RELATION = "mentor"  # entity-valued attribute that links two-hop questions
 KINDS = ("single", "two_fact", "two_hop")
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
-           "gr", "kr", "tr", "th", "qu", "st"]
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "tr",
+    "th",
+    "qu",
+    "st",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 _CODAS = ["", "", "n", "r", "x", "l", "m", "s", "th", "ck"]
 
@@ -126,8 +208,13 @@ class World:
         return fact_sentence(attribute, name, self.values[name, attribute])
 
 
-def make_world(names: list[str], attributes: list[str], rng: random.Random, corpus_id: int = 0,
-               relation: bool = False) -> World:
+def make_world(
+    names: list[str],
+    attributes: list[str],
+    rng: random.Random,
+    corpus_id: int = 0,
+    relation: bool = False,
+) -> World:
     """Draw a value per (entity, attribute) and, with ``relation``, a mentor for each
     *student*: the last third of ``names`` (at least one) are mentors, the others students.
     A mentor has no mentor, so the only document that holds both a student's name and the
@@ -137,7 +224,7 @@ def make_world(names: list[str], attributes: list[str], rng: random.Random, corp
         for attribute in attributes:
             world.values[name, attribute] = rng.choice(ATTRIBUTES[attribute])
     if relation and len(names) > 1:
-        mentors = names[len(names) - max(1, len(names) // 3):]
+        mentors = names[len(names) - max(1, len(names) // 3) :]
         students = names[: len(names) - len(mentors)]
         for name in students:
             world.values[name, RELATION] = rng.choice(mentors)
@@ -146,13 +233,27 @@ def make_world(names: list[str], attributes: list[str], rng: random.Random, corp
     return world
 
 
-def _example(world: World, kind: str, uid: str, text: str, answers: tuple[str, ...],
-             calls: list[tuple[str, str]]) -> Example:
+def _example(
+    world: World,
+    kind: str,
+    uid: str,
+    text: str,
+    answers: tuple[str, ...],
+    calls: list[tuple[str, str]],
+) -> Example:
     """An example whose call ``i`` searches ``calls[i] = (entity, attribute)``."""
     queries = tuple(demo_query(attribute, name) for name, attribute in calls)
     evidence = tuple((world.doc(name, attribute),) for name, attribute in calls)
-    return Example(uid=uid, question=text, answers=answers, corpus_id=world.corpus_id,
-                   query=queries[0], queries=queries, evidence=evidence, kind=kind)
+    return Example(
+        uid=uid,
+        question=text,
+        answers=answers,
+        corpus_id=world.corpus_id,
+        query=queries[0],
+        queries=queries,
+        evidence=evidence,
+        kind=kind,
+    )
 
 
 def questions_about(world: World, name: str, kind: str, uid: str) -> list[Example]:
@@ -161,28 +262,53 @@ def questions_about(world: World, name: str, kind: str, uid: str) -> list[Exampl
     attrs = world.attributes
     if kind == "single":
         for a in attrs:
-            out.append(_example(world, kind, f"{uid}-{a}", question_text(a, name),
-                                (world.values[name, a],), [(name, a)]))
+            out.append(
+                _example(
+                    world,
+                    kind,
+                    f"{uid}-{a}",
+                    question_text(a, name),
+                    (world.values[name, a],),
+                    [(name, a)],
+                )
+            )
     elif kind == "two_fact":
         for i, a in enumerate(attrs):
-            for b in attrs[i + 1:]:
+            for b in attrs[i + 1 :]:
                 answers = two_fact_answers(world.values[name, a], world.values[name, b])
-                out.append(_example(world, kind, f"{uid}-{a}+{b}", two_fact_text(a, b, name),
-                                    answers, [(name, a), (name, b)]))
+                out.append(
+                    _example(
+                        world,
+                        kind,
+                        f"{uid}-{a}+{b}",
+                        two_fact_text(a, b, name),
+                        answers,
+                        [(name, a), (name, b)],
+                    )
+                )
     elif kind == "two_hop":
         mentor = world.values.get((name, RELATION))
         if mentor is None:  # mentors have no mentor
             return []
         for a in attrs:
-            out.append(_example(world, kind, f"{uid}-{RELATION}-{a}", two_hop_text(a, name),
-                                (world.values[mentor, a],), [(name, RELATION), (mentor, a)]))
+            out.append(
+                _example(
+                    world,
+                    kind,
+                    f"{uid}-{RELATION}-{a}",
+                    two_hop_text(a, name),
+                    (world.values[mentor, a],),
+                    [(name, RELATION), (mentor, a)],
+                )
+            )
     else:
         raise ValueError(f"unknown question kind {kind!r}; available: {list(KINDS)}")
     return out
 
 
-def _mix(by_kind: Mapping[str, list[Example]], weights: Mapping[str, float],
-         rng: random.Random) -> list[Example]:
+def _mix(
+    by_kind: Mapping[str, list[Example]], weights: Mapping[str, float], rng: random.Random
+) -> list[Example]:
     """The largest shuffled selection whose kinds follow ``weights``."""
     active = {k: w for k, w in weights.items() if w > 0 and by_kind.get(k)}
     if not active:
@@ -198,8 +324,9 @@ def _mix(by_kind: Mapping[str, list[Example]], weights: Mapping[str, float],
     return out
 
 
-def sloppy_variant(ex: Example, world: World, index: BM25Index, rng: random.Random,
-                   fraction: float) -> Example | None:
+def sloppy_variant(
+    ex: Example, world: World, index: BM25Index, rng: random.Random, fraction: float
+) -> Example | None:
     """The example with each query made sloppy (the bare entity name) with probability
     ``fraction``, independently per call; ``None`` if a sloppy query misses its fact."""
     if fraction <= 0:
@@ -213,8 +340,16 @@ def sloppy_variant(ex: Example, world: World, index: BM25Index, rng: random.Rand
         if not hits or index.documents[hits[0][0]] not in hop:
             return None  # a failed sloppy trajectory is not a demonstration
         queries[i] = name
-    return Example(ex.uid, ex.question, ex.answers, ex.corpus_id, queries[0], tuple(queries),
-                   ex.evidence, ex.kind)
+    return Example(
+        ex.uid,
+        ex.question,
+        ex.answers,
+        ex.corpus_id,
+        queries[0],
+        tuple(queries),
+        ex.evidence,
+        ex.kind,
+    )
 
 
 def normalise_kinds(kinds: Mapping[str, float] | None) -> dict[str, float]:
@@ -223,16 +358,25 @@ def normalise_kinds(kinds: Mapping[str, float] | None) -> dict[str, float]:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"unknown question kinds {unknown}; available: {list(KINDS)}")
-    if any(not isinstance(w, (int, float)) or not w >= 0 for w in kinds.values()) \
-            or not sum(kinds.values()) > 0:
+    if (
+        any(not isinstance(w, (int, float)) or not w >= 0 for w in kinds.values())
+        or not sum(kinds.values()) > 0
+    ):
         raise ValueError(f"question kind weights must be >= 0 with a positive sum, got {kinds}")
     return {k: float(w) for k, w in kinds.items()}
 
 
-def synthetic_task(num_entities: int = 48, attributes: list[str] | None = None,
-                   heldout_fraction: float = 0.25, num_demos: int = 64, seed: int = 0,
-                   sloppy_demo_fraction: float = 0.0, demos_from: str = "train",
-                   world_size: int = 3, kinds: Mapping[str, float] | None = None) -> TaskData:
+def synthetic_task(
+    num_entities: int = 48,
+    attributes: list[str] | None = None,
+    heldout_fraction: float = 0.25,
+    num_demos: int = 64,
+    seed: int = 0,
+    sloppy_demo_fraction: float = 0.0,
+    demos_from: str = "train",
+    world_size: int = 3,
+    kinds: Mapping[str, float] | None = None,
+) -> TaskData:
     """Build the task (deterministic in its arguments); questions search corpus 0.
 
     ``kinds`` maps question kinds to their shares (default: ``single`` only).
@@ -260,16 +404,23 @@ def synthetic_task(num_entities: int = 48, attributes: list[str] | None = None,
     n_heldout = max(1, round(heldout_fraction * len(order)))
     splits = []
     for members in (order[n_heldout:], order[:n_heldout]):
-        by_kind = {k: [ex for name in members
-                       for ex in questions_about(world, name, k, f"syn-{seed}-{names.index(name)}")]
-                   for k in kinds}
+        by_kind = {
+            k: [
+                ex
+                for name in members
+                for ex in questions_about(world, name, k, f"syn-{seed}-{names.index(name)}")
+            ]
+            for k in kinds
+        }
         splits.append(_mix(by_kind, kinds, rng))
     train, heldout = splits
     corpora = {0: world.docs}
 
     demos_rng = random.Random(f"demos-{seed}")
     kind_names, kind_weights = list(kinds), list(kinds.values())
-    main_index = BM25Index(world.docs) if demos_from == "train" and sloppy_demo_fraction > 0 else None
+    main_index = (
+        BM25Index(world.docs) if demos_from == "train" and sloppy_demo_fraction > 0 else None
+    )
     demos: list[Example] = []
     attempts = 0
     while len(demos) < num_demos and attempts < 20 * max(num_demos, 1):

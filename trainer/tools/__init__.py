@@ -14,9 +14,15 @@ from .text_search import BM25Index, TextSearchTool
 AVAILABLE_TOOLS = ("search", "calculator", "failing", "slow")
 
 
-def build_registry(enabled: Sequence[str], corpora: Mapping[int, Sequence[str]], *,
-                   search_top_k: int = 1, timeout_s: float = 5.0, isolation: str = "process",
-                   workers: int = 2) -> ToolRegistry:
+def build_registry(
+    enabled: Sequence[str],
+    corpora: Mapping[int, Sequence[str]],
+    *,
+    search_top_k: int = 1,
+    timeout_s: float = 5.0,
+    isolation: str = "process",
+    workers: int = 2,
+) -> ToolRegistry:
     """A registry with the named tools, in the given order (their ids)."""
     tools: list[Tool] = []
     for name in enabled:
@@ -34,9 +40,24 @@ def build_registry(enabled: Sequence[str], corpora: Mapping[int, Sequence[str]],
 
 
 __all__ = [
-    "AVAILABLE_TOOLS", "BM25Index", "CalculatorTool", "FailingTool", "INVALID_TOOL", "ParsedCall",
-    "SIM_KINDS", "SlowTool", "TextSearchTool", "Tool", "ToolArgumentError", "ToolContext",
-    "ISOLATION", "ToolOutcome", "ToolRegistry", "ToolResult", "WITNESS_KINDS", "WITNESS_MODES",
+    "AVAILABLE_TOOLS",
+    "BM25Index",
+    "CalculatorTool",
+    "FailingTool",
+    "INVALID_TOOL",
+    "ParsedCall",
+    "SIM_KINDS",
+    "SlowTool",
+    "TextSearchTool",
+    "Tool",
+    "ToolArgumentError",
+    "ToolContext",
+    "ISOLATION",
+    "ToolOutcome",
+    "ToolRegistry",
+    "ToolResult",
+    "WITNESS_KINDS",
+    "WITNESS_MODES",
     "build_registry",
     "parse_tool_call",
 ]

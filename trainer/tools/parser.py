@@ -33,7 +33,9 @@ class ParsedCall:
         return self.error is None and self.tool_id >= 0
 
 
-def parse_tool_call(body: str, tools: Mapping[str, tuple[int, Tool]], closed: bool = True) -> ParsedCall:
+def parse_tool_call(
+    body: str, tools: Mapping[str, tuple[int, Tool]], closed: bool = True
+) -> ParsedCall:
     """``tools`` maps a tool name to ``(tool id, tool)``; ``closed`` = the closing tag was written."""
     call = ParsedCall(raw=body)
     if not closed:

@@ -41,8 +41,13 @@ class ToolOutcome:
 class ToolRegistry:
     """Tools by id (their order of registration) and name."""
 
-    def __init__(self, tools: Sequence[Tool], timeout_s: float = 5.0, isolation: str = "process",
-                 workers: int = 2) -> None:
+    def __init__(
+        self,
+        tools: Sequence[Tool],
+        timeout_s: float = 5.0,
+        isolation: str = "process",
+        workers: int = 2,
+    ) -> None:
         names = [t.name for t in tools]
         if len(set(names)) != len(names):
             raise ValueError(f"tool names must be unique, got {names}")
@@ -66,15 +71,21 @@ class ToolRegistry:
 
     def sim_kind_tensor(self, device: torch.device | str = "cpu") -> Tensor:
         """``(num_tools,) int64`` similarity kind of each tool id (``tool_sim_kind``)."""
-        return torch.tensor([SIM_KINDS[t.sim_kind] for t in self.tools], dtype=torch.int64,
-                            device=device)
+        return torch.tensor(
+            [SIM_KINDS[t.sim_kind] for t in self.tools], dtype=torch.int64, device=device
+        )
 
     def parse(self, body: str, closed: bool = True) -> ParsedCall:
         return parse_tool_call(body, self.by_name, closed)
 
-    def encode_calls(self, tool_ids: Sequence[int], param_texts: Sequence[str],
-                     refs: Sequence[Sequence[str]], mode: str = "tool",
-                     neural=None) -> Tensor:
+    def encode_calls(
+        self,
+        tool_ids: Sequence[int],
+        param_texts: Sequence[str],
+        refs: Sequence[Sequence[str]],
+        mode: str = "tool",
+        neural=None,
+    ) -> Tensor:
         """``(N, D)`` float32 TAPO parameter vectors of ``N`` calls, encoded as one batch.
 
         ``mode="tool"``: each tool's declared ``witness`` (``arguments``: ``encode_text`` of
@@ -96,11 +107,13 @@ class ToolRegistry:
                 raise ValueError("witness mode 'neural' needs a NeuralTextEncoder")
             texts = [t if i >= 0 else "" for i, t in zip(tool_ids, param_texts, strict=True)]
             return neural(texts)
-        by_results = [i >= 0 and mode == "tool" and self.tools[i].witness == "results"
-                      for i in tool_ids]
+        by_results = [
+            i >= 0 and mode == "tool" and self.tools[i].witness == "results" for i in tool_ids
+        ]
         out = torch.zeros(n, TEXT_DIM, dtype=torch.float32)
-        text_rows = [k for k, (i, r) in enumerate(zip(tool_ids, by_results, strict=True))
-                     if i >= 0 and not r]
+        text_rows = [
+            k for k, (i, r) in enumerate(zip(tool_ids, by_results, strict=True)) if i >= 0 and not r
+        ]
         if text_rows:
             out[text_rows] = encode_text([param_texts[k] for k in text_rows])
         result_rows = [k for k, r in enumerate(by_results) if r]
@@ -127,8 +140,9 @@ class ToolRegistry:
         if self.isolation == "process":
             if self._workers is None:
                 self._workers = ToolWorkers(self.tools, self.workers)
-            replies = self._workers.run([(c.tool_id, c.arguments, ctx.corpus_id)
-                                         for _, c, ctx in jobs], self.timeout_s)
+            replies = self._workers.run(
+                [(c.tool_id, c.arguments, ctx.corpus_id) for _, c, ctx in jobs], self.timeout_s
+            )
         else:
             replies = self._run_threads([(c, ctx) for _, c, ctx in jobs], start)
         for (i, call, _), (reply, elapsed) in zip(jobs, replies, strict=True):
@@ -143,8 +157,9 @@ class ToolRegistry:
                 outcomes[i] = ToolOutcome(f"error: {text}", ok=False, error=text, seconds=elapsed)
         return [o for o in outcomes if o is not None]
 
-    def _run_threads(self, jobs: Sequence[tuple[ParsedCall, ToolContext]],
-                     start: float) -> list[tuple[tuple[str, str, tuple[str, ...]] | None, float]]:
+    def _run_threads(
+        self, jobs: Sequence[tuple[ParsedCall, ToolContext]], start: float
+    ) -> list[tuple[tuple[str, str, tuple[str, ...]] | None, float]]:
         boxes: list[list] = []
         threads = []
         for call, context in jobs:

@@ -27,9 +27,11 @@ class BM25Index:
         self._retriever = bm25s.BM25()
         tokens = bm25s.tokenize(self.documents, stopwords="en", show_progress=False)
         if not tokens.vocab:
-            raise ValueError("a search corpus needs at least one indexable word (stop words "
-                             f"and punctuation are not indexed); its first document: "
-                             f"{self.documents[0][:80]!r}")
+            raise ValueError(
+                "a search corpus needs at least one indexable word (stop words "
+                f"and punctuation are not indexed); its first document: "
+                f"{self.documents[0][:80]!r}"
+            )
         self._retriever.index(tokens, show_progress=False)
         self._vocab = tokens.vocab
 
@@ -61,16 +63,19 @@ class TextSearchTool(Tool):
     required = {"query": str}
     optional = {"top_k": int}
 
-    def __init__(self, corpora: Mapping[int, Sequence[str]], top_k: int = 1,
-                 max_top_k: int = 5) -> None:
+    def __init__(
+        self, corpora: Mapping[int, Sequence[str]], top_k: int = 1, max_top_k: int = 5
+    ) -> None:
         self._corpora = dict(corpora)
         for corpus_id, docs in self._corpora.items():  # fail now, not at every search
             if not docs:
                 raise ValueError(f"search corpus {corpus_id} has no documents")
             words = bm25s.tokenize([" ".join(docs)], stopwords="en", show_progress=False).vocab
             if not words:
-                raise ValueError(f"search corpus {corpus_id} has no indexable word (stop words "
-                                 "and punctuation are not indexed)")
+                raise ValueError(
+                    f"search corpus {corpus_id} has no indexable word (stop words "
+                    "and punctuation are not indexed)"
+                )
         self._indexes: dict[int, BM25Index] = {}
         self._lock = threading.Lock()
         self.top_k = top_k

@@ -73,7 +73,12 @@ class _Worker:
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from trainer.tools.workers import worker_main; worker_main()"],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, env=env, text=True, encoding="utf-8", bufsize=1)
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+            encoding="utf-8",
+            bufsize=1,
+        )
         self.process.stdin.write(base64.b64encode(payload).decode() + "\n")
         self.process.stdin.flush()
         self.ready = False
@@ -138,8 +143,9 @@ class ToolWorkers:
         self._workers = [w for w in self._workers if w.ready and w.alive]
         return list(self._workers)
 
-    def run(self, calls: Sequence[tuple[int, dict, int]],
-            timeout_s: float) -> list[tuple[Reply | None, float]]:
+    def run(
+        self, calls: Sequence[tuple[int, dict, int]], timeout_s: float
+    ) -> list[tuple[Reply | None, float]]:
         """``calls``: ``(tool index, arguments, corpus id)``. Returns per call its reply
         (``None`` if it ran past ``timeout_s``: its worker was killed) and its seconds."""
         out: list[tuple[Reply | None, float]] = [(None, 0.0)] * len(calls)
@@ -177,8 +183,10 @@ class ToolWorkers:
                     out[i] = (worker.receive(), time.perf_counter() - started)
                     idle.append(worker)
                 except (EOFError, OSError, ValueError):  # the worker died on this call
-                    out[i] = (("error", "the tool's worker process died", ()),
-                              time.perf_counter() - started)
+                    out[i] = (
+                        ("error", "the tool's worker process died", ()),
+                        time.perf_counter() - started,
+                    )
                     worker.kill()
             now = time.perf_counter()
             for stream, (worker, i, started) in list(busy.items()):
@@ -202,4 +210,3 @@ class ToolWorkers:
             self.close()
         except Exception:
             pass
-
