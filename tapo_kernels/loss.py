@@ -13,10 +13,6 @@ from . import knobs as _knobs
 from .knobs import PRESETS  # noqa: F401  (public: tapo_kernels.PRESETS)
 from .reference import METRIC_NAMES
 
-# Presets and knob resolution live in ``knobs.py`` (re-exported here for compatibility).
-resolve_knobs = _knobs.resolve
-DEFAULT_KNOBS = _knobs.DEFAULTS
-
 
 @dataclass
 class PolicyLossOutput:

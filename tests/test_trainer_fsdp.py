@@ -14,32 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from trainer.testing import TINY_RUN_OVERRIDES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MICRO = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=1",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.vocab_size=300",
-    "model.max_position_embeddings=256",
-    "task.num_entities=8",
-    "task.attributes=[pet]",
-    "task.kinds={single: 1}",
-    "task.num_demos=8",
+    *TINY_RUN_OVERRIDES,
     "warmup.steps=2",
-    "warmup.batch_size=4",
-    "warmup.lr=3e-3",
-    "rollout.group_size=4",
     "rollout.max_new_tokens_per_turn=24",
     "rollout.max_total_tokens=128",
-    "rollout.max_turns=2",
-    "rl.prompts_per_step=2",
     "eval.num_questions=2",
     "eval.k=2",
     "eval.at_start=false",
-    "logging.progress=false",
     "logging.tensorboard=false",
     "logging.plots=false",
 ]

@@ -13,35 +13,19 @@ from trainer.config import ModelConfig, load_config
 from trainer.distributed import DistContext
 from trainer.metrics import MetricsLogger, read_metrics
 from trainer.modeling import TAGS, format_call, tiny_model
-from trainer.testing import ScriptedLM
+from trainer.testing import TINY_RUN_OVERRIDES, ScriptedLM
 from trainer.train import Trainer, main, run
 
 # a model and task small enough that a whole run takes seconds on one core
 MICRO = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=1",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.vocab_size=300",
-    "model.max_position_embeddings=256",
-    "task.num_entities=8",
-    "task.attributes=[pet]",
-    "task.kinds={single: 1}",
-    "task.num_demos=8",
+    *TINY_RUN_OVERRIDES,
     "warmup.steps=4",
-    "warmup.batch_size=4",
-    "warmup.lr=3e-3",
-    "rollout.group_size=4",
     "rollout.max_new_tokens_per_turn=48",
     "rollout.max_total_tokens=160",
-    "rollout.max_turns=2",
-    "rl.prompts_per_step=2",
     "rl.steps=2",
     "eval.num_questions=4",
     "eval.k=2",
     "checkpoint.every=1",
-    "logging.progress=false",
     "dist.threads_per_rank=1",
     "algo.num_minibatches=2",
 ]

@@ -1,7 +1,7 @@
 """The loss side of a training step: from a collated batch to gradients and named metrics.
 
 ``loss_knobs`` resolves a run's policy-loss settings through the package
-(``tapo_kernels.loss.resolve_knobs``: the ``algo.loss`` preset, then overrides). The policy
+(``tapo_kernels.knobs.resolve``: the ``algo.loss`` preset, then overrides). The policy
 loss of a micro-batch applies the TAPO lift inside the loss (``call_map`` / ``call_delta``)
 and starts from one of three loss inputs (``algo.loss_input``):
 
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.functional import pad
 
 import tapo_kernels
-from tapo_kernels.loss import resolve_knobs
+from tapo_kernels.knobs import resolve as resolve_loss_knobs
 from tapo_kernels.reference import METRIC_NAMES
 
 from .config import Config
@@ -48,14 +48,14 @@ def loss_knobs(cfg: Config) -> dict[str, Any]:
     (``global_count`` is left unset: the update sets it per mini-batch)."""
     a = cfg.algo
     overrides = {**a.loss_overrides, "kl_coef": a.kl_coef, "kl_type": a.kl_type}
-    knobs = resolve_knobs(a.loss, overrides)
+    knobs = resolve_loss_knobs(a.loss, overrides)
     # The one default of the trainer's own: with agg=seq-mean-token-sum-norm and no
     # norm_const, the package divides each row by the batch's padded length T, which changes
     # from step to step; the trainer has always used a constant for the whole run (the
     # Dr. GRPO normaliser), the longest episode, rollout.max_total_tokens.
     if knobs["agg"] == "seq-mean-token-sum-norm" and "norm_const" not in overrides:
         overrides["norm_const"] = float(cfg.rollout.max_total_tokens)
-        knobs = resolve_knobs(a.loss, overrides)
+        knobs = resolve_loss_knobs(a.loss, overrides)
     return knobs
 
 

@@ -64,3 +64,26 @@ class ScriptedLM(nn.Module):
         for i, row in enumerate(self.rows):
             logits[i, 0, self.next_token(row)] = 30.0
         return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+
+
+# Config overrides of the smallest run the trainer tests train: a 1-layer model on a tiny
+# single-fact task (each test file adds its own steps, sizes and logging switches).
+TINY_RUN_OVERRIDES = [
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.vocab_size=300",
+    "model.max_position_embeddings=256",
+    "task.num_entities=8",
+    "task.attributes=[pet]",
+    "task.kinds={single: 1}",
+    "task.num_demos=8",
+    "warmup.batch_size=4",
+    "warmup.lr=3e-3",
+    "rollout.group_size=4",
+    "rollout.max_turns=2",
+    "rl.prompts_per_step=2",
+    "logging.progress=false",
+]
