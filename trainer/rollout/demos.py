@@ -32,6 +32,7 @@ def demonstration(
         call_ids = fmt.encode(format_call(tool, {"query": query}, fmt.tags))
         start = len(ep.token_ids)
         ep.append(call_ids, policy=True)
+        ep.turn_spans.append((start, len(ep.token_ids)))
         body = fmt.decode(call_ids)[len(fmt.tags.tool_open) : -len(fmt.tags.tool_close)]
         parsed = registry.parse(body)
         (outcome,) = registry.execute([(parsed, ToolContext(example.corpus_id))])
@@ -53,9 +54,11 @@ def demonstration(
             )
         )
         ep.append(fmt.observation_ids(outcome.observation), policy=False)
+    start = len(ep.token_ids)
     ep.append(
         fmt.encode(f"{fmt.tags.answer_open}{example.answers[0]}{fmt.tags.answer_close}"),
         policy=True,
     )
+    ep.turn_spans.append((start, len(ep.token_ids)))
     ep.answer, ep.turns, ep.finish = example.answers[0], len(queries) + 1, "answer"
     return ep

@@ -225,6 +225,7 @@ class RolloutEngine:
                 start = len(ep.token_ids)
                 ep.append(out.tokens, policy=True, logp=out.logp)
                 ep.turns += 1
+                ep.turn_spans.append((start, start + len(out.tokens)))
                 text = self.fmt.decode(out.tokens)
                 # an EOS inside an unclosed call is not part of the call
                 body_tokens = out.tokens[:-1] if out.stop == "eos" else out.tokens

@@ -52,6 +52,8 @@ class Episode:
     calls: list[CallRecord] = field(default_factory=list)
     answer: str | None = None
     turns: int = 0
+    # token span [start, end) of each assistant turn, in order (policy tokens only)
+    turn_spans: list[tuple[int, int]] = field(default_factory=list)
     finish: str = ""  # answer | eos | max_turns | max_tokens | truncated
     reward: float = 0.0
     em: float = 0.0
