@@ -176,7 +176,7 @@ def test_run_directories_stay_inside_run_dir(override):
 
 
 def test_a_fresh_run_never_clears_a_directory_it_did_not_create(tmp_path):
-    from trainer.train import main
+    from trainer.cli import main
 
     foreign = tmp_path / "mine"
     (foreign / "checkpoints").mkdir(parents=True)
@@ -188,7 +188,7 @@ def test_a_fresh_run_never_clears_a_directory_it_did_not_create(tmp_path):
 
 
 def test_resume_without_a_valid_checkpoint_changes_nothing(tmp_path, capsys):
-    from trainer.train import main
+    from trainer.cli import main
 
     args = [*MICRO, f"logging.run_dir={tmp_path}", "logging.name=run", "rl.steps=1"]
     assert main(args) == 0
@@ -508,7 +508,7 @@ def test_task_files_give_errors_with_their_line(tmp_path):
 
 def test_a_skipped_nan_step_logs_nan_loss(tmp_path):
     from trainer.metrics import read_metrics
-    from trainer.train import main
+    from trainer.cli import main
 
     args = [
         *MICRO,

@@ -14,7 +14,8 @@ from trainer.distributed import DistContext
 from trainer.metrics import MetricsLogger, read_metrics
 from trainer.modeling import TAGS, format_call, tiny_model
 from trainer.testing import TINY_RUN_OVERRIDES, ScriptedLM
-from trainer.train import Trainer, main, run
+from trainer.cli import main, run
+from trainer.train import Trainer
 
 # a model and task small enough that a whole run takes seconds on one core
 MICRO = [
@@ -255,7 +256,7 @@ def _both_loss_paths(preset):
     TAPO lifts on two call spans, temperature 0.7, off-policy old log-probs.
     """
     import tapo_kernels
-    from trainer.train import micro_batch_loss
+    from trainer.loss import micro_batch_loss
 
     gen = torch.Generator().manual_seed(7)
     B, T, V, temp = 5, 11, 37, 0.7
@@ -373,7 +374,7 @@ def test_jsonl_task_trains_end_to_end(tmp_path):
 
 def _tiny_policy(**extra):
     from trainer.modeling import attach_hidden_loss, tiny_model
-    from trainer.train import hidden_batch_loss
+    from trainer.loss import hidden_batch_loss
 
     cfg = ModelConfig(
         vocab_size=61,
@@ -393,7 +394,7 @@ def _tiny_policy(**extra):
 @pytest.mark.parametrize("preset", ["grpo", "gspo", "sapo"])
 def test_hidden_state_loss_matches_the_logits_paths(preset):
     """Loss, metrics, entropy and every parameter gradient agree across the three loss inputs."""
-    from trainer.train import micro_batch_loss
+    from trainer.loss import micro_batch_loss
 
     model = _tiny_policy()
     gen = torch.Generator().manual_seed(11)

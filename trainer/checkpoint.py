@@ -15,6 +15,9 @@ even then DCP's pickled ``.metadata`` is read by an unpickler that admits only t
 checkpoint metadata classes, and non-tensor entries are read with ``weights_only=True``.
 ``resume_checkpoint`` takes the newest checkpoint that verifies and reports every newer one
 it skipped (a truncated shard, a flipped bit, a missing or bad file).
+
+``prepare_run_dir`` starts or continues a run directory: a fresh run replaces only the
+trainer's own outputs, and only in a directory the trainer created.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.optim import Optimizer
 
+from .config import RUN_MARKER, ConfigError
 from .distributed import DistContext, barrier, broadcast_object
 
 STATE_FILE = "trainer_state.json"
@@ -354,3 +358,55 @@ def load_checkpoint(
     if ctx.is_main:
         trainer_state = json.loads((path / STATE_FILE).read_text())
     return broadcast_object(trainer_state, ctx)
+
+
+# ---------------------------------------------------------------------- run directory
+
+
+def find_resume_point(run_path: Path, ctx: DistContext) -> Path:
+    """The newest verified checkpoint of the run (rank 0 decides, every rank gets the path)."""
+    found = None
+    if ctx.is_main:
+        path, skipped = resume_checkpoint(run_path)
+        for note in skipped:
+            print(f"--resume: skipping checkpoint {note}", flush=True)
+        found = None if path is None else str(path)
+    found = broadcast_object(found, ctx)
+    if found is None:
+        raise CheckpointError(
+            f"--resume: no checkpoint under {checkpoint_dir(run_path)} verifies; nothing "
+            "was changed (run without --resume to start afresh, which replaces the run's "
+            "outputs)"
+        )
+    return Path(found)
+
+
+# what a fresh run replaces in its run directory (nothing else there is ever touched)
+RUN_OUTPUT_FILES = ("metrics.jsonl", "summary.json")
+RUN_OUTPUT_DIRS = ("tensorboard", "checkpoints", "plots", "tokenizer")
+
+
+def prepare_run_dir(path: Path, fresh: bool) -> None:
+    """Mark ``path`` as this trainer's run directory; when ``fresh``, replace the outputs of
+    an earlier run of the same name. Only a directory this trainer created (its marker file,
+    or a run config) is ever cleared, and only the trainer's own outputs inside it."""
+    if fresh and path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"logging: {path} exists and is not a directory")
+        own = (path / RUN_MARKER).is_file() or (path / "config.yaml").is_file()
+        if not own and any(path.iterdir()):
+            raise ConfigError(
+                f"logging: {path} is not empty and was not created by "
+                "tapo-train; choose another logging.name or logging.run_dir"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_MARKER).touch()
+    if not fresh:
+        return
+    for name in RUN_OUTPUT_FILES:
+        (path / name).unlink(missing_ok=True)
+    for name in RUN_OUTPUT_DIRS:
+        if (path / name).is_symlink():
+            (path / name).unlink()
+        elif (path / name).is_dir():
+            shutil.rmtree(path / name)

@@ -112,6 +112,9 @@ class TaskConfig:
     eval_path: str | None = None
     corpus_path: str | None = None  # shared corpus, one document per line (txt) or {"text"} (jsonl)
     demos_path: str | None = None  # lines {"question", "answer", "query"} for the warm-up
+    # mixed-task batches: this share of each step's prompts comes from a second task
+    mix_task: str = "arithmetic"  # arithmetic (single-turn, checkable with the calculator)
+    mix_fraction: float = 0.0
 
 
 @dataclass
@@ -184,6 +187,35 @@ class TapoConfig:
     coverage: bool = True  # false: confidence = s (no support factor)
     gate: bool = True  # false: no confidence gate (alpha_min = 0)
     random_lift: bool = False  # control: the same lifts on as many random failing calls
+
+
+@dataclass
+class AxpoConfig:
+    """AXPO explorative resampling of all-wrong groups (trainer/axpo.py)."""
+
+    enabled: bool = False
+    budget: float = 0.25  # share of a group's rollouts whose prefixes are resampled (>= 1)
+    k: int = 4  # continuations per prefix
+    eps_low: float = 0.2  # PPO clip of the rows AXPO adds or rewrites
+    eps_high: float = 0.28
+
+
+@dataclass
+class TarlConfig:
+    """TARL turn-level judging (trainer/judges.py): the trajectory reward becomes
+    ``success_weight * success - penalty * [any turn -1] + min(bonus_cap, bonus_cap / T * #(+1))``."""
+
+    enabled: bool = False
+    judge: str = "rule"  # rule (ground truth of the bundled tasks) | http (chat-completions)
+    success_weight: float = 10.0
+    penalty: float = 5.0
+    bonus_cap: float = 5.0
+    # judge=http: an OpenAI-compatible endpoint (the API key comes from TAPO_JUDGE_API_KEY)
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "judge"
+    timeout_s: float = 30.0
+    max_retries: int = 3
+    max_concurrency: int = 8
 
 
 @dataclass
@@ -276,6 +308,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     tapo: TapoConfig = field(default_factory=TapoConfig)
+    axpo: AxpoConfig = field(default_factory=AxpoConfig)
+    tarl: TarlConfig = field(default_factory=TarlConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     rl: RLConfig = field(default_factory=RLConfig)
@@ -620,6 +654,32 @@ def validate(cfg: Config) -> None:
     from .tools import WITNESS_MODES
 
     choice("tapo.witness", tp.witness, list(WITNESS_MODES))
+
+    ax = cfg.axpo
+    check(0 < ax.budget <= 1, "axpo.budget", f"must be in (0, 1], got {ax.budget}")
+    check(ax.k >= 2, "axpo.k", f"must be >= 2 (continuations are a group), got {ax.k}")
+    try:
+        _loss_knobs.resolve(a.loss, {"eps_low": ax.eps_low, "eps_high": ax.eps_high})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"axpo.eps_low / axpo.eps_high: {exc}") from exc
+    tl = cfg.tarl
+    choice("tarl.judge", tl.judge, ["rule", "http"])
+    for name in ("success_weight", "penalty", "bonus_cap"):
+        nonneg(f"tarl.{name}", getattr(tl, name))
+    positive("tarl.timeout_s", tl.timeout_s)
+    nonneg("tarl.max_retries", tl.max_retries)
+    positive("tarl.max_concurrency", tl.max_concurrency)
+    choice("task.mix_task", cfg.task.mix_task, ["arithmetic"])
+    check(
+        0 <= cfg.task.mix_fraction < 1,
+        "task.mix_fraction",
+        f"must be in [0, 1), got {cfg.task.mix_fraction}",
+    )
+    check(
+        cfg.task.mix_fraction == 0 or "calculator" in cfg.tools.enabled,
+        "task.mix_fraction",
+        "the arithmetic task needs the calculator in tools.enabled",
+    )
 
     positive("optim.lr", cfg.optim.lr)
     nonneg("optim.weight_decay", cfg.optim.weight_decay)

@@ -49,6 +49,16 @@ def init_distributed(cfg: Config) -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.rl.prompts_per_step % world:
+        raise ConfigError(
+            f"rl.prompts_per_step ({cfg.rl.prompts_per_step}) must be divisible "
+            f"by the number of processes ({world})"
+        )
+    if cfg.warmup.steps and cfg.warmup.batch_size % world:
+        raise ConfigError(
+            f"warmup.batch_size ({cfg.warmup.batch_size}) must be divisible by "
+            f"the number of processes ({world})"
+        )
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was requested but no CUDA device is available")
@@ -79,6 +89,14 @@ def init_distributed(cfg: Config) -> DistContext:
     if device.type == "cpu":
         torch.set_num_threads(threads)
     return DistContext(rank, world, local_rank, device, want_fsdp)
+
+
+def frozen_dtype(cfg: Config, ctx: DistContext) -> torch.dtype | None:
+    """The dtype of frozen model copies: on GPUs with mixed precision they compute in the
+    same low precision as the trained model; otherwise they keep the model's dtype."""
+    if ctx.device.type != "cuda" or cfg.dist.mixed_precision == "off":
+        return None
+    return torch.bfloat16 if cfg.dist.mixed_precision == "bf16" else torch.float16
 
 
 def shard_model(

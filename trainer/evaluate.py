@@ -56,3 +56,14 @@ def evaluate(
         "eval/k": float(k),
         "eval/questions": total[0].item(),
     }
+
+
+def describe(tag: str, result: dict[str, float]) -> str:
+    """One line for the console: held-out pass@1 (and pass@k), tool use, size and time."""
+    k = int(result["eval/k"])
+    pass_k = f"pass@{k} {result['eval/pass@k']:.3f}  " if k else ""
+    return (
+        f"[eval {tag}] held-out pass@1 {result['eval/pass@1']:.3f}  {pass_k}"
+        f"tool-call rate {result['eval/tool_call_rate']:.2f}  "
+        f"({int(result['eval/questions'])} questions, {result.get('eval/time_s', 0.0):.1f} s)"
+    )

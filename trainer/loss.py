@@ -20,6 +20,7 @@ logged values.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -286,9 +287,10 @@ class Losses:
         return loss_sum
 
     def policy_loss(
-        self, model: nn.Module, x: LossInputs, global_count: float
+        self, model: nn.Module, x: LossInputs, global_count: float, clip: dict | None = None
     ) -> tuple[Tensor, dict[str, float], Tensor]:
-        """``(loss, metrics, entropy [b, T])`` of one micro-batch through the loss input."""
+        """``(loss, metrics, entropy [b, T])`` of one micro-batch through the loss input
+        (``clip``: other ``eps_low`` / ``eps_high`` for these rows)."""
         tensors = dict(
             old_logp=x.old_logp,
             advantages=x.advantages,
@@ -297,7 +299,7 @@ class Losses:
             call_map=x.call_map,
             call_delta=x.call_delta,
         )
-        knobs = {**self.knobs, "global_count": global_count}
+        knobs = {**self.knobs, **(clip or {}), "global_count": global_count}
         if self.loss_input == "hidden":
             with self.autocast:
                 return model.hidden_loss(
@@ -324,24 +326,59 @@ class Losses:
         call_delta: Tensor | None,
         sums: dict[str, float],
         nan: bool = False,
+        clip_rows: Tensor | None = None,
+        clip: dict[str, float] | None = None,
     ) -> bool:
         """Backward of the policy loss of the mini-batch ``rows`` of a batch (``[B, T]``
         ``advantages`` / ``ref_logp`` / ``call_map``), normalised by its ``global_count``;
         adds its metrics to ``sums``; whether every loss was finite. ``nan``: fault
-        injection, a diverged step."""
+        injection, a diverged step. Rows flagged in ``clip_rows`` (``[B]`` bool) use the
+        ``eps_low`` / ``eps_high`` of ``clip`` (the loss is a sum over rows once normalised
+        by ``global_count``, so they are a separate call of the same loss)."""
         count = global_count(self.knobs["agg"], batch.mask[rows].sum(1), self.ctx)
         finite = True
         for micro in self.micro_slices(rows.start, rows.stop):
-            x = loss_inputs(batch, micro, advantages, ref_logp, call_map, call_delta)
-            loss, metrics, entropy = self.policy_loss(model, x, count)
-            if nan:
-                loss = loss * float("nan")
-            loss.backward()
-            finite &= add_micro_batch(sums, loss, metrics, entropy, x.mask)
+            for part, part_clip in self._clip_parts(micro, clip_rows, clip):
+                x = loss_inputs(batch, part, advantages, ref_logp, call_map, call_delta)
+                loss, metrics, entropy = self.policy_loss(model, x, count, part_clip)
+                if nan:
+                    loss = loss * float("nan")
+                loss.backward()
+                finite &= add_micro_batch(sums, loss, metrics, entropy, x.mask)
         return finite
+
+    def _clip_parts(self, micro: slice, clip_rows: Tensor | None, clip: dict | None) -> list:
+        """``micro`` as ``(rows, clip)`` parts: all of it, or its unflagged and flagged rows."""
+        if clip_rows is None or not clip or all(self.knobs[k] == v for k, v in clip.items()):
+            return [(micro, None)]
+        flags = clip_rows[micro].cpu()
+        index = torch.arange(micro.start, micro.stop)
+        parts = [(index[~flags], None), (index[flags], clip)]
+        return [(i.to(clip_rows.device), c) for i, c in parts if len(i)]
 
 
 # ---------------------------------------------------------------------- metrics by name
+
+
+def clip_and_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    max_norm: float,
+    loss_ok: bool,
+    ctx: DistContext,
+) -> tuple[float, bool]:
+    """Clip the gradient norm to ``max_norm`` (0: no clipping), then step unless the loss or
+    the norm is not finite on any rank (all ranks agree); returns ``(norm, stepped)``."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    norm_value = float(norm)
+    bad = all_reduce_sum([0.0 if (loss_ok and math.isfinite(norm_value)) else 1.0], ctx)
+    ok = bad.item() == 0
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm_value, ok
 
 
 def new_update_sums() -> dict[str, float]:

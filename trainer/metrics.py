@@ -1,4 +1,5 @@
-"""Run outputs: ``metrics.jsonl`` (one line per step, fsynced), TensorBoard events, PNG plots.
+"""Run outputs: ``metrics.jsonl`` (one line per step, fsynced), TensorBoard events, PNG plots,
+and the metrics of one RL step (``step_metrics``: every rank's sums reduced by name).
 
 Only rank 0 writes. On resume, lines of steps after the checkpoint are dropped (they are
 recomputed), so the file always reads as one uninterrupted run.
@@ -10,10 +11,15 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import loss
 from .checkpoint import write_atomic
+from .credit import TAPO_COUNTS, Credit, truth_rates
+from .distributed import DistContext
+from .rollout import Batch, Episode
 
 # plot panels: title -> metric keys (missing keys are skipped)
 PANELS: dict[str, list[str]] = {
@@ -174,3 +180,118 @@ def make_plots(run_path: Path) -> list[Path]:
         written.append(path)
     plt.close(fig)
     return written
+
+
+def step_metrics(
+    episodes: Sequence[Episode],
+    batch: Batch,
+    update: dict[str, float],
+    credit: Credit,
+    truth: dict[str, float],
+    ctx: DistContext,
+    *,
+    grad_norm: float,
+    skipped: float,
+    lr: float,
+    lifts: bool,
+    t_rollout: float,
+    step_time: float,
+) -> dict[str, Any]:
+    """The ``train/``, ``actor/``, ``tapo/``, ``truth/`` and ``perf/`` metrics of one RL step.
+
+    ``update`` holds the loss sums of this rank's updates (``loss.UPDATE_SUMS``), ``truth``
+    the ground-truth counts of ``credit.truth_counts``; every count is summed over ranks
+    before the rates are taken, so the metrics are those of the global batch.
+    """
+    calls = [c for ep in episodes for c in ep.calls]
+    s = loss.reduce_metrics(
+        {
+            "n": len(episodes),
+            "reward": sum(ep.reward for ep in episodes),
+            "em": sum(ep.em for ep in episodes),
+            "f1": sum(ep.f1 for ep in episodes),
+            "used": sum(bool(ep.calls) for ep in episodes),
+            "calls": len(calls),
+            "invalid": sum(not c.valid for c in calls),
+            "answered": sum(ep.answer is not None for ep in episodes),
+            "policy_tokens": sum(ep.num_policy_tokens for ep in episodes),
+            "all_tokens": float(batch.attention_mask.sum()),
+            "turns": sum(ep.turns for ep in episodes),
+            **update,
+            **{k: credit.counts.get(k, 0.0) for k in TAPO_COUNTS},
+            **truth,
+        },
+        ctx,
+    )
+    n = s["n"]
+    t_encode, t_correct = credit.seconds.get("encode", 0.0), credit.seconds.get("correct", 0.0)
+    step_time = max(step_time, 1e-9)
+    return {
+        "train/reward": s["reward"] / n,
+        "train/accuracy": s["em"] / n,
+        "train/f1": s["f1"] / n,
+        "train/tool_call_rate": s["used"] / n,
+        "train/calls_per_episode": s["calls"] / n,
+        "train/invalid_call_rate": s["invalid"] / max(s["calls"], 1.0),
+        "train/answer_rate": s["answered"] / n,
+        "train/turns": s["turns"] / n,
+        "train/response_tokens": s["policy_tokens"] / n,
+        **loss.actor_metrics(s, ctx.world),
+        "actor/grad_norm": grad_norm,
+        "actor/skipped_steps": skipped,
+        "actor/lr": lr,
+        **loss.tapo_metrics(s),
+        **truth_rates(s, lifts=lifts),
+        "perf/step_time_s": step_time,
+        "perf/rollout_time_s": t_rollout,
+        "perf/rollout_tokens_per_s": s["policy_tokens"] / max(t_rollout, 1e-9),
+        "perf/tokens_per_s": s["all_tokens"] / step_time,
+        "perf/tapo_encode_s": t_encode,
+        "perf/fused_correct_s": t_correct,
+        "perf/fused_correct_share": t_correct / step_time,
+        "perf/tapo_share": (t_encode + t_correct) / step_time,
+    }
+
+
+def run_summary(
+    run_path: Path, rl_steps: int, evals: dict[str, dict[str, float]], wall_time_s: float
+) -> dict[str, Any]:
+    """The run's ``summary.json`` content (held-out accuracies by evaluation tag)."""
+    return {
+        "run": str(run_path),
+        "rl_steps": rl_steps,
+        "wall_time_s": wall_time_s,
+        "heldout_pass@1": {k: v["eval/pass@1"] for k, v in evals.items()},
+        "heldout_pass@k": {k: v["eval/pass@k"] for k, v in evals.items()},
+    }
+
+
+def print_summary(summary: dict[str, Any], evals: dict[str, dict[str, float]]) -> None:
+    """Held-out accuracy before and after RL, and where the outputs are."""
+    shown = [k for k in ("initial", "after_warmup", "final") if k in evals]
+    print(
+        "\nheld-out accuracy (greedy pass@1): "
+        + " | ".join(f"{k} {evals[k]['eval/pass@1']:.3f}" for k in shown)
+    )
+    before = evals.get("after_warmup", evals.get("initial"))
+    after = evals.get("final")
+    if before and after:
+        b, a = before["eval/pass@1"], after["eval/pass@1"]
+        print(f"RL changed held-out accuracy by {a - b:+.3f} ({b:.3f} before RL -> {a:.3f} after)")
+    run = Path(summary["run"])
+    print(
+        f"metrics: {run / 'metrics.jsonl'}   plots: {run / 'plots'}   "
+        f"wall time {summary['wall_time_s']:.0f} s",
+        flush=True,
+    )
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stdout, or None when disabled or there is nothing to count."""
+    if not enabled or total == 0:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stdout)

@@ -10,7 +10,8 @@ the same vocabulary as the checkpoint it loads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,49 @@ def load_pretrained(cfg: ModelConfig):
         local_files_only=True,
     )
     return model, tokenizer
+
+
+def build_policy(
+    cfg: ModelConfig,
+    tokenizer_dir: Path,
+    texts: Callable[[], Iterable[str]],
+    seed: int,
+    is_main: bool,
+    barrier: Callable[[], None],
+):
+    """``(model, tokenizer)``: the local checkpoint of ``cfg.path``, or a tiny model with a
+    tokenizer trained on ``texts()`` by the main rank and saved to ``tokenizer_dir`` (reused
+    when it exists, so a resumed run sees the same vocabulary). Collective: every rank calls
+    it, ``barrier`` separates the main rank's write from every rank's read."""
+    if cfg.path is not None:
+        return load_pretrained(cfg)
+    if is_main and not (tokenizer_dir / "tokenizer.json").exists():
+        train_tokenizer(texts(), cfg.vocab_size).save_pretrained(tokenizer_dir)
+    barrier()
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+    return model, tokenizer
+
+
+def tokenizer_texts(task, prompt_template: str) -> list[str]:
+    """The text a tiny model's tokenizer is trained on: the task's questions, answers and
+    documents, the prompts and the demonstrations' calls."""
+    texts = list(task.texts())
+    for ex in task.train + task.heldout + task.demos:
+        texts.append(prompt_template.format(question=ex.question))
+        texts.extend(format_call(ex.tool, {ex.tool_arg: q}) for q in ex.demo_queries())
+    return texts
+
+
+def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A gradient-free copy in eval mode (optionally cast): the KL reference or a rollout
+    replica."""
+    clone = copy.deepcopy(model)
+    if dtype is not None:
+        clone.to(dtype)
+    clone.requires_grad_(False)
+    clone.eval()
+    return clone
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

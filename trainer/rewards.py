@@ -50,3 +50,11 @@ def reward(prediction: str | None, answers: Sequence[str], kind: str = "em") -> 
     if kind == "f1":
         return f1_score(prediction, answers)
     raise ValueError(f"unknown reward {kind!r}; expected 'em' or 'f1'")
+
+
+def score_episodes(episodes, kind: str = "em") -> None:
+    """Set each episode's ``em``, ``f1`` and training ``reward`` from its answer."""
+    for ep in episodes:
+        ep.em = exact_match(ep.answer, ep.example.answers)
+        ep.f1 = f1_score(ep.answer, ep.example.answers)
+        ep.reward = reward(ep.answer, ep.example.answers, kind)

@@ -15,13 +15,11 @@ from .engine import PromptFormatter
 from .episode import CallRecord, Episode
 
 
-def demonstration(
-    fmt: PromptFormatter, registry: ToolRegistry, example: Example, tool: str = "search"
-) -> Episode:
+def demonstration(fmt: PromptFormatter, registry: ToolRegistry, example: Example) -> Episode:
     """The episode ``prompt, (<tool_call>{query}</tool_call>, <obs>...</obs>)*, <answer>a</answer>``.
 
-    One call per query of ``example.demo_queries()``, each followed by the real observation
-    of the registry's tool, then the first accepted answer.
+    One call of ``example.tool`` per query of ``example.demo_queries()``, each followed by
+    the real observation of the registry's tool, then the first accepted answer.
     """
     queries = example.demo_queries()
     if not queries:
@@ -29,7 +27,7 @@ def demonstration(
     prompt = fmt.prompt_ids(example)
     ep = Episode(example, 0, len(prompt), list(prompt), [0] * len(prompt), [0.0] * len(prompt))
     for query in queries:
-        call_ids = fmt.encode(format_call(tool, {"query": query}, fmt.tags))
+        call_ids = fmt.encode(format_call(example.tool, {example.tool_arg: query}, fmt.tags))
         start = len(ep.token_ids)
         ep.append(call_ids, policy=True)
         ep.turn_spans.append((start, len(ep.token_ids)))

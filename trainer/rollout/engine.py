@@ -173,9 +173,6 @@ class RolloutEngine:
         greedy: bool = False,
     ) -> list[Episode]:
         """One episode per example (repeat an example G times for a group)."""
-        temperature = self.cfg.temperature if temperature is None else temperature
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        fault_rng = random.Random(seed)
         episodes = []
         for ex, g in zip(examples, group_ids, strict=True):
             prompt = self.fmt.prompt_ids(ex)
@@ -184,6 +181,22 @@ class RolloutEngine:
                     ex, int(g), len(prompt), list(prompt), [0] * len(prompt), [0.0] * len(prompt)
                 )
             )
+        return self.continue_episodes(episodes, seed=seed, temperature=temperature, greedy=greedy)
+
+    @torch.no_grad()
+    def continue_episodes(
+        self,
+        episodes: list[Episode],
+        *,
+        seed: int,
+        temperature: float | None = None,
+        greedy: bool = False,
+    ) -> list[Episode]:
+        """Generate until every episode is done, in place; an episode may end inside an
+        assistant turn (``Episode.open_turn`` tokens of it), which is then continued."""
+        temperature = self.cfg.temperature if temperature is None else temperature
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        fault_rng = random.Random(seed)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -222,21 +235,24 @@ class RolloutEngine:
             )
             pending: list[tuple[Episode, int, int, ParsedCall]] = []
             for ep, out in zip(active, outputs, strict=True):
-                start = len(ep.token_ids)
+                # the turn starts before the new tokens when an open turn is continued
+                start = len(ep.token_ids) - ep.open_turn
+                ep.open_turn = 0
                 ep.append(out.tokens, policy=True, logp=out.logp)
+                turn = ep.token_ids[start:]
                 ep.turns += 1
-                ep.turn_spans.append((start, start + len(out.tokens)))
-                text = self.fmt.decode(out.tokens)
+                ep.turn_spans.append((start, len(ep.token_ids)))
+                text = self.fmt.decode(turn)
                 # an EOS inside an unclosed call is not part of the call
-                body_tokens = out.tokens[:-1] if out.stop == "eos" else out.tokens
+                body_tokens = turn[:-1] if out.stop == "eos" else turn
                 span = find_call(self.fmt, body_tokens) if out.stop != "answer" else None
                 if span is None and out.stop == "tool":  # a closing tag without an opening one
-                    span = (0, len(out.tokens), text, True)
+                    span = (0, len(turn), text, True)
                     parsed = ParsedCall(
                         raw=text,
                         error=f"the tool call has no opening {self.fmt.tags.tool_open} tag",
                     )
-                    pending.append((ep, start, start + len(out.tokens), parsed))
+                    pending.append((ep, start, start + len(turn), parsed))
                 elif span is not None:
                     i0, i1, body, closed = span
                     parsed = self.registry.parse(body, closed=closed)

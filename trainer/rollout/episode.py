@@ -54,6 +54,7 @@ class Episode:
     turns: int = 0
     # token span [start, end) of each assistant turn, in order (policy tokens only)
     turn_spans: list[tuple[int, int]] = field(default_factory=list)
+    open_turn: int = 0  # trailing tokens of an assistant turn still to be continued
     finish: str = ""  # answer | eos | max_turns | max_tokens | truncated
     reward: float = 0.0
     em: float = 0.0

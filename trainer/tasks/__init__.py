@@ -1,10 +1,12 @@
-"""Datasets: the bundled synthetic search task and a JSONL loader."""
+"""Datasets: the bundled synthetic search task, a JSONL loader, and the arithmetic task
+that can be mixed into either."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Example, TaskData
+from .arithmetic import arithmetic_task
+from .base import Example, TaskData, draw_prompts
 from .jsonl import TaskFileError, load_jsonl_task, read_corpus
 from .synthetic import ATTRIBUTES, synthetic_task
 
@@ -13,7 +15,19 @@ if TYPE_CHECKING:
 
 
 def load_task(cfg: TaskConfig) -> TaskData:
-    """The task a config names."""
+    """The task a config names, with ``cfg.mix_task`` mixed in when ``cfg.mix_fraction > 0``
+    (its training questions, and demonstrations in proportion to the mixed share)."""
+    task = _main_task(cfg)
+    if cfg.mix_fraction > 0:
+        n_demos = max(16, round(len(task.demos) * cfg.mix_fraction))
+        key = min(task.corpora, default=0)
+        mixed = arithmetic_task(num_demos=n_demos, seed=cfg.seed, corpus_id=key)
+        task.mix_train = mixed.train
+        task.demos = task.demos + mixed.demos
+    return task
+
+
+def _main_task(cfg: TaskConfig) -> TaskData:
     if cfg.name == "synthetic":
         return synthetic_task(
             cfg.num_entities,
@@ -40,6 +54,8 @@ __all__ = [
     "Example",
     "TaskData",
     "TaskFileError",
+    "arithmetic_task",
+    "draw_prompts",
     "load_jsonl_task",
     "load_task",
     "read_corpus",

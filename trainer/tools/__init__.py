@@ -39,6 +39,23 @@ def build_registry(
     return ToolRegistry(tools, timeout_s=timeout_s, isolation=isolation, workers=workers)
 
 
+def registry_from_config(cfg, corpora: Mapping[int, Sequence[str]]) -> ToolRegistry:
+    """``build_registry`` with the settings of a ``ToolsConfig``; errors name the config key."""
+    from ..config import ConfigError
+
+    try:
+        return build_registry(
+            cfg.enabled,
+            corpora,
+            search_top_k=cfg.search_top_k,
+            timeout_s=cfg.timeout_s,
+            isolation=cfg.isolation,
+            workers=cfg.workers,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"tools: {exc}") from exc
+
+
 __all__ = [
     "AVAILABLE_TOOLS",
     "BM25Index",
@@ -59,5 +76,6 @@ __all__ = [
     "WITNESS_KINDS",
     "WITNESS_MODES",
     "build_registry",
+    "registry_from_config",
     "parse_tool_call",
 ]
