@@ -151,6 +151,12 @@ class AxpoResult:
     rows: list[int] = field(default_factory=list)  # batch rows AXPO added or rewrote
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUM_KEYS, 0.0))
 
+    def row_flags(self, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
+        """``[B]`` bool: the batch rows AXPO added or rewrote."""
+        flags = torch.zeros(batch_size, dtype=torch.bool)
+        flags[self.rows] = True
+        return flags.to(device)
+
 
 def resample(
     engine: RolloutEngine,
@@ -204,7 +210,8 @@ def recovery_advantages(
     for g in {episodes[i].group for i in recovered}:
         idx = [i for i, ep in enumerate(episodes) if ep.group == g]
         rewards = torch.tensor([float(recovered.get(i, False)) for i in idx])
-        adv = group_advantages(rewards, torch.zeros(len(idx), dtype=torch.int64), scale_by_std)
+        zeros = torch.zeros(len(idx), dtype=torch.int64)
+        adv = group_advantages(rewards, zeros, scale_by_std=scale_by_std)
         out.update({i: float(a) for i, a in zip(idx, adv.tolist(), strict=True) if i in recovered})
     return out
 
@@ -220,12 +227,14 @@ def apply_advantages(seq_adv: Tensor, result: AxpoResult) -> Tensor:
 
 
 def rates(s: dict[str, float], policy_tokens: float, step_time: float, world: int) -> dict:
-    """``axpo/*`` metrics from the step's sums (over ranks)."""
+    """``axpo/*`` metrics from the step's sums (over ranks); ``policy_tokens``: the step's
+    own rollouts' (the extra tokens are a share of both together)."""
     return {
         "axpo/all_wrong_groups": s["axpo_all_wrong"],
         "axpo/all_wrong_rate": s["axpo_all_wrong"] / max(s["axpo_groups"], 1.0),
         "axpo/prefixes_resampled": s["axpo_prefixes"],
         "axpo/recovery_rate": s["axpo_recovered"] / max(s["axpo_prefixes"], 1.0),
-        "axpo/extra_token_share": s["axpo_extra_tokens"] / max(policy_tokens, 1.0),
+        "axpo/extra_token_share": s["axpo_extra_tokens"]
+        / max(policy_tokens + s["axpo_extra_tokens"], 1.0),
         "axpo/time_share": s["axpo_seconds"] / world / max(step_time, 1e-9),
     }

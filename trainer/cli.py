@@ -56,6 +56,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         return trainer.fit()
     finally:
         trainer.registry.close()
+        trainer.scorer.close()
         cleanup(trainer.ctx)
 
 

@@ -221,3 +221,12 @@ def truth_rates(sums: dict[str, float], lifts: bool = True) -> dict[str, float]:
     ratio("truth/mean_lift_bad", "lift_sum_bad", "failing_valid_bad_calls")
     rates["truth/lifted_calls"] = sums["lifted_calls"]
     return rates
+
+
+def neural_encoder(cfg: TapoConfig):
+    """The sentence encoder of ``tapo.witness=neural`` (None for the other witnesses)."""
+    if not (cfg.enabled and cfg.witness == "neural"):
+        return None
+    from tapo_kernels.params import NeuralTextEncoder
+
+    return NeuralTextEncoder()

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ PANELS: dict[str, list[str]] = {
     "throughput": ["perf/tokens_per_s", "perf/step_time_s"],
     "tapo_cost": ["perf/tapo_share", "perf/fused_correct_share"],
     "warmup": ["warmup/loss"],
+    "axpo": ["axpo/all_wrong_rate", "axpo/recovery_rate", "axpo/extra_token_share"],
+    "tarl": ["tarl/turn_pos_rate", "tarl/turn_neg_rate", "tarl/turn_zero_rate"],
+    "tasks": ["task/main/accuracy", "task/arithmetic/accuracy"],
 }
 
 
@@ -196,12 +199,16 @@ def step_metrics(
     lifts: bool,
     t_rollout: float,
     step_time: float,
+    extra_sums: dict[str, float] | None = None,
+    extra_rates: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """The ``train/``, ``actor/``, ``tapo/``, ``truth/`` and ``perf/`` metrics of one RL step.
 
     ``update`` holds the loss sums of this rank's updates (``loss.UPDATE_SUMS``), ``truth``
     the ground-truth counts of ``credit.truth_counts``; every count is summed over ranks
-    before the rates are taken, so the metrics are those of the global batch.
+    before the rates are taken, so the metrics are those of the global batch. ``extra_sums``
+    are reduced with them and ``extra_rates`` turns the reduced sums into more metrics
+    (AXPO, TARL, per-task).
     """
     calls = [c for ep in episodes for c in ep.calls]
     s = loss.reduce_metrics(
@@ -220,6 +227,7 @@ def step_metrics(
             **update,
             **{k: credit.counts.get(k, 0.0) for k in TAPO_COUNTS},
             **truth,
+            **(extra_sums or {}),
         },
         ctx,
     )
@@ -250,6 +258,7 @@ def step_metrics(
         "perf/fused_correct_s": t_correct,
         "perf/fused_correct_share": t_correct / step_time,
         "perf/tapo_share": (t_encode + t_correct) / step_time,
+        **(extra_rates(s) if extra_rates else {}),
     }
 
 

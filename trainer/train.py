@@ -43,7 +43,7 @@ from torch import Tensor
 
 from tapo_kernels.reference import group_advantages
 
-from . import loss
+from . import axpo, loss
 from .checkpoint import (
     find_resume_point,
     load_checkpoint,
@@ -52,7 +52,7 @@ from .checkpoint import (
     write_atomic,
 )
 from .config import Config
-from .credit import correct_credit, truth_counts
+from .credit import correct_credit, neural_encoder, truth_counts
 from .distributed import (
     DistContext,
     barrier,
@@ -72,8 +72,8 @@ from .metrics import (
     step_metrics,
 )
 from .modeling import build_policy, count_parameters, frozen_copy, tokenizer_texts
-from .rewards import score_episodes
 from .rollout import Batch, RolloutEngine, collate, demonstration
+from .scoring import Scorer, step_extras
 from .tasks import TaskData, draw_prompts, load_task
 from .tools import registry_from_config
 from .warmup import supervised_warmup
@@ -115,14 +115,16 @@ class Trainer:
         self.task: TaskData = load_task(cfg.task)
         self.registry = registry_from_config(cfg.tools, self.task.corpora)
         self.sim_kind = self.registry.sim_kind_tensor(ctx.device)
-        self.neural = None
-        if cfg.tapo.enabled and cfg.tapo.witness == "neural":
-            from tapo_kernels.params import NeuralTextEncoder
-
-            self.neural = NeuralTextEncoder()
+        self.neural = neural_encoder(cfg.tapo)
         self._build_model()
+        self.scorer = Scorer(cfg, self.engine.fmt.decode)
+        self.tasks = ["main"] + ([cfg.task.mix_task] if self.task.mix_train else [])
+        self.axpo_clip = {"eps_low": cfg.axpo.eps_low, "eps_high": cfg.axpo.eps_high}
         self.state: dict[str, Any] = {"phase": "start", "rl_step": 0, "global_step": 0, "evals": {}}
-        self.optimizer = self._rl_optimizer()
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+        )
         if self.checkpoint is not None:
             self.state = load_checkpoint(
                 self.checkpoint, self.model, self.optimizer, ctx, self.ref_model
@@ -169,28 +171,11 @@ class Trainer:
         else:
             self.rollout_model = model
             self.model = model
-        self.engine = RolloutEngine(
-            self.rollout_model,
-            tokenizer,
-            self.registry,
-            cfg.rollout,
-            max_obs_tokens=cfg.tools.max_obs_tokens,
-            malformed_call_rate=cfg.debug.malformed_call_rate,
-            fault_tool_rate=cfg.debug.fault_tool_rate,
-        )
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        for eos in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
-            self.engine.stop_ids.setdefault(int(eos), "eos")  # e.g. <|im_end|> of chat models
+        self.engine = RolloutEngine.from_config(self.rollout_model, tokenizer, self.registry, cfg)
 
     def _sync_rollout_model(self) -> None:
         if self.rollout_model is not self.model:
             copy_full_weights(self.model, self.rollout_model)
-
-    def _rl_optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        return torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
-        )
 
     # ------------------------------------------------------------------ warm-up
 
@@ -238,8 +223,17 @@ class Trainer:
             examples, groups, seed=step_seed("rollout", cfg.seed, rl_step, ctx.rank)
         )
         t_rollout = time.perf_counter() - t0
-        # 2. rewards and advantages
-        score_episodes(episodes, cfg.algo.reward)
+        # 2. rewards (TARL: judged turns), AXPO's resampling, advantages
+        self.scorer.reset()
+        self.scorer(episodes)
+        rollouts = episodes  # the step's own rollouts (train/* metrics), without AXPO's
+        axpo_out = None
+        if cfg.axpo.enabled:
+            seed = step_seed("axpo", cfg.seed, rl_step, ctx.rank)
+            axpo_out = axpo.resample(
+                self.engine, episodes, cfg.axpo, G, seed, self.scorer, cfg.algo.scale_by_std
+            )
+            episodes = rollouts + axpo_out.continuations
         if cfg.debug.kill_at_step == rl_step:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, no cleanup
         batch = collate(episodes, self.tokenizer.pad_token_id).to(ctx.device)
@@ -251,6 +245,8 @@ class Trainer:
         seq_adv = group_advantages(
             batch.rewards, batch.group_ids, scale_by_std=cfg.algo.scale_by_std
         ).to(ctx.device)  # [B]
+        if axpo_out is not None:
+            seq_adv = axpo.apply_advantages(seq_adv, axpo_out)
         advantages = seq_adv[:, None] * batch.mask  # [B, T]
         # 3. TAPO (encoding + fused_correct, timed), then its ground-truth statistics
         credit = correct_credit(
@@ -268,13 +264,23 @@ class Trainer:
         # 4-5. policy update
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_at(rl_step)
+        clip_rows = None if axpo_out is None else axpo_out.row_flags(len(episodes), ctx.device)
         sums, grad_norm, skipped = self._update(
-            batch, credit.advantages, ref_logp, credit.call_map, credit.call_delta, rl_step
+            batch,
+            credit.advantages,
+            ref_logp,
+            credit.call_map,
+            credit.call_delta,
+            rl_step,
+            clip_rows,
         )
         self._sync_rollout_model()
         step_time = time.perf_counter() - t_step
+        extra, extra_rates = step_extras(
+            self.scorer, rollouts, self.tasks, axpo_out, ctx.world, step_time
+        )
         return step_metrics(
-            episodes,
+            rollouts,
             batch,
             sums,
             credit,
@@ -286,6 +292,8 @@ class Trainer:
             lifts=cfg.tapo.enabled,
             t_rollout=t_rollout,
             step_time=step_time,
+            extra_sums=extra,
+            extra_rates=extra_rates,
         )
 
     def _update(
@@ -296,6 +304,7 @@ class Trainer:
         call_map: Tensor | None,
         call_delta: Tensor | None,
         rl_step: int,
+        clip_rows: Tensor | None = None,
     ) -> tuple[dict[str, float], float, float]:
         """``algo.num_minibatches`` optimizer steps on the batch: this rank's
         ``loss.UPDATE_SUMS``, the largest gradient norm and the number of skipped steps."""
@@ -315,6 +324,8 @@ class Trainer:
                 call_delta,
                 sums,
                 nan=rl_step in self.cfg.debug.nan_loss_steps,
+                clip_rows=clip_rows,
+                clip=self.axpo_clip,
             )
             norm, ok = loss.clip_and_step(
                 self.model, self.optimizer, self.cfg.optim.grad_clip, finite, self.ctx

@@ -156,6 +156,24 @@ class RolloutEngine:
             else:
                 self.text_stops[tag] = reason
 
+    @classmethod
+    def from_config(cls, model: nn.Module, tokenizer, registry: ToolRegistry, cfg) -> RolloutEngine:
+        """The engine of a run's ``Config``; the model's generation-config EOS ids (e.g.
+        ``<|im_end|>`` of chat models) also stop a turn."""
+        engine = cls(
+            model,
+            tokenizer,
+            registry,
+            cfg.rollout,
+            max_obs_tokens=cfg.tools.max_obs_tokens,
+            malformed_call_rate=cfg.debug.malformed_call_rate,
+            fault_tool_rate=cfg.debug.fault_tool_rate,
+        )
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        for eos in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
+            engine.stop_ids.setdefault(int(eos), "eos")
+        return engine
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
