@@ -1,4 +1,5 @@
-"""Two processes with FSDP2 over gloo (torchrun): every loss with TAPO on and off, kill + resume.
+"""Two processes with FSDP2 over gloo (torchrun): every loss with TAPO on and off, the AXPO /
+TARL / mixed-task configs, kill + resume.
 
 Run by pytest, this file launches ``torchrun``; launched by torchrun (``python -m
 torch.distributed.run ... tests/test_trainer_fsdp.py smoke <dir>``) it is the worker that
@@ -75,6 +76,34 @@ def test_every_loss_with_and_without_tapo_trains_under_fsdp2(tmp_path):
     assert "2 process(es) on cpu with FSDP2" in proc.stdout
 
 
+# config file -> metric prefixes its steps must log
+EXPLORE = {
+    "tiny_grpo_tapo_axpo": ("axpo/", "tapo/"),
+    "tiny_grpo_tarl": ("tarl/",),
+    "tiny_grpo_tapo_axpo_tarl": ("axpo/", "tarl/", "tapo/", "task/arithmetic/"),
+}
+
+
+def test_axpo_tarl_and_mixed_configs_run_on_two_processes(tmp_path):
+    proc = torchrun(str(Path(__file__).resolve()), "explore", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name, prefixes in EXPLORE.items():
+        rl = [r for r in rows(tmp_path / name / "metrics.jsonl") if r.get("phase") == "rl"]
+        assert [r["rl_step"] for r in rl] == [1, 2], name
+        for r in rl:
+            assert math.isfinite(r["actor/loss"]) and r["actor/skipped_steps"] == 0, (name, r)
+            for prefix in prefixes:
+                assert any(k.startswith(prefix) for k in r), (name, prefix)
+            for k, v in r.items():
+                if k.startswith(("axpo/", "tarl/", "task/")):
+                    assert math.isfinite(v) and v >= 0 or k.endswith("/reward"), (name, k, v)
+        if "tarl/" in prefixes:
+            # the judged turns: every turn gets exactly one verdict
+            r = rl[-1]
+            total = r["tarl/turn_pos_rate"] + r["tarl/turn_zero_rate"] + r["tarl/turn_neg_rate"]
+            assert total == pytest.approx(1.0)
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = [
         "-m",
@@ -127,8 +156,37 @@ def _smoke_worker(out_dir: str) -> None:
     cleanup(trainer.ctx)
 
 
+def _explore_worker(out_dir: str) -> None:
+    """Train two RL steps of each AXPO / TARL / mixed-task config in this process pair."""
+    sys.path.insert(0, str(ROOT))
+    from trainer.config import load_config
+    from trainer.distributed import cleanup
+    from trainer.train import Trainer
+
+    trainer = None
+    for name in EXPLORE:
+        cfg = load_config(
+            str(ROOT / "trainer" / "configs" / f"{name}.yaml"),
+            [
+                *MICRO,
+                "task.attributes=[pet, home city]",  # the file's question kinds need two
+                "rl.steps=2",
+                "checkpoint.every=0",
+                f"logging.run_dir={out_dir}",
+                f"logging.name={name}",
+            ],
+        )
+        trainer = Trainer(cfg)
+        trainer.fit()
+        trainer.scorer.close()
+        trainer.registry.close()
+    cleanup(trainer.ctx)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "smoke":
         _smoke_worker(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "explore":
+        _explore_worker(sys.argv[2])
     else:
         pytest.main([__file__, "-q"])

@@ -11,8 +11,15 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
 def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, fold whitespace."""
+    """Lower-case, drop punctuation and articles, fold whitespace. A bare number keeps its
+    sign and is written canonically ("-9", "+9.0" -> "9"), so "9" never matches "-9"."""
+    if _NUMBER.fullmatch(text.strip()):
+        value = float(text.strip())
+        return str(int(value)) if value.is_integer() else repr(value)
     text = text.lower().translate(_PUNCT)
     return " ".join(_ARTICLES.sub(" ", text).split())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -46,10 +47,15 @@ class Example:
         return tuple(doc for hop in self.evidence for doc in hop)
 
     def is_good_observation(self, observation: str) -> bool | None:
-        """Whether an observation holds gold evidence (``None`` without ground truth)."""
+        """Whether an observation holds gold evidence (``None`` without ground truth): one of
+        the documents, not as part of a longer word or number ("45" is not in "450" or
+        "-45")."""
         if not self.evidence:
             return None
-        return any(doc in observation for doc in self.evidence_docs())
+        return any(
+            re.search(rf"(?<![\w.-]){re.escape(doc)}(?![\w]|\.\d)", observation)
+            for doc in self.evidence_docs()
+        )
 
 
 @dataclass
