@@ -276,3 +276,13 @@ def collate_calls_empty():
     from tapo_kernels import ToolCalls
 
     return ToolCalls.empty(4)
+
+
+def test_pad_rows_adds_rows_that_train_nothing():
+    eps = [episode(0, 0), episode(1, 0)]
+    padded = axpo.pad_rows(list(eps), 5)
+    assert len(padded) == 5 and padded[:2] == eps
+    for i, p in enumerate(padded[2:]):
+        assert p.mask == [0] and p.calls == [] and p.reward == 0.0 and len(p.token_ids) == 1
+        assert p.group == 2 + i  # a group of its own: advantage 0
+    assert axpo.pad_rows(list(eps), 2) == eps

@@ -23,7 +23,8 @@ point where the trajectories committed to a tool call:
    own advantage.
 
 The rows AXPO adds or rewrites are flagged, so the loss can clip them with their own
-``eps_low`` / ``eps_high`` (0.2 / 0.28 by default).
+``eps_low`` / ``eps_high`` (0.2 / 0.28 by default). Ranks add different numbers of rows;
+``pad_rows`` evens them out with rows that train nothing.
 """
 
 from __future__ import annotations
@@ -224,6 +225,18 @@ def apply_advantages(seq_adv: Tensor, result: AxpoResult) -> Tensor:
     for i, a in result.source_advantage.items():
         seq_adv[i] = a
     return seq_adv
+
+
+def pad_rows(episodes: list[Episode], rows: int) -> list[Episode]:
+    """``episodes`` padded to ``rows`` with one-token rows that train nothing (mask 0, no
+    call, reward 0, a group of their own): under FSDP every rank must run the same number of
+    forward and backward passes, and AXPO adds a different number of rows on each rank."""
+    next_group = max((ep.group for ep in episodes), default=-1) + 1
+    pad = [
+        Episode(episodes[0].example, next_group + i, 1, [episodes[0].token_ids[0]], [0], [0.0])
+        for i in range(rows - len(episodes))
+    ]
+    return episodes + pad
 
 
 def rates(s: dict[str, float], policy_tokens: float, step_time: float, world: int) -> dict:

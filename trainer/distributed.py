@@ -143,6 +143,15 @@ def all_reduce_sum(values: list[float] | Tensor, ctx: DistContext) -> Tensor:
     return t.cpu()
 
 
+def all_reduce_max(value: float, ctx: DistContext) -> float:
+    """The largest ``value`` over ranks."""
+    t = torch.tensor([value], dtype=torch.float64)
+    if ctx.distributed and ctx.world > 1:
+        t = t.to(ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()

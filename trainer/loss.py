@@ -333,13 +333,17 @@ class Losses:
         ``advantages`` / ``ref_logp`` / ``call_map``), normalised by its ``global_count``;
         adds its metrics to ``sums``; whether every loss was finite. ``nan``: fault
         injection, a diverged step. Rows flagged in ``clip_rows`` (``[B]`` bool) use the
-        ``eps_low`` / ``eps_high`` of ``clip`` (the loss is a sum over rows once normalised
-        by ``global_count``, so they are a separate call of the same loss)."""
+        ``eps_low`` / ``eps_high`` of ``clip``: the loss is a sum over rows once normalised by
+        ``global_count``, so each micro-batch is a call of the same loss on the unflagged rows'
+        tokens plus one on the flagged rows' (the mask split, the rows kept, so every rank
+        runs the same passes under FSDP)."""
         count = global_count(self.knobs["agg"], batch.mask[rows].sum(1), self.ctx)
         finite = True
         for micro in self.micro_slices(rows.start, rows.stop):
-            for part, part_clip in self._clip_parts(micro, clip_rows, clip):
-                x = loss_inputs(batch, part, advantages, ref_logp, call_map, call_delta)
+            for keep, part_clip in self._clip_parts(micro, clip_rows, clip):
+                x = loss_inputs(batch, micro, advantages, ref_logp, call_map, call_delta)
+                if keep is not None:
+                    x.mask = x.mask * keep[:, None]
                 loss, metrics, entropy = self.policy_loss(model, x, count, part_clip)
                 if nan:
                     loss = loss * float("nan")
@@ -348,13 +352,13 @@ class Losses:
         return finite
 
     def _clip_parts(self, micro: slice, clip_rows: Tensor | None, clip: dict | None) -> list:
-        """``micro`` as ``(rows, clip)`` parts: all of it, or its unflagged and flagged rows."""
+        """``(row weights, clip)`` parts of a micro-batch: ``[(None, None)]`` (all of it, the
+        run's clip), or the unflagged rows with the run's clip and the flagged rows with
+        ``clip`` (always both, whatever the flags, so every rank makes the same calls)."""
         if clip_rows is None or not clip or all(self.knobs[k] == v for k, v in clip.items()):
-            return [(micro, None)]
-        flags = clip_rows[micro].cpu()
-        index = torch.arange(micro.start, micro.stop)
-        parts = [(index[~flags], None), (index[flags], clip)]
-        return [(i.to(clip_rows.device), c) for i, c in parts if len(i)]
+            return [(None, None)]
+        flags = clip_rows[micro].float()
+        return [(1.0 - flags, None), (flags, clip)]
 
 
 # ---------------------------------------------------------------------- metrics by name

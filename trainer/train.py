@@ -55,6 +55,7 @@ from .config import Config
 from .credit import correct_credit, neural_encoder, truth_counts
 from .distributed import (
     DistContext,
+    all_reduce_max,
     barrier,
     cleanup,
     copy_full_weights,
@@ -233,7 +234,8 @@ class Trainer:
             axpo_out = axpo.resample(
                 self.engine, episodes, cfg.axpo, G, seed, self.scorer, cfg.algo.scale_by_std
             )
-            episodes = rollouts + axpo_out.continuations
+            rows = int(all_reduce_max(len(rollouts) + len(axpo_out.continuations), ctx))
+            episodes = axpo.pad_rows(rollouts + axpo_out.continuations, rows)
         if cfg.debug.kill_at_step == rl_step:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, no cleanup
         batch = collate(episodes, self.tokenizer.pad_token_id).to(ctx.device)
