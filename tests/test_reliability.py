@@ -507,8 +507,8 @@ def test_task_files_give_errors_with_their_line(tmp_path):
 
 
 def test_a_skipped_nan_step_logs_nan_loss(tmp_path):
-    from trainer.metrics import read_metrics
     from trainer.cli import main
+    from trainer.metrics import read_metrics
 
     args = [
         *MICRO,

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.cli import main, run
 from trainer.config import ModelConfig, load_config
 from trainer.distributed import DistContext
 from trainer.metrics import MetricsLogger, read_metrics
 from trainer.modeling import TAGS, format_call, tiny_model
 from trainer.testing import TINY_RUN_OVERRIDES, ScriptedLM
-from trainer.cli import main, run
 from trainer.train import Trainer
 
 # a model and task small enough that a whole run takes seconds on one core
@@ -373,8 +373,8 @@ def test_jsonl_task_trains_end_to_end(tmp_path):
 
 
 def _tiny_policy(**extra):
-    from trainer.modeling import attach_hidden_loss, tiny_model
     from trainer.loss import hidden_batch_loss
+    from trainer.modeling import attach_hidden_loss, tiny_model
 
     cfg = ModelConfig(
         vocab_size=61,
