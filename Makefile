@@ -1,6 +1,9 @@
 # tapo-kernels: the everyday commands. `make test` and `make train` work on a fresh machine.
 PY ?= python3
 PIP = $(PY) -m pip install -q --disable-pip-version-check
+# from the clang-format wheel (the `test` extra), found on PATH (the venv's bin/ in CI)
+CLANG_FORMAT ?= clang-format
+CSRC = $(wildcard csrc/*.cpp csrc/*.h)
 
 .PHONY: install test test-fast test-reliability bench train study demo lint format clean
 
@@ -31,11 +34,13 @@ study: install  ## the TAPO study (GRPO vs TAPO vs ablations, 5 seeds; about an 
 demo: install  ## correct a synthetic batch and print what TAPO did
 	$(PY) -m tapo_kernels.demo
 
-lint:  ## ruff format and ruff check, as CI runs them
+lint:  ## ruff format and ruff check, then clang-format on csrc/, as CI runs them
 	$(PY) -m ruff format --check . && $(PY) -m ruff check .
+	$(CLANG_FORMAT) --dry-run --Werror $(CSRC)
 
-format:
-	ruff format . && ruff check --fix .
+format:  ## apply ruff and clang-format (.clang-format) in place
+	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
+	$(CLANG_FORMAT) -i $(CSRC)
 
 clean:
 	rm -rf build *.egg-info tapo_kernels/_C*.so .pytest_cache .benchmarks

@@ -41,8 +41,8 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
-#include <string>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -96,8 +96,8 @@ __attribute__((always_inline)) inline float reduce_lanes(Vec8 lo, Vec8 hi) {
 }
 
 __attribute__((always_inline)) inline void dot_block_body(const float* const* fail_rows,
-                                                          const float* const* cand_rows,
-                                                          int64_t C, int64_t D, float* out) {
+                                                          const float* const* cand_rows, int64_t C,
+                                                          int64_t D, float* out) {
   static_assert(kLanes == 16, "two 8-lane vectors per failing call");
   const float* p[kFailBlock];
   for (int f = 0; f < kFailBlock; ++f) p[f] = fail_rows[f];
@@ -147,9 +147,7 @@ __attribute__((target("avx2"))) void dot_block_avx2(const float* const* fail_row
 
 using DotBlockFn = void (*)(const float* const*, const float* const*, int64_t, int64_t, float*);
 
-DotBlockFn pick_dot_block() {
-  return cpu_has_avx2() ? &dot_block_avx2 : &dot_block_generic;
-}
+DotBlockFn pick_dot_block() { return cpu_has_avx2() ? &dot_block_avx2 : &dot_block_generic; }
 
 // Candidate boxes (x1, y1, x2, y2) = p[:4] and their areas, one array per coordinate.
 struct BoxesSoA {
@@ -171,8 +169,7 @@ struct BoxesSoA {
 // results), 0 when the union is empty. Eight candidates per step.
 __attribute__((always_inline)) inline void iou_row_body(const float* box, const BoxesSoA& cands,
                                                         int64_t lo, int64_t C, float* out) {
-  const Vec8 ax1 = splat8(box[0]), ay1 = splat8(box[1]), ax2 = splat8(box[2]),
-             ay2 = splat8(box[3]);
+  const Vec8 ax1 = splat8(box[0]), ay1 = splat8(box[1]), ax2 = splat8(box[2]), ay2 = splat8(box[3]);
   const Vec8 zero = splat8(0.0f);
   const Vec8 area_a = splat8(std::max(box[2] - box[0], 0.0f) * std::max(box[3] - box[1], 0.0f));
   auto step = [&](int64_t c, Vec8 bx1, Vec8 by1, Vec8 bx2, Vec8 by2, Vec8 area_b) {
@@ -266,9 +263,7 @@ inline void spin_pause() {
 struct CallKey {
   int64_t tool, key, row, call;
   bool same_match(const CallKey& o) const { return tool == o.tool && key == o.key; }
-  bool match_less(const CallKey& o) const {
-    return std::tie(tool, key) < std::tie(o.tool, o.key);
-  }
+  bool match_less(const CallKey& o) const { return std::tie(tool, key) < std::tie(o.tool, o.key); }
   bool operator<(const CallKey& o) const {
     return std::tie(tool, key, row, call) < std::tie(o.tool, o.key, o.row, o.call);
   }
@@ -316,11 +311,16 @@ void check_fused_correct_args(const at::Tensor& advantages, const at::Tensor& se
                               const at::Tensor& call_tool, const at::Tensor& call_key,
                               const at::Tensor& call_params, const at::Tensor& tool_sim_kind,
                               double theta, double alpha_min, double beta) {
-  check_same_device({{"advantages", &advantages}, {"seq_advantages", &seq_advantages},
-                     {"group_ids", &group_ids}, {"call_seq", &call_seq},
-                     {"call_start", &call_start}, {"call_end", &call_end},
-                     {"call_tool", &call_tool}, {"call_key", &call_key},
-                     {"call_params", &call_params}, {"tool_sim_kind", &tool_sim_kind}});
+  check_same_device({{"advantages", &advantages},
+                     {"seq_advantages", &seq_advantages},
+                     {"group_ids", &group_ids},
+                     {"call_seq", &call_seq},
+                     {"call_start", &call_start},
+                     {"call_end", &call_end},
+                     {"call_tool", &call_tool},
+                     {"call_key", &call_key},
+                     {"call_params", &call_params},
+                     {"tool_sim_kind", &tool_sim_kind}});
   TORCH_CHECK_VALUE(advantages.dim() == 2, "advantages must be 2-D (B, T), got shape ",
                     shape_repr(advantages.sizes()));
   const int64_t B = advantages.size(0);
@@ -333,9 +333,11 @@ void check_fused_correct_args(const at::Tensor& advantages, const at::Tensor& se
   TORCH_CHECK_VALUE(call_seq.dim() == 1, "call_seq must be 1-D (N,), got shape ",
                     shape_repr(call_seq.sizes()));
   const int64_t N = call_seq.size(0);
-  const std::pair<const char*, const at::Tensor*> int_args[] = {
-      {"call_seq", &call_seq}, {"call_start", &call_start}, {"call_end", &call_end},
-      {"call_tool", &call_tool}, {"call_key", &call_key}};
+  const std::pair<const char*, const at::Tensor*> int_args[] = {{"call_seq", &call_seq},
+                                                                {"call_start", &call_start},
+                                                                {"call_end", &call_end},
+                                                                {"call_tool", &call_tool},
+                                                                {"call_key", &call_key}};
   for (const auto& [name, t] : int_args) {
     check_dtype(name, *t, {at::kLong});
     check_shape(name, *t, {N});
@@ -349,8 +351,9 @@ void check_fused_correct_args(const at::Tensor& advantages, const at::Tensor& se
   check_dtype("tool_sim_kind", tool_sim_kind, {at::kLong});
   TORCH_CHECK_VALUE(std::isfinite(theta) && theta >= 0.0 && theta <= 1.0,
                     "theta must be in [0, 1], got ", theta);
-  TORCH_CHECK_VALUE(finite32(alpha_min) && alpha_min >= 0.0,
-                    "alpha_min must be finite and >= 0, got ", alpha_min);
+  // alpha_min gates the confidence s_k * cov_k, which lies in [0, 1] (docs/math.md, 2.4)
+  TORCH_CHECK_VALUE(std::isfinite(alpha_min) && alpha_min >= 0.0 && alpha_min <= 1.0,
+                    "alpha_min must be in [0, 1], got ", alpha_min);
   TORCH_CHECK_VALUE(finite32(beta) && beta >= 0.0, "beta must be finite and >= 0, got ", beta);
 }
 
@@ -360,11 +363,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     const at::Tensor& advantages, const at::Tensor& seq_advantages, const at::Tensor& group_ids,
     const at::Tensor& call_seq, const at::Tensor& call_start, const at::Tensor& call_end,
     const at::Tensor& call_tool, const at::Tensor& call_key, const at::Tensor& call_params,
-    const at::Tensor& tool_sim_kind, double theta, double alpha_min, double beta,
-    bool batch_scope, bool coverage) {
+    const at::Tensor& tool_sim_kind, double theta, double alpha_min, double beta, bool batch_scope,
+    bool coverage) {
   check_fused_correct_args(advantages, seq_advantages, group_ids, call_seq, call_start, call_end,
-                           call_tool, call_key, call_params, tool_sim_kind, theta, alpha_min,
-                           beta);
+                           call_tool, call_key, call_params, tool_sim_kind, theta, alpha_min, beta);
   const int64_t B = advantages.size(0);
   const int64_t T = advantages.size(1);
   const int64_t N = call_seq.size(0);
@@ -400,9 +402,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
 
   // Inputs of the call part in fp32 / contiguous form (ATen work stays outside the parallel
   // region below).
-  const at::Tensor params_t =
-      call_params.scalar_type() == at::kFloat ? call_params.contiguous()
-                                              : call_params.to(at::kFloat).contiguous();
+  const at::Tensor params_t = call_params.scalar_type() == at::kFloat
+                                  ? call_params.contiguous()
+                                  : call_params.to(at::kFloat).contiguous();
   const float* params = params_t.data_ptr<float>();
   const at::Tensor seq_t = call_seq.contiguous(), start_t = call_start.contiguous(),
                    end_t = call_end.contiguous(), tool_t = call_tool.contiguous(),
@@ -471,11 +473,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
         const Span& a = spans[i - 1];
         const Span& b = spans[i];
         if (b.row == a.row && b.start < a.end) {
-          const std::string msg =
-              "call_start/call_end: overlapping call spans in row " + std::to_string(a.row) +
-              " ([" + std::to_string(a.start) + ", " + std::to_string(a.end) + ") and [" +
-              std::to_string(b.start) + ", " + std::to_string(b.end) +
-              ")): each token may belong to at most one call";
+          const std::string msg = "call_start/call_end: overlapping call spans in row " +
+                                  std::to_string(a.row) + " ([" + std::to_string(a.start) + ", " +
+                                  std::to_string(a.end) + ") and [" + std::to_string(b.start) +
+                                  ", " + std::to_string(b.end) +
+                                  ")): each token may belong to at most one call";
           check_value(false, msg.c_str());
         }
       }
@@ -677,7 +679,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_correct_cpu(
     while (!(until_planned && planned.load(std::memory_order_acquire))) {
       const int64_t lo = next.fetch_add(rows_per_chunk, std::memory_order_relaxed);
       if (lo >= n) break;
-      for (int64_t i = lo; i < std::min(n, lo + rows_per_chunk); ++i) bad |= copy_row(rows[i], lifts);
+      for (int64_t i = lo; i < std::min(n, lo + rows_per_chunk); ++i)
+        bad |= copy_row(rows[i], lifts);
     }
     if (bad) finite.store(false, std::memory_order_relaxed);
   };

@@ -101,13 +101,9 @@ TAPO_INLINE float load1(const scalar_t* p) {
 }
 
 // exp(xs) with xs <= ~0; exactly 0 below kExpFloor (also for xs = -inf).
-TAPO_INLINE VF exp_floor(VF xs) {
-  return xs >= splat<VF>(kExpFloor) ? vexp(xs) : VF{};
-}
+TAPO_INLINE VF exp_floor(VF xs) { return xs >= splat<VF>(kExpFloor) ? vexp(xs) : VF{}; }
 
-TAPO_INLINE float exp_floor1(float xs) {
-  return exp_floor(splat<VF>(xs))[0];
-}
+TAPO_INLINE float exp_floor1(float xs) { return exp_floor(splat<VF>(xs))[0]; }
 
 TAPO_INLINE double lane_sum(VF v) {
   double s = 0.0;
@@ -279,9 +275,8 @@ void backward_row_generic(const scalar_t* x, out_t* out, int64_t label, float g,
 }
 
 template <typename scalar_t, typename out_t>
-__attribute__((target("avx2"))) void backward_row_avx2(const scalar_t* x, out_t* out,
-                                                       int64_t label, float g, float logp,
-                                                       const RowArgs& a) {
+__attribute__((target("avx2"))) void backward_row_avx2(const scalar_t* x, out_t* out, int64_t label,
+                                                       float g, float logp, const RowArgs& a) {
   backward_row_body(x, out, label, g, logp, a);
 }
 
@@ -304,8 +299,9 @@ void dispatch_logits(at::ScalarType dtype, F&& f) {
     case at::kFloat: f(float{}); break;
     case at::kBFloat16: f(c10::BFloat16{}); break;
     case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK_TYPE(false, "logits must have dtype float32/bfloat16/float16, got ",
-                              dtype_name(dtype));
+    default:
+      TORCH_CHECK_TYPE(false, "logits must have dtype float32/bfloat16/float16, got ",
+                       dtype_name(dtype));
   }
 }
 
@@ -324,15 +320,16 @@ void check_labels(const at::Tensor& labels, int64_t B, int64_t T, int64_t V) {
 
 // logp (and entropy, when ent_p) of every (B, T) row of logits; labels, logp_p and ent_p are
 // flat over the rows. Unchecked: the callers validate.
-void forward_rows(const at::Tensor& logits, const int64_t* lab_p, float temperature,
-                  float* logp_p, float* ent_p) {
+void forward_rows(const at::Tensor& logits, const int64_t* lab_p, float temperature, float* logp_p,
+                  float* ent_p) {
   const int64_t T = logits.size(1), V = logits.size(2), rows = logits.size(0) * T;
   const RowArgs a{V, temperature, temperature != 1.0f};
   const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
   dispatch_logits(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* base = logits.const_data_ptr<scalar_t>();
-    const auto row_fn = cpu_has_avx2() ? &forward_row_avx2<scalar_t> : &forward_row_generic<scalar_t>;
+    const auto row_fn =
+        cpu_has_avx2() ? &forward_row_avx2<scalar_t> : &forward_row_generic<scalar_t>;
     at::parallel_for(0, rows, row_grain(V), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const int64_t label = lab_p[r];
@@ -369,15 +366,15 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows(const at::Tensor& logits, const 
 // d loss / d logits of every (B, T) row of logits into out (same shape, any row strides).
 template <typename scalar_t, typename out_t>
 void backward_rows_typed(const at::Tensor& logits, const at::Tensor& out, const int64_t* lab_p,
-                       const float* g_p, const float* logp_p, float temperature) {
+                         const float* g_p, const float* logp_p, float temperature) {
   const int64_t T = logits.size(1), V = logits.size(2), rows = logits.size(0) * T;
   const RowArgs a{V, temperature, temperature != 1.0f};
   const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
   const int64_t o0 = out.stride(0), o1 = out.stride(1);
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   out_t* obase = out.mutable_data_ptr<out_t>();
-  const auto row_fn = cpu_has_avx2() ? &backward_row_avx2<scalar_t, out_t>
-                                     : &backward_row_generic<scalar_t, out_t>;
+  const auto row_fn =
+      cpu_has_avx2() ? &backward_row_avx2<scalar_t, out_t> : &backward_row_generic<scalar_t, out_t>;
   at::parallel_for(0, rows, row_grain(V), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / T, t = r % T;
@@ -454,8 +451,13 @@ HiddenArgs hidden_args(const at::Tensor& hidden, const at::Tensor& weight,
                      "bias must have the dtype of hidden");
   }
   check_labels(labels, B, T, V);
-  return {hidden.reshape({B * T, H}).contiguous(), labels.reshape({B * T}).contiguous(),
-          weight.t(), bias, B * T, V, chunk};
+  return {hidden.reshape({B * T, H}).contiguous(),
+          labels.reshape({B * T}).contiguous(),
+          weight.t(),
+          bias,
+          B * T,
+          V,
+          chunk};
 }
 
 // logits of rows [start, start + n) into buf[:n] (addmm, as at::linear computes them)
@@ -473,9 +475,8 @@ at::Tensor chunk_logits(const HiddenArgs& a, at::Tensor& buf, int64_t start, int
 std::tuple<at::Tensor, at::Tensor> logprob_from_hidden(const at::Tensor& hidden,
                                                        const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias,
-                                                       const at::Tensor& labels,
-                                                       double temperature, bool with_entropy,
-                                                       int64_t chunk) {
+                                                       const at::Tensor& labels, double temperature,
+                                                       bool with_entropy, int64_t chunk) {
   const HiddenArgs a = hidden_args(hidden, weight, bias, labels, chunk);
   const int64_t B = hidden.size(0), T = hidden.size(1);
   const auto opts = hidden.options().dtype(at::kFloat);

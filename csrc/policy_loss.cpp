@@ -111,8 +111,13 @@ LossOptions check_policy_loss_args(
   const at::Tensor* ref = ref_logp.has_value() ? &*ref_logp : nullptr;
   const at::Tensor* map = call_map.has_value() ? &*call_map : nullptr;
   const at::Tensor* dlt = call_delta.has_value() ? &*call_delta : nullptr;
-  check_same_device({{"logp", &logp}, {"old_logp", &old_logp}, {"advantages", &advantages},
-                     {"mask", &mask}, {"ref_logp", ref}, {"call_map", map}, {"call_delta", dlt}});
+  check_same_device({{"logp", &logp},
+                     {"old_logp", &old_logp},
+                     {"advantages", &advantages},
+                     {"mask", &mask},
+                     {"ref_logp", ref},
+                     {"call_map", map},
+                     {"call_delta", dlt}});
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must be 2-D (B, T), got shape ",
                     shape_repr(logp.sizes()));
   const int64_t B = logp.size(0);
@@ -433,8 +438,8 @@ TAPO_INLINE TokenIn<scalar_t> load_tokens(const RowIn<scalar_t>& in, int64_t t, 
   x.lp = x.live ? L::load(in.logp, t, count) : zero;
   x.old = x.live ? L::load(in.old, t, count) : zero;
   x.a = x.live ? (in.adv != nullptr ? L::load(in.adv, t, count) : a_row) : zero;
-  x.ref = kKl != KlTerm::kNone && in.ref != nullptr
-              ? (x.live ? L::load(in.ref, t, count) : zero) : zero;
+  x.ref = kKl != KlTerm::kNone && in.ref != nullptr ? (x.live ? L::load(in.ref, t, count) : zero)
+                                                    : zero;
   bad_mask |= (x.m < zero) | (x.m > one);
   probe += ((x.lp + x.old) + (x.a + x.ref) + x.m) * zero;
   return x;
@@ -619,8 +624,7 @@ RowStats forward_grad_row_generic(const RowIn<scalar_t>& in, const Consts<scalar
 template <typename scalar_t, Algo kAlgo, KlTerm kKl>
 __attribute__((target("avx2"))) RowStats forward_grad_row_avx2(const RowIn<scalar_t>& in,
                                                                const Consts<scalar_t>& c,
-                                                               scalar_t row_grad,
-                                                               scalar_t* grad) {
+                                                               scalar_t row_grad, scalar_t* grad) {
   return forward_row_body<scalar_t, kAlgo, kKl, true>(in, c, row_grad, grad);
 }
 template <typename scalar_t, Algo kAlgo, KlTerm kKl>
@@ -706,8 +710,9 @@ template <typename scalar_t>
 RowKernels<scalar_t> row_kernels(const LossOptions& opt, bool has_ref) {
   KlTerm kl = KlTerm::kNone;
   if (has_ref) {
-    kl = opt.kl_type == KlType::kK1 ? KlTerm::kK1
-         : opt.kl_type == KlType::kK2 ? KlTerm::kK2 : KlTerm::kK3;
+    kl = opt.kl_type == KlType::kK1   ? KlTerm::kK1
+         : opt.kl_type == KlType::kK2 ? KlTerm::kK2
+                                      : KlTerm::kK3;
   }
   switch (opt.algo) {
     case Algo::kGrpo: return row_kernels_for<scalar_t, Algo::kGrpo>(kl);
@@ -807,9 +812,11 @@ void check_values(const LossBatch<scalar_t>& batch, uint32_t bad) {
                           "mask values must be in [0, 1]");
       }
     }
-    TORCH_CHECK_VALUE(finite_where_live(batch.logp), "logp contains NaN or inf at a token with "
+    TORCH_CHECK_VALUE(finite_where_live(batch.logp),
+                      "logp contains NaN or inf at a token with "
                       "mask != 0");
-    TORCH_CHECK_VALUE(finite_where_live(batch.old), "old_logp contains NaN or inf at a token with "
+    TORCH_CHECK_VALUE(finite_where_live(batch.old),
+                      "old_logp contains NaN or inf at a token with "
                       "mask != 0");
     bool adv_ok = true;
     if (batch.adv_per_token) {
@@ -826,20 +833,19 @@ void check_values(const LossBatch<scalar_t>& batch, uint32_t bad) {
     }
     TORCH_CHECK_VALUE(adv_ok, "advantages contains NaN or inf at a token with mask != 0");
     if (batch.ref != nullptr) {
-      TORCH_CHECK_VALUE(finite_where_live(batch.ref), "ref_logp contains NaN or inf at a token "
+      TORCH_CHECK_VALUE(finite_where_live(batch.ref),
+                        "ref_logp contains NaN or inf at a token "
                         "with mask != 0");
     }
   }
   if (batch.delta != nullptr) {
     TORCH_CHECK_VALUE(all_finite(batch.delta, batch.N), "call_delta contains NaN or inf");
   }
-  TORCH_CHECK_VALUE(!(bad & kBadMap), "call_map out of range: entries must be -1 or in [0, N=",
-                    batch.N, ")");
+  TORCH_CHECK_VALUE(!(bad & kBadMap),
+                    "call_map out of range: entries must be -1 or in [0, N=", batch.N, ")");
 }
 
-int64_t row_grain(int64_t T) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1));
-}
+int64_t row_grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
 
 // The forward's value checks, aggregation and metrics from its per-row results.
 template <typename scalar_t>
@@ -917,8 +923,7 @@ struct AggWeights {
       : row_mask(batch.B, 0.0), agg(opt.agg), global_count(opt.global_count) {
     const int64_t B = batch.B, T = batch.T;
     at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
-      const auto mask_sum =
-          cpu_has_avx2() ? &mask_sum_avx2<scalar_t> : &mask_sum_generic<scalar_t>;
+      const auto mask_sum = cpu_has_avx2() ? &mask_sum_avx2<scalar_t> : &mask_sum_generic<scalar_t>;
       for (int64_t i = lo; i < hi; ++i) {
         row_mask[i] = mask_sum(batch.mask_f != nullptr ? batch.mask_f + i * T : nullptr,
                                batch.mask_b != nullptr ? batch.mask_b + i * T : nullptr, T);
@@ -987,8 +992,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_with_grad_impl(
   std::vector<RowStats> rows(B);
   at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      rows[i] = forward_grad_row(batch.row(i), consts, static_cast<scalar_t>(row_weight(i)),
-                                 g + i * T);
+      rows[i] =
+          forward_grad_row(batch.row(i), consts, static_cast<scalar_t>(row_weight(i)), g + i * T);
     }
   });
   auto [loss, metrics] = finish_forward(batch, opt, rows);
@@ -1078,9 +1083,8 @@ using LossWithGradSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     double, c10::string_view, c10::string_view, std::optional<double>, std::optional<double>);
 
 const c10::TypedOperatorHandle<LossSig>& policy_loss_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("tapo::policy_loss", "")
-                             .typed<LossSig>();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("tapo::policy_loss", "").typed<LossSig>();
   return op;
 }
 
@@ -1105,8 +1109,8 @@ class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> 
       std::optional<double> global_count) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, metrics, grad_logp] = policy_loss_with_grad_op().call(
-        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low,
-        eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
+        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low, eps_high,
+        dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
     ctx->save_for_backward({grad_logp});
     ctx->mark_non_differentiable({metrics});
     return {loss, metrics};
@@ -1132,8 +1136,8 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_autograd_cpu(
     std::optional<double> norm_const, std::optional<double> global_count) {
   if (at::GradMode::is_enabled() && logp.requires_grad()) {
     torch::autograd::variable_list out = PolicyLossFunction::apply(
-        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low,
-        eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
+        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low, eps_high,
+        dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
     return {out[0], out[1]};
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -1150,8 +1154,6 @@ TORCH_LIBRARY_IMPL(tapo, CPU, m) {
   m.impl("policy_loss_with_grad", &policy_loss_with_grad_cpu);
 }
 
-TORCH_LIBRARY_IMPL(tapo, AutogradCPU, m) {
-  m.impl("policy_loss", &policy_loss_autograd_cpu);
-}
+TORCH_LIBRARY_IMPL(tapo, AutogradCPU, m) { m.impl("policy_loss", &policy_loss_autograd_cpu); }
 
 }  // namespace tapo

@@ -9,11 +9,11 @@
 
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -84,9 +84,7 @@ struct NamedTensor {
   const at::Tensor* tensor;  // nullptr: an absent optional argument
 };
 
-inline std::string device_repr(const at::Device& d) {
-  return d.str();
-}
+inline std::string device_repr(const at::Device& d) { return d.str(); }
 
 // All given tensors on the device of the first one.
 inline void check_same_device(std::initializer_list<NamedTensor> named) {

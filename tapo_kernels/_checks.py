@@ -12,7 +12,9 @@ import math
 import torch
 from torch import Tensor
 
-from .reference import AGGS, ALGOS, KL_TYPES
+from . import knobs as _knobs
+from ._numbers import finite32
+from ._numbers import number as number  # re-exported: the front doors call _checks.number
 
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOSS_DTYPES = (torch.float32, torch.float64)
@@ -152,8 +154,8 @@ def check_fused_correct(
     _dtype("tool_sim_kind", tool_sim_kind, (torch.int64,))
     if not (math.isfinite(theta) and 0.0 <= theta <= 1.0):
         raise ValueError(f"theta must be in [0, 1], got {theta}")
-    if not (finite32(alpha_min) and alpha_min >= 0.0):
-        raise ValueError(f"alpha_min must be finite and >= 0, got {alpha_min}")
+    if not (math.isfinite(alpha_min) and 0.0 <= alpha_min <= 1.0):  # a confidence: in [0, 1]
+        raise ValueError(f"alpha_min must be in [0, 1], got {alpha_min}")
     if not (finite32(beta) and beta >= 0.0):
         raise ValueError(f"beta must be finite and >= 0, got {beta}")
 
@@ -221,74 +223,6 @@ def tensors(**named: object) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-FLT_MAX = 3.4028234663852886e38
-
-
-def finite32(value: float) -> bool:
-    """Finite, and still finite in float32 (the kernels compute in fp32)."""
-    return math.isfinite(value) and abs(value) <= FLT_MAX
-
-
-def number(name: str, value: object, *, optional: bool = False) -> None:
-    """A Python real number (bool and strings are not), or None when ``optional``."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-
-
-def check_loss_knobs(
-    algo: str,
-    eps_low: float,
-    eps_high: float,
-    dual_clip_c: float,
-    tau_pos: float,
-    tau_neg: float,
-    kl_coef: float,
-    kl_type: str,
-    agg: str,
-    norm_const: float | None,
-    global_count: float | None,
-) -> None:
-    """Types and ranges of the policy-loss knobs (errors name the knob)."""
-    for name, v, options in (
-        ("algo", algo, ALGOS),
-        ("agg", agg, AGGS),
-        ("kl_type", kl_type, KL_TYPES),
-    ):
-        if not isinstance(v, str) or v not in options:
-            raise ValueError(f"unknown {name} {v!r}; expected one of {options}")
-    for name, v in (
-        ("eps_low", eps_low),
-        ("eps_high", eps_high),
-        ("dual_clip_c", dual_clip_c),
-        ("tau_pos", tau_pos),
-        ("tau_neg", tau_neg),
-        ("kl_coef", kl_coef),
-    ):
-        number(name, v)
-    number("norm_const", norm_const, optional=True)
-    number("global_count", global_count, optional=True)
-    for name, v in (("eps_low", eps_low), ("eps_high", eps_high)):
-        if not (finite32(v) and v >= 0.0):
-            raise ValueError(f"{name} must be finite and >= 0, got {v}")
-    if eps_low >= 1.0:
-        raise ValueError(
-            f"eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got {eps_low}"
-        )
-    if not (finite32(dual_clip_c) and (dual_clip_c == 0.0 or dual_clip_c > 1.0)):
-        raise ValueError(f"dual_clip_c must be 0 (off) or > 1, got {dual_clip_c}")
-    for name, v in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
-        if not (finite32(v) and v > 0.0):
-            raise ValueError(f"{name} must be finite and > 0, got {v}")
-    if not finite32(kl_coef):
-        raise ValueError(f"kl_coef must be finite, got {kl_coef}")
-    if norm_const is not None and not (finite32(norm_const) and norm_const > 0):
-        raise ValueError(f"norm_const must be finite and > 0, got {norm_const}")
-    if global_count is not None and not (finite32(global_count) and global_count > 0):
-        raise ValueError(f"global_count must be finite and > 0, got {global_count}")
-
-
 def check_policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -319,18 +253,20 @@ def check_policy_loss(
     log-probabilities are computed later (the logits and hidden-state front ends). With
     ``flags``, the data-dependent checks are added there for the caller to raise.
     """
-    check_loss_knobs(
-        algo,
-        eps_low,
-        eps_high,
-        dual_clip_c,
-        tau_pos,
-        tau_neg,
-        kl_coef,
-        kl_type,
-        agg,
-        norm_const,
-        global_count,
+    _knobs.check(
+        dict(
+            algo=algo,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            dual_clip_c=dual_clip_c,
+            tau_pos=tau_pos,
+            tau_neg=tau_neg,
+            kl_coef=kl_coef,
+            kl_type=kl_type,
+            agg=agg,
+            norm_const=norm_const,
+            global_count=global_count,
+        )
     )
     _same_device(
         dict(

@@ -11,16 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# the choices of the string knobs, defined with the knobs (re-exported for the kernels and tests)
+from .knobs import AGGS, ALGOS, KL_TYPES  # noqa: F401
+
 SIM_COSINE = 0
 SIM_IOU = 1
 # Similarities within SIM_TOL below theta count as reaching it: the cosine of a vector with
 # itself is 1 +- 1 ulp in fp32, so theta = 1 must still match identical calls, on every
 # backend alike (each compares with fp(theta) - SIM_TOL in its working precision).
 SIM_TOL = 2.0**-20
-
-ALGOS = ("grpo", "gspo", "sapo")
-KL_TYPES = ("k1", "k2", "k3")
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 # Order of the entries of the metrics tensor returned by ``policy_loss``.
 METRIC_NAMES = ("clip_frac", "mean_ratio", "mean_kl", "lifted_frac")

@@ -180,12 +180,13 @@ def test_identical_query_in_success_and_failure(fused_correct_impl, theta):
 
 
 @pytest.mark.parametrize("coverage", [True, False])
-@pytest.mark.parametrize("alpha_min", [0.3, 0.6, 0.0])
+@pytest.mark.parametrize("alpha_min", [0.3, 0.6, 0.0, 1.0])
 def test_coverage_and_gate_ablations(fused_correct_impl, coverage, alpha_min):
     # Rows 0 and 1 succeed (A = 1 and 0.5), row 2 fails (A = -1). Row 0 calls E0, row 1
     # calls E1, row 2 calls E0: s = 1 (witness call 0), pool = 2 rows, T_k = {row 0}:
     # cov = 1/2, Abar = 1. With coverage: conf = 1 * 1/2 = 0.5; without: conf = s = 1.
-    # Gate: s >= 0.7 and conf >= alpha_min (alpha_min = 0 is "no confidence gate").
+    # Gate: s >= 0.7 and conf >= alpha_min (alpha_min = 0 is "no confidence gate"; the top
+    # of its range, alpha_min = 1, passes only conf = 1).
     args = make_args(
         token_adv=[[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [-1.0, -1.0, -1.0]],
         seq_adv=[1.0, 0.5, -1.0],
@@ -1105,6 +1106,11 @@ BAD_INPUTS = {  # id -> (mutation, exception type, argument the message must nam
     "theta-above-1": (_set("theta", 1.5), ValueError, "theta"),
     "theta-nan": (_set("theta", NAN), ValueError, "theta"),
     "alpha_min-negative": (_set("alpha_min", -0.5), ValueError, "alpha_min"),
+    # alpha_min gates the confidence s_k * cov_k, which lies in [0, 1]
+    "alpha_min-slightly-negative": (_set("alpha_min", -0.1), ValueError, "alpha_min"),
+    "alpha_min-above-1": (_set("alpha_min", 1.5), ValueError, "alpha_min"),
+    "alpha_min-nan": (_set("alpha_min", NAN), ValueError, "alpha_min"),
+    "alpha_min-inf": (_set("alpha_min", float("inf")), ValueError, "alpha_min"),
     "beta-negative": (_set("beta", -0.1), ValueError, "beta"),
     "beta-inf": (_set("beta", float("inf")), ValueError, "beta"),
     "empty-batch": (_empty_batch, ValueError, "advantages"),
@@ -1170,6 +1176,25 @@ def test_valid_args_of_the_bad_input_table_pass(fused_correct_impl):
     # the table above starts from this input: it must be accepted as it is
     a = _valid_args()
     run(fused_correct_impl, {n: a[n] for n in ARG_NAMES})
+
+
+@pytest.mark.parametrize("alpha_min", [0.0, 1.0])
+def test_alpha_min_at_the_ends_of_its_range_passes(fused_correct_impl, alpha_min):
+    # alpha_min must lie in [0, 1] (the range of the confidence it gates), both ends included
+    a = _valid_args()
+    run(fused_correct_impl, {n: a[n] for n in ARG_NAMES}, alpha_min=alpha_min)
+
+
+def test_front_door_takes_the_alpha_min_range_of_the_op():
+    a = _valid_args()
+    fields = ("seq", "start", "end", "tool", "key", "params")
+    calls = tapo_kernels.ToolCalls(*(a[f"call_{f}"] for f in fields))
+    tensors = (a["advantages"], a["seq_advantages"], a["group_ids"], calls, a["tool_sim_kind"])
+    for alpha_min in (0.0, 1.0):
+        tapo_kernels.fused_correct(*tensors, alpha_min=alpha_min)
+    for alpha_min in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="alpha_min"):
+            tapo_kernels.fused_correct(*tensors, alpha_min=alpha_min)
 
 
 @pytest.mark.cuda
