@@ -260,10 +260,12 @@ def test_axpo_rows_clipped_separately_sum_to_one_loss():
 
     g_one, l_one = grads(None, None)
     same = {"eps_low": losses.knobs["eps_low"], "eps_high": losses.knobs["eps_high"]}
-    assert len(losses._clip_parts(slice(0, B), flags, same)) == 1  # same knobs: no split
+    assert losses._split_micros([slice(0, B)], flags, same) == [False]  # same knobs: no split
     # forced split (a clip equal in fp32): the parts add up to the whole
     nudged = {"eps_low": same["eps_low"], "eps_high": same["eps_high"] + 1e-12}
-    assert len(losses._clip_parts(slice(0, B), flags, nudged)) == 2
+    assert losses._split_micros([slice(0, 3), slice(3, B)], flags, nudged) == [True, True]
+    none = torch.zeros(B, dtype=torch.bool)
+    assert losses._split_micros([slice(0, B)], none, nudged) == [False]  # no flagged row
     g_split, l_split = grads(flags, nudged)
     torch.testing.assert_close(g_split, g_one, rtol=1e-5, atol=1e-6)
     assert l_split == pytest.approx(l_one, rel=1e-5, abs=1e-6)
@@ -286,3 +288,22 @@ def test_pad_rows_adds_rows_that_train_nothing():
         assert p.mask == [0] and p.calls == [] and p.reward == 0.0 and len(p.token_ids) == 1
         assert p.group == 2 + i  # a group of its own: advantage 0
     assert axpo.pad_rows(list(eps), 2) == eps
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("axpo.budget=0", "axpo.budget"),
+        ("axpo.budget=1.5", "axpo.budget"),
+        ("axpo.k=1", "axpo.k"),
+        ("axpo.eps_low=1.5", "axpo.eps_low"),
+        ("tarl.judge=oracle", "tarl.judge"),
+        ("tarl.penalty=-1", "tarl.penalty"),
+        ("tarl.max_concurrency=0", "tarl.max_concurrency"),
+    ],
+)
+def test_config_rejects_bad_axpo_and_tarl_settings(override, key):
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])

@@ -397,3 +397,28 @@ def test_step_extras_without_tarl_has_only_task_metrics():
     assert rates({**sums, "n": 2.0}) == pytest.approx(
         {"task/main/reward": 0.5, "task/main/accuracy": 0.5, "task/main/share": 1.0}
     )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("-9", "-9"), ("+9.0", "9"), ("result -9.", "result -9"), ("3.5", "3.5")]
+    + [("(1990)", "1990"), ("1,000", "1000"), ("The  Marlow!", "marlow"), ("don't", "dont")],
+)
+def test_numbers_keep_their_sign_and_decimals_when_normalised(text, expected):
+    from trainer.rewards import normalize_answer
+
+    assert normalize_answer(text) == expected
+
+
+def test_rule_judge_sees_a_negative_answer_in_an_observation_with_words():
+    """The evidence "result -9" is in hand, the answer "9" contradicts it: -1."""
+    from trainer.judges import RuleJudge
+
+    ex = Example("u", "What is 57 - 66?", ("-9",))
+    ep = Episode(ex, 0, 2, list(range(10)), [0, 0] + [1] * 8, [0.0] * 10)
+    ep.turn_spans = [(2, 6), (6, 10)]
+    ep.calls = [
+        CallRecord(3, 6, 1, 0, "calculator", {"e": "57-66"}, "57-66", True, None, "result -9")
+    ]
+    ep.answer = "9"
+    assert RuleJudge().scores(ep) == [0, -1]

@@ -72,13 +72,18 @@ def all_wrong_groups(episodes: Sequence[Episode]) -> dict[int, list[int]]:
     }
 
 
+def _turn_start(ep: Episode, position: int) -> int:
+    """First token of the assistant turn holding token ``position``."""
+    return next((s for s, e in ep.turn_spans if s <= position < e), ep.prompt_len)
+
+
 def prefix_length(ep: Episode, fmt: PromptFormatter) -> int | None:
     """Tokens of ``ep`` up to and including the opening tag of its first call (None when it
     has no call or the call has no opening tag)."""
     if not ep.calls:
         return None
     call = ep.calls[0]
-    turn_start = next((s for s, e in ep.turn_spans if s <= call.start < e), ep.prompt_len)
+    turn_start = _turn_start(ep, call.start)
     tag = fmt.tags.tool_open
     for n in range(call.start + 1, call.end + 1):
         if tag in fmt.decode(ep.token_ids[turn_start:n]):
@@ -128,7 +133,7 @@ def choose_prefixes(
 def prefix_episode(src: Episode, cut: int, group: int) -> Episode:
     """A copy of ``src`` cut at ``cut`` tokens, ready to be continued inside its open turn;
     the prefix is masked out (only the continuation is trained in this row)."""
-    turn_start = next((s for s, e in src.turn_spans if s <= cut - 1 < e), src.prompt_len)
+    turn_start = _turn_start(src, cut - 1)
     return Episode(
         src.example,
         group,
@@ -239,15 +244,15 @@ def pad_rows(episodes: list[Episode], rows: int) -> list[Episode]:
     return episodes + pad
 
 
-def rates(s: dict[str, float], policy_tokens: float, step_time: float, world: int) -> dict:
-    """``axpo/*`` metrics from the step's sums (over ranks); ``policy_tokens``: the step's
-    own rollouts' (the extra tokens are a share of both together)."""
+def rates(s: dict[str, float], step_time: float, world: int) -> dict:
+    """``axpo/*`` metrics from the step's sums over ranks (``policy_tokens``: the step's own
+    rollouts'; the extra tokens are a share of both together)."""
     return {
         "axpo/all_wrong_groups": s["axpo_all_wrong"],
         "axpo/all_wrong_rate": s["axpo_all_wrong"] / max(s["axpo_groups"], 1.0),
         "axpo/prefixes_resampled": s["axpo_prefixes"],
         "axpo/recovery_rate": s["axpo_recovered"] / max(s["axpo_prefixes"], 1.0),
         "axpo/extra_token_share": s["axpo_extra_tokens"]
-        / max(policy_tokens + s["axpo_extra_tokens"], 1.0),
+        / max(s["policy_tokens"] + s["axpo_extra_tokens"], 1.0),
         "axpo/time_share": s["axpo_seconds"] / world / max(step_time, 1e-9),
     }

@@ -335,12 +335,19 @@ class Losses:
         injection, a diverged step. Rows flagged in ``clip_rows`` (``[B]`` bool) use the
         ``eps_low`` / ``eps_high`` of ``clip``: the loss is a sum over rows once normalised by
         ``global_count``, so each micro-batch is a call of the same loss on the unflagged rows'
-        tokens plus one on the flagged rows' (the mask split, the rows kept, so every rank
-        runs the same passes under FSDP)."""
+        tokens plus one on the flagged rows' (the mask split, the rows kept), in the
+        micro-batches where a rank has flagged rows (so every rank runs the same passes under
+        FSDP)."""
         count = global_count(self.knobs["agg"], batch.mask[rows].sum(1), self.ctx)
         finite = True
-        for micro in self.micro_slices(rows.start, rows.stop):
-            for keep, part_clip in self._clip_parts(micro, clip_rows, clip):
+        micros = self.micro_slices(rows.start, rows.stop)
+        split = self._split_micros(micros, clip_rows, clip)
+        for micro, split_it in zip(micros, split, strict=True):
+            parts = [(None, None)]
+            if split_it:
+                flags = clip_rows[micro].float()
+                parts = [(1.0 - flags, None), (flags, clip)]
+            for keep, part_clip in parts:
                 x = loss_inputs(batch, micro, advantages, ref_logp, call_map, call_delta)
                 if keep is not None:
                     x.mask = x.mask * keep[:, None]
@@ -351,14 +358,15 @@ class Losses:
                 finite &= add_micro_batch(sums, loss, metrics, entropy, x.mask)
         return finite
 
-    def _clip_parts(self, micro: slice, clip_rows: Tensor | None, clip: dict | None) -> list:
-        """``(row weights, clip)`` parts of a micro-batch: ``[(None, None)]`` (all of it, the
-        run's clip), or the unflagged rows with the run's clip and the flagged rows with
-        ``clip`` (always both, whatever the flags, so every rank makes the same calls)."""
+    def _split_micros(
+        self, micros: list[slice], clip_rows: Tensor | None, clip: dict | None
+    ) -> list[bool]:
+        """Per micro-batch: whether any rank has rows flagged for another clip (one
+        all-reduce; none when the clip equals the run's)."""
         if clip_rows is None or not clip or all(self.knobs[k] == v for k, v in clip.items()):
-            return [(None, None)]
-        flags = clip_rows[micro].float()
-        return [(1.0 - flags, None), (flags, clip)]
+            return [False] * len(micros)
+        local = [float(clip_rows[m].any()) for m in micros]
+        return [v > 0 for v in all_reduce_sum(local, self.ctx).tolist()]
 
 
 # ---------------------------------------------------------------------- metrics by name

@@ -12,15 +12,23 @@ _PUNCT = str.maketrans("", "", string.punctuation)
 
 
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_EDGE_PUNCT = ".,;:!?\"'()[]{}"
+
+
+def _word(word: str) -> str:
+    """One word: a number keeps its sign and decimals, written canonically ("+9.0" -> "9",
+    "-9" stays "-9"); any other word loses its punctuation."""
+    core = word.strip(_EDGE_PUNCT)
+    if _NUMBER.fullmatch(core):
+        value = float(core)
+        return str(int(value)) if value.is_integer() else repr(value)
+    return word.translate(_PUNCT)
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, fold whitespace. A bare number keeps its
-    sign and is written canonically ("-9", "+9.0" -> "9"), so "9" never matches "-9"."""
-    if _NUMBER.fullmatch(text.strip()):
-        value = float(text.strip())
-        return str(int(value)) if value.is_integer() else repr(value)
-    text = text.lower().translate(_PUNCT)
+    """Lower-case, drop punctuation and articles, fold whitespace; numbers keep their sign
+    and decimal point, so "9" never matches "-9", nor "35" "3.5"."""
+    text = " ".join(_word(w) for w in text.lower().split())
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
@@ -61,7 +69,9 @@ def reward(prediction: str | None, answers: Sequence[str], kind: str = "em") -> 
 
 def score_episodes(episodes, kind: str = "em") -> None:
     """Set each episode's ``em``, ``f1`` and training ``reward`` from its answer."""
+    if kind not in ("em", "f1"):
+        raise ValueError(f"unknown reward {kind!r}; expected 'em' or 'f1'")
     for ep in episodes:
         ep.em = exact_match(ep.answer, ep.example.answers)
         ep.f1 = f1_score(ep.answer, ep.example.answers)
-        ep.reward = reward(ep.answer, ep.example.answers, kind)
+        ep.reward = ep.em if kind == "em" else ep.f1

@@ -118,7 +118,7 @@ def step_extras(
     def rates(s: dict[str, float]) -> dict[str, float]:
         out = {**tarl_rates(s, world), **task_rates(s, tasks)}
         if axpo_result is not None:
-            out.update(axpo.rates(s, s["policy_tokens"], step_time, world))
+            out.update(axpo.rates(s, step_time, world))
         return out
 
     return sums, rates
