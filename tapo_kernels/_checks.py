@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _args
 from . import knobs as _knobs
 from ._numbers import finite32
 from ._numbers import number as number  # re-exported: the front doors call _checks.number
@@ -31,8 +32,9 @@ def _shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def _same_device(named: dict[str, Tensor | None]) -> None:
-    devices = {n: t.device for n, t in named.items() if t is not None}
+def _same_device(named: dict[str, object]) -> None:
+    """Every tensor among ``named`` (e.g. a function's ``locals()`` at its top) on one device."""
+    devices = {n: t.device for n, t in named.items() if isinstance(t, Tensor)}
     first_name, first = next(iter(devices.items()))
     for n, d in devices.items():
         if d != first:
@@ -106,22 +108,12 @@ def check_fused_correct(
     theta: float,
     alpha_min: float,
     beta: float,
+    *_switches: bool,
+    **_named_switches: bool,
 ) -> None:
-    """Validate every argument of ``tapo::fused_correct``; raise a clear error on the first problem."""
-    _same_device(
-        dict(
-            advantages=advantages,
-            seq_advantages=seq_advantages,
-            group_ids=group_ids,
-            call_seq=call_seq,
-            call_start=call_start,
-            call_end=call_end,
-            call_tool=call_tool,
-            call_key=call_key,
-            call_params=call_params,
-            tool_sim_kind=tool_sim_kind,
-        )
-    )
+    """Validate every argument of ``tapo::fused_correct``; raise a clear error on the first
+    problem (the switches ``batch_scope`` and ``coverage`` need no check)."""
+    _same_device(locals())
     if advantages.dim() != 2:
         raise ValueError(f"advantages must be 2-D (B, T), got shape {tuple(advantages.shape)}")
     B, T = advantages.shape
@@ -224,24 +216,9 @@ def tensors(**named: object) -> None:
 
 
 def check_policy_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logp: Tensor | None,
-    call_map: Tensor | None,
-    call_delta: Tensor | None,
-    algo: str,
-    eps_low: float,
-    eps_high: float,
-    dual_clip_c: float,
-    tau_pos: float,
-    tau_neg: float,
-    kl_coef: float,
-    kl_type: str,
-    agg: str,
-    norm_const: float | None,
-    global_count: float | None,
+    logp: Tensor | None,
+    loss_tensors: tuple[Tensor | None, ...],
+    knobs: dict[str, object],
     *,
     check_values: bool = True,
     logp_shape: tuple[int, int] | None = None,
@@ -249,36 +226,15 @@ def check_policy_loss(
 ) -> None:
     """Validate every argument of ``tapo::policy_loss``; raise a clear error on the first problem.
 
-    ``logp=None`` with ``logp_shape=(B, T)``: the arguments of a loss whose float32
-    log-probabilities are computed later (the logits and hidden-state front ends). With
-    ``flags``, the data-dependent checks are added there for the caller to raise.
+    ``loss_tensors``: ``old_logp, advantages, mask, ref_logp, call_map, call_delta`` (schema
+    order); ``knobs``: every loss setting by name. ``logp=None`` with ``logp_shape=(B, T)``:
+    the arguments of a loss whose float32 log-probabilities are computed later (the logits
+    and hidden-state front ends). With ``flags``, the data-dependent checks are added there
+    for the caller to raise.
     """
-    _knobs.check(
-        dict(
-            algo=algo,
-            eps_low=eps_low,
-            eps_high=eps_high,
-            dual_clip_c=dual_clip_c,
-            tau_pos=tau_pos,
-            tau_neg=tau_neg,
-            kl_coef=kl_coef,
-            kl_type=kl_type,
-            agg=agg,
-            norm_const=norm_const,
-            global_count=global_count,
-        )
-    )
-    _same_device(
-        dict(
-            logp=logp,
-            old_logp=old_logp,
-            advantages=advantages,
-            mask=mask,
-            ref_logp=ref_logp,
-            call_map=call_map,
-            call_delta=call_delta,
-        )
-    )
+    _knobs.check(knobs)
+    old_logp, advantages, mask, ref_logp, call_map, call_delta = loss_tensors
+    _same_device(locals())
     like = logp if logp is not None else torch.empty(logp_shape, dtype=torch.float32, device="meta")
     if like.dim() != 2:
         raise ValueError(f"logp must be 2-D (B, T), got shape {tuple(like.shape)}")
@@ -303,7 +259,7 @@ def check_policy_loss(
         if call_delta.dim() != 1:
             raise ValueError(f"call_delta must be 1-D (N,), got shape {tuple(call_delta.shape)}")
         _dtype("call_delta", call_delta, (like.dtype,))
-    if kl_coef != 0.0 and ref_logp is None:
+    if knobs["kl_coef"] != 0.0 and ref_logp is None:
         raise ValueError("kl_coef != 0 needs ref_logp")
     if not check_values:
         return
@@ -361,137 +317,101 @@ def _check_labels(
 
 
 def _check_loss_arguments(
-    B: int, T: int, loss_args: tuple, check_values: bool, flags: Flags
+    B: int, T: int, call: dict[str, object], check_values: bool, flags: Flags
 ) -> None:
-    """``check_policy_loss`` on the loss arguments of float32 ``(B, T)`` log-probabilities
-    that are computed later."""
-    check_policy_loss(None, *loss_args, check_values=check_values, logp_shape=(B, T), flags=flags)
-
-
-def check_policy_loss_from_logits(
-    logits: Tensor,
-    labels: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logp: Tensor | None,
-    call_map: Tensor | None,
-    call_delta: Tensor | None,
-    temperature: float,
-    *knobs: object,
-    check_values: bool = True,
-) -> None:
-    """Validate every argument of ``tapo::policy_loss_from_logits``.
-
-    ``knobs`` are the eleven loss knobs of ``tapo::policy_loss`` in schema order (``algo``
-    ... ``global_count``). The loss tensors must be float32 (the log-probabilities are).
-    The logits themselves are not scanned for NaN (that would cost a full read of them); a
-    non-finite log-probability is reported after the forward computes it.
-    """
-    _same_device(
-        dict(
-            logits=logits,
-            labels=labels,
-            old_logp=old_logp,
-            advantages=advantages,
-            mask=mask,
-            ref_logp=ref_logp,
-            call_map=call_map,
-            call_delta=call_delta,
-        )
+    """``check_policy_loss`` on the loss arguments of a front-end call (``call``: its bound
+    arguments), for float32 ``(B, T)`` log-probabilities that are computed later."""
+    check_policy_loss(
+        None,
+        _args.loss_tensors(call),
+        _args.loss_knobs(call),
+        check_values=check_values,
+        logp_shape=(B, T),
+        flags=flags,
     )
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be 3-D (B, T, V), got shape {tuple(logits.shape)}")
-    B, T, V = logits.shape
-    if V == 0:
-        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
-    _dtype("logits", logits, _LOGIT_DTYPES)
-    _check_temperature(temperature)
-    flags = Flags()  # the loss arguments' and the labels' value checks: one host sync
-    _check_loss_arguments(
-        B,
-        T,
-        (old_logp, advantages, mask, ref_logp, call_map, call_delta, *knobs),
-        check_values,
-        flags,
-    )
-    _check_labels(labels, mask, B, T, V, check_values, flags)
-    flags.raise_first()
 
 
-def check_policy_loss_from_hidden(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logp: Tensor | None,
-    call_map: Tensor | None,
-    call_delta: Tensor | None,
-    temperature: float,
-    chunk_size: int | None,
-    *knobs: object,
-    check_values: bool = True,
-) -> None:
-    """Validate every argument of ``tapo::policy_loss_from_hidden`` (see the logits check)."""
-    _same_device(
-        dict(
-            hidden=hidden,
-            weight=weight,
-            bias=bias,
-            labels=labels,
-            old_logp=old_logp,
-            advantages=advantages,
-            mask=mask,
-            ref_logp=ref_logp,
-            call_map=call_map,
-            call_delta=call_delta,
-        )
-    )
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
+
+
+def _check_lm_head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
+    """``hidden`` ``(B, T, H)``, ``weight`` ``(V, H)``, ``bias`` ``(V,)`` or None; ``(B, T, V)``."""
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be 3-D (B, T, H), got shape {tuple(hidden.shape)}")
     B, T, H = hidden.shape
     _dtype("hidden", hidden, _LOGIT_DTYPES)
     if weight.dim() != 2 or weight.shape[1] != H:
         raise ValueError(f"weight must have shape (V, H={H}), got {tuple(weight.shape)}")
-    V = weight.shape[0]
-    if V == 0:
-        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
     _dtype("weight", weight, (hidden.dtype,))
+    V = weight.shape[0]
     if bias is not None:
         _shape("bias", bias, (V,))
         _dtype("bias", bias, (hidden.dtype,))
-    _check_temperature(temperature)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
-    flags = Flags()  # the loss arguments' and the labels' value checks: one host sync
-    _check_loss_arguments(
-        B,
-        T,
-        (old_logp, advantages, mask, ref_logp, call_map, call_delta, *knobs),
-        check_values,
-        flags,
-    )
-    _check_labels(labels, mask, B, T, V, check_values, flags)
+    return B, T, V
+
+
+def check_policy_loss_from_logits(call: dict[str, object], *, check_values: bool = True) -> None:
+    """Validate every argument of ``tapo::policy_loss_from_logits`` (``call``: the bound
+    arguments, ``_args.bind``).
+
+    The loss tensors must be float32 (the log-probabilities are). The logits themselves are
+    not scanned for NaN (that would cost a full read of them); a non-finite log-probability
+    is reported after the forward computes it.
+    """
+    _same_device(call)
+    logits = call["logits"]
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be 3-D (B, T, V), got shape {tuple(logits.shape)}")
+    B, T, V = logits.shape
+    if V == 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    _dtype("logits", logits, _LOGIT_DTYPES)
+    _check_temperature(call["temperature"])
+    _check_front_values(B, T, V, call, check_values)
+
+
+def check_policy_loss_from_hidden(call: dict[str, object], *, check_values: bool = True) -> None:
+    """Validate every argument of ``tapo::policy_loss_from_hidden`` (see the logits check)."""
+    _same_device(call)
+    B, T, V = _check_lm_head(call["hidden"], call["weight"], call["bias"])
+    if V == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    _check_temperature(call["temperature"])
+    _check_chunk_size(call["chunk_size"])
+    _check_front_values(B, T, V, call, check_values)
+
+
+def _check_front_values(
+    B: int, T: int, V: int, call: dict[str, object], check_values: bool
+) -> None:
+    """The loss arguments and the labels of a front-end call; their value checks with one
+    host sync."""
+    flags = Flags()
+    _check_loss_arguments(B, T, call, check_values, flags)
+    _check_labels(call["labels"], call["mask"], B, T, V, check_values, flags)
     flags.raise_first()
+
+
+def _check_grad_logp(grad_logp: Tensor, logp: Tensor, labels: Tensor, B: int, T: int) -> None:
+    for name, t in (("grad_logp", grad_logp), ("logp", logp)):
+        _shape(name, t, (B, T))
+        _dtype(name, t, (torch.float32,))
+    _shape("labels", labels, (B, T))
+    _dtype("labels", labels, (torch.int64,))
 
 
 def check_selective_log_softmax_backward(
     grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor, temperature: float
 ) -> None:
     """Shapes, dtypes and devices of ``tapo::selective_log_softmax_backward(_inplace)``."""
-    _same_device(dict(grad_logp=grad_logp, logits=logits, labels=labels, logp=logp))
+    _same_device(locals())
     if logits.dim() != 3:
         raise ValueError(f"logits must be 3-D (B, T, V), got shape {tuple(logits.shape)}")
     B, T, _ = logits.shape
     _dtype("logits", logits, _LOGIT_DTYPES)
-    for name, t in (("grad_logp", grad_logp), ("logp", logp)):
-        _shape(name, t, (B, T))
-        _dtype(name, t, (torch.float32,))
-    _shape("labels", labels, (B, T))
-    _dtype("labels", labels, (torch.int64,))
+    _check_grad_logp(grad_logp, logp, labels, B, T)
     _check_temperature(temperature)
 
 
@@ -504,26 +424,12 @@ def check_selective_log_softmax_from_hidden_backward(
     logp: Tensor,
     temperature: float,
     chunk_size: int | None,
+    **_switches: bool,
 ) -> None:
-    """Shapes, dtypes and devices of ``tapo::selective_log_softmax_from_hidden_backward``."""
-    _same_device(
-        dict(grad_logp=grad_logp, hidden=hidden, weight=weight, bias=bias, labels=labels, logp=logp)
-    )
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be 3-D (B, T, H), got shape {tuple(hidden.shape)}")
-    B, T, H = hidden.shape
-    _dtype("hidden", hidden, _LOGIT_DTYPES)
-    if weight.dim() != 2 or weight.shape[1] != H:
-        raise ValueError(f"weight must have shape (V, H={H}), got {tuple(weight.shape)}")
-    _dtype("weight", weight, (hidden.dtype,))
-    if bias is not None:
-        _shape("bias", bias, (weight.shape[0],))
-        _dtype("bias", bias, (hidden.dtype,))
-    for name, t in (("grad_logp", grad_logp), ("logp", logp)):
-        _shape(name, t, (B, T))
-        _dtype(name, t, (torch.float32,))
-    _shape("labels", labels, (B, T))
-    _dtype("labels", labels, (torch.int64,))
+    """Shapes, dtypes and devices of ``tapo::selective_log_softmax_from_hidden_backward``
+    (the switches ``weight_grad`` and ``bias_grad`` need no check)."""
+    _same_device(locals())
+    B, T, _ = _check_lm_head(hidden, weight, bias)
+    _check_grad_logp(grad_logp, logp, labels, B, T)
     _check_temperature(temperature)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
+    _check_chunk_size(chunk_size)

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from . import _checks, reference
+from . import _args, _checks, reference
 from . import fused as _fused  # the composite kernels of the logits / hidden-state ops
 from . import knobs as _knobs
 from . import vocab as _vocab  # the chunked torch vocabulary passes
@@ -33,10 +33,7 @@ FUSED_CORRECT_SCHEMA = (
     "bool coverage=True) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
-_LOSS_TENSOR_ARGS = (
-    "Tensor old_logp, Tensor advantages, Tensor mask, Tensor? ref_logp=None, "
-    "Tensor? call_map=None, Tensor? call_delta=None"
-)
+_LOSS_TENSOR_ARGS = _args.loss_tensor_schema()  # old_logp ... call_delta
 _LOSS_KNOB_ARGS = _knobs.schema_args()  # algo ... global_count, defined once in knobs.py
 _LOSS_ARGS = f"Tensor logp, {_LOSS_TENSOR_ARGS}, {_LOSS_KNOB_ARGS}"
 POLICY_LOSS_SCHEMA = f"policy_loss({_LOSS_ARGS}) -> (Tensor, Tensor)"
@@ -44,10 +41,17 @@ POLICY_LOSS_BACKWARD_SCHEMA = f"policy_loss_backward(Tensor grad_loss, {_LOSS_AR
 # (loss, metrics, d loss / d logp for d loss = 1): value and gradient from one token pass
 POLICY_LOSS_WITH_GRAD_SCHEMA = f"policy_loss_with_grad({_LOSS_ARGS}) -> (Tensor, Tensor, Tensor)"
 
-lib.define(FUSED_CORRECT_SCHEMA)
-lib.define(POLICY_LOSS_SCHEMA)
-lib.define(POLICY_LOSS_BACKWARD_SCHEMA)
-lib.define(POLICY_LOSS_WITH_GRAD_SCHEMA)
+
+def _define(schema: str) -> None:
+    """Define the op and index its arguments by name (``_args``)."""
+    lib.define(schema)
+    _args.register(schema.split("(", 1)[0])
+
+
+_define(FUSED_CORRECT_SCHEMA)
+_define(POLICY_LOSS_SCHEMA)
+_define(POLICY_LOSS_BACKWARD_SCHEMA)
+_define(POLICY_LOSS_WITH_GRAD_SCHEMA)
 
 OPS = ("fused_correct", "policy_loss", "policy_loss_backward", "policy_loss_with_grad")
 
@@ -115,17 +119,17 @@ def _policy_loss_with_grad_fake(logp, *rest):
 # autograd: the loss is differentiable with respect to logp only
 # --------------------------------------------------------------------------------------
 
-_N_LOSS_INPUTS = 7 + len(_knobs.NAMES)  # arguments of policy_loss: 7 tensors, then the knobs
+_N_LOSS_TENSORS = 1 + len(_args.LOSS_TENSORS)  # logp, then the loss tensors, then the knobs
 
 
 def _policy_loss_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:7])
-    ctx.knobs = inputs[7:]  # algo ... global_count, in schema order
+    ctx.save_for_backward(*inputs[:_N_LOSS_TENSORS])
+    ctx.knobs = inputs[_N_LOSS_TENSORS:]  # in schema order
 
 
 def _policy_loss_backward(ctx, grad_loss, grad_metrics):
     grad_logp = torch.ops.tapo.policy_loss_backward(grad_loss, *ctx.saved_tensors, *ctx.knobs)
-    return (grad_logp,) + (None,) * (_N_LOSS_INPUTS - 1)
+    return (grad_logp,) + (None,) * (_N_LOSS_TENSORS + len(ctx.knobs) - 1)
 
 
 # The Autograd alias kernel: CUDA (Triton) and the reference build. The native build also
@@ -157,28 +161,25 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------------------
 
 
-def fused_correct_reference_kernel(*args):
+def fused_correct_reference_kernel(*args, **kwargs):
     """Reference implementation of ``tapo::fused_correct`` with full input validation."""
-    _checks.check_fused_correct(*args[:13])
-    return reference.fused_correct(*args)
+    call = _args.bind("fused_correct", args, kwargs)
+    _checks.check_fused_correct(**call)
+    return reference.fused_correct(**call)
 
 
-def policy_loss_reference_kernel(
-    logp,
-    old_logp,
-    advantages,
-    mask,
-    ref_logp=None,
-    call_map=None,
-    call_delta=None,
-    *knob_args,
-    **knob_kwargs,
-):
+def _loss_call(op: str, args: tuple, kwargs: dict) -> tuple:
+    """``(logp, loss tensors, knobs)`` of a call of a policy-loss op, validated."""
+    call = _args.bind(op, args, kwargs)
+    tensors, knobs = _args.loss_tensors(call), _args.loss_knobs(call)
+    _checks.check_policy_loss(call["logp"], tensors, knobs)
+    return call["logp"], tensors, knobs
+
+
+def policy_loss_reference_kernel(*args, **kwargs):
     """Reference implementation of ``tapo::policy_loss`` with full input validation."""
-    tensors = (logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = _knobs.bind(knob_args, knob_kwargs)
-    _checks.check_policy_loss(*tensors, **knobs)
-    return reference.policy_loss(*tensors, **knobs)
+    logp, tensors, knobs = _loss_call("policy_loss", args, kwargs)
+    return reference.policy_loss(logp, *tensors, **knobs)
 
 
 @contextlib.contextmanager
@@ -198,22 +199,9 @@ def _autograd_enabled():
         yield
 
 
-def policy_loss_backward_reference_kernel(
-    grad_loss,
-    logp,
-    old_logp,
-    advantages,
-    mask,
-    ref_logp=None,
-    call_map=None,
-    call_delta=None,
-    *knob_args,
-    **knob_kwargs,
-):
+def policy_loss_backward_reference_kernel(grad_loss, *args, **kwargs):
     """Backward of the reference policy loss: autograd through ``reference.policy_loss``."""
-    tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = _knobs.bind(knob_args, knob_kwargs)
-    _checks.check_policy_loss(logp, *tensors, **knobs)
+    logp, tensors, knobs = _loss_call("policy_loss", args, kwargs)
     if grad_loss.numel() != 1:
         raise ValueError(f"grad_loss must have one element, got shape {tuple(grad_loss.shape)}")
     with _autograd_enabled():
@@ -223,22 +211,10 @@ def policy_loss_backward_reference_kernel(
     return grad
 
 
-def policy_loss_with_grad_reference_kernel(
-    logp,
-    old_logp,
-    advantages,
-    mask,
-    ref_logp=None,
-    call_map=None,
-    call_delta=None,
-    *knob_args,
-    **knob_kwargs,
-):
+def policy_loss_with_grad_reference_kernel(*args, **kwargs):
     """Reference ``tapo::policy_loss_with_grad``: the reference forward, then autograd for
     d loss / d logp (d loss = 1). Outputs are detached; the gradient is contiguous."""
-    tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = _knobs.bind(knob_args, knob_kwargs)
-    _checks.check_policy_loss(logp, *tensors, **knobs)
+    logp, tensors, knobs = _loss_call("policy_loss_with_grad", args, kwargs)
     with _autograd_enabled():
         x = logp.detach().requires_grad_(True)
         loss, metrics = reference.policy_loss(x, *tensors, **knobs)
@@ -336,11 +312,11 @@ SELECTIVE_LOG_SOFTMAX_FROM_HIDDEN_BACKWARD_SCHEMA = (
     "bool weight_grad=True, bool bias_grad=True) -> (Tensor, Tensor, Tensor)"
 )
 
-lib.define(POLICY_LOSS_FROM_LOGITS_SCHEMA)
-lib.define(POLICY_LOSS_FROM_HIDDEN_SCHEMA)
-lib.define(SELECTIVE_LOG_SOFTMAX_BACKWARD_SCHEMA)
-lib.define(SELECTIVE_LOG_SOFTMAX_BACKWARD_INPLACE_SCHEMA)
-lib.define(SELECTIVE_LOG_SOFTMAX_FROM_HIDDEN_BACKWARD_SCHEMA)
+_define(POLICY_LOSS_FROM_LOGITS_SCHEMA)
+_define(POLICY_LOSS_FROM_HIDDEN_SCHEMA)
+_define(SELECTIVE_LOG_SOFTMAX_BACKWARD_SCHEMA)
+_define(SELECTIVE_LOG_SOFTMAX_BACKWARD_INPLACE_SCHEMA)
+_define(SELECTIVE_LOG_SOFTMAX_FROM_HIDDEN_BACKWARD_SCHEMA)
 
 # Internal ops: the vocabulary passes (selective log-softmax rows, dlogits rows, the chunked
 # LM-head passes). The composite kernels of the public ops (fused.py) validate the inputs, then
@@ -358,7 +334,7 @@ NATIVE_LOGPROB_SCHEMAS = (
     "bool bias_grad) -> (Tensor, Tensor, Tensor)",
 )
 for _schema in NATIVE_LOGPROB_SCHEMAS:
-    lib.define(_schema)
+    _define(_schema)
 NATIVE_LOGPROB_OPS = tuple(s.split("(", 1)[0] for s in NATIVE_LOGPROB_SCHEMAS)
 NATIVE_LOGPROB = all(_has_cpu_kernel(op) for op in NATIVE_LOGPROB_OPS)
 
@@ -410,39 +386,17 @@ def _logprob_outputs_fake(like: torch.Tensor, B: int, T: int, with_entropy: bool
 
 
 @_register_fake("tapo::policy_loss_from_logits")
-def _policy_loss_from_logits_fake(
-    logits,
-    labels,
-    old_logp,
-    advantages,
-    mask,
-    ref_logp=None,
-    call_map=None,
-    call_delta=None,
-    temperature=1.0,
-    with_entropy=False,
-    *rest,
-):
-    return _logprob_outputs_fake(logits, logits.shape[0], logits.shape[1], with_entropy)
+def _policy_loss_from_logits_fake(*args, **kwargs):
+    call = _args.bind("policy_loss_from_logits", args, kwargs)
+    logits = call["logits"]
+    return _logprob_outputs_fake(logits, *logits.shape[:2], call["with_entropy"])
 
 
 @_register_fake("tapo::policy_loss_from_hidden")
-def _policy_loss_from_hidden_fake(
-    hidden,
-    weight,
-    bias,
-    labels,
-    old_logp,
-    advantages,
-    mask,
-    ref_logp=None,
-    call_map=None,
-    call_delta=None,
-    temperature=1.0,
-    with_entropy=False,
-    *rest,
-):
-    return _logprob_outputs_fake(hidden, hidden.shape[0], hidden.shape[1], with_entropy)
+def _policy_loss_from_hidden_fake(*args, **kwargs):
+    call = _args.bind("policy_loss_from_hidden", args, kwargs)
+    hidden = call["hidden"]
+    return _logprob_outputs_fake(hidden, *hidden.shape[:2], call["with_entropy"])
 
 
 @_register_fake("tapo::selective_log_softmax_backward")
@@ -456,20 +410,11 @@ def _selective_log_softmax_backward_inplace_fake(grad_logp, logits, *rest):
 
 
 @_register_fake("tapo::selective_log_softmax_from_hidden_backward")
-def _selective_log_softmax_from_hidden_backward_fake(
-    grad_logp,
-    hidden,
-    weight,
-    bias,
-    labels,
-    logp,
-    temperature=1.0,
-    chunk_size=None,
-    weight_grad=True,
-    bias_grad=True,
-):
-    dweight = torch.empty_like(weight) if weight_grad else weight.new_empty((0,))
-    want_bias = bias is not None and bias_grad
+def _selective_log_softmax_from_hidden_backward_fake(*args, **kwargs):
+    call = _args.bind("selective_log_softmax_from_hidden_backward", args, kwargs)
+    hidden, weight, bias = call["hidden"], call["weight"], call["bias"]
+    dweight = torch.empty_like(weight) if call["weight_grad"] else weight.new_empty((0,))
+    want_bias = bias is not None and call["bias_grad"]
     dbias = torch.empty_like(bias) if want_bias else hidden.new_empty((0,))
     return torch.empty_like(hidden), dweight, dbias
 
@@ -477,64 +422,60 @@ def _selective_log_softmax_from_hidden_backward_fake(
 # autograd: d loss / d logp from tapo::policy_loss_backward (tiny), then one pass over the
 # logits (or one chunked pass over the LM head) turns it into the input gradients.
 
-# logits, labels, 6 loss tensors, temperature, with_entropy, inplace_backward, the knobs
-_N_FROM_LOGITS_INPUTS = 11 + len(_knobs.NAMES)
-# hidden, weight, bias, labels, 6 loss tensors, temperature, with_entropy, chunk_size, the knobs
-_N_FROM_HIDDEN_INPUTS = 13 + len(_knobs.NAMES)
 
-
-def _from_logits_setup_context(ctx, inputs, output):
-    logits, labels, *loss_tensors = inputs[:8]
-    ctx.save_for_backward(logits, labels, output[2], *loss_tensors)
-    ctx.temperature, _, ctx.inplace_backward = inputs[8:11]
-    ctx.knobs = inputs[11:]
+def _save_front_call(ctx, op: str, inputs: tuple, output: tuple, leading: tuple[str, ...]):
+    """Save what the backward of a front-end op needs: its ``leading`` tensors, logp (an
+    output), the loss tensors; its other arguments and the knobs as attributes."""
+    call = dict(zip(_args.names(op), inputs, strict=True))
+    ctx.save_for_backward(*(call[n] for n in leading), output[2], *_args.loss_tensors(call))
+    ctx.call = {n: v for n, v in call.items() if not isinstance(v, torch.Tensor)}
+    ctx.knobs = tuple(_args.loss_knobs(call).values())
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(*output[1:])  # metrics, logp, entropy are detached
 
 
+def _grad_logp(ctx, grad_loss, logp, loss_tensors):
+    return torch.ops.tapo.policy_loss_backward(grad_loss, logp, *loss_tensors, *ctx.knobs)
+
+
+def _from_logits_setup_context(ctx, inputs, output):
+    _save_front_call(ctx, "policy_loss_from_logits", inputs, output, ("logits", "labels"))
+
+
 def _from_logits_backward(ctx, grad_loss, *unused_output_grads):
-    nones = (None,) * (_N_FROM_LOGITS_INPUTS - 1)
+    nones = (None,) * (ctx.n_inputs - 1)
     if not ctx.needs_input_grad[0]:
         return (None, *nones)
     logits, labels, logp, *loss_tensors = ctx.saved_tensors
-    grad_logp = torch.ops.tapo.policy_loss_backward(grad_loss, logp, *loss_tensors, *ctx.knobs)
-    if ctx.inplace_backward:
+    grad_logp = _grad_logp(ctx, grad_loss, logp, loss_tensors)
+    temperature = ctx.call["temperature"]
+    if ctx.call["inplace_backward"]:
         torch.ops.tapo.selective_log_softmax_backward_inplace(
-            grad_logp, logits, labels, logp, ctx.temperature
+            grad_logp, logits, labels, logp, temperature
         )
         return (logits, *nones)  # the logits buffer now holds the gradient
     grad_logits = torch.ops.tapo.selective_log_softmax_backward(
-        grad_logp, logits, labels, logp, ctx.temperature
+        grad_logp, logits, labels, logp, temperature
     )
     return (grad_logits, *nones)
 
 
 def _from_hidden_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, *loss_tensors = inputs[:10]
-    ctx.save_for_backward(hidden, weight, bias, labels, output[2], *loss_tensors)
-    ctx.temperature, _, ctx.chunk_size = inputs[10:13]
-    ctx.knobs = inputs[13:]
-    ctx.mark_non_differentiable(*output[1:])
+    leading = ("hidden", "weight", "bias", "labels")
+    _save_front_call(ctx, "policy_loss_from_hidden", inputs, output, leading)
 
 
 def _from_hidden_backward(ctx, grad_loss, *unused_output_grads):
-    nones = (None,) * (_N_FROM_HIDDEN_INPUTS - 3)
+    nones = (None,) * (ctx.n_inputs - 3)
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     if not (need_hidden or need_weight or need_bias):
         return (None, None, None, *nones)
     hidden, weight, bias, labels, logp, *loss_tensors = ctx.saved_tensors
-    grad_logp = torch.ops.tapo.policy_loss_backward(grad_loss, logp, *loss_tensors, *ctx.knobs)
+    grad_logp = _grad_logp(ctx, grad_loss, logp, loss_tensors)
     want_bias = bias is not None and need_bias
+    settings = (ctx.call["temperature"], ctx.call["chunk_size"], need_weight, want_bias)
     grad_hidden, grad_weight, grad_bias = torch.ops.tapo.selective_log_softmax_from_hidden_backward(
-        grad_logp,
-        hidden,
-        weight,
-        bias,
-        labels,
-        logp,
-        ctx.temperature,
-        ctx.chunk_size,
-        need_weight,
-        want_bias,
+        grad_logp, hidden, weight, bias, labels, logp, *settings
     )
     return (
         grad_hidden if need_hidden else None,

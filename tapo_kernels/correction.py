@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,13 +79,12 @@ class ToolCalls:
     def __len__(self) -> int:
         return int(self.seq.shape[0])
 
+    def named(self) -> dict[str, Tensor]:
+        """The fields by name, in the order ``tapo::fused_correct`` takes them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def to(self, device: torch.device | str) -> ToolCalls:
-        return ToolCalls(
-            *(
-                t.to(device)
-                for t in (self.seq, self.start, self.end, self.tool, self.key, self.params)
-            )
-        )
+        return ToolCalls(*(t.to(device) for t in self.named().values()))
 
     def call_map(self, B: int, T: int) -> Tensor:
         """``(B, T) int32`` index of the call covering each token (-1 elsewhere), for ``policy_loss``."""
@@ -202,36 +202,15 @@ def fused_correct(
     """
     if not isinstance(calls, ToolCalls):
         raise TypeError(f"calls must be a ToolCalls, got {type(calls).__name__}")
-    _checks.tensors(
-        advantages=advantages,
-        seq_advantages=seq_advantages,
-        group_ids=group_ids,
-        tool_sim_kind=tool_sim_kind,
-        **{
-            f"calls.{f}": getattr(calls, f)
-            for f in ("seq", "start", "end", "tool", "key", "params")
-        },
-    )
+    named = dict(advantages=advantages, seq_advantages=seq_advantages, group_ids=group_ids)
+    calls_named = {f"calls.{n}": t for n, t in calls.named().items()}
+    _checks.tensors(**named, tool_sim_kind=tool_sim_kind, **calls_named)
     for name, value in (("theta", theta), ("alpha_min", alpha_min), ("beta", beta)):
         _checks.number(name, value)
     for name, value in (("batch_scope", batch_scope), ("coverage", coverage)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(
-        advantages,
-        seq_advantages,
-        group_ids,
-        calls.seq,
-        calls.start,
-        calls.end,
-        calls.tool,
-        calls.key,
-        calls.params,
-        tool_sim_kind,
-        float(theta),
-        float(alpha_min),
-        float(beta),
-        bool(batch_scope),
-        bool(coverage),
-    )
+    tensors = (advantages, seq_advantages, group_ids, *calls.named().values(), tool_sim_kind)
+    settings = (float(theta), float(alpha_min), float(beta), batch_scope, coverage)
+    corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(*tensors, *settings)
     return TapoResult(corrected, delta, confidence, witness, seq_advantages, calls)

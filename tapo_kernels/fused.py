@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _checks, vocab
-from . import knobs as _knobs
+from . import _args, _checks, vocab
 
 
 @dataclass(frozen=True)
@@ -86,65 +85,33 @@ def _chunk(chunk_size: int | None, weight: Tensor) -> int:
     return chunk_size or vocab.default_chunk_tokens(weight.shape[0], weight.device)
 
 
-def policy_loss_from_logits_kernel(
-    logits,
-    labels,
-    old_logp,
-    advantages,
-    mask,
-    ref_logp=None,
-    call_map=None,
-    call_delta=None,
-    temperature=1.0,
-    with_entropy=False,
-    inplace_backward=False,
-    *knob_args,
-    passes: Passes = DISPATCHED,
-    **knob_kwargs,
-):
+def _loss_on(logp: Tensor, call: dict, passes: Passes) -> tuple[Tensor, Tensor]:
+    """The policy loss of a front-end call on its computed log-probabilities."""
+    check_logp_finite(logp, call["mask"])
+    return passes.loss(logp, *_args.loss_tensors(call), **_args.loss_knobs(call))
+
+
+def policy_loss_from_logits_kernel(*args, passes: Passes = DISPATCHED, **kwargs):
     """``tapo::policy_loss_from_logits``: ``(loss, metrics, logp, entropy)``."""
-    loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = _knobs.bind(knob_args, knob_kwargs)
-    _checks.check_policy_loss_from_logits(
-        logits, labels, *loss_tensors, temperature, *knobs.values()
+    call = _args.bind("policy_loss_from_logits", args, kwargs)
+    _checks.check_policy_loss_from_logits(call)
+    logp, entropy = passes.logprob_rows(
+        call["logits"], call["labels"], call["temperature"], call["with_entropy"]
     )
-    logp, entropy = passes.logprob_rows(logits, labels, temperature, with_entropy)
-    check_logp_finite(logp, mask)
-    loss, metrics = passes.loss(logp, *loss_tensors, **knobs)
-    return loss, metrics, logp, entropy
+    return (*_loss_on(logp, call, passes), logp, entropy)
 
 
-def policy_loss_from_hidden_kernel(
-    hidden,
-    weight,
-    bias,
-    labels,
-    old_logp,
-    advantages,
-    mask,
-    ref_logp=None,
-    call_map=None,
-    call_delta=None,
-    temperature=1.0,
-    with_entropy=False,
-    chunk_size=None,
-    *knob_args,
-    passes: Passes = DISPATCHED,
-    **knob_kwargs,
-):
+def policy_loss_from_hidden_kernel(*args, passes: Passes = DISPATCHED, **kwargs):
     """``tapo::policy_loss_from_hidden``: ``(loss, metrics, logp, entropy)``; the ``(B*T, V)``
     logits never exist (``chunk_size`` tokens at a time)."""
-    loss_tensors = (old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = _knobs.bind(knob_args, knob_kwargs)
-    _checks.check_policy_loss_from_hidden(
-        hidden, weight, bias, labels, *loss_tensors, temperature, chunk_size, *knobs.values()
-    )
+    call = _args.bind("policy_loss_from_hidden", args, kwargs)
+    _checks.check_policy_loss_from_hidden(call)
+    head = (call["hidden"], call["weight"], call["bias"], call["labels"])
+    chunk = _chunk(call["chunk_size"], call["weight"])
     logp, entropy = passes.logprob_from_hidden(
-        hidden, weight, bias, labels, temperature, with_entropy, _chunk(chunk_size, weight)
+        *head, call["temperature"], call["with_entropy"], chunk
     )
-    check_logp_finite(logp, mask)
-    loss, metrics = passes.loss(logp, *loss_tensors, **knobs)
-    return loss, metrics, logp, entropy
+    return (*_loss_on(logp, call, passes), logp, entropy)
 
 
 def selective_log_softmax_backward_kernel(
@@ -165,36 +132,12 @@ def selective_log_softmax_backward_inplace_kernel(
     passes.dlogits_rows(grad_logp, logits, labels, logp, temperature, logits)
 
 
-def selective_log_softmax_from_hidden_backward_kernel(
-    grad_logp,
-    hidden,
-    weight,
-    bias,
-    labels,
-    logp,
-    temperature=1.0,
-    chunk_size=None,
-    weight_grad=True,
-    bias_grad=True,
-    *,
-    passes: Passes = DISPATCHED,
-):
+def selective_log_softmax_from_hidden_backward_kernel(*args, passes: Passes = DISPATCHED, **kwargs):
     """``tapo::selective_log_softmax_from_hidden_backward``: ``(dhidden, dweight, dbias)``."""
-    _checks.check_selective_log_softmax_from_hidden_backward(
-        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size
-    )
-    return passes.logprob_from_hidden_backward(
-        grad_logp,
-        hidden,
-        weight,
-        bias,
-        labels,
-        logp,
-        temperature,
-        _chunk(chunk_size, weight),
-        weight_grad,
-        bias_grad,
-    )
+    call = _args.bind("selective_log_softmax_from_hidden_backward", args, kwargs)
+    _checks.check_selective_log_softmax_from_hidden_backward(**call)
+    call["chunk_size"] = _chunk(call["chunk_size"], call["weight"])
+    return passes.logprob_from_hidden_backward(*call.values())  # the same order
 
 
 KERNELS = {

@@ -25,33 +25,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _checks, _library  # noqa: F401  (_library registers the ops)
+from . import _args, _checks, _library  # noqa: F401  (_library registers the ops)
 from . import knobs as _knobs
-from .reference import METRIC_NAMES
+from .loss import PolicyLossOutput
 
 
 @dataclass
-class LogprobLossOutput:
+class LogprobLossOutput(PolicyLossOutput):
     """The scalar loss (differentiable), its detached metrics, log-probabilities and entropies."""
 
-    loss: Tensor
-    metrics: Tensor  # [4] float32, ordered as METRIC_NAMES
     logp: Tensor  # [B, T] float32, detached
     entropy: Tensor  # [B, T] float32, detached; empty unless with_entropy=True
 
-    def metrics_dict(self, prefix: str = "actor/") -> dict[str, float]:
-        """Metrics as Python floats (one host sync)."""
-        return {
-            f"{prefix}{n}": float(v)
-            for n, v in zip(METRIC_NAMES, self.metrics.tolist(), strict=True)
-        }
 
-
-def _as_fp32(t: Tensor | None) -> Tensor | None:
+def _as_fp32(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """The loss operates on fp32 log-probabilities: cast floating loss inputs (as the reference)."""
-    if t is None or not t.is_floating_point() or t.dtype == torch.float32:
-        return t
-    return t.float()
+    return tuple(
+        t.float() if t is not None and t.is_floating_point() and t.dtype != torch.float32 else t
+        for t in tensors
+    )
 
 
 def policy_loss_from_logits(
@@ -90,30 +82,11 @@ def policy_loss_from_logits(
         ``logp`` (fp32, detached) and ``entropy`` (fp32, detached, empty when not asked).
     """
     merged = _knobs.resolve(preset, knobs)
-    _checks.tensors(
-        logits=logits,
-        labels=labels,
-        old_logp=old_logp,
-        advantages=advantages,
-        mask=mask,
-        ref_logp=ref_logp,
-        call_map=call_map,
-        call_delta=call_delta,
-    )
+    _args.check_tensors("policy_loss_from_logits", locals())
     _checks.number("temperature", temperature)
+    loss_tensors = _as_fp32(old_logp, advantages, mask, ref_logp, call_map, call_delta)
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_logits(
-        logits,
-        labels,
-        _as_fp32(old_logp),
-        _as_fp32(advantages),
-        _as_fp32(mask),
-        _as_fp32(ref_logp),
-        call_map,
-        _as_fp32(call_delta),
-        temperature=temperature,
-        with_entropy=with_entropy,
-        inplace_backward=inplace_backward,
-        **merged,
+        logits, labels, *loss_tensors, temperature, with_entropy, inplace_backward, **merged
     )
     return LogprobLossOutput(loss, metrics, logp, entropy)
 
@@ -149,33 +122,10 @@ def policy_loss_from_hidden(
         labels ... **knobs: as ``policy_loss_from_logits``.
     """
     merged = _knobs.resolve(preset, knobs)
-    _checks.tensors(
-        hidden=hidden,
-        weight=weight,
-        bias=bias,
-        labels=labels,
-        old_logp=old_logp,
-        advantages=advantages,
-        mask=mask,
-        ref_logp=ref_logp,
-        call_map=call_map,
-        call_delta=call_delta,
-    )
+    _args.check_tensors("policy_loss_from_hidden", locals())
     _checks.number("temperature", temperature)
+    loss_tensors = _as_fp32(old_logp, advantages, mask, ref_logp, call_map, call_delta)
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_hidden(
-        hidden,
-        weight,
-        bias,
-        labels,
-        _as_fp32(old_logp),
-        _as_fp32(advantages),
-        _as_fp32(mask),
-        _as_fp32(ref_logp),
-        call_map,
-        _as_fp32(call_delta),
-        temperature=temperature,
-        with_entropy=with_entropy,
-        chunk_size=chunk_size,
-        **merged,
+        hidden, weight, bias, labels, *loss_tensors, temperature, with_entropy, chunk_size, **merged
     )
     return LogprobLossOutput(loss, metrics, logp, entropy)

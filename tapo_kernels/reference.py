@@ -386,33 +386,22 @@ def selective_log_softmax(
 
 def policy_loss_from_logits(
     logits: Tensor,  # [B, T, V]
-    labels: Tensor,  # [B, T]
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logp: Tensor | None = None,
-    call_map: Tensor | None = None,
-    call_delta: Tensor | None = None,
+    labels: Tensor,  # [B, T] int64, < 0 = ignored token
+    *loss_tensors: Tensor | None,  # old_logp, advantages, mask[, ref_logp, call_map, call_delta]
     temperature: float = 1.0,
     with_entropy: bool = False,
     **knobs,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``policy_loss`` on ``logp = selective_log_softmax(logits, labels)``.
+    """``policy_loss(logp, *loss_tensors, **knobs)`` on
+    ``logp = selective_log_softmax(logits, labels, temperature)``, with the floating loss
+    tensors cast to float32 (the dtype of ``logp``).
 
     Returns (loss, metrics, logp (detached, fp32), entropy (detached, fp32; empty when not
     asked)). Differentiable with respect to ``logits``.
     """
     logp, entropy = selective_log_softmax(logits, labels, temperature, with_entropy)
-    loss, metrics = policy_loss(
-        logp,
-        old_logp.float(),
-        advantages.float(),
-        mask,
-        None if ref_logp is None else ref_logp.float(),
-        call_map,
-        None if call_delta is None else call_delta.float(),
-        **knobs,
-    )
+    fp32 = (t.float() if t is not None and t.is_floating_point() else t for t in loss_tensors)
+    loss, metrics = policy_loss(logp, *fp32, **knobs)
     return loss, metrics, logp.detach(), entropy
 
 
@@ -421,31 +410,13 @@ def policy_loss_from_hidden(
     weight: Tensor,  # [V, H] LM head
     bias: Tensor | None,  # [V]
     labels: Tensor,  # [B, T]
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logp: Tensor | None = None,
-    call_map: Tensor | None = None,
-    call_delta: Tensor | None = None,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
+    *loss_args,
     **knobs,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The plain composition: full logits ``hidden @ weight.T + bias``, then the logits loss.
+    """The plain composition: full logits ``hidden @ weight.T + bias``, then the logits loss
+    (``loss_args`` and ``knobs``: as ``policy_loss_from_logits`` after ``labels``).
 
     Materialises the whole ``(B, T, V)`` logits: this is the memory baseline the fused op beats.
     """
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    return policy_loss_from_logits(
-        logits,
-        labels,
-        old_logp,
-        advantages,
-        mask,
-        ref_logp,
-        call_map,
-        call_delta,
-        temperature,
-        with_entropy,
-        **knobs,
-    )
+    return policy_loss_from_logits(logits, labels, *loss_args, **knobs)

@@ -304,61 +304,11 @@ def selective_log_softmax_from_hidden_backward_chunked(
     return dhidden.view(B, T, H), dweight, dbias
 
 
-# --------------------------------------------------------------------------------------
-# the four passes, with the schemas of the internal ops
-# --------------------------------------------------------------------------------------
-
-
-def logprob_rows(
-    logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool
-) -> tuple[Tensor, Tensor]:
-    """``tapo::_logprob_rows``: fp32 log-probabilities (and entropies) of ``(B, T, V)`` logits."""
-    return selective_log_softmax_chunked(logits, labels, temperature, with_entropy)
-
-
-def dlogits_rows(
-    grad_logp: Tensor, logits: Tensor, labels: Tensor, logp: Tensor, temperature: float, out: Tensor
-) -> None:
-    """``tapo::_dlogits_rows``: ``d loss / d logits`` written into ``out`` (may be ``logits``)."""
-    selective_log_softmax_backward_chunked(grad_logp, logits, labels, logp, temperature, out)
-
-
-def logprob_from_hidden(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    temperature: float,
-    with_entropy: bool,
-    chunk: int,
-) -> tuple[Tensor, Tensor]:
-    """``tapo::_logprob_from_hidden``: the log-probabilities of ``linear(hidden, weight, bias)``."""
-    return selective_log_softmax_from_hidden_chunked(
-        hidden, weight, bias, labels, temperature, with_entropy, chunk
-    )
-
-
-def logprob_from_hidden_backward(
-    grad_logp: Tensor,
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    logp: Tensor,
-    temperature: float,
-    chunk: int,
-    weight_grad: bool,
-    bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``tapo::_logprob_from_hidden_backward``: ``(dhidden, dweight, dbias)``."""
-    return selective_log_softmax_from_hidden_backward_chunked(
-        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk, weight_grad, bias_grad
-    )
-
-
+# the CPU fallback kernels of the internal ops tapo::_logprob_rows & co. (their schemas are the
+# loops' leading arguments)
 PASSES = {
-    "_logprob_rows": logprob_rows,
-    "_dlogits_rows": dlogits_rows,
-    "_logprob_from_hidden": logprob_from_hidden,
-    "_logprob_from_hidden_backward": logprob_from_hidden_backward,
+    "_logprob_rows": selective_log_softmax_chunked,
+    "_dlogits_rows": selective_log_softmax_backward_chunked,
+    "_logprob_from_hidden": selective_log_softmax_from_hidden_chunked,
+    "_logprob_from_hidden_backward": selective_log_softmax_from_hidden_backward_chunked,
 }

@@ -1,4 +1,5 @@
-"""Shared fixtures: every backend of every op, callable with the op's arguments.
+"""Shared fixtures: every backend of every op, callable with the op's arguments, and the
+knobs of the policy-loss grids (``grid_knobs``).
 
 Triton kernels run on the CPU through the interpreter; ``TRITON_INTERPRET`` must be set
 before Triton is imported, so it is set here, first.
@@ -55,3 +56,22 @@ def fused_correct_impl(request):
 @pytest.fixture(params=sorted(policy_loss_backends()))
 def policy_loss_impl(request):
     return policy_loss_backends()[request.param]
+
+
+def _grid_knobs(
+    algo: str, agg: str, kl_type: str, dual_clip_c: float, **normalisers: float
+) -> dict:
+    """Knobs of the algo x agg x kl_type grids of the policy-loss tests: clip-higher, the dual
+    clip at ``dual_clip_c`` (0: off), a small KL term, and ``normalisers`` (``norm_const``,
+    ``global_count``). GSPO's ratios are row means, near 1: its clip range is narrow."""
+    knobs = dict(algo=algo, agg=agg, kl_type=kl_type, kl_coef=0.05, eps_low=0.2, eps_high=0.28)
+    knobs.update(dual_clip_c=dual_clip_c, **normalisers)
+    if algo == "gspo":
+        knobs.update(eps_low=0.03, eps_high=0.04)
+    return knobs
+
+
+@pytest.fixture
+def grid_knobs():
+    """``grid_knobs(algo, agg, kl_type, dual_clip_c, **normalisers)``: knobs of a grid case."""
+    return _grid_knobs

@@ -164,6 +164,13 @@ def assert_metrics(
     assert bool(((m - r).abs() <= bound).all()), f"metrics {m.tolist()} vs {r.tolist()}"
 
 
+def front_door_tensors(tensors: tuple) -> tuple[tuple, dict[str, Tensor | None]]:
+    """The op's loss tensors ``(old_logp, advantages, mask, ref_logp, call_map, call_delta)`` as
+    the front doors take them: three positional arguments, and three keywords."""
+    old, adv, mask, ref, call_map, call_delta = tensors
+    return (old, adv, mask), dict(ref_logp=ref, call_map=call_map, call_delta=call_delta)
+
+
 def as_dtype(args: tuple, dtype: torch.dtype) -> tuple:
     return tuple(
         t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.bool else t
@@ -291,15 +298,10 @@ def test_fused_correct_realistic_shapes(case):
 # 2. policy_loss, policy_loss_backward, policy_loss_with_grad
 # ======================================================================================
 
-LOSS_BASE: dict[str, Any] = dict(
-    B=32,
-    T=1024,
-    dtype=torch.float32,
-    per_token=True,
-    with_ref=True,
-    with_calls=True,
-    bool_mask=False,
-)
+# the baseline batch: fp32 with a float mask, and every optional input (per-token
+# advantages, reference log-probs, TAPO calls)
+LOSS_BASE: dict[str, Any] = dict(B=32, T=1024, dtype=torch.float32, bool_mask=False)
+LOSS_BASE.update(per_token=True, with_ref=True, with_calls=True)
 KNOBS_BASE: dict[str, Any] = dict(algo="grpo", agg="token-mean", kl_type="k3", kl_coef=0.1)
 
 # id -> (batch overrides, knob overrides): one knob at a time from the baseline
@@ -509,40 +511,23 @@ def logits_reference(logits, labels, tensors, temperature, knobs, oracle: bool):
         loss, metrics, logp, entropy = oracle_loss(leaf, labels, tensors, temperature, knobs)
     else:
         loss, metrics, logp, entropy = reference.policy_loss_from_logits(
-            leaf, labels, *tensors, temperature, True, **knobs
+            leaf, labels, *tensors, temperature=temperature, with_entropy=True, **knobs
         )
     (grad,) = torch.autograd.grad(loss, leaf)
     return loss.detach(), metrics, logp.detach(), entropy, grad
 
 
+_F32, _BF16 = torch.float32, torch.bfloat16
 # id -> ((B, T) on the device, (B, T) on the CPU), V, dtype, temperature, inplace, entry, algo
 LOGITS_CASES: dict[str, tuple] = {
-    "V1000-fp32": ((4, 256), (2, 64), 1000, torch.float32, 1.0, False, "op", "grpo"),
-    "V1000-bf16-t0.7": ((4, 256), (2, 64), 1000, torch.bfloat16, 0.7, False, "front", "sapo"),
-    "V32768-bf16-inplace": ((2, 512), (2, 16), 32768, torch.bfloat16, 1.0, True, "op", "gspo"),
-    "V32768-fp32-t0.7-inplace": (
-        (2, 256),
-        (1, 16),
-        32768,
-        torch.float32,
-        0.7,
-        True,
-        "front",
-        "grpo",
-    ),
-    "V151936-bf16-t0.7": ((2, 256), (1, 8), 151936, torch.bfloat16, 0.7, False, "op", "grpo"),
-    "V151936-fp32-inplace": ((1, 128), (1, 8), 151936, torch.float32, 1.0, True, "front", "sapo"),
-    "long-row-T65536-V1000": (
-        (1, 65536),
-        (1, 4096),
-        1000,
-        torch.bfloat16,
-        1.0,
-        False,
-        "op",
-        "grpo",
-    ),
-    "8192x151936-bf16": ((4, 2048), (1, 32), 151936, torch.bfloat16, 1.0, True, "op", "grpo"),
+    "V1000-fp32": ((4, 256), (2, 64), 1000, _F32, 1.0, False, "op", "grpo"),
+    "V1000-bf16-t0.7": ((4, 256), (2, 64), 1000, _BF16, 0.7, False, "front", "sapo"),
+    "V32768-bf16-inplace": ((2, 512), (2, 16), 32768, _BF16, 1.0, True, "op", "gspo"),
+    "V32768-fp32-t0.7-inplace": ((2, 256), (1, 16), 32768, _F32, 0.7, True, "front", "grpo"),
+    "V151936-bf16-t0.7": ((2, 256), (1, 8), 151936, _BF16, 0.7, False, "op", "grpo"),
+    "V151936-fp32-inplace": ((1, 128), (1, 8), 151936, _F32, 1.0, True, "front", "sapo"),
+    "long-row-T65536-V1000": ((1, 65536), (1, 4096), 1000, _BF16, 1.0, False, "op", "grpo"),
+    "8192x151936-bf16": ((4, 2048), (1, 32), 151936, _BF16, 1.0, True, "op", "grpo"),
 }
 _ORACLE64_MAX = 1 << 28  # elements of logits up to which the float64 oracle runs
 
@@ -593,19 +578,15 @@ def test_policy_loss_from_logits(case):
             **knobs,
         )
     else:
-        old, adv, mask, ref, call_map, call_delta = tensors
+        positional, optional = front_door_tensors(tensors)
         out = tapo_kernels.policy_loss_from_logits(
             x,
             labels,
-            old,
-            adv,
-            mask,
-            ref_logp=ref,
-            call_map=call_map,
-            call_delta=call_delta,
+            *positional,
             temperature=temperature,
             with_entropy=True,
             inplace_backward=inplace,
+            **optional,
             **knobs,
         )
         loss, metrics, logp, entropy = out.loss, out.metrics, out.logp, out.entropy
@@ -631,53 +612,17 @@ def test_policy_loss_from_logits(case):
 # 4. policy_loss_from_hidden
 # ======================================================================================
 
-# id -> ((B, T, H, V) on the device, on the CPU), dtype, bias, chunk_size, temperature, algo
+# (B, T, H, V) on the device, and shrunk for the CPU
+HIDDEN_SMALL = ((2, 256, 256, 4096), (2, 40, 32, 500))
+HIDDEN_MEDIUM = ((4, 512, 1024, 32768), (2, 64, 64, 2048))
+HIDDEN_LARGE = ((4, 2048, 4096, 131072), (2, 128, 128, 8192))  # M = 8192, H = 4096, V = 131072
+# id -> (B, T, H, V) on the device, on the CPU, dtype, bias, chunk_size, temperature, algo
 HIDDEN_CASES: dict[str, tuple] = {
-    "fp32-bias-chunk100": (
-        (2, 256, 256, 4096),
-        (2, 40, 32, 500),
-        torch.float32,
-        True,
-        100,
-        1.0,
-        "grpo",
-    ),
-    "fp32-nobias-auto-t0.7": (
-        (2, 256, 256, 4096),
-        (2, 40, 32, 500),
-        torch.float32,
-        False,
-        None,
-        0.7,
-        "sapo",
-    ),
-    "bf16-bias-auto": (
-        (4, 512, 1024, 32768),
-        (2, 64, 64, 2048),
-        torch.bfloat16,
-        True,
-        None,
-        1.0,
-        "grpo",
-    ),
-    "bf16-nobias-chunk300": (
-        (4, 512, 1024, 32768),
-        (2, 64, 64, 2048),
-        torch.bfloat16,
-        False,
-        300,
-        1.0,
-        "gspo",
-    ),
-    "bf16-M8192-H4096-V131072": (
-        (4, 2048, 4096, 131072),
-        (2, 128, 128, 8192),
-        torch.bfloat16,
-        False,
-        None,
-        1.0,
-        "grpo",
-    ),
+    "fp32-bias-chunk100": (*HIDDEN_SMALL, torch.float32, True, 100, 1.0, "grpo"),
+    "fp32-nobias-auto-t0.7": (*HIDDEN_SMALL, torch.float32, False, None, 0.7, "sapo"),
+    "bf16-bias-auto": (*HIDDEN_MEDIUM, torch.bfloat16, True, None, 1.0, "grpo"),
+    "bf16-nobias-chunk300": (*HIDDEN_MEDIUM, torch.bfloat16, False, 300, 1.0, "gspo"),
+    "bf16-M8192-H4096-V131072": (*HIDDEN_LARGE, torch.bfloat16, False, None, 1.0, "grpo"),
 }
 HIDDEN_GRADS = ("dhidden", "dweight", "dbias")
 
@@ -695,7 +640,14 @@ def hidden_reference(params, labels, tensors, temperature, knobs, oracle: bool):
         del logits
     else:
         loss, metrics, logp, entropy = reference.policy_loss_from_hidden(
-            leaves[0], leaves[1], bias, labels, *tensors, temperature, True, **knobs
+            leaves[0],
+            leaves[1],
+            bias,
+            labels,
+            *tensors,
+            temperature=temperature,
+            with_entropy=True,
+            **knobs,
         )
     grads = torch.autograd.grad(loss, leaves)
     return loss.detach(), metrics, logp.detach(), entropy, grads
@@ -720,22 +672,18 @@ def test_policy_loss_from_hidden(case):
     free()
 
     leaves = [p.detach().clone().requires_grad_(True) for p in params]
-    old, adv, mask, ref, call_map, call_delta = tensors
+    positional, optional = front_door_tensors(tensors)
     poison(4 * B * T * H)
     out = tapo_kernels.policy_loss_from_hidden(
         leaves[0],
         leaves[1],
         labels,
-        old,
-        adv,
-        mask,
+        *positional,
         bias=leaves[2] if with_bias else None,
-        ref_logp=ref,
-        call_map=call_map,
-        call_delta=call_delta,
         temperature=temperature,
         with_entropy=True,
         chunk_size=chunk,
+        **optional,
         **knobs,
     )
     grads = torch.autograd.grad(out.loss, leaves)
@@ -751,7 +699,7 @@ def test_policy_loss_from_hidden(case):
         oracle = hidden_reference(params, labels, tensors, temperature, knobs, oracle=True)
     else:  # M=8192, V=131072: the reference composition in bf16 is the oracle
         oracle, own = own, None
-    check_logprob_result(result, oracle, own, dtype, mask, HIDDEN_GRADS)
+    check_logprob_result(result, oracle, own, dtype, tensors[2], HIDDEN_GRADS)
     del result, own, oracle, params, h, w
     free()
 
@@ -826,18 +774,9 @@ def test_opcheck_on_device(op):
     torch.library.opcheck(getattr(torch.ops.tapo, op).default, args, kwargs)
 
 
-def _loss_step(logp, old, adv, mask, ref, call_map, call_delta):
-    out = tapo_kernels.policy_loss(
-        logp,
-        old,
-        adv,
-        mask,
-        ref_logp=ref,
-        call_map=call_map,
-        call_delta=call_delta,
-        preset="grpo",
-        kl_coef=0.1,
-    )
+def _loss_step(logp, *tensors):
+    positional, optional = front_door_tensors(tensors)
+    out = tapo_kernels.policy_loss(logp, *positional, preset="grpo", kl_coef=0.1, **optional)
     return 2.0 * out.loss, out.metrics
 
 

@@ -1041,87 +1041,59 @@ def _empty_batch(a: dict) -> dict:
     }
 
 
+def _bad(name: str, value, exc: type[Exception] = ValueError, at=None) -> tuple:
+    """A ``BAD_INPUTS`` entry: argument ``name`` set to ``value`` (with ``at``: only its
+    element ``at``); ``exc`` expected, with a message that names ``name``."""
+    return (_set(name, value) if at is None else _set_at(name, at, value)), exc, name
+
+
 NAN = float("nan")
 BAD_INPUTS = {  # id -> (mutation, exception type, argument the message must name)
-    "advantages-1d": (_set("advantages", lambda a: a["advantages"][0]), ValueError, "advantages"),
-    "seq_advantages-length": (_set("seq_advantages", torch.zeros(3)), ValueError, "seq_advantages"),
-    "group_ids-length": (
-        _set("group_ids", torch.zeros(1, dtype=torch.int64)),
-        ValueError,
-        "group_ids",
+    "advantages-1d": _bad("advantages", lambda a: a["advantages"][0]),
+    "seq_advantages-length": _bad("seq_advantages", torch.zeros(3)),
+    "group_ids-length": _bad("group_ids", torch.zeros(1, dtype=torch.int64)),
+    "call_start-length": _bad("call_start", lambda a: a["call_start"][:2]),
+    "call_key-length": _bad("call_key", lambda a: a["call_key"][:1]),
+    "call_params-rows": _bad("call_params", lambda a: a["call_params"][:2]),
+    "advantages-float64": _bad("advantages", lambda a: a["advantages"].double(), TypeError),
+    "seq_advantages-float16": _bad(
+        "seq_advantages", lambda a: a["seq_advantages"].half(), TypeError
     ),
-    "call_start-length": (
-        _set("call_start", lambda a: a["call_start"][:2]),
-        ValueError,
-        "call_start",
-    ),
-    "call_key-length": (_set("call_key", lambda a: a["call_key"][:1]), ValueError, "call_key"),
-    "call_params-rows": (
-        _set("call_params", lambda a: a["call_params"][:2]),
-        ValueError,
-        "call_params",
-    ),
-    "advantages-float64": (
-        _set("advantages", lambda a: a["advantages"].double()),
-        TypeError,
-        "advantages",
-    ),
-    "seq_advantages-float16": (
-        _set("seq_advantages", lambda a: a["seq_advantages"].half()),
-        TypeError,
-        "seq_advantages",
-    ),
-    "group_ids-int32": (_set("group_ids", lambda a: a["group_ids"].int()), TypeError, "group_ids"),
-    "call_seq-int32": (_set("call_seq", lambda a: a["call_seq"].int()), TypeError, "call_seq"),
-    "call_tool-float": (
-        _set("call_tool", lambda a: a["call_tool"].float()),
-        TypeError,
-        "call_tool",
-    ),
-    "call_params-float64": (
-        _set("call_params", lambda a: a["call_params"].double()),
-        TypeError,
-        "call_params",
-    ),
-    "tool_sim_kind-int32": (
-        _set("tool_sim_kind", lambda a: a["tool_sim_kind"].int()),
-        TypeError,
-        "tool_sim_kind",
-    ),
-    "call_end-past-T": (_set_at("call_end", 2, 7), ValueError, "call_end"),
-    "call_start-negative": (_set_at("call_start", 0, -1), ValueError, "call_start"),
+    "group_ids-int32": _bad("group_ids", lambda a: a["group_ids"].int(), TypeError),
+    "call_seq-int32": _bad("call_seq", lambda a: a["call_seq"].int(), TypeError),
+    "call_tool-float": _bad("call_tool", lambda a: a["call_tool"].float(), TypeError),
+    "call_params-float64": _bad("call_params", lambda a: a["call_params"].double(), TypeError),
+    "tool_sim_kind-int32": _bad("tool_sim_kind", lambda a: a["tool_sim_kind"].int(), TypeError),
+    "call_end-past-T": _bad("call_end", 7, at=2),
+    "call_start-negative": _bad("call_start", -1, at=0),
     "start-after-end": (
         lambda a: _set_at("call_end", 2, 3)(_set_at("call_start", 2, 4)(a)),
         ValueError,
         "call_start",
     ),
     "overlapping-spans": (_set_at("call_start", 1, 1), ValueError, "call spans"),
-    "call_seq-past-B": (_set_at("call_seq", 2, 2), ValueError, "call_seq"),
-    "call_seq-negative": (_set_at("call_seq", 0, -1), ValueError, "call_seq"),
-    "advantages-nan": (_set_at("advantages", (1, 2), NAN), ValueError, "advantages"),
-    "advantages-inf": (_set_at("advantages", (0, 0), float("inf")), ValueError, "advantages"),
-    "seq_advantages-nan": (_set_at("seq_advantages", 0, NAN), ValueError, "seq_advantages"),
-    "call_params-nan": (_set_at("call_params", (0, 1), NAN), ValueError, "call_params"),
-    "theta-negative": (_set("theta", -0.1), ValueError, "theta"),
-    "theta-above-1": (_set("theta", 1.5), ValueError, "theta"),
-    "theta-nan": (_set("theta", NAN), ValueError, "theta"),
-    "alpha_min-negative": (_set("alpha_min", -0.5), ValueError, "alpha_min"),
+    "call_seq-past-B": _bad("call_seq", 2, at=2),
+    "call_seq-negative": _bad("call_seq", -1, at=0),
+    "advantages-nan": _bad("advantages", NAN, at=(1, 2)),
+    "advantages-inf": _bad("advantages", float("inf"), at=(0, 0)),
+    "seq_advantages-nan": _bad("seq_advantages", NAN, at=0),
+    "call_params-nan": _bad("call_params", NAN, at=(0, 1)),
+    "theta-negative": _bad("theta", -0.1),
+    "theta-above-1": _bad("theta", 1.5),
+    "theta-nan": _bad("theta", NAN),
+    "alpha_min-negative": _bad("alpha_min", -0.5),
     # alpha_min gates the confidence s_k * cov_k, which lies in [0, 1]
-    "alpha_min-slightly-negative": (_set("alpha_min", -0.1), ValueError, "alpha_min"),
-    "alpha_min-above-1": (_set("alpha_min", 1.5), ValueError, "alpha_min"),
-    "alpha_min-nan": (_set("alpha_min", NAN), ValueError, "alpha_min"),
-    "alpha_min-inf": (_set("alpha_min", float("inf")), ValueError, "alpha_min"),
-    "beta-negative": (_set("beta", -0.1), ValueError, "beta"),
-    "beta-inf": (_set("beta", float("inf")), ValueError, "beta"),
+    "alpha_min-slightly-negative": _bad("alpha_min", -0.1),
+    "alpha_min-above-1": _bad("alpha_min", 1.5),
+    "alpha_min-nan": _bad("alpha_min", NAN),
+    "alpha_min-inf": _bad("alpha_min", float("inf")),
+    "beta-negative": _bad("beta", -0.1),
+    "beta-inf": _bad("beta", float("inf")),
     "empty-batch": (_empty_batch, ValueError, "advantages"),
-    "call_tool-past-num_tools": (_set_at("call_tool", 2, 2), ValueError, "call_tool"),
-    "tool_sim_kind-2": (_set_at("tool_sim_kind", 1, 2), ValueError, "tool_sim_kind"),
-    "tool_sim_kind-negative": (_set_at("tool_sim_kind", 0, -1), ValueError, "tool_sim_kind"),
-    "iou-params-D3": (
-        _set("call_params", lambda a: a["call_params"][:, :3].contiguous()),
-        ValueError,
-        "call_params",
-    ),
+    "call_tool-past-num_tools": _bad("call_tool", 2, at=2),
+    "tool_sim_kind-2": _bad("tool_sim_kind", 2, at=1),
+    "tool_sim_kind-negative": _bad("tool_sim_kind", -1, at=0),
+    "iou-params-D3": _bad("call_params", lambda a: a["call_params"][:, :3].contiguous()),
     "call_params-D0": (
         lambda a: {
             **a,
@@ -1131,26 +1103,14 @@ BAD_INPUTS = {  # id -> (mutation, exception type, argument the message must nam
         ValueError,
         "call_params",
     ),
-    "call_seq-2d": (_set("call_seq", lambda a: a["call_seq"][None]), ValueError, "call_seq"),
-    "call_end-int32": (_set("call_end", lambda a: a["call_end"].int()), TypeError, "call_end"),
-    "call_tool-length": (
-        _set("call_tool", lambda a: a["call_tool"][1:]),
-        ValueError,
-        "call_tool",
-    ),
-    "call_key-float": (_set("call_key", lambda a: a["call_key"].float()), TypeError, "call_key"),
-    "call_key-int32": (_set("call_key", lambda a: a["call_key"].int()), TypeError, "call_key"),
-    "tool_sim_kind-2d": (
-        _set("tool_sim_kind", lambda a: a["tool_sim_kind"][None]),
-        ValueError,
-        "tool_sim_kind",
-    ),
-    "advantages-neg-inf": (
-        _set_at("advantages", (1, 5), float("-inf")),
-        ValueError,
-        "advantages",
-    ),
-    "call_params-inf": (_set_at("call_params", (2, 0), float("inf")), ValueError, "call_params"),
+    "call_seq-2d": _bad("call_seq", lambda a: a["call_seq"][None]),
+    "call_end-int32": _bad("call_end", lambda a: a["call_end"].int(), TypeError),
+    "call_tool-length": _bad("call_tool", lambda a: a["call_tool"][1:]),
+    "call_key-float": _bad("call_key", lambda a: a["call_key"].float(), TypeError),
+    "call_key-int32": _bad("call_key", lambda a: a["call_key"].int(), TypeError),
+    "tool_sim_kind-2d": _bad("tool_sim_kind", lambda a: a["tool_sim_kind"][None]),
+    "advantages-neg-inf": _bad("advantages", float("-inf"), at=(1, 5)),
+    "call_params-inf": _bad("call_params", float("inf"), at=(2, 0)),
     # two problems: the one of the earlier argument is reported
     "error-order": (
         lambda a: _set_at("call_seq", 0, 5)(_set_at("advantages", (0, 1), NAN)(a)),
@@ -1236,34 +1196,11 @@ def test_opcheck(sample):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph_matches_eager(backend):
-    def step(
-        advantages,
-        seq_advantages,
-        group_ids,
-        call_seq,
-        call_start,
-        call_end,
-        call_tool,
-        call_key,
-        call_params,
-        tool_sim_kind,
-    ):
-        # the op between ordinary (elementwise, so exactly reproducible) torch code
+    def step(advantages, *rest):
+        # the op between ordinary (elementwise, so exactly reproducible) torch code;
+        # ``rest``: the other nine tensor arguments, in schema order (see ARG_NAMES)
         corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(
-            advantages * 1.0,
-            seq_advantages,
-            group_ids,
-            call_seq,
-            call_start,
-            call_end,
-            call_tool,
-            call_key,
-            call_params,
-            tool_sim_kind,
-            0.7,
-            0.3,
-            0.8,
-            False,
+            advantages * 1.0, *rest, 0.7, 0.3, 0.8, False
         )
         return corrected, corrected - advantages, delta * 2, confidence, witness + 1
 
@@ -1277,8 +1214,9 @@ def test_compile_fullgraph_matches_eager(backend):
         assert_exact(g, w)
 
 
-def _python(code: str, **env: str | None) -> str:
-    """Run ``code`` in a fresh interpreter that imports this checkout; return its stdout."""
+def _python_json(code: str, **env: str | None) -> object:
+    """Run ``code`` in a fresh interpreter that imports this checkout, with ``env`` over our
+    environment (``None`` unsets a variable); return the JSON its last line of stdout holds."""
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
@@ -1288,16 +1226,12 @@ def _python(code: str, **env: str | None) -> str:
             full_env.pop(key, None)
         else:
             full_env[key] = value
+    cmd = [sys.executable, "-c", code]
     proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=REPO_ROOT,
-        timeout=300,
+        cmd, capture_output=True, text=True, env=full_env, cwd=REPO_ROOT, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("native", ["default", "disabled"])
@@ -1309,7 +1243,7 @@ def test_import_initialises_no_cuda_and_no_triton(native):
         " 'op': hasattr(torch.ops.tapo, 'fused_correct')}))\n"
     )
     flag = "1" if native == "disabled" else None  # None: the process decides (native if built)
-    result = json.loads(_python(code, TAPO_DISABLE_NATIVE=flag).strip().splitlines()[-1])
+    result = _python_json(code, TAPO_DISABLE_NATIVE=flag)
     assert result == {"cuda": False, "triton": False, "op": True}
 
 
@@ -1328,7 +1262,7 @@ def test_reference_fallback_in_a_fresh_process():
         "print(json.dumps({'backend': tapo_kernels.CPU_BACKEND['fused_correct'],\n"
         "                  'out': [t.tolist() for t in out]}))\n"
     )
-    result = json.loads(_python(code, TAPO_DISABLE_NATIVE="1").strip().splitlines()[-1])
+    result = _python_json(code, TAPO_DISABLE_NATIVE="1")
     assert result["backend"] == "reference"
     # beta = 0.5, s = 1, cov = 1, Abar = 1: d = 0.5; row 1 span [0, 2): -1 -> -0.5
     assert result["out"] == [[[1.0, 1.0, 1.0], [-0.5, -0.5, -1.0]], [0.0, 0.5], [0.0, 1.0], [-1, 0]]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from tapo_kernels import _checks
+from tapo_kernels import _checks, knobs
 from tapo_kernels.testing import correct_batch, loss_batch
 
 ops = pytest.importorskip("tapo_kernels.ops")
@@ -116,26 +116,8 @@ def test_batched_checks_still_name_the_first_bad_argument(bad):
                 logits, labels, old, adv, mask, ref, call_map, call_delta, **KNOBS
             )
         else:
-            _checks.check_policy_loss(
-                logp,
-                old,
-                adv,
-                mask,
-                ref,
-                call_map,
-                call_delta,
-                "grpo",
-                0.2,
-                0.28,
-                3.0,
-                1.0,
-                1.05,
-                0.01,
-                "k3",
-                "token-mean",
-                None,
-                None,
-            )
+            resolved = knobs.resolve(None, KNOBS)
+            _checks.check_policy_loss(logp, (old, adv, mask, ref, call_map, call_delta), resolved)
 
 
 def test_flags_raise_nothing_when_every_check_passes():

@@ -93,11 +93,11 @@ def make_case(
     seed: int,
     knobs: dict[str, Any],
     *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
     temperature: float = 1.0,
     per_token: bool = True,
     with_calls: bool = True,
-    mask: Tensor | None = None,
-    labels: Tensor | None = None,
 ) -> Case:
     """A batch whose old/ref log-probs sit near the true ones (ratios inside and outside the clip).
 
@@ -106,15 +106,7 @@ def make_case(
     """
     B, T, V = logits_like.shape
     gen = torch.Generator().manual_seed(seed)
-    b = loss_batch(
-        B,
-        T,
-        dtype=torch.float32,
-        per_token=per_token,
-        with_ref=True,
-        with_calls=with_calls,
-        seed=seed,
-    )
+    b = loss_batch(B, T, dtype=torch.float32, per_token=per_token, with_calls=with_calls, seed=seed)
     advantages = b.advantages
     if mask is None:
         mask = b.mask
@@ -192,7 +184,12 @@ def logits_triton(logits: Tensor, case: Case, block_v: int | None = 16) -> Resul
 def logits_reference(logits: Tensor, case: Case) -> Result:
     leaf = logits.clone().requires_grad_(True)
     loss, metrics, logp, entropy = reference.policy_loss_from_logits(
-        leaf, case.labels, *case.loss_tensors, case.temperature, case.with_entropy, **case.knobs
+        leaf,
+        case.labels,
+        *case.loss_tensors,
+        temperature=case.temperature,
+        with_entropy=case.with_entropy,
+        **case.knobs,
     )
     (grad,) = torch.autograd.grad(loss, leaf)
     return loss, metrics, logp, entropy, (grad,)
@@ -265,8 +262,8 @@ def hidden_reference(h: Tensor, w: Tensor, b: Tensor | None, case: Case, dtype=N
         bias,
         case.labels,
         *case.loss_tensors,
-        case.temperature,
-        case.with_entropy,
+        temperature=case.temperature,
+        with_entropy=case.with_entropy,
         **case.knobs,
     )
     return loss, metrics, logp, entropy, torch.autograd.grad(loss, leaves)
@@ -758,21 +755,38 @@ def _error_case() -> tuple[Tensor, Case]:
     return logits, make_case(logits, 43, KNOBS_BY_ALGO["grpo"])
 
 
-@pytest.mark.parametrize("backend", ["op", "triton"])
-@pytest.mark.parametrize(
-    "change, error, argument",
-    [
-        ("label_too_large", ValueError, "labels"),
-        ("negative_label_in_mask", ValueError, "labels"),
-        ("labels_int32", TypeError, "labels"),
-        ("temperature_zero", ValueError, "temperature"),
-        ("logits_2d", ValueError, "logits"),
-        ("logits_int", TypeError, "logits"),
-        ("old_logp_bf16", TypeError, "old_logp"),
-        ("nan_logit", ValueError, "logits"),
-        ("bad_algo", ValueError, "algo"),
-    ],
-)
+def _bad_cases(table: dict[str, dict[str, type[Exception]]]) -> list[tuple]:
+    """``(change, exception type, argument the message names)`` of a table of bad inputs."""
+    return [
+        (change, error, argument)
+        for argument, changes in table.items()
+        for change, error in changes.items()
+    ]
+
+
+# argument the message names -> {change: exception type}
+BAD_LOGITS_INPUTS = {
+    "labels": {
+        "label_too_large": ValueError,
+        "negative_label_in_mask": ValueError,
+        "labels_int32": TypeError,
+    },
+    "temperature": {"temperature_zero": ValueError},
+    "logits": {"logits_2d": ValueError, "logits_int": TypeError, "nan_logit": ValueError},
+    "old_logp": {"old_logp_bf16": TypeError},
+    "algo": {"bad_algo": ValueError},
+}
+BAD_HIDDEN_INPUTS = {
+    "weight": {"weight_shape": ValueError, "weight_dtype": TypeError},
+    "bias": {"bias_shape": ValueError},
+    "chunk_size": {"chunk_zero": ValueError},
+    "labels": {"label_too_large": ValueError},
+}
+BOTH_BACKENDS = pytest.mark.parametrize("backend", ["op", "triton"])
+
+
+@BOTH_BACKENDS
+@pytest.mark.parametrize("change, error, argument", _bad_cases(BAD_LOGITS_INPUTS))
 def test_bad_logits_input_raises_clear_error(backend, change, error, argument):
     logits, case = _error_case()
     labels, temperature, tensors = case.labels.clone(), 1.0, list(case.loss_tensors)
@@ -803,17 +817,8 @@ def test_bad_logits_input_raises_clear_error(backend, change, error, argument):
         fn(logits, labels, *tensors, temperature=temperature, **knobs)
 
 
-@pytest.mark.parametrize("backend", ["op", "triton"])
-@pytest.mark.parametrize(
-    "change, error, argument",
-    [
-        ("weight_shape", ValueError, "weight"),
-        ("weight_dtype", TypeError, "weight"),
-        ("bias_shape", ValueError, "bias"),
-        ("chunk_zero", ValueError, "chunk_size"),
-        ("label_too_large", ValueError, "labels"),
-    ],
-)
+@BOTH_BACKENDS
+@pytest.mark.parametrize("change, error, argument", _bad_cases(BAD_HIDDEN_INPUTS))
 def test_bad_hidden_input_raises_clear_error(backend, change, error, argument):
     gen = torch.Generator().manual_seed(47)
     h, w, bias = (

@@ -65,17 +65,9 @@ def _run_both(
 @pytest.mark.parametrize("batch_scope", [False, True])
 def test_fused_correct_large_batch(batch_scope: bool) -> None:
     """A batch with many failing calls per scope (exercises the blocked similarity kernel)."""
+    few = dict(num_tools=2, num_keys=1, num_queries=5)  # few tools, keys, queries: calls match
     batch = testing.correct_batch(
-        B=64,
-        T=40,
-        group_size=16,
-        calls_per_row=12,
-        D=70,
-        num_tools=2,
-        num_keys=1,
-        num_queries=5,
-        quantized=False,
-        seed=7,
+        B=64, T=40, group_size=16, calls_per_row=12, D=70, quantized=False, seed=7, **few
     )
     knobs = (0.5, 0.1, 0.8, batch_scope)
     native, ref32 = _run_both(batch, knobs)
@@ -133,6 +125,19 @@ def test_fused_correct_large_batch_finds_non_finite_values_everywhere() -> None:
             torch.ops.tapo.fused_correct(bad, *args[1:], 0.2, 0.05, 1.0, False)
 
 
+def _run_python(script: str, *args: str, **env: str) -> str:
+    """The standard output of ``python -c script *args`` in a fresh process, ``env`` added to
+    the environment."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 _ISA_SCRIPT = """
 import sys, torch, tapo_kernels
 from tapo_kernels import testing
@@ -157,8 +162,7 @@ def test_native_baseline_and_avx2_builds_agree(tmp_path) -> None:
     outputs = []
     for isa in ("generic", "auto"):
         path = tmp_path / f"{isa}.pt"
-        env = dict(os.environ, TAPO_NATIVE_ISA=isa)
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True)
+        _run_python(_ISA_SCRIPT, str(path), TAPO_NATIVE_ISA=isa)
         outputs.append(torch.load(path))
     assert len(outputs[0]) == len(outputs[1]) > 0
     for x, y in zip(*outputs, strict=True):
@@ -390,27 +394,12 @@ def _poisoned_call(fn, args: list, knobs: dict):
     return fn(*args, **knobs)
 
 
-def _with_grad_knobs(algo: str, agg: str, kl_type: str, i: int) -> dict:
-    knobs = dict(
-        algo=algo,
-        agg=agg,
-        kl_type=kl_type,
-        kl_coef=0.05,
-        eps_low=0.2,
-        eps_high=0.28,
-        dual_clip_c=(3.0, 0.0)[i % 2],
-    )
-    if algo == "gspo":
-        knobs.update(eps_low=0.03, eps_high=0.04)
-    if i % 3 == 1:
-        knobs.update(norm_const=50.0, global_count=40.0)
-    return knobs
-
-
 @pytest.mark.parametrize("kl_type", reference.KL_TYPES)
 @pytest.mark.parametrize("agg", reference.AGGS)
 @pytest.mark.parametrize("algo", reference.ALGOS)
-def test_policy_loss_with_grad_matches_reference(algo: str, agg: str, kl_type: str) -> None:
+def test_policy_loss_with_grad_matches_reference(
+    grid_knobs, algo: str, agg: str, kl_type: str
+) -> None:
     """(loss, metrics, d loss / d logp) of both kernels vs the fp64 reference and autograd;
     the last row of every batch is fully masked (zero gradient)."""
     variants = itertools.product((True, False), (torch.float32, torch.float64))
@@ -427,7 +416,8 @@ def test_policy_loss_with_grad_matches_reference(algo: str, agg: str, kl_type: s
         )
         args = list(batch.op_args())
         assert not args[3][-1].any()
-        knobs = _with_grad_knobs(algo, agg, kl_type, i)
+        normalisers = ({}, dict(norm_const=50.0, global_count=40.0), {})[i % 3]
+        knobs = grid_knobs(algo, agg, kl_type, (3.0, 0.0)[i % 2], **normalisers)
         what = f"{algo}/{agg}/{kl_type} calls={with_calls} {dtype}"
         ref64 = _loss_and_grad(reference.policy_loss, args, knobs, torch.float64)
         ref_own = _loss_and_grad(reference.policy_loss, args, knobs, dtype)
@@ -623,14 +613,7 @@ print(json.dumps({
 
 def test_policy_loss_with_grad_reference_fallback_in_a_fresh_process() -> None:
     """TAPO_DISABLE_NATIVE=1: the reference kernels and the Python autograd, no AutogradCPU."""
-    env = dict(os.environ, TAPO_DISABLE_NATIVE="1")
-    out = subprocess.run(
-        [sys.executable, "-c", _FALLBACK_SCRIPT],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    out = _run_python(_FALLBACK_SCRIPT, TAPO_DISABLE_NATIVE="1")
     result = json.loads(out.strip().splitlines()[-1])
     assert result["native_error"] and result["backend"] == "reference"
     assert result["autograd_cpu"] is False

@@ -26,22 +26,17 @@ QUERIES = [
 ]
 
 
-def _python(code: str, **env: str) -> str:
-    """Run ``code`` in a fresh interpreter that imports this checkout; return its stdout."""
-    full_env = {**os.environ, **env}
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
-    )
+def _python_json(code: str, **env: str) -> object:
+    """Run ``code`` in a fresh interpreter that imports this checkout, with ``env`` over our
+    environment; return the JSON its last line of stdout holds."""
+    cmd = [sys.executable, "-c", code]
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, **env, "PYTHONPATH": pythonpath}
     proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=REPO_ROOT,
-        timeout=300,
+        cmd, capture_output=True, text=True, env=full_env, cwd=REPO_ROOT, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------------------
@@ -105,7 +100,7 @@ def test_encode_text_is_deterministic_across_processes():
     )
     here = encode_text(QUERIES).tolist()
     seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # differs from ours
-    there = json.loads(_python(code, PYTHONHASHSEED=seed).strip().splitlines()[-1])
+    there = _python_json(code, PYTHONHASHSEED=seed)
     assert there == here, f"encode_text differs under PYTHONHASHSEED={seed}"
 
 
@@ -208,8 +203,7 @@ def test_neural_encoder_loads_offline_and_scores_paraphrases_higher():
         "                  'sim': (e @ e.T).tolist(), 'empty': list(enc([]).shape),\n"
         "                  'errors': errors}))\n"
     )
-    out = _python(code, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    r = json.loads(out.strip().splitlines()[-1])
+    r = _python_json(code, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     assert r["dim"] == 384 and r["shape"] == [5, 384] and r["empty"] == [0, 384]
     assert r["dtype"] == "torch.float32" and r["device"] == "cpu"
     for norm in r["norms"][:3]:

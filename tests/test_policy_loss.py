@@ -34,6 +34,7 @@ import tapo_kernels
 from tapo_kernels import PRESETS, ToolCalls, _library, reference
 from tapo_kernels.reference import AGGS, ALGOS, KL_TYPES, METRIC_NAMES
 from tapo_kernels.testing import (
+    LossBatch,
     assert_close_to_oracle,
     assert_exact,
     correct_batch,
@@ -120,6 +121,11 @@ def knobs_for(algo: str, **extra: Any) -> dict[str, Any]:
 
 
 SPREAD = {"grpo": 0.6, "gspo": 0.3, "sapo": 0.5}  # std of logp - old_logp per algorithm
+
+
+def algo_batch(algo: str, tag: str, *parts: object, B: int, T: int, **kw: Any) -> LossBatch:
+    """A random batch with ``algo``'s log-ratio spread, seeded by ``(tag, algo, *parts)``."""
+    return loss_batch(B=B, T=T, spread=SPREAD[algo], seed=seed_of(tag, algo, *parts), **kw)
 
 
 # --------------------------------------------------------------------------------------
@@ -401,80 +407,50 @@ def test_kl_k3_difference_clamped_at_20(policy_loss_impl, dtype, d):
 # A = [[1, 2, 3], [4, 5, 6]], mask = [[1, 1, 1], [1, 0, 0]] -> L = [[-1, -2, -3], [-4, 0, 0]].
 AGG_A = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
 AGG_MASK = [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
-AGG_GOLDEN = [
+
+
+def _agg(agg: str, loss: float, divisors: tuple[int, int], **normalisers: float) -> tuple:
+    """(knobs, loss, divisors) of an aggregation case: the gradient is -A m / d_i on row i."""
+    return {"agg": agg, **normalisers}, loss, divisors
+
+
+AGG_GOLDEN = {
     # token-mean: (-1 - 2 - 3 - 4) / 4 = -2.5; grad -A m / 4.
-    pytest.param("token-mean", {}, -2.5, [[-0.25, -0.5, -0.75], [-1.0, 0, 0]], id="token-mean"),
+    "token-mean": _agg("token-mean", -2.5, (4, 4)),
     # token-mean with global_count 8: -10 / 8 = -1.25; grad -A m / 8.
-    pytest.param(
-        "token-mean",
-        {"global_count": 8.0},
-        -1.25,
-        [[-1 / 8, -2 / 8, -3 / 8], [-4 / 8, 0, 0]],
-        id="token-mean-global-count",
-    ),
+    "token-mean-global-count": _agg("token-mean", -1.25, (8, 8), global_count=8.0),
     # seq-mean-token-mean: rows -6/3 = -2 and -4/1 = -4, mean -3;
     # grad row 0 -A/(3*2), row 1 -A/(1*2).
-    pytest.param(
-        "seq-mean-token-mean",
-        {},
-        -3.0,
-        [[-1 / 6, -2 / 6, -3 / 6], [-2.0, 0, 0]],
-        id="seq-mean-token-mean",
-    ),
+    "seq-mean-token-mean": _agg("seq-mean-token-mean", -3.0, (6, 2)),
     # ... with global_count 4 (rows): (-2 - 4) / 4 = -1.5; grad row 0 -A/(3*4), row 1 -A/4.
-    pytest.param(
-        "seq-mean-token-mean",
-        {"global_count": 4.0},
-        -1.5,
-        [[-1 / 12, -2 / 12, -3 / 12], [-1.0, 0, 0]],
-        id="seq-mean-token-mean-global-count",
+    "seq-mean-token-mean-global-count": _agg(
+        "seq-mean-token-mean", -1.5, (12, 4), global_count=4.0
     ),
     # seq-mean-token-sum: rows -6 and -4, mean -5; grad -A m / 2.
-    pytest.param(
-        "seq-mean-token-sum", {}, -5.0, [[-0.5, -1.0, -1.5], [-2.0, 0, 0]], id="seq-mean-token-sum"
-    ),
+    "seq-mean-token-sum": _agg("seq-mean-token-sum", -5.0, (2, 2)),
     # ... with global_count 5: -10 / 5 = -2; grad -A m / 5.
-    pytest.param(
-        "seq-mean-token-sum",
-        {"global_count": 5.0},
-        -2.0,
-        [[-0.2, -0.4, -0.6], [-0.8, 0, 0]],
-        id="seq-mean-token-sum-global-count",
-    ),
+    "seq-mean-token-sum-global-count": _agg("seq-mean-token-sum", -2.0, (5, 5), global_count=5.0),
     # seq-mean-token-sum-norm, norm_const defaults to T = 3: -5 / 3; grad -A m / 6.
-    pytest.param(
-        "seq-mean-token-sum-norm",
-        {},
-        -5 / 3,
-        [[-1 / 6, -2 / 6, -3 / 6], [-4 / 6, 0, 0]],
-        id="seq-mean-token-sum-norm-default-T",
-    ),
+    "seq-mean-token-sum-norm-default-T": _agg("seq-mean-token-sum-norm", -5 / 3, (6, 6)),
     # ... norm_const 4: -5 / 4 = -1.25; grad -A m / 8.
-    pytest.param(
-        "seq-mean-token-sum-norm",
-        {"norm_const": 4.0},
-        -1.25,
-        [[-1 / 8, -2 / 8, -3 / 8], [-4 / 8, 0, 0]],
-        id="seq-mean-token-sum-norm-const-4",
+    "seq-mean-token-sum-norm-const-4": _agg(
+        "seq-mean-token-sum-norm", -1.25, (8, 8), norm_const=4.0
     ),
     # ... norm_const 4 and global_count 5 rows: -10 / 5 / 4 = -0.5; grad -A m / 20.
-    pytest.param(
-        "seq-mean-token-sum-norm",
-        {"norm_const": 4.0, "global_count": 5.0},
-        -0.5,
-        [[-0.05, -0.1, -0.15], [-0.2, 0, 0]],
-        id="seq-mean-token-sum-norm-const-and-count",
+    "seq-mean-token-sum-norm-const-and-count": _agg(
+        "seq-mean-token-sum-norm", -0.5, (20, 20), norm_const=4.0, global_count=5.0
     ),
-]
+}
 
 
-@pytest.mark.parametrize("agg, extra, loss_expected, grad_expected", AGG_GOLDEN)
-def test_aggregation_golden(policy_loss_impl, agg, extra, loss_expected, grad_expected):
+@pytest.mark.parametrize("case", list(AGG_GOLDEN))
+def test_aggregation_golden(policy_loss_impl, case):
+    knobs, loss_expected, divisors = AGG_GOLDEN[case]
     logp = f64([[-0.3, -1.2, -2.0], [-0.1, -0.4, -5.0]])
     args = (logp, logp.clone(), f64(AGG_A), f64(AGG_MASK), None, None, None)
-    loss, metrics, grad = run_backend(policy_loss_impl, args, {"algo": "grpo", "agg": agg, **extra})
+    loss, metrics, grad = run_backend(policy_loss_impl, args, {"algo": "grpo", **knobs})
     assert_tight("loss", loss, f64(loss_expected))
-    assert_tight("grad", grad, f64(grad_expected))
+    assert_tight("grad", grad, -f64(AGG_A) * f64(AGG_MASK) / f64(divisors)[:, None])
     assert_metrics(
         metrics, {"clip_frac": 0.0, "mean_ratio": 1.0, "mean_kl": 0.0, "lifted_frac": 0.0}
     )
@@ -655,14 +631,14 @@ def check_against_reference(
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("algo", ALGOS)
 def test_matches_reference_algo_agg(policy_loss_impl, algo, agg):
-    b = loss_batch(B=5, T=11, spread=SPREAD[algo], seed=seed_of("algo-agg", algo, agg))
+    b = algo_batch(algo, "algo-agg", agg, B=5, T=11)
     check_against_reference(policy_loss_impl, b.op_args(), knobs_for(algo, agg=agg, kl_coef=0.1))
 
 
 @pytest.mark.parametrize("kl_type", KL_TYPES)
 @pytest.mark.parametrize("algo", ALGOS)
 def test_matches_reference_kl_type(policy_loss_impl, algo, kl_type):
-    b = loss_batch(B=4, T=9, spread=SPREAD[algo], seed=seed_of("kl", algo, kl_type))
+    b = algo_batch(algo, "kl", kl_type, B=4, T=9)
     # ref_logp far from logp on a few tokens exercises the k3 clamp at 10
     b.ref_logp[0, -3:] += torch.tensor([4.0, -14.0, 30.0])
     check_against_reference(
@@ -676,15 +652,8 @@ def test_matches_reference_kl_type(policy_loss_impl, algo, kl_type):
 @pytest.mark.parametrize("per_token", [False, True], ids=["per-row-adv", "per-token-adv"])
 @pytest.mark.parametrize("algo", ALGOS)
 def test_matches_reference_inputs(policy_loss_impl, algo, per_token, with_calls):
-    b = loss_batch(
-        B=5,
-        T=10,
-        spread=SPREAD[algo],
-        per_token=per_token,
-        with_calls=with_calls,
-        with_ref=per_token,
-        seed=seed_of("inputs", algo, per_token, with_calls),
-    )
+    options = dict(per_token=per_token, with_calls=with_calls, with_ref=per_token)
+    b = algo_batch(algo, "inputs", per_token, with_calls, B=5, T=10, **options)
     knobs = knobs_for(algo, kl_coef=0.05 if per_token else 0.0)
     check_against_reference(policy_loss_impl, b.op_args(), knobs)
     if with_calls:  # the batch exercises the lift, so the comparison covers it
@@ -703,7 +672,7 @@ def test_matches_reference_inputs(policy_loss_impl, algo, per_token, with_calls)
 )
 @pytest.mark.parametrize("algo", ALGOS)
 def test_matches_reference_normalisers(policy_loss_impl, algo, agg, extra):
-    b = loss_batch(B=4, T=12, spread=SPREAD[algo], seed=seed_of("norm", algo, agg, extra))
+    b = algo_batch(algo, "norm", agg, extra, B=4, T=12)
     check_against_reference(
         policy_loss_impl, b.op_args(), knobs_for(algo, agg=agg, kl_coef=0.1, **extra)
     )
@@ -744,29 +713,10 @@ def test_backward_matches_reference_backward_kernel(policy_loss_impl):
     assert_close_to_oracle(grad, ref, what="grad", tol=(1e-12, 1e-15))
 
 
-def _grid_knobs(algo: str, agg: str, kl_type: str, i: int) -> dict[str, Any]:
-    knobs = dict(
-        algo=algo,
-        agg=agg,
-        kl_type=kl_type,
-        kl_coef=0.05,
-        eps_low=0.2,
-        eps_high=0.28,
-        dual_clip_c=(3.0, 0.0)[i % 2],
-    )
-    if algo == "gspo":
-        knobs.update(eps_low=0.03, eps_high=0.04)  # GSPO ratios are row means: near 1
-    if i % 4 == 1:
-        knobs.update(norm_const=50.0, global_count=40.0)
-    if i % 4 == 2:
-        knobs.update(global_count=(123.0 if agg == "token-mean" else 5.0))
-    return knobs
-
-
 @pytest.mark.parametrize("kl_type", KL_TYPES)
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("algo", ALGOS)
-def test_matches_reference_grid(policy_loss_impl, algo, agg, kl_type):
+def test_matches_reference_grid(policy_loss_impl, grid_knobs, algo, agg, kl_type):
     """Every algo x agg x kl_type, per-token and per-row advantages, with and without calls,
     dual clip on and off, normalisers, larger shapes; each batch in float32 and float64.
     The float32 slack is relative above 1 (sums over up to 1,261 tokens reach ~30)."""
@@ -781,7 +731,9 @@ def test_matches_reference_grid(policy_loss_impl, algo, agg, kl_type):
             spread=0.5,
             seed=i,
         )
-        knobs = _grid_knobs(algo, agg, kl_type, i)
+        count = 123.0 if agg == "token-mean" else 5.0
+        normalisers = ({}, dict(norm_const=50.0, global_count=40.0), dict(global_count=count), {})
+        knobs = grid_knobs(algo, agg, kl_type, (3.0, 0.0)[i % 2], **normalisers[i % 4])
         check_against_reference(policy_loss_impl, b.op_args(), knobs, tol32=(1e-6, 1e-6))
 
 
@@ -930,14 +882,8 @@ def test_gradcheck(algo, agg):
     # it is the derivative of the loss value only when the advantage is constant along a row,
     # so GSPO is checked with per-row advantages and without the (per-token) TAPO lift.
     per_token = algo != "gspo"
-    b = loss_batch(
-        B=3,
-        T=6,
-        dtype=torch.float64,
-        spread=SPREAD[algo],
-        per_token=per_token,
-        with_calls=per_token,
-        seed=seed_of("gc", algo, agg),
+    b = algo_batch(
+        algo, "gc", agg, B=3, T=6, dtype=torch.float64, per_token=per_token, with_calls=per_token
     )
     knobs = knobs_for(algo, agg=agg, kl_coef=0.2, kl_type="k3")
     if algo == "gspo":
@@ -963,14 +909,9 @@ def test_gradcheck(algo, agg):
 def test_fused_lift_equals_corrected_advantages(policy_loss_impl, algo):
     # few distinct queries and one key make repeated (matching) calls likely; seeds checked to
     # lift tokens with a nonzero advantage (asserted below)
+    seed = {"grpo": 0, "gspo": 2, "sapo": 4}[algo]
     cb = correct_batch(
-        B=12,
-        T=24,
-        group_size=4,
-        calls_per_row=3,
-        num_queries=3,
-        num_keys=1,
-        seed={"grpo": 0, "gspo": 2, "sapo": 4}[algo],
+        B=12, T=24, group_size=4, calls_per_row=3, num_queries=3, num_keys=1, seed=seed
     )
     calls = ToolCalls(
         cb.call_seq, cb.call_start, cb.call_end, cb.call_tool, cb.call_key, cb.call_params
@@ -1021,14 +962,7 @@ def test_fused_lift_equals_corrected_advantages(policy_loss_impl, algo):
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("algo", ALGOS)
 def test_fully_masked_row_is_finite_with_zero_gradient(policy_loss_impl, algo, agg):
-    b = loss_batch(
-        B=3,
-        T=6,
-        dtype=torch.float64,
-        spread=SPREAD[algo],
-        empty_row=True,
-        seed=seed_of("empty-row", algo, agg),
-    )
+    b = algo_batch(algo, "empty-row", agg, B=3, T=6, dtype=torch.float64, empty_row=True)
     assert float(b.mask[-1].sum()) == 0
     loss, metrics, grad = run_backend(
         policy_loss_impl, b.op_args(), knobs_for(algo, agg=agg, kl_coef=0.1)
@@ -1047,9 +981,7 @@ def test_fully_masked_row_is_finite_with_zero_gradient(policy_loss_impl, algo, a
 @pytest.mark.parametrize("algo", ALGOS)
 def test_all_masked_batch_gives_zero(policy_loss_impl, algo, agg):
     # ANCHORS trap 8: verl's seq-mean modes divide 0 by 0 here and return NaN.
-    b = loss_batch(
-        B=3, T=5, dtype=torch.float64, spread=SPREAD[algo], seed=seed_of("all-masked", algo)
-    )
+    b = algo_batch(algo, "all-masked", B=3, T=5, dtype=torch.float64)
     b.mask.zero_()
     # also with a global count: 0 / count, not 0 / 0
     for dtype, global_count in itertools.product((torch.float32, torch.float64), (None, 10.0)):
@@ -1067,7 +999,7 @@ def test_observation_tokens_never_get_gradient(policy_loss_impl, algo, dtype):
     # ANCHORS trap 4: tool-observation tokens (mask 0 between policy tokens) carry call spans,
     # large advantages, ratios and KL terms, yet get exactly zero gradient and leave the loss,
     # the gradient elsewhere and the metrics unchanged whatever their values are.
-    b = loss_batch(B=3, T=12, dtype=torch.float64, spread=SPREAD[algo], seed=seed_of("obs", algo))
+    b = algo_batch(algo, "obs", B=3, T=12, dtype=torch.float64)
     b.mask[:, :] = 1.0
     obs = torch.zeros_like(b.mask, dtype=torch.bool)
     obs[:, 4:8] = True  # observation span inside every row
@@ -1102,14 +1034,7 @@ def test_observation_tokens_never_get_gradient(policy_loss_impl, algo, dtype):
 def test_global_count_micro_batches_sum_to_full_batch(policy_loss_impl, algo, agg):
     # ANCHORS trap 3: with the global count as normaliser, the sum of the micro-batch losses and
     # gradients equals the full-batch loss and gradient.
-    b = loss_batch(
-        B=5,
-        T=8,
-        dtype=torch.float64,
-        spread=SPREAD[algo],
-        empty_row=True,
-        seed=seed_of("micro", algo, agg),
-    )
+    b = algo_batch(algo, "micro", agg, B=5, T=8, dtype=torch.float64, empty_row=True)
     knobs = knobs_for(algo, agg=agg, kl_coef=0.1)
     full_loss, _, full_grad = run_backend(policy_loss_impl, b.op_args(), knobs)
 
@@ -1151,6 +1076,11 @@ def _bad(**changes: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return apply
 
 
+def _of(name: str, change: Callable[[Tensor], Tensor]) -> Callable[[dict[str, Any]], Tensor]:
+    """``change`` applied to the call's argument ``name``."""
+    return lambda call: change(call[name])
+
+
 def _nan_at_mask_token(name: str, value: float = math.nan) -> Callable[[dict[str, Any]], Tensor]:
     def make(call: dict[str, Any]) -> Tensor:
         t = call[name].clone()
@@ -1161,216 +1091,110 @@ def _nan_at_mask_token(name: str, value: float = math.nan) -> Callable[[dict[str
     return make
 
 
+def _error(
+    id_: str, error: type[Exception], argument: str, in_backward: bool, **changes: Any
+) -> Any:
+    """A case of ``test_bad_input_raises_clear_error``: ``changes`` as ``_bad`` takes them, the
+    exception type, the argument its message must name, and whether the backward checks it."""
+    return pytest.param(_bad(**changes), error, argument, in_backward, id=id_)
+
+
+# A tensor of the wrong layout, found without reading values (the backward checks it too):
+# id -> (exception type, the tensor, which the message must name, the change of it).
+_LAYOUT_ERRORS = {
+    "logp-1d": (ValueError, "logp", lambda t: t[0]),
+    "old_logp-shape": (ValueError, "old_logp", lambda t: t[:, :-1]),
+    "old_logp-dtype": (TypeError, "old_logp", Tensor.double),
+    "advantages-shape": (ValueError, "advantages", lambda t: t[:, :-1]),
+    "advantages-dtype": (TypeError, "advantages", Tensor.double),
+    "mask-shape": (ValueError, "mask", lambda t: t[:-1]),
+    "mask-dtype": (TypeError, "mask", Tensor.long),
+    "ref_logp-shape": (ValueError, "ref_logp", lambda t: t[:-1]),
+    "ref_logp-dtype": (TypeError, "ref_logp", Tensor.double),
+    "call_map-shape": (ValueError, "call_map", lambda t: t[:, :-1]),
+    "call_map-dtype": (TypeError, "call_map", Tensor.long),
+    "call_delta-2d": (ValueError, "call_delta", lambda t: t[None]),
+    "call_delta-dtype": (TypeError, "call_delta", Tensor.double),
+}
+# Knob values out of range (ValueError naming the knob, in the backward too):
+# knob -> {id suffix: value}; and names no knob knows.
+_KNOB_ERRORS = {
+    "dual_clip_c": {"0.5": 0.5, "1": 1.0, "negative": -2.0},
+    "eps_low": {"1": 1.0, "1.5": 1.5, "negative": -0.1},
+    "eps_high": {"negative": -0.1, "nan": math.nan},
+    "tau_pos": {"0": 0.0},
+    "tau_neg": {"0": 0.0, "inf": math.inf},
+    "kl_coef": {"nan": math.nan},
+    "norm_const": {"0": 0.0},
+    "global_count": {"negative": -1.0, "inf": math.inf},
+}
+_UNKNOWN_NAMES = {"algo": "ppo", "agg": "sum", "kl_type": "k4"}
 # Data-dependent problems (NaN/inf, call_map range) need a host sync to detect: the backward
 # may skip them (in_backward False), since the forward of the same call validated the values.
+# id -> (the argument, which the ValueError must name, its bad value made from the call).
+_VALUE_ERRORS = {
+    "nan-in-logp": ("logp", _nan_at_mask_token("logp")),
+    "inf-in-old_logp": ("old_logp", _nan_at_mask_token("old_logp", math.inf)),
+    "nan-in-advantages": ("advantages", _nan_at_mask_token("advantages")),
+    "nan-in-ref_logp": ("ref_logp", _nan_at_mask_token("ref_logp")),
+    "nan-in-row-advantages": (
+        "advantages",
+        _of("advantages", lambda t: torch.where(torch.arange(t.shape[0]) == 1, math.nan, t[:, 0])),
+    ),
+    "inf-in-call_delta": (
+        "call_delta",
+        _of("call_delta", lambda t: torch.cat([t[:-1], t.new_tensor([-math.inf])])),
+    ),
+    "call_map-index-too-large": (
+        "call_map",
+        lambda c: torch.where(c["call_map"] >= 0, c["call_delta"].numel(), -1).to(torch.int32),
+    ),
+    "call_map-index-below-minus-1": ("call_map", _of("call_map", lambda t: torch.full_like(t, -2))),
+    "nan-in-mask": ("mask", _of("mask", lambda t: torch.where(t > 0.5, math.nan, t))),
+    "mask-above-1": ("mask", _of("mask", lambda t: 2.0 * t)),
+    "mask-below-0": ("mask", _of("mask", lambda t: -t)),
+}
+
 BAD_INPUTS = [
-    # (change, exception type, argument the message must name, the backward checks it too)
-    pytest.param(
-        _bad(old_logp=lambda c: c["old_logp"][:, :-1]),
-        ValueError,
-        "old_logp",
-        True,
-        id="old_logp-shape",
+    *(
+        _error(id_, error, name, True, **{name: _of(name, change)})
+        for id_, (error, name, change) in _LAYOUT_ERRORS.items()
     ),
-    pytest.param(
-        _bad(old_logp=lambda c: c["old_logp"].double()),
-        TypeError,
-        "old_logp",
-        True,
-        id="old_logp-dtype",
-    ),
-    pytest.param(
-        _bad(ref_logp=lambda c: c["ref_logp"][:-1]),
-        ValueError,
-        "ref_logp",
-        True,
-        id="ref_logp-shape",
-    ),
-    pytest.param(_bad(logp=lambda c: c["logp"][0]), ValueError, "logp", True, id="logp-1d"),
-    pytest.param(
-        _bad(
-            logp=lambda c: c["logp"].half(),
-            old_logp=lambda c: c["old_logp"].half(),
-            advantages=lambda c: c["advantages"].half(),
-            ref_logp=lambda c: c["ref_logp"].half(),
-            call_delta=lambda c: c["call_delta"].half(),
-            mask=lambda c: c["mask"].bool(),
-        ),
+    _error(
+        "logp-fp16",
         TypeError,
         "logp",
         True,
-        id="logp-fp16",
+        mask=_of("mask", Tensor.bool),
+        **{
+            n: _of(n, Tensor.half)
+            for n in ("logp", "old_logp", "advantages", "ref_logp", "call_delta")
+        },
     ),
-    pytest.param(
-        _bad(advantages=lambda c: c["advantages"][:, :-1]),
-        ValueError,
-        "advantages",
-        True,
-        id="advantages-shape",
+    *(
+        _error(f"{knob}-{suffix}", ValueError, knob, True, **{knob: value})
+        for knob, values in _KNOB_ERRORS.items()
+        for suffix, value in values.items()
     ),
-    pytest.param(
-        _bad(advantages=lambda c: c["advantages"].double()),
-        TypeError,
-        "advantages",
-        True,
-        id="advantages-dtype",
+    *(
+        _error(f"unknown-{knob}", ValueError, knob, True, **{knob: value})
+        for knob, value in _UNKNOWN_NAMES.items()
     ),
-    pytest.param(_bad(mask=lambda c: c["mask"][:-1]), ValueError, "mask", True, id="mask-shape"),
-    pytest.param(_bad(mask=lambda c: c["mask"].long()), TypeError, "mask", True, id="mask-dtype"),
-    pytest.param(
-        _bad(call_map=lambda c: c["call_map"].long()),
-        TypeError,
-        "call_map",
-        True,
-        id="call_map-dtype",
+    _error("call_map-without-call_delta", ValueError, "call_delta", True, call_delta=None),
+    _error("call_delta-without-call_map", ValueError, "call_map", True, call_map=None),
+    _error("kl_coef-without-ref_logp", ValueError, "ref_logp", True, ref_logp=None, kl_coef=0.1),
+    *(
+        _error(id_, ValueError, name, False, **{name: make})
+        for id_, (name, make) in _VALUE_ERRORS.items()
     ),
-    pytest.param(
-        _bad(call_map=lambda c: c["call_map"][:, :-1]),
-        ValueError,
-        "call_map",
-        True,
-        id="call_map-shape",
-    ),
-    pytest.param(_bad(algo="ppo"), ValueError, "algo", True, id="unknown-algo"),
-    pytest.param(_bad(agg="sum"), ValueError, "agg", True, id="unknown-agg"),
-    pytest.param(_bad(kl_type="k4"), ValueError, "kl_type", True, id="unknown-kl_type"),
-    pytest.param(
-        _bad(
-            call_map=lambda c: torch.where(c["call_map"] >= 0, c["call_delta"].numel(), -1).to(
-                torch.int32
-            )
-        ),
-        ValueError,
-        "call_map",
-        False,
-        id="call_map-index-too-large",
-    ),
-    pytest.param(
-        _bad(call_map=lambda c: torch.full_like(c["call_map"], -2)),
-        ValueError,
-        "call_map",
-        False,
-        id="call_map-index-below-minus-1",
-    ),
-    pytest.param(
-        _bad(call_delta=None), ValueError, "call_delta", True, id="call_map-without-call_delta"
-    ),
-    pytest.param(
-        _bad(call_map=None), ValueError, "call_map", True, id="call_delta-without-call_map"
-    ),
-    pytest.param(
-        _bad(logp=_nan_at_mask_token("logp")), ValueError, "logp", False, id="nan-in-logp"
-    ),
-    pytest.param(
-        _bad(old_logp=_nan_at_mask_token("old_logp", math.inf)),
-        ValueError,
-        "old_logp",
-        False,
-        id="inf-in-old_logp",
-    ),
-    pytest.param(
-        _bad(advantages=_nan_at_mask_token("advantages")),
-        ValueError,
-        "advantages",
-        False,
-        id="nan-in-advantages",
-    ),
-    pytest.param(
-        _bad(ref_logp=_nan_at_mask_token("ref_logp")),
-        ValueError,
-        "ref_logp",
-        False,
-        id="nan-in-ref_logp",
-    ),
-    pytest.param(_bad(dual_clip_c=0.5), ValueError, "dual_clip_c", True, id="dual_clip_c-0.5"),
-    pytest.param(_bad(dual_clip_c=1.0), ValueError, "dual_clip_c", True, id="dual_clip_c-1"),
-    pytest.param(
-        _bad(dual_clip_c=-2.0), ValueError, "dual_clip_c", True, id="dual_clip_c-negative"
-    ),
-    pytest.param(
-        _bad(ref_logp=None, kl_coef=0.1),
-        ValueError,
-        "ref_logp",
-        True,
-        id="kl_coef-without-ref_logp",
-    ),
-    pytest.param(_bad(eps_low=1.0), ValueError, "eps_low", True, id="eps_low-1"),
-    pytest.param(_bad(eps_low=1.5), ValueError, "eps_low", True, id="eps_low-1.5"),
-    pytest.param(_bad(eps_high=-0.1), ValueError, "eps_high", True, id="eps_high-negative"),
-    pytest.param(_bad(tau_neg=0.0), ValueError, "tau_neg", True, id="tau_neg-0"),
-    pytest.param(_bad(norm_const=0.0), ValueError, "norm_const", True, id="norm_const-0"),
-    pytest.param(
-        _bad(global_count=-1.0), ValueError, "global_count", True, id="global_count-negative"
-    ),
-    pytest.param(
-        _bad(global_count=math.inf), ValueError, "global_count", True, id="global_count-inf"
-    ),
-    pytest.param(
-        _bad(ref_logp=lambda c: c["ref_logp"].double()),
-        TypeError,
-        "ref_logp",
-        True,
-        id="ref_logp-dtype",
-    ),
-    pytest.param(
-        _bad(call_delta=lambda c: c["call_delta"][None]),
-        ValueError,
-        "call_delta",
-        True,
-        id="call_delta-2d",
-    ),
-    pytest.param(
-        _bad(call_delta=lambda c: c["call_delta"].double()),
-        TypeError,
-        "call_delta",
-        True,
-        id="call_delta-dtype",
-    ),
-    pytest.param(_bad(eps_low=-0.1), ValueError, "eps_low", True, id="eps_low-negative"),
-    pytest.param(_bad(eps_high=math.nan), ValueError, "eps_high", True, id="eps_high-nan"),
-    pytest.param(_bad(tau_pos=0.0), ValueError, "tau_pos", True, id="tau_pos-0"),
-    pytest.param(_bad(tau_neg=math.inf), ValueError, "tau_neg", True, id="tau_neg-inf"),
-    pytest.param(_bad(kl_coef=math.nan), ValueError, "kl_coef", True, id="kl_coef-nan"),
-    pytest.param(
-        _bad(
-            advantages=lambda c: torch.where(
-                torch.arange(c["advantages"].shape[0]) == 1, math.nan, c["advantages"][:, 0]
-            )
-        ),
-        ValueError,
-        "advantages",
-        False,
-        id="nan-in-row-advantages",
-    ),
-    pytest.param(
-        _bad(
-            call_delta=lambda c: torch.cat(
-                [c["call_delta"][:-1], c["call_delta"].new_tensor([-math.inf])]
-            )
-        ),
-        ValueError,
-        "call_delta",
-        False,
-        id="inf-in-call_delta",
-    ),
-    pytest.param(
-        _bad(mask=lambda c: torch.where(c["mask"] > 0.5, math.nan, c["mask"])),
-        ValueError,
-        "mask",
-        False,
-        id="nan-in-mask",
-    ),
-    pytest.param(
-        _bad(mask=lambda c: 2.0 * c["mask"]), ValueError, "mask", False, id="mask-above-1"
-    ),
-    pytest.param(_bad(mask=lambda c: -c["mask"]), ValueError, "mask", False, id="mask-below-0"),
     # two problems: the one of the earlier argument is reported
-    pytest.param(
-        _bad(advantages=_nan_at_mask_token("advantages"), ref_logp=_nan_at_mask_token("ref_logp")),
+    _error(
+        "error-order",
         ValueError,
         "advantages",
         False,
-        id="error-order",
+        advantages=_nan_at_mask_token("advantages"),
+        ref_logp=_nan_at_mask_token("ref_logp"),
     ),
 ]
 
@@ -1447,28 +1271,9 @@ def test_opcheck_policy_loss_backward(index):
     torch.library.opcheck(OP_BACKWARD, (grad_loss, *args), knobs)
 
 
-def _training_step(
-    logp: Tensor,
-    old: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    ref: Tensor,
-    call_map: Tensor,
-    call_delta: Tensor,
-) -> tuple[Tensor, Tensor]:
-    loss, metrics = OP(
-        logp,
-        old,
-        adv,
-        mask,
-        ref,
-        call_map,
-        call_delta,
-        algo="grpo",
-        eps_high=0.28,
-        kl_coef=0.1,
-        agg="seq-mean-token-mean",
-    )
+def _training_step(*args: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A scaled loss of the op's seven tensors, with a few knobs set."""
+    loss, metrics = OP(*args, algo="grpo", eps_high=0.28, kl_coef=0.1, agg="seq-mean-token-mean")
     return 2.0 * loss, metrics
 
 
@@ -1512,6 +1317,21 @@ DOC_PRESETS = {
 }
 
 
+def front_door(b: LossBatch, logp: Tensor | None = None, **knobs: Any):
+    """``tapo_kernels.policy_loss`` of a batch with every optional tensor (``logp`` replaces
+    the batch's log-probs)."""
+    return tapo_kernels.policy_loss(
+        b.logp if logp is None else logp,
+        b.old_logp,
+        b.advantages,
+        b.mask,
+        ref_logp=b.ref_logp,
+        call_map=b.call_map,
+        call_delta=b.call_delta,
+        **knobs,
+    )
+
+
 @pytest.mark.parametrize("preset", sorted(DOC_PRESETS))
 def test_preset_knobs_follow_spec(preset):
     assert preset in PRESETS
@@ -1519,16 +1339,7 @@ def test_preset_knobs_follow_spec(preset):
         assert PRESETS[preset][knob] == value, f"{preset}.{knob}"
     # the front door equals the reference called with the preset's knobs
     b = loss_batch(B=4, T=9, spread=0.3, seed=seed_of("preset", preset))
-    out = tapo_kernels.policy_loss(
-        b.logp,
-        b.old_logp,
-        b.advantages,
-        b.mask,
-        ref_logp=b.ref_logp,
-        call_map=b.call_map,
-        call_delta=b.call_delta,
-        preset=preset,
-    )
+    out = front_door(b, preset=preset)
     expected = reference.policy_loss(*b.op_args(), **PRESETS[preset])
     torch.testing.assert_close(out.loss, expected[0])
     torch.testing.assert_close(out.metrics, expected[1])
@@ -1558,16 +1369,7 @@ def test_front_door_errors_and_metrics_dict():
         tapo_kernels.policy_loss(b.logp, b.old_logp, b.advantages, b.mask, eps_hgh=0.28)
 
     x = b.logp.clone().requires_grad_(True)
-    out = tapo_kernels.policy_loss(
-        x,
-        b.old_logp,
-        b.advantages,
-        b.mask,
-        ref_logp=b.ref_logp,
-        call_map=b.call_map,
-        call_delta=b.call_delta,
-        kl_coef=0.1,
-    )
+    out = front_door(b, x, kl_coef=0.1)
     assert isinstance(out, tapo_kernels.PolicyLossOutput)
     metrics = out.metrics_dict()
     assert list(metrics) == [

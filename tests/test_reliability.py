@@ -75,15 +75,8 @@ TIMING_KEYS = ("perf/", "eval/time_s")
 
 
 def _tiny_model(seed: int = 0):
-    cfg = ModelConfig(
-        vocab_size=61,
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        max_position_embeddings=32,
-    )
+    layers = dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    cfg = ModelConfig(vocab_size=61, max_position_embeddings=32, **layers)
     return tiny_model(cfg, 61, pad_id=0, eos_id=1, seed=seed)
 
 

@@ -13,13 +13,12 @@ def decode(ids):
     return " ".join(map(str, ids))
 
 
-PARIS = Example(
-    uid="q-paris",
-    question="Where does Ada live?",
-    answers=("Paris",),
-    query="Ada",
-    evidence=(("Ada lives in Paris.",),),
-)
+def _example(uid, question, answer, query, evidence, **task):
+    """An ``Example`` with one reference ``answer`` and one ``evidence`` passage."""
+    return Example(uid, question, (answer,), query=query, evidence=((evidence,),), **task)
+
+
+PARIS = _example("q-paris", "Where does Ada live?", "Paris", "Ada", "Ada lives in Paris.")
 
 OBS_GOOD = "Ada lives in Paris."
 OBS_OTHER = "Bob lives in Rome."
@@ -269,17 +268,8 @@ def test_tarl_rates_from_hand_made_sums():
 # per-task metrics
 # ---------------------------------------------------------------------------------------
 
-SUM = Example(
-    uid="arith-0",
-    question="What is 12 + 30?",
-    answers=("42",),
-    query="12 + 30",
-    evidence=(("42",),),
-    kind="arithmetic",
-    task="arithmetic",
-    tool="calculator",
-    tool_arg="expression",
-)
+ARITHMETIC = dict(kind="arithmetic", task="arithmetic", tool="calculator", tool_arg="expression")
+SUM = _example("arith-0", "What is 12 + 30?", "42", "12 + 30", "42", **ARITHMETIC)
 
 
 def _scored(example, reward, em):

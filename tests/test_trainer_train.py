@@ -36,6 +36,18 @@ def micro_config(tmp_path, *extra):
     return load_config(None, [*MICRO, f"logging.run_dir={tmp_path}", *extra])
 
 
+def _always_search(trainer):
+    """Sample from a scripted policy that searches once, then gives the reference answer."""
+    scripts = {
+        ex.question: [
+            format_call("search", {"query": ex.query}),
+            f"{TAGS.answer_open}{ex.answers[0]}{TAGS.answer_close}",
+        ]
+        for ex in trainer.task.train
+    }
+    trainer.engine.model = ScriptedLM(trainer.tokenizer, scripts)
+
+
 def test_single_process_run_writes_every_output(tmp_path, capsys):
     cfg = micro_config(tmp_path, "logging.name=single")
     summary = run(cfg)
@@ -110,14 +122,7 @@ def test_tool_errors_timeouts_malformed_calls_and_nan_steps_do_not_stop_training
     search.run = flaky
     # sample from a scripted policy that always searches (the micro model has not learned the
     # call format yet), train the real model on its episodes
-    scripts = {
-        ex.question: [
-            format_call("search", {"query": ex.query}),
-            f"{TAGS.answer_open}{ex.answers[0]}{TAGS.answer_close}",
-        ]
-        for ex in trainer.task.train
-    }
-    trainer.engine.model = ScriptedLM(trainer.tokenizer, scripts)
+    _always_search(trainer)
     m1 = trainer.rl_step(1)
     # 8 calls: a third hang (timeout), a third raise, and injected malformed calls on top
     assert m1["train/calls_per_episode"] == 1 and m1["train/invalid_call_rate"] >= 0.5
@@ -159,14 +164,7 @@ def test_fault_tools_in_worker_processes_never_stop_a_run(tmp_path):
         "eval.k=0",
     )
     trainer = Trainer(cfg)
-    scripts = {
-        ex.question: [
-            format_call("search", {"query": ex.query}),
-            f"{TAGS.answer_open}{ex.answers[0]}{TAGS.answer_close}",
-        ]
-        for ex in trainer.task.train
-    }
-    trainer.engine.model = ScriptedLM(trainer.tokenizer, scripts)
+    _always_search(trainer)
     train = trainer.task.train
     episodes = trainer.engine.rollout(train * 4, list(range(4 * len(train))), seed=5)
     names = [c.name for ep in episodes for c in ep.calls]
@@ -277,21 +275,12 @@ def _both_loss_paths(preset):
     knobs = {"preset": preset, "global_count": 4.0}
     if preset == "grpo":
         knobs["agg"] = "token-mean"
+    tensors = (ids, old, adv, mask, None, call_map, delta)  # ref_logp = None
     results = {}
     for from_logits in (True, False):
         logits = logits64.float().requires_grad_()
         loss, metrics, entropy = micro_batch_loss(
-            logits,
-            ids,
-            old,
-            adv,
-            mask,
-            None,
-            call_map,
-            delta,
-            temperature=temp,
-            from_logits=from_logits,
-            **knobs,
+            logits, *tensors, temperature=temp, from_logits=from_logits, **knobs
         )
         loss.backward()
         results[from_logits] = (
@@ -376,16 +365,8 @@ def _tiny_policy(**extra):
     from trainer.loss import hidden_batch_loss
     from trainer.modeling import attach_hidden_loss, tiny_model
 
-    cfg = ModelConfig(
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        max_position_embeddings=64,
-        **extra,
-    )
+    layers = dict(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, num_kv_heads=1)
+    cfg = ModelConfig(vocab_size=61, max_position_embeddings=64, **layers, **extra)
     model = tiny_model(cfg, 61, pad_id=0, eos_id=1, seed=3)
     attach_hidden_loss(model, hidden_batch_loss)
     return model
@@ -429,18 +410,7 @@ def test_hidden_state_loss_matches_the_logits_paths(preset):
         else:
             logits = model(input_ids=ids, attention_mask=attn).logits
             loss, metrics, entropy = micro_batch_loss(
-                logits,
-                ids,
-                old,
-                adv,
-                mask,
-                kw["ref_logp"],
-                call_map,
-                delta,
-                temperature=0.9,
-                from_logits=source == "logits",
-                preset=preset,
-                global_count=7.0,
+                logits, ids, old, adv, mask, from_logits=source == "logits", **kw
             )
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -53,18 +53,8 @@ def test_long_candidate_ranges_span_several_tiles(kinds):
     With one query vector every candidate ties, so the witness must be the lowest index
     across tiles; each successful row must be counted once although its hits span tiles.
     """
-    batch = correct_batch(
-        B=3,
-        T=97,
-        D=8,
-        group_size=3,
-        calls_per_row=24,
-        num_tools=1,
-        num_keys=1,
-        num_queries=2,
-        invalid_prob=0.0,
-        seed=3,
-    )
+    one_key = dict(num_tools=1, num_keys=1, num_queries=2, invalid_prob=0.0)
+    batch = correct_batch(B=3, T=97, D=8, group_size=3, calls_per_row=24, seed=3, **one_key)
     batch.seq_advantages = torch.tensor([-1.0, 0.5, 1.25])  # one failing row, two witnesses
     batch.advantages = batch.seq_advantages[:, None] * batch.mask
     if kinds == "iou":

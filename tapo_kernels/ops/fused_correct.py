@@ -22,13 +22,14 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks, reference
+from .. import _args, _checks, reference
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -295,92 +296,63 @@ def _candidate_ranges(
     return lo, hi, order, call_seq[order]
 
 
-def fused_correct_triton(
-    advantages: Tensor,
-    seq_advantages: Tensor,
-    group_ids: Tensor,
-    call_seq: Tensor,
-    call_start: Tensor,
-    call_end: Tensor,
-    call_tool: Tensor,
-    call_key: Tensor,
-    call_params: Tensor,
-    tool_sim_kind: Tensor,
-    theta: float,
-    alpha_min: float,
-    beta: float,
-    batch_scope: bool,
-    coverage: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def fused_correct_triton(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``tapo::fused_correct`` with a Triton kernel; same results as ``reference.fused_correct``.
 
     Returns ``(corrected, delta, confidence, witness)``. Validation (``_checks``) is the only
     host synchronisation; with no failing call the kernel still runs (every program exits
     early) rather than paying a sync to find out.
     """
-    _checks.check_fused_correct(
-        advantages,
-        seq_advantages,
-        group_ids,
-        call_seq,
-        call_start,
-        call_end,
-        call_tool,
-        call_key,
-        call_params,
-        tool_sim_kind,
-        theta,
-        alpha_min,
-        beta,
-    )
-    B, T = advantages.shape
-    n = call_seq.shape[0]
-    device = advantages.device
-    corrected = advantages.clone(memory_format=torch.contiguous_format)
+    a = SimpleNamespace(**_args.bind("fused_correct", args, kwargs))
+    _checks.check_fused_correct(**vars(a))
+    B, T = a.advantages.shape
+    n = a.call_seq.shape[0]
+    device = a.advantages.device
+    corrected = a.advantages.clone(memory_format=torch.contiguous_format)
     if n == 0:
         delta, confidence, witness = _alloc_outputs(0, device)
         return corrected, delta, confidence, witness.fill_(-1)
 
-    num_tools = tool_sim_kind.shape[0]
-    scope_rank = _scope_rank(group_ids, batch_scope)
+    num_tools = a.tool_sim_kind.shape[0]
+    scope_rank = _scope_rank(a.group_ids, a.batch_scope)
     pool_size = torch.zeros(B, dtype=torch.int64, device=device).index_add_(
-        0, scope_rank, (seq_advantages > 0).to(torch.int64)
+        0, scope_rank, (a.seq_advantages > 0).to(torch.int64)
     )[scope_rank]
     lo, hi, sorted_call, sorted_seq = _candidate_ranges(
-        seq_advantages, call_seq, call_tool, call_key, scope_rank, num_tools
+        a.seq_advantages, a.call_seq, a.call_tool, a.call_key, scope_rank, num_tools
     )
     if num_tools:
-        call_kind = tool_sim_kind[call_tool.clamp(0, num_tools - 1)]
+        call_kind = a.tool_sim_kind[a.call_tool.clamp(0, num_tools - 1)]
     else:  # no tool ids: every call is invalid and scans nothing
-        call_kind = torch.zeros_like(call_tool)
+        call_kind = torch.zeros_like(a.call_tool)
     delta, confidence, witness = _alloc_outputs(n, device)
-    D = call_params.shape[1]
+    D = a.call_params.shape[1]
     block_d = min(triton.next_power_of_2(max(D, 1)), 128)
     _fused_correct_kernel[(n,)](
         corrected,
         delta,
         confidence,
         witness,
-        seq_advantages.contiguous(),
+        a.seq_advantages.contiguous(),
         pool_size,
-        call_seq.contiguous(),
-        call_start.contiguous(),
-        call_end.contiguous(),
-        call_tool.contiguous(),
+        a.call_seq.contiguous(),
+        a.call_start.contiguous(),
+        a.call_end.contiguous(),
+        a.call_tool.contiguous(),
         call_kind,
         lo,
         hi,
         sorted_call,
         sorted_seq,
-        call_params,
-        call_params.stride(0),
-        call_params.stride(1),
+        a.call_params,
+        a.call_params.stride(0),
+        a.call_params.stride(1),
         T,
         D,
-        _threshold(theta),
-        float(alpha_min),
-        float(beta),
-        COVERAGE=bool(coverage),
+        _threshold(a.theta),
+        float(a.alpha_min),
+        float(a.beta),
+        COVERAGE=bool(a.coverage),
         BLOCK_D=block_d,
         BLOCK_T=_BLOCK_T,
     )

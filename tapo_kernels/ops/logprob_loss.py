@@ -38,6 +38,8 @@ Triton policy loss (``ops/policy_loss.py``).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import torch
@@ -45,7 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks, fused, vocab
+from .. import fused, vocab
 from .policy_loss import policy_loss_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -82,6 +84,15 @@ def _store_grad(ptrs, dx, mask, ROUND_BF16_BY_BITS: tl.constexpr):
 
 
 @triton.jit
+def _row_offset(row, T, stride_b, stride_t):
+    """``(row as int64, element offset of token row (row // T, row % T))`` of a (B, T, V)
+    tensor with these batch and token strides."""
+    row64 = tl.cast(row, tl.int64)
+    b = row64 // T
+    return row64, b * stride_b + (row64 - b * T) * stride_t
+
+
+@triton.jit
 def _logprob_fwd_kernel(
     logits_ptr,
     labels_ptr,
@@ -103,13 +114,11 @@ def _logprob_fwd_kernel(
     Program ``p`` handles rows ``p, p + P, p + 2P, ...``; row ``r`` is token ``(r // T, r % T)``
     (any batch and token strides, so a sliced ``logits[:, :-1]`` is read in place).
     """
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
+    pid, n_programs = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BLOCK_V)
     for row in range(pid, n_rows, n_programs):
-        row64 = tl.cast(row, tl.int64)
-        b = row64 // T
-        base = logits_ptr + b * stride_b + (row64 - b * T) * stride_t
+        row64, offset = _row_offset(row, T, stride_b, stride_t)
+        base = logits_ptr + offset
         m = tl.full((), _M_FLOOR, tl.float32)
         denom = tl.zeros((), tl.float32)
         sum_px = tl.zeros((), tl.float32)
@@ -166,15 +175,12 @@ def _logprob_bwd_kernel(
     and the label's logit is read before the loop. ``lse = x[label] - logp`` is recovered from
     the forward's output. Rows with ``g == 0`` or a negative label get zeros.
     """
-    pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
+    pid, n_programs = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BLOCK_V)
     for row in range(pid, n_rows, n_programs):
-        row64 = tl.cast(row, tl.int64)
-        b = row64 // T
-        t = row64 - b * T
-        base = logits_ptr + b * stride_b + t * stride_t
-        dbase = dlogits_ptr + b * dstride_b + t * dstride_t
+        row64, offset = _row_offset(row, T, stride_b, stride_t)
+        base = logits_ptr + offset
+        dbase = dlogits_ptr + _row_offset(row, T, dstride_b, dstride_t)[1]
         g = tl.load(grad_ptr + row64)
         label = tl.load(labels_ptr + row64)
         if (label >= 0) & (g != 0.0):
@@ -268,7 +274,7 @@ def _dlogits_into(
     logp: Tensor,
     temperature: float,
     out: Tensor,
-    block_v: int | None,
+    block_v: int | None = None,
 ) -> None:
     """Launch the backward kernel writing ``dlogits`` of ``(B, T, V)`` logits into ``out``.
 
@@ -331,34 +337,22 @@ def _row_chunks(logits: Tensor, rows_per_chunk: int):
             yield slice(b * T + t0, b * T + t0 + n), logits[b : b + 1, t0 : t0 + n]
 
 
-def selective_log_softmax_backward_triton(
-    grad_logp: Tensor,
-    logits: Tensor,
-    labels: Tensor,
-    logp: Tensor,
-    temperature: float = 1.0,
-    *,
-    block_v: int | None = None,
-) -> Tensor:
+def _with_block(block_v: int | None) -> fused.Passes:
+    """The Triton passes with the backward's vocabulary block size fixed (None: automatic)."""
+
+    return dataclasses.replace(
+        TRITON, dlogits_rows=functools.partial(_dlogits_into, block_v=block_v)
+    )
+
+
+def selective_log_softmax_backward_triton(*args, block_v: int | None = None) -> Tensor:
     """``tapo::selective_log_softmax_backward``: a new ``dlogits`` in the logits' dtype."""
-    _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
-    out = torch.empty_like(logits)
-    _dlogits_into(grad_logp, logits, labels, logp, temperature, out, block_v)
-    return out
+    return fused.selective_log_softmax_backward_kernel(*args, passes=_with_block(block_v))
 
 
-def selective_log_softmax_backward_inplace_triton(
-    grad_logp: Tensor,
-    logits: Tensor,
-    labels: Tensor,
-    logp: Tensor,
-    temperature: float = 1.0,
-    *,
-    block_v: int | None = None,
-) -> None:
+def selective_log_softmax_backward_inplace_triton(*args, block_v: int | None = None) -> None:
     """``tapo::selective_log_softmax_backward_inplace``: overwrite ``logits`` with ``dlogits``."""
-    _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
-    _dlogits_into(grad_logp, logits, labels, logp, temperature, logits, block_v)
+    fused.selective_log_softmax_backward_inplace_kernel(*args, passes=_with_block(block_v))
 
 
 # --------------------------------------------------------------------------------------
@@ -398,39 +392,13 @@ def _dlogits_chunk_triton(
     return out
 
 
-def _dlogits_rows_triton(grad_logp, logits, labels, logp, temperature, out) -> None:
-    _dlogits_into(grad_logp, logits, labels, logp, temperature, out, None)
-
-
-def _logprob_from_hidden_triton(hidden, weight, bias, labels, temperature, with_entropy, chunk):
-    return vocab.selective_log_softmax_from_hidden_chunked(
-        hidden,
-        weight,
-        bias,
-        labels,
-        temperature,
-        with_entropy,
-        chunk,
-        chunk_fn=_logprob_chunk_triton,
-    )
-
-
-def _logprob_from_hidden_backward_triton(
-    grad_logp, hidden, weight, bias, labels, logp, temperature, chunk, weight_grad, bias_grad
-):
-    return vocab.selective_log_softmax_from_hidden_backward_chunked(
-        grad_logp,
-        hidden,
-        weight,
-        bias,
-        labels,
-        logp,
-        temperature,
-        chunk,
-        weight_grad,
-        bias_grad,
-        chunk_fn=_dlogits_chunk_triton,
-    )
+# the LM-head passes: the chunked loops of vocab.py with the Triton kernels on each chunk
+_logprob_from_hidden_triton = functools.partial(
+    vocab.selective_log_softmax_from_hidden_chunked, chunk_fn=_logprob_chunk_triton
+)
+_logprob_from_hidden_backward_triton = functools.partial(
+    vocab.selective_log_softmax_from_hidden_backward_chunked, chunk_fn=_dlogits_chunk_triton
+)
 
 
 def _validated_loss(logp, *loss_tensors, **knobs):
@@ -441,7 +409,7 @@ def _validated_loss(logp, *loss_tensors, **knobs):
 # kernels of the internal ops tapo::_logprob_rows & co.
 TRITON = fused.Passes(
     logprob_rows=selective_log_softmax_triton,
-    dlogits_rows=_dlogits_rows_triton,
+    dlogits_rows=_dlogits_into,
     logprob_from_hidden=_logprob_from_hidden_triton,
     logprob_from_hidden_backward=_logprob_from_hidden_backward_triton,
     loss=_validated_loss,

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from .. import _checks
+from .. import _args, _checks
 from ..reference import AGGS, ALGOS, KL_TYPES
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -471,16 +471,10 @@ def _tiles(B: int, T: int) -> tuple[int, int, int, int]:
     return block_b, block_t, triton.cdiv(T, block_t), num_warps
 
 
-def _prepare(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logp: Tensor | None,
-    call_map: Tensor | None,
-    call_delta: Tensor | None,
-) -> tuple[Tensor, ...]:
-    """Contiguous kernel operands; a bool mask is read as bytes, absent tensors as ``logp``."""
+def _prepare(call: dict) -> tuple[Tensor, ...]:
+    """Contiguous kernel operands of a bound call, in the order of its tensors; a bool mask is
+    read as bytes, absent tensors as ``logp``."""
+    logp, old_logp, advantages, mask, ref_logp, call_map, call_delta = _tensors(call)
     mask = mask.contiguous()
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
@@ -496,29 +490,38 @@ def _prepare(
     )
 
 
-def _flags(logp, advantages, ref_logp, call_map, call_delta, algo, dual_clip_c, kl_type):
+def _tensors(call: dict) -> tuple:
+    return (call["logp"], *_args.loss_tensors(call))
+
+
+def _flags(call: dict) -> dict:
     """The compile-time switches shared by the forward and backward kernels."""
+    logp, call_delta, algo = call["logp"], call["call_delta"], call["algo"]
     return dict(
         ALGO=ALGO_IDS[algo],
-        USE_DUAL=algo == "grpo" and dual_clip_c > 1.0,
-        HAS_REF=ref_logp is not None,
-        KL_TYPE=KL_IDS[kl_type],
-        HAS_CALLS=call_map is not None and call_delta is not None and call_delta.numel() > 0,
-        ADV_PER_TOKEN=advantages.dim() == 2,
+        USE_DUAL=algo == "grpo" and call["dual_clip_c"] > 1.0,
+        HAS_REF=call["ref_logp"] is not None,
+        KL_TYPE=KL_IDS[call["kl_type"]],
+        HAS_CALLS=call["call_map"] is not None
+        and call_delta is not None
+        and call_delta.numel() > 0,
+        ADV_PER_TOKEN=call["advantages"].dim() == 2,
         COMPUTE=tl.float64 if logp.dtype == torch.float64 else tl.float32,
     )
 
 
-def _knob_bits(eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, norm) -> dict:
-    # The clip bounds are formed in double on the host, as the reference's Python does.
+def _knob_bits(call: dict) -> dict:
+    """The float knobs as the bits of doubles; the clip bounds are formed in double on the
+    host, as the reference's Python does."""
+    T, norm_const = call["logp"].shape[1], call["norm_const"]
     return dict(
-        clip_lo_bits=_f64_bits(1.0 - eps_low),
-        clip_hi_bits=_f64_bits(1.0 + eps_high),
-        dual_c_bits=_f64_bits(dual_clip_c),
-        tau_pos_bits=_f64_bits(tau_pos),
-        tau_neg_bits=_f64_bits(tau_neg),
-        kl_coef_bits=_f64_bits(kl_coef),
-        norm_bits=_f64_bits(norm),
+        clip_lo_bits=_f64_bits(1.0 - call["eps_low"]),
+        clip_hi_bits=_f64_bits(1.0 + call["eps_high"]),
+        dual_c_bits=_f64_bits(call["dual_clip_c"]),
+        tau_pos_bits=_f64_bits(call["tau_pos"]),
+        tau_neg_bits=_f64_bits(call["tau_neg"]),
+        kl_coef_bits=_f64_bits(call["kl_coef"]),
+        norm_bits=_f64_bits(float(max(T, 1) if norm_const is None else norm_const)),
     )
 
 
@@ -579,28 +582,15 @@ def _aggregate_rows(
     return (rows * nonempty).sum() / denom[0]
 
 
-def policy_loss_triton(
-    logp: Tensor,  # [B, T]
-    old_logp: Tensor,  # [B, T]
-    advantages: Tensor,  # [B] or [B, T]
-    mask: Tensor,  # [B, T] bool or float
-    ref_logp: Tensor | None = None,  # [B, T]
-    call_map: Tensor | None = None,  # [B, T] int32
-    call_delta: Tensor | None = None,  # [N]
-    algo: str = "grpo",
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip_c: float = 3.0,
-    tau_pos: float = 1.0,
-    tau_neg: float = 1.05,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    agg: str = "token-mean",
-    norm_const: float | None = None,
-    global_count: float | None = None,
-    *,
-    validated: bool = False,
-) -> tuple[Tensor, Tensor]:
+def _bind(args: tuple, kwargs: dict, validate: bool = True) -> dict:
+    """The bound arguments of a ``tapo::policy_loss(_backward)`` call, validated."""
+    call = _args.bind("policy_loss", args, kwargs)
+    if validate:
+        _checks.check_policy_loss(call["logp"], _args.loss_tensors(call), _args.loss_knobs(call))
+    return call
+
+
+def policy_loss_triton(*args, validated: bool = False, **kwargs) -> tuple[Tensor, Tensor]:
     """``tapo::policy_loss`` on CUDA (or on CPU tensors under ``TRITON_INTERPRET=1``).
 
     ``validated=True``: the caller has checked every argument (the fused front ends).
@@ -609,24 +599,21 @@ def policy_loss_triton(
     float32 metrics ``(clip_frac, mean_ratio, mean_kl, lifted_frac)``, equal to
     ``tapo_kernels.reference.policy_loss``.
     """
-    tensors = (logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg)
-    if not validated:
-        _checks.check_policy_loss(*tensors, *knobs, norm_const, global_count)
+    call = _bind(args, kwargs, validate=not validated)
+    logp, agg = call["logp"], call["agg"]
     B, T = logp.shape
-    flags = _flags(logp, advantages, ref_logp, call_map, call_delta, algo, dual_clip_c, kl_type)
-    operands = _prepare(*tensors)
+    flags = _flags(call)
+    operands = _prepare(call)
     x, x_old, _, m = operands[:4]
     block_b, block_t, n_col_blocks, num_warps = _tiles(B, T)
 
-    if algo == "gspo":
+    if call["algo"] == "gspo":
         _, log_seq_ratio = _row_stats(x, x_old, m, True, flags["COMPUTE"])
     else:
         log_seq_ratio = logp  # placeholder, never read
     partials = _alloc((B, n_col_blocks, _N_PARTIALS.value), logp, logp.dtype)
     grid = (triton.cdiv(B, block_b) * n_col_blocks,)
     if grid[0] > 0:
-        norm = float(max(T, 1) if norm_const is None else norm_const)
         _policy_loss_fwd_kernel[grid](
             *operands,
             log_seq_ratio,
@@ -634,8 +621,8 @@ def policy_loss_triton(
             B,
             T,
             n_col_blocks,
-            call_delta.numel() if flags["HAS_CALLS"] else 0,
-            **_knob_bits(eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, norm),
+            call["call_delta"].numel() if flags["HAS_CALLS"] else 0,
+            **_knob_bits(call),
             **flags,
             BLOCK_B=block_b,
             BLOCK_T=block_t,
@@ -643,45 +630,24 @@ def policy_loss_triton(
         )
     row_sums = partials.sum(1)  # [B, 6]
     row_tokens, row_loss = row_sums[:, 0], row_sums[:, 1]
-    denom = _loss_denominator(row_tokens, agg, global_count)
-    loss = _aggregate_rows(row_loss, row_tokens, denom, T, agg, norm_const)
+    denom = _loss_denominator(row_tokens, agg, call["global_count"])
+    loss = _aggregate_rows(row_loss, row_tokens, denom, T, agg, call["norm_const"])
     metrics = (row_sums[:, 2:].sum(0) / row_tokens.sum().clamp(min=1)).to(torch.float32)
     return loss, metrics
 
 
-def policy_loss_backward_triton(
-    grad_loss: Tensor,  # [] gradient of the scalar loss
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logp: Tensor | None = None,
-    call_map: Tensor | None = None,
-    call_delta: Tensor | None = None,
-    algo: str = "grpo",
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip_c: float = 3.0,
-    tau_pos: float = 1.0,
-    tau_neg: float = 1.05,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    agg: str = "token-mean",
-    norm_const: float | None = None,
-    global_count: float | None = None,
-) -> Tensor:
+def policy_loss_backward_triton(grad_loss: Tensor, *args, **kwargs) -> Tensor:
     """``tapo::policy_loss_backward``: ``grad_loss * d loss / d logp``, shape and dtype of ``logp``.
 
     Equal to torch autograd through ``tapo_kernels.reference.policy_loss`` (tie and clamp
     conventions included). Recomputes every intermediate from the inputs, and validates them
     as the forward does (a direct call of the backward gets the same errors).
     """
-    tensors = (logp, old_logp, advantages, mask, ref_logp, call_map, call_delta)
-    knobs = (algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg)
-    _checks.check_policy_loss(*tensors, *knobs, norm_const, global_count)
+    call = _bind(args, kwargs)
+    logp = call["logp"]
     B, T = logp.shape
-    flags = _flags(logp, advantages, ref_logp, call_map, call_delta, algo, dual_clip_c, kl_type)
-    operands = _prepare(*tensors)
+    flags = _flags(call)
+    operands = _prepare(call)
     x, x_old, _, m = operands[:4]
     block_b, block_t, n_col_blocks, num_warps = _tiles(B, T)
 
@@ -689,10 +655,9 @@ def policy_loss_backward_triton(
     grid = (triton.cdiv(B, block_b) * n_col_blocks,)
     if grid[0] == 0:
         return grad_logp
-    row_tokens, log_seq_ratio = _row_stats(x, x_old, m, algo == "gspo", flags["COMPUTE"])
-    denom = _loss_denominator(row_tokens, agg, global_count)
+    row_tokens, log_seq_ratio = _row_stats(x, x_old, m, call["algo"] == "gspo", flags["COMPUTE"])
+    denom = _loss_denominator(row_tokens, call["agg"], call["global_count"])
     grad_loss = grad_loss.to(device=logp.device, dtype=logp.dtype).reshape(1)
-    norm = float(max(T, 1) if norm_const is None else norm_const)
     _policy_loss_bwd_kernel[grid](
         grad_loss,
         *operands,
@@ -703,10 +668,10 @@ def policy_loss_backward_triton(
         B,
         T,
         n_col_blocks,
-        call_delta.numel() if flags["HAS_CALLS"] else 0,
-        **_knob_bits(eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef, norm),
+        call["call_delta"].numel() if flags["HAS_CALLS"] else 0,
+        **_knob_bits(call),
         **flags,
-        AGG=AGG_IDS[agg],
+        AGG=AGG_IDS[call["agg"]],
         BLOCK_B=block_b,
         BLOCK_T=block_t,
         num_warps=num_warps,
