@@ -184,12 +184,7 @@ def logits_triton(logits: Tensor, case: Case, block_v: int | None = 16) -> Resul
 def logits_reference(logits: Tensor, case: Case) -> Result:
     leaf = logits.clone().requires_grad_(True)
     loss, metrics, logp, entropy = reference.policy_loss_from_logits(
-        leaf,
-        case.labels,
-        *case.loss_tensors,
-        temperature=case.temperature,
-        with_entropy=case.with_entropy,
-        **case.knobs,
+        leaf, case.labels, *case.loss_tensors, **_front_kwargs(case)
     )
     (grad,) = torch.autograd.grad(loss, leaf)
     return loss, metrics, logp, entropy, (grad,)
@@ -215,19 +210,21 @@ LOGITS_BACKENDS: dict[str, Callable[[Tensor, Case], Result]] = {
 }
 
 
-def hidden_op(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Result:
+def _hidden_leaves(h: Tensor, w: Tensor, b: Tensor | None) -> tuple[list[Tensor], tuple]:
+    """Leaf copies of ``(h, w[, b])`` and the leading arguments ``(h, w, b or None)``."""
     leaves = [t.clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
-    bias = leaves[2] if b is not None else None
+    return leaves, (leaves[0], leaves[1], leaves[2] if b is not None else None)
+
+
+def _front_kwargs(case: Case) -> dict:
+    return dict(temperature=case.temperature, with_entropy=case.with_entropy, **case.knobs)
+
+
+def hidden_op(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Result:
+    leaves, head = _hidden_leaves(h, w, b)
+    chunk_size = case.extra.get("chunk_size", 4)
     loss, metrics, logp, entropy = OP_HIDDEN(
-        leaves[0],
-        leaves[1],
-        bias,
-        case.labels,
-        *case.loss_tensors,
-        temperature=case.temperature,
-        with_entropy=case.with_entropy,
-        chunk_size=case.extra.get("chunk_size", 4),
-        **case.knobs,
+        *head, case.labels, *case.loss_tensors, chunk_size=chunk_size, **_front_kwargs(case)
     )
     grads = torch.autograd.grad(loss, leaves)
     return loss, metrics, logp, entropy, grads
@@ -254,17 +251,9 @@ def hidden_triton(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Result:
 
 
 def hidden_reference(h: Tensor, w: Tensor, b: Tensor | None, case: Case, dtype=None) -> Result:
-    leaves = [t.clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
-    bias = leaves[2] if b is not None else None
+    leaves, head = _hidden_leaves(h, w, b)
     loss, metrics, logp, entropy = reference.policy_loss_from_hidden(
-        leaves[0],
-        leaves[1],
-        bias,
-        case.labels,
-        *case.loss_tensors,
-        temperature=case.temperature,
-        with_entropy=case.with_entropy,
-        **case.knobs,
+        *head, case.labels, *case.loss_tensors, **_front_kwargs(case)
     )
     return loss, metrics, logp, entropy, torch.autograd.grad(loss, leaves)
 
