@@ -16,7 +16,7 @@ import torch
 import tapo_kernels
 from tapo_kernels import _library, reference
 
-from .common import DEVICE, record, sync
+from .common import DEVICE, median_s, record, sync
 
 # (B, T, N, D): N calls spread evenly over the rows, groups of 8 rollouts per prompt
 SIZES = [(64, 1024, 512, 256), (256, 4096, 2048, 256), (512, 8192, 4096, 256)]
@@ -40,26 +40,15 @@ def make_batch(B: int, T: int, N: int, D: int, seed: int = 0, device: str = DEVI
     call_seq = torch.arange(N) // per_row
     slot = torch.arange(N) % per_row
     call_start = slot * (T // per_row)
-    call_end = call_start + span
     call_tool = torch.randint(0, 2, (N,), generator=g)
     call_key = torch.zeros(N, dtype=torch.int64)
     queries = torch.nn.functional.normalize(torch.randn(B // GROUP, 4, D, generator=g), dim=-1)
     q = queries[group_ids[call_seq], torch.randint(0, 4, (N,), generator=g)]
     params = torch.nn.functional.normalize(q + 0.05 * torch.randn(N, D, generator=g), dim=-1)
     kinds = torch.zeros(2, dtype=torch.int64)
-    args = (
-        advantages,
-        seq_adv,
-        group_ids,
-        call_seq,
-        call_start,
-        call_end,
-        call_tool,
-        call_key,
-        params,
-        kinds,
-    )
-    return tuple(t.to(device) for t in args)
+    # the calls' tensors as ``ToolCalls`` holds them: seq, start, end, tool, key, params
+    calls = (call_seq, call_start, call_start + span, call_tool, call_key, params)
+    return tuple(t.to(device) for t in (advantages, seq_adv, group_ids, *calls, kinds))
 
 
 def _providers():
@@ -99,29 +88,10 @@ def test_fused_correct(benchmark, provider, size, scope):
     run()  # warm-up
     benchmark(run)
     rewrite_bytes = 2 * B * T * args[0].element_size()
-    mean = benchmark.stats.stats.median
+    mean = median_s(benchmark)
     case = f"fused_correct B={B} T={T} N={N} D={D}"
-    if provider == "floor":
-        for s in ("group", "batch"):
-            record(
-                benchmark,
-                f"{case} scope={s}",
-                name,
-                B=B,
-                T=T,
-                N=N,
-                D=D,
-                rewrite_GBps=rewrite_bytes / mean / 1e9,
-            )
-    else:
-        record(
-            benchmark,
-            f"{case} scope={scope}",
-            name,
-            B=B,
-            T=T,
-            N=N,
-            D=D,
-            scope=scope,
-            rewrite_GBps=rewrite_bytes / mean / 1e9,
-        )
+    info = dict(B=B, T=T, N=N, D=D) | ({} if provider == "floor" else {"scope": scope})
+    info["rewrite_GBps"] = rewrite_bytes / mean / 1e9
+    # the floor does not depend on the scope: one measurement serves both cases
+    for s in ("group", "batch") if provider == "floor" else (scope,):
+        record(benchmark, f"{case} scope={s}", name, **info)

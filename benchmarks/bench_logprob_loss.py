@@ -33,7 +33,7 @@ import tapo_kernels
 from tapo_kernels import _library, reference
 from tapo_kernels.testing import chunked_torch_passes
 
-from .common import DEVICE, record, sync
+from .common import DEVICE, median_s, record, sync
 
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 # (B, T, V): CUDA is the published 8192 x 151936 bf16 case; CPU 4k tokens x 32k vocabulary
@@ -68,10 +68,14 @@ def hidden_inputs(B: int, T: int, H: int, V: int) -> dict[str, torch.Tensor]:
 
 
 def _liger_logits_loss(x, inp):
+    # Liger reads logits for T + 1 positions and scores the first T
+    return liger_padded_loss(torch.cat([x, x[:, -1:]], dim=1), inp)
+
+
+def liger_padded_loss(padded, inp):
+    """Liger's ``triton_grpo_loss`` (in place) on logits ``padded`` to T + 1 positions."""
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-    # Liger reads logits for T + 1 positions and scores the first T
-    padded = torch.cat([x, x[:, -1:]], dim=1)
     out = triton_grpo_loss(
         padded,
         inp["old_logp"],
@@ -296,7 +300,7 @@ def _run_benchmark(benchmark, kind: str, provider: str, mode: str, size: tuple[i
         dtype=str(DTYPE),
         tokens=tokens,
         peak_mib=peak_mib(kind, provider, mode, size),
-        Mtokens_per_s=tokens / benchmark.stats.stats.median / 1e6,
+        Mtokens_per_s=tokens / median_s(benchmark) / 1e6,
     )
 
 

@@ -19,7 +19,7 @@ import tapo_kernels
 from tapo_kernels import reference
 from tapo_kernels.testing import loss_batch
 
-from .common import DEVICE, record, sync
+from .common import DEVICE, median_s, record, sync
 
 # (B, T): 4k, 64k and 256k tokens
 SIZES = [(8, 512), (64, 1024), (128, 2048)]
@@ -38,18 +38,12 @@ KNOBS = dict(
 )
 
 
+# the batch of every case: per-token advantages, reference log-probs and TAPO calls
+BATCH = dict(dtype=torch.float32, per_token=True, with_ref=True, with_calls=True, empty_row=False)
+
+
 def _inputs(B: int, T: int):
-    b = loss_batch(
-        B,
-        T,
-        dtype=torch.float32,
-        per_token=True,
-        with_ref=True,
-        with_calls=True,
-        empty_row=False,
-        device=DEVICE,
-    )
-    return b.op_args()
+    return loss_batch(B, T, device=DEVICE, **BATCH).op_args()
 
 
 def _callables(provider: str, args):
@@ -132,5 +126,5 @@ def test_policy_loss(benchmark, provider, size, mode):
         T=T,
         mode=mode,
         tokens=tokens,
-        Mtokens_per_s=tokens / benchmark.stats.stats.median / 1e6,
+        Mtokens_per_s=tokens / median_s(benchmark) / 1e6,
     )

@@ -9,6 +9,7 @@ baseline (the eager reference) and floor (the cheapest possible memory pass), an
 
 from __future__ import annotations
 
+import math
 import platform
 import subprocess
 from collections import defaultdict
@@ -63,12 +64,21 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def median_s(benchmark) -> float:
+    """The median seconds of a finished benchmark; NaN when nothing was timed
+    (``--benchmark-disable`` runs each step once, untimed)."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        return stats.stats.median
+    return math.nan
+
+
 def record(benchmark, case: str, provider: str, **info) -> None:
     """Attach the case and environment to a finished benchmark and remember its mean time."""
     benchmark.extra_info.update({"case": case, "provider": provider, **environment(), **info})
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        _CASES[case][provider] = stats.stats.median
+    median = median_s(benchmark)
+    if not math.isnan(median):
+        _CASES[case][provider] = median
 
 
 def ratio_tables() -> dict[str, dict[str, float]]:

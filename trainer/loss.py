@@ -21,9 +21,10 @@ logged values.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -93,39 +94,66 @@ def _shift(t: Tensor | None) -> Tensor | None:
 # ---------------------------------------------------------------------- the three loss inputs
 
 
+class LossTensors(NamedTuple):
+    """The policy loss's tensors besides the log-probabilities, in ``tapo_kernels.policy_loss``'s
+    order; ``(b, T)`` in token positions."""
+
+    old_logp: Tensor
+    advantages: Tensor
+    mask: Tensor
+    ref_logp: Tensor | None = None
+    call_map: Tensor | None = None  # [b, T] index into call_delta, -1 outside calls
+    call_delta: Tensor | None = None  # [N] lift of every call of the whole batch
+
+    @classmethod
+    def take(cls, args: Sequence[Tensor | None], kw: dict[str, Any]) -> LossTensors:
+        """The fields from positional ``args``, then the later ones named in ``kw`` (taken
+        out of it: the rest stays)."""
+        named = {name: kw.pop(name) for name in cls._fields[len(args) :] if name in kw}
+        return cls(*args, **named)
+
+    def rows(self, rows: slice) -> LossTensors:
+        """Rows ``rows`` of the ``(B, T)`` tensors (``call_delta`` is the whole batch's)."""
+        *per_row, call_delta = self
+        return LossTensors(*(None if t is None else t[rows] for t in per_row), call_delta)
+
+    def shifted(self) -> LossTensors:
+        """Without column 0: the positions that ``logits[:, :-1]`` predict."""
+        *per_token, call_delta = self
+        return LossTensors(*map(_shift, per_token), call_delta)
+
+    def apply(self, loss_fn: Callable[..., Any], *head: Any, **kw: Any) -> Any:
+        """``loss_fn(*head, old_logp, advantages, mask, ref_logp=, call_map=, call_delta=,
+        **kw)``: the package's loss signatures (the optional tensors keyword-only)."""
+        optional = dict(zip(self._fields[3:], self[3:], strict=True))
+        return loss_fn(*head, *self[:3], **optional, **kw)
+
+
 def micro_batch_loss(
     logits: Tensor,
     input_ids: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logp: Tensor | None,
-    call_map: Tensor | None,
-    call_delta: Tensor | None,
-    *,
+    *tensors: Tensor | None,
     temperature: float,
     from_logits: bool,
     **knobs: Any,
 ) -> tuple[Tensor, dict[str, float], Tensor]:
     """Policy loss of one micro-batch from the model's logits: ``(loss, metrics, entropy [b, T])``.
 
-    Token ``t`` of a row is predicted by ``logits[:, t - 1]``; every ``(b, T)`` input is in
-    token positions (column 0, the first prompt token, has mask 0). ``from_logits`` uses
-    ``tapo_kernels.policy_loss_from_logits`` (chunked fp32 selective log-softmax, entropy in
-    the same pass, no ``(b, T, V)`` fp32 copy); otherwise log-probs come from a plain
-    ``log_softmax`` and go through ``tapo_kernels.policy_loss``. Both apply the TAPO lift
-    through ``call_map`` / ``call_delta``.
+    ``tensors``: the ``LossTensors`` (``old_logp, advantages, mask, ref_logp, call_map,
+    call_delta``), the optional ones also by name. Token ``t`` of a row is predicted by
+    ``logits[:, t - 1]``; every ``(b, T)`` input is in token positions (column 0, the first
+    prompt token, has mask 0). ``from_logits`` uses ``tapo_kernels.policy_loss_from_logits``
+    (chunked fp32 selective log-softmax, entropy in the same pass, no ``(b, T, V)`` fp32
+    copy); otherwise log-probs come from a plain ``log_softmax`` and go through
+    ``tapo_kernels.policy_loss``. Both apply the TAPO lift through ``call_map`` /
+    ``call_delta``.
     """
+    x = LossTensors.take(tensors, knobs)
     if from_logits:
-        out = tapo_kernels.policy_loss_from_logits(
+        out = x.shifted().apply(
+            tapo_kernels.policy_loss_from_logits,
             logits[:, :-1],
             input_ids[:, 1:],
-            old_logp[:, 1:],
-            advantages[:, 1:],
-            mask[:, 1:],
-            ref_logp=_shift(ref_logp),
-            call_map=_shift(call_map),
-            call_delta=call_delta,
             temperature=temperature,
             with_entropy=True,
             **knobs,
@@ -134,16 +162,7 @@ def micro_batch_loss(
     lp = _log_softmax(logits, temperature)  # [b, T-1, V] fp32
     with torch.no_grad():
         entropy = pad(-(lp.exp() * lp).sum(-1), (1, 0))
-    out = tapo_kernels.policy_loss(
-        _pick(lp, input_ids),
-        old_logp,
-        advantages,
-        mask,
-        ref_logp=ref_logp,
-        call_map=call_map,
-        call_delta=call_delta,
-        **knobs,
-    )
+    out = x.apply(tapo_kernels.policy_loss, _pick(lp, input_ids), **knobs)
     return out.loss, out.metrics_dict(prefix=""), entropy
 
 
@@ -153,36 +172,27 @@ def hidden_batch_loss(
     bias: Tensor | None,
     *,
     input_ids: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logp: Tensor | None,
-    call_map: Tensor | None,
-    call_delta: Tensor | None,
     temperature: float,
-    **knobs: Any,
+    **kw: Any,
 ) -> tuple[Tensor, dict[str, float], Tensor]:
     """Policy loss of one micro-batch from the decoder's last hidden states ``[b, T, H]``.
 
     ``tapo_kernels.policy_loss_from_hidden`` with the LM head ``weight [V, H]`` (and
     ``bias``): the head's ``(b, T, V)`` logits are never built, only one chunk at a time.
-    Same positions, outputs and TAPO lift as ``micro_batch_loss``. The trainer gives models
-    a ``hidden_loss`` method that calls it (``modeling.attach_hidden_loss``).
+    ``kw``: the ``LossTensors`` by name, then the loss knobs. Same positions, outputs and TAPO
+    lift as ``micro_batch_loss``. The trainer gives models a ``hidden_loss`` method that calls
+    it (``modeling.attach_hidden_loss``).
     """
-    out = tapo_kernels.policy_loss_from_hidden(
+    x = LossTensors.take((), kw)
+    out = x.shifted().apply(
+        tapo_kernels.policy_loss_from_hidden,
         hidden[:, :-1],
         weight,
         input_ids[:, 1:],
-        old_logp[:, 1:],
-        advantages[:, 1:],
-        mask[:, 1:],
         bias=bias,
-        ref_logp=_shift(ref_logp),
-        call_map=_shift(call_map),
-        call_delta=call_delta,
         temperature=temperature,
         with_entropy=True,
-        **knobs,
+        **kw,
     )
     return out.loss, out.metrics_dict(prefix=""), pad(out.entropy, (1, 0))
 
@@ -193,34 +203,13 @@ class LossInputs:
 
     input_ids: Tensor
     attention_mask: Tensor
-    old_logp: Tensor
-    advantages: Tensor
-    mask: Tensor
-    ref_logp: Tensor | None
-    call_map: Tensor | None  # [b, T] index into call_delta, -1 outside calls
-    call_delta: Tensor | None  # [N] lift of every call of the whole batch
+    tensors: LossTensors
 
 
-def loss_inputs(
-    batch: Batch,
-    rows: slice,
-    advantages: Tensor,
-    ref_logp: Tensor | None,
-    call_map: Tensor | None,
-    call_delta: Tensor | None,
-) -> LossInputs:
-    """The loss inputs of rows ``rows`` of a collated batch (``advantages``, ``ref_logp``,
-    ``call_map``: ``[B, T]`` of the whole batch)."""
-    return LossInputs(
-        batch.input_ids[rows],
-        batch.attention_mask[rows],
-        batch.old_logp[rows],
-        advantages[rows],
-        batch.mask[rows],
-        None if ref_logp is None else ref_logp[rows],
-        None if call_map is None else call_map[rows],
-        call_delta,
-    )
+def loss_inputs(batch: Batch, rows: slice, tensors: LossTensors) -> LossInputs:
+    """The loss inputs of rows ``rows`` of a collated batch (``tensors``: the whole batch's,
+    ``[B, T]``)."""
+    return LossInputs(batch.input_ids[rows], batch.attention_mask[rows], tensors.rows(rows))
 
 
 class Losses:
@@ -291,28 +280,17 @@ class Losses:
     ) -> tuple[Tensor, dict[str, float], Tensor]:
         """``(loss, metrics, entropy [b, T])`` of one micro-batch through the loss input
         (``clip``: other ``eps_low`` / ``eps_high`` for these rows)."""
-        tensors = dict(
-            old_logp=x.old_logp,
-            advantages=x.advantages,
-            mask=x.mask,
-            ref_logp=x.ref_logp,
-            call_map=x.call_map,
-            call_delta=x.call_delta,
-        )
         knobs = {**self.knobs, **(clip or {}), "global_count": global_count}
         if self.loss_input == "hidden":
+            tensors = x.tensors._asdict()
             with self.autocast:
                 return model.hidden_loss(
                     x.input_ids, x.attention_mask, temperature=self.temperature, **tensors, **knobs
                 )
-        logits = self.logits(model, x.input_ids, x.attention_mask)
+        ids = x.input_ids
+        logits, from_logits = self.logits(model, ids, x.attention_mask), self.loss_input == "logits"
         return micro_batch_loss(
-            logits,
-            x.input_ids,
-            **tensors,
-            temperature=self.temperature,
-            from_logits=self.loss_input == "logits",
-            **knobs,
+            logits, ids, *x.tensors, temperature=self.temperature, from_logits=from_logits, **knobs
         )
 
     def backward(
@@ -339,6 +317,7 @@ class Losses:
         micro-batches where a rank has flagged rows (so every rank runs the same passes under
         FSDP)."""
         count = global_count(self.knobs["agg"], batch.mask[rows].sum(1), self.ctx)
+        whole = LossTensors(batch.old_logp, advantages, batch.mask, ref_logp, call_map, call_delta)
         finite = True
         micros = self.micro_slices(rows.start, rows.stop)
         split = self._split_micros(micros, clip_rows, clip)
@@ -348,14 +327,14 @@ class Losses:
                 flags = clip_rows[micro].float()
                 parts = [(1.0 - flags, None), (flags, clip)]
             for keep, part_clip in parts:
-                x = loss_inputs(batch, micro, advantages, ref_logp, call_map, call_delta)
+                x = loss_inputs(batch, micro, whole)
                 if keep is not None:
-                    x.mask = x.mask * keep[:, None]
+                    x.tensors = x.tensors._replace(mask=x.tensors.mask * keep[:, None])
                 loss, metrics, entropy = self.policy_loss(model, x, count, part_clip)
                 if nan:
                     loss = loss * float("nan")
                 loss.backward()
-                finite &= add_micro_batch(sums, loss, metrics, entropy, x.mask)
+                finite &= add_micro_batch(sums, loss, metrics, entropy, x.tensors.mask)
         return finite
 
     def _split_micros(

@@ -49,25 +49,23 @@ class MetricsLogger:
     """Append-only JSONL + TensorBoard on the main rank; a no-op elsewhere."""
 
     def __init__(
-        self,
-        run_path: Path,
-        enabled: bool,
-        tensorboard: bool = True,
-        resume_step: int | None = None,
+        self, run_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int | None = None
     ) -> None:
-        self.path = run_path / "metrics.jsonl"
+        """Logs to ``run_dir/metrics.jsonl`` (and ``run_dir/tensorboard``); ``resume_step``:
+        the global step a resumed run restarts after (later lines are dropped)."""
+        self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
-        run_path.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             self.truncate_after(resume_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(
-                str(run_path / "tensorboard"),
+                str(run_dir / "tensorboard"),
                 purge_step=None if resume_step is None else resume_step + 1,
             )
 

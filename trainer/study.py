@@ -421,6 +421,14 @@ def write_report(study: StudyConfig, base: Path, results: dict[str, Any]) -> Pat
     return out
 
 
+def _mean_std_band(ax, xs: list, stats: list[tuple[float, float]], color: str, label: str) -> None:
+    """Means over seeds as a line with markers, and a band of one standard deviation."""
+    means = [m for m, _ in stats]
+    ax.plot(xs, means, marker="o", markersize=3, color=color, label=label)
+    low, high = [m - sd for m, sd in stats], [m + sd for m, sd in stats]
+    ax.fill_between(xs, low, high, color=color, alpha=0.12)
+
+
 def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -436,21 +444,7 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
             continue
         xs = sorted(set.intersection(*(set(c) for c in curves.values())))
         stats = [_mean_std([c[x] for c in curves.values()]) for x in xs]
-        ax.plot(
-            xs,
-            [m for m, _ in stats],
-            marker="o",
-            markersize=3,
-            color=colors[arm],
-            label=f"{arm} (n={len(curves)})",
-        )
-        ax.fill_between(
-            xs,
-            [m - sd for m, sd in stats],
-            [m + sd for m, sd in stats],
-            color=colors[arm],
-            alpha=0.12,
-        )
+        _mean_std_band(ax, xs, stats, colors[arm], f"{arm} (n={len(curves)})")
         other = study.baselines.get(arm, first)
         baseline = results.get(other, {})
         paired = [s for s in curves if s in baseline]
@@ -459,21 +453,7 @@ def _plot(study: StudyConfig, results: dict[str, Any], out: Path) -> None:
         base = {s: dict(baseline[s]["curve"]) for s in paired}
         xs_d = [x for x in xs if all(x in base[s] for s in paired)]
         diff = [_mean_std([curves[s][x] - base[s][x] for s in paired]) for x in xs_d]
-        ax_diff.plot(
-            xs_d,
-            [m for m, _ in diff],
-            marker="o",
-            markersize=3,
-            color=colors[arm],
-            label=f"{arm} - {other}",
-        )
-        ax_diff.fill_between(
-            xs_d,
-            [m - sd for m, sd in diff],
-            [m + sd for m, sd in diff],
-            color=colors[arm],
-            alpha=0.12,
-        )
+        _mean_std_band(ax_diff, xs_d, diff, colors[arm], f"{arm} - {other}")
     ax.set_xlabel("RL step")
     ax.set_ylabel("held-out pass@1 (mean ± std over seeds)")
     ax.set_title(f"study {study.name}: held-out accuracy")

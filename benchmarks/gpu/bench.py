@@ -87,6 +87,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -115,25 +116,29 @@ FUSED_SIZES = {
 LOSS_SIZES = {False: [(512, 2048), (64, 1024)], True: [(64, 256), (8, 512)]}
 LOGITS_SIZE = {False: (8, 1024, 151936), True: (4, 256, 18992)}
 HIDDEN_SIZE = {False: (8, 1024, 4096, 131072), True: (2, 256, 256, 16384)}
-QWEN_05B = dict(
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    vocab_size=151936,
-)
-QWEN_TINY = dict(
-    hidden_size=128,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    vocab_size=151936 // 16,
-)
+# Qwen2Config sizes of the overhead section's policy: (hidden, MLP, layers, heads, KV heads, vocab)
+QWEN_KEYS = (
+    "hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads "
+    "vocab_size"
+).split()
+QWEN_05B = dict(zip(QWEN_KEYS, (896, 4864, 24, 14, 2, 151936), strict=True))
+QWEN_TINY = dict(zip(QWEN_KEYS, (128, 512, 2, 2, 1, 151936 // 16), strict=True))
+# the rest of the policy's config (also recorded in the case's info)
+POLICY_CONFIG = dict(tie_word_embeddings=True, attn_implementation="sdpa")
 # (B, T, micro-batch rows): the RL batch of the overhead section
 OVERHEAD_BATCH = {False: (64, 1024, 16), True: (8, 128, 4)}
 CALLS_PER_ROW, GROUP = 4, 8
+# policy_loss_from_logits by mode: (the logits' bytes moved, in logits sizes; what that is)
+LOGITS_TRAFFIC = {
+    "fwd": (1, "logits read once"),
+    "full": (3, "logits read twice + gradient written once"),
+}
+# what a provider's step does -> (its rate in the provider's info, unit, decimals)
+RATES = {
+    "bytes_moved": ("GBps", 1e9, 2),
+    "tokens": ("Mtokens_per_s", 1e6, 3),
+    "flops": ("TFLOPs", 1e12, 2),
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -317,19 +322,20 @@ class Runner:
         fn: Callable | None = None,
         *,
         make: Callable | None = None,
-        bytes_moved: int | None = None,
-        tokens: int | None = None,
-        flops: float | None = None,
         host: bool = False,
         peak: bool = True,
         warm: bool = False,
+        **work: float | None,
     ) -> float | None:
         """Warm up, time and measure one provider; a failure is recorded, never raised.
 
         ``make()`` (run inside the guard) returns the step, or ``(step, reset)`` where
         ``reset`` restores an input that the step overwrites (run untimed before each call).
-        ``warm``: the step has run already (no warm-up call).
+        ``warm``: the step has run already (no warm-up call). ``work``: what one step does,
+        by the keys of ``RATES`` (``bytes_moved``, ``tokens``, ``flops``), for its rates.
         """
+        if set(work) - set(RATES):
+            raise TypeError(f"unknown work {sorted(set(work) - set(RATES))}")
         t_start = time.perf_counter()
         reset = None
         failed = False
@@ -360,12 +366,9 @@ class Runner:
         info: dict = {"timing": method, "warmup_s": round(warm_s, 3)}
         if peak_mib is not None:
             info["peak_mib"] = round(peak_mib, 2)
-        if bytes_moved:
-            info["GBps"] = round(bytes_moved / secs / 1e9, 2)
-        if tokens:
-            info["Mtokens_per_s"] = round(tokens / secs / 1e6, 3)
-        if flops:
-            info["TFLOPs"] = round(flops / secs / 1e12, 2)
+        for key, (rate, scale, digits) in RATES.items():
+            if work.get(key):
+                info[rate] = round(work[key] / secs / scale, digits)
         for key, ratio in (
             ("bandwidth_floor_s", "x_bandwidth_floor"),
             ("flop_floor_s", "x_flop_floor"),
@@ -390,6 +393,16 @@ class Runner:
         case.times[name] = seconds
         case.providers[name] = {"computed": True, **info}
         self.log(f"  {name:<24} {seconds * 1e3:10.3f} ms  (computed)")
+
+    def run_plan(self, case: Case, plan: list[Step], **work: float) -> None:
+        """The providers of ``plan`` in order, each measured now or deferred."""
+        for step in plan:
+            if step.needs_cuda and _needs_cuda(self, case, step.name, step.needs_cuda):
+                continue
+            if step.priority is None:
+                self.provider(case, step.name, make=step.make, **work)
+            else:
+                self.defer(case, step.name, step.priority, make=step.make, **work)
 
     def skip(self, case: Case, name: str, reason: str) -> None:
         case.skipped[name] = reason
@@ -509,45 +522,30 @@ class Runner:
 
 def section_fused_correct(r: Runner) -> None:
     op = _op_name("fused_correct")
+    kernels = {
+        op: torch.ops.tapo.fused_correct,
+        "reference": _library.fused_correct_reference_kernel,
+    }
     for i, (B, T, N, D) in enumerate(FUSED_SIZES[r.quick]):
         args = make_batch(B, T, N, D)
         rewrite = 2 * _nbytes(args[0])  # read and write the (B, T) advantages once
         compiled = torch.compile(reference.fused_correct, dynamic=False)  # compiles when run
         floor_s = None
         for scope in ("group", "batch"):
-            case = r.case(
-                f"fused_correct B={B} T={T} N={N} D={D} scope={scope}",
-                "fused_correct",
-                floor="floor",
-                B=B,
-                T=T,
-                N=N,
-                D=D,
-                scope=scope,
-                rewrite_bytes=rewrite,
-            )
+            name = f"fused_correct B={B} T={T} N={N} D={D} scope={scope}"
+            info = dict(B=B, T=T, N=N, D=D, scope=scope, rewrite_bytes=rewrite)
+            case = r.case(name, "fused_correct", "floor", **info)
             knobs = (0.7, 0.3, 0.8, scope == "batch")
             if floor_s is None:
                 floor_s = r.provider(case, "floor", args[0].clone, bytes_moved=rewrite)
             else:  # the floor does not depend on the scope
                 case.times["floor"] = floor_s
                 case.providers["floor"] = {"note": "measured once, in scope=group"}
-            r.provider(
-                case, op, partial(torch.ops.tapo.fused_correct, *args, *knobs), bytes_moved=rewrite
-            )
-            r.provider(
-                case,
-                "reference",
-                partial(_library.fused_correct_reference_kernel, *args, *knobs),
-                bytes_moved=rewrite,
-            )
-            r.defer(
-                case,
-                "reference_compile",
-                40 + 20 * i + (scope == "batch"),
-                fn=partial(compiled, *args, *knobs),
-                bytes_moved=rewrite,
-            )
+            for provider, fn in kernels.items():
+                r.provider(case, provider, partial(fn, *args, *knobs), bytes_moved=rewrite)
+            priority = 40 + 20 * i + (scope == "batch")
+            step = partial(compiled, *args, *knobs)
+            r.defer(case, "reference_compile", priority, fn=step, bytes_moved=rewrite)
             r.target(case, f"{op} / floor", case.ratio(op, "floor"), 2.0, "x")
             r.save()
         del args, compiled
@@ -573,32 +571,19 @@ def section_policy_loss(r: Runner) -> None:
         for mode in ("fwd", "full"):
             k = 0 if mode == "fwd" else 2  # _callables returns (fwd, bwd, full)
             moved = inputs_bytes + (_nbytes(args[0]) if mode == "full" else 0)
-            bw_floor = moved / BANDWIDTH
-            case = r.case(
-                f"policy_loss {mode} B={B} T={T} ({tokens // 1024}k tokens)",
-                "policy_loss",
-                floor="floor",
-                B=B,
-                T=T,
-                mode=mode,
-                tokens=tokens,
-                bytes=moved,
-                bandwidth_floor_s=bw_floor,
-                bandwidth_floor_note="computed: every input read once"
-                + (" + the (B, T) gradient written once" if mode == "full" else "")
-                + " at 4.3 TB/s",
+            name = f"policy_loss {mode} B={B} T={T} ({tokens // 1024}k tokens)"
+            info = dict(
+                B=B, T=T, mode=mode, tokens=tokens, bytes=moved, bandwidth_floor_s=moved / BANDWIDTH
             )
-            r.provider(case, "floor", steps["floor"][k], bytes_moved=moved, tokens=tokens)
-            r.provider(case, op, steps["op"][k], bytes_moved=moved, tokens=tokens)
-            r.provider(case, "reference", steps["reference"][k], bytes_moved=moved, tokens=tokens)
-            r.defer(
-                case,
-                "reference_compile",
-                30 + 20 * i + (mode == "full"),
-                fn=steps["reference_compile"][k],
-                bytes_moved=moved,
-                tokens=tokens,
-            )
+            written = " + the (B, T) gradient written once" if mode == "full" else ""
+            note = f"computed: every input read once{written} at 4.3 TB/s"
+            case = r.case(name, "policy_loss", "floor", **info, bandwidth_floor_note=note)
+            work = dict(bytes_moved=moved, tokens=tokens)
+            for provider, p in (("floor", "floor"), (op, "op"), ("reference", "reference")):
+                r.provider(case, provider, steps[p][k], **work)
+            priority = 30 + 20 * i + (mode == "full")
+            step = steps["reference_compile"][k]
+            r.defer(case, "reference_compile", priority, fn=step, **work)
             if mode == "full":
                 r.target(case, f"{op} full / floor", case.ratio(op, "floor"), 1.5, "x")
             r.save()
@@ -627,12 +612,27 @@ def _blp_step(kind: str, provider: str, inp: dict, backward: bool):
     return partial(step, backward), (step.reset if provider == "op_inplace" else None)
 
 
+def _blp_makers(kind: str, inp: dict, backward: bool) -> Callable[[str], Callable]:
+    """``make(provider)``: the ``Runner.provider`` ``make`` of a ``_blp_step``."""
+    return lambda provider: partial(_blp_step, kind, provider, inp, backward)
+
+
+class Step(NamedTuple):
+    """One provider of ``Runner.run_plan``: measured now, or deferred (it compiles) with
+    ``priority``; ``needs_cuda``: a module skipped off CUDA (``_needs_cuda``)."""
+
+    name: str
+    make: Callable  # as ``Runner.provider``'s: the step, or (step, reset)
+    priority: int | None = None
+    needs_cuda: str | None = None
+
+
 def _liger_logits_step(inp: dict, backward: bool):
     """Liger's ``triton_grpo_loss`` with the arguments of ``_liger_logits_loss``, on logits
     padded to T + 1 rows once here (that helper pads inside, a 2 x 2.5 GB copy per call that
     is not Liger's cost). ``inplace=True`` writes the gradient into the buffer, so full mode
     restores it (untimed) before each call."""
-    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    import liger_kernel.transformers.grpo_loss  # noqa: F401 - a missing Liger fails here
 
     x = inp["logits"]
     padded = torch.cat([x, x[:, -1:]], dim=1)
@@ -640,22 +640,7 @@ def _liger_logits_step(inp: dict, backward: bool):
     def step():
         buf = padded.detach().requires_grad_(backward)
         with torch.set_grad_enabled(backward):
-            out = triton_grpo_loss(
-                buf,
-                inp["old_logp"],
-                None,
-                inp["labels"],
-                inp["advantages"],
-                inp["mask"],
-                temperature=1.0,
-                beta=blp.LIGER_BETA,
-                eps_low=0.2,
-                eps_high=0.28,
-                inplace=True,
-            )
-            per_token = out[0] if isinstance(out, tuple) else out
-            mask = inp["mask"]
-            loss = per_token if per_token.dim() == 0 else (per_token * mask).sum() / mask.sum()
+            loss = blp.liger_padded_loss(buf, inp)
             if backward:
                 return torch.autograd.grad(loss, buf)
         return loss
@@ -705,63 +690,30 @@ def section_logits(r: Runner) -> None:
     dtype = str(inp["logits"].dtype).removeprefix("torch.")
     logits_bytes = _nbytes(inp["logits"])
     tokens = B * T
-    op, op_inplace = (
-        _op_name("policy_loss_from_logits"),
-        _op_name("policy_loss_from_logits", "op_inplace"),
-    )
-    for mode in ("fwd", "full"):
+    op, op_inplace = (_op_name("policy_loss_from_logits", p) for p in ("op", "op_inplace"))
+    for mode, (reads, what) in LOGITS_TRAFFIC.items():
         backward = mode == "full"
-        moved = logits_bytes * (3 if backward else 1)
-        case = r.case(
-            f"policy_loss_from_logits {mode} {B}x{T}x{V} {dtype}",
-            "logits",
-            floor="floor[bw]",
-            B=B,
-            T=T,
-            V=V,
-            dtype=dtype,
-            mode=mode,
-            tokens=tokens,
-            bytes=moved,
-            bandwidth_floor_s=moved / BANDWIDTH,
-        )
-        r.computed(
-            case,
-            "floor[bw]",
-            moved / BANDWIDTH,
-            bytes=moved,
-            note="computed, not measured: "
-            + ("logits read twice + gradient written once" if backward else "logits read once")
-            + " at 4.3 TB/s",
-        )
-        common = dict(bytes_moved=moved, tokens=tokens)
-        r.provider(case, op, make=partial(_blp_step, "logits", "op", inp, backward), **common)
+        moved = logits_bytes * reads
+        floor_s = moved / BANDWIDTH
+        name = f"policy_loss_from_logits {mode} {B}x{T}x{V} {dtype}"
+        info = dict(B=B, T=T, V=V, dtype=dtype, mode=mode, tokens=tokens, bytes=moved)
+        case = r.case(name, "logits", "floor[bw]", **info, bandwidth_floor_s=floor_s)
+        note = f"computed, not measured: {what} at 4.3 TB/s"
+        r.computed(case, "floor[bw]", floor_s, bytes=moved, note=note)
+        make = _blp_makers("logits", inp, backward)
+        plan = [
+            Step(op, make("op")),
+            *([Step(op_inplace, make("op_inplace"))] if backward else []),
+            Step("reference", make("reference")),
+            Step("liger", partial(_liger_logits_step, inp, backward), None, "liger_kernel"),
+            Step("trl", partial(_trl_logits_step, inp, backward)),
+            Step("reference_compile", make("reference_compile"), 10 + backward),
+        ]
+        r.run_plan(case, plan, bytes_moved=moved, tokens=tokens)
         if backward:
-            r.provider(
-                case,
-                op_inplace,
-                make=partial(_blp_step, "logits", "op_inplace", inp, backward),
-                **common,
-            )
-        r.provider(
-            case,
-            "reference",
-            make=partial(_blp_step, "logits", "reference", inp, backward),
-            **common,
-        )
-        if not _needs_cuda(r, case, "liger", "liger_kernel"):
-            r.provider(case, "liger", make=partial(_liger_logits_step, inp, backward), **common)
-        r.provider(case, "trl", make=partial(_trl_logits_step, inp, backward), **common)
-        r.defer(
-            case,
-            "reference_compile",
-            10 + backward,
-            make=partial(_blp_step, "logits", "reference_compile", inp, backward),
-            **common,
-        )
-        if backward:
-            for name in (op, op_inplace):
-                r.target(case, f"{name} full / floor[bw]", case.ratio(name, "floor[bw]"), 1.3, "x")
+            for provider in (op, op_inplace):
+                ratio = case.ratio(provider, "floor[bw]")
+                r.target(case, f"{provider} full / floor[bw]", ratio, 1.3, "x")
         else:
             t = case.times.get(op)
             r.target(case, f"{op} fwd (ms)", None if t is None else t * 1e3, 0.80, " ms")
@@ -792,61 +744,28 @@ def section_hidden(r: Runner) -> None:
     M, tokens = B * T, B * T
     gemm = 2 * M * H * V
     op = _op_name("policy_loss_from_hidden")
-    for mode in ("fwd", "full"):
+    # FLOP floor: fwd = 1 GEMM (the logits); full = 3 GEMMs (logits, d hidden = dlogits @ W,
+    # d weight = dlogits^T @ hidden), the minimum. Recomputing the logits in the backward
+    # (the op, to never hold them) makes 4: flop_floor_recompute_s.
+    for mode, n_gemm, n_recompute in (("fwd", 1, 1), ("full", 3, 4)):
         backward = mode == "full"
-        # FLOP floor: fwd = 1 GEMM (the logits); full = 3 GEMMs (logits, d hidden = dlogits @
-        # W, d weight = dlogits^T @ hidden), the minimum. Recomputing the logits in the
-        # backward (the op, to never hold them) makes 4: flop_floor_recompute_s.
-        n_gemm = 3 if backward else 1
         flops = n_gemm * gemm
-        case = r.case(
-            f"policy_loss_from_hidden {mode} {B}x{T}x{H}x{V} {dtype}",
-            "hidden",
-            floor="floor[flops]",
-            B=B,
-            T=T,
-            H=H,
-            V=V,
-            M=M,
-            dtype=dtype,
-            mode=mode,
-            tokens=tokens,
-            gemm_flop=gemm,
-            flop_floor_s=flops / GEMM_FLOPS,
-            flop_floor_recompute_s=(4 * gemm if backward else gemm) / GEMM_FLOPS,
-        )
-        r.computed(
-            case,
-            "floor[flops]",
-            flops / GEMM_FLOPS,
-            gemms=n_gemm,
-            flop=flops,
-            note=f"computed, not measured: {n_gemm} GEMM(s) of 2*M*H*V FLOP at 790 TFLOP/s",
-        )
-        common = dict(tokens=tokens, flops=flops)
-        r.provider(case, op, make=partial(_blp_step, "hidden", "op", inp, backward), **common)
-        r.provider(
-            case,
-            "reference",
-            make=partial(_blp_step, "hidden", "reference", inp, backward),
-            **common,
-        )
-        if not _needs_cuda(r, case, "liger", "liger_kernel"):
+        floor_s = flops / GEMM_FLOPS
+        name = f"policy_loss_from_hidden {mode} {B}x{T}x{H}x{V} {dtype}"
+        info = dict(B=B, T=T, H=H, V=V, M=M, dtype=dtype, mode=mode, tokens=tokens, gemm_flop=gemm)
+        info.update(flop_floor_s=floor_s, flop_floor_recompute_s=n_recompute * gemm / GEMM_FLOPS)
+        case = r.case(name, "hidden", "floor[flops]", **info)
+        note = f"computed, not measured: {n_gemm} GEMM(s) of 2*M*H*V FLOP at 790 TFLOP/s"
+        r.computed(case, "floor[flops]", floor_s, gemms=n_gemm, flop=flops, note=note)
+        make = _blp_makers("hidden", inp, backward)
+        plan = [
+            Step(op, make("op")),
+            Step("reference", make("reference")),
             # LigerFusedLinearGRPOLoss torch.compiles its chunk function (compiled=True)
-            r.defer(
-                case,
-                "liger",
-                6 - backward,
-                make=partial(_blp_step, "hidden", "liger", inp, backward),
-                **common,
-            )
-        r.defer(
-            case,
-            "reference_compile",
-            20 + backward,
-            make=partial(_blp_step, "hidden", "reference_compile", inp, backward),
-            **common,
-        )
+            Step("liger", make("liger"), 6 - backward, "liger_kernel"),
+            Step("reference_compile", make("reference_compile"), 20 + backward),
+        ]
+        r.run_plan(case, plan, tokens=tokens, flops=flops)
         if backward:
             t = case.times.get(op)
             ms = None if t is None else t * 1e3
@@ -911,9 +830,7 @@ def _fully_shard(model) -> None:
 def _build_policy(cfg: dict, fsdp: bool):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        **cfg, tie_word_embeddings=True, use_cache=False, attn_implementation="sdpa"
-    )
+    config = Qwen2Config(**cfg, **POLICY_CONFIG, use_cache=False)
     with torch.device(DEVICE):
         model = Qwen2ForCausalLM(config)
     model.to(torch.bfloat16 if CUDA else torch.float32).train()
@@ -939,13 +856,11 @@ def _make_update(model, opt, captured, batch: dict, micro: int) -> Callable[[], 
             sl = slice(lo, lo + micro)
             model(input_ids=batch["ids"][sl], logits_to_keep=1)
             hidden = captured.pop("h")
+            rows = (batch[k][sl] for k in ("labels", "old_logp", "advantages", "mask"))
             out = tapo_kernels.policy_loss_from_hidden(
                 hidden,
                 model.lm_head.weight,
-                batch["labels"][sl],
-                batch["old_logp"][sl],
-                batch["advantages"][sl],
-                batch["mask"][sl],
+                *rows,
                 call_map=batch["call_map"][sl],
                 call_delta=batch["call_delta"],
                 global_count=total,
@@ -966,25 +881,13 @@ def section_overhead(r: Runner) -> None:
         if not r.quick
         else f"TAPO overhead in a tiny Qwen2 policy update ({B}x{T} tokens)"
     )
-    case = r.case(
-        name,
-        "overhead",
-        B=B,
-        T=T,
-        micro_batch_rows=micro,
-        calls=N,
-        D=D,
-        model=dict(
-            cfg,
-            tie_word_embeddings=True,
-            attn_implementation="sdpa",
-            dtype="bfloat16" if CUDA else "float32",
-        ),
-        optimizer="AdamW(fused=True)",
-        train_step_note="the policy update only (forward, loss, backward, optimizer "
-        "step); rollout generation is excluded, which can only lower "
-        "TAPO's share",
+    model_info = dict(cfg, **POLICY_CONFIG, dtype="bfloat16" if CUDA else "float32")
+    info = dict(B=B, T=T, micro_batch_rows=micro, calls=N, D=D, model=model_info)
+    note = (
+        "the policy update only (forward, loss, backward, optimizer step); rollout generation "
+        "is excluded, which can only lower TAPO's share"
     )
+    case = r.case(name, "overhead", **info, optimizer="AdamW(fused=True)", train_step_note=note)
     queries, results = _call_texts(B, CALLS_PER_ROW)
     # (advantages, seq_adv, group_ids, call_seq, start, end, tool, key, params, kinds):
     # exactly 4 calls per trajectory, groups of 8; the parameters are the encoded queries

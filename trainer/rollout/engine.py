@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -366,16 +367,7 @@ class RolloutEngine:
             attention[i, L - len(ctx) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1]
+        logits, cache = self._forward(input_ids, attention, position_ids, DynamicCache())
         next_pos = position_ids[:, -1:] + 1
         outputs = [TurnOutput([], [], "") for _ in range(B)]
         finished = [b <= 0 for b in budgets]
@@ -414,16 +406,20 @@ class RolloutEngine:
             attention = torch.cat(
                 [attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], dim=1
             )
-            out = self.model(
-                input_ids=feed,
-                attention_mask=attention,
-                position_ids=next_pos,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1]
+            logits, cache = self._forward(feed, attention, next_pos, cache)
             next_pos = next_pos + 1
         return outputs
+
+    def _forward(
+        self, input_ids: Tensor, attention: Tensor, positions: Tensor, cache: Any
+    ) -> tuple[Tensor, Any]:
+        """One forward after the tokens in the KV ``cache``: the next-token logits ``[B, V]``
+        (only the last position goes through the LM head) and the cache."""
+        cached = dict(past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, **cached
+        )
+        return out.logits[:, -1], out.past_key_values
 
 
 def token_logprobs(
