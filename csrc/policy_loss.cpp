@@ -45,6 +45,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -60,8 +61,59 @@ enum class KlType { kK1, kK2, kK3 };
 enum class Agg { kTokenMean, kSeqMeanTokenMean, kSeqMeanTokenSum, kSeqMeanTokenSumNorm };
 
 // ---------------------------------------------------------------------------------------------
-// validation (tapo_kernels/_checks.py::check_policy_loss, same order and messages)
+// the arguments of a call, and their validation (tapo_kernels/_checks.py::check_policy_loss,
+// same messages)
 // ---------------------------------------------------------------------------------------------
+
+// The arguments of one call of tapo::policy_loss, tapo::policy_loss_backward or
+// tapo::policy_loss_with_grad: the top schema().arguments().size() entries of the boxed stack,
+// read by name through the op's schema (tapo_kernels/_library.py generates the schemas from
+// tapo_kernels/knobs.py). The kernels never list the knobs positionally: each knob the C++
+// uses is read by name once, where check_policy_loss_args fills LossOptions, and a schema
+// argument nobody reads is ignored. The references point into the stack (valid until the
+// arguments are dropped).
+class LossArgs {
+ public:
+  LossArgs(const c10::OperatorHandle& op, const torch::jit::Stack& stack)
+      : schema_(op.schema()), args_(torch::jit::last(stack, schema_.arguments().size())) {}
+
+  size_t size() const { return args_.size(); }
+
+  // A scan of the schema (FunctionSchema::argumentIndexWithName, with the length and the first
+  // character compared before the rest: the names of one length mostly differ there).
+  const c10::IValue& operator[](std::string_view name) const {
+    const std::vector<c10::Argument>& arguments = schema_.arguments();
+    for (size_t i = 0; i < arguments.size(); ++i) {
+      const std::string& candidate = arguments[i].name();
+      if (candidate.size() == name.size() && candidate[0] == name[0] && candidate == name) {
+        return args_[i];
+      }
+    }
+    TORCH_INTERNAL_ASSERT(false, schema_.name(), " has no argument ", name);
+  }
+  const at::Tensor& tensor(std::string_view name) const { return (*this)[name].toTensor(); }
+  // An optional tensor: nullptr when None.
+  const at::Tensor* optional_tensor(std::string_view name) const {
+    const c10::IValue& v = (*this)[name];
+    return v.isNone() ? nullptr : &v.toTensor();
+  }
+  double number(std::string_view name) const { return (*this)[name].toDouble(); }
+  std::optional<double> optional_number(std::string_view name) const {
+    const c10::IValue& v = (*this)[name];
+    return v.isNone() ? std::nullopt : std::optional<double>(v.toDouble());
+  }
+
+  // Replaces the arguments on the stack by the op's results (a tensor or a tuple of them).
+  template <typename Results>
+  void return_on(torch::jit::Stack* stack, Results&& results) const {
+    torch::jit::drop(*stack, args_.size());
+    torch::jit::pack(*stack, std::forward<Results>(results));
+  }
+
+ private:
+  const c10::FunctionSchema& schema_;
+  at::ArrayRef<c10::IValue> args_;
+};
 
 struct LossOptions {
   Algo algo;
@@ -71,29 +123,40 @@ struct LossOptions {
   std::optional<double> norm_const, global_count;
 };
 
+// A string knob: its value among `choices`, else ValueError "unknown <name> '<value>'; expected
+// one of (...)".
 template <typename Enum, size_t K>
-Enum parse_choice(const char* what, c10::string_view value,
+Enum parse_choice(const LossArgs& args, std::string_view name,
                   const std::pair<const char*, Enum> (&choices)[K]) {
-  for (const auto& [name, e] : choices) {
-    if (value == name) return e;
+  const std::string_view value = args[name].toStringView();
+  for (const auto& [choice, e] : choices) {
+    if (value == choice) return e;
   }
   std::string expected = "(";
   for (size_t i = 0; i < K; ++i) {
     expected += (i ? ", '" : "'") + std::string(choices[i].first) + "'";
   }
   expected += ")";
-  TORCH_CHECK_VALUE(false, "unknown ", what, " ", py_str_repr(value), "; expected one of ",
+  TORCH_CHECK_VALUE(false, "unknown ", name, " ", py_str_repr(value), "; expected one of ",
                     expected);
   return choices[0].second;  // not reached
 }
 
-LossOptions check_policy_loss_args(
-    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
-    const std::optional<at::Tensor>& call_map, const std::optional<at::Tensor>& call_delta,
-    c10::string_view algo, double eps_low, double eps_high, double dual_clip_c, double tau_pos,
-    double tau_neg, double kl_coef, c10::string_view kl_type, c10::string_view agg,
-    std::optional<double> norm_const, std::optional<double> global_count) {
+// A number knob: its value if ok(value), else ValueError "<name> must be <phrase>, got <value>"
+// (a Range of knobs.py).
+template <typename Ok>
+double number_knob(const LossArgs& args, std::string_view name, Ok ok, const char* phrase) {
+  const double v = args.number(name);
+  TORCH_CHECK_VALUE(ok(v), name, " must be ", phrase, ", got ", v);
+  return v;
+}
+
+bool at_least_0(double v) { return finite32(v) && v >= 0.0; }
+bool above_0(double v) { return finite32(v) && v > 0.0; }
+
+// Checks the arguments of a call and reads the knobs into LossOptions: the only place that
+// reads a knob. Order: the string knobs, the tensors, the number knobs.
+LossOptions check_policy_loss_args(const LossArgs& args) {
   static const std::pair<const char*, Algo> kAlgos[] = {
       {"grpo", Algo::kGrpo}, {"gspo", Algo::kGspo}, {"sapo", Algo::kSapo}};
   static const std::pair<const char*, Agg> kAggs[] = {
@@ -104,13 +167,17 @@ LossOptions check_policy_loss_args(
   static const std::pair<const char*, KlType> kKlTypes[] = {
       {"k1", KlType::kK1}, {"k2", KlType::kK2}, {"k3", KlType::kK3}};
   LossOptions opt;
-  opt.algo = parse_choice("algo", algo, kAlgos);
-  opt.agg = parse_choice("agg", agg, kAggs);
-  opt.kl_type = parse_choice("kl_type", kl_type, kKlTypes);
+  opt.algo = parse_choice(args, "algo", kAlgos);
+  opt.agg = parse_choice(args, "agg", kAggs);
+  opt.kl_type = parse_choice(args, "kl_type", kKlTypes);
 
-  const at::Tensor* ref = ref_logp.has_value() ? &*ref_logp : nullptr;
-  const at::Tensor* map = call_map.has_value() ? &*call_map : nullptr;
-  const at::Tensor* dlt = call_delta.has_value() ? &*call_delta : nullptr;
+  const at::Tensor& logp = args.tensor("logp");
+  const at::Tensor& old_logp = args.tensor("old_logp");
+  const at::Tensor& advantages = args.tensor("advantages");
+  const at::Tensor& mask = args.tensor("mask");
+  const at::Tensor* ref = args.optional_tensor("ref_logp");
+  const at::Tensor* map = args.optional_tensor("call_map");
+  const at::Tensor* dlt = args.optional_tensor("call_delta");
   check_same_device({{"logp", &logp},
                      {"old_logp", &old_logp},
                      {"advantages", &advantages},
@@ -146,40 +213,27 @@ LossOptions check_policy_loss_args(
                       shape_repr(dlt->sizes()));
     check_dtype("call_delta", *dlt, {dtype});
   }
-  for (const auto& [name, v] :
-       {std::make_pair("eps_low", eps_low), std::make_pair("eps_high", eps_high)}) {
-    TORCH_CHECK_VALUE(finite32(v) && v >= 0.0, name, " must be finite and >= 0, got ", v);
-  }
-  TORCH_CHECK_VALUE(eps_low < 1.0,
+
+  opt.eps_low = number_knob(args, "eps_low", at_least_0, "finite and >= 0");
+  opt.eps_high = number_knob(args, "eps_high", at_least_0, "finite and >= 0");
+  TORCH_CHECK_VALUE(opt.eps_low < 1.0,
                     "eps_low must be < 1 (the ratio floor 1 - eps_low must stay positive), got ",
-                    eps_low);
-  TORCH_CHECK_VALUE(finite32(dual_clip_c) && (dual_clip_c == 0.0 || dual_clip_c > 1.0),
-                    "dual_clip_c must be 0 (off) or > 1, got ", dual_clip_c);
-  for (const auto& [name, v] :
-       {std::make_pair("tau_pos", tau_pos), std::make_pair("tau_neg", tau_neg)}) {
-    TORCH_CHECK_VALUE(finite32(v) && v > 0.0, name, " must be finite and > 0, got ", v);
+                    opt.eps_low);
+  opt.dual_clip_c = number_knob(
+      args, "dual_clip_c", [](double v) { return finite32(v) && (v == 0.0 || v > 1.0); },
+      "0 (off) or > 1");
+  opt.tau_pos = number_knob(args, "tau_pos", above_0, "finite and > 0");
+  opt.tau_neg = number_knob(args, "tau_neg", above_0, "finite and > 0");
+  opt.kl_coef = number_knob(args, "kl_coef", finite32, "finite");
+  TORCH_CHECK_VALUE(!(opt.kl_coef != 0.0 && ref == nullptr), "kl_coef != 0 needs ref_logp");
+  for (auto [name, v] : {std::make_pair("norm_const", &opt.norm_const),
+                         std::make_pair("global_count", &opt.global_count)}) {
+    *v = args.optional_number(name);
+    TORCH_CHECK_VALUE(!v->has_value() || above_0(**v), name, " must be finite and > 0, got ",
+                      v->value_or(0.0));
   }
-  TORCH_CHECK_VALUE(finite32(kl_coef), "kl_coef must be finite, got ", kl_coef);
-  TORCH_CHECK_VALUE(!(kl_coef != 0.0 && ref == nullptr), "kl_coef != 0 needs ref_logp");
-  if (norm_const.has_value()) {
-    TORCH_CHECK_VALUE(finite32(*norm_const) && *norm_const > 0,
-                      "norm_const must be finite and > 0, got ", *norm_const);
-  }
-  if (global_count.has_value()) {
-    TORCH_CHECK_VALUE(finite32(*global_count) && *global_count > 0,
-                      "global_count must be finite and > 0, got ", *global_count);
-  }
-  opt.eps_low = eps_low;
-  opt.eps_high = eps_high;
-  opt.dual_clip_c = dual_clip_c;
-  opt.tau_pos = tau_pos;
-  opt.tau_neg = tau_neg;
-  opt.kl_coef = kl_coef;
-  opt.norm_const = norm_const;
-  opt.global_count = global_count;
   return opt;
 }
-
 // ---------------------------------------------------------------------------------------------
 // per-token math, shared by the forward and the backward
 // ---------------------------------------------------------------------------------------------
@@ -741,15 +795,16 @@ struct LossBatch {
   const int32_t* map = nullptr;
   const scalar_t* delta = nullptr;
 
-  LossBatch(const at::Tensor& logp_in, const at::Tensor& old_in, const at::Tensor& adv_in,
-            const at::Tensor& mask_in, const std::optional<at::Tensor>& ref_in,
-            const std::optional<at::Tensor>& map_in, const std::optional<at::Tensor>& delta_in) {
+  explicit LossBatch(const LossArgs& args) {
+    const at::Tensor* ref_in = args.optional_tensor("ref_logp");
+    const at::Tensor* map_in = args.optional_tensor("call_map");
+    const at::Tensor& logp_in = args.tensor("logp");
     B = logp_in.size(0);
     T = logp_in.size(1);
     logp_t = logp_in.contiguous();
-    old_t = old_in.contiguous();
-    adv_t = adv_in.contiguous();
-    mask_t = mask_in.contiguous();
+    old_t = args.tensor("old_logp").contiguous();
+    adv_t = args.tensor("advantages").contiguous();
+    mask_t = args.tensor("mask").contiguous();
     logp = logp_t.data_ptr<scalar_t>();
     old = old_t.data_ptr<scalar_t>();
     adv = adv_t.data_ptr<scalar_t>();
@@ -759,13 +814,13 @@ struct LossBatch {
     } else {
       mask_f = mask_t.data_ptr<scalar_t>();
     }
-    if (ref_in.has_value()) {
+    if (ref_in != nullptr) {
       ref_t = ref_in->contiguous();
       ref = ref_t.data_ptr<scalar_t>();
     }
-    if (map_in.has_value()) {
+    if (map_in != nullptr) {
       map_t = map_in->contiguous();
-      delta_t = delta_in->contiguous();
+      delta_t = args.tensor("call_delta").contiguous();
       map = map_t.data_ptr<int32_t>();
       delta = delta_t.data_ptr<scalar_t>();
       N = delta_t.numel();
@@ -949,30 +1004,43 @@ struct AggWeights {
   }
 };
 
+// The setup of a token pass that writes d loss / d logp: the aggregation weights (pass 1, over
+// the row mask counts), the knobs in the kernel's dtype, the row kernels of the variant and the
+// gradient, a new (B, T) tensor.
+template <typename scalar_t>
+struct GradPass {
+  AggWeights row_weight;
+  Consts<scalar_t> consts;
+  RowKernels<scalar_t> kernels;
+  at::Tensor grad;
+  scalar_t* g;
+
+  GradPass(const LossBatch<scalar_t>& batch, const LossOptions& opt)
+      : row_weight(batch, opt),
+        consts(make_consts<scalar_t>(opt)),
+        kernels(row_kernels<scalar_t>(opt, batch.ref != nullptr)),
+        grad(at::empty({batch.B, batch.T}, batch.logp_t.options())),
+        g(grad.data_ptr<scalar_t>()) {}
+};
+
 template <typename scalar_t>
 at::Tensor policy_loss_backward_impl(const LossBatch<scalar_t>& batch, const LossOptions& opt,
                                      double grad_loss) {
   const int64_t B = batch.B, T = batch.T;
-  // pass 1: mask count per row, for the aggregation weights
-  const AggWeights row_weight(batch, opt);
-
+  const GradPass<scalar_t> p(batch, opt);
   // pass 2: the token gradients
-  const Consts<scalar_t> consts = make_consts<scalar_t>(opt);
-  const BackwardRowFn<scalar_t> backward_row =
-      row_kernels<scalar_t>(opt, batch.ref != nullptr).backward;
-  at::Tensor grad = at::empty({B, T}, batch.logp_t.options());
-  scalar_t* g = grad.data_ptr<scalar_t>();
+  const BackwardRowFn<scalar_t> backward_row = p.kernels.backward;
   std::atomic<uint32_t> flags{0};
   at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
     uint32_t bad = 0;
     for (int64_t i = lo; i < hi; ++i) {
-      bad |= backward_row(batch.row(i), consts, static_cast<scalar_t>(grad_loss * row_weight(i)),
-                          g + i * T);
+      bad |= backward_row(batch.row(i), p.consts,
+                          static_cast<scalar_t>(grad_loss * p.row_weight(i)), p.g + i * T);
     }
     flags.fetch_or(bad, std::memory_order_relaxed);
   });
   check_values(batch, flags.load());
-  return grad;
+  return p.grad;
 }
 
 // Loss, metrics and d loss / d logp (for d loss = 1): the mask-count pass for the aggregation
@@ -983,78 +1051,55 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_with_grad_impl(
     const LossBatch<scalar_t>& batch, const LossOptions& opt) {
   const int64_t B = batch.B, T = batch.T;
-  const AggWeights row_weight(batch, opt);
-  const Consts<scalar_t> consts = make_consts<scalar_t>(opt);
-  const ForwardGradRowFn<scalar_t> forward_grad_row =
-      row_kernels<scalar_t>(opt, batch.ref != nullptr).forward_grad;
-  at::Tensor grad = at::empty({B, T}, batch.logp_t.options());
-  scalar_t* g = grad.data_ptr<scalar_t>();
+  const GradPass<scalar_t> p(batch, opt);
+  const ForwardGradRowFn<scalar_t> forward_grad_row = p.kernels.forward_grad;
   std::vector<RowStats> rows(B);
   at::parallel_for(0, B, row_grain(T), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      rows[i] =
-          forward_grad_row(batch.row(i), consts, static_cast<scalar_t>(row_weight(i)), g + i * T);
+      rows[i] = forward_grad_row(batch.row(i), p.consts, static_cast<scalar_t>(p.row_weight(i)),
+                                 p.g + i * T);
     }
   });
   auto [loss, metrics] = finish_forward(batch, opt, rows);
-  return {loss, metrics, grad};
+  return {loss, metrics, p.grad};
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------------------------
+// the CPU kernels of the ops (boxed: they read their arguments by name, LossArgs)
+// ---------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> policy_loss_cpu(
-    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
-    const std::optional<at::Tensor>& call_map, const std::optional<at::Tensor>& call_delta,
-    c10::string_view algo, double eps_low, double eps_high, double dual_clip_c, double tau_pos,
-    double tau_neg, double kl_coef, c10::string_view kl_type, c10::string_view agg,
-    std::optional<double> norm_const, std::optional<double> global_count) {
-  const LossOptions opt = check_policy_loss_args(
-      logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low, eps_high,
-      dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
-  return AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "tapo_policy_loss", [&] {
-    const LossBatch<scalar_t> batch(logp, old_logp, advantages, mask, ref_logp, call_map,
-                                    call_delta);
-    return policy_loss_impl<scalar_t>(batch, opt);
+// Runs kernel(batch, args, opt) in the dtype of logp on the arguments of a call on the stack
+// and replaces them by its results.
+template <typename Kernel>
+void run_loss_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack, Kernel kernel) {
+  const LossArgs args(op, *stack);
+  const LossOptions opt = check_policy_loss_args(args);
+  args.return_on(
+      stack, AT_DISPATCH_FLOATING_TYPES(args.tensor("logp").scalar_type(), "tapo_policy_loss", [&] {
+        return kernel(LossBatch<scalar_t>(args), args, opt);
+      }));
+}
+
+void policy_loss_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  run_loss_kernel(op, stack, [](const auto& batch, const LossArgs&, const LossOptions& opt) {
+    return policy_loss_impl(batch, opt);
   });
 }
 
 // The structure is re-checked here, and the values with the same flags as the forward (a
 // direct call of the backward gets the same errors).
-at::Tensor policy_loss_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& logp, const at::Tensor& old_logp,
-    const at::Tensor& advantages, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
-    const std::optional<at::Tensor>& call_map, const std::optional<at::Tensor>& call_delta,
-    c10::string_view algo, double eps_low, double eps_high, double dual_clip_c, double tau_pos,
-    double tau_neg, double kl_coef, c10::string_view kl_type, c10::string_view agg,
-    std::optional<double> norm_const, std::optional<double> global_count) {
-  const LossOptions opt = check_policy_loss_args(
-      logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low, eps_high,
-      dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must have one element, got shape ",
-                    shape_repr(grad_loss.sizes()));
-  const double g = grad_loss.item<double>();
-  return AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "tapo_policy_loss_backward", [&] {
-    const LossBatch<scalar_t> batch(logp, old_logp, advantages, mask, ref_logp, call_map,
-                                    call_delta);
-    return policy_loss_backward_impl<scalar_t>(batch, opt, g);
+void policy_loss_backward_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  run_loss_kernel(op, stack, [](const auto& batch, const LossArgs& args, const LossOptions& opt) {
+    const at::Tensor& grad_loss = args.tensor("grad_loss");
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must have one element, got shape ",
+                      shape_repr(grad_loss.sizes()));
+    return policy_loss_backward_impl(batch, opt, grad_loss.item<double>());
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_with_grad_cpu(
-    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
-    const std::optional<at::Tensor>& call_map, const std::optional<at::Tensor>& call_delta,
-    c10::string_view algo, double eps_low, double eps_high, double dual_clip_c, double tau_pos,
-    double tau_neg, double kl_coef, c10::string_view kl_type, c10::string_view agg,
-    std::optional<double> norm_const, std::optional<double> global_count) {
-  const LossOptions opt = check_policy_loss_args(
-      logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low, eps_high,
-      dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
-  return AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "tapo_policy_loss_with_grad", [&] {
-    const LossBatch<scalar_t> batch(logp, old_logp, advantages, mask, ref_logp, call_map,
-                                    call_delta);
-    return policy_loss_with_grad_impl<scalar_t>(batch, opt);
+void policy_loss_with_grad_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  run_loss_kernel(op, stack, [](const auto& batch, const LossArgs&, const LossOptions& opt) {
+    return policy_loss_with_grad_impl(batch, opt);
   });
 }
 
@@ -1067,58 +1112,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_with_grad_cpu(
 // a gradient the forward runs tapo::policy_loss_with_grad (value and gradient in one token
 // pass) and saves only d loss / d logp; the backward scales it by the incoming gradient.
 // Otherwise the op runs below autograd as tapo::policy_loss. Both calls go through the
-// dispatcher, so tracing (FakeTensor, torch.compile) records the ops, not this kernel.
+// dispatcher, so tracing (FakeTensor, torch.compile) records the ops, not this kernel. The
+// kernel is boxed: it passes the arguments on as they are (tapo::policy_loss_with_grad takes
+// the same ones), reading only logp.
 
-namespace {
-
-using LossSig = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, c10::string_view, double, double, double, double, double,
-    double, c10::string_view, c10::string_view, std::optional<double>, std::optional<double>);
-using LossWithGradSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, c10::string_view, double, double, double, double, double,
-    double, c10::string_view, c10::string_view, std::optional<double>, std::optional<double>);
-
-const c10::TypedOperatorHandle<LossSig>& policy_loss_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("tapo::policy_loss", "").typed<LossSig>();
+const c10::OperatorHandle& policy_loss_with_grad_op() {
+  static const c10::OperatorHandle op = [] {
+    auto& dispatcher = c10::Dispatcher::singleton();
+    c10::OperatorHandle with_grad = dispatcher.findSchemaOrThrow("tapo::policy_loss_with_grad", "");
+    TORCH_INTERNAL_ASSERT(
+        with_grad.schema().arguments() ==
+            dispatcher.findSchemaOrThrow("tapo::policy_loss", "").schema().arguments(),
+        "tapo::policy_loss_with_grad must take the arguments of tapo::policy_loss");
+    return with_grad;
+  }();
   return op;
 }
 
-const c10::TypedOperatorHandle<LossWithGradSig>& policy_loss_with_grad_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("tapo::policy_loss_with_grad", "")
-                             .typed<LossWithGradSig>();
-  return op;
-}
-
-constexpr size_t kLossInputs = 18;  // arguments of tapo::policy_loss
-
+// forward(logp, args): args are all the arguments of tapo::policy_loss (logp among them), a
+// non-variable argument to autograd, so logp is the only input of the graph.
 class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> {
  public:
-  static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx, const at::Tensor& logp, const at::Tensor& old_logp,
-      const at::Tensor& advantages, const at::Tensor& mask,
-      const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& call_map,
-      const std::optional<at::Tensor>& call_delta, c10::string_view algo, double eps_low,
-      double eps_high, double dual_clip_c, double tau_pos, double tau_neg, double kl_coef,
-      c10::string_view kl_type, c10::string_view agg, std::optional<double> norm_const,
-      std::optional<double> global_count) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, metrics, grad_logp] = policy_loss_with_grad_op().call(
-        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low, eps_high,
-        dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
-    ctx->save_for_backward({grad_logp});
-    ctx->mark_non_differentiable({metrics});
-    return {loss, metrics};
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& /*logp*/,
+                                                torch::jit::Stack args) {
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      policy_loss_with_grad_op().callBoxed(&args);
+    }
+    // args: loss, metrics, d loss / d logp
+    ctx->save_for_backward({args[2].toTensor()});
+    ctx->mark_non_differentiable({args[1].toTensor()});
+    return {args[0].toTensor(), args[1].toTensor()};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    torch::autograd::variable_list grads(kLossInputs);
+    torch::autograd::variable_list grads(2);  // logp, args (none)
     const at::Tensor& grad_loss = grad_outputs[0];
     if (grad_loss.defined() && ctx->needs_input_grad(0)) {
       grads[0] = grad_loss * ctx->get_saved_variables()[0];
@@ -1127,33 +1157,32 @@ class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> 
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> policy_loss_autograd_cpu(
-    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
-    const std::optional<at::Tensor>& call_map, const std::optional<at::Tensor>& call_delta,
-    c10::string_view algo, double eps_low, double eps_high, double dual_clip_c, double tau_pos,
-    double tau_neg, double kl_coef, c10::string_view kl_type, c10::string_view agg,
-    std::optional<double> norm_const, std::optional<double> global_count) {
+void policy_loss_autograd_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const LossArgs args(op, *stack);
+  const at::Tensor logp = args.tensor("logp");
   if (at::GradMode::is_enabled() && logp.requires_grad()) {
-    torch::autograd::variable_list out = PolicyLossFunction::apply(
-        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, algo, eps_low, eps_high,
-        dual_clip_c, tau_pos, tau_neg, kl_coef, kl_type, agg, norm_const, global_count);
-    return {out[0], out[1]};
+    torch::jit::Stack inputs(std::make_move_iterator(stack->end() - args.size()),
+                             std::make_move_iterator(stack->end()));
+    torch::autograd::variable_list out = PolicyLossFunction::apply(logp, std::move(inputs));
+    args.return_on(stack, std::make_tuple(std::move(out[0]), std::move(out[1])));
+    return;
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return policy_loss_op().call(logp, old_logp, advantages, mask, ref_logp, call_map, call_delta,
-                               algo, eps_low, eps_high, dual_clip_c, tau_pos, tau_neg, kl_coef,
-                               kl_type, agg, norm_const, global_count);
+  op.callBoxed(stack);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tapo, CPU, m) {
-  m.impl("policy_loss", &policy_loss_cpu);
-  m.impl("policy_loss_backward", &policy_loss_backward_cpu);
-  m.impl("policy_loss_with_grad", &policy_loss_with_grad_cpu);
+  m.impl("policy_loss", torch::CppFunction::makeFromBoxedFunction<&policy_loss_cpu>());
+  m.impl("policy_loss_backward",
+         torch::CppFunction::makeFromBoxedFunction<&policy_loss_backward_cpu>());
+  m.impl("policy_loss_with_grad",
+         torch::CppFunction::makeFromBoxedFunction<&policy_loss_with_grad_cpu>());
 }
 
-TORCH_LIBRARY_IMPL(tapo, AutogradCPU, m) { m.impl("policy_loss", &policy_loss_autograd_cpu); }
+TORCH_LIBRARY_IMPL(tapo, AutogradCPU, m) {
+  m.impl("policy_loss", torch::CppFunction::makeFromBoxedFunction<&policy_loss_autograd_cpu>());
+}
 
 }  // namespace tapo
