@@ -98,16 +98,6 @@ def loss_knobs(bound: dict[str, Any]) -> dict[str, Any]:
     return {n: bound[n] for n in _knobs.NAMES}
 
 
-def positions(op: str, *wanted: str) -> tuple[int, ...]:
-    """The schema positions of the arguments ``wanted`` of ``tapo::<op>``."""
-    order = names(op)
-    return tuple(order.index(n) for n in wanted)
-
-
-def check_tensors(op: str, named: dict[str, Any]) -> None:
-    """``TypeError`` naming the argument unless every tensor argument of ``tapo::<op>`` among
-    ``named`` (e.g. a front door's ``locals()``) is a ``Tensor``, or ``None`` where optional."""
-    for name, optional in _signature(op).tensors:
-        value = named.get(name)
-        if not isinstance(value, torch.Tensor) and not (optional and value is None):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+def tensor_arguments(op: str) -> tuple[tuple[str, bool], ...]:
+    """``(name, optional)`` of every tensor argument of ``tapo::<op>``, in schema order."""
+    return _signature(op).tensors

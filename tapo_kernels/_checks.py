@@ -215,6 +215,16 @@ def tensors(**named: object) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
+def op_tensors(op: str, named: dict[str, object]) -> None:
+    """``tensors`` for the tensor arguments of ``tapo::<op>`` among ``named`` (e.g. a front
+    door's ``locals()``, names as in the schema); a required one may not be ``None``."""
+    for name, optional in _args.tensor_arguments(op):
+        value = named.get(name)
+        if value is None and not optional:
+            raise TypeError(f"{name} must be a torch.Tensor, got NoneType")
+        tensors(**{name: value})
+
+
 def check_policy_loss(
     logp: Tensor | None,
     loss_tensors: tuple[Tensor | None, ...],
@@ -316,21 +326,6 @@ def _check_labels(
         )
 
 
-def _check_loss_arguments(
-    B: int, T: int, call: dict[str, object], check_values: bool, flags: Flags
-) -> None:
-    """``check_policy_loss`` on the loss arguments of a front-end call (``call``: its bound
-    arguments), for float32 ``(B, T)`` log-probabilities that are computed later."""
-    check_policy_loss(
-        None,
-        _args.loss_tensors(call),
-        _args.loss_knobs(call),
-        check_values=check_values,
-        logp_shape=(B, T),
-        flags=flags,
-    )
-
-
 def _check_chunk_size(chunk_size: int | None) -> None:
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for automatic), got {chunk_size}")
@@ -389,7 +384,10 @@ def _check_front_values(
     """The loss arguments and the labels of a front-end call; their value checks with one
     host sync."""
     flags = Flags()
-    _check_loss_arguments(B, T, call, check_values, flags)
+    loss_tensors, knobs = _args.loss_tensors(call), _args.loss_knobs(call)
+    check_policy_loss(
+        None, loss_tensors, knobs, check_values=check_values, logp_shape=(B, T), flags=flags
+    )
     _check_labels(call["labels"], call["mask"], B, T, V, check_values, flags)
     flags.raise_first()
 

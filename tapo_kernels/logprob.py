@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _args, _checks, _library  # noqa: F401  (_library registers the ops)
+from . import _checks, _library  # noqa: F401  (_library registers the ops)
 from . import knobs as _knobs
 from .loss import PolicyLossOutput
 
@@ -82,7 +82,7 @@ def policy_loss_from_logits(
         ``logp`` (fp32, detached) and ``entropy`` (fp32, detached, empty when not asked).
     """
     merged = _knobs.resolve(preset, knobs)
-    _args.check_tensors("policy_loss_from_logits", locals())
+    _checks.op_tensors("policy_loss_from_logits", locals())
     _checks.number("temperature", temperature)
     loss_tensors = _as_fp32(old_logp, advantages, mask, ref_logp, call_map, call_delta)
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_logits(
@@ -122,7 +122,7 @@ def policy_loss_from_hidden(
         labels ... **knobs: as ``policy_loss_from_logits``.
     """
     merged = _knobs.resolve(preset, knobs)
-    _args.check_tensors("policy_loss_from_hidden", locals())
+    _checks.op_tensors("policy_loss_from_hidden", locals())
     _checks.number("temperature", temperature)
     loss_tensors = _as_fp32(old_logp, advantages, mask, ref_logp, call_map, call_delta)
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_hidden(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _args, _library  # noqa: F401  (_library registers the ops)
+from . import _checks, _library  # noqa: F401  (_library registers the ops)
 from . import knobs as _knobs
 from .knobs import PRESETS  # noqa: F401  (public: tapo_kernels.PRESETS)
 from .reference import METRIC_NAMES
@@ -57,7 +57,7 @@ def policy_loss(
             the preset.
     """
     merged = _knobs.resolve(preset, knobs)
-    _args.check_tensors("policy_loss", locals())
+    _checks.op_tensors("policy_loss", locals())
     loss, metrics = torch.ops.tapo.policy_loss(
         logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, **merged
     )

@@ -1004,3 +1004,37 @@ def test_triton_inplace_backward_equals_new_tensor_over_many_rows(layout, dtype)
     assert torch.equal(logits, expected)
     if layout == "sliced":  # the column past the slice is untouched
         assert torch.equal(full[:, -1], before[:, -1])
+
+
+@pytest.mark.parametrize(
+    "front, name",
+    [("logits", "logits"), ("logits", "labels"), ("logits", "ref_logp")]
+    + [("hidden", "hidden"), ("hidden", "weight"), ("hidden", "bias"), ("hidden", "old_logp")],
+)
+def test_front_doors_name_a_non_tensor_argument(front, name):
+    B, T, V, H = 2, 3, 5, 4
+    args = dict(
+        labels=torch.zeros(B, T, dtype=torch.int64),
+        old_logp=torch.zeros(B, T),
+        advantages=torch.zeros(B),
+        mask=torch.ones(B, T),
+    )
+    if front == "logits":
+        call, args = tapo_kernels.policy_loss_from_logits, dict(logits=torch.zeros(B, T, V), **args)
+    else:
+        call = tapo_kernels.policy_loss_from_hidden
+        args = dict(hidden=torch.zeros(B, T, H), weight=torch.zeros(V, H), **args)
+    args[name] = [0.0]  # a list, not a tensor
+    with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor, got list"):
+        call(**args)
+
+
+def test_front_door_rejects_none_for_a_required_tensor():
+    with pytest.raises(TypeError, match="^advantages must be a torch.Tensor, got NoneType"):
+        tapo_kernels.policy_loss_from_logits(
+            torch.zeros(1, 2, 3),
+            torch.zeros(1, 2, dtype=torch.int64),
+            torch.zeros(1, 2),
+            None,
+            torch.ones(1, 2),
+        )

@@ -474,7 +474,8 @@ def _tiles(B: int, T: int) -> tuple[int, int, int, int]:
 def _prepare(call: dict) -> tuple[Tensor, ...]:
     """Contiguous kernel operands of a bound call, in the order of its tensors; a bool mask is
     read as bytes, absent tensors as ``logp``."""
-    logp, old_logp, advantages, mask, ref_logp, call_map, call_delta = _tensors(call)
+    logp = call["logp"]
+    old_logp, advantages, mask, ref_logp, call_map, call_delta = _args.loss_tensors(call)
     mask = mask.contiguous()
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
@@ -488,10 +489,6 @@ def _prepare(call: dict) -> tuple[Tensor, ...]:
         call_map.contiguous() if has_calls else logp,
         call_delta.contiguous() if has_calls else logp,
     )
-
-
-def _tensors(call: dict) -> tuple:
-    return (call["logp"], *_args.loss_tensors(call))
 
 
 def _flags(call: dict) -> dict:
