@@ -203,14 +203,15 @@ def fused_correct(
     if not isinstance(calls, ToolCalls):
         raise TypeError(f"calls must be a ToolCalls, got {type(calls).__name__}")
     named = dict(advantages=advantages, seq_advantages=seq_advantages, group_ids=group_ids)
-    calls_named = {f"calls.{n}": t for n, t in calls.named().items()}
+    call_fields = calls.named()
+    calls_named = {f"calls.{n}": t for n, t in call_fields.items()}
     _checks.tensors(**named, tool_sim_kind=tool_sim_kind, **calls_named)
     for name, value in (("theta", theta), ("alpha_min", alpha_min), ("beta", beta)):
         _checks.number(name, value)
     for name, value in (("batch_scope", batch_scope), ("coverage", coverage)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    tensors = (advantages, seq_advantages, group_ids, *calls.named().values(), tool_sim_kind)
+    tensors = (advantages, seq_advantages, group_ids, *call_fields.values(), tool_sim_kind)
     settings = (float(theta), float(alpha_min), float(beta), batch_scope, coverage)
     corrected, delta, confidence, witness = torch.ops.tapo.fused_correct(*tensors, *settings)
     return TapoResult(corrected, delta, confidence, witness, seq_advantages, calls)
