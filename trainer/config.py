@@ -88,13 +88,20 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 512
+    # vision-language policy (Qwen2-VL): a tiny one from these sizes when path is None, or
+    # set automatically for a vision-language checkpoint; images fit in max_pixels each
+    vision: bool = False
+    vision_layers: int = 2
+    vision_hidden_size: int = 64
+    vision_heads: int = 4
+    max_pixels: int = 112 * 112
 
 
 @dataclass
 class TaskConfig:
     """The dataset: the bundled synthetic search task or JSONL files."""
 
-    name: str = "synthetic"  # synthetic | jsonl
+    name: str = "synthetic"  # synthetic | jsonl | visual (needs model.vision)
     seed: int = 0
     # synthetic task
     num_entities: int = 96
@@ -115,6 +122,9 @@ class TaskConfig:
     # mixed-task batches: this share of each step's prompts comes from a second task
     mix_task: str = "arithmetic"  # arithmetic (single-turn, checkable with the calculator)
     mix_fraction: float = 0.0
+    # visual task (tasks/visual.py): scenes, and the shares of its question kinds
+    num_scenes: int = 256
+    scene_kinds: dict[str, float] = field(default_factory=lambda: {"zoom": 0.7, "emblem": 0.3})
 
 
 @dataclass
@@ -543,12 +553,42 @@ def validate(cfg: Config) -> None:
             f"must divide model.num_heads ({m.num_heads}), got {m.num_kv_heads}",
         )
         check(m.vocab_size >= 64, "model.vocab_size", f"must be >= 64, got {m.vocab_size}")
+        if m.vision:
+            for name in ("vision_layers", "vision_hidden_size", "vision_heads"):
+                positive(f"model.{name}", getattr(m, name))
+            check(
+                m.vision_hidden_size % m.vision_heads == 0,
+                "model.vision_hidden_size",
+                f"must be divisible by model.vision_heads ({m.vision_heads})",
+            )
     else:
         check(Path(m.path).exists(), "model.path", f"local checkpoint {m.path!r} does not exist")
+    check(m.max_pixels >= 28 * 28, "model.max_pixels", f"must be >= 784, got {m.max_pixels}")
 
     t = cfg.task
-    choice("task.name", t.name, ["synthetic", "jsonl"])
-    if t.name == "synthetic":
+    choice("task.name", t.name, ["synthetic", "jsonl", "visual"])
+    if t.name == "visual":
+        check(m.vision or m.path is not None, "task.name", "visual needs model.vision: true")
+        check(t.num_scenes >= 8, "task.num_scenes", f"must be >= 8, got {t.num_scenes}")
+        check(
+            0 < t.heldout_fraction < 1,
+            "task.heldout_fraction",
+            f"must be in (0, 1), got {t.heldout_fraction}",
+        )
+        nonneg("task.num_demos", t.num_demos)
+        for kind, weight in t.scene_kinds.items():
+            choice(f"task.scene_kinds.{kind}", kind, ["zoom", "emblem"])
+            check(
+                isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+                f"task.scene_kinds.{kind}",
+                f"must be a finite number >= 0, got {weight!r}",
+            )
+        check(
+            sum(t.scene_kinds.values()) > 0,
+            "task.scene_kinds",
+            f"needs a positive weight, got {t.scene_kinds}",
+        )
+    elif t.name == "synthetic":
         check(t.num_entities >= 4, "task.num_entities", f"must be >= 4, got {t.num_entities}")
         check(len(t.attributes) >= 1, "task.attributes", "needs at least one attribute")
         from .tasks.synthetic import ATTRIBUTES
@@ -601,6 +641,11 @@ def validate(cfg: Config) -> None:
     )
     for i, name in enumerate(cfg.tools.enabled):
         choice(f"tools.enabled[{i}]", name, sorted(AVAILABLE_TOOLS))
+        check(
+            name not in ("zoom_in", "image_search") or t.name == "visual",
+            f"tools.enabled[{i}]",
+            f"{name} needs the visual task (task.name=visual)",
+        )
     positive("tools.search_top_k", cfg.tools.search_top_k)
     positive("tools.timeout_s", cfg.tools.timeout_s)
     from .tools import ISOLATION

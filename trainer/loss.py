@@ -204,12 +204,18 @@ class LossInputs:
     input_ids: Tensor
     attention_mask: Tensor
     tensors: LossTensors
+    vision: dict[str, Tensor]  # image inputs of a vision-language policy (empty without)
 
 
 def loss_inputs(batch: Batch, rows: slice, tensors: LossTensors) -> LossInputs:
     """The loss inputs of rows ``rows`` of a collated batch (``tensors``: the whole batch's,
     ``[B, T]``)."""
-    return LossInputs(batch.input_ids[rows], batch.attention_mask[rows], tensors.rows(rows))
+    return LossInputs(
+        batch.input_ids[rows],
+        batch.attention_mask[rows],
+        tensors.rows(rows),
+        batch.model_inputs(rows),
+    )
 
 
 class Losses:
@@ -246,15 +252,17 @@ class Losses:
         size = self.cfg.algo.micro_batch_size or (stop - start)
         return [slice(i, min(i + size, stop)) for i in range(start, stop, size)]
 
-    def logits(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def logits(
+        self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, vision: dict
+    ) -> Tensor:
+        """``[b, T, V]`` logits (``vision``: the rows' image inputs, may be empty)."""
         with self.autocast:
-            return model(input_ids=input_ids, attention_mask=attention_mask).logits  # [b, T, V]
+            return model(input_ids=input_ids, attention_mask=attention_mask, **vision).logits
 
     def token_logp(self, model: nn.Module, batch: Batch, rows: slice) -> Tensor:
         ids = batch.input_ids[rows]
-        return token_logp(
-            self.logits(model, ids, batch.attention_mask[rows]), ids, self.temperature
-        )
+        logits = self.logits(model, ids, batch.attention_mask[rows], batch.model_inputs(rows))
+        return token_logp(logits, ids, self.temperature)
 
     @torch.no_grad()
     def frozen_logp(self, model: nn.Module, batch: Batch) -> Tensor:
@@ -285,10 +293,16 @@ class Losses:
             tensors = x.tensors._asdict()
             with self.autocast:
                 return model.hidden_loss(
-                    x.input_ids, x.attention_mask, temperature=self.temperature, **tensors, **knobs
+                    x.input_ids,
+                    x.attention_mask,
+                    vision=x.vision,
+                    temperature=self.temperature,
+                    **tensors,
+                    **knobs,
                 )
         ids = x.input_ids
-        logits, from_logits = self.logits(model, ids, x.attention_mask), self.loss_input == "logits"
+        logits = self.logits(model, ids, x.attention_mask, x.vision)
+        from_logits = self.loss_input == "logits"
         return micro_batch_loss(
             logits, ids, *x.tensors, temperature=self.temperature, from_logits=from_logits, **knobs
         )

@@ -11,7 +11,7 @@ the same vocabulary as the checkpoint it loads.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +57,14 @@ def format_call(name: str, arguments: dict, tags: ChatTags = TAGS) -> str:
     return f"{tags.tool_open}{json.dumps({'name': name, 'arguments': arguments})}{tags.tool_close}"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, tags: ChatTags = TAGS):
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, tags: ChatTags = TAGS, extra_specials: Sequence[str] = ()
+):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (about 0.1 s).
 
     Byte-level encoding makes ``decode(encode(s)) == s`` for every string, and the tags plus
-    ``<pad>``/``<eos>`` are special tokens with ids 0..7. Every whitespace character is its
+    ``<pad>``/``<eos>`` are special tokens with ids 0..7 (``extra_specials``, e.g. the image
+    tokens of a vision-language model, follow them). Every whitespace character is its
     own pre-token, so a word has the same tokens after a space, a quote or a tag: copying a
     name from the question into a JSON query, or an answer out of an observation, is then a
     token-for-token copy (GPT-2 style " word" vs "word" tokens would make it a lookup).
@@ -69,7 +72,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, tags: ChatTags = TAGS
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [PAD, EOS, *tags.all()]
+    specials = [PAD, EOS, *tags.all(), *extra_specials]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -88,7 +91,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, tags: ChatTags = TAGS
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
-    fast.add_special_tokens({"additional_special_tokens": tags.all()})
+    fast.add_special_tokens({"additional_special_tokens": [*tags.all(), *extra_specials]})
     return fast
 
 
@@ -125,13 +128,22 @@ def tiny_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, seed
 
 
 def load_pretrained(cfg: ModelConfig):
-    """``(model, tokenizer)`` from a local checkpoint directory (no network access)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` from a local checkpoint directory (no network access): a causal
+    LM, or a vision-language model (a config with a ``vision_config``, e.g. Qwen2-VL)."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoTokenizer,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
+    config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+    vision = getattr(config, "vision_config", None) is not None
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto.from_pretrained(
         cfg.path,
         dtype=DTYPES[cfg.dtype],
         attn_implementation=cfg.attn_implementation,
@@ -154,11 +166,24 @@ def build_policy(
     it, ``barrier`` separates the main rank's write from every rank's read."""
     if cfg.path is not None:
         return load_pretrained(cfg)
+    from .vision import IMAGE_TOKENS, image_processor, tiny_vl_model
+
+    extra = IMAGE_TOKENS if cfg.vision else ()
     if is_main and not (tokenizer_dir / "tokenizer.json").exists():
-        train_tokenizer(texts(), cfg.vocab_size).save_pretrained(tokenizer_dir)
+        tokenizer = train_tokenizer(texts(), cfg.vocab_size, extra_specials=extra)
+        tokenizer.save_pretrained(tokenizer_dir)
+        if cfg.vision:  # the directory is then a complete processor (tokenizer + images)
+            image_processor(cfg.max_pixels).save_pretrained(tokenizer_dir)
     barrier()
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = tiny_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+    if cfg.vision:
+        ids = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id}
+        ids.update(zip(IMAGE_TOKENS, tokenizer.convert_tokens_to_ids(IMAGE_TOKENS), strict=True))
+        model = tiny_vl_model(cfg, len(tokenizer), ids, seed).to(DTYPES[cfg.dtype])
+    else:
+        model = tiny_model(
+            cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed
+        )
     return model, tokenizer
 
 
@@ -168,7 +193,7 @@ def tokenizer_texts(task, prompt_template: str) -> list[str]:
     texts = list(task.texts())
     for ex in task.train + task.heldout + task.demos:
         texts.append(prompt_template.format(question=ex.question))
-        texts.extend(format_call(ex.tool, {ex.tool_arg: q}) for q in ex.demo_queries())
+        texts.extend(format_call(name, arguments) for name, arguments in ex.demo_calls())
     return texts
 
 
@@ -184,7 +209,12 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a Hugging Face causal LM (the FSDP2 sharding units)."""
+    """The transformer blocks of a Hugging Face causal LM (the FSDP2 sharding units); for a
+    vision-language model, its vision blocks followed by its text blocks."""
+    from .vision import is_vision_model
+
+    if is_vision_model(model):
+        return [*model.model.visual.blocks, *model.model.language_model.layers]
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
         node = model
         try:
@@ -221,15 +251,17 @@ def attach_hidden_loss(model: nn.Module, loss_fn) -> None:
 
     It runs the decoder only (no logits) and returns
     ``loss_fn(hidden, weight, bias, input_ids=input_ids, **kw)`` with the LM head's weight
-    and bias. Under FSDP2 the method is registered as a forward
+    and bias. ``vision``: a vision-language model's image inputs (``pixel_values``,
+    ``image_grid_thw``, ``position_ids``); the whole multimodal body then runs. Under FSDP2 the method is registered as a forward
     method (``register_fsdp_forward_method``), so the root's parameters (embeddings, final
     norm, head) are all-gathered around it exactly as around ``forward``.
     """
     import types
 
-    def hidden_loss(self, input_ids, attention_mask, **kw):
-        hidden = self.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    def hidden_loss(self, input_ids, attention_mask, vision=None, **kw):
+        body = self.model if vision else self.get_decoder()
+        hidden = body(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **(vision or {})
         ).last_hidden_state
         head = self.get_output_embeddings()
         weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)

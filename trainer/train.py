@@ -77,6 +77,7 @@ from .rollout import Batch, RolloutEngine, collate, demonstration
 from .scoring import Scorer, step_extras
 from .tasks import TaskData, draw_prompts, load_task
 from .tools import registry_from_config
+from .vision import ImageCodec, is_vision_model, load_image_processor, scene_images
 from .warmup import supervised_warmup
 
 
@@ -114,7 +115,9 @@ class Trainer:
             write_atomic(self.run_path / "config.yaml", self.config_text)
         barrier(ctx)
         self.task: TaskData = load_task(cfg.task)
-        self.registry = registry_from_config(cfg.tools, self.task.corpora)
+        self.registry = registry_from_config(
+            cfg.tools, self.task.corpora, self.task.scenes, cfg.model.max_pixels
+        )
         self.sim_kind = self.registry.sim_kind_tensor(ctx.device)
         self.neural = neural_encoder(cfg.tapo)
         self._build_model()
@@ -172,7 +175,16 @@ class Trainer:
         else:
             self.rollout_model = model
             self.model = model
-        self.engine = RolloutEngine.from_config(self.rollout_model, tokenizer, self.registry, cfg)
+        images, question_images = None, None
+        if is_vision_model(model):
+            source = cfg.model.path or self.run_path / "tokenizer"
+            images = ImageCodec(load_image_processor(source, cfg.model.max_pixels), tokenizer)
+            if self.task.scenes is not None:
+                question_images = scene_images(self.task.scenes, cfg.model.max_pixels)
+        self.image_pad_id = images.pad_id if images is not None else None
+        self.engine = RolloutEngine.from_config(
+            self.rollout_model, tokenizer, self.registry, cfg, images, question_images
+        )
 
     def _sync_rollout_model(self) -> None:
         if self.rollout_model is not self.model:
@@ -197,6 +209,7 @@ class Trainer:
             seed_of=lambda step: step_seed("warmup", cfg.seed, step),
             logger=self.logger,
             bar=bar,
+            image_pad_id=self.image_pad_id,
         )
         self.state["global_step"] = cfg.warmup.steps
         if bar is not None:
@@ -238,7 +251,8 @@ class Trainer:
             episodes = axpo.pad_rows(rollouts + axpo_out.continuations, rows)
         if cfg.debug.kill_at_step == rl_step:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, no cleanup
-        batch = collate(episodes, self.tokenizer.pad_token_id).to(ctx.device)
+        batch = collate(episodes, self.tokenizer.pad_token_id, image_pad_id=self.image_pad_id)
+        batch = batch.to(ctx.device)
         if cfg.rollout.recompute_logp:
             batch.old_logp = self.losses.frozen_logp(self.model, batch)
         ref_logp = (

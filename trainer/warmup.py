@@ -35,6 +35,7 @@ def supervised_warmup(
     seed_of: Callable[[int], int],
     logger: MetricsLogger,
     bar=None,
+    image_pad_id: int | None = None,
 ) -> None:
     """``cfg.steps`` optimizer steps; ``seed_of(step)`` seeds each step's draw of demos."""
     optimizer = torch.optim.AdamW(
@@ -47,7 +48,8 @@ def supervised_warmup(
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / cfg.steps))
         rng = random.Random(seed_of(step))
         picks = [rng.randrange(len(demos)) for _ in range(cfg.batch_size)][ctx.rank :: ctx.world]
-        batch = collate([demos[i] for i in picks], pad_id).to(ctx.device)
+        batch = collate([demos[i] for i in picks], pad_id, image_pad_id=image_pad_id)
+        batch = batch.to(ctx.device)
         loss_sum = losses.warmup_backward(model, batch)
         norm, ok = clip_and_step(model, optimizer, grad_clip, math.isfinite(loss_sum), ctx)
         mean_loss = all_reduce_sum([loss_sum], ctx)[0].item() / ctx.world

@@ -91,7 +91,9 @@ def measure(
             for theta in GRID[mode]:
                 sums: Counter = Counter()
                 for episodes in batches:
-                    batch = collate(episodes, trainer.tokenizer.pad_token_id)
+                    batch = collate(
+                        episodes, trainer.tokenizer.pad_token_id, image_pad_id=trainer.image_pad_id
+                    )
                     batch.calls.params = encode_calls(registry, episodes, mode, neural)
                     seq_adv = group_advantages(
                         batch.rewards, batch.group_ids, scale_by_std=cfg.algo.scale_by_std

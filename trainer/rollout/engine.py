@@ -14,8 +14,9 @@ rollout is a function of (weights, prompts, seed), which makes resumed runs repr
 
 from __future__ import annotations
 
+import inspect
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,9 @@ from torch import Tensor, nn
 from ..config import RolloutConfig
 from ..modeling import EOS, TAGS, ChatTags
 from ..tasks import Example
-from ..tools import ParsedCall, ToolContext, ToolRegistry
+from ..tools import ParsedCall, ToolContext, ToolOutcome, ToolRegistry
+from ..tools.registry import box_of_refs
+from ..vision import ImageCodec, vision_batch
 from .episode import CallRecord, Episode
 
 
@@ -37,15 +40,28 @@ class TurnOutput:
 
 
 class PromptFormatter:
-    """Turns a question into prompt token ids and observations into observation token ids."""
+    """Turns a question into prompt token ids and observations into observation token ids.
+
+    With a vision-language policy (``images``: an ``ImageCodec``), a question's images
+    (``question_images(example)``: ``(image, region)`` pairs) open the prompt and an image a
+    tool returns opens its observation, each as image tokens; the episode records them.
+    """
 
     def __init__(
-        self, tokenizer, cfg: RolloutConfig, tags: ChatTags = TAGS, max_obs_tokens: int = 48
+        self,
+        tokenizer,
+        cfg: RolloutConfig,
+        tags: ChatTags = TAGS,
+        max_obs_tokens: int = 48,
+        images: ImageCodec | None = None,
+        question_images: Callable[[Example], list] | None = None,
     ) -> None:
         self.tok = tokenizer
         self.cfg = cfg
         self.tags = tags
         self.max_obs_tokens = max_obs_tokens
+        self.images = images
+        self.question_images = question_images
         self._obs_open = self.encode(tags.obs_open)
         self._obs_close = self.encode(tags.obs_close)
 
@@ -71,13 +87,81 @@ class PromptFormatter:
             )
         return self.encode(text)
 
-    def observation_ids(self, text: str, budget: int | None = None) -> list[int]:
-        """``<obs>`` + the text (truncated to ``max_obs_tokens``) + ``</obs>``."""
+    def observation_ids(
+        self, text: str, budget: int | None = None, image_ids: Sequence[int] = ()
+    ) -> list[int]:
+        """``<obs>`` + the image tokens (if any) + the text (truncated to ``max_obs_tokens``)
+        + ``</obs>``."""
         limit = self.max_obs_tokens
         if budget is not None:
-            limit = min(limit, budget - len(self._obs_open) - len(self._obs_close))
+            limit = min(limit, budget - len(self._obs_open) - len(self._obs_close) - len(image_ids))
         body = self.encode(text)[: max(0, limit)]
-        return self._obs_open + body + self._obs_close
+        return self._obs_open + list(image_ids) + body + self._obs_close
+
+    def start_episode(self, example: Example, group: int = 0) -> Episode:
+        """A new episode holding the prompt (after the question's images, if any)."""
+        ids: list[int] = []
+        images, views = [], []
+        if example.images and self.images is not None and self.question_images is not None:
+            for image, region in self.question_images(example):
+                img = self.images.encode(image)
+                ids += self.images.token_ids(img)
+                images.append(img)
+                views.append(tuple(region))
+        elif example.images:
+            raise ValueError(
+                f"question {example.uid!r} shows an image: it needs a vision-language policy"
+            )
+        ids += self.prompt_ids(example)
+        ep = Episode(example, int(group), len(ids), ids, [0] * len(ids), [0.0] * len(ids))
+        ep.images, ep.views = images, views
+        return ep
+
+    def add_observation(self, ep: Episode, outcome: ToolOutcome, budget: int | None = None) -> bool:
+        """Append a call's observation (its image, then its text) to ``ep`` with mask 0;
+        ``False`` (nothing appended) when it does not fit in ``budget`` tokens."""
+        img = None
+        if outcome.image is not None and self.images is not None:
+            img = self.images.encode(outcome.image)
+        image_ids = self.images.token_ids(img) if img is not None else []
+        obs = self.observation_ids(outcome.observation, budget, image_ids)
+        if budget is not None and len(obs) > budget:
+            return False
+        ep.append(obs, policy=False)
+        if img is not None:
+            ep.images.append(img)
+            ep.views.append(box_of_refs(outcome.refs) if outcome.refs else (0.0, 0.0, 1.0, 1.0))
+        return True
+
+    def context(self, ep: Episode) -> ToolContext:
+        """What the episode's tool calls may depend on: its corpus and its images."""
+        return ToolContext(ep.example.corpus_id, tuple(ep.views))
+
+    def call_record(self, ep: Episode, start: int, end: int, parsed, outcome, registry) -> CallRecord:
+        """The record of one executed call of ``ep`` (tokens ``[start, end)``) with its ground
+        truth: a region call is good when it covers the question's gold region (IoU >= 0.5),
+        another call when its observation holds gold evidence."""
+        ok = parsed.valid and outcome.ok
+        tool = registry.tools[parsed.tool_id] if parsed.valid else None
+        box = box_of_refs(outcome.refs) if ok and tool.sim_kind == "iou" else None
+        if ok:
+            good = ep.example.is_good_call(outcome.observation, box)
+        else:
+            good = False if (ep.example.evidence or ep.example.gold_box) else None
+        return CallRecord(
+            start=start,
+            end=end,
+            tool_id=parsed.tool_id if ok else -1,
+            key=ep.example.corpus_id,
+            name=parsed.name,
+            arguments=parsed.arguments,
+            param_text=tool.param_text(parsed.arguments) if tool is not None else "",
+            valid=ok,
+            error=parsed.error if not parsed.valid else outcome.error,
+            observation=outcome.observation,
+            refs=outcome.refs,
+            good=good,
+        )
 
 
 def find_call(fmt: PromptFormatter, tokens: Sequence[int]) -> tuple[int, int, str, bool] | None:
@@ -134,11 +218,20 @@ class RolloutEngine:
         tags: ChatTags = TAGS,
         malformed_call_rate: float = 0.0,
         fault_tool_rate: float = 0.0,
+        images: ImageCodec | None = None,
+        question_images: Callable[[Example], list] | None = None,
     ) -> None:
         self.model = model
         self.registry = registry
         self.cfg = cfg
-        self.fmt = PromptFormatter(tokenizer, cfg, tags, max_obs_tokens)
+        self.fmt = PromptFormatter(
+            tokenizer, cfg, tags, max_obs_tokens, images=images, question_images=question_images
+        )
+        # the KV-cache argument: `cache` in recent transformers, `past_key_values` before
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # image tokens are placed by the formatter, never sampled
+        self.banned = [images.start_id, images.pad_id, images.end_id] if images else []
         self.pad_id = tokenizer.pad_token_id
         self.malformed_call_rate = malformed_call_rate
         self.fault_tool_rate = fault_tool_rate
@@ -158,7 +251,15 @@ class RolloutEngine:
                 self.text_stops[tag] = reason
 
     @classmethod
-    def from_config(cls, model: nn.Module, tokenizer, registry: ToolRegistry, cfg) -> RolloutEngine:
+    def from_config(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        registry: ToolRegistry,
+        cfg,
+        images: ImageCodec | None = None,
+        question_images: Callable[[Example], list] | None = None,
+    ) -> RolloutEngine:
         """The engine of a run's ``Config``; the model's generation-config EOS ids (e.g.
         ``<|im_end|>`` of chat models) also stop a turn."""
         engine = cls(
@@ -169,6 +270,8 @@ class RolloutEngine:
             max_obs_tokens=cfg.tools.max_obs_tokens,
             malformed_call_rate=cfg.debug.malformed_call_rate,
             fault_tool_rate=cfg.debug.fault_tool_rate,
+            images=images,
+            question_images=question_images,
         )
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         for eos in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
@@ -192,14 +295,7 @@ class RolloutEngine:
         greedy: bool = False,
     ) -> list[Episode]:
         """One episode per example (repeat an example G times for a group)."""
-        episodes = []
-        for ex, g in zip(examples, group_ids, strict=True):
-            prompt = self.fmt.prompt_ids(ex)
-            episodes.append(
-                Episode(
-                    ex, int(g), len(prompt), list(prompt), [0] * len(prompt), [0.0] * len(prompt)
-                )
-            )
+        episodes = [self.fmt.start_episode(ex, g) for ex, g in zip(examples, group_ids, strict=True)]
         return self.continue_episodes(episodes, seed=seed, temperature=temperature, greedy=greedy)
 
     @torch.no_grad()
@@ -249,9 +345,7 @@ class RolloutEngine:
                 min(cfg.max_new_tokens_per_turn, cfg.max_total_tokens - len(ep.token_ids))
                 for ep in active
             ]
-            outputs = self._generate_turn(
-                [ep.token_ids for ep in active], budgets, generator, temperature, greedy
-            )
+            outputs = self._generate_turn(active, budgets, generator, temperature, greedy)
             pending: list[tuple[Episode, int, int, ParsedCall]] = []
             for ep, out in zip(active, outputs, strict=True):
                 # the turn starts before the new tokens when an open turn is continued
@@ -308,40 +402,16 @@ class RolloutEngine:
                         "max_tokens" if len(ep.token_ids) >= cfg.max_total_tokens else "truncated"
                     )
             outcomes = self.registry.execute(
-                [(parsed, ToolContext(ep.example.corpus_id)) for ep, _, _, parsed in pending]
+                [(parsed, self.fmt.context(ep)) for ep, _, _, parsed in pending]
             )
             for (ep, s, e, parsed), outcome in zip(pending, outcomes, strict=True):
-                ok = parsed.valid and outcome.ok
-                ep.calls.append(
-                    CallRecord(
-                        start=s,
-                        end=e,
-                        tool_id=parsed.tool_id if ok else -1,
-                        key=ep.example.corpus_id,
-                        name=parsed.name,
-                        arguments=parsed.arguments,
-                        param_text=(
-                            self.registry.tools[parsed.tool_id].param_text(parsed.arguments)
-                            if parsed.valid
-                            else ""
-                        ),
-                        valid=ok,
-                        error=parsed.error if not parsed.valid else outcome.error,
-                        observation=outcome.observation,
-                        refs=outcome.refs,
-                        good=ep.example.is_good_observation(outcome.observation)
-                        if ok
-                        else (False if ep.example.evidence else None),
-                    )
-                )
+                ep.calls.append(self.fmt.call_record(ep, s, e, parsed, outcome, self.registry))
                 if ep.done:
                     continue  # the episode ended in this turn (e.g. EOS inside an open call)
                 budget = cfg.max_total_tokens - len(ep.token_ids)
-                obs = self.fmt.observation_ids(outcome.observation, budget)
-                if len(obs) > budget:
+                if not self.fmt.add_observation(ep, outcome, budget):
                     ep.finish = "max_tokens"
                     continue
-                ep.append(obs, policy=False)
                 if len(ep.token_ids) >= cfg.max_total_tokens:
                     ep.finish = "max_tokens"
         for ep in episodes:
@@ -350,7 +420,7 @@ class RolloutEngine:
 
     def _generate_turn(
         self,
-        contexts: list[list[int]],
+        episodes: list[Episode],
         budgets: list[int],
         generator: torch.Generator,
         temperature: float,
@@ -359,6 +429,7 @@ class RolloutEngine:
         from transformers import DynamicCache
 
         device = self.device
+        contexts = [ep.token_ids for ep in episodes]
         B, L = len(contexts), max(len(c) for c in contexts)
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.int64)
         attention = torch.zeros(B, L, dtype=torch.int64)
@@ -366,9 +437,21 @@ class RolloutEngine:
             input_ids[i, L - len(ctx) :] = torch.tensor(ctx)
             attention[i, L - len(ctx) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
-        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(input_ids, attention, position_ids, DynamicCache())
-        next_pos = position_ids[:, -1:] + 1
+        vision = None
+        if self.fmt.images is not None:
+            rows = [(ep.token_ids, ep.images) for ep in episodes]
+            vision = vision_batch(rows, self.fmt.images.pad_id, L, left=True)
+        if vision is not None:  # 3-D rotary positions; the text after them moves all three
+            vision = vision.to(device)
+            position_ids = vision.position_ids
+            first = self._forward(
+                input_ids, attention, position_ids, DynamicCache(), vision.rows(slice(0, B))
+            )
+        else:
+            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+            first = self._forward(input_ids, attention, position_ids, DynamicCache())
+        logits, cache = first
+        next_pos = position_ids[..., -1:] + 1
         outputs = [TurnOutput([], [], "") for _ in range(B)]
         finished = [b <= 0 for b in budgets]
         for i, b in enumerate(budgets):
@@ -377,6 +460,8 @@ class RolloutEngine:
         for _step in range(max(budgets)):
             if all(finished):
                 break
+            if self.banned:
+                logits[:, self.banned] = float("-inf")
             logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, V] fp32
             if greedy:
                 token = logp_all.argmax(dim=-1)
@@ -411,15 +496,23 @@ class RolloutEngine:
         return outputs
 
     def _forward(
-        self, input_ids: Tensor, attention: Tensor, positions: Tensor, cache: Any
+        self,
+        input_ids: Tensor,
+        attention: Tensor,
+        positions: Tensor,
+        cache: Any,
+        images: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Any]:
         """One forward after the tokens in the KV ``cache``: the next-token logits ``[B, V]``
-        (only the last position goes through the LM head) and the cache."""
-        cached = dict(past_key_values=cache, use_cache=True, logits_to_keep=1)
+        (only the last position goes through the LM head) and the cache. ``images``: the
+        image inputs of a prefill (their positions are ``positions``)."""
+        cached = {self._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        extra = {k: v for k, v in (images or {}).items() if k != "position_ids"}
         out = self.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=positions, **cached
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, **cached, **extra
         )
-        return out.logits[:, -1], out.past_key_values
+        cache = getattr(out, "cache", None)
+        return out.logits[:, -1], cache if cache is not None else out.past_key_values
 
 
 def token_logprobs(

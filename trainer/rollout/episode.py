@@ -19,6 +19,7 @@ from torch import Tensor
 from tapo_kernels import ToolCalls
 
 from ..tasks import Example
+from ..vision import VisionBatch, vision_batch
 
 
 @dataclass
@@ -56,6 +57,10 @@ class Episode:
     turn_spans: list[tuple[int, int]] = field(default_factory=list)
     open_turn: int = 0  # trailing tokens of an assistant turn still to be continued
     finish: str = ""  # answer | eos | max_turns | max_tokens | truncated
+    # the images in the context, in order (vision-language policies), and the region of the
+    # question's scene each one shows (normalised x1, y1, x2, y2; image 0: the whole scene)
+    images: list[Any] = field(default_factory=list)
+    views: list[tuple[float, float, float, float]] = field(default_factory=list)
     reward: float = 0.0
     em: float = 0.0
     f1: float = 0.0
@@ -85,6 +90,7 @@ class Batch:
     group_ids: Tensor  # [B] int64
     rewards: Tensor  # [B] float32
     calls: ToolCalls
+    vision: VisionBatch | None = None  # the rows' images (vision-language policies)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -99,7 +105,12 @@ class Batch:
             self.group_ids.to(device),
             self.rewards.to(device),
             self.calls.to(device),
+            self.vision.to(device) if self.vision is not None else None,
         )
+
+    def model_inputs(self, rows: slice) -> dict[str, Tensor]:
+        """The model's image keyword arguments for rows ``rows`` (empty without images)."""
+        return self.vision.rows(rows) if self.vision is not None else {}
 
 
 def collate(
@@ -108,12 +119,14 @@ def collate(
     length: int | None = None,
     params: Tensor | None = None,
     param_dim: int = 256,
+    image_pad_id: int | None = None,
 ) -> Batch:
     """Pad to ``length`` (default: the longest episode) and gather the calls as ``ToolCalls``.
 
     ``params`` holds the ``(N, D)`` parameter vectors of the episodes' calls in order
     (``ToolRegistry.encode_calls``); without it the calls get zero vectors, which match
-    nothing (enough for the warm-up, which never corrects).
+    nothing (enough for the warm-up, which never corrects). ``image_pad_id``: the image pad
+    token of a vision-language policy, for the rows' images and 3-D rotary positions.
     """
     T = max(len(ep.token_ids) for ep in episodes) if length is None else length
     B = len(episodes)
@@ -148,4 +161,8 @@ def collate(
         calls = ToolCalls.empty(params.shape[1])
     groups = torch.tensor([ep.group for ep in episodes], dtype=torch.int64)
     rewards = torch.tensor([ep.reward for ep in episodes], dtype=torch.float32)
-    return Batch(input_ids, attention, mask, old_logp, groups, rewards, calls)
+    vision = None
+    if image_pad_id is not None:
+        rows = [(ep.token_ids, ep.images) for ep in episodes]
+        vision = vision_batch(rows, image_pad_id, T)
+    return Batch(input_ids, attention, mask, old_logp, groups, rewards, calls, vision)

@@ -1,5 +1,5 @@
-"""Datasets: the bundled synthetic search task, a JSONL loader, and the arithmetic task
-that can be mixed into either."""
+"""Datasets: the bundled synthetic search task, the bundled visual task (scenes to zoom
+into), a JSONL loader, and the arithmetic task that can be mixed into any of them."""
 
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ def load_task(cfg: TaskConfig) -> TaskData:
 
 
 def _main_task(cfg: TaskConfig) -> TaskData:
+    if cfg.name == "visual":
+        from .visual import visual_task
+
+        return visual_task(
+            cfg.num_scenes, cfg.heldout_fraction, cfg.num_demos, cfg.seed, kinds=cfg.scene_kinds
+        )
     if cfg.name == "synthetic":
         return synthetic_task(
             cfg.num_entities,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,34 @@ class Example:
     task: str = "main"
     tool: str = "search"
     tool_arg: str = "query"
+    images: int = 0  # images attached to the question (the visual task's scene: image 0)
+    calls: tuple[str, ...] = ()  # demonstration calls as JSON {"name", "arguments"} (any tool)
+    gold_box: tuple[float, float, float, float] | None = None  # the region that answers it
+
+    def demo_calls(self) -> list[tuple[str, dict]]:
+        """``(tool name, arguments)`` of each call a demonstration makes, in order: ``calls``
+        when given, else one ``tool`` call per query filling ``tool_arg``."""
+        if self.calls:
+            out = []
+            for text in self.calls:
+                call = json.loads(text)
+                out.append((call["name"], call["arguments"]))
+            return out
+        return [(self.tool, {self.tool_arg: q}) for q in self.demo_queries()]
 
     def demo_queries(self) -> tuple[str, ...]:
         """The queries a demonstration of this question issues, in order."""
         if self.queries:
             return self.queries
         return (self.query,) if self.query else ()
+
+    def is_good_call(self, observation: str, box: Sequence[float] | None = None) -> bool | None:
+        """Ground truth of one call: a region call (``box``: the region it showed) is good
+        when it covers the question's ``gold_box`` with IoU >= 0.5; any other call when its
+        observation holds gold evidence (``None`` without ground truth)."""
+        if box is not None and self.gold_box is not None:
+            return box_iou(box, self.gold_box) >= 0.5
+        return self.is_good_observation(observation)
 
     def evidence_docs(self) -> tuple[str, ...]:
         """Every gold evidence document of the question (all hops)."""
@@ -58,6 +82,15 @@ class Example:
         )
 
 
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes ``(x1, y1, x2, y2)`` (0 when both are empty)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 @dataclass
 class TaskData:
     """Splits of a task and the corpora its questions refer to (``corpus_id`` -> documents)."""
@@ -67,6 +100,7 @@ class TaskData:
     demos: list[Example] = field(default_factory=list)
     corpora: dict[int, list[str]] = field(default_factory=dict)
     mix_train: list[Example] = field(default_factory=list)  # a second task's training questions
+    scenes: Any = None  # the visual task's SceneBook (renders the images its questions show)
 
     def texts(self) -> Iterator[str]:
         """Every question, answer, query and document (tokenizer training text)."""

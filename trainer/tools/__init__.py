@@ -1,4 +1,5 @@
-"""Tools the agent can call: registry, parser, BM25 search, calculator, fault injectors."""
+"""Tools the agent can call: registry, parser, BM25 search, calculator, region zoom-in and
+image search (the visual task), fault injectors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from .parser import INVALID_TOOL, ParsedCall, parse_tool_call
 from .registry import ISOLATION, WITNESS_MODES, ToolOutcome, ToolRegistry
 from .text_search import BM25Index, TextSearchTool
 
-AVAILABLE_TOOLS = ("search", "calculator", "failing", "slow")
+AVAILABLE_TOOLS = ("search", "calculator", "zoom_in", "image_search", "failing", "slow")
+VISION_TOOLS = ("zoom_in", "image_search")  # need the visual task's scenes
 
 
 def build_registry(
@@ -22,11 +24,21 @@ def build_registry(
     timeout_s: float = 5.0,
     isolation: str = "process",
     workers: int = 2,
+    scenes=None,
+    max_pixels: int = 112 * 112,
 ) -> ToolRegistry:
-    """A registry with the named tools, in the given order (their ids)."""
+    """A registry with the named tools, in the given order (their ids). ``scenes``: the
+    visual task's ``SceneBook`` (needed by ``zoom_in`` and ``image_search``)."""
     tools: list[Tool] = []
     for name in enabled:
-        if name == "search":
+        if name in VISION_TOOLS:
+            if scenes is None:
+                raise ValueError(f"the tool {name!r} needs the visual task (task.name=visual)")
+            from .vision import ImageSearchTool, ZoomInTool
+
+            cls = ZoomInTool if name == "zoom_in" else ImageSearchTool
+            tools.append(cls(scenes, max_pixels=max_pixels))
+        elif name == "search":
             tools.append(TextSearchTool(corpora, top_k=search_top_k))
         elif name == "calculator":
             tools.append(CalculatorTool())
@@ -39,7 +51,9 @@ def build_registry(
     return ToolRegistry(tools, timeout_s=timeout_s, isolation=isolation, workers=workers)
 
 
-def registry_from_config(cfg, corpora: Mapping[int, Sequence[str]]) -> ToolRegistry:
+def registry_from_config(
+    cfg, corpora: Mapping[int, Sequence[str]], scenes=None, max_pixels: int = 112 * 112
+) -> ToolRegistry:
     """``build_registry`` with the settings of a ``ToolsConfig``; errors name the config key."""
     from ..config import ConfigError
 
@@ -51,6 +65,8 @@ def registry_from_config(cfg, corpora: Mapping[int, Sequence[str]]) -> ToolRegis
             timeout_s=cfg.timeout_s,
             isolation=cfg.isolation,
             workers=cfg.workers,
+            scenes=scenes,
+            max_pixels=max_pixels,
         )
     except ValueError as exc:
         raise ConfigError(f"tools: {exc}") from exc
@@ -66,6 +82,7 @@ __all__ = [
     "SIM_KINDS",
     "SlowTool",
     "TextSearchTool",
+    "VISION_TOOLS",
     "Tool",
     "ToolArgumentError",
     "ToolContext",

@@ -26,6 +26,7 @@ class ToolResult:
 
     text: str
     refs: tuple[str, ...] = ()
+    image: bytes | None = None  # an image observation, PNG-encoded (e.g. a zoomed region)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class ToolContext:
     """What a call may depend on besides its arguments (the question's corpus)."""
 
     corpus_id: int = 0
+    # the images of the episode so far, each as the region (x1, y1, x2, y2) of the
+    # question's scene it shows, in normalised coordinates (image 0: the whole scene)
+    views: tuple[tuple[float, float, float, float], ...] = ()
 
 
 class ToolArgumentError(ValueError):

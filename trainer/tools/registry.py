@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .base import SIM_KINDS, Tool, ToolContext
 from .parser import ParsedCall, parse_tool_call
-from .workers import ToolWorkers, reply_of
+from .workers import ToolWorkers, decode_reply, reply_of
 
 # how the trainer turns calls into TAPO parameter vectors (config key tapo.witness)
 WITNESS_MODES = ("tool", "arguments", "neural")
@@ -36,6 +36,17 @@ class ToolOutcome:
     error: str | None = None
     seconds: float = 0.0
     refs: tuple[str, ...] = ()  # what the observation was built from (ToolResult.refs)
+    image: bytes | None = None  # an image observation (PNG), e.g. a zoomed region
+
+
+def box_of_refs(refs: Sequence[str]) -> tuple[float, float, float, float]:
+    """The box ``(x1, y1, x2, y2)`` a region tool reports as its first reference."""
+    if not refs:
+        raise ValueError("a region tool's call has no box reference")
+    parts = [float(v) for v in str(refs[0]).split(",")]
+    if len(parts) != 4:
+        raise ValueError(f"a box reference has 4 numbers, got {refs[0]!r}")
+    return parts[0], parts[1], parts[2], parts[3]
 
 
 class ToolRegistry:
@@ -92,9 +103,11 @@ class ToolRegistry:
         its parameter text; ``results``: ``encode_results`` of the references it
         retrieved); ``"arguments"``: ``encode_text`` for every tool; ``"neural"``: the
         sentence encoder ``neural`` (a ``tapo_kernels.params.NeuralTextEncoder``) on the
-        parameter text. Invalid calls (tool id < 0) get zero rows: they match nothing.
+        parameter text. Tools compared by IoU (``sim_kind = "iou"``, e.g. ``zoom_in``) get
+        ``encode_box`` of the region in their first reference ``"x1,y1,x2,y2"`` in every mode.
+        Invalid calls (tool id < 0) get zero rows: they match nothing.
         """
-        from tapo_kernels import encode_results, encode_text
+        from tapo_kernels import encode_box, encode_results, encode_text
         from tapo_kernels.params import TEXT_DIM
 
         if mode not in WITNESS_MODES:
@@ -107,12 +120,19 @@ class ToolRegistry:
                 raise ValueError("witness mode 'neural' needs a NeuralTextEncoder")
             texts = [t if i >= 0 else "" for i, t in zip(tool_ids, param_texts, strict=True)]
             return neural(texts)
+        boxes = [i >= 0 and self.tools[i].sim_kind == "iou" for i in tool_ids]
         by_results = [
-            i >= 0 and mode == "tool" and self.tools[i].witness == "results" for i in tool_ids
+            i >= 0 and not box and mode == "tool" and self.tools[i].witness == "results"
+            for i, box in zip(tool_ids, boxes, strict=True)
         ]
         out = torch.zeros(n, TEXT_DIM, dtype=torch.float32)
+        box_rows = [k for k, box in enumerate(boxes) if box]
+        if box_rows:
+            out[box_rows] = encode_box([box_of_refs(refs[k]) for k in box_rows], dim=TEXT_DIM)
         text_rows = [
-            k for k, (i, r) in enumerate(zip(tool_ids, by_results, strict=True)) if i >= 0 and not r
+            k
+            for k, (i, r, box) in enumerate(zip(tool_ids, by_results, boxes, strict=True))
+            if i >= 0 and not r and not box
         ]
         if text_rows:
             out[text_rows] = encode_text([param_texts[k] for k in text_rows])
@@ -141,7 +161,8 @@ class ToolRegistry:
             if self._workers is None:
                 self._workers = ToolWorkers(self.tools, self.workers)
             replies = self._workers.run(
-                [(c.tool_id, c.arguments, ctx.corpus_id) for _, c, ctx in jobs], self.timeout_s
+                [(c.tool_id, c.arguments, ctx.corpus_id, ctx.views) for _, c, ctx in jobs],
+                self.timeout_s,
             )
         else:
             replies = self._run_threads([(c, ctx) for _, c, ctx in jobs], start)
@@ -150,16 +171,16 @@ class ToolRegistry:
                 msg = f"tool '{call.name}' timed out after {self.timeout_s:g} s"
                 outcomes[i] = ToolOutcome(f"error: {msg}", ok=False, error=msg, seconds=elapsed)
                 continue
-            status, text, refs = reply
+            status, text, refs, image = reply
             if status == "ok":
-                outcomes[i] = ToolOutcome(text, ok=True, seconds=elapsed, refs=refs)
+                outcomes[i] = ToolOutcome(text, ok=True, seconds=elapsed, refs=refs, image=image)
             else:
                 outcomes[i] = ToolOutcome(f"error: {text}", ok=False, error=text, seconds=elapsed)
         return [o for o in outcomes if o is not None]
 
     def _run_threads(
         self, jobs: Sequence[tuple[ParsedCall, ToolContext]], start: float
-    ) -> list[tuple[tuple[str, str, tuple[str, ...]] | None, float]]:
+    ) -> list[tuple[tuple[str, str, tuple[str, ...], bytes | None] | None, float]]:
         boxes: list[list] = []
         threads = []
         for call, context in jobs:
@@ -168,10 +189,9 @@ class ToolRegistry:
 
             def target(tool=tool, call=call, context=context, box=box) -> None:
                 try:
-                    status, text, refs = reply_of(tool.run(call.arguments, context))
-                    box.append((status, text, tuple(refs)))
+                    box.append(decode_reply(reply_of(tool.run(call.arguments, context))))
                 except Exception as exc:  # a tool bug must not stop training
-                    box.append(("error", f"{type(exc).__name__}: {exc}", ()))
+                    box.append(("error", f"{type(exc).__name__}: {exc}", (), None))
 
             thread = threading.Thread(target=target, name=f"tool-{tool.name}", daemon=True)
             thread.start()

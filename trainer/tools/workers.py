@@ -8,8 +8,9 @@ timeout; a replacement starts when it is needed. Nothing of a killed call surviv
 left behind.
 
 Protocol: the parent writes the pickled tool list (its own objects) as the first line,
-base64-encoded; the worker answers ``ready`` once it has loaded them. Then one JSON request per line (``[tool index, arguments, corpus id]``);
-the worker answers each with one JSON line ``[status, text, refs]``. Replies are JSON, so
+base64-encoded; the worker answers ``ready`` once it has loaded them. Then one JSON request per line (``[tool index, arguments, corpus id, views]``);
+the worker answers each with one JSON line ``[status, text, refs, image]`` (``image``: a
+base64 PNG or null). Replies are JSON, so
 nothing a tool returns is ever unpickled. A tool that prints writes to stderr, never into
 the protocol. Tools must be importable by the worker (defined in a module, not in
 ``__main__``); otherwise use ``isolation="thread"``.
@@ -30,19 +31,35 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-# (status, observation text, references); status: ok | error
-Reply = tuple[str, str, tuple[str, ...]]
+# (status, observation text, references, PNG image or None); status: ok | error
+Reply = tuple[str, str, tuple[str, ...], bytes | None]
 
 
 def reply_of(result: Any) -> list:
-    """``[status, text, refs]`` of what ``Tool.run`` returned (a ``ToolResult`` or text)."""
+    """``[status, text, refs, image]`` of what ``Tool.run`` returned (a ``ToolResult`` or
+    text); the image is base64 text, so the reply is JSON."""
     from .base import ToolResult
 
     if isinstance(result, ToolResult) and isinstance(result.text, str):
-        return ["ok", result.text, [str(r) for r in result.refs]]
+        image = result.image
+        if image is not None and not isinstance(image, bytes):
+            return ["error", f"tool returned an image of type {type(image).__name__}", [], None]
+        encoded = base64.b64encode(image).decode() if image is not None else None
+        return ["ok", result.text, [str(r) for r in result.refs], encoded]
     if isinstance(result, str):
-        return ["ok", result, []]
-    return ["error", f"tool returned {type(result).__name__}, not str", []]
+        return ["ok", result, [], None]
+    return ["error", f"tool returned {type(result).__name__}, not str", [], None]
+
+
+def decode_reply(reply: Sequence[Any]) -> Reply:
+    """A reply of ``reply_of`` as typed values (the PNG bytes decoded from base64)."""
+    status, text, refs, image = reply
+    return (
+        str(status),
+        str(text),
+        tuple(str(r) for r in refs),
+        base64.b64decode(image) if image is not None else None,
+    )
 
 
 def worker_main() -> None:  # pragma: no cover - runs in the child process
@@ -56,10 +73,11 @@ def worker_main() -> None:  # pragma: no cover - runs in the child process
     protocol.flush()
     for line in sys.stdin:
         try:
-            tool_index, arguments, corpus_id = json.loads(line)
-            reply = reply_of(tools[tool_index].run(arguments, ToolContext(corpus_id)))
+            tool_index, arguments, corpus_id, views = json.loads(line)
+            context = ToolContext(corpus_id, tuple(tuple(v) for v in views))
+            reply = reply_of(tools[tool_index].run(arguments, context))
         except Exception as exc:  # a tool bug must not stop training
-            reply = ["error", f"{type(exc).__name__}: {exc}", []]
+            reply = ["error", f"{type(exc).__name__}: {exc}", [], None]
         protocol.write(json.dumps(reply) + "\n")
         protocol.flush()
 
@@ -99,8 +117,7 @@ class _Worker:
         line = self.process.stdout.readline()
         if not line:
             raise EOFError("the worker exited")
-        status, text, refs = json.loads(line)
-        return str(status), str(text), tuple(str(r) for r in refs)
+        return decode_reply(json.loads(line))
 
     def kill(self) -> None:
         if self.alive:
@@ -144,9 +161,9 @@ class ToolWorkers:
         return list(self._workers)
 
     def run(
-        self, calls: Sequence[tuple[int, dict, int]], timeout_s: float
+        self, calls: Sequence[tuple[int, dict, int, Sequence]], timeout_s: float
     ) -> list[tuple[Reply | None, float]]:
-        """``calls``: ``(tool index, arguments, corpus id)``. Returns per call its reply
+        """``calls``: ``(tool index, arguments, corpus id, views)``. Returns per call its reply
         (``None`` if it ran past ``timeout_s``: its worker was killed) and its seconds."""
         out: list[tuple[Reply | None, float]] = [(None, 0.0)] * len(calls)
         if not calls:
@@ -162,7 +179,7 @@ class ToolWorkers:
                     worker.send(calls[i])
                     busy[worker.stream] = (worker, i, time.perf_counter())
                 except TypeError as exc:  # arguments that are not JSON
-                    out[i] = (("error", f"arguments are not JSON: {exc}", ()), 0.0)
+                    out[i] = (("error", f"arguments are not JSON: {exc}", (), None), 0.0)
                     idle.append(worker)
                 except (OSError, ValueError):  # a worker that died between batches
                     pending.appendleft(i)
@@ -173,7 +190,7 @@ class ToolWorkers:
                     idle = self._ready_workers()
                     continue
                 for i in pending:
-                    out[i] = (("error", "no tool worker process could be started", ()), 0.0)
+                    out[i] = (("error", "no tool worker process could be started", (), None), 0.0)
                 break
             now = time.perf_counter()
             first_deadline = min(started for _, _, started in busy.values()) + timeout_s
@@ -184,7 +201,7 @@ class ToolWorkers:
                     idle.append(worker)
                 except (EOFError, OSError, ValueError):  # the worker died on this call
                     out[i] = (
-                        ("error", "the tool's worker process died", ()),
+                        ("error", "the tool's worker process died", (), None),
                         time.perf_counter() - started,
                     )
                     worker.kill()
