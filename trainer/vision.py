@@ -230,7 +230,11 @@ def image_processor(max_pixels: int):
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(
-        min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+        min_pixels=28 * 28,
+        max_pixels=max_pixels,
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
     )
 
 

@@ -33,7 +33,9 @@ def demonstration(fmt: PromptFormatter, registry: ToolRegistry, example: Example
         body = fmt.decode(call_ids)[len(fmt.tags.tool_open) : -len(fmt.tags.tool_close)]
         parsed = registry.parse(body)
         (outcome,) = registry.execute([(parsed, fmt.context(ep))])
-        ep.calls.append(fmt.call_record(ep, start, start + len(call_ids), parsed, outcome, registry))
+        ep.calls.append(
+            fmt.call_record(ep, start, start + len(call_ids), parsed, outcome, registry)
+        )
         fmt.add_observation(ep, outcome)
     start = len(ep.token_ids)
     ep.append(

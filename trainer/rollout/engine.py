@@ -137,7 +137,9 @@ class PromptFormatter:
         """What the episode's tool calls may depend on: its corpus and its images."""
         return ToolContext(ep.example.corpus_id, tuple(ep.views))
 
-    def call_record(self, ep: Episode, start: int, end: int, parsed, outcome, registry) -> CallRecord:
+    def call_record(
+        self, ep: Episode, start: int, end: int, parsed, outcome, registry
+    ) -> CallRecord:
         """The record of one executed call of ``ep`` (tokens ``[start, end)``) with its ground
         truth: a region call is good when it covers the question's gold region (IoU >= 0.5),
         another call when its observation holds gold evidence."""
@@ -295,7 +297,9 @@ class RolloutEngine:
         greedy: bool = False,
     ) -> list[Episode]:
         """One episode per example (repeat an example G times for a group)."""
-        episodes = [self.fmt.start_episode(ex, g) for ex, g in zip(examples, group_ids, strict=True)]
+        episodes = [
+            self.fmt.start_episode(ex, g) for ex, g in zip(examples, group_ids, strict=True)
+        ]
         return self.continue_episodes(episodes, seed=seed, temperature=temperature, greedy=greedy)
 
     @torch.no_grad()
