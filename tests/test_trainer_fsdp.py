@@ -104,6 +104,51 @@ def test_axpo_tarl_and_mixed_configs_run_on_two_processes(tmp_path):
             assert total == pytest.approx(1.0)
 
 
+def test_the_vision_language_config_trains_two_steps_on_two_processes(tmp_path):
+    """The VL config end to end: warm-up on demonstrations with images, rollouts that zoom and
+    search images, TAPO on the calls (IoU for zooms), the loss from hidden states with the
+    images, FSDP2 over the vision and text blocks, a checkpoint."""
+    proc = torchrun(
+        "-m",
+        "trainer.train",
+        "--config",
+        "trainer/configs/tiny_vl_grpo_tapo.yaml",
+        "model.hidden_size=32",
+        "model.intermediate_size=64",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "model.num_kv_heads=1",
+        "model.vision_layers=1",
+        "model.vision_hidden_size=32",
+        "model.vision_heads=2",
+        "task.num_scenes=16",
+        "task.num_demos=8",
+        "warmup.steps=2",
+        "warmup.batch_size=4",
+        "rollout.group_size=4",
+        "rl.prompts_per_step=2",
+        "rl.steps=2",
+        "eval.num_questions=2",
+        "eval.k=0",
+        "checkpoint.every=2",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "logging.plots=false",
+        f"logging.run_dir={tmp_path}",
+        "logging.name=vl",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es) on cpu with FSDP2" in proc.stdout
+    rl = [r for r in rows(tmp_path / "vl" / "metrics.jsonl") if r.get("phase") == "rl"]
+    assert [r["rl_step"] for r in rl] == [1, 2]
+    for r in rl:
+        assert math.isfinite(r["actor/loss"]) and r["actor/skipped_steps"] == 0, r
+        assert r["train/turns"] > 0 and "tapo/call_correction_rate" in r
+    assert (tmp_path / "vl" / "checkpoints" / "latest").is_file()
+    # the run directory is a complete processor: tokenizer and image processor
+    assert (tmp_path / "vl" / "tokenizer" / "preprocessor_config.json").is_file()
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = [
         "-m",

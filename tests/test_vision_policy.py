@@ -336,3 +336,42 @@ def test_zoom_calls_are_lifted_through_iou_witnesses(visual, policy, fused_corre
         adv, seq_adv, batch.group_ids, c, registry.sim_kind_tensor(), theta=0.7
     )
     torch.testing.assert_close(public.delta, delta)
+
+
+QWEN_VL_LIKE_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
+    "{% if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", ["vl", "text_only"])
+def test_chat_templates_place_the_question_image_in_the_user_message(visual, policy, template):
+    import copy
+
+    _, tokenizer, codec, _ = policy
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (
+        QWEN_VL_LIKE_TEMPLATE
+        if template == "vl"
+        else "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    )
+    cfg = RolloutConfig(use_chat_template=True, prompt_template="{question}", system_prompt="S")
+    fmt = PromptFormatter(
+        tok, cfg, images=codec, question_images=scene_images(visual.scenes, 112 * 112)
+    )
+    ex = visual.train[0]
+    ep = fmt.start_episode(ex)
+    text = fmt.decode(ep.token_ids)
+    pads = "<|image_pad|>" * 16
+    if template == "vl":  # the template's placeholder, expanded to the image's 16 tokens
+        assert text == (
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n"
+            f"<|vision_start|>{pads}<|vision_end|>{ex.question}<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+    else:  # a template without image support: the image block opens the prompt
+        assert text.startswith(f"<|vision_start|>{pads}<|vision_end|>system: S\n")
+    mrope_positions(ep.token_ids, codec.pad_id, ep.images)  # one block per image

@@ -73,12 +73,17 @@ class PromptFormatter:
             list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
 
-    def prompt_ids(self, example: Example) -> list[int]:
+    def prompt_ids(self, example: Example, num_images: int = 0) -> list[int]:
+        """The prompt's token ids; through the chat template, ``num_images`` image entries
+        open the user message (the template writes one placeholder per image)."""
         text = self.cfg.prompt_template.format(question=example.question)
         if self.cfg.use_chat_template:
+            content: str | list = text
+            if num_images:
+                content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
             messages = [
                 {"role": "system", "content": self.cfg.system_prompt},
-                {"role": "user", "content": text},
+                {"role": "user", "content": content},
             ]
             return list(
                 self.tok.apply_chat_template(
@@ -86,6 +91,27 @@ class PromptFormatter:
                 )
             )
         return self.encode(text)
+
+    def _with_images(self, example: Example, images: list) -> list[int]:
+        """The prompt with the question's images: where the chat template placed one
+        placeholder per image, each becomes the image's pad tokens; otherwise (no chat
+        template, or one that ignores images) the image blocks precede the prompt."""
+        codec = self.images
+        if self.cfg.use_chat_template:
+            ids = self.prompt_ids(example, len(images))
+            runs = [
+                i for i, t in enumerate(ids) if t == codec.pad_id and (i == 0 or ids[i - 1] != t)
+            ]
+            if len(runs) == len(images):
+                out, last = [], 0
+                for start, img in zip(runs, images, strict=True):
+                    end = start
+                    while end < len(ids) and ids[end] == codec.pad_id:
+                        end += 1
+                    out += ids[last:start] + [codec.pad_id] * img.num_tokens
+                    last = end
+                return out + ids[last:]
+        return [t for img in images for t in codec.token_ids(img)] + self.prompt_ids(example)
 
     def observation_ids(
         self, text: str, budget: int | None = None, image_ids: Sequence[int] = ()
@@ -100,19 +126,18 @@ class PromptFormatter:
 
     def start_episode(self, example: Example, group: int = 0) -> Episode:
         """A new episode holding the prompt (after the question's images, if any)."""
-        ids: list[int] = []
         images, views = [], []
-        if example.images and self.images is not None and self.question_images is not None:
-            for image, region in self.question_images(example):
-                img = self.images.encode(image)
-                ids += self.images.token_ids(img)
-                images.append(img)
-                views.append(tuple(region))
-        elif example.images:
+        if example.images and (self.images is None or self.question_images is None):
             raise ValueError(
                 f"question {example.uid!r} shows an image: it needs a vision-language policy"
             )
-        ids += self.prompt_ids(example)
+        if example.images:
+            for image, region in self.question_images(example):
+                images.append(self.images.encode(image))
+                views.append(tuple(region))
+            ids = self._with_images(example, images)
+        else:
+            ids = self.prompt_ids(example)
         ep = Episode(example, int(group), len(ids), ids, [0] * len(ids), [0.0] * len(ids))
         ep.images, ep.views = images, views
         return ep
