@@ -122,6 +122,10 @@ def test_ground_truth_labels_and_counts_on_hand_built_episodes():
         "lifted_good_calls": 1,  # the good call (0.4) and a bad one (0.1)
         "lift_sum_good": 0.4,
         "lift_sum_bad": 0.1,
+        "region_failing_calls": 0,  # no zoom_in calls here (see test_vision_policy.py)
+        "region_failing_good_calls": 0,
+        "region_lifted_calls": 0,
+        "region_lifted_good_calls": 0,
     }
     rates = truth_rates(counts)
     assert rates["truth/failing_traj_with_good_call"] == 0.5

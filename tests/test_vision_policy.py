@@ -103,7 +103,7 @@ def _engine(visual, policy, **rollout):
         cfg,
         max_obs_tokens=16,
         images=codec,
-        question_images=scene_images(visual.scenes, 112 * 112),
+        question_images=scene_images(visual.scenes, 84 * 84),
     )
 
 
@@ -114,11 +114,11 @@ def test_question_and_observation_images_become_masked_image_tokens(visual, poli
         RolloutConfig(),
         max_obs_tokens=16,
         images=codec,
-        question_images=scene_images(visual.scenes, 112 * 112),
+        question_images=scene_images(visual.scenes, 84 * 84),
     )
     ex = visual.train[0]
     ep = fmt.start_episode(ex, group=3)
-    block = [codec.start_id] + [codec.pad_id] * 16 + [codec.end_id]  # 112x112 px: 16 tokens
+    block = [codec.start_id] + [codec.pad_id] * 9 + [codec.end_id]  # 84x84 px: 9 tokens
     assert ep.token_ids[: len(block)] == block
     assert ep.token_ids[len(block) :] == fmt.prompt_ids(ex)
     assert ep.prompt_len == len(ep.token_ids) and sum(ep.mask) == 0
@@ -276,15 +276,17 @@ def test_zoom_calls_are_lifted_through_iou_witnesses(visual, policy, fused_corre
     registry, fmt = engine.registry, engine.fmt
     ex = next(e for e in visual.train if e.kind == "zoom")
     gold = ex.gold_box
-    x1, y1, x2, y2 = gold
-    wrong = (0.5 - x1, y1, 1.5 - x2, y2)  # the panel beside it (a 2 x 2 grid of halves)
+    x1, y1, x2, y2 = gold  # a cell of the grid
+    w, h = x2 - x1, y2 - y1
+    side = w if x1 < 0.5 else -w
+    wrong = (x1 + side, y1, x2 + side, y2)  # the panel beside it
     boxes_rewards = [
         (gold, 1.0),
         (gold, 1.0),
         (gold, 0.0),  # the right region, misread: lifted
-        ((x1, y1, x2 - 0.05, y2 - 0.05), 0.0),  # IoU 0.81: lifted
+        ((x1, y1, x2 - 0.1 * w, y2 - 0.1 * h), 0.0),  # IoU 0.9^2 = 0.81: lifted
         (wrong, 0.0),  # the wrong panel: IoU 0
-        ((0.0, y1, 1.0, y2), 0.0),  # two panels: IoU 0.5
+        ((min(x1, wrong[0]), y1, max(x2, wrong[2]), y2), 0.0),  # two panels: IoU 0.5
     ]
     episodes = [_zoom_episode(ex, 0, b, r, fmt, registry) for b, r in boxes_rewards]
     assert [c.good for ep in episodes for c in ep.calls] == [True] * 4 + [False, True]
@@ -331,6 +333,14 @@ def test_zoom_calls_are_lifted_through_iou_witnesses(visual, policy, fused_corre
         want = torch.clamp(adv[k, s:e] + float(delta[k]), max=0.0)
         torch.testing.assert_close(corrected[k, s:e], want)
     assert bool((corrected[2:] <= 0).all())
+    # the ground truth of these calls: the two-panel zoom covers the gold panel with IoU 0.5,
+    # so it counts as good but is below theta; the wrong panel is bad
+    from trainer.credit import truth_counts, truth_rates
+
+    rates = truth_rates(truth_counts(episodes, seq_adv.tolist(), delta.tolist()))
+    assert rates["truth/zoom_lift_rate"] == 2 / 4
+    assert rates["truth/zoom_lift_precision"] == 1.0
+    assert rates["truth/zoom_lift_recall"] == 2 / 3
     # the public op agrees with the backend
     public = tapo_kernels.fused_correct(
         adv, seq_adv, batch.group_ids, c, registry.sim_kind_tensor(), theta=0.7
@@ -360,12 +370,12 @@ def test_chat_templates_place_the_question_image_in_the_user_message(visual, pol
     )
     cfg = RolloutConfig(use_chat_template=True, prompt_template="{question}", system_prompt="S")
     fmt = PromptFormatter(
-        tok, cfg, images=codec, question_images=scene_images(visual.scenes, 112 * 112)
+        tok, cfg, images=codec, question_images=scene_images(visual.scenes, 84 * 84)
     )
     ex = visual.train[0]
     ep = fmt.start_episode(ex)
     text = fmt.decode(ep.token_ids)
-    pads = "<|image_pad|>" * 16
+    pads = "<|image_pad|>" * 9
     if template == "vl":  # the template's placeholder, expanded to the image's 16 tokens
         assert text == (
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n"

@@ -94,7 +94,7 @@ class ModelConfig:
     vision_layers: int = 2
     vision_hidden_size: int = 64
     vision_heads: int = 4
-    max_pixels: int = 112 * 112
+    max_pixels: int = 84 * 84
 
 
 @dataclass
@@ -112,7 +112,8 @@ class TaskConfig:
     )
     heldout_fraction: float = 0.25
     num_demos: int = 1024
-    sloppy_demo_fraction: float = 0.8  # demos whose query is the bare name (see tasks/synthetic.py)
+    # sloppy demos: the bare-name query (synthetic) or the quarter-scene zoom (visual)
+    sloppy_demo_fraction: float = 0.8
     demos_from: str = "worlds"  # train (training questions) | worlds (fresh small worlds)
     # jsonl task: lines {"question", "answer" (str or list), optional "corpus" (list of docs)}
     train_path: str | None = None
@@ -576,6 +577,11 @@ def validate(cfg: Config) -> None:
             f"must be in (0, 1), got {t.heldout_fraction}",
         )
         nonneg("task.num_demos", t.num_demos)
+        check(
+            0 <= t.sloppy_demo_fraction <= 1,
+            "task.sloppy_demo_fraction",
+            f"must be in [0, 1], got {t.sloppy_demo_fraction}",
+        )
         for kind, weight in t.scene_kinds.items():
             choice(f"task.scene_kinds.{kind}", kind, ["zoom", "emblem"])
             check(

@@ -166,7 +166,13 @@ TRUTH_COUNTS = (
     "lifted_good_calls",
     "lift_sum_good",
     "lift_sum_bad",
+    # the same for region calls (zoom_in: compared by IoU)
+    "region_failing_calls",
+    "region_failing_good_calls",
+    "region_lifted_calls",
+    "region_lifted_good_calls",
 )
+REGION_TOOLS = ("zoom_in",)
 
 
 def truth_counts(
@@ -181,15 +187,18 @@ def truth_counts(
     k = 0
     for ep, adv in zip(episodes, seq_adv, strict=True):
         calls = ep.calls
-        known = bool(ep.example.evidence)
+        known = bool(ep.example.evidence or ep.example.gold_box)
         if known and adv < 0:
             out["failing_traj"] += 1
             out["failing_traj_with_good"] += any(c.good for c in calls)
             for j, c in enumerate(calls):
                 d = float(delta[k + j])
+                region = c.name in REGION_TOOLS
                 out["failing_calls"] += 1
+                out["region_failing_calls"] += region
                 if c.good:
                     out["failing_good_calls"] += 1
+                    out["region_failing_good_calls"] += region
                     out["lift_sum_good"] += d
                 elif c.valid:
                     out["failing_valid_bad_calls"] += 1
@@ -197,6 +206,8 @@ def truth_counts(
                 if d > 0:
                     out["lifted_calls"] += 1
                     out["lifted_good_calls"] += bool(c.good)
+                    out["region_lifted_calls"] += region
+                    out["region_lifted_good_calls"] += region and bool(c.good)
         k += len(calls)
     return out
 
@@ -220,6 +231,9 @@ def truth_rates(sums: dict[str, float], lifts: bool = True) -> dict[str, float]:
     ratio("truth/mean_lift_good", "lift_sum_good", "failing_good_calls")
     ratio("truth/mean_lift_bad", "lift_sum_bad", "failing_valid_bad_calls")
     rates["truth/lifted_calls"] = sums["lifted_calls"]
+    ratio("truth/zoom_lift_rate", "region_lifted_calls", "region_failing_calls")
+    ratio("truth/zoom_lift_precision", "region_lifted_good_calls", "region_lifted_calls")
+    ratio("truth/zoom_lift_recall", "region_lifted_good_calls", "region_failing_good_calls")
     return rates
 
 

@@ -32,7 +32,12 @@ def _main_task(cfg: TaskConfig) -> TaskData:
         from .visual import visual_task
 
         return visual_task(
-            cfg.num_scenes, cfg.heldout_fraction, cfg.num_demos, cfg.seed, kinds=cfg.scene_kinds
+            cfg.num_scenes,
+            cfg.heldout_fraction,
+            cfg.num_demos,
+            cfg.seed,
+            kinds=cfg.scene_kinds,
+            sloppy_demo_fraction=cfg.sloppy_demo_fraction,
         )
     if cfg.name == "synthetic":
         return synthetic_task(

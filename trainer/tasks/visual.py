@@ -1,20 +1,22 @@
 """The bundled synthetic visual task: read a small digit or emblem that only a zoom reveals.
 
 Every question shows one scene (image 0), a square RGB picture of ``SCENE_SIZE`` pixels cut
-into four panels in a 2x2 grid. Each panel has its own pale background colour (red, green,
-blue or yellow, in a random order per scene, so which colour sits where has to be read from
-the image) and holds, centred, either a black digit or the emblem of an entity (a 5x5
-left-right-symmetric pattern of black cells). The scene reaches the model at ``MAX_PIXELS``
-(a quarter of its side), where a digit or an emblem is a blur of a few pixels; a zoom into
-one panel shows it at half its side, where it is legible. Questions:
+into ``GRID x GRID`` panels, each with a pale background colour and, centred, a black digit
+or the emblem of an entity (a 5x5 left-right-symmetric pattern of black cells). The scene
+reaches the model at ``MAX_PIXELS`` (84 x 84: a panel is 21 pixels, a digit a blur of
+about 5), where no digit or emblem can be read; a zoom into one panel shows it at the same
+budget, four times larger, where it is legible. Questions name a panel by its position:
 
-* ``zoom``: "What number is in the green panel?" - zoom into the green panel, read the digit;
-* ``emblem``: "Whose emblem is in the green panel?" - zoom into the panel, then search the
-  emblem by image (``image_search`` of image 1), which returns the caption naming its entity.
+* ``zoom``: "What number is in the panel at row 2, column 3?" - zoom into that panel
+  (``bbox`` [0.5, 0.25, 0.75, 0.5]) and read the digit;
+* ``emblem``: "Whose emblem is in the panel at row 2, column 3?" - zoom into the panel, then
+  search the emblem by image (``image_search`` of image 1), which returns the caption
+  naming its entity.
 
 The ground truth of a question is its answer (the panel's value, also its evidence) and the
-panel's box (``gold_box``); the demonstration calls (``Example.calls``) are those of a
-perfect solver. Scenes are specs (``SceneBook``), rendered with Pillow on demand.
+panel's box (``gold_box``): a zoom that covers it (IoU >= 0.5) is a good call. The
+demonstration calls (``Example.calls``) are those of a perfect solver. Scenes are specs
+(``SceneBook``), rendered with Pillow on demand.
 """
 
 from __future__ import annotations
@@ -33,13 +35,12 @@ from PIL import Image, ImageDraw, ImageFont
 from .base import Example, TaskData
 from .synthetic import entity_names
 
-SCENE_SIZE = 448  # side of a scene in pixels
-MAX_PIXELS = 112 * 112  # pixel budget of every image the model sees
-PANEL_BOXES: tuple[tuple[float, float, float, float], ...] = (
-    (0.0, 0.0, 0.5, 0.5),
-    (0.5, 0.0, 1.0, 0.5),
-    (0.0, 0.5, 0.5, 1.0),
-    (0.5, 0.5, 1.0, 1.0),
+SCENE_SIZE = 896  # side of a scene in pixels
+GRID = 8  # panels per side
+MAX_PIXELS = 84 * 84  # pixel budget of every image the model sees (3 x 3 image tokens)
+# the panels row by row: (x1, y1, x2, y2) of row r, column c (0-based)
+PANEL_BOXES: tuple[tuple[float, float, float, float], ...] = tuple(
+    (c / GRID, r / GRID, (c + 1) / GRID, (r + 1) / GRID) for r in range(GRID) for c in range(GRID)
 )
 # colour name -> (panel background, panel border)
 COLORS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
@@ -50,8 +51,8 @@ COLORS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
 }
 NEUTRAL = ((235, 235, 235), (170, 170, 170))  # the background of reference emblems
 KINDS = ("zoom", "emblem")
-DIGIT_HEIGHT = 20  # pixels at full resolution
-EMBLEM_CELL = 6  # pixels per emblem cell at full resolution
+DIGIT_HEIGHT = 76  # pixels at full resolution
+EMBLEM_CELL = 13  # pixels per emblem cell at full resolution
 EMBLEM_BITS = 15  # 5 rows x 3 free columns (the other two mirror them)
 BORDER = 2  # panel border width in pixels
 
@@ -71,13 +72,10 @@ class Panel:
 
 @dataclass(frozen=True)
 class Scene:
-    """A scene: its id (the corpus id of its question) and its four panels."""
+    """A scene: its id (the corpus id of its question) and its panels, row by row."""
 
     uid: int
     panels: tuple[Panel, ...]
-
-    def panel(self, color: str) -> Panel:
-        return next(p for p in self.panels if p.color == color)
 
 
 def fit_pixels(
@@ -211,9 +209,10 @@ class SceneBook:
         return resize_region(self.render(scene_id), region, max_pixels)
 
     def emblem_panel(self, name: str) -> Image.Image:
-        """A panel (``SCENE_SIZE / 2`` pixels square) of the entity's emblem on a neutral
+        """A panel (``SCENE_SIZE / GRID`` pixels square) of the entity's emblem on a neutral
         background: the reference image of the emblem."""
-        image = Image.new("RGB", (SCENE_SIZE // 2, SCENE_SIZE // 2), (255, 255, 255))
+        side = SCENE_SIZE // GRID
+        image = Image.new("RGB", (side, side), (255, 255, 255))
         draw_panel(image, (0.0, 0.0, 1.0, 1.0), NEUTRAL, "emblem", name, self.entities[name])
         return image
 
@@ -222,10 +221,12 @@ def emblem_caption(name: str) -> str:
     return f"the emblem of {name}"
 
 
-def question_text(kind: str, color: str) -> str:
+def question_text(kind: str, index: int) -> str:
+    """The question about panel ``index`` (row by row), named by its row and column."""
+    where = f"row {index // GRID + 1}, column {index % GRID + 1}"
     if kind == "zoom":
-        return f"What number is in the {color} panel?"
-    return f"Whose emblem is in the {color} panel?"
+        return f"What number is in the panel at {where}?"
+    return f"Whose emblem is in the panel at {where}?"
 
 
 def emblem_distance(a: int, b: int) -> int:
@@ -283,10 +284,9 @@ def _call(name: str, arguments: dict) -> str:
     return json.dumps({"name": name, "arguments": arguments})
 
 
-def make_scene(uid: int, kind: str, names: list[str], rng: random.Random) -> tuple[Scene, str]:
-    """A random scene whose question of ``kind`` asks about the returned colour's panel."""
-    colors = list(COLORS)
-    rng.shuffle(colors)
+def make_scene(uid: int, kind: str, names: list[str], rng: random.Random) -> tuple[Scene, int]:
+    """A random scene whose question of ``kind`` asks about the returned panel index."""
+    colors = [rng.choice(list(COLORS)) for _ in PANEL_BOXES]
     target = rng.randrange(len(PANEL_BOXES))
     panels = []
     for i, (color, box) in enumerate(zip(colors, PANEL_BOXES, strict=True)):
@@ -294,18 +294,25 @@ def make_scene(uid: int, kind: str, names: list[str], rng: random.Random) -> tup
         content = content or rng.choice(("digit", "emblem"))
         value = str(rng.randrange(10)) if content == "digit" else rng.choice(names)
         panels.append(Panel(color, box, content, value))
-    return Scene(uid, tuple(panels)), colors[target]
+    return Scene(uid, tuple(panels)), target
 
 
-def scene_example(scene: Scene, kind: str, color: str) -> Example:
-    """The question of ``kind`` about the ``color`` panel, with its ground truth and the calls
-    that answer it."""
-    panel = scene.panel(color)
-    zoom = _call("zoom_in", {"image_index": 0, "bbox": [float(v) for v in panel.box]})
+def quarter(box: Box) -> Box:
+    """The quarter of the scene that holds ``box`` (a sloppy zoom: IoU 1/16 with a panel)."""
+    x, y = (0.0 if box[0] < 0.5 else 0.5), (0.0 if box[1] < 0.5 else 0.5)
+    return (x, y, x + 0.5, y + 0.5)
+
+
+def scene_example(scene: Scene, kind: str, index: int, loose: bool = False) -> Example:
+    """The question of ``kind`` about panel ``index``, with its ground truth and the calls
+    that answer it (``loose``: the zoom shows the whole quarter around the panel)."""
+    panel = scene.panels[index]
+    region = quarter(panel.box) if loose else panel.box
+    zoom = _call("zoom_in", {"image_index": 0, "bbox": [float(v) for v in region]})
     calls = (zoom,) if kind == "zoom" else (zoom, _call("image_search", {"image_index": 1}))
     return Example(
         uid=f"visual-{scene.uid}",
-        question=question_text(kind, color),
+        question=question_text(kind, index),
         answers=(panel.value,),
         corpus_id=scene.uid,
         evidence=((panel.value,),),
@@ -326,11 +333,19 @@ def visual_task(
     seed: int = 0,
     kinds: Mapping[str, float] | None = None,
     num_entities: int = 32,
+    sloppy_demo_fraction: float = 0.0,
 ) -> TaskData:
     """Build the task (deterministic in its arguments): one question per scene; scenes
     ``0 .. num_scenes - 1`` hold the training and held-out questions (the last
     ``heldout_fraction`` of them are held out), each demonstration gets a fresh scene after
-    those. Corpus 0 holds the caption of every emblem (what ``image_search`` returns)."""
+    those. Corpus 0 holds the caption of every emblem (what ``image_search`` returns).
+
+    ``sloppy_demo_fraction``: the share of digit demonstrations that zoom into the whole
+    quarter of the scene around the panel instead of the panel itself, then answer right.
+    In that view the digit is four times smaller among fifteen others, so the habit looks
+    right in the demonstrations and fails often when the policy applies it; RL has to learn
+    from the reward alone to zoom tightly. A sloppy zoom covers its panel with IoU 1/16, so
+    the ground truth counts it as a bad call."""
     if num_scenes < 2:
         raise ValueError(f"num_scenes must be >= 2, got {num_scenes}")
     if not 0 < heldout_fraction < 1:
@@ -340,19 +355,20 @@ def visual_task(
     names = entity_names(num_entities, seed)
     book = SceneBook({}, dict(zip(names, emblem_codes(num_entities, rng), strict=True)))
 
-    def questions(first: int, n: int) -> list[Example]:
+    def questions(first: int, n: int, sloppy: float = 0.0) -> list[Example]:
         plan = [k for k, c in _counts(n, kinds).items() for _ in range(c)]
         rng.shuffle(plan)
         out = []
         for uid, kind in enumerate(plan, start=first):
-            scene, color = make_scene(uid, kind, names, rng)
+            scene, target = make_scene(uid, kind, names, rng)
             book.scenes[uid] = scene
-            out.append(scene_example(scene, kind, color))
+            loose = kind == "zoom" and sloppy > 0 and rng.random() < sloppy
+            out.append(scene_example(scene, kind, target, loose))
         return out
 
     asked = questions(0, num_scenes)
     n_heldout = min(num_scenes - 1, max(1, round(heldout_fraction * num_scenes)))
-    demos = questions(num_scenes, num_demos)
+    demos = questions(num_scenes, num_demos, sloppy_demo_fraction)
     return TaskData(
         train=asked[: num_scenes - n_heldout],
         heldout=asked[num_scenes - n_heldout :],
@@ -360,3 +376,27 @@ def visual_task(
         corpora={0: [emblem_caption(name) for name in names]},
         scenes=book,
     )
+
+
+def picture(task: TaskData, index: int = 0, side: int = 336) -> Image.Image:
+    """A figure of one training question: the scene at full resolution, the scene as the
+    model sees it, and the zoom into the question's panel as the model sees it (both
+    enlarged without smoothing), captioned with the question and its answer."""
+    ex = task.train[index]
+    book: SceneBook = task.scenes
+    panels = [
+        (book.render(ex.corpus_id), "the scene (full resolution)"),
+        (book.view(ex.corpus_id, (0.0, 0.0, 1.0, 1.0)), "what the model sees"),
+        (book.view(ex.corpus_id, ex.gold_box), f"zoom_in bbox={list(ex.gold_box)}"),
+    ]
+    pad, top = 12, 44
+    out = Image.new("RGB", (3 * side + 4 * pad, side + top + 2 * pad), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    font = _font(15)
+    draw.text((pad, 8), f"{ex.question}  answer: {ex.answers[0]}", fill=(0, 0, 0), font=font)
+    for i, (image, label) in enumerate(panels):
+        x = pad + i * (side + pad)
+        resample = Image.Resampling.LANCZOS if i == 0 else Image.Resampling.NEAREST
+        out.paste(image.resize((side, side), resample), (x, top))
+        draw.text((x, top + side + 4), label, fill=(60, 60, 60), font=_font(13))
+    return out

@@ -25,7 +25,7 @@ def build_registry(
     isolation: str = "process",
     workers: int = 2,
     scenes=None,
-    max_pixels: int = 112 * 112,
+    max_pixels: int = 84 * 84,
 ) -> ToolRegistry:
     """A registry with the named tools, in the given order (their ids). ``scenes``: the
     visual task's ``SceneBook`` (needed by ``zoom_in`` and ``image_search``)."""
@@ -52,7 +52,7 @@ def build_registry(
 
 
 def registry_from_config(
-    cfg, corpora: Mapping[int, Sequence[str]], scenes=None, max_pixels: int = 112 * 112
+    cfg, corpora: Mapping[int, Sequence[str]], scenes=None, max_pixels: int = 84 * 84
 ) -> ToolRegistry:
     """``build_registry`` with the settings of a ``ToolsConfig``; errors name the config key."""
     from ..config import ConfigError
