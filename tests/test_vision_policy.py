@@ -118,7 +118,7 @@ def test_question_and_observation_images_become_masked_image_tokens(visual, poli
     )
     ex = visual.train[0]
     ep = fmt.start_episode(ex, group=3)
-    block = [codec.start_id] + [codec.pad_id] * 9 + [codec.end_id]  # 84x84 px: 9 tokens
+    block = [codec.start_id] + [codec.pad_id] * 4 + [codec.end_id]  # a 56x56 overview
     assert ep.token_ids[: len(block)] == block
     assert ep.token_ids[len(block) :] == fmt.prompt_ids(ex)
     assert ep.prompt_len == len(ep.token_ids) and sum(ep.mask) == 0
@@ -375,7 +375,7 @@ def test_chat_templates_place_the_question_image_in_the_user_message(visual, pol
     ex = visual.train[0]
     ep = fmt.start_episode(ex)
     text = fmt.decode(ep.token_ids)
-    pads = "<|image_pad|>" * 9
+    pads = "<|image_pad|>" * 4  # the 56x56 overview
     if template == "vl":  # the template's placeholder, expanded to the image's 16 tokens
         assert text == (
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n"

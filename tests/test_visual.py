@@ -135,10 +135,10 @@ def test_fit_pixels():
             assert abs(math.log(fw / fh) - math.log(w / h)) < math.log(1.5)
     with pytest.raises(ValueError):
         fit_pixels(448, 448, 20 * 20)
-    # the task's budget, 84 x 84: the 448-pixel scene 16/3 times smaller (a 112-pixel panel
-    # becomes 21 pixels), a zoom into one panel (112 pixels) at 84, four times larger
-    assert MAX_PIXELS == 84 * 84
-    assert fit_pixels(448, 448, MAX_PIXELS) == (84, 84)
+    # the task's budget, 84 x 84: the 896-pixel scene 32/3 times smaller (a 112-pixel panel
+    # becomes 10.5 pixels), a zoom into one panel (112 pixels) at 84, eight times larger
+    assert MAX_PIXELS == 84 * 84 and SCENE_SIZE == 896
+    assert fit_pixels(896, 896, MAX_PIXELS) == (84, 84)
     assert fit_pixels(112, 112, MAX_PIXELS) == (84, 84)
 
 
@@ -154,16 +154,16 @@ def test_zoom_returns_the_region_as_a_png(task):
     assert result.refs == ("0.5000,0.0000,1.0000,0.5000",)
     assert box_of_refs(result.refs) == approx_box((0.5, 0.0, 1.0, 0.5))
     image = decode(result.image)
-    # a 224 x 224 region fits the 84 x 84 budget exactly
+    # a 448 x 448 region fits the 84 x 84 budget exactly
     assert image.format == "PNG" and image.size == (84, 84)
     expected = task.scenes.view(3, (0.5, 0.0, 1.0, 0.5), MAX_PIXELS)
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
-    # 448 x 224 (2:1): 112 x 56 keeps the ratio within 84 * 84 = 7056 (140 x 56 = 7840 does not)
+    # 896 x 448 (2:1): 112 x 56 keeps the ratio within 84 * 84 = 7056 (140 x 56 = 7840 does not)
     wide = tool.run({"image_index": 0, "bbox": [0.0, 0.0, 1.0, 0.5]}, context)
     assert decode(wide.image).size == (112, 56)
     # one panel (row 2, column 3: 112 x 112 pixels) is shown at 84 x 84
-    panel = tool.run({"image_index": 0, "bbox": [0.5, 0.25, 0.75, 0.5]}, context)
-    assert panel.refs == ("0.5000,0.2500,0.7500,0.5000",)
+    panel = tool.run({"image_index": 0, "bbox": [0.25, 0.125, 0.375, 0.25]}, context)
+    assert panel.refs == ("0.2500,0.1250,0.3750,0.2500",)
     assert decode(panel.image).size == (84, 84)
 
 
@@ -215,7 +215,10 @@ def test_image_index_finds_the_emblem_of_a_zoomed_panel(task):
         x1, y1, x2, y2 = panel.box
         hits = index.search_image(book.view(scene_id, panel.box))
         assert [name for name, _ in hits] == [panel.value]
-        shifted = crop_box([x1 + 0.03, y1 - 0.03, x2 + 0.03, y2 - 0.03])
+        # an emblem is 5 x 13 = 65 of the panel's 112 pixels (23.5 from each side), a digit
+        # 76 tall (18 from each side): a shift by 0.01 (9 pixels) neither cuts the emblem
+        # nor brings in a neighbour's content
+        shifted = crop_box([x1 + 0.01, y1 - 0.01, x2 + 0.01, y2 - 0.01])
         assert [name for name, _ in index.search_image(book.view(scene_id, shifted))] == [
             panel.value
         ]
@@ -303,13 +306,13 @@ def test_splits_scene_ids_and_corpus():
 
 
 def test_scene_layout(task):
-    # a 4 x 4 grid of 0.25-wide cells, row by row
-    assert len(PANEL_BOXES) == 16
-    assert PANEL_BOXES[0] == approx_box((0.0, 0.0, 0.25, 0.25))
-    assert PANEL_BOXES[1] == approx_box((0.25, 0.0, 0.5, 0.25))  # row 1, column 2
-    assert PANEL_BOXES[4] == approx_box((0.0, 0.25, 0.25, 0.5))  # row 2, column 1
-    assert PANEL_BOXES[6] == approx_box((0.5, 0.25, 0.75, 0.5))  # row 2, column 3
-    assert PANEL_BOXES[15] == approx_box((0.75, 0.75, 1.0, 1.0))
+    # an 8 x 8 grid of 0.125-wide cells, row by row
+    assert len(PANEL_BOXES) == 64
+    assert PANEL_BOXES[0] == approx_box((0.0, 0.0, 0.125, 0.125))
+    assert PANEL_BOXES[1] == approx_box((0.125, 0.0, 0.25, 0.125))  # row 1, column 2
+    assert PANEL_BOXES[8] == approx_box((0.0, 0.125, 0.125, 0.25))  # row 2, column 1
+    assert PANEL_BOXES[10] == approx_box((0.25, 0.125, 0.375, 0.25))  # row 2, column 3
+    assert PANEL_BOXES[63] == approx_box((0.875, 0.875, 1.0, 1.0))
     # the panels tile the scene: no overlaps, total area 1
     assert all(iou(a, b) == 0.0 for a, b in itertools.combinations(PANEL_BOXES, 2))
     assert sum((x2 - x1) * (y2 - y1) for x1, y1, x2, y2 in PANEL_BOXES) == pytest.approx(1.0)
@@ -318,7 +321,7 @@ def test_scene_layout(task):
         assert [p.box for p in scene.panels] == list(PANEL_BOXES)
         colors = [p.color for p in scene.panels]
         assert set(colors) <= set(COLORS)
-        assert len(set(colors)) < len(colors)  # 16 panels, 4 colours: repeats
+        assert len(set(colors)) < len(colors)  # 64 panels, 4 colours: repeats
         assert {p.kind for p in scene.panels} <= {"digit", "emblem"}
         used.update(colors)
     assert used == set(COLORS)  # every colour is used somewhere
@@ -332,8 +335,8 @@ def test_gold_box_holds_the_answer(task):
         assert ex.answers == (panel.value,) and ex.evidence == ((panel.value,),)
         assert ex.gold_box in PANEL_BOXES
         x1, y1, x2, y2 = ex.gold_box
-        assert (x2 - x1, y2 - y1) == (0.25, 0.25)
-        row, column = round(4 * y1) + 1, round(4 * x1) + 1  # 1-based, cells 0.25 wide
+        assert (x2 - x1, y2 - y1) == (0.125, 0.125)
+        row, column = round(8 * y1) + 1, round(8 * x1) + 1  # 1-based, cells 0.125 wide
         where = f"the panel at row {row}, column {column}?"
         question = {"zoom": "What number is in ", "emblem": "Whose emblem is in "}[ex.kind]
         assert ex.question == question + where
@@ -343,7 +346,7 @@ def test_gold_box_holds_the_answer(task):
         assert ex.uid == f"visual-{ex.corpus_id}"
         kinds.add(ex.kind)
     assert kinds == {"zoom", "emblem"}
-    assert len(positions) >= 8  # 40 questions over 16 panels: the asked panel varies
+    assert len(positions) >= 8  # 40 questions over 64 panels: the asked panel varies
 
 
 def test_demonstration_calls(task):
@@ -362,9 +365,9 @@ def test_demonstration_calls(task):
 
 
 def test_zooming_is_needed_to_read_a_digit():
-    """A digit is a faint smudge in the scene at 84 x 84 (a panel is 21 x 21 pixels there,
-    with at most a stray dark pixel) but dark strokes, different for every pair of digits,
-    in an 84 x 84 zoom into its panel (four times larger)."""
+    """A digit is a faint smudge in the scene's 56 x 56 overview (a panel is 7 x 7 pixels
+    there) but dark strokes, different for every pair of digits, in an 84 x 84 zoom into its
+    panel (twelve times larger)."""
     book = SceneBook(
         {
             d: Scene(d, tuple(Panel("blue", b, "digit", str(d)) for b in PANEL_BOXES))
@@ -377,21 +380,23 @@ def test_zooming_is_needed_to_read_a_digit():
         return np.asarray(book.view(scene_id, region, MAX_PIXELS).convert("L")) < 64
 
     whole = [ink(d, WHOLE) for d in range(10)]
-    assert whole[0].shape == (84, 84)
-    # every panel, 21 x 21 pixels in the scene view and 84 x 84 in a zoom into it
-    cells = [(i, 21 * (i // 4), 21 * (i % 4)) for i in range(16)]
-    scene = [[w[y : y + 21, x : x + 21] for w in whole] for _, y, x in cells]
-    zoom = [[ink(d, PANEL_BOXES[i]) for d in range(10)] for i, _, _ in cells]
+    assert whole[0].shape == (56, 56)
+    # every panel: rows / columns 7 k .. 7 (k + 1) of the overview
+    scene = [
+        [w[7 * (i // 8) : 7 * (i // 8 + 1), 7 * (i % 8) : 7 * (i % 8 + 1)] for w in whole]
+        for i in range(64)
+    ]
+    zoom = [[ink(d, PANEL_BOXES[i]) for d in range(10)] for i in range(64)]
     assert zoom[0][0].shape == (84, 84)
-    # measured (threshold 64): in the scene view a panel has 0 or 1 dark pixels ("1", "2",
-    # "4": 1) and two digits differ in at most 2; in a zoom a digit has 51 ("1") to 112
-    # ("8") dark pixels and two digits differ in at least 37 (every panel alike)
-    for i in range(16):
-        assert all(s.sum() <= 3 for s in scene[i])
-        assert all(z.sum() >= 25 for z in zoom[i])
+    # measured (threshold 64): in a zoom a digit has 493 ("1") to 968 ("8") dark pixels and
+    # two digits differ in at least 284, in every panel; in the overview the darkest pixel
+    # is 60 to 97 and a panel has at most one pixel below 64 (a "4"; the others none)
+    for i in range(64):
+        assert all(s.sum() <= 3 for s in scene[i]), [int(s.sum()) for s in scene[i]]
+        assert all(z.sum() >= 250 for z in zoom[i])
         for a, b in itertools.combinations(range(10), 2):
             assert (scene[i][a] ^ scene[i][b]).sum() <= 3
-            assert (zoom[i][a] ^ zoom[i][b]).sum() >= 20
+            assert (zoom[i][a] ^ zoom[i][b]).sum() >= 140
 
 
 def test_scene_book_pickles_small_without_images(task):

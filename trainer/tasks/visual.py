@@ -3,20 +3,22 @@
 Every question shows one scene (image 0), a square RGB picture of ``SCENE_SIZE`` pixels cut
 into ``GRID x GRID`` panels, each with a pale background colour and, centred, a black digit
 or the emblem of an entity (a 5x5 left-right-symmetric pattern of black cells). The scene
-reaches the model at ``MAX_PIXELS`` (84 x 84: a panel is 21 pixels, a digit a blur of
-about 5), where no digit or emblem can be read; a zoom into one panel shows it at the same
-budget, four times larger, where it is legible. Questions name a panel by its position:
+reaches the model as an overview of ``OVERVIEW_PIXELS`` (56 x 56: a panel is 7 pixels, a
+digit a blur of under 5, sixteen panels to an image token), where no digit or emblem can be
+read; a zoom into one panel shows it at ``MAX_PIXELS`` (84 x 84), twelve times larger, where
+it is legible. Questions name a panel by its position:
 
 * ``zoom``: "What number is in the panel at row 2, column 3?" - zoom into that panel
-  (``bbox`` [0.5, 0.25, 0.75, 0.5]) and read the digit;
+  (``bbox`` [0.25, 0.125, 0.375, 0.25]) and read the digit;
 * ``emblem``: "Whose emblem is in the panel at row 2, column 3?" - zoom into the panel, then
   search the emblem by image (``image_search`` of image 1), which returns the caption
   naming its entity.
 
 The ground truth of a question is its answer (the panel's value, also its evidence) and the
 panel's box (``gold_box``): a zoom that covers it (IoU >= 0.5) is a good call. The
-demonstration calls (``Example.calls``) are those of a perfect solver. Scenes are specs
-(``SceneBook``), rendered with Pillow on demand.
+demonstration calls (``Example.calls``) are those of a perfect solver, except the sloppy
+ones (``sloppy_demo_fraction``), which zoom into the whole quarter of the scene. Scenes are
+specs (``SceneBook``), rendered with Pillow on demand.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from .synthetic import entity_names
 SCENE_SIZE = 896  # side of a scene in pixels
 GRID = 8  # panels per side
 MAX_PIXELS = 84 * 84  # pixel budget of every image the model sees (3 x 3 image tokens)
+OVERVIEW_PIXELS = 56 * 56  # the whole scene comes as an overview (2 x 2 image tokens)
+WHOLE: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
 # the panels row by row: (x1, y1, x2, y2) of row r, column c (0-based)
 PANEL_BOXES: tuple[tuple[float, float, float, float], ...] = tuple(
     (c / GRID, r / GRID, (c + 1) / GRID, (r + 1) / GRID) for r in range(GRID) for c in range(GRID)
@@ -205,7 +209,11 @@ class SceneBook:
         return image
 
     def view(self, scene_id: int, region: Box, max_pixels: int = MAX_PIXELS) -> Image.Image:
-        """The ``region`` (normalised x1, y1, x2, y2) of a scene as the model sees it."""
+        """The ``region`` (normalised x1, y1, x2, y2) of a scene as the model sees it: the
+        whole scene as an overview of at most ``OVERVIEW_PIXELS``, a region within
+        ``max_pixels``."""
+        if tuple(region) == WHOLE:
+            max_pixels = min(max_pixels, OVERVIEW_PIXELS)
         return resize_region(self.render(scene_id), region, max_pixels)
 
     def emblem_panel(self, name: str) -> Image.Image:
