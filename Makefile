@@ -5,7 +5,7 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 CLANG_FORMAT ?= clang-format
 CSRC = $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install test test-fast test-reliability bench train study demo lint format clean
+.PHONY: install test test-fast test-reliability bench train train-vl study demo lint format clean
 
 install:  ## install torch (CPU wheel first, so nothing pulls a CUDA build), then the package
 	$(PIP) torch==2.13.0
@@ -27,6 +27,9 @@ bench: install  ## micro-benchmarks; JSON and ratio tables land in benchmarks/re
 
 train: install  ## the main job on the embedded default
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m trainer.train --config trainer/configs/tiny_grpo_tapo.yaml
+
+train-vl: install  ## vision-language agents on the bundled visual task (about 10 minutes on 2 cores)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m trainer.train --config trainer/configs/tiny_vl_grpo_tapo.yaml
 
 study: install  ## the TAPO study (GRPO vs TAPO vs ablations, 5 seeds; about an hour on 2 cores)
 	$(PY) -m trainer.study --config trainer/configs/study_tapo.yaml

@@ -385,3 +385,13 @@ def test_chat_templates_place_the_question_image_in_the_user_message(visual, pol
     else:  # a template without image support: the image block opens the prompt
         assert text.startswith(f"<|vision_start|>{pads}<|vision_end|>system: S\n")
     mrope_positions(ep.token_ids, codec.pad_id, ep.images)  # one block per image
+
+
+def test_fsdp_units_are_the_vision_blocks_then_the_text_blocks(policy):
+    from trainer.modeling import decoder_layers
+
+    model = policy[0]
+    units = decoder_layers(model)
+    vision, text = list(model.model.visual.blocks), list(model.model.language_model.layers)
+    assert len(vision) == 1 and len(text) == 1  # the fixture's tiny sizes
+    assert units == vision + text

@@ -101,11 +101,9 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def tiny_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, seed: int) -> nn.Module:
-    """A random-init Qwen2-style causal LM; identical on every rank for the same seed."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
+def text_config(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int) -> dict:
+    """The tiny text model's Qwen2 config keys (shared by the vision-language model)."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -117,14 +115,26 @@ def tiny_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, seed
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         bos_token_id=eos_id,
-        use_sliding_window=False,
     )
-    config._attn_implementation = cfg.attn_implementation
-    devices_state = torch.random.get_rng_state()
+
+
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` under ``torch.manual_seed(seed)``, the global RNG state restored after."""
+    state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    torch.random.set_rng_state(devices_state)
-    return model.to(DTYPES[cfg.dtype])
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def tiny_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, seed: int) -> nn.Module:
+    """A random-init Qwen2-style causal LM; identical on every rank for the same seed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**text_config(cfg, vocab_size, pad_id, eos_id), use_sliding_window=False)
+    config._attn_implementation = cfg.attn_implementation
+    return seeded(seed, lambda: Qwen2ForCausalLM(config)).to(DTYPES[cfg.dtype])
 
 
 def load_pretrained(cfg: ModelConfig):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .modeling import seeded, text_config
+
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 IMAGE_TOKENS = [VISION_START, IMAGE_PAD, VISION_END]
 
@@ -171,24 +173,12 @@ def tiny_vl_model(cfg, vocab_size: int, ids: dict[str, int], seed: int) -> nn.Mo
     ``ids``: the tokenizer's ``pad``, ``eos`` and image token ids."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": _mrope_section(cfg.hidden_size // cfg.num_heads),
-        },
-        pad_token_id=ids["pad"],
-        eos_token_id=ids["eos"],
-        bos_token_id=ids["eos"],
-        tie_word_embeddings=True,
-    )
+    text = text_config(cfg, vocab_size, ids["pad"], ids["eos"])
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": _mrope_section(cfg.hidden_size // cfg.num_heads),
+    }
     vision = dict(
         depth=cfg.vision_layers,
         embed_dim=cfg.vision_hidden_size,
@@ -210,11 +200,7 @@ def tiny_vl_model(cfg, vocab_size: int, ids: dict[str, int], seed: int) -> nn.Mo
         tie_word_embeddings=True,
     )
     config._attn_implementation = cfg.attn_implementation
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    torch.random.set_rng_state(state)
-    return model
+    return seeded(seed, lambda: Qwen2VLForConditionalGeneration(config))
 
 
 def _mrope_section(head_dim: int) -> list[int]:
