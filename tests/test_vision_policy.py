@@ -395,3 +395,68 @@ def test_fsdp_units_are_the_vision_blocks_then_the_text_blocks(policy):
     vision, text = list(model.model.visual.blocks), list(model.model.language_model.layers)
     assert len(vision) == 1 and len(text) == 1  # the fixture's tiny sizes
     assert units == vision + text
+
+
+def _tiny_vl(family: str):
+    """A 1-layer Qwen2-VL or Qwen2.5-VL (vocabulary 64; image tokens 8, 9, 10)."""
+    import transformers
+
+    text = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    vision = dict(depth=1, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":
+        vision.update(embed_dim=32, hidden_size=32, mlp_ratio=2)
+        config_cls, model_cls = "Qwen2VLConfig", "Qwen2VLForConditionalGeneration"
+    else:
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=32)
+        vision.update(fullatt_block_indexes=[0], window_size=56)
+        config_cls, model_cls = "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"
+    config = getattr(transformers, config_cls)(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=9,
+        video_token_id=9,
+        vision_start_token_id=8,
+        vision_end_token_id=10,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_our_rotary_positions_are_the_models_own(family):
+    """``mrope_positions`` (what the sampler and the trainer pass) gives the logits the model
+    computes with its own position rule, for two images of different grids in one row."""
+    model = _tiny_vl(family)
+    a, b = (
+        ImageInput(torch.randn(32, 1176), (1, 8, 4)),
+        ImageInput(torch.randn(16, 1176), (1, 4, 4)),
+    )
+    ids = [1, 2, 8, *[9] * 8, 10, 3, 4, 8, *[9] * 4, 10, 5, 6]
+    x = torch.tensor([ids])
+    images = dict(pixel_values=torch.cat([a.pixel_values, b.pixel_values]))
+    images["image_grid_thw"] = torch.tensor([a.grid, b.grid])
+    with torch.no_grad():
+        ours = model(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            position_ids=mrope_positions(ids, 9, [a, b])[:, None],
+            **images,
+        ).logits
+        theirs = model(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            mm_token_type_ids=(x == 9).int(),
+            **images,
+        ).logits
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)

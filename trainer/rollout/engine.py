@@ -14,6 +14,7 @@ rollout is a function of (weights, prompts, seed), which makes resumed runs repr
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 from collections.abc import Callable, Sequence
@@ -254,9 +255,6 @@ class RolloutEngine:
         self.fmt = PromptFormatter(
             tokenizer, cfg, tags, max_obs_tokens, images=images, question_images=question_images
         )
-        # the KV-cache argument: `cache` in recent transformers, `past_key_values` before
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         # image tokens are placed by the formatter, never sampled
         self.banned = [images.start_id, images.pad_id, images.end_id] if images else []
         self.pad_id = tokenizer.pad_token_id
@@ -535,13 +533,25 @@ class RolloutEngine:
         """One forward after the tokens in the KV ``cache``: the next-token logits ``[B, V]``
         (only the last position goes through the LM head) and the cache. ``images``: the
         image inputs of a prefill (their positions are ``positions``)."""
-        cached = {self._cache_arg: cache, "use_cache": True, "logits_to_keep": 1}
+        cached = {_cache_argument(self.model): cache, "use_cache": True, "logits_to_keep": 1}
         extra = {k: v for k, v in (images or {}).items() if k != "position_ids"}
         out = self.model(
             input_ids=input_ids, attention_mask=attention, position_ids=positions, **cached, **extra
         )
         cache = getattr(out, "cache", None)
         return out.logits[:, -1], cache if cache is not None else out.past_key_values
+
+
+@functools.lru_cache(maxsize=16)
+def _cache_argument_of(forward_type: type) -> str:
+    params = inspect.signature(forward_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The KV-cache keyword of ``model``'s forward: ``cache`` in recent transformers,
+    ``past_key_values`` before (and in models written against that)."""
+    return _cache_argument_of(type(model))
 
 
 def token_logprobs(
