@@ -56,6 +56,7 @@ from trainer.testing import TINY_RUN_OVERRIDES
 from trainer.tools import build_registry
 
 ROOT = Path(__file__).resolve().parents[1]
+VL_CONFIG = ROOT / "trainer" / "configs" / "tiny_vl_grpo_tapo.yaml"
 CTX = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"), fsdp=False)
 MICRO = [
     *TINY_RUN_OVERRIDES,
@@ -260,11 +261,31 @@ def test_a_meta_tensor_among_real_ones_is_an_error_naming_it(op):
         ("tools.isolation=fork", "tools.isolation"),
         ("tapo.witness=exact", "tapo.witness"),
         ("debug.fault_tool_rate=0.5", "debug.fault_tool_rate"),
+        ("tools.enabled=[zoom_in]", r"tools.enabled\[0\]"),
+        ("task.name=visual", "task.name"),  # without model.vision
+        ("model.max_pixels=100", "model.max_pixels"),
     ],
 )
 def test_bad_configs_fail_at_load_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("task.mix_fraction=0.25", "task.mix_fraction"),
+        ("axpo.enabled=true", "axpo.enabled"),
+        ("task.sloppy_demo_fraction=2", "task.sloppy_demo_fraction"),
+        ("model.vision_hidden_size=65", "model.vision_hidden_size"),
+        ("task.scene_kinds={zoom: 1, chart: 1}", "task.scene_kinds.chart"),
+    ],
+)
+def test_bad_visual_configs_fail_at_load_naming_the_key(override, key):
+    """The visual task's own checks, on top of its config."""
+    extra = ["tools.enabled=[zoom_in, calculator]"] if "mix" in override else []
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(VL_CONFIG, [override, *extra])
 
 
 def test_duplicate_yaml_keys_and_bad_yaml_are_errors(tmp_path):

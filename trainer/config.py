@@ -731,6 +731,19 @@ def validate(cfg: Config) -> None:
         "task.mix_fraction",
         "the arithmetic task needs the calculator in tools.enabled",
     )
+    # every row of a visual batch shows an image, so every rank runs the vision tower in every
+    # micro-batch (FSDP2 gathers its blocks on all ranks together); text rows mixed in, or
+    # AXPO's continuations and padding rows, would break that
+    check(
+        cfg.task.name != "visual" or cfg.task.mix_fraction == 0,
+        "task.mix_fraction",
+        "must be 0 with the visual task",
+    )
+    check(
+        cfg.task.name != "visual" or not cfg.axpo.enabled,
+        "axpo.enabled",
+        "is not supported with the visual task",
+    )
 
     positive("optim.lr", cfg.optim.lr)
     nonneg("optim.weight_decay", cfg.optim.weight_decay)
