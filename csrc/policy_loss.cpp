@@ -178,13 +178,15 @@ LossOptions check_policy_loss_args(const LossArgs& args) {
   const at::Tensor* ref = args.optional_tensor("ref_logp");
   const at::Tensor* map = args.optional_tensor("call_map");
   const at::Tensor* dlt = args.optional_tensor("call_delta");
+  const at::Tensor* weight = args.optional_tensor("importance_weight");
   check_same_device({{"logp", &logp},
                      {"old_logp", &old_logp},
                      {"advantages", &advantages},
                      {"mask", &mask},
                      {"ref_logp", ref},
                      {"call_map", map},
-                     {"call_delta", dlt}});
+                     {"call_delta", dlt},
+                     {"importance_weight", weight}});
   TORCH_CHECK_VALUE(logp.dim() == 2, "logp must be 2-D (B, T), got shape ",
                     shape_repr(logp.sizes()));
   const int64_t B = logp.size(0);
@@ -192,7 +194,8 @@ LossOptions check_policy_loss_args(const LossArgs& args) {
   check_dtype("logp", logp, {at::kFloat, at::kDouble});
   const at::ScalarType dtype = logp.scalar_type();
   for (const auto& [name, t] :
-       {std::make_pair("old_logp", &old_logp), std::make_pair("ref_logp", ref)}) {
+       {std::make_pair("old_logp", &old_logp), std::make_pair("ref_logp", ref),
+        std::make_pair("importance_weight", weight)}) {
     if (t == nullptr) continue;
     check_shape(name, *t, {B, T});
     check_dtype(name, *t, {dtype});
@@ -385,6 +388,7 @@ struct RowIn {
   const uint8_t* mask_b;   // bool mask
   const int32_t* map;      // TAPO call map (null without one)
   const scalar_t* delta;   // its call_delta, N values
+  const scalar_t* weight;  // importance_weight (null without one)
   int64_t N;
   int64_t T;
 };
@@ -392,7 +396,7 @@ struct RowIn {
 // Value problems found by the passes, raised after them in the reference's order.
 // Masked tokens (mask == 0) contribute exactly 0 whatever their inputs: the passes read
 // their inputs as 0, so NaN or inf there is neither an error nor a NaN in the result.
-constexpr uint32_t kMaybeNonfinite = 1, kBadMap = 2, kBadMask = 4;
+constexpr uint32_t kMaybeNonfinite = 1, kBadMap = 2, kBadMask = 4, kBadWeight = 8;
 
 struct RowStats {
   double loss = 0, clipped = 0, ratio = 0, kl = 0, lifted = 0, mask = 0;
@@ -469,12 +473,13 @@ TAPO_INLINE typename Vec<scalar_t>::V lift_advantages(const RowIn<scalar_t>& in,
 }
 
 // One lane block's inputs. Masked lanes (mask == 0) read every input as 0, so they contribute
-// exactly 0 whatever they hold. Flags float masks outside [0, 1] in `bad_mask`; `probe` turns
+// exactly 0 whatever they hold. Flags float masks outside [0, 1] in `bad_mask` and negative
+// importance weights in `bad_weight`; `w` is the weight (1 without one); `probe` turns
 // NaN when an input (or the mask) is NaN or inf: x * 0 is NaN exactly then (or when the sum
 // overflows: a false alarm that the precise checks after the pass clear).
 template <typename scalar_t>
 struct TokenIn {
-  typename Vec<scalar_t>::V m, lp, old, a, ref;
+  typename Vec<scalar_t>::V m, lp, old, a, ref, w;
   typename Vec<scalar_t>::I live;
 };
 
@@ -482,6 +487,7 @@ template <typename scalar_t, KlTerm kKl>
 TAPO_INLINE TokenIn<scalar_t> load_tokens(const RowIn<scalar_t>& in, int64_t t, int count,
                                           typename Vec<scalar_t>::V a_row,
                                           typename Vec<scalar_t>::I& bad_mask,
+                                          typename Vec<scalar_t>::I& bad_weight,
                                           typename Vec<scalar_t>::V& probe) {
   using V = typename Vec<scalar_t>::V;
   using L = RowLoader<scalar_t>;
@@ -495,7 +501,14 @@ TAPO_INLINE TokenIn<scalar_t> load_tokens(const RowIn<scalar_t>& in, int64_t t, 
   x.ref = kKl != KlTerm::kNone && in.ref != nullptr ? (x.live ? L::load(in.ref, t, count) : zero)
                                                     : zero;
   bad_mask |= (x.m < zero) | (x.m > one);
-  probe += ((x.lp + x.old) + (x.a + x.ref) + x.m) * zero;
+  if (in.weight != nullptr) {
+    x.w = x.live ? L::load(in.weight, t, count) : zero;
+    bad_weight |= x.w < zero;
+    probe += ((x.lp + x.old) + (x.a + x.ref) + (x.m + x.w)) * zero;
+  } else {
+    x.w = one;
+    probe += ((x.lp + x.old) + (x.a + x.ref) + x.m) * zero;
+  }
   return x;
 }
 
@@ -552,7 +565,7 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
   if constexpr (kAlgo == Algo::kGspo) gspo_row_ratio(in, gspo_ratio, gspo_dratio);
   const V row_ratio = splat<V>(gspo_ratio), row_dratio = splat<V>(gspo_dratio);
   D acc_loss{}, acc_clip{}, acc_ratio{}, acc_kl{}, acc_lift{}, acc_mask{};
-  I bad_map{}, bad_mask{};
+  I bad_map{}, bad_mask{}, bad_weight{};
   V probe{};
   const V zero = splat<V>(scalar_t(0)), one = splat<V>(scalar_t(1));
   const V a_row = splat<V>(in.adv_row);
@@ -562,7 +575,8 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
     const int64_t t1 = std::min(in.T, t0 + kBlock);
     for (int64_t t = t0; t < t1; t += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, t1 - t));
-      const TokenIn<scalar_t> x = load_tokens<scalar_t, kKl>(in, t, count, a_row, bad_mask, probe);
+      const TokenIn<scalar_t> x =
+          load_tokens<scalar_t, kKl>(in, t, count, a_row, bad_mask, bad_weight, probe);
       const V m = x.m, lp = x.lp, old = x.old, ref = x.ref;
       const auto live = x.live;
       V a = x.a;
@@ -571,6 +585,7 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
         a = lift_advantages(in, t, count, a, lifted, bad_map);
         s_lift += (lifted ? one : zero) * m;
       }
+      if (in.weight != nullptr) a = a * x.w;  // the weighted policy-gradient term
       const TokenVec<scalar_t> tok =
           token_math<scalar_t, kAlgo, kKl>(c, lp, old, a, ref, row_ratio, row_dratio);
       if constexpr (kGrad) {
@@ -603,7 +618,7 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
     s.lifted += acc_lift[k];
     s.mask += acc_mask[k];
     s.bad |= (probe[k] != probe[k] ? kMaybeNonfinite : 0u) | (bad_map[k] ? kBadMap : 0u) |
-             (bad_mask[k] ? kBadMask : 0u);
+             (bad_mask[k] ? kBadMask : 0u) | (bad_weight[k] ? kBadWeight : 0u);
   }
   return s;
 }
@@ -623,11 +638,12 @@ TAPO_INLINE uint32_t backward_row_body(const RowIn<scalar_t>& in, const Consts<s
   const V zero = splat<V>(scalar_t(0)), one = splat<V>(scalar_t(1));
   const V a_row = splat<V>(in.adv_row);
   const V g_row = splat<V>(row_grad);
-  I bad_map{}, bad_mask{};
+  I bad_map{}, bad_mask{}, bad_weight{};
   V probe{};
   for (int64_t t = 0; t < in.T; t += W) {
     const int count = static_cast<int>(std::min<int64_t>(W, in.T - t));
-    const TokenIn<scalar_t> x = load_tokens<scalar_t, kKl>(in, t, count, a_row, bad_mask, probe);
+    const TokenIn<scalar_t> x =
+        load_tokens<scalar_t, kKl>(in, t, count, a_row, bad_mask, bad_weight, probe);
     const V m = x.m, lp = x.lp, old = x.old, ref = x.ref;
     const auto live = x.live;
     V a = x.a;
@@ -635,6 +651,7 @@ TAPO_INLINE uint32_t backward_row_body(const RowIn<scalar_t>& in, const Consts<s
       I lifted;
       a = lift_advantages(in, t, count, a, lifted, bad_map);
     }
+    if (in.weight != nullptr) a = a * x.w;
     const TokenVec<scalar_t> tok =
         token_math<scalar_t, kAlgo, kKl>(c, lp, old, a, ref, row_ratio, row_dratio);
     const V g = live ? g_row * m * tok.dloss : zero;  // exactly 0 at masked tokens
@@ -647,7 +664,7 @@ TAPO_INLINE uint32_t backward_row_body(const RowIn<scalar_t>& in, const Consts<s
   uint32_t bad = 0;
   for (int k = 0; k < W; ++k) {
     bad |= (bad_map[k] ? kBadMap : 0u) | (bad_mask[k] ? kBadMask : 0u) |
-           (probe[k] != probe[k] ? kMaybeNonfinite : 0u);
+           (bad_weight[k] ? kBadWeight : 0u) | (probe[k] != probe[k] ? kMaybeNonfinite : 0u);
   }
   return bad;
 }
@@ -784,7 +801,7 @@ RowKernels<scalar_t> row_kernels(const LossOptions& opt, bool has_ref) {
 template <typename scalar_t>
 struct LossBatch {
   int64_t B = 0, T = 0, N = 0;
-  at::Tensor logp_t, old_t, adv_t, mask_t, ref_t, map_t, delta_t;
+  at::Tensor logp_t, old_t, adv_t, mask_t, ref_t, map_t, delta_t, weight_t;
   const scalar_t* logp = nullptr;
   const scalar_t* old = nullptr;
   const scalar_t* adv = nullptr;
@@ -794,6 +811,7 @@ struct LossBatch {
   const scalar_t* ref = nullptr;
   const int32_t* map = nullptr;
   const scalar_t* delta = nullptr;
+  const scalar_t* weight = nullptr;
 
   explicit LossBatch(const LossArgs& args) {
     const at::Tensor* ref_in = args.optional_tensor("ref_logp");
@@ -825,6 +843,10 @@ struct LossBatch {
       delta = delta_t.data_ptr<scalar_t>();
       N = delta_t.numel();
     }
+    if (const at::Tensor* weight_in = args.optional_tensor("importance_weight")) {
+      weight_t = weight_in->contiguous();
+      weight = weight_t.data_ptr<scalar_t>();
+    }
   }
 
   RowIn<scalar_t> row(int64_t i) const {
@@ -839,6 +861,7 @@ struct LossBatch {
     in.adv_row = adv_per_token ? scalar_t(0) : adv[i];
     in.map = map != nullptr ? map + base : nullptr;
     in.delta = delta;
+    in.weight = weight != nullptr ? weight + base : nullptr;
     in.N = N;
     in.T = T;
     return in;
@@ -892,6 +915,13 @@ void check_values(const LossBatch<scalar_t>& batch, uint32_t bad) {
                         "ref_logp contains NaN or inf at a token "
                         "with mask != 0");
     }
+    if (batch.weight != nullptr) {
+      TORCH_CHECK_VALUE(finite_where_live(batch.weight),
+                        "importance_weight contains NaN or inf at a token with mask != 0");
+    }
+  }
+  if (bad & kBadWeight) {
+    TORCH_CHECK_VALUE(false, "importance_weight must be >= 0 at every token with mask != 0");
   }
   if (batch.delta != nullptr) {
     TORCH_CHECK_VALUE(all_finite(batch.delta, batch.N), "call_delta contains NaN or inf");

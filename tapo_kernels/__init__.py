@@ -12,6 +12,7 @@ from .correction import TapoResult, TapoStats, ToolCalls, build_call_map, fused_
 from .logprob import LogprobLossOutput, policy_loss_from_hidden, policy_loss_from_logits
 from .loss import PRESETS, PolicyLossOutput, policy_loss
 from .params import encode_box, encode_results, encode_text
+from .rollout_correction import rollout_mismatch, truncated_importance_weight
 
 __version__ = "0.1.0"
 
@@ -36,5 +37,7 @@ __all__ = [
     "native_available",
     "policy_loss",
     "reference",
+    "rollout_mismatch",
+    "truncated_importance_weight",
 ]
 __all__ += ["LogprobLossOutput", "policy_loss_from_hidden", "policy_loss_from_logits"]

@@ -25,6 +25,7 @@ _LOSS_TENSOR_TYPES = {
     "ref_logp": "Tensor?",
     "call_map": "Tensor?",
     "call_delta": "Tensor?",
+    "importance_weight": "Tensor?",
 }
 LOSS_TENSORS: tuple[str, ...] = tuple(_LOSS_TENSOR_TYPES)
 

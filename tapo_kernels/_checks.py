@@ -236,21 +236,25 @@ def check_policy_loss(
 ) -> None:
     """Validate every argument of ``tapo::policy_loss``; raise a clear error on the first problem.
 
-    ``loss_tensors``: ``old_logp, advantages, mask, ref_logp, call_map, call_delta`` (schema
-    order); ``knobs``: every loss setting by name. ``logp=None`` with ``logp_shape=(B, T)``:
+    ``loss_tensors``: ``old_logp, advantages, mask, ref_logp, call_map, call_delta,
+    importance_weight`` (schema order); ``knobs``: every loss setting by name. ``logp=None`` with ``logp_shape=(B, T)``:
     the arguments of a loss whose float32 log-probabilities are computed later (the logits
     and hidden-state front ends). With ``flags``, the data-dependent checks are added there
     for the caller to raise.
     """
     _knobs.check(knobs)
-    old_logp, advantages, mask, ref_logp, call_map, call_delta = loss_tensors
+    old_logp, advantages, mask, ref_logp, call_map, call_delta, importance_weight = loss_tensors
     _same_device(locals())
     like = logp if logp is not None else torch.empty(logp_shape, dtype=torch.float32, device="meta")
     if like.dim() != 2:
         raise ValueError(f"logp must be 2-D (B, T), got shape {tuple(like.shape)}")
     B, T = like.shape
     _dtype("logp", like, _LOSS_DTYPES)
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+    for name, t in (
+        ("old_logp", old_logp),
+        ("ref_logp", ref_logp),
+        ("importance_weight", importance_weight),
+    ):
         if t is not None:
             _shape(name, t, (B, T))
             _dtype(name, t, (like.dtype,))
@@ -283,6 +287,12 @@ def check_policy_loss(
     _finite_where(flags, "advantages", advantages, live if advantages.dim() == 2 else live.any(1))
     if ref_logp is not None:
         _finite_where(flags, "ref_logp", ref_logp, live)
+    if importance_weight is not None:
+        _finite_where(flags, "importance_weight", importance_weight, live)
+        flags.add(
+            ((importance_weight < 0) & live).any(),
+            "importance_weight must be >= 0 at every token with mask != 0",
+        )
     if call_map is not None:
         _finite(flags, "call_delta", call_delta)
         n = call_delta.numel()

@@ -56,6 +56,7 @@ def policy_loss_from_logits(
     ref_logp: Tensor | None = None,
     call_map: Tensor | None = None,
     call_delta: Tensor | None = None,
+    importance_weight: Tensor | None = None,
     temperature: float = 1.0,
     with_entropy: bool = False,
     inplace_backward: bool = False,
@@ -69,7 +70,8 @@ def policy_loss_from_logits(
             ``logits[:, :-1]`` is read in place, not copied).
         labels: ``(B, T)`` int64 sampled tokens; negative entries mark ignored tokens and are
             only allowed where ``mask == 0``.
-        old_logp, advantages, mask, ref_logp, call_map, call_delta, preset, **knobs: as
+        old_logp, advantages, mask, ref_logp, call_map, call_delta, importance_weight, preset,
+            **knobs: as
             ``tapo_kernels.policy_loss`` (floating inputs are cast to float32).
         temperature: the sampling temperature (``logits / temperature`` is what was sampled).
         with_entropy: also return the per-token entropy (one more multiply-add per logit).
@@ -84,7 +86,9 @@ def policy_loss_from_logits(
     merged = _knobs.resolve(preset, knobs)
     _checks.op_tensors("policy_loss_from_logits", locals())
     _checks.number("temperature", temperature)
-    loss_tensors = _as_fp32(old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    loss_tensors = _as_fp32(
+        old_logp, advantages, mask, ref_logp, call_map, call_delta, importance_weight
+    )
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_logits(
         logits, labels, *loss_tensors, temperature, with_entropy, inplace_backward, **merged
     )
@@ -103,6 +107,7 @@ def policy_loss_from_hidden(
     ref_logp: Tensor | None = None,
     call_map: Tensor | None = None,
     call_delta: Tensor | None = None,
+    importance_weight: Tensor | None = None,
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int | None = None,
@@ -124,7 +129,9 @@ def policy_loss_from_hidden(
     merged = _knobs.resolve(preset, knobs)
     _checks.op_tensors("policy_loss_from_hidden", locals())
     _checks.number("temperature", temperature)
-    loss_tensors = _as_fp32(old_logp, advantages, mask, ref_logp, call_map, call_delta)
+    loss_tensors = _as_fp32(
+        old_logp, advantages, mask, ref_logp, call_map, call_delta, importance_weight
+    )
     loss, metrics, logp, entropy = torch.ops.tapo.policy_loss_from_hidden(
         hidden, weight, bias, labels, *loss_tensors, temperature, with_entropy, chunk_size, **merged
     )

@@ -38,6 +38,7 @@ def policy_loss(
     ref_logp: Tensor | None = None,
     call_map: Tensor | None = None,
     call_delta: Tensor | None = None,
+    importance_weight: Tensor | None = None,
     preset: str | None = None,
     **knobs: Any,
 ) -> PolicyLossOutput:
@@ -51,6 +52,11 @@ def policy_loss(
         ref_logp: ``(B, T)`` reference-policy log-probabilities (needed when ``kl_coef != 0``).
         call_map, call_delta: ``ToolCalls.call_map(B, T)`` and ``TapoResult.delta``: applies
             the TAPO lift ``a' = min(0, a + delta)`` to negative advantages inside call spans.
+        importance_weight: ``(B, T)`` per-token weights ``>= 0`` on the policy-gradient term
+            (not the KL term), e.g. the truncated importance ratio
+            ``min(exp(old_logp - rollout_logp), C)`` that corrects for a rollout engine whose
+            log-probabilities differ from the trainer's (``tapo_kernels.truncated_is_weight``).
+            Applied after the TAPO lift; no gradient flows into it.
         preset: one of ``PRESETS`` (``grpo``, ``dapo``, ``dr_grpo``, ``gspo``, ``sapo``).
         **knobs: ``algo``, ``eps_low``, ``eps_high``, ``dual_clip_c``, ``tau_pos``, ``tau_neg``,
             ``kl_coef``, ``kl_type``, ``agg``, ``norm_const``, ``global_count``; they override
@@ -59,6 +65,14 @@ def policy_loss(
     merged = _knobs.resolve(preset, knobs)
     _checks.op_tensors("policy_loss", locals())
     loss, metrics = torch.ops.tapo.policy_loss(
-        logp, old_logp, advantages, mask, ref_logp, call_map, call_delta, **merged
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        ref_logp,
+        call_map,
+        call_delta,
+        importance_weight,
+        **merged,
     )
     return PolicyLossOutput(loss, metrics)

@@ -271,6 +271,7 @@ def policy_loss(
     ref_logp: Tensor | None = None,  # [B, T]
     call_map: Tensor | None = None,  # [B, T] int32, -1 = no call
     call_delta: Tensor | None = None,  # [N]
+    importance_weight: Tensor | None = None,  # [B, T], >= 0
     *,
     algo: str = "grpo",
     eps_low: float = 0.2,
@@ -293,6 +294,14 @@ def policy_loss(
     advantage the TAPO lift changed.
 
     Dual clip applies to ``grpo`` only (as verl: GSPO and SAPO have none).
+
+    ``importance_weight`` (``w >= 0``, a constant: no gradient flows into it) multiplies the
+    policy-gradient term of each token, not the KL term: the per-token loss is
+    ``w * l_pg + kl_coef * k``, as verl's and TRL's truncated importance sampling apply their
+    rollout correction. Because ``w >= 0`` commutes with the max / min of the clipped
+    objectives and keeps the sign of ``a``, this is computed as the advantage ``w * a'``
+    after the TAPO lift (the lift acts on the unweighted advantage). The clip fraction counts
+    a token with ``w = 0`` as unclipped.
     """
     m = mask.to(logp.dtype)
     # masked tokens contribute exactly 0 whatever their inputs: read them as 0 (the gradient
@@ -310,6 +319,8 @@ def policy_loss(
         a_new = apply_lift(a, call_map, call_delta)
         lifted = a_new != a
         a = a_new
+    if importance_weight is not None:
+        a = a * torch.where(live, importance_weight.to(logp.dtype), zero)
 
     lr = (logp - old_logp).clamp(-20.0, 20.0)
     clipped = torch.zeros_like(m, dtype=torch.bool)

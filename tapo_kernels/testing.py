@@ -173,9 +173,10 @@ class LossBatch:
     ref_logp: Tensor | None
     call_map: Tensor | None  # [B, T] int32
     call_delta: Tensor | None  # [N]
+    importance_weight: Tensor | None = None  # [B, T]
 
     def op_args(self) -> tuple[Tensor | None, ...]:
-        """The seven tensor arguments of ``tapo::policy_loss``, in schema order."""
+        """The eight tensor arguments of ``tapo::policy_loss``, in schema order."""
         return (
             self.logp,
             self.old_logp,
@@ -184,6 +185,7 @@ class LossBatch:
             self.ref_logp,
             self.call_map,
             self.call_delta,
+            self.importance_weight,
         )
 
 
@@ -198,8 +200,13 @@ def loss_batch(
     spread: float = 0.3,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    with_weight: bool = False,
 ) -> LossBatch:
-    """A random ``policy_loss`` batch; ``spread`` is the std of ``logp - old_logp``."""
+    """A random ``policy_loss`` batch; ``spread`` is the std of ``logp - old_logp``.
+
+    ``with_weight``: an importance weight ``min(exp(N(0, 0.5)), 2)`` with some exact zeros and
+    NaN at masked tokens (which must read as 0).
+    """
     gen = torch.Generator().manual_seed(seed)
     logp = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 4
     old = logp + spread * torch.randn(B, T, generator=gen, dtype=torch.float64)
@@ -225,6 +232,13 @@ def loss_batch(
                 deltas.append(float(torch.rand((), generator=gen)) * 1.5)
                 n += 1
         call_delta = torch.tensor(deltas, dtype=torch.float64).reshape(n)
+    weight = None
+    if with_weight:
+        weight = torch.exp(0.5 * torch.randn(B, T, generator=gen, dtype=torch.float64)).clamp(
+            max=2.0
+        )
+        weight[torch.rand(B, T, generator=gen) < 0.05] = 0.0
+        weight[mask == 0] = float("nan")
 
     def cast(t):
         return None if t is None else t.to(dtype).to(device)
@@ -237,6 +251,7 @@ def loss_batch(
         cast(ref),
         None if call_map is None else call_map.to(device),
         cast(call_delta),
+        cast(weight),
     )
 
 

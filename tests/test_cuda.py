@@ -165,10 +165,14 @@ def assert_metrics(
 
 
 def front_door_tensors(tensors: tuple) -> tuple[tuple, dict[str, Tensor | None]]:
-    """The op's loss tensors ``(old_logp, advantages, mask, ref_logp, call_map, call_delta)`` as
-    the front doors take them: three positional arguments, and three keywords."""
-    old, adv, mask, ref, call_map, call_delta = tensors
-    return (old, adv, mask), dict(ref_logp=ref, call_map=call_map, call_delta=call_delta)
+    """The op's loss tensors ``(old_logp, advantages, mask, ref_logp, call_map, call_delta,
+    importance_weight)`` as the front doors take them: three positional arguments, and the
+    rest as keywords."""
+    old, adv, mask, ref, call_map, call_delta, *rest = tensors
+    weight = rest[0] if rest else None
+    return (old, adv, mask), dict(
+        ref_logp=ref, call_map=call_map, call_delta=call_delta, importance_weight=weight
+    )
 
 
 def as_dtype(args: tuple, dtype: torch.dtype) -> tuple:

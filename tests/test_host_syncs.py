@@ -58,7 +58,7 @@ def _logits_case(B=3, T=9, V=40):
 
 
 def test_policy_loss_forward_and_backward_sync_once_each():
-    args = loss_batch(B=5, T=24, empty_row=False).op_args()
+    args = loss_batch(B=5, T=24, empty_row=False, with_weight=True).op_args()
     assert syncs(lambda: ops.policy_loss_triton(*args, **KNOBS)) == 1
     one = torch.ones(())
     assert syncs(lambda: ops.policy_loss_backward_triton(one, *args, **KNOBS)) == 1
@@ -117,7 +117,9 @@ def test_batched_checks_still_name_the_first_bad_argument(bad):
             )
         else:
             resolved = knobs.resolve(None, KNOBS)
-            _checks.check_policy_loss(logp, (old, adv, mask, ref, call_map, call_delta), resolved)
+            _checks.check_policy_loss(
+                logp, (old, adv, mask, ref, call_map, call_delta, None), resolved
+            )
 
 
 def test_flags_raise_nothing_when_every_check_passes():

@@ -238,9 +238,9 @@ def hidden_triton(h: Tensor, w: Tensor, b: Tensor | None, case: Case) -> Result:
         b,
         case.labels,
         *case.loss_tensors,
-        case.temperature,
-        case.with_entropy,
-        chunk,
+        temperature=case.temperature,
+        with_entropy=case.with_entropy,
+        chunk_size=chunk,
         **case.knobs,
     )
     g = ops.policy_loss_backward_triton(torch.ones(()), logp, *case.loss_tensors, **case.knobs)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import tapo_kernels
 from tapo_kernels.reference import AGGS, METRIC_NAMES
 from tapo_kernels.testing import assert_close_to_oracle, loss_batch, run_policy_loss, seed_of
 
@@ -53,8 +54,12 @@ def verl_compute_policy_loss(
     cliprange_high: float,
     clip_ratio_c: float,
     loss_agg_mode: str,
+    rollout_is_weights: Tensor | None = None,
 ):
-    """verl vanilla PPO loss with dual clip: (pg_loss, pg_clipfrac, pg_clipfrac_lower)."""
+    """verl vanilla PPO loss with dual clip: (pg_loss, pg_clipfrac, pg_clipfrac_lower).
+
+    ``rollout_is_weights``: verl's truncated importance sampling multiplies the per-token
+    policy-gradient losses by them before aggregation."""
     negative_approx_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
     ratio = torch.exp(negative_approx_kl)
     pg_losses1 = -advantages * ratio
@@ -68,6 +73,8 @@ def verl_compute_policy_loss(
         (torch.gt(clip_pg_losses1, pg_losses3) & (advantages < 0)).to(ratio.dtype)
     )
     pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * rollout_is_weights
     pg_loss = verl_agg_loss(pg_losses, response_mask, loss_agg_mode)
     return pg_loss, pg_clipfrac, pg_clipfrac_lower
 
@@ -121,8 +128,12 @@ def trl_grpo_compute_loss(
     max_completion_length: int,
     num_items_in_batch: float,
     importance_sampling_level: str = "token",
+    importance_sampling_ratio: Tensor | None = None,
 ) -> Tensor:
-    """TRL ``GRPOTrainer._compute_loss`` (one process): token or sequence importance weights."""
+    """TRL ``GRPOTrainer._compute_loss`` (one process): token or sequence importance weights.
+
+    ``importance_sampling_ratio``: TRL's vLLM importance-sampling correction, multiplied into
+    the per-token loss before the KL term is added."""
     log_ratio = per_token_logps - old_per_token_logps
     if importance_sampling_level == "token":
         log_importance_weights = log_ratio
@@ -135,6 +146,8 @@ def trl_grpo_compute_loss(
     per_token_loss1 = coef_1 * advantages.unsqueeze(1)
     per_token_loss2 = coef_2 * advantages.unsqueeze(1)
     per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
+    if importance_sampling_ratio is not None:
+        per_token_loss = per_token_loss * importance_sampling_ratio
     if beta != 0.0:
         d = ref_per_token_logps - per_token_logps
         per_token_kl = torch.exp(d) - d - 1
@@ -221,6 +234,77 @@ def test_parity_with_trl(policy_loss_impl, loss_type, level, ours):
     }
     if loss_type == "dapo":
         knobs["global_count"] = num_items_in_batch
+    loss, _, grad = run_policy_loss(policy_loss_impl, b.op_args(), knobs)
+    assert_close_to_oracle(loss, trl_loss.detach(), what="loss")
+    assert_close_to_oracle(grad, trl_grad, what="grad")
+
+
+def _tis_batch(tag: str, per_token: bool):
+    b = loss_batch(
+        B=5,
+        T=10,
+        dtype=torch.float64,
+        spread=0.5,
+        per_token=per_token,
+        with_ref=True,
+        with_calls=False,
+        empty_row=False,
+        seed=seed_of("tis", tag),
+    )
+    # the engine's log-probabilities, off the trainer's by up to about 1 nat, truncated at 2
+    gen = torch.Generator().manual_seed(seed_of("rollout", tag))
+    rollout_logp = b.old_logp + 0.8 * torch.randn(
+        b.old_logp.shape, generator=gen, dtype=b.old_logp.dtype
+    )
+    weight = tapo_kernels.truncated_importance_weight(b.old_logp, rollout_logp, cap=2.0)
+    assert bool((weight == 2.0).any()) and bool((weight < 1.0).any())
+    b.importance_weight = weight
+    return b
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_truncated_importance_sampling_parity_with_verl(policy_loss_impl, agg):
+    b = _tis_batch(f"verl-{agg}", per_token=True)
+    x = b.logp.clone().requires_grad_(True)
+    verl_loss, _, _ = verl_compute_policy_loss(
+        b.old_logp, x, b.advantages, b.mask, 0.2, 0.28, 3.0, agg, b.importance_weight
+    )
+    (verl_grad,) = torch.autograd.grad(verl_loss, x)
+    knobs = {"algo": "grpo", "eps_low": 0.2, "eps_high": 0.28, "dual_clip_c": 3.0, "agg": agg}
+    args = list(b.op_args())
+    args[4] = None  # verl's policy loss has no KL term inside
+    loss, _, grad = run_policy_loss(policy_loss_impl, tuple(args), knobs)
+    assert_close_to_oracle(loss, verl_loss.detach(), what="loss", tol=(1e-7, 1e-7))
+    assert_close_to_oracle(grad, verl_grad, what="grad", tol=(1e-7, 1e-7))
+
+
+def test_vllm_importance_sampling_parity_with_trl(policy_loss_impl):
+    b = _tis_batch("trl", per_token=False)  # TRL's advantages are per sequence
+    x = b.logp.clone().requires_grad_(True)
+    trl_loss = trl_grpo_compute_loss(
+        x,
+        b.old_logp,
+        b.ref_logp,
+        b.advantages,
+        b.mask,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        beta=0.04,
+        loss_type="bnpo",
+        max_completion_length=TRL_MAX_COMPLETION_LENGTH,
+        num_items_in_batch=1.0,
+        importance_sampling_ratio=b.importance_weight,
+    )
+    (trl_grad,) = torch.autograd.grad(trl_loss, x)
+    knobs = {
+        "algo": "grpo",
+        "agg": "token-mean",
+        "eps_low": 0.2,
+        "eps_high": 0.28,
+        "dual_clip_c": 0.0,
+        "kl_coef": 0.04,
+        "kl_type": "k3",
+    }
     loss, _, grad = run_policy_loss(policy_loss_impl, b.op_args(), knobs)
     assert_close_to_oracle(loss, trl_loss.detach(), what="loss")
     assert_close_to_oracle(grad, trl_grad, what="grad")

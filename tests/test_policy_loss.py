@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 import tapo_kernels
-from tapo_kernels import PRESETS, ToolCalls, _library, reference
+from tapo_kernels import PRESETS, ToolCalls, _args, _library, reference
 from tapo_kernels.reference import AGGS, ALGOS, KL_TYPES, METRIC_NAMES
 from tapo_kernels.testing import (
     LossBatch,
@@ -850,7 +850,7 @@ def test_empty_shapes_equal_reference(policy_loss_impl, shape):
 def kink_margin(args: Args, knobs: dict[str, Any]) -> float:
     """Smallest distance of any mask token to a point where the loss is not differentiable:
     clip bounds and dual-clip bound (ratio units), the log-ratio clamp, the k3 clamps."""
-    logp, old, adv, mask, ref, call_map, call_delta = args
+    logp, old, adv, mask, ref, call_map, call_delta, _ = args
     a = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv
     if call_map is not None:
         a = reference.apply_lift(a, call_map, call_delta)
@@ -1198,7 +1198,7 @@ BAD_INPUTS = [
     ),
 ]
 
-_TENSOR_NAMES = ("logp", "old_logp", "advantages", "mask", "ref_logp", "call_map", "call_delta")
+_TENSOR_NAMES = _args.names("policy_loss")[: 1 + len(_args.LOSS_TENSORS)]
 
 
 @pytest.mark.parametrize("change, error, argument, in_backward", BAD_INPUTS)

@@ -57,6 +57,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     finally:
         trainer.registry.close()
         trainer.scorer.close()
+        trainer.close()
         cleanup(trainer.ctx)
 
 

@@ -153,6 +153,11 @@ class RolloutConfig:
     temperature: float = 1.0
     batch_size: int = 64  # trajectories generated together
     recompute_logp: bool = False  # recompute old log-probs with the training model
+    # hf = the trainer's own KV-cached sampling loop on a replica of the policy; vllm = an
+    # in-process vllm.LLM (the [vllm] extra), its weights reloaded after every update
+    engine: str = "hf"
+    vllm_dtype: str | None = None  # the engine's dtype (default: model.dtype)
+    vllm_kv_cache_mb: int = 256  # KV-cache memory of the vLLM engine
     prompt_template: str = "Question: {question}\n"
     use_chat_template: bool = False  # real checkpoints: wrap the prompt with the chat template
     system_prompt: str = (
@@ -178,6 +183,10 @@ class AlgoConfig:
     # full logits are never built); logits = policy_loss_from_logits on the model's logits;
     # logp = log_softmax + gather, then tapo_kernels.policy_loss
     loss_input: str = "hidden"
+    # truncated importance sampling of the rollout engine's samples: the policy-gradient term
+    # of each token is weighted by min(pi_old / pi_rollout, tis_cap), pi_old recomputed by
+    # the trainer (needs rollout.recompute_logp); null = off
+    tis_cap: float | None = None
 
 
 @dataclass
@@ -744,6 +753,24 @@ def validate(cfg: Config) -> None:
         "axpo.enabled",
         "is not supported with the visual task",
     )
+    r = cfg.rollout
+    choice("rollout.engine", r.engine, ["hf", "vllm"])
+    if r.vllm_dtype is not None:
+        choice("rollout.vllm_dtype", r.vllm_dtype, ["float32", "bfloat16", "float16"])
+    positive("rollout.vllm_kv_cache_mb", r.vllm_kv_cache_mb)
+    check(
+        r.engine != "vllm" or not (m.vision or cfg.task.name == "visual"),
+        "rollout.engine",
+        "vllm does not run vision-language policies here (use hf)",
+    )
+    if cfg.algo.tis_cap is not None:
+        positive("algo.tis_cap", cfg.algo.tis_cap)
+        check(
+            r.recompute_logp,
+            "algo.tis_cap",
+            "needs rollout.recompute_logp: true (the weight is pi_old / pi_rollout, with pi_old "
+            "recomputed by the trainer)",
+        )
 
     positive("optim.lr", cfg.optim.lr)
     nonneg("optim.weight_decay", cfg.optim.weight_decay)

@@ -134,6 +134,17 @@ def copy_full_weights(src: nn.Module, dst: nn.Module) -> None:
         dst_params[name].copy_(full.to(dst_params[name].dtype))
 
 
+def full_state_items(model: nn.Module, dtype: torch.dtype | None = None):
+    """``(name, full tensor)`` of every entry of ``model.state_dict()`` (the checkpoint's
+    names, tied weights under each of their names), gathered from FSDP2 shards one at a time;
+    floating tensors cast to ``dtype``. Collective when sharded: every rank must consume it
+    in full, in the same order."""
+    for name, t in model.state_dict().items():
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        full = full.detach()
+        yield name, full.to(dtype) if dtype is not None and full.is_floating_point() else full
+
+
 def all_reduce_sum(values: list[float] | Tensor, ctx: DistContext) -> Tensor:
     """Element-wise sum over ranks (fp64 on the CPU for gloo, the device for NCCL)."""
     t = torch.as_tensor(values, dtype=torch.float64)
@@ -166,5 +177,6 @@ def broadcast_object(obj, ctx: DistContext):
 
 
 def cleanup(ctx: DistContext) -> None:
-    if ctx.distributed:
+    # (a vLLM rollout engine's shutdown may already have destroyed the default group)
+    if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()

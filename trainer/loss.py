@@ -104,6 +104,7 @@ class LossTensors(NamedTuple):
     ref_logp: Tensor | None = None
     call_map: Tensor | None = None  # [b, T] index into call_delta, -1 outside calls
     call_delta: Tensor | None = None  # [N] lift of every call of the whole batch
+    importance_weight: Tensor | None = None  # [b, T] truncated IS weight of the rollout engine
 
     @classmethod
     def take(cls, args: Sequence[Tensor | None], kw: dict[str, Any]) -> LossTensors:
@@ -114,17 +115,25 @@ class LossTensors(NamedTuple):
 
     def rows(self, rows: slice) -> LossTensors:
         """Rows ``rows`` of the ``(B, T)`` tensors (``call_delta`` is the whole batch's)."""
-        *per_row, call_delta = self
-        return LossTensors(*(None if t is None else t[rows] for t in per_row), call_delta)
+        return LossTensors(
+            *(
+                t if t is None or name == "call_delta" else t[rows]
+                for name, t in zip(self._fields, self, strict=True)
+            )
+        )
 
     def shifted(self) -> LossTensors:
         """Without column 0: the positions that ``logits[:, :-1]`` predict."""
-        *per_token, call_delta = self
-        return LossTensors(*map(_shift, per_token), call_delta)
+        return LossTensors(
+            *(
+                t if name == "call_delta" else _shift(t)
+                for name, t in zip(self._fields, self, strict=True)
+            )
+        )
 
     def apply(self, loss_fn: Callable[..., Any], *head: Any, **kw: Any) -> Any:
         """``loss_fn(*head, old_logp, advantages, mask, ref_logp=, call_map=, call_delta=,
-        **kw)``: the package's loss signatures (the optional tensors keyword-only)."""
+        importance_weight=, **kw)``: the package's loss signatures (the optional tensors keyword-only)."""
         optional = dict(zip(self._fields[3:], self[3:], strict=True))
         return loss_fn(*head, *self[:3], **optional, **kw)
 
@@ -331,7 +340,15 @@ class Losses:
         micro-batches where a rank has flagged rows (so every rank runs the same passes under
         FSDP)."""
         count = global_count(self.knobs["agg"], batch.mask[rows].sum(1), self.ctx)
-        whole = LossTensors(batch.old_logp, advantages, batch.mask, ref_logp, call_map, call_delta)
+        whole = LossTensors(
+            batch.old_logp,
+            advantages,
+            batch.mask,
+            ref_logp,
+            call_map,
+            call_delta,
+            batch.importance_weight,
+        )
         finite = True
         micros = self.micro_slices(rows.start, rows.stop)
         split = self._split_micros(micros, clip_rows, clip)

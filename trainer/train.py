@@ -41,6 +41,7 @@ import torch
 import yaml
 from torch import Tensor
 
+import tapo_kernels
 from tapo_kernels.reference import group_advantages
 
 from . import axpo, loss
@@ -56,10 +57,12 @@ from .credit import correct_credit, neural_encoder, truth_counts
 from .distributed import (
     DistContext,
     all_reduce_max,
+    all_reduce_sum,
     barrier,
     cleanup,
     copy_full_weights,
     frozen_dtype,
+    full_state_items,
     init_distributed,
     shard_model,
 )
@@ -72,7 +75,7 @@ from .metrics import (
     run_summary,
     step_metrics,
 )
-from .modeling import build_policy, count_parameters, frozen_copy, tokenizer_texts
+from .modeling import DTYPES, build_policy, count_parameters, frozen_copy, tokenizer_texts
 from .rollout import Batch, RolloutEngine, collate, demonstration
 from .scoring import Scorer, step_extras
 from .tasks import TaskData, draw_prompts, load_task
@@ -100,6 +103,7 @@ class Trainer:
         try:
             self._setup(resume)
         except BaseException:
+            self.close()
             cleanup(self.ctx)  # no process group is left behind by a run that cannot start
             raise
 
@@ -169,6 +173,14 @@ class Trainer:
         # then need no collectives, so ranks can generate different numbers of tokens
         low = frozen_dtype(cfg, ctx)
         self.ref_model = frozen_copy(model, low) if cfg.algo.kl_coef > 0 else None
+        if cfg.rollout.engine == "vllm":
+            # the engine holds its own copy of the weights: no replica here
+            self.engine = self._vllm_engine(model, tokenizer)
+            self.rollout_model = None
+            self.model = shard_model(model, ctx, cfg.dist.mixed_precision) if ctx.fsdp else model
+            self.engine.model = self.model  # its device and train/eval switch
+            self.image_pad_id = None
+            return
         if ctx.fsdp:
             self.rollout_model = frozen_copy(model, low)
             self.model = shard_model(model, ctx, cfg.dist.mixed_precision)
@@ -186,9 +198,35 @@ class Trainer:
             self.rollout_model, tokenizer, self.registry, cfg, images, question_images
         )
 
+    def _vllm_engine(self, model, tokenizer):
+        """The vLLM engine, started from the checkpoint directory, or from the tiny model
+        saved once (by the main rank) in the run directory."""
+        from .rollout.vllm_engine import VllmEngine
+
+        cfg, ctx = self.cfg, self.ctx
+        model_dir = cfg.model.path
+        if model_dir is None:
+            model_dir = self.run_path / "rollout_model"
+            if ctx.is_main:
+                model.save_pretrained(model_dir)
+                tokenizer.save_pretrained(model_dir)
+            barrier(ctx)
+        dtype = cfg.rollout.vllm_dtype or cfg.model.dtype
+        return VllmEngine.create(model, tokenizer, self.registry, cfg, model_dir, dtype)
+
     def _sync_rollout_model(self) -> None:
-        if self.rollout_model is not self.model:
+        """The rollout side gets the trainer's current weights: the replica (``hf``), or the
+        vLLM engine, fed the parameters gathered one at a time (no file)."""
+        if self.rollout_model is None:
+            dtype = DTYPES[self.cfg.rollout.vllm_dtype or self.cfg.model.dtype]
+            self.engine.sync_weights(full_state_items(self.model, dtype))
+        elif self.rollout_model is not self.model:
             copy_full_weights(self.model, self.rollout_model)
+
+    def close(self) -> None:
+        """Release the rollout engine (vLLM's process groups go before the trainer's)."""
+        if hasattr(getattr(self, "engine", None), "close"):
+            self.engine.close()
 
     # ------------------------------------------------------------------ warm-up
 
@@ -253,8 +291,15 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die mid-step, no cleanup
         batch = collate(episodes, self.tokenizer.pad_token_id, image_pad_id=self.image_pad_id)
         batch = batch.to(ctx.device)
+        mismatch = None
         if cfg.rollout.recompute_logp:
+            rollout_logp = batch.old_logp
             batch.old_logp = self.losses.frozen_logp(self.model, batch)
+            mismatch = rollout_mismatch_sums(batch.old_logp, rollout_logp, batch.mask, cfg)
+            if cfg.algo.tis_cap is not None:
+                batch.importance_weight = tapo_kernels.truncated_importance_weight(
+                    batch.old_logp, rollout_logp, cfg.algo.tis_cap, batch.mask
+                )
         ref_logp = (
             None if self.ref_model is None else self.losses.frozen_logp(self.ref_model, batch)
         )
@@ -295,7 +340,8 @@ class Trainer:
         extra, extra_rates = step_extras(
             self.scorer, rollouts, self.tasks, axpo_out, ctx.world, step_time
         )
-        return step_metrics(
+        metrics = self._rollout_metrics(mismatch)
+        return metrics | step_metrics(
             rollouts,
             batch,
             sums,
@@ -311,6 +357,22 @@ class Trainer:
             extra_sums=extra,
             extra_rates=extra_rates,
         )
+
+    def _rollout_metrics(self, mismatch: list[float] | None) -> dict[str, float]:
+        """``perf/weight_sync_s`` (vLLM engine) and, when old log-probs are recomputed, how
+        far the rollout's log-probs are from the trainer's (``rollout/*``, global batch)."""
+        out: dict[str, float] = {}
+        if self.rollout_model is None:
+            out["perf/weight_sync_s"] = float(self.engine.last_sync_s)
+        if mismatch is not None:
+            abs_sum, k3_sum, tokens, truncated = all_reduce_sum(mismatch[:4], self.ctx).tolist()
+            n = max(tokens, 1.0)
+            out["rollout/abs_logp_diff"] = abs_sum / n
+            out["rollout/kl_k3"] = k3_sum / n
+            out["rollout/max_abs_logp_diff"] = all_reduce_max(mismatch[4], self.ctx)
+            if self.cfg.algo.tis_cap is not None:
+                out["rollout/tis_truncated_frac"] = truncated / n
+        return out
 
     def _update(
         self,
@@ -454,6 +516,23 @@ class Trainer:
             print_summary(summary, evals)
         self.logger.close()
         return summary
+
+
+def rollout_mismatch_sums(
+    old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cfg: Config
+) -> list[float]:
+    """This rank's ``[sum |d|, sum k3, tokens, truncated tokens, max |d|]`` of the
+    rollout / trainer log-prob mismatch ``d`` over the mask (``tapo_kernels.rollout_mismatch``)."""
+    m = tapo_kernels.rollout_mismatch(old_logp, rollout_logp, mask, cfg.algo.tis_cap)
+    n = float((mask != 0).sum())
+    truncated = float(m["truncated_frac"]) * n if "truncated_frac" in m else 0.0
+    return [
+        float(m["abs_logp_diff"]) * n,
+        float(m["kl_k3"]) * n,
+        n,
+        truncated,
+        float(m["max_abs_logp_diff"]),
+    ]
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ def _load_advantage(
     adv_ptr,
     cmap_ptr,
     delta_ptr,
+    weight_ptr,
     rows,
     row_ok,
     offsets,
@@ -133,12 +134,15 @@ def _load_advantage(
     COMPUTE: tl.constexpr,
     ADV_PER_TOKEN: tl.constexpr,
     HAS_CALLS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """Token advantages after the TAPO lift, and where the lift changed them.
+    """Token advantages after the TAPO lift, times the importance weight, and where the lift
+    changed them.
 
-    ``a' = min(0, a + delta[call_map])`` where ``a < 0`` and a call covers the token.
+    ``a' = min(0, a + delta[call_map])`` where ``a < 0`` and a call covers the token, then
+    ``w a'``. The caller zeroes masked tokens (whose weight may be anything).
     """
     if ADV_PER_TOKEN:
         adv = tl.load(adv_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
@@ -155,6 +159,8 @@ def _load_advantage(
         lifted_adv = tl.where(covered & (adv < 0), tl.minimum(adv + lift, 0.0), adv)
         lifted = lifted_adv != adv
         adv = lifted_adv
+    if HAS_WEIGHT:
+        adv = adv * tl.load(weight_ptr + offsets, mask=in_bounds, other=0.0).to(COMPUTE)
     return adv, lifted
 
 
@@ -213,6 +219,7 @@ def _policy_loss_fwd_kernel(
     ref_ptr,
     cmap_ptr,
     delta_ptr,
+    weight_ptr,
     log_seq_ratio_ptr,
     partials_ptr,
     B,
@@ -231,6 +238,7 @@ def _policy_loss_fwd_kernel(
     HAS_REF: tl.constexpr,
     KL_TYPE: tl.constexpr,
     HAS_CALLS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     ADV_PER_TOKEN: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -250,6 +258,7 @@ def _policy_loss_fwd_kernel(
         adv_ptr,
         cmap_ptr,
         delta_ptr,
+        weight_ptr,
         rows,
         row_ok,
         offsets,
@@ -258,6 +267,7 @@ def _policy_loss_fwd_kernel(
         COMPUTE,
         ADV_PER_TOKEN,
         HAS_CALLS,
+        HAS_WEIGHT,
         BLOCK_B,
         BLOCK_T,
     )
@@ -326,6 +336,7 @@ def _policy_loss_bwd_kernel(
     ref_ptr,
     cmap_ptr,
     delta_ptr,
+    weight_ptr,
     row_tokens_ptr,
     log_seq_ratio_ptr,
     denom_ptr,
@@ -347,6 +358,7 @@ def _policy_loss_bwd_kernel(
     KL_TYPE: tl.constexpr,
     AGG: tl.constexpr,
     HAS_CALLS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     ADV_PER_TOKEN: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -385,6 +397,7 @@ def _policy_loss_bwd_kernel(
         adv_ptr,
         cmap_ptr,
         delta_ptr,
+        weight_ptr,
         rows,
         row_ok,
         offsets,
@@ -393,6 +406,7 @@ def _policy_loss_bwd_kernel(
         COMPUTE,
         ADV_PER_TOKEN,
         HAS_CALLS,
+        HAS_WEIGHT,
         BLOCK_B,
         BLOCK_T,
     )
@@ -475,7 +489,7 @@ def _prepare(call: dict) -> tuple[Tensor, ...]:
     """Contiguous kernel operands of a bound call, in the order of its tensors; a bool mask is
     read as bytes, absent tensors as ``logp``."""
     logp = call["logp"]
-    old_logp, advantages, mask, ref_logp, call_map, call_delta = _args.loss_tensors(call)
+    old_logp, advantages, mask, ref_logp, call_map, call_delta, weight = _args.loss_tensors(call)
     mask = mask.contiguous()
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
@@ -488,6 +502,7 @@ def _prepare(call: dict) -> tuple[Tensor, ...]:
         logp if ref_logp is None else ref_logp.contiguous(),  # placeholder, never read
         call_map.contiguous() if has_calls else logp,
         call_delta.contiguous() if has_calls else logp,
+        logp if weight is None else weight.contiguous(),
     )
 
 
@@ -502,6 +517,7 @@ def _flags(call: dict) -> dict:
         HAS_CALLS=call["call_map"] is not None
         and call_delta is not None
         and call_delta.numel() > 0,
+        HAS_WEIGHT=call["importance_weight"] is not None,
         ADV_PER_TOKEN=call["advantages"].dim() == 2,
         COMPUTE=tl.float64 if logp.dtype == torch.float64 else tl.float32,
     )

@@ -91,6 +91,9 @@ class Batch:
     rewards: Tensor  # [B] float32
     calls: ToolCalls
     vision: VisionBatch | None = None  # the rows' images (vision-language policies)
+    # [B, T] float32, the truncated importance weight of the rollout engine's samples
+    # (set by the trainer when it recomputes old_logp with algo.tis_cap; None otherwise)
+    importance_weight: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -106,6 +109,7 @@ class Batch:
             self.rewards.to(device),
             self.calls.to(device),
             self.vision.to(device) if self.vision is not None else None,
+            None if self.importance_weight is None else self.importance_weight.to(device),
         )
 
     def model_inputs(self, rows: slice) -> dict[str, Tensor]:
