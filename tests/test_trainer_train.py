@@ -455,3 +455,38 @@ def test_training_update_never_calls_the_lm_head(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.engine, "rollout", rollout_with_head)
     metrics = trainer.rl_step(1)
     assert calls == [] and math.isfinite(metrics["actor/loss"])
+
+
+def test_recomputed_logp_logs_the_rollout_gap_and_weights_the_loss(tmp_path, monkeypatch):
+    """With rollout.recompute_logp and algo.tis_cap the loss receives the truncated importance
+    weight of the rollout's log-probs, and the gap is logged; the hf engine's recorded
+    log-probs equal the recomputed ones to fp32 rounding, so the weight is ~1."""
+    import tapo_kernels as tk
+
+    seen = []
+    real = tk.truncated_importance_weight
+
+    def spy(old_logp, rollout_logp, cap, mask):
+        w = real(old_logp, rollout_logp, cap, mask)
+        seen.append((cap, w, mask))
+        return w
+
+    monkeypatch.setattr(tk, "truncated_importance_weight", spy)
+    cfg = micro_config(
+        tmp_path, "logging.name=tis", "rollout.recompute_logp=true", "algo.tis_cap=1.5"
+    )
+    run(cfg)
+    rl = [r for r in read_metrics(tmp_path / "tis" / "metrics.jsonl") if r.get("phase") == "rl"]
+    assert len(rl) == 2 and len(seen) == 2
+    for row in rl:
+        assert 0 <= row["rollout/abs_logp_diff"] < 1e-4
+        assert 0 <= row["rollout/max_abs_logp_diff"] < 1e-3
+        assert 0 <= row["rollout/kl_k3"] < 1e-6
+        assert row["rollout/tis_truncated_frac"] == 0.0
+        assert "perf/weight_sync_s" not in row  # the hf engine has no separate weights
+    for cap, w, mask in seen:
+        assert cap == 1.5
+        live = mask != 0
+        assert bool(live.any())
+        assert torch.allclose(w[live], torch.ones_like(w[live]), atol=1e-3)
+        assert bool((w[~live] == 0).all())

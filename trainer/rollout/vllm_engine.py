@@ -43,6 +43,8 @@ def import_vllm():
     # binding: the trainer's ranks share the cores with the engine
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    # vLLM cuts torch to 1 thread unless OMP_NUM_THREADS is set: keep the trainer's
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     try:
         import vllm
     except ImportError as e:
@@ -180,7 +182,9 @@ class VllmEngine(RolloutEngine):
         for i, result in zip(todo, results, strict=True):
             out = result.outputs[0]
             tokens = list(out.token_ids)
-            logp = [float(step[tok].logprob) for step, tok in zip(out.logprobs, tokens, strict=True)]
+            logp = [
+                float(step[tok].logprob) for step, tok in zip(out.logprobs, tokens, strict=True)
+            ]
             outputs[i] = TurnOutput(tokens, logp, self._stop_reason(tokens, budgets[i]))
         return outputs
 
