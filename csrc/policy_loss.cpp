@@ -56,9 +56,9 @@
 namespace tapo {
 namespace {
 
-enum class Algo { kGrpo, kGspo, kSapo };
+enum class Algo { kGrpo, kGspo, kSapo, kGspoSeq };
 enum class KlType { kK1, kK2, kK3 };
-enum class Agg { kTokenMean, kSeqMeanTokenMean, kSeqMeanTokenSum, kSeqMeanTokenSumNorm };
+enum class Agg { kTokenMean, kSeqMeanTokenMean, kSeqMeanTokenSum, kSeqMeanTokenSumNorm, kTokenSum };
 
 // ---------------------------------------------------------------------------------------------
 // the arguments of a call, and their validation (tapo_kernels/_checks.py::check_policy_loss,
@@ -157,13 +157,16 @@ bool above_0(double v) { return finite32(v) && v > 0.0; }
 // Checks the arguments of a call and reads the knobs into LossOptions: the only place that
 // reads a knob. Order: the string knobs, the tensors, the number knobs.
 LossOptions check_policy_loss_args(const LossArgs& args) {
-  static const std::pair<const char*, Algo> kAlgos[] = {
-      {"grpo", Algo::kGrpo}, {"gspo", Algo::kGspo}, {"sapo", Algo::kSapo}};
+  static const std::pair<const char*, Algo> kAlgos[] = {{"grpo", Algo::kGrpo},
+                                                        {"gspo", Algo::kGspo},
+                                                        {"sapo", Algo::kSapo},
+                                                        {"gspo-seq", Algo::kGspoSeq}};
   static const std::pair<const char*, Agg> kAggs[] = {
       {"token-mean", Agg::kTokenMean},
       {"seq-mean-token-mean", Agg::kSeqMeanTokenMean},
       {"seq-mean-token-sum", Agg::kSeqMeanTokenSum},
-      {"seq-mean-token-sum-norm", Agg::kSeqMeanTokenSumNorm}};
+      {"seq-mean-token-sum-norm", Agg::kSeqMeanTokenSumNorm},
+      {"token-sum", Agg::kTokenSum}};
   static const std::pair<const char*, KlType> kKlTypes[] = {
       {"k1", KlType::kK1}, {"k2", KlType::kK2}, {"k3", KlType::kK3}};
   LossOptions opt;
@@ -278,8 +281,10 @@ struct TokenVec {
   V loss;     // per-token loss (policy term + kl_coef * KL)
   V ratio;    // r (s_it for GSPO)
   V kl;       // KL estimate (0 without ref_logp)
-  I clipped;  // PPO clip or dual clip strictly active
-  V dloss;    // d loss / d logp of this token
+  I clipped;  // PPO clip strictly active
+  I dual;     // dual clip strictly active (never together with `clipped`)
+  V dloss;    // d loss / d logp of this token (GSPO-seq: its KL term only)
+  V dl_dr;    // d (policy loss) / d r
 };
 
 // The KL term of a kernel variant: none (no ref_logp) or one estimator.
@@ -300,7 +305,7 @@ TAPO_INLINE TokenVec<scalar_t> token_math(const Consts<scalar_t>& c, typename Ve
   TokenVec<scalar_t> out;
 
   V dratio;  // d r / d logp
-  if constexpr (kAlgo == Algo::kGspo) {
+  if constexpr (kAlgo == Algo::kGspo || kAlgo == Algo::kGspoSeq) {
     out.ratio = row_ratio;
     dratio = row_dratio;
   } else {
@@ -322,6 +327,7 @@ TAPO_INLINE TokenVec<scalar_t> token_math(const Consts<scalar_t>& c, typename Ve
     out.loss = na * sig * c4;
     dl_dr = na * c4 * (sig * (one - sig)) * tau;
     out.clipped = I{};
+    out.dual = I{};
   } else {
     const V lo = c.lo, hi = c.hi;
     const V l1 = na * r;
@@ -330,6 +336,7 @@ TAPO_INLINE TokenVec<scalar_t> token_math(const Consts<scalar_t>& c, typename Ve
     const I gt = l1 > l2, lt = l1 < l2, eq = l1 == l2;
     out.loss = gt ? l1 : l2;  // torch.maximum
     out.clipped = lt;
+    out.dual = I{};
     const V w1 = gt ? one : (eq ? half : zero);  // maximum's gradient split
     const V w2 = lt ? one : (eq ? half : zero);
     dl_dr = w1 * na + w2 * (in_clip ? na : zero);
@@ -340,10 +347,12 @@ TAPO_INLINE TokenVec<scalar_t> token_math(const Consts<scalar_t>& c, typename Ve
       dl_dr = neg ? dl_dr * wm : dl_dr;
       const I dual_on = neg & (l3 < out.loss);
       out.loss = dual_on ? l3 : out.loss;
-      out.clipped = out.clipped | dual_on;
+      out.dual = dual_on;
     }
   }
-  out.dloss = dl_dr * dratio;
+  out.dl_dr = dl_dr;
+  // GSPO-seq: r depends on every token of the row; the row pass adds that part (gspo_seq_pass)
+  out.dloss = kAlgo == Algo::kGspoSeq ? zero : dl_dr * dratio;
 
   if constexpr (kKl != KlTerm::kNone) {
     const V d = ref - lp;
@@ -399,7 +408,7 @@ struct RowIn {
 constexpr uint32_t kMaybeNonfinite = 1, kBadMap = 2, kBadMask = 4, kBadWeight = 8;
 
 struct RowStats {
-  double loss = 0, clipped = 0, ratio = 0, kl = 0, lifted = 0, mask = 0;
+  double loss = 0, clipped = 0, ratio = 0, kl = 0, lifted = 0, mask = 0, dual = 0, ppo_kl = 0;
   uint32_t bad = 0;
 };
 
@@ -515,7 +524,8 @@ TAPO_INLINE TokenIn<scalar_t> load_tokens(const RowIn<scalar_t>& in, int64_t t, 
 // GSPO: log s_i = masked mean of the clamped log-ratio (fp64 sums); s_it = exp(min(log s_i,
 // 10)) and d s_it / d logp_t = s_it where log s_i <= 10 (the clamp's bound is inclusive).
 template <typename scalar_t>
-TAPO_INLINE void gspo_row_ratio(const RowIn<scalar_t>& in, scalar_t& ratio, scalar_t& dratio) {
+TAPO_INLINE void gspo_row_ratio(const RowIn<scalar_t>& in, scalar_t& ratio, scalar_t& dratio,
+                                double* row_n = nullptr) {
   using VT = Vec<scalar_t>;
   using V = typename VT::V;
   using D = typename VT::D;
@@ -546,6 +556,33 @@ TAPO_INLINE void gspo_row_ratio(const RowIn<scalar_t>& in, scalar_t& ratio, scal
   const auto log_s = static_cast<scalar_t>(sum_lr / std::max(sum_m, 1.0));
   ratio = std::exp(std::min(log_s, scalar_t(10)));
   dratio = log_s <= scalar_t(10) ? ratio : scalar_t(0);
+  if (row_n != nullptr) *row_n = std::max(sum_m, 1.0);
+}
+
+// GSPO-seq's policy-gradient part of one row: log s_i = sum_t m_t clamp(lr_t, +-20) / n_i, so
+// d loss / d logp_t = coef * m_t [|lr_t| <= 20] with coef = row_grad * dr/dlog s * S / n_i and
+// S = sum_t m_t d l_t / d r (summed by the token pass). Added to the gradient the token pass
+// wrote (the KL term).
+template <typename scalar_t>
+TAPO_INLINE void gspo_seq_pass(const RowIn<scalar_t>& in, scalar_t coef, scalar_t* grad) {
+  using VT = Vec<scalar_t>;
+  using V = typename VT::V;
+  using L = RowLoader<scalar_t>;
+  constexpr int W = VT::kWidth;
+  const V lim = splat<V>(scalar_t(20)), c = splat<V>(coef), zero{};
+  for (int64_t t = 0; t < in.T; t += W) {
+    const int count = static_cast<int>(std::min<int64_t>(W, in.T - t));
+    const V m = L::mask(in, t, count);
+    const auto live = m != zero;
+    const V lr = live ? L::load(in.logp, t, count) - L::load(in.old, t, count) : zero;
+    const V add = live & (lr >= -lim) & (lr <= lim) ? c * m : zero;
+    const V g = L::load(grad, t, count) + add;
+    if (count == W) {
+      vstore(grad + t, g);
+    } else {
+      for (int k = 0; k < count; ++k) grad[t + k] = g[k];
+    }
+  }
 }
 
 // The forward's token pass of one row. With kGrad it also writes d loss / d logp of the row
@@ -562,16 +599,21 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
   constexpr int W = VT::kWidth;
   constexpr int64_t kBlock = 16 * W;  // tokens summed in the kernel's dtype before fp64
   scalar_t gspo_ratio = 0, gspo_dratio = 0;
-  if constexpr (kAlgo == Algo::kGspo) gspo_row_ratio(in, gspo_ratio, gspo_dratio);
+  double row_n = 1.0;
+  if constexpr (kAlgo == Algo::kGspo || kAlgo == Algo::kGspoSeq) {
+    gspo_row_ratio(in, gspo_ratio, gspo_dratio, &row_n);
+  }
   const V row_ratio = splat<V>(gspo_ratio), row_dratio = splat<V>(gspo_dratio);
-  D acc_loss{}, acc_clip{}, acc_ratio{}, acc_kl{}, acc_lift{}, acc_mask{};
+  D acc_loss{}, acc_clip{}, acc_ratio{}, acc_kl{}, acc_lift{}, acc_mask{}, acc_dual{}, acc_pkl{};
+  D acc_seq{};  // GSPO-seq: sum_t m_t d l_t / d r
   I bad_map{}, bad_mask{}, bad_weight{};
   V probe{};
   const V zero = splat<V>(scalar_t(0)), one = splat<V>(scalar_t(1));
+  const V lim = splat<V>(scalar_t(20));
   const V a_row = splat<V>(in.adv_row);
   const V g_row = splat<V>(row_grad);
   for (int64_t t0 = 0; t0 < in.T; t0 += kBlock) {
-    V s_loss{}, s_clip{}, s_ratio{}, s_kl{}, s_lift{}, s_mask{};
+    V s_loss{}, s_clip{}, s_ratio{}, s_kl{}, s_lift{}, s_mask{}, s_dual{}, s_pkl{};
     const int64_t t1 = std::min(in.T, t0 + kBlock);
     for (int64_t t = t0; t < t1; t += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, t1 - t));
@@ -598,6 +640,11 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
       }
       s_loss += tok.loss * m;
       s_clip += (tok.clipped ? one : zero) * m;
+      s_dual += (tok.dual ? one : zero) * m;
+      if constexpr (kAlgo == Algo::kGspoSeq && kGrad) {  // in fp64, as the backward sums it
+        acc_seq += __builtin_convertvector(live ? tok.dl_dr * m : zero, D);
+      }
+      s_pkl += vclamp(old - lp, -lim, lim) * m;  // ppo_kl: the negated token log-ratio
       s_ratio += tok.ratio * m;
       if constexpr (kKl != KlTerm::kNone) s_kl += tok.kl * m;
       s_mask += m;
@@ -608,6 +655,8 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
     acc_kl += __builtin_convertvector(s_kl, D);
     acc_lift += __builtin_convertvector(s_lift, D);
     acc_mask += __builtin_convertvector(s_mask, D);
+    acc_dual += __builtin_convertvector(s_dual, D);
+    acc_pkl += __builtin_convertvector(s_pkl, D);
   }
   RowStats s;
   for (int k = 0; k < W; ++k) {
@@ -617,8 +666,15 @@ TAPO_INLINE RowStats forward_row_body(const RowIn<scalar_t>& in, const Consts<sc
     s.kl += acc_kl[k];
     s.lifted += acc_lift[k];
     s.mask += acc_mask[k];
+    s.dual += acc_dual[k];
+    s.ppo_kl += acc_pkl[k];
     s.bad |= (probe[k] != probe[k] ? kMaybeNonfinite : 0u) | (bad_map[k] ? kBadMap : 0u) |
              (bad_mask[k] ? kBadMask : 0u) | (bad_weight[k] ? kBadWeight : 0u);
+  }
+  if constexpr (kAlgo == Algo::kGspoSeq && kGrad) {
+    double seq = 0.0;
+    for (int k = 0; k < W; ++k) seq += acc_seq[k];
+    gspo_seq_pass(in, static_cast<scalar_t>(row_grad * gspo_dratio * (seq / row_n)), grad);
   }
   return s;
 }
@@ -632,14 +688,19 @@ TAPO_INLINE uint32_t backward_row_body(const RowIn<scalar_t>& in, const Consts<s
   using I = typename VT::I;
   using L = RowLoader<scalar_t>;
   constexpr int W = VT::kWidth;
+  using D = typename VT::D;
   scalar_t gspo_ratio = 0, gspo_dratio = 0;
-  if constexpr (kAlgo == Algo::kGspo) gspo_row_ratio(in, gspo_ratio, gspo_dratio);
+  double row_n = 1.0;
+  if constexpr (kAlgo == Algo::kGspo || kAlgo == Algo::kGspoSeq) {
+    gspo_row_ratio(in, gspo_ratio, gspo_dratio, &row_n);
+  }
   const V row_ratio = splat<V>(gspo_ratio), row_dratio = splat<V>(gspo_dratio);
   const V zero = splat<V>(scalar_t(0)), one = splat<V>(scalar_t(1));
   const V a_row = splat<V>(in.adv_row);
   const V g_row = splat<V>(row_grad);
   I bad_map{}, bad_mask{}, bad_weight{};
   V probe{};
+  D acc_seq{};  // GSPO-seq: sum_t m_t d l_t / d r
   for (int64_t t = 0; t < in.T; t += W) {
     const int count = static_cast<int>(std::min<int64_t>(W, in.T - t));
     const TokenIn<scalar_t> x =
@@ -655,11 +716,18 @@ TAPO_INLINE uint32_t backward_row_body(const RowIn<scalar_t>& in, const Consts<s
     const TokenVec<scalar_t> tok =
         token_math<scalar_t, kAlgo, kKl>(c, lp, old, a, ref, row_ratio, row_dratio);
     const V g = live ? g_row * m * tok.dloss : zero;  // exactly 0 at masked tokens
+    if constexpr (kAlgo == Algo::kGspoSeq)
+      acc_seq += __builtin_convertvector(live ? tok.dl_dr * m : zero, D);
     if (count == W) {
       vstore(grad + t, g);
     } else {
       for (int k = 0; k < count; ++k) grad[t + k] = g[k];
     }
+  }
+  if constexpr (kAlgo == Algo::kGspoSeq) {
+    double seq = 0.0;
+    for (int k = 0; k < W; ++k) seq += acc_seq[k];
+    gspo_seq_pass(in, static_cast<scalar_t>(row_grad * gspo_dratio * (seq / row_n)), grad);
   }
   uint32_t bad = 0;
   for (int k = 0; k < W; ++k) {
@@ -789,6 +857,7 @@ RowKernels<scalar_t> row_kernels(const LossOptions& opt, bool has_ref) {
     case Algo::kGrpo: return row_kernels_for<scalar_t, Algo::kGrpo>(kl);
     case Algo::kGspo: return row_kernels_for<scalar_t, Algo::kGspo>(kl);
     case Algo::kSapo: return row_kernels_for<scalar_t, Algo::kSapo>(kl);
+    case Algo::kGspoSeq: return row_kernels_for<scalar_t, Algo::kGspoSeq>(kl);
   }
   return row_kernels_for<scalar_t, Algo::kGrpo>(kl);
 }
@@ -945,7 +1014,8 @@ std::tuple<at::Tensor, at::Tensor> finish_forward(const LossBatch<scalar_t>& bat
   check_values(batch, bad);
 
   // aggregation (reference.aggregate) and metrics, in fp64 and row order
-  double total_mask = 0, total_loss = 0, clipped = 0, ratio = 0, kl = 0, lifted = 0;
+  double total_mask = 0, total_loss = 0, clipped = 0, ratio = 0, kl = 0, lifted = 0, dual = 0;
+  double ppo_kl = 0;
   double seq_sum = 0, nonempty = 0;
   const double norm = opt.norm_const.value_or(static_cast<double>(std::max<int64_t>(T, 1)));
   for (const RowStats& s : rows) {
@@ -955,29 +1025,36 @@ std::tuple<at::Tensor, at::Tensor> finish_forward(const LossBatch<scalar_t>& bat
     ratio += s.ratio;
     kl += s.kl;
     lifted += s.lifted;
+    dual += s.dual;
+    ppo_kl += s.ppo_kl;
     if (s.mask > 0) {
       nonempty += 1;
       switch (opt.agg) {
         case Agg::kSeqMeanTokenMean: seq_sum += s.loss / std::max(s.mask, 1.0); break;
         case Agg::kSeqMeanTokenSum: seq_sum += s.loss; break;
         case Agg::kSeqMeanTokenSumNorm: seq_sum += s.loss / norm; break;
-        case Agg::kTokenMean: break;
+        case Agg::kTokenMean:
+        case Agg::kTokenSum: break;
       }
     }
   }
   double loss;
   if (opt.agg == Agg::kTokenMean) {
     loss = total_loss / opt.global_count.value_or(std::max(total_mask, 1.0));
+  } else if (opt.agg == Agg::kTokenSum) {
+    loss = total_loss / opt.global_count.value_or(1.0);
   } else {
     loss = seq_sum / opt.global_count.value_or(std::max(nonempty, 1.0));
   }
   const double count = std::max(total_mask, 1.0);
-  at::Tensor metrics = at::empty({4}, batch.logp_t.options().dtype(at::kFloat));
+  at::Tensor metrics = at::empty({6}, batch.logp_t.options().dtype(at::kFloat));
   float* mp = metrics.data_ptr<float>();
   mp[0] = static_cast<float>(clipped / count);
   mp[1] = static_cast<float>(ratio / count);
   mp[2] = static_cast<float>(kl / count);
   mp[3] = static_cast<float>(lifted / count);
+  mp[4] = static_cast<float>(dual / count);
+  mp[5] = static_cast<float>(ppo_kl / count);
   return {at::scalar_tensor(loss, batch.logp_t.options()), metrics};
 }
 
@@ -1025,6 +1102,7 @@ struct AggWeights {
   double operator()(int64_t i) const {
     switch (agg) {
       case Agg::kTokenMean: return 1.0 / global_count.value_or(std::max(total_mask, 1.0));
+      case Agg::kTokenSum: return 1.0 / global_count.value_or(1.0);
       case Agg::kSeqMeanTokenMean:
         return row_mask[i] > 0 ? 1.0 / (std::max(row_mask[i], 1.0) * seq_denom) : 0.0;
       case Agg::kSeqMeanTokenSum: return row_mask[i] > 0 ? 1.0 / seq_denom : 0.0;

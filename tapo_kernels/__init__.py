@@ -9,7 +9,13 @@ import Triton or initialise CUDA.
 from . import _library, reference  # noqa: F401  (_library registers the ops)
 from ._library import CPU_BACKEND, NATIVE_ERROR
 from .correction import TapoResult, TapoStats, ToolCalls, build_call_map, fused_correct
-from .logprob import LogprobLossOutput, policy_loss_from_hidden, policy_loss_from_logits
+from .logprob import (
+    LogprobLossOutput,
+    logprobs_from_hidden,
+    logprobs_from_logits,
+    policy_loss_from_hidden,
+    policy_loss_from_logits,
+)
 from .loss import PRESETS, PolicyLossOutput, policy_loss
 from .params import encode_box, encode_results, encode_text
 from .rollout_correction import rollout_mismatch, truncated_importance_weight
@@ -40,4 +46,10 @@ __all__ = [
     "rollout_mismatch",
     "truncated_importance_weight",
 ]
-__all__ += ["LogprobLossOutput", "policy_loss_from_hidden", "policy_loss_from_logits"]
+__all__ += [
+    "LogprobLossOutput",
+    "logprobs_from_hidden",
+    "logprobs_from_logits",
+    "policy_loss_from_hidden",
+    "policy_loss_from_logits",
+]

@@ -441,3 +441,59 @@ def check_selective_log_softmax_from_hidden_backward(
     _check_grad_logp(grad_logp, logp, labels, B, T)
     _check_temperature(temperature)
     _check_chunk_size(chunk_size)
+
+
+# --------------------------------------------------------------------------------------
+# standalone log-probabilities (and entropies) from logits or hidden states
+# --------------------------------------------------------------------------------------
+
+
+def _check_label_range(labels: Tensor, B: int, T: int, V: int) -> None:
+    """``labels`` ``(B, T)`` int64, each ``< V``; negative entries mark ignored tokens."""
+    _shape("labels", labels, (B, T))
+    _dtype("labels", labels, (torch.int64,))
+    if labels.numel():
+        flags = Flags()
+        flags.add(
+            (labels >= V).any(),
+            f"labels out of range: entries must be < V={V} (negative marks an ignored token)",
+        )
+        flags.raise_first()
+
+
+def check_logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float) -> None:
+    """Arguments of ``tapo::logprobs_from_logits``."""
+    _same_device(locals())
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be 3-D (B, T, V), got shape {tuple(logits.shape)}")
+    B, T, V = logits.shape
+    if V == 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    _dtype("logits", logits, _LOGIT_DTYPES)
+    _check_temperature(temperature)
+    _check_label_range(labels, B, T, V)
+
+
+def check_logprobs_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    temperature: float,
+    chunk_size: int | None,
+) -> None:
+    """Arguments of ``tapo::logprobs_from_hidden``."""
+    _same_device(locals())
+    B, T, V = _check_lm_head(hidden, weight, bias)
+    if V == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    _check_label_range(labels, B, T, V)
+
+
+def check_entropy_grad(grad_entropy: Tensor, entropy: Tensor, B: int, T: int) -> None:
+    """``grad_entropy`` and ``entropy`` of the entropy-aware backward ops: ``(B, T)`` float32."""
+    for name, t in (("grad_entropy", grad_entropy), ("entropy", entropy)):
+        _shape(name, t, (B, T))
+        _dtype(name, t, (torch.float32,))

@@ -23,6 +23,7 @@ from . import _args, _checks, reference
 from . import fused as _fused  # the composite kernels of the logits / hidden-state ops
 from . import knobs as _knobs
 from . import vocab as _vocab  # the chunked torch vocabulary passes
+from .reference import METRIC_NAMES
 
 lib = torch.library.Library("tapo", "DEF")  # noqa: TOR901 (the library lives for the process)
 
@@ -100,7 +101,7 @@ def _fused_correct_fake(advantages, seq_advantages, group_ids, call_seq, *rest):
 
 @_register_fake("tapo::policy_loss")
 def _policy_loss_fake(logp, *rest):
-    return logp.new_empty(()), logp.new_empty((4,), dtype=torch.float32)
+    return logp.new_empty(()), logp.new_empty((len(METRIC_NAMES),), dtype=torch.float32)
 
 
 @_register_fake("tapo::policy_loss_backward")
@@ -112,7 +113,7 @@ def _policy_loss_backward_fake(grad_loss, logp, *rest):
 def _policy_loss_with_grad_fake(logp, *rest):
     # the gradient is a new contiguous (B, T) tensor, whatever logp's strides
     grad = logp.new_empty(logp.shape)
-    return logp.new_empty(()), logp.new_empty((4,), dtype=torch.float32), grad
+    return logp.new_empty(()), logp.new_empty((len(METRIC_NAMES),), dtype=torch.float32), grad
 
 
 # --------------------------------------------------------------------------------------
@@ -379,7 +380,7 @@ def _logprob_outputs_fake(like: torch.Tensor, B: int, T: int, with_entropy: bool
     entropy = like.new_empty((B, T) if with_entropy else (0,), dtype=f32)
     return (
         like.new_empty((), dtype=f32),
-        like.new_empty((4,), dtype=f32),
+        like.new_empty((len(METRIC_NAMES),), dtype=f32),
         like.new_empty((B, T), dtype=f32),
         entropy,
     )
@@ -424,31 +425,74 @@ def _selective_log_softmax_from_hidden_backward_fake(*args, **kwargs):
 
 
 def _save_front_call(ctx, op: str, inputs: tuple, output: tuple, leading: tuple[str, ...]):
-    """Save what the backward of a front-end op needs: its ``leading`` tensors, logp (an
-    output), the loss tensors; its other arguments and the knobs as attributes."""
+    """Save what the backward of a front-end op needs: its ``leading`` tensors, logp and
+    entropy (outputs), the loss tensors; its other arguments and the knobs as attributes.
+
+    The entropy is differentiable (an entropy bonus adds its gradient to the loss's); the
+    metrics and logp are not."""
     call = dict(zip(_args.names(op), inputs, strict=True))
-    ctx.save_for_backward(*(call[n] for n in leading), output[2], *_args.loss_tensors(call))
+    leading_tensors = (call[n] for n in leading)
+    ctx.save_for_backward(*leading_tensors, output[2], output[3], *_args.loss_tensors(call))
     ctx.call = {n: v for n, v in call.items() if not isinstance(v, torch.Tensor)}
     ctx.knobs = tuple(_args.loss_knobs(call).values())
     ctx.n_inputs = len(inputs)
-    ctx.mark_non_differentiable(*output[1:])  # metrics, logp, entropy are detached
+    ctx.mark_non_differentiable(output[1], output[2])  # metrics, logp
+    ctx.set_materialize_grads(False)  # an unused loss or entropy gives None, not zeros
 
 
 def _grad_logp(ctx, grad_loss, logp, loss_tensors):
+    if grad_loss is None:  # only the entropy is differentiated
+        return torch.zeros_like(logp)
     return torch.ops.tapo.policy_loss_backward(grad_loss, logp, *loss_tensors, *ctx.knobs)
+
+
+def _with_entropy_grad(grad_entropy, entropy) -> bool:
+    return grad_entropy is not None and entropy.numel() > 0
+
+
+def _logits_grad(grad_logp, grad_entropy, logits, labels, logp, entropy, temperature):
+    """``d / d logits`` of the log-probability (and, when it has a gradient, entropy) terms:
+    the one-pass ``selective_log_softmax_backward`` kernels without an entropy gradient."""
+    grad_logp = torch.zeros_like(logp) if grad_logp is None else grad_logp.contiguous()
+    if not _with_entropy_grad(grad_entropy, entropy):
+        return torch.ops.tapo.selective_log_softmax_backward(
+            grad_logp, logits, labels, logp, temperature
+        )
+    return torch.ops.tapo.logprobs_backward(
+        grad_logp, grad_entropy.contiguous(), logits, labels, logp, entropy, temperature
+    )
+
+
+def _hidden_grads(grad_logp, grad_entropy, hidden, weight, bias, labels, logp, entropy, settings):
+    """``(dhidden, dweight, dbias)`` of the log-probability (and entropy) terms."""
+    grad_logp = torch.zeros_like(logp) if grad_logp is None else grad_logp.contiguous()
+    if not _with_entropy_grad(grad_entropy, entropy):
+        return torch.ops.tapo.selective_log_softmax_from_hidden_backward(
+            grad_logp, hidden, weight, bias, labels, logp, *settings
+        )
+    return torch.ops.tapo.logprobs_from_hidden_backward(
+        grad_logp, grad_entropy.contiguous(), hidden, weight, bias, labels, logp, entropy, *settings
+    )
 
 
 def _from_logits_setup_context(ctx, inputs, output):
     _save_front_call(ctx, "policy_loss_from_logits", inputs, output, ("logits", "labels"))
 
 
-def _from_logits_backward(ctx, grad_loss, *unused_output_grads):
+def _from_logits_backward(ctx, grad_loss, _grad_metrics, _grad_logp_out, grad_entropy):
     nones = (None,) * (ctx.n_inputs - 1)
-    if not ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or (grad_loss is None and grad_entropy is None):
         return (None, *nones)
-    logits, labels, logp, *loss_tensors = ctx.saved_tensors
+    logits, labels, logp, entropy, *loss_tensors = ctx.saved_tensors
     grad_logp = _grad_logp(ctx, grad_loss, logp, loss_tensors)
     temperature = ctx.call["temperature"]
+    if _with_entropy_grad(grad_entropy, entropy):
+        grad_logits = _logits_grad(
+            grad_logp, grad_entropy, logits, labels, logp, entropy, temperature
+        )
+        if ctx.call["inplace_backward"]:  # the promise holds: the buffer holds the gradient
+            return (logits.copy_(grad_logits), *nones)
+        return (grad_logits, *nones)
     if ctx.call["inplace_backward"]:
         torch.ops.tapo.selective_log_softmax_backward_inplace(
             grad_logp, logits, labels, logp, temperature
@@ -465,17 +509,19 @@ def _from_hidden_setup_context(ctx, inputs, output):
     _save_front_call(ctx, "policy_loss_from_hidden", inputs, output, leading)
 
 
-def _from_hidden_backward(ctx, grad_loss, *unused_output_grads):
+def _from_hidden_backward(ctx, grad_loss, _grad_metrics, _grad_logp_out, grad_entropy):
     nones = (None,) * (ctx.n_inputs - 3)
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    if not (need_hidden or need_weight or need_bias):
+    if not (need_hidden or need_weight or need_bias) or (
+        grad_loss is None and grad_entropy is None
+    ):
         return (None, None, None, *nones)
-    hidden, weight, bias, labels, logp, *loss_tensors = ctx.saved_tensors
+    hidden, weight, bias, labels, logp, entropy, *loss_tensors = ctx.saved_tensors
     grad_logp = _grad_logp(ctx, grad_loss, logp, loss_tensors)
     want_bias = bias is not None and need_bias
     settings = (ctx.call["temperature"], ctx.call["chunk_size"], need_weight, want_bias)
-    grad_hidden, grad_weight, grad_bias = torch.ops.tapo.selective_log_softmax_from_hidden_backward(
-        grad_logp, hidden, weight, bias, labels, logp, *settings
+    grad_hidden, grad_weight, grad_bias = _hidden_grads(
+        grad_logp, grad_entropy, hidden, weight, bias, labels, logp, entropy, settings
     )
     return (
         grad_hidden if need_hidden else None,
@@ -493,6 +539,127 @@ torch.library.register_autograd(
 )
 
 _REFERENCE_KERNELS.update(_fused.KERNELS)
+
+# ======================================================================================
+# Standalone log-probabilities and entropies (differentiable through both), for frameworks
+# that compute log-probabilities inside their model forward (docs/math.md, section 5.4)
+# ======================================================================================
+
+LOGPROBS_FROM_LOGITS_SCHEMA = (
+    "logprobs_from_logits(Tensor logits, Tensor labels, float temperature=1.0, "
+    "bool with_entropy=True) -> (Tensor, Tensor)"
+)
+LOGPROBS_FROM_HIDDEN_SCHEMA = (
+    "logprobs_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
+    "float temperature=1.0, bool with_entropy=True, int? chunk_size=None) -> (Tensor, Tensor)"
+)
+# the backward ops with an entropy gradient (without one, the selective_log_softmax_* ops)
+LOGPROBS_BACKWARD_SCHEMA = (
+    "logprobs_backward(Tensor grad_logp, Tensor grad_entropy, Tensor logits, Tensor labels, "
+    "Tensor logp, Tensor entropy, float temperature=1.0) -> Tensor"
+)
+LOGPROBS_FROM_HIDDEN_BACKWARD_SCHEMA = (
+    "logprobs_from_hidden_backward(Tensor grad_logp, Tensor grad_entropy, Tensor hidden, "
+    "Tensor weight, Tensor? bias, Tensor labels, Tensor logp, Tensor entropy, "
+    "float temperature=1.0, int? chunk_size=None, bool weight_grad=True, bool bias_grad=True) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+for _schema in (
+    LOGPROBS_FROM_LOGITS_SCHEMA,
+    LOGPROBS_FROM_HIDDEN_SCHEMA,
+    LOGPROBS_BACKWARD_SCHEMA,
+    LOGPROBS_FROM_HIDDEN_BACKWARD_SCHEMA,
+):
+    _define(_schema)
+LOGPROBS_OPS = tuple(_fused.LOGPROBS_KERNELS)
+
+
+def _logprobs_fake(like: torch.Tensor, B: int, T: int, with_entropy: bool):
+    f32 = torch.float32
+    entropy = like.new_empty((B, T) if with_entropy else (0,), dtype=f32)
+    return like.new_empty((B, T), dtype=f32), entropy
+
+
+@_register_fake("tapo::logprobs_from_logits")
+def _logprobs_from_logits_fake(logits, labels, temperature=1.0, with_entropy=True):
+    return _logprobs_fake(logits, *logits.shape[:2], with_entropy)
+
+
+@_register_fake("tapo::logprobs_from_hidden")
+def _logprobs_from_hidden_fake(
+    hidden, weight, bias, labels, temperature=1.0, with_entropy=True, *_
+):
+    return _logprobs_fake(hidden, *hidden.shape[:2], with_entropy)
+
+
+@_register_fake("tapo::logprobs_backward")
+def _logprobs_backward_fake(grad_logp, grad_entropy, logits, *rest):
+    return torch.empty_like(logits)
+
+
+@_register_fake("tapo::logprobs_from_hidden_backward")
+def _logprobs_from_hidden_backward_fake(*args, **kwargs):
+    call = _args.bind("logprobs_from_hidden_backward", args, kwargs)
+    hidden, weight, bias = call["hidden"], call["weight"], call["bias"]
+    dweight = torch.empty_like(weight) if call["weight_grad"] else weight.new_empty((0,))
+    want_bias = bias is not None and call["bias_grad"]
+    dbias = torch.empty_like(bias) if want_bias else hidden.new_empty((0,))
+    return torch.empty_like(hidden), dweight, dbias
+
+
+def _logprobs_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], *output)
+    ctx.temperature = inputs[2]
+    ctx.set_materialize_grads(False)
+
+
+def _logprobs_backward(ctx, grad_logp, grad_entropy):
+    if not ctx.needs_input_grad[0] or (grad_logp is None and grad_entropy is None):
+        return None, None, None, None
+    logits, labels, logp, entropy = ctx.saved_tensors
+    grad = _logits_grad(grad_logp, grad_entropy, logits, labels, logp, entropy, ctx.temperature)
+    return grad, None, None, None
+
+
+def _logprobs_from_hidden_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, _, chunk_size = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, *output)
+    ctx.settings = (temperature, chunk_size)
+    ctx.set_materialize_grads(False)
+
+
+def _logprobs_from_hidden_backward(ctx, grad_logp, grad_entropy):
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    nones = (None,) * 4
+    if not (need_hidden or need_weight or need_bias) or (
+        grad_logp is None and grad_entropy is None
+    ):
+        return (None, None, None, *nones)
+    hidden, weight, bias, labels, logp, entropy = ctx.saved_tensors
+    want_bias = bias is not None and need_bias
+    settings = (*ctx.settings, need_weight, want_bias)
+    grad_hidden, grad_weight, grad_bias = _hidden_grads(
+        grad_logp, grad_entropy, hidden, weight, bias, labels, logp, entropy, settings
+    )
+    return (
+        grad_hidden if need_hidden else None,
+        grad_weight if need_weight else None,
+        grad_bias if want_bias else None,
+        *nones,
+    )
+
+
+torch.library.register_autograd(
+    "tapo::logprobs_from_logits", _logprobs_backward, setup_context=_logprobs_setup_context
+)
+torch.library.register_autograd(
+    "tapo::logprobs_from_hidden",
+    _logprobs_from_hidden_backward,
+    setup_context=_logprobs_from_hidden_setup_context,
+)
+for _op in LOGPROBS_OPS:
+    for _device in ("CPU", "CUDA"):
+        lib.impl(_op, _fused.LOGPROBS_KERNELS[_op], _device)
 
 for _op in LOGPROB_OPS:
     # validation and the loss in Python (fused.py); the vocabulary passes by the dispatcher

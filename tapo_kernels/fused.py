@@ -140,6 +140,90 @@ def selective_log_softmax_from_hidden_backward_kernel(*args, passes: Passes = DI
     return passes.logprob_from_hidden_backward(*call.values())  # the same order
 
 
+def logprobs_from_logits_kernel(logits, labels, temperature=1.0, with_entropy=True):
+    """``tapo::logprobs_from_logits``: fp32 ``(logp, entropy)``, the vocabulary pass alone."""
+    _checks.check_logprobs_from_logits(logits, labels, temperature)
+    return DISPATCHED.logprob_rows(logits, labels, temperature, with_entropy)
+
+
+def logprobs_from_hidden_kernel(
+    hidden, weight, bias, labels, temperature=1.0, with_entropy=True, chunk_size=None
+):
+    """``tapo::logprobs_from_hidden``: fp32 ``(logp, entropy)`` of ``linear(hidden, weight,
+    bias)``, ``chunk_size`` tokens at a time."""
+    _checks.check_logprobs_from_hidden(hidden, weight, bias, labels, temperature, chunk_size)
+    chunk = _chunk(chunk_size, weight)
+    return DISPATCHED.logprob_from_hidden(
+        hidden, weight, bias, labels, temperature, with_entropy, chunk
+    )
+
+
+def logprobs_backward_kernel(
+    grad_logp, grad_entropy, logits, labels, logp, entropy, temperature=1.0
+):
+    """``tapo::logprobs_backward``: ``d / d logits`` of ``sum grad_logp * logp + sum
+    grad_entropy * entropy``, a new tensor in the logits' dtype (chunked torch passes)."""
+    _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
+    _checks.check_entropy_grad(grad_entropy, entropy, *logits.shape[:2])
+    out = torch.empty_like(logits)
+    vocab.selective_log_softmax_backward_chunked(
+        grad_logp,
+        logits,
+        labels,
+        logp,
+        temperature,
+        out,
+        chunk_fn=vocab.dlogits_entropy_chunk_torch,
+        extra=(grad_entropy, entropy),
+    )
+    return out
+
+
+def logprobs_from_hidden_backward_kernel(
+    grad_logp,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    labels,
+    logp,
+    entropy,
+    temperature=1.0,
+    chunk_size=None,
+    weight_grad=True,
+    bias_grad=True,
+):
+    """``tapo::logprobs_from_hidden_backward``: ``(dhidden, dweight, dbias)`` of the
+    log-probability and entropy terms, the logits recomputed chunk by chunk."""
+    _checks.check_selective_log_softmax_from_hidden_backward(
+        grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size
+    )
+    _checks.check_entropy_grad(grad_entropy, entropy, *hidden.shape[:2])
+    return vocab.selective_log_softmax_from_hidden_backward_chunked(
+        grad_logp,
+        hidden,
+        weight,
+        bias,
+        labels,
+        logp,
+        temperature,
+        _chunk(chunk_size, weight),
+        weight_grad,
+        bias_grad,
+        chunk_fn=vocab.dlogits_entropy_chunk_torch,
+        extra=(grad_entropy, entropy),
+    )
+
+
+# the standalone log-probability ops and the entropy-aware backward ops: one Python kernel for
+# every device (the forward's vocabulary pass is chosen by the dispatcher)
+LOGPROBS_KERNELS = {
+    "logprobs_from_logits": logprobs_from_logits_kernel,
+    "logprobs_from_hidden": logprobs_from_hidden_kernel,
+    "logprobs_backward": logprobs_backward_kernel,
+    "logprobs_from_hidden_backward": logprobs_from_hidden_backward_kernel,
+}
+
 KERNELS = {
     "policy_loss_from_logits": policy_loss_from_logits_kernel,
     "policy_loss_from_hidden": policy_loss_from_hidden_kernel,

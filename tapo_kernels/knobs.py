@@ -18,9 +18,15 @@ from ._numbers import finite32, number
 
 # The choices of the string knobs (docs/math.md, section 3). The kernels number them in this
 # order (ops/policy_loss.py: ALGO_IDS, KL_IDS, AGG_IDS).
-ALGOS = ("grpo", "gspo", "sapo")
+ALGOS = ("grpo", "gspo", "sapo", "gspo-seq")
 KL_TYPES = ("k1", "k2", "k3")
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGGS = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "token-sum",
+)
 
 
 class Range(NamedTuple):
@@ -93,6 +99,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "gspo": dict(
         algo="gspo", eps_low=3e-4, eps_high=4e-4, dual_clip_c=0.0, agg="seq-mean-token-mean"
+    ),
+    "gspo_seq": dict(
+        algo="gspo-seq", eps_low=3e-4, eps_high=4e-4, dual_clip_c=0.0, agg="seq-mean-token-mean"
     ),
     "sapo": dict(algo="sapo", tau_pos=1.0, tau_neg=1.05, agg="seq-mean-token-mean"),
 }

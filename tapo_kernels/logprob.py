@@ -35,7 +35,9 @@ class LogprobLossOutput(PolicyLossOutput):
     """The scalar loss (differentiable), its detached metrics, log-probabilities and entropies."""
 
     logp: Tensor  # [B, T] float32, detached
-    entropy: Tensor  # [B, T] float32, detached; empty unless with_entropy=True
+    # [B, T] float32; empty unless with_entropy=True. Differentiable: an entropy bonus such as
+    # ``loss - c * (entropy * mask).sum() / mask.sum()`` backpropagates through both terms.
+    entropy: Tensor
 
 
 def _as_fp32(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -81,7 +83,10 @@ def policy_loss_from_logits(
 
     Returns:
         ``LogprobLossOutput``: ``loss`` (differentiable w.r.t. ``logits``), ``metrics``,
-        ``logp`` (fp32, detached) and ``entropy`` (fp32, detached, empty when not asked).
+        ``logp`` (fp32, detached) and ``entropy`` (fp32, empty when not asked; differentiable
+        w.r.t. ``logits``, for an entropy bonus; its gradient takes one more chunked pass
+        over the logits in the backward, and with ``inplace_backward`` the gradient is built
+        in a new tensor, then copied into the logits buffer).
     """
     merged = _knobs.resolve(preset, knobs)
     _checks.op_tensors("policy_loss_from_logits", locals())
@@ -136,3 +141,53 @@ def policy_loss_from_hidden(
         hidden, weight, bias, labels, *loss_tensors, temperature, with_entropy, chunk_size, **merged
     )
     return LogprobLossOutput(loss, metrics, logp, entropy)
+
+
+def logprobs_from_logits(
+    logits: Tensor, labels: Tensor, *, temperature: float = 1.0, with_entropy: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-probabilities and entropies, differentiable through both.
+
+    ``logp = log softmax(logits / temperature)[label]`` and
+    ``entropy = -sum p log p`` of ``softmax(logits / temperature)``, in fp32 whatever the
+    logits' dtype, for frameworks that compute log-probabilities inside their model forward
+    (verl's ``logprobs_from_logits`` / ``entropy_from_logits``, TRL's
+    ``selective_log_softmax``). No ``(B, T, V)`` fp32 copy is made in the forward; the
+    backward recomputes the softmax chunk by chunk and writes one gradient tensor.
+
+    Args:
+        logits: ``(B, T, V)`` float32/bfloat16/float16.
+        labels: ``(B, T)`` int64; a negative entry marks an ignored token (logp and entropy 0,
+            no gradient).
+        temperature: the sampling temperature.
+        with_entropy: also compute the entropy (else an empty tensor is returned).
+
+    Returns:
+        ``(logp, entropy)``: ``(B, T)`` float32 each.
+    """
+    _checks.tensors(logits=logits, labels=labels)
+    _checks.number("temperature", temperature)
+    return torch.ops.tapo.logprobs_from_logits(logits, labels, temperature, with_entropy)
+
+
+def logprobs_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``logprobs_from_logits`` of ``linear(hidden, weight, bias)`` without the ``(B*T, V)``
+    logits: ``chunk_size`` tokens at a time in the forward and again in the backward.
+
+    Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` through both outputs; the weight
+    gradient is accumulated in fp32.
+    """
+    _checks.tensors(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    _checks.number("temperature", temperature)
+    return torch.ops.tapo.logprobs_from_hidden(
+        hidden, weight, bias, labels, temperature, with_entropy, chunk_size
+    )

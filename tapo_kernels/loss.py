@@ -19,7 +19,7 @@ class PolicyLossOutput:
     """The scalar loss (differentiable w.r.t. ``logp``) and its detached metrics."""
 
     loss: Tensor
-    metrics: Tensor  # [4] float32, ordered as METRIC_NAMES
+    metrics: Tensor  # [6] float32, ordered as METRIC_NAMES
 
     def metrics_dict(self, prefix: str = "actor/") -> dict[str, float]:
         """Metrics as Python floats (one host sync)."""

@@ -22,7 +22,9 @@ SIM_IOU = 1
 SIM_TOL = 2.0**-20
 
 # Order of the entries of the metrics tensor returned by ``policy_loss``.
-METRIC_NAMES = ("clip_frac", "mean_ratio", "mean_kl", "lifted_frac")
+# clip_frac: PPO clip strictly active (verl's pg_clipfrac); dual_clip_frac: the dual clip
+# (verl's pg_clipfrac_lower); ppo_kl: masked mean of old_logp - logp (verl's ppo_kl)
+METRIC_NAMES = ("clip_frac", "mean_ratio", "mean_kl", "lifted_frac", "dual_clip_frac", "ppo_kl")
 
 
 # --------------------------------------------------------------------------------------
@@ -249,6 +251,8 @@ def aggregate(
     if agg == "token-mean":
         denom = m.sum().clamp(min=1) if global_count is None else L.new_tensor(global_count)
         return L.sum() / denom
+    if agg == "token-sum":
+        return L.sum() if global_count is None else L.sum() / L.new_tensor(global_count)
     row_tokens = m.sum(1)
     nonempty = (row_tokens > 0).to(L.dtype)
     if agg == "seq-mean-token-mean":
@@ -287,11 +291,13 @@ def policy_loss(
 ) -> tuple[Tensor, Tensor]:
     """docs/math.md, sections 3-4, in plain torch (gradients by autograd). Returns (loss, metrics).
 
-    ``metrics`` is a detached ``(4,)`` tensor ordered as ``METRIC_NAMES``: fraction of
-    mask tokens whose loss is clipped (PPO clip or dual clip strictly active; always 0
-    for SAPO, which has no hard clip), masked mean of the ratio (``s_it`` for GSPO),
-    masked mean of the KL estimate (0 without ``ref_logp``), fraction of mask tokens whose
-    advantage the TAPO lift changed.
+    ``metrics`` is a detached ``(6,)`` tensor ordered as ``METRIC_NAMES``: fraction of
+    mask tokens whose loss the PPO clip holds (strictly active; always 0 for SAPO, which has
+    no hard clip), masked mean of the ratio (``s_it`` for GSPO), masked mean of the KL
+    estimate (0 without ``ref_logp``), fraction of mask tokens whose advantage the TAPO lift
+    changed, fraction of mask tokens whose loss the dual clip holds (a token is held by at
+    most one of the two clips), and ``ppo_kl``, the masked mean of ``old_logp - logp``
+    (the token log-ratio, clamped to +-20, negated; token-level for GSPO too).
 
     Dual clip applies to ``grpo`` only (as verl: GSPO and SAPO have none).
 
@@ -324,15 +330,19 @@ def policy_loss(
 
     lr = (logp - old_logp).clamp(-20.0, 20.0)
     clipped = torch.zeros_like(m, dtype=torch.bool)
-    if algo == "gspo":
+    dual = torch.zeros_like(m, dtype=torch.bool)
+    if algo in ("gspo", "gspo-seq"):
         n = m.sum(1, keepdim=True).clamp(min=1)
         log_s_seq = (lr * m).sum(1, keepdim=True) / n
-        log_s = (logp - logp.detach() + log_s_seq.detach()).clamp(max=10.0)
+        if algo == "gspo":  # GSPO-token: s_it = sg(s_i) pi_t / sg(pi_t)
+            log_s = (logp - logp.detach() + log_s_seq.detach()).clamp(max=10.0)
+        else:  # GSPO-seq: s_i itself, differentiated through every token of the row
+            log_s = log_s_seq.clamp(max=10.0).expand_as(logp)
         ratio = torch.exp(log_s)
     else:
         ratio = torch.exp(lr)
 
-    if algo in ("grpo", "gspo"):
+    if algo in ("grpo", "gspo", "gspo-seq"):
         l1 = -a * ratio
         l2 = -a * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
         loss_tok = torch.maximum(l1, l2)
@@ -341,7 +351,6 @@ def policy_loss(
             l3 = -a * dual_clip_c
             dual = (a < 0) & (l3 < loss_tok)
             loss_tok = torch.where(a < 0, torch.minimum(loss_tok, l3), loss_tok)
-            clipped = clipped | dual
     elif algo == "sapo":
         tau = torch.where(a > 0, torch.full_like(a, tau_pos), torch.full_like(a, tau_neg))
         loss_tok = -a * torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
@@ -361,6 +370,8 @@ def policy_loss(
                 _masked_mean(ratio.detach(), m),
                 _masked_mean(kl.detach(), m),
                 _masked_mean(lifted.to(m.dtype), m),
+                _masked_mean(dual.to(m.dtype), m),
+                _masked_mean(-lr.detach(), m),
             ]
         ).to(torch.float32)
     return loss, metrics
@@ -381,7 +392,7 @@ def selective_log_softmax(
 
     The log-sum-exp and the result never pass through a low-precision dtype. Negative labels
     (e.g. -100 padding) give 0. The entropy is ``lse - sum softmax * x`` (empty without
-    ``with_entropy``).
+    ``with_entropy``). Both are differentiable with respect to ``logits``.
     """
     x = logits.float() / temperature
     lse = torch.logsumexp(x, dim=-1)
@@ -392,7 +403,7 @@ def selective_log_softmax(
         return logp, logp.new_empty((0,))
     p = torch.softmax(x, dim=-1)
     entropy = lse - torch.where(p > 0, p * x, 0.0).sum(-1)  # 0 * -inf columns count 0
-    return logp, torch.where(labels >= 0, entropy, torch.zeros_like(entropy)).detach()
+    return logp, torch.where(labels >= 0, entropy, torch.zeros_like(entropy))
 
 
 def policy_loss_from_logits(
@@ -407,8 +418,8 @@ def policy_loss_from_logits(
     ``logp = selective_log_softmax(logits, labels, temperature)``, with the floating loss
     tensors cast to float32 (the dtype of ``logp``).
 
-    Returns (loss, metrics, logp (detached, fp32), entropy (detached, fp32; empty when not
-    asked)). Differentiable with respect to ``logits``.
+    Returns (loss, metrics, logp (detached, fp32), entropy (fp32, differentiable; empty when
+    not asked)). Differentiable with respect to ``logits``.
     """
     logp, entropy = selective_log_softmax(logits, labels, temperature, with_entropy)
     fp32 = (t.float() if t is not None and t.is_floating_point() else t for t in loss_tensors)

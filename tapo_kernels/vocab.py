@@ -147,6 +147,45 @@ def dlogits_chunk_torch(
     return d
 
 
+def dlogits_entropy_chunk_torch(
+    grad_logp: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    logp: Tensor,
+    temperature: float,
+    scratch: bool,
+    grad_entropy: Tensor,
+    entropy: Tensor,
+) -> Tensor:
+    """fp32 ``d / d logits`` of ``sum g logp + sum h H`` for ``n`` rows (``h`` = ``grad_entropy``).
+
+    With ``x = logits / temperature``, ``log p = x - lse`` and ``H = -sum p log p``:
+    ``d logp / d x = onehot(label) - p`` and ``d H / d x = -p (log p + H)``, so
+    ``d = g onehot - p (g + h (log p + H))``, divided by the temperature. ``lse`` comes from
+    the forward's log-probability, ``H`` is the forward's entropy. Rows with a negative label,
+    or with ``g = h = 0``, get exactly zero; a ``-inf`` logit (``p = 0``) gets zero.
+    """
+    x, owned = _scaled_fp32(logits, temperature, scratch)
+    valid = labels >= 0
+    g = torch.where(valid, grad_logp, torch.zeros_like(grad_logp))
+    h = torch.where(valid, grad_entropy, torch.zeros_like(grad_entropy))
+    live = valid & ((g != 0) | (h != 0))
+    index = labels.clamp(min=0)[:, None]
+    lse = x.gather(-1, index).squeeze(-1) - logp
+    lse = torch.where(live, lse, torch.full_like(lse, float("inf")))[:, None]
+    log_p = x.sub_(lse) if owned else x - lse
+    p = log_p.exp()
+    coef = log_p.add_(torch.where(live, entropy, torch.zeros_like(entropy))[:, None]).mul_(
+        h[:, None]
+    )
+    d = coef.add_(g[:, None]).mul_(p).neg_()
+    d = torch.where(p > 0, d, torch.zeros_like(d))  # p = 0: a -inf logit or an ignored row
+    d.scatter_add_(-1, index, g[:, None])
+    if temperature != 1.0:
+        d.div_(temperature)
+    return d
+
+
 # --------------------------------------------------------------------------------------
 # chunk loops (shared with the Triton launchers, which pass their own chunk kernels)
 # --------------------------------------------------------------------------------------
@@ -188,14 +227,27 @@ def selective_log_softmax_backward_chunked(
     out: Tensor,  # [B, T, V]: a new tensor, or ``logits`` itself to overwrite it
     chunk_fn: DlogitsChunkFn = dlogits_chunk_torch,
     chunk_size: int | None = None,
+    extra: tuple[Tensor, ...] = (),
 ) -> None:
-    """Write ``d loss / d logits`` into ``out`` chunk by chunk (``out`` may be ``logits``)."""
+    """Write ``d loss / d logits`` into ``out`` chunk by chunk (``out`` may be ``logits``).
+
+    ``extra``: more ``(B, T)`` tensors whose rows of the chunk are passed to ``chunk_fn``
+    after its usual arguments (the entropy pass: ``grad_entropy``, ``entropy``)."""
     B, T, V = logits.shape
     g, lab, lp = grad_logp.reshape(B * T), labels.reshape(B * T), logp.reshape(B * T)
+    flat_extra = [t.reshape(B * T) for t in extra]
     chunk = chunk_size or default_chunk_tokens(V, logits.device)
     for start, (rows, out_rows) in _row_blocks(chunk, logits, out):
         stop = start + rows.shape[0]
-        d = chunk_fn(g[start:stop], rows, lab[start:stop], lp[start:stop], temperature, False)
+        d = chunk_fn(
+            g[start:stop],
+            rows,
+            lab[start:stop],
+            lp[start:stop],
+            temperature,
+            False,
+            *(t[start:stop] for t in flat_extra),
+        )
         if d.data_ptr() != out_rows.data_ptr():
             out_rows.copy_(d)
 
@@ -267,8 +319,10 @@ def selective_log_softmax_from_hidden_backward_chunked(
     weight_grad: bool,
     bias_grad: bool,
     chunk_fn: DlogitsChunkFn = dlogits_chunk_torch,
+    extra: tuple[Tensor, ...] = (),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dhidden, dweight, dbias)``; ``dweight`` / ``dbias`` are empty when not asked for.
+    ``extra``: as ``selective_log_softmax_backward_chunked``.
 
     Per chunk: recompute the logits, ``dlogits = chunk_fn(...)``, then
     ``dhidden[chunk] = dlogits @ weight`` and ``dweight += dlogits^T @ hidden[chunk]``,
@@ -278,6 +332,7 @@ def selective_log_softmax_from_hidden_backward_chunked(
     V = weight.shape[0]
     h, lab = _hidden_rows(hidden, labels)
     g, lp = grad_logp.reshape(B * T), logp.reshape(B * T)
+    flat_extra = [t.reshape(B * T) for t in extra]
     dhidden = torch.full_like(h, float("nan"))
     dweight32 = (
         torch.zeros((V, H), dtype=torch.float32, device=hidden.device) if weight_grad else None
@@ -290,7 +345,15 @@ def selective_log_softmax_from_hidden_backward_chunked(
         stop = min(start + chunk, B * T)
         h_chunk = h[start:stop]
         logits = torch.nn.functional.linear(h_chunk, weight, bias)
-        d = chunk_fn(g[start:stop], logits, lab[start:stop], lp[start:stop], temperature, True)
+        d = chunk_fn(
+            g[start:stop],
+            logits,
+            lab[start:stop],
+            lp[start:stop],
+            temperature,
+            True,
+            *(t[start:stop] for t in flat_extra),
+        )
         if d.dtype not in weights_by_dtype:
             weights_by_dtype[d.dtype] = weight.to(d.dtype)
         dhidden[start:stop] = d @ weights_by_dtype[d.dtype]

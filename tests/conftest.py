@@ -66,7 +66,7 @@ def _grid_knobs(
     ``global_count``). GSPO's ratios are row means, near 1: its clip range is narrow."""
     knobs = dict(algo=algo, agg=agg, kl_type=kl_type, kl_coef=0.05, eps_low=0.2, eps_high=0.28)
     knobs.update(dual_clip_c=dual_clip_c, **normalisers)
-    if algo == "gspo":
+    if algo in ("gspo", "gspo-seq"):
         knobs.update(eps_low=0.03, eps_high=0.04)
     return knobs
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 import tapo_kernels
 from tapo_kernels import _library, reference, testing
+from tapo_kernels.reference import METRIC_NAMES
 from tapo_kernels.testing import assert_close_to_oracle, assert_exact
 
 NATIVE_OPS = ("fused_correct", "policy_loss", "policy_loss_backward", "policy_loss_with_grad")
@@ -426,7 +427,7 @@ def test_policy_loss_with_grad_matches_reference(
             assert len(out) == 3
             loss, metrics, grad = out
             assert loss.shape == () and loss.dtype == dtype and not loss.requires_grad
-            assert metrics.shape == (4,) and metrics.dtype == torch.float32
+            assert metrics.shape == (len(METRIC_NAMES),) and metrics.dtype == torch.float32
             assert grad.shape == args[0].shape and grad.dtype == dtype and grad.is_contiguous()
             assert torch.equal(grad[-1], torch.zeros_like(grad[-1])), f"{name} {what}"
             assert torch.equal(grad[args[3] == 0], torch.zeros_like(grad[args[3] == 0]))

@@ -16,8 +16,6 @@ import tapo_kernels
 from tapo_kernels.reference import AGGS, METRIC_NAMES
 from tapo_kernels.testing import assert_close_to_oracle, loss_batch, run_policy_loss, seed_of
 
-CLIP_FRAC = METRIC_NAMES.index("clip_frac")
-
 
 def verl_agg_loss(
     loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, loss_scale_factor: float | None = None
@@ -31,6 +29,8 @@ def verl_agg_loss(
     """
     if loss_agg_mode == "token-mean":
         return (loss_mat * loss_mask).sum() / loss_mask.sum()
+    if loss_agg_mode == "token-sum":
+        return (loss_mat * loss_mask).sum()
     token_counts = loss_mask.sum(-1)
     seq_mask = (token_counts > 0).to(loss_mat.dtype)
     if loss_agg_mode == "seq-mean-token-mean":
@@ -56,7 +56,7 @@ def verl_compute_policy_loss(
     loss_agg_mode: str,
     rollout_is_weights: Tensor | None = None,
 ):
-    """verl vanilla PPO loss with dual clip: (pg_loss, pg_clipfrac, pg_clipfrac_lower).
+    """verl vanilla PPO loss with dual clip: (pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl).
 
     ``rollout_is_weights``: verl's truncated importance sampling multiplies the per-token
     policy-gradient losses by them before aggregation."""
@@ -76,7 +76,8 @@ def verl_compute_policy_loss(
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     pg_loss = verl_agg_loss(pg_losses, response_mask, loss_agg_mode)
-    return pg_loss, pg_clipfrac, pg_clipfrac_lower
+    ppo_kl = masked_mean(-negative_approx_kl)
+    return pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl
 
 
 @pytest.mark.parametrize("agg", AGGS)
@@ -97,7 +98,7 @@ def test_parity_with_verl(policy_loss_impl, agg):
     b.advantages[0, -1] = -1.0
     b.mask[0, -1] = 1.0
     x = b.logp.clone().requires_grad_(True)
-    verl_loss, clipfrac, clipfrac_lower = verl_compute_policy_loss(
+    verl_loss, clipfrac, clipfrac_lower, ppo_kl = verl_compute_policy_loss(
         b.old_logp, x, b.advantages, b.mask, 0.2, 0.28, 3.0, agg
     )
     (verl_grad,) = torch.autograd.grad(verl_loss, x)
@@ -108,10 +109,14 @@ def test_parity_with_verl(policy_loss_impl, agg):
     # verl's seq-mean-token-mean divides by (count + 1e-8): relative difference <= 1e-8
     assert_close_to_oracle(loss, verl_loss.detach(), what="loss", tol=(1e-7, 1e-7))
     assert_close_to_oracle(grad, verl_grad, what="grad", tol=(1e-7, 1e-7))
-    # PPO clip (r > 1 + eps for A > 0, r < 1 - eps for A < 0) and dual clip (r > c, A < 0)
-    # are disjoint, so our clip_frac is verl's pg_clipfrac + pg_clipfrac_lower
-    expected = (clipfrac + clipfrac_lower).detach()
-    assert_close_to_oracle(metrics[CLIP_FRAC], expected, what="clip_frac", tol=(1e-5, 1e-7))
+    # the metrics under verl's names: pg_clipfrac, pg_clipfrac_lower, ppo_kl
+    for name, expected in (
+        ("clip_frac", clipfrac),
+        ("dual_clip_frac", clipfrac_lower),
+        ("ppo_kl", ppo_kl),
+    ):
+        got = metrics[METRIC_NAMES.index(name)]
+        assert_close_to_oracle(got, expected.detach(), what=name, tol=(1e-5, 1e-7))
 
 
 def trl_grpo_compute_loss(
@@ -143,8 +148,11 @@ def trl_grpo_compute_loss(
         ).unsqueeze(-1)
     coef_1 = torch.exp(log_importance_weights)
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-    per_token_loss1 = coef_1 * advantages.unsqueeze(1)
-    per_token_loss2 = coef_2 * advantages.unsqueeze(1)
+    # TRL's advantages are per row; a (B, T) tensor (per-token advantages, e.g. after the TAPO
+    # lift) enters the same products token by token
+    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
+    per_token_loss1 = coef_1 * adv
+    per_token_loss2 = coef_2 * adv
     per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
     if importance_sampling_ratio is not None:
         per_token_loss = per_token_loss * importance_sampling_ratio
@@ -266,7 +274,7 @@ def _tis_batch(tag: str, per_token: bool):
 def test_truncated_importance_sampling_parity_with_verl(policy_loss_impl, agg):
     b = _tis_batch(f"verl-{agg}", per_token=True)
     x = b.logp.clone().requires_grad_(True)
-    verl_loss, _, _ = verl_compute_policy_loss(
+    verl_loss, *_ = verl_compute_policy_loss(
         b.old_logp, x, b.advantages, b.mask, 0.2, 0.28, 3.0, agg, b.importance_weight
     )
     (verl_grad,) = torch.autograd.grad(verl_loss, x)
@@ -308,3 +316,52 @@ def test_vllm_importance_sampling_parity_with_trl(policy_loss_impl):
     loss, _, grad = run_policy_loss(policy_loss_impl, b.op_args(), knobs)
     assert_close_to_oracle(loss, trl_loss.detach(), what="loss")
     assert_close_to_oracle(grad, trl_grad, what="grad")
+
+
+@pytest.mark.parametrize(
+    "loss_type, agg", [("grpo", "seq-mean-token-mean"), ("bnpo", "token-mean")]
+)
+def test_gspo_seq_is_trl_sequence_level_with_token_advantages(policy_loss_impl, loss_type, agg):
+    """With per-token advantages GSPO-token and TRL's sequence-level weights differ (the
+    gradient of s_i reaches every token of the row); ``algo="gspo-seq"`` is TRL's form."""
+    b = loss_batch(
+        B=5,
+        T=10,
+        dtype=torch.float64,
+        spread=0.15,
+        per_token=True,
+        with_ref=True,
+        with_calls=False,
+        empty_row=False,
+        seed=seed_of("trl-gspo-seq", loss_type),
+    )
+    x = b.logp.clone().requires_grad_(True)
+    trl_loss = trl_grpo_compute_loss(
+        x,
+        b.old_logp,
+        b.ref_logp,
+        b.advantages,
+        b.mask,
+        epsilon_low=0.05,
+        epsilon_high=0.05,
+        beta=0.04,
+        loss_type=loss_type,
+        max_completion_length=TRL_MAX_COMPLETION_LENGTH,
+        num_items_in_batch=1.0,
+        importance_sampling_level="sequence",
+    )
+    (trl_grad,) = torch.autograd.grad(trl_loss, x)
+    knobs = {
+        "algo": "gspo-seq",
+        "agg": agg,
+        "eps_low": 0.05,
+        "eps_high": 0.05,
+        "dual_clip_c": 0.0,
+        "kl_coef": 0.04,
+        "kl_type": "k3",
+    }
+    loss, _, grad = run_policy_loss(policy_loss_impl, b.op_args(), knobs)
+    assert_close_to_oracle(loss, trl_loss.detach(), what="loss", tol=(1e-7, 1e-7))
+    assert_close_to_oracle(grad, trl_grad, what="grad", tol=(1e-7, 1e-7))
+    _, _, grad_token = run_policy_loss(policy_loss_impl, b.op_args(), {**knobs, "algo": "gspo"})
+    assert float((grad_token - trl_grad).abs().max()) > 1e-4, "GSPO-token should differ here"

@@ -82,8 +82,11 @@ def assert_tight(name: str, out: Tensor, expected: Tensor) -> None:
 
 
 def assert_metrics(metrics: Tensor, expected: dict[str, float], rel: float = 1e-6) -> None:
-    """Compare named entries of the ``(4,)`` float32 metrics tensor with hand values."""
-    assert metrics.shape == (4,) and metrics.dtype == torch.float32, (metrics.shape, metrics.dtype)
+    """Compare named entries of the ``(6,)`` float32 metrics tensor with hand values."""
+    assert metrics.shape == (len(METRIC_NAMES),) and metrics.dtype == torch.float32, (
+        metrics.shape,
+        metrics.dtype,
+    )
     for name, value in expected.items():
         got = metrics[METRIC_NAMES.index(name)]
         want = torch.tensor(value, dtype=torch.float64)
@@ -112,7 +115,7 @@ def knobs_for(algo: str, **extra: Any) -> dict[str, Any]:
     knobs: dict[str, Any] = {"algo": algo}
     if algo == "grpo":
         knobs.update(eps_low=0.2, eps_high=0.28, dual_clip_c=3.0)
-    elif algo == "gspo":
+    elif algo in ("gspo", "gspo-seq"):
         knobs.update(eps_low=0.05, eps_high=0.05)
     else:
         knobs.update(tau_pos=1.0, tau_neg=1.05)
@@ -120,12 +123,19 @@ def knobs_for(algo: str, **extra: Any) -> dict[str, Any]:
     return knobs
 
 
-SPREAD = {"grpo": 0.6, "gspo": 0.3, "sapo": 0.5}  # std of logp - old_logp per algorithm
+SPREAD = {
+    "grpo": 0.6,
+    "gspo": 0.3,
+    "sapo": 0.5,
+    "gspo-seq": 0.3,
+}  # std of logp - old_logp per algorithm
 
 
 def algo_batch(algo: str, tag: str, *parts: object, B: int, T: int, **kw: Any) -> LossBatch:
-    """A random batch with ``algo``'s log-ratio spread, seeded by ``(tag, algo, *parts)``."""
-    return loss_batch(B=B, T=T, spread=SPREAD[algo], seed=seed_of(tag, algo, *parts), **kw)
+    """A random batch with ``algo``'s log-ratio spread, seeded by ``(tag, algo, *parts)``
+    (GSPO-seq draws GSPO-token's batches: the same inputs, checked to exercise each case)."""
+    seed = seed_of(tag, "gspo" if algo == "gspo-seq" else algo, *parts)
+    return loss_batch(B=B, T=T, spread=SPREAD[algo], seed=seed, **kw)
 
 
 # --------------------------------------------------------------------------------------
@@ -154,7 +164,8 @@ GRPO_GOLDEN = [
     ),
     # A = -1, r = e^2 = 7.389: unclipped branch 7.389; dual clip caps it at -A * 3 = 3,
     # a constant: loss 3, gradient 0, counted as clipped.
-    pytest.param([2.0], [-1.0], {"dual_clip_c": 3.0}, 3.0, [0.0], 1.0, id="neg-adv-dual-clip-caps"),
+    # (clip_frac counts the PPO clip only; the dual clip has its own fraction, below)
+    pytest.param([2.0], [-1.0], {"dual_clip_c": 3.0}, 3.0, [0.0], 0.0, id="neg-adv-dual-clip-caps"),
     # Same token with dual_clip_c = 0 (off): loss -A r = e^2 = 7.389, gradient e^2.
     pytest.param(
         [2.0], [-1.0], {"dual_clip_c": 0.0}, E**2, [E**2], 0.0, id="neg-adv-dual-clip-off"
@@ -187,7 +198,7 @@ GRPO_GOLDEN = [
     "log_ratio, adv, knobs, loss_expected, grad_expected, clip_frac", GRPO_GOLDEN
 )
 def test_grpo_golden(
-    policy_loss_impl, log_ratio, adv, knobs, loss_expected, grad_expected, clip_frac
+    policy_loss_impl, log_ratio, adv, knobs, loss_expected, grad_expected, clip_frac, request
 ):
     logp, old, a, mask = row_inputs(log_ratio, adv)
     args = (logp, old, a, mask, None, None, None)
@@ -195,9 +206,19 @@ def test_grpo_golden(
     assert_tight("loss", loss, f64(loss_expected))
     assert_tight("grad", grad, f64([grad_expected]))
     mean_ratio = sum(math.exp(min(lr, 20.0)) for lr in log_ratio) / len(log_ratio)
+    # ppo_kl: the mean of old_logp - logp, the log-ratio clamped to +-20
+    ppo_kl = -sum(max(min(lr, 20.0), -20.0) for lr in log_ratio) / len(log_ratio)
+    dual_frac = 1.0 if "dual-clip-caps" in request.node.name else 0.0  # the one dual-clip case
     assert_metrics(
         metrics,
-        {"clip_frac": clip_frac, "mean_ratio": mean_ratio, "mean_kl": 0.0, "lifted_frac": 0.0},
+        {
+            "clip_frac": clip_frac,
+            "mean_ratio": mean_ratio,
+            "mean_kl": 0.0,
+            "lifted_frac": 0.0,
+            "dual_clip_frac": dual_frac,
+            "ppo_kl": ppo_kl,
+        },
     )
 
 
@@ -220,8 +241,42 @@ def test_grpo_golden_per_row_advantage(policy_loss_impl):
     loss, metrics, grad = run_backend(policy_loss_impl, args, {"algo": "grpo"})
     assert_tight("loss", loss, f64(0.4))
     assert_tight("grad", grad, f64([[-0.275, 0.0], [0.0, 0.225]]))
-    # clipped: token (0,1) by the PPO clip and (1,0) by the dual clip -> 2 / 4
-    assert_metrics(metrics, {"clip_frac": 0.5, "mean_ratio": (1.1 + E + E**2 + 0.9) / 4})
+    # token (0,1) held by the PPO clip, (1,0) by the dual clip: 1 / 4 each
+    assert_metrics(
+        metrics,
+        {
+            "clip_frac": 0.25,
+            "dual_clip_frac": 0.25,
+            "mean_ratio": (1.1 + E + E**2 + 0.9) / 4,
+            "ppo_kl": -(math.log(1.1) + 1.0 + 2.0 + math.log(0.9)) / 4,
+        },
+    )
+
+
+def test_gspo_seq_golden(policy_loss_impl):
+    # One row, log ratios [0.2, 0.0]: log s = 0.1, s = e^0.1 = 1.1051709 for both tokens;
+    # per-token advantages a = [2, -1] (as after a TAPO lift), token-mean over 2 tokens.
+    s = math.exp(0.1)
+    logp, old, _, mask = row_inputs([0.2, 0.0], [0.0, 0.0])
+    adv = f64([[2.0, -1.0]])
+    args = (logp, old, adv, mask, None, None, None)
+    # eps 0.2: s inside [0.8, 1.2], l = -a s = [-2s, s]; loss (-2s + s) / 2 = -s / 2.
+    # GSPO-seq: d loss / d s = -1/2, d s / d logp_t = s / 2 (the mean over 2 tokens):
+    # both tokens -s / 4 = -0.2762927. (GSPO-token would give -a_t s / 2 = [-s, s / 2].)
+    knobs = {"algo": "gspo-seq", "eps_low": 0.2, "eps_high": 0.2}
+    loss, metrics, grad = run_backend(policy_loss_impl, args, knobs)
+    assert_tight("loss", loss, f64(-s / 2))
+    assert_tight("grad", grad, f64([[-s / 4, -s / 4]]))
+    assert_metrics(metrics, {"clip_frac": 0.0, "mean_ratio": s, "ppo_kl": -0.1})
+    _, _, grad_token = run_backend(policy_loss_impl, args, {**knobs, "algo": "gspo"})
+    assert_tight("GSPO-token grad", grad_token, f64([[-s, s / 2]]))
+    # eps_high 0.05: s > 1.05. Token 0 (a = 2): max(-2s, -2.1) = -2.1, clipped (constant);
+    # token 1 (a = -1): max(s, 1.05) = s. loss (-2.1 + s) / 2; d loss / d s = 1/2, so each
+    # token gets (1/2) (s / 2) = s / 4 = 0.2762927; half the tokens clipped.
+    loss, metrics, grad = run_backend(policy_loss_impl, args, {**knobs, "eps_high": 0.05})
+    assert_tight("loss", loss, f64((-2.1 + s) / 2))
+    assert_tight("grad", grad, f64([[s / 4, s / 4]]))
+    assert_metrics(metrics, {"clip_frac": 0.5, "mean_ratio": s})
 
 
 def test_sapo_golden(policy_loss_impl):
@@ -409,7 +464,7 @@ AGG_A = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
 AGG_MASK = [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
 
 
-def _agg(agg: str, loss: float, divisors: tuple[int, int], **normalisers: float) -> tuple:
+def _agg(agg: str, loss: float, divisors: tuple[float, float], **normalisers: float) -> tuple:
     """(knobs, loss, divisors) of an aggregation case: the gradient is -A m / d_i on row i."""
     return {"agg": agg, **normalisers}, loss, divisors
 
@@ -440,6 +495,11 @@ AGG_GOLDEN = {
     "seq-mean-token-sum-norm-const-and-count": _agg(
         "seq-mean-token-sum-norm", -0.5, (20, 20), norm_const=4.0, global_count=5.0
     ),
+    # token-sum: the plain masked sum -1 - 2 - 3 - 4 = -10; grad -A m.
+    "token-sum": _agg("token-sum", -10.0, (1, 1)),
+    # ... with global_count 0.5 (a trainer's 1 / world on 2 ranks): -10 / 0.5 = -20;
+    # grad -A m * 2.
+    "token-sum-global-count": _agg("token-sum", -20.0, (0.5, 0.5), global_count=0.5),
 }
 
 
@@ -452,7 +512,8 @@ def test_aggregation_golden(policy_loss_impl, case):
     assert_tight("loss", loss, f64(loss_expected))
     assert_tight("grad", grad, -f64(AGG_A) * f64(AGG_MASK) / f64(divisors)[:, None])
     assert_metrics(
-        metrics, {"clip_frac": 0.0, "mean_ratio": 1.0, "mean_kl": 0.0, "lifted_frac": 0.0}
+        metrics,
+        {"clip_frac": 0.0, "mean_ratio": 1.0, "mean_kl": 0.0, "lifted_frac": 0.0, "ppo_kl": 0.0},
     )
 
 
@@ -613,7 +674,7 @@ def check_against_reference(
         for t, t0 in zip(args, before, strict=True):
             assert t is None or torch.equal(t, t0), "the op modified one of its inputs"
         assert loss.shape == () and loss.dtype == dtype
-        assert metrics.shape == (4,) and metrics.dtype == torch.float32
+        assert metrics.shape == (len(METRIC_NAMES),) and metrics.dtype == torch.float32
         assert grad.shape == args[0].shape and grad.dtype == dtype
         if dtype == torch.float32:
             assert_close_to_oracle(loss, ref64[0], ref32[0], what="loss", tol=tol32)
@@ -779,8 +840,11 @@ def test_matches_reference_cases(policy_loss_impl, algo, agg):
             knobs.update(eps_low=3e-4, eps_high=4e-4)
         if i == 2:
             knobs.update(eps_high=0.28, dual_clip_c=0.0, tau_pos=0.8, tau_neg=1.3)
+        # token-sum is an unnormalised sum of up to 231 terms: fp32 summation order alone
+        # moves it by a few ulps of the total, so its tolerance is relative
+        tol32 = (1e-6, 1e-6) if agg == "token-sum" else None
         check_against_reference(
-            policy_loss_impl, b.op_args(), knobs, grad_loss=g, nonzero_grad=False
+            policy_loss_impl, b.op_args(), knobs, grad_loss=g, nonzero_grad=False, tol32=tol32
         )
 
 
@@ -909,7 +973,7 @@ def test_gradcheck(algo, agg):
 def test_fused_lift_equals_corrected_advantages(policy_loss_impl, algo):
     # few distinct queries and one key make repeated (matching) calls likely; seeds checked to
     # lift tokens with a nonzero advantage (asserted below)
-    seed = {"grpo": 0, "gspo": 2, "sapo": 4}[algo]
+    seed = {"grpo": 0, "gspo": 2, "sapo": 4, "gspo-seq": 2}[algo]
     cb = correct_batch(
         B=12, T=24, group_size=4, calls_per_row=3, num_queries=3, num_keys=1, seed=seed
     )
@@ -1040,6 +1104,8 @@ def test_global_count_micro_batches_sum_to_full_batch(policy_loss_impl, algo, ag
 
     if agg == "token-mean":
         global_count = float(b.mask.sum())
+    elif agg == "token-sum":
+        global_count = 1.0  # a plain sum needs no shared normaliser
     else:
         global_count = float((b.mask.sum(1) > 0).sum())
     losses, grads = [], []
@@ -1056,7 +1122,10 @@ def test_global_count_micro_batches_sum_to_full_batch(policy_loss_impl, algo, ag
         run_backend(policy_loss_impl, slice_rows(b.op_args(), rows), knobs)[0]
         for rows in (slice(0, 2), slice(2, 5))
     ]
-    assert abs(float(local[0] + local[1] - full_loss)) > 1e-6
+    if agg == "token-sum":  # ... except for the plain sum, which is additive over rows
+        assert_tight("sum of local token-sum losses", local[0] + local[1], full_loss)
+    else:
+        assert abs(float(local[0] + local[1] - full_loss)) > 1e-6
 
 
 # --------------------------------------------------------------------------------------
@@ -1377,6 +1446,8 @@ def test_front_door_errors_and_metrics_dict():
         "actor/mean_ratio",
         "actor/mean_kl",
         "actor/lifted_frac",
+        "actor/dual_clip_frac",
+        "actor/ppo_kl",
     ]
     assert all(isinstance(v, float) for v in metrics.values())
     assert list(out.metrics_dict(prefix="")) == [
@@ -1384,6 +1455,8 @@ def test_front_door_errors_and_metrics_dict():
         "mean_ratio",
         "mean_kl",
         "lifted_frac",
+        "dual_clip_frac",
+        "ppo_kl",
     ]
     assert [metrics[f"actor/{n}"] for n in METRIC_NAMES] == pytest.approx(out.metrics.tolist())
     out.loss.backward()

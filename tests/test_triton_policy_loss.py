@@ -18,7 +18,7 @@ from torch import Tensor
 
 from tapo_kernels import _library
 from tapo_kernels.ops import policy_loss as pl_ops
-from tapo_kernels.reference import AGGS, ALGOS
+from tapo_kernels.reference import AGGS, ALGOS, METRIC_NAMES
 from tapo_kernels.testing import LossBatch, assert_close_to_oracle, loss_batch
 
 forward_ref = _library.policy_loss_reference_kernel
@@ -41,7 +41,7 @@ def check_against_reference(args: tuple, grad_loss: float, **knobs) -> tuple[Ten
     loss, metrics = forward_triton(*args, **knobs)
     grad = backward_triton(g, *args, **knobs)
     assert loss.dtype == dtype and loss.shape == ()
-    assert metrics.dtype == torch.float32 and metrics.shape == (4,)
+    assert metrics.dtype == torch.float32 and metrics.shape == (len(METRIC_NAMES),)
     assert grad.dtype == dtype and grad.shape == args[0].shape
     if dtype == torch.float64:
         ref_loss, ref_metrics = forward_ref(*args, **knobs)

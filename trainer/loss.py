@@ -64,7 +64,10 @@ def loss_knobs(cfg: Config) -> dict[str, Any]:
 def global_count(agg: str, row_tokens: Tensor, ctx: DistContext) -> float:
     """``global_count`` of one mini-batch (``row_tokens``: ``[b]`` policy tokens per row):
     its tokens (``token-mean``) or its non-empty rows (other aggregations), summed over ranks
-    and divided by the world size, because FSDP then averages the gradients over ranks."""
+    and divided by the world size, because FSDP then averages the gradients over ranks
+    (``token-sum``: ``1 / world``, so the averaged gradient is that of the global sum)."""
+    if agg == "token-sum":
+        return 1.0 / ctx.world
     local = row_tokens.sum().item() if agg == "token-mean" else (row_tokens > 0).sum().item()
     return max(all_reduce_sum([local], ctx)[0].item(), 1.0) / ctx.world
 

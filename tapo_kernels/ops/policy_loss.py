@@ -64,17 +64,19 @@ ALGO_IDS = {name: i for i, name in enumerate(ALGOS)}  # grpo 0, gspo 1, sapo 2
 KL_IDS = {name: i for i, name in enumerate(KL_TYPES)}  # k1 0, k2 1, k3 2
 AGG_IDS = {name: i for i, name in enumerate(AGGS)}  # token-mean 0, seq-mean-token-mean 1, ...
 # the same ids as compile-time constants visible inside the kernels
-_GSPO = tl.constexpr(ALGO_IDS["gspo"])
 _SAPO = tl.constexpr(ALGO_IDS["sapo"])
+_GSPO_SEQ = tl.constexpr(ALGO_IDS["gspo-seq"])
 _K1 = tl.constexpr(KL_IDS["k1"])
 _K2 = tl.constexpr(KL_IDS["k2"])
 _TOKEN_MEAN = tl.constexpr(AGG_IDS["token-mean"])
 _SEQ_MEAN_TOKEN_MEAN = tl.constexpr(AGG_IDS["seq-mean-token-mean"])
 _SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(AGG_IDS["seq-mean-token-sum-norm"])
+_TOKEN_SUM = tl.constexpr(AGG_IDS["token-sum"])
 
 # Per-(row, column block) partial sums written by the forward kernel, in this order:
-# mask weight, loss, clipped, ratio, kl, lifted (each summed over the tile's masked tokens).
-_N_PARTIALS = tl.constexpr(6)
+# mask weight, loss, clipped, ratio, kl, lifted, dual-clipped, old_logp - logp (each summed
+# over the tile's masked tokens). Columns 2: are the metrics in METRIC_NAMES order.
+_N_PARTIALS = tl.constexpr(8)
 
 _TILE_TOKENS = 2048  # tokens per program (compiled); interpreted shapes are tiny anyway
 _MAX_BLOCK_T = 1024
@@ -241,6 +243,7 @@ def _policy_loss_fwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     ADV_PER_TOKEN: tl.constexpr,
     COMPUTE: tl.constexpr,
+    SEQ_RATIO: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -273,13 +276,15 @@ def _policy_loss_fwd_kernel(
     )
     adv = tl.where(live, adv, 0.0)
 
-    if ALGO == _GSPO:
+    x_old = tl.load(old_ptr + offsets, mask=live, other=0.0).to(COMPUTE)
+    log_ratio = tl.minimum(tl.maximum(x - x_old, -20.0), 20.0)
+    if SEQ_RATIO:  # GSPO, GSPO-seq: the row's ratio s_i
         log_seq = tl.load(log_seq_ratio_ptr + rows, mask=row_ok, other=0.0)
         ratio = tl.broadcast_to(_exp(tl.minimum(log_seq, 10.0))[:, None], [BLOCK_B, BLOCK_T])
     else:
-        x_old = tl.load(old_ptr + offsets, mask=live, other=0.0).to(COMPUTE)
-        ratio = _exp(tl.minimum(tl.maximum(x - x_old, -20.0), 20.0))
+        ratio = _exp(log_ratio)
 
+    dual = tl.zeros([BLOCK_B, BLOCK_T], tl.int1)
     if ALGO == _SAPO:
         tau = tl.where(adv > 0, _knob(tau_pos_bits, COMPUTE), _knob(tau_neg_bits, COMPUTE))
         gate = 1.0 / (1.0 + _exp(-(tau * (ratio - 1.0))))
@@ -295,7 +300,7 @@ def _policy_loss_fwd_kernel(
         if USE_DUAL:
             dual_loss = -adv * _knob(dual_c_bits, COMPUTE)
             negative = adv < 0
-            clipped = clipped | (negative & (dual_loss < loss_tok))
+            dual = negative & (dual_loss < loss_tok)
             loss_tok = tl.where(negative, tl.minimum(loss_tok, dual_loss), loss_tok)
 
     kl = tl.zeros([BLOCK_B, BLOCK_T], COMPUTE)
@@ -318,6 +323,8 @@ def _policy_loss_fwd_kernel(
     tl.store(out + 3, tl.sum(ratio * m, axis=1), mask=row_ok)
     tl.store(out + 4, tl.sum(kl * m, axis=1), mask=row_ok)
     tl.store(out + 5, tl.sum(lifted.to(COMPUTE) * m, axis=1), mask=row_ok)
+    tl.store(out + 6, tl.sum(dual.to(COMPUTE) * m, axis=1), mask=row_ok)
+    tl.store(out + 7, tl.sum(-log_ratio * m, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -340,6 +347,7 @@ def _policy_loss_bwd_kernel(
     row_tokens_ptr,
     log_seq_ratio_ptr,
     denom_ptr,
+    seq_grad_ptr,
     grad_ptr,
     B,
     T,
@@ -361,13 +369,15 @@ def _policy_loss_bwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     ADV_PER_TOKEN: tl.constexpr,
     COMPUTE: tl.constexpr,
+    SEQ_RATIO: tl.constexpr,
+    SEQ_PHASE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """``grad_logp = grad_loss * w_i * m * d loss_tok / d logp``, torch autograd's rules.
 
     Row weight ``w_i`` (``D`` = token count or non-empty-row count, or the global count):
-    token-mean ``1/D``; seq-mean-token-mean ``[n_i > 0] / (D max(n_i, 1))``;
+    token-mean ``1/D``; token-sum ``1/D`` (``D`` = the global count or 1); seq-mean-token-mean ``[n_i > 0] / (D max(n_i, 1))``;
     seq-mean-token-sum ``[n_i > 0] / D``; -norm ``[n_i > 0] / (D norm)``.
 
     Chain, with ``g = d loss / d loss_tok``:
@@ -382,7 +392,7 @@ def _policy_loss_bwd_kernel(
     grad_loss = tl.load(grad_loss_ptr).to(COMPUTE)
     denom = tl.load(denom_ptr).to(COMPUTE)
     row_grad = tl.zeros([BLOCK_B], COMPUTE) + grad_loss / denom
-    if AGG != _TOKEN_MEAN:
+    if AGG != _TOKEN_MEAN and AGG != _TOKEN_SUM:
         n = tl.load(row_tokens_ptr + rows, mask=row_ok, other=0.0)
         row_grad = tl.where(n > 0, row_grad, 0.0)
         if AGG == _SEQ_MEAN_TOKEN_MEAN:
@@ -413,7 +423,7 @@ def _policy_loss_bwd_kernel(
     adv = tl.where(live, adv, 0.0)
     g = row_grad[:, None] * m  # d loss / d loss_tok
 
-    if ALGO == _GSPO:
+    if SEQ_RATIO:
         log_seq = tl.load(log_seq_ratio_ptr + rows, mask=row_ok, other=0.0)
         ratio = tl.broadcast_to(_exp(tl.minimum(log_seq, 10.0))[:, None], [BLOCK_B, BLOCK_T])
         ratio_passes = tl.broadcast_to((log_seq <= 10.0)[:, None], [BLOCK_B, BLOCK_T])
@@ -444,7 +454,25 @@ def _policy_loss_bwd_kernel(
         in_clip_range = (ratio >= clip_lo) & (ratio <= clip_hi)
         grad_ratio = grad_unclipped * -adv + tl.where(in_clip_range, grad_clipped * -adv, 0.0)
 
-    grad_x = tl.where(ratio_passes, grad_ratio * ratio, 0.0)
+    if ALGO == _GSPO_SEQ:
+        # log s_i = sum_t m_t clamp(lr_t, +-20) / n_i: every token of the row moves the ratio.
+        # Phase 1 writes the tile's sum of d loss / d r (g included); phase 2 reads the row's
+        # total S_i and writes S_i * dr/dlog s * m_t [|lr_t| <= 20] / n_i (plus the KL term).
+        if SEQ_PHASE == 1:
+            seq_partial = tl.sum(tl.where(live, grad_ratio, 0.0), axis=1)
+            tl.store(seq_grad_ptr + rows * n_col_blocks + col_block, seq_partial, mask=row_ok)
+        n_row = tl.maximum(tl.load(row_tokens_ptr + rows, mask=row_ok, other=1.0), 1.0)
+        if SEQ_PHASE == 2:
+            seq_total = tl.load(seq_grad_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            seq_total = tl.zeros([BLOCK_B], COMPUTE)
+        x_old = tl.load(old_ptr + offsets, mask=live, other=0.0).to(COMPUTE)
+        lr = x - x_old
+        lr_passes = (lr >= -20.0) & (lr <= 20.0)
+        per_row = (seq_total / n_row)[:, None] * ratio
+        grad_x = tl.where(ratio_passes & lr_passes, per_row * m, 0.0)
+    else:
+        grad_x = tl.where(ratio_passes, grad_ratio * ratio, 0.0)
 
     if HAS_REF:
         x_ref = tl.load(ref_ptr + offsets, mask=live, other=0.0).to(COMPUTE)
@@ -462,7 +490,8 @@ def _policy_loss_bwd_kernel(
             grad_x -= tl.where(k3_passes, grad_kl * exp_d - grad_kl, 0.0)
 
     grad_x = tl.where(live, grad_x, 0.0)  # exactly 0 at masked tokens, whatever grad_loss is
-    tl.store(grad_ptr + offsets, grad_x.to(grad_ptr.dtype.element_ty), mask=in_bounds)
+    if SEQ_PHASE != 1:
+        tl.store(grad_ptr + offsets, grad_x.to(grad_ptr.dtype.element_ty), mask=in_bounds)
 
 
 # --------------------------------------------------------------------------------------
@@ -520,6 +549,7 @@ def _flags(call: dict) -> dict:
         HAS_WEIGHT=call["importance_weight"] is not None,
         ADV_PER_TOKEN=call["advantages"].dim() == 2,
         COMPUTE=tl.float64 if logp.dtype == torch.float64 else tl.float32,
+        SEQ_RATIO=algo in ("gspo", "gspo-seq"),
     )
 
 
@@ -569,11 +599,13 @@ def _row_stats(
 def _loss_denominator(row_tokens: Tensor, agg: str, global_count: float | None) -> Tensor:
     """``(1,)`` device tensor: the denominator of the aggregation.
 
-    The global count if given, else the total mask weight (token-mean) or the number of
-    non-empty rows (seq-mean modes), at least 1.
+    The global count if given, else the total mask weight (token-mean), 1 (token-sum) or the
+    number of non-empty rows (seq-mean modes), at least 1.
     """
     if global_count is not None:
         return torch.full((1,), global_count, dtype=row_tokens.dtype, device=row_tokens.device)
+    if agg == "token-sum":
+        return torch.ones((1,), dtype=row_tokens.dtype, device=row_tokens.device)
     if agg == "token-mean":
         return row_tokens.sum().clamp(min=1).reshape(1)
     return (row_tokens > 0).sum().clamp(min=1).to(row_tokens.dtype).reshape(1)
@@ -583,7 +615,7 @@ def _aggregate_rows(
     row_loss: Tensor, row_tokens: Tensor, denom: Tensor, T: int, agg: str, norm_const: float | None
 ) -> Tensor:
     """The reference's aggregation, applied to the per-row sums of ``L`` and of ``m``."""
-    if agg == "token-mean":
+    if agg in ("token-mean", "token-sum"):
         return row_loss.sum() / denom[0]
     nonempty = (row_tokens > 0).to(row_loss.dtype)
     if agg == "seq-mean-token-mean":
@@ -608,8 +640,8 @@ def policy_loss_triton(*args, validated: bool = False, **kwargs) -> tuple[Tensor
 
     ``validated=True``: the caller has checked every argument (the fused front ends).
 
-    Returns ``(loss, metrics)``: the scalar loss in ``logp``'s dtype and the ``(4,)``
-    float32 metrics ``(clip_frac, mean_ratio, mean_kl, lifted_frac)``, equal to
+    Returns ``(loss, metrics)``: the scalar loss in ``logp``'s dtype and the ``(6,)``
+    float32 metrics ordered as ``METRIC_NAMES``, equal to
     ``tapo_kernels.reference.policy_loss``.
     """
     call = _bind(args, kwargs, validate=not validated)
@@ -620,7 +652,7 @@ def policy_loss_triton(*args, validated: bool = False, **kwargs) -> tuple[Tensor
     x, x_old, _, m = operands[:4]
     block_b, block_t, n_col_blocks, num_warps = _tiles(B, T)
 
-    if call["algo"] == "gspo":
+    if flags["SEQ_RATIO"]:
         _, log_seq_ratio = _row_stats(x, x_old, m, True, flags["COMPUTE"])
     else:
         log_seq_ratio = logp  # placeholder, never read
@@ -641,7 +673,7 @@ def policy_loss_triton(*args, validated: bool = False, **kwargs) -> tuple[Tensor
             BLOCK_T=block_t,
             num_warps=num_warps,
         )
-    row_sums = partials.sum(1)  # [B, 6]
+    row_sums = partials.sum(1)  # [B, 8]
     row_tokens, row_loss = row_sums[:, 0], row_sums[:, 1]
     denom = _loss_denominator(row_tokens, agg, call["global_count"])
     loss = _aggregate_rows(row_loss, row_tokens, denom, T, agg, call["norm_const"])
@@ -668,25 +700,36 @@ def policy_loss_backward_triton(grad_loss: Tensor, *args, **kwargs) -> Tensor:
     grid = (triton.cdiv(B, block_b) * n_col_blocks,)
     if grid[0] == 0:
         return grad_logp
-    row_tokens, log_seq_ratio = _row_stats(x, x_old, m, call["algo"] == "gspo", flags["COMPUTE"])
+    row_tokens, log_seq_ratio = _row_stats(x, x_old, m, flags["SEQ_RATIO"], flags["COMPUTE"])
     denom = _loss_denominator(row_tokens, call["agg"], call["global_count"])
     grad_loss = grad_loss.to(device=logp.device, dtype=logp.dtype).reshape(1)
-    _policy_loss_bwd_kernel[grid](
-        grad_loss,
-        *operands,
-        row_tokens,
-        log_seq_ratio,
-        denom,
-        grad_logp,
-        B,
-        T,
-        n_col_blocks,
-        call["call_delta"].numel() if flags["HAS_CALLS"] else 0,
-        **_knob_bits(call),
-        **flags,
-        AGG=AGG_IDS[call["agg"]],
-        BLOCK_B=block_b,
-        BLOCK_T=block_t,
-        num_warps=num_warps,
-    )
+
+    def launch(seq_grad: Tensor, phase: int) -> None:
+        _policy_loss_bwd_kernel[grid](
+            grad_loss,
+            *operands,
+            row_tokens,
+            log_seq_ratio,
+            denom,
+            seq_grad,
+            grad_logp,
+            B,
+            T,
+            n_col_blocks,
+            call["call_delta"].numel() if flags["HAS_CALLS"] else 0,
+            **_knob_bits(call),
+            **flags,
+            AGG=AGG_IDS[call["agg"]],
+            SEQ_PHASE=phase,
+            BLOCK_B=block_b,
+            BLOCK_T=block_t,
+            num_warps=num_warps,
+        )
+
+    if call["algo"] == "gspo-seq":  # two launches: the rows' sums of d loss / d r, then the grad
+        partials = _alloc((B, n_col_blocks), logp, logp.dtype)
+        launch(partials, 1)
+        launch(partials.sum(1), 2)
+    else:
+        launch(logp, 0)  # placeholder, never read
     return grad_logp
