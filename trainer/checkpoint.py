@@ -363,27 +363,45 @@ def load_checkpoint(
 # ---------------------------------------------------------------------- run directory
 
 
-def find_resume_point(run_path: Path, ctx: DistContext) -> Path:
-    """The newest verified checkpoint of the run (rank 0 decides, every rank gets the path)."""
+def find_resume_point(run_path: Path, ctx: DistContext, flag: str = "--resume") -> Path:
+    """The newest verified checkpoint of the run (rank 0 decides, every rank gets the path).
+
+    ``flag`` names the option that asked for it in the messages (``--resume``, ``--export``).
+    Only reads the run directory; without a checkpoint that verifies it raises
+    ``CheckpointError``."""
     found = None
     if ctx.is_main:
         path, skipped = resume_checkpoint(run_path)
         for note in skipped:
-            print(f"--resume: skipping checkpoint {note}", flush=True)
+            print(f"{flag}: skipping checkpoint {note}", flush=True)
         found = None if path is None else str(path)
     found = broadcast_object(found, ctx)
     if found is None:
+        hint = (
+            "run without --resume to start afresh, which replaces the run's outputs"
+            if flag == "--resume"
+            else "train the run first; checkpoint.export_hf: true exports at the end of a run"
+        )
         raise CheckpointError(
-            f"--resume: no checkpoint under {checkpoint_dir(run_path)} verifies; nothing "
-            "was changed (run without --resume to start afresh, which replaces the run's "
-            "outputs)"
+            f"{flag}: no checkpoint under {checkpoint_dir(run_path)} verifies; nothing "
+            f"was changed ({hint})"
         )
     return Path(found)
 
 
-# what a fresh run replaces in its run directory (nothing else there is ever touched)
-RUN_OUTPUT_FILES = ("metrics.jsonl", "summary.json")
-RUN_OUTPUT_DIRS = ("tensorboard", "checkpoints", "plots", "tokenizer")
+# what a fresh run replaces in its run directory (nothing else there is ever touched);
+# hf_model* is the Hugging Face export (trainer/export.py) and its unfinished or replaced copies
+RUN_OUTPUT_FILES = ("metrics.jsonl", "summary.json", "wandb_run.json")
+RUN_OUTPUT_DIRS = (
+    "tensorboard",
+    "checkpoints",
+    "plots",
+    "tokenizer",
+    "hf_model",
+    "hf_model.partial",
+    "hf_model.old",
+    "wandb",
+)
 
 
 def prepare_run_dir(path: Path, fresh: bool) -> None:

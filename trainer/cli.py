@@ -1,6 +1,7 @@
-"""The ``tapo-train`` command line: a config, dotted overrides, ``--resume``.
+"""The ``tapo-train`` command line: a config, dotted overrides, ``--resume``, ``--export``.
 
     tapo-train --config trainer/configs/tiny_grpo_tapo.yaml rl.steps=20 tapo.enabled=false
+    tapo-train --config trainer/configs/tiny_grpo_tapo.yaml --export   # checkpoint -> hf_model/
     torchrun --nproc_per_node 2 -m trainer.train --config ...     # several processes
 
 Configuration, checkpoint and task-file errors are printed as one line and exit with 2.
@@ -32,11 +33,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--config", default=None, help="YAML config (default: the embedded tiny run)"
     )
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
         "--resume",
         action="store_true",
         help="continue from the run's latest checkpoint (otherwise the run "
         "directory is started afresh)",
+    )
+    mode.add_argument(
+        "--export",
+        action="store_true",
+        help="write the run's newest verified checkpoint as a Hugging Face directory "
+        "(<run_dir>/hf_model) and exit without training",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
@@ -73,7 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     try:
-        run(cfg, resume=args.resume)
+        if args.export:
+            from .export import export_from_checkpoint
+
+            export_from_checkpoint(cfg)
+        else:
+            run(cfg, resume=args.resume)
     except (ConfigError, CheckpointError, TaskFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -99,9 +100,10 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    """The dataset: the bundled synthetic search task or JSONL files."""
+    """The dataset: the bundled synthetic search task or JSONL / Parquet files."""
 
-    name: str = "synthetic"  # synthetic | jsonl | visual (needs model.vision)
+    # synthetic | jsonl (JSONL or Parquet files) | visual (needs model.vision)
+    name: str = "synthetic"
     seed: int = 0
     # synthetic task
     num_entities: int = 96
@@ -115,10 +117,13 @@ class TaskConfig:
     # sloppy demos: the bare-name query (synthetic) or the quarter-scene zoom (visual)
     sloppy_demo_fraction: float = 0.8
     demos_from: str = "worlds"  # train (training questions) | worlds (fresh small worlds)
-    # jsonl task: lines {"question", "answer" (str or list), optional "corpus" (list of docs)}
+    # jsonl task: .jsonl or .parquet files (by suffix) of rows {"question", "answer" (str or
+    # list), optional "corpus" (list of docs)}, or in verl's RL layout {"prompt" (chat
+    # messages: the last user message is the question), "reward_model": {"ground_truth"}}
     train_path: str | None = None
     eval_path: str | None = None
-    corpus_path: str | None = None  # shared corpus, one document per line (txt) or {"text"} (jsonl)
+    # shared corpus: one document per line (txt), {"text"} lines (jsonl) or a text column (parquet)
+    corpus_path: str | None = None
     demos_path: str | None = None  # lines {"question", "answer", "query"} for the warm-up
     # mixed-task batches: this share of each step's prompts comes from a second task
     mix_task: str = "arithmetic"  # arithmetic (single-turn, checkable with the calculator)
@@ -165,13 +170,25 @@ class RolloutConfig:
         '{"query": "..."}}</tool_call>; results come back in <obs></obs>. '
         "Give the final answer as <answer>...</answer>."
     )
+    # the tool list as the chat template's `tools` argument (one JSON schema per tool):
+    # auto = when use_chat_template is on and the template renders tools; on = always (an
+    # error if the template ignores them); off = never (system_prompt describes the tools).
+    # YAML 1.1 reads a bare on / off as true / false, which mean the same
+    chat_template_tools: bool | str = "auto"
+    # the system prompt when the tools go through the template: the call syntax the rollout
+    # parses and the observation and answer tags, no tool list (the template writes it)
+    tools_system_prompt: str = (
+        'Answer the question. Call a tool by writing <tool_call>{"name": <tool name>, '
+        '"arguments": <its arguments as a JSON object>}</tool_call>, one call per turn; '
+        "results come back in <obs></obs>. Give the final answer as <answer>...</answer>."
+    )
 
 
 @dataclass
 class AlgoConfig:
     """Policy loss, advantages and reward."""
 
-    loss: str = "grpo"  # a tapo_kernels.PRESETS name: grpo | dapo | dr_grpo | gspo | sapo
+    loss: str = "grpo"  # a PRESETS name: grpo | dapo | dr_grpo | gspo | gspo_seq | sapo
     loss_overrides: dict[str, Any] = field(default_factory=dict)  # policy_loss knobs
     kl_coef: float = 0.0  # > 0 keeps a frozen reference model
     kl_type: str = "k3"
@@ -284,6 +301,9 @@ class EvalConfig:
 class CheckpointConfig:
     every: int = 10  # RL steps between checkpoints (0 = only the final one)
     keep: int = 2
+    # after the final checkpoint, also write the policy as a Hugging Face directory
+    # (<run_dir>/hf_model: weights, config, tokenizer, image processor)
+    export_hf: bool = False
 
 
 @dataclass
@@ -293,6 +313,11 @@ class LoggingConfig:
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True
+    # Weights & Biases (needs `pip install wandb`): a run named logging.name with the config,
+    # files under <run_dir>/<name>/wandb; offline needs no network (`wandb sync` uploads later)
+    wandb: bool = False
+    wandb_project: str = "tapo"
+    wandb_mode: str = "offline"  # online | offline | disabled
 
 
 @dataclass
@@ -646,6 +671,12 @@ def validate(cfg: Config) -> None:
             value = getattr(t, key)
             if value is not None:
                 check(Path(value).is_file(), f"task.{key}", f"file {value!r} does not exist")
+                check(
+                    Path(value).suffix.lower() != ".parquet"
+                    or importlib.util.find_spec("pyarrow") is not None,
+                    f"task.{key}",
+                    f"reading {value!r} needs pyarrow (pip install pyarrow)",
+                )
 
     from .tools import AVAILABLE_TOOLS
 
@@ -682,6 +713,16 @@ def validate(cfg: Config) -> None:
         "{question}" in r.prompt_template,
         "rollout.prompt_template",
         "must contain the placeholder {question}",
+    )
+    check(
+        r.chat_template_tools in ("auto", "on", "off", True, False),
+        "rollout.chat_template_tools",
+        f"must be auto, on (true) or off (false), got {r.chat_template_tools!r}",
+    )
+    check(
+        r.chat_template_tools not in ("on", True) or r.use_chat_template,
+        "rollout.chat_template_tools",
+        "on needs rollout.use_chat_template: true",
     )
     if m.path is None:
         check(
@@ -805,6 +846,15 @@ def validate(cfg: Config) -> None:
         "logging.run_dir",
         f"must be a directory path without '..', got {cfg.logging.run_dir!r}",
     )
+    choice("logging.wandb_mode", cfg.logging.wandb_mode, ["online", "offline", "disabled"])
+    if cfg.logging.wandb:
+        check(bool(cfg.logging.wandb_project), "logging.wandb_project", "must not be empty")
+        check(
+            importlib.util.find_spec("wandb") is not None,
+            "logging.wandb",
+            "Weights & Biases logging needs the wandb package (pip install wandb), "
+            "or set logging.wandb=false",
+        )
     choice("dist.backend", cfg.dist.backend, ["auto", "nccl", "gloo"])
     choice("dist.fsdp", cfg.dist.fsdp, ["auto", "on", "off"])
     choice("dist.mixed_precision", cfg.dist.mixed_precision, ["bf16", "fp16", "off"])

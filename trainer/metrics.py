@@ -1,8 +1,16 @@
-"""Run outputs: ``metrics.jsonl`` (one line per step, fsynced), TensorBoard events, PNG plots,
-and the metrics of one RL step (``step_metrics``: every rank's sums reduced by name).
+"""Run outputs: ``metrics.jsonl`` (one line per step, fsynced), TensorBoard events, optional
+Weights & Biases logging, PNG plots, and the metrics of one RL step (``step_metrics``: every
+rank's sums reduced by name).
 
 Only rank 0 writes. On resume, lines of steps after the checkpoint are dropped (they are
 recomputed), so the file always reads as one uninterrupted run.
+
+W&B (``logging.wandb``): the run's files go under ``<run_dir>/wandb``; its id is kept in
+``<run_dir>/wandb_run.json`` so that a resumed run goes on logging to the same W&B run. Every
+metric is plotted against the trainer's global ``step`` (a W&B step metric), so the rows of the
+steps a resume recomputes are logged again at their own step rather than dropped. A W&B
+failure never costs a ``metrics.jsonl`` line: the line is written first, and a failing W&B
+call turns W&B logging off for the rest of the run with one warning.
 """
 
 from __future__ import annotations
@@ -10,13 +18,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import secrets
+import string
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import loss
 from .checkpoint import write_atomic
+from .config import ConfigError
 from .credit import TAPO_COUNTS, Credit, truth_rates
 from .distributed import DistContext
 from .rollout import Batch, Episode
@@ -45,22 +59,76 @@ PANELS: dict[str, list[str]] = {
 }
 
 
+WANDB_ID_FILE = "wandb_run.json"  # {"id": ...}: the W&B run a resumed run goes on with
+WANDB_MODES = ("online", "offline", "disabled")
+_WANDB_ID = re.compile(r"[a-z0-9]{1,64}")
+
+
+@dataclass
+class WandbOptions:
+    """A W&B run: its project, mode (``WANDB_MODES``), name and config."""
+
+    project: str
+    mode: str = "offline"
+    name: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def import_wandb() -> Any:
+    """The ``wandb`` module, or a ``ConfigError`` saying how to install it."""
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ConfigError(
+            "logging.wandb: Weights & Biases logging needs the wandb package "
+            "(pip install wandb), or set logging.wandb=false"
+        ) from exc
+    return wandb
+
+
+def wandb_run_id(run_dir: Path, resume: bool) -> str:
+    """The W&B run id of this run: on resume the one kept in ``run_dir/WANDB_ID_FILE``, else
+    (or when that file is missing or unreadable) a new one, which is then kept there."""
+    path = run_dir / WANDB_ID_FILE
+    if resume and path.is_file():
+        try:
+            run_id = json.loads(path.read_text(encoding="utf-8")).get("id")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            run_id = None
+        if isinstance(run_id, str) and _WANDB_ID.fullmatch(run_id):
+            return run_id
+        warnings.warn(f"{path}: no valid W&B run id; this run logs to a new W&B run", stacklevel=2)
+    alphabet = string.ascii_lowercase + string.digits
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    write_atomic(path, json.dumps({"id": run_id}) + "\n")
+    return run_id
+
+
 class MetricsLogger:
-    """Append-only JSONL + TensorBoard on the main rank; a no-op elsewhere."""
+    """Append-only JSONL + TensorBoard (+ W&B) on the main rank; a no-op elsewhere."""
 
     def __init__(
-        self, run_dir: Path, enabled: bool, tensorboard: bool = True, resume_step: int | None = None
+        self,
+        run_dir: Path,
+        enabled: bool,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        wandb: WandbOptions | None = None,
     ) -> None:
-        """Logs to ``run_dir/metrics.jsonl`` (and ``run_dir/tensorboard``); ``resume_step``:
-        the global step a resumed run restarts after (later lines are dropped)."""
+        """Logs to ``run_dir/metrics.jsonl`` (and ``run_dir/tensorboard``, and a W&B run when
+        ``wandb`` is given); ``resume_step``: the global step a resumed run restarts after
+        (later lines are dropped)."""
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             self.truncate_after(resume_step)
+        if wandb is not None:
+            self._wandb = _start_wandb(run_dir, wandb, resume=resume_step is not None)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -94,10 +162,71 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            numbers = {
+                k: v
+                for k, v in row.items()
+                if isinstance(v, (int, float)) and math.isfinite(v)  # the str 'phase', 'nan'
+            }
+            self._call_wandb(f"step {step}", lambda run: run.log(numbers))
+
+    def _call_wandb(self, what: str, fn: Callable[[Any], Any]) -> None:
+        """``fn(run)``; a failure warns once and turns W&B logging off."""
+        try:
+            fn(self._wandb)
+        except Exception as exc:  # any W&B failure: the run goes on without W&B
+            self._wandb = None
+            warnings.warn(
+                f"W&B logging failed at {what} ({type(exc).__name__}: {exc}); it is off for "
+                "the rest of this run (metrics.jsonl and TensorBoard go on)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def close(self) -> None:
+        """Finish the TensorBoard and W&B writers (a second call does nothing)."""
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._call_wandb("close", lambda run: run.finish())
+            self._wandb = None
+
+
+def _start_wandb(run_dir: Path, options: WandbOptions, resume: bool) -> Any:
+    """A W&B run writing under ``run_dir/wandb``, continuing the kept run id on resume."""
+    if options.mode not in WANDB_MODES:
+        raise ConfigError(
+            f"logging.wandb_mode: must be one of {list(WANDB_MODES)}, got {options.mode!r}"
+        )
+    wandb = import_wandb()
+    run_id = wandb_run_id(run_dir, resume)
+    run = None
+    try:
+        run = wandb.init(
+            project=options.project,
+            name=options.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=options.mode,
+            reinit="create_new",
+        )
+        # a resume may change keys of the config (rl.steps, ...)
+        run.config.update(options.config, allow_val_change=True)
+        run.define_metric("step")
+        run.define_metric("*", step_metric="step")
+    except Exception as exc:
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # the error below is the one to report
+                pass
+        raise ConfigError(
+            f"logging.wandb: could not start the W&B run ({type(exc).__name__}: {exc}); "
+            "logging.wandb_mode=offline logs without a network or an account"
+        ) from exc
+    return run
 
 
 def _plain(value: Any) -> Any:

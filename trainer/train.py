@@ -5,6 +5,7 @@ Launch::
     python -m trainer.train --config trainer/configs/tiny_grpo_tapo.yaml        # one process
     torchrun --nproc_per_node 2 -m trainer.train --config trainer/configs/tiny_grpo_tapo.yaml
     python -m trainer.train --config ... --resume rl.steps=60                    # continue a run
+    python -m trainer.train --config ... --export             # newest checkpoint -> hf_model/
 
 One RL step, per rank:
 
@@ -19,6 +20,9 @@ One RL step, per rank:
 5. backward (FSDP2 reduce-scatter), gradient clipping, AdamW step; a step whose loss or
    gradient norm is not finite is skipped and logged;
 6. metrics to ``runs/<name>/metrics.jsonl`` + TensorBoard, periodic atomic DCP checkpoints.
+
+With ``checkpoint.export_hf`` the policy is also written as a Hugging Face directory
+(``runs/<name>/hf_model``, ``trainer/export.py``) after the final checkpoint.
 
 Every random draw of step ``s`` is seeded from ``(seed, s, rank)``, so a run killed and
 resumed from a checkpoint reproduces the metrics of an uninterrupted run.
@@ -35,6 +39,7 @@ import signal
 import sys
 import time
 import zlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,8 +72,10 @@ from .distributed import (
     shard_model,
 )
 from .evaluate import describe, evaluate
+from .export import export_hf, image_processor_of
 from .metrics import (
     MetricsLogger,
+    WandbOptions,
     make_plots,
     print_summary,
     progress_bar,
@@ -144,6 +151,11 @@ class Trainer:
             ctx.is_main,
             cfg.logging.tensorboard,
             resume_step=self.state["global_step"] if self.checkpoint else None,
+            wandb=WandbOptions(
+                cfg.logging.wandb_project, cfg.logging.wandb_mode, cfg.logging.name, cfg.to_dict()
+            )
+            if cfg.logging.wandb
+            else None,
         )
 
     # ------------------------------------------------------------------ setup
@@ -224,9 +236,12 @@ class Trainer:
             copy_full_weights(self.model, self.rollout_model)
 
     def close(self) -> None:
-        """Release the rollout engine (vLLM's process groups go before the trainer's)."""
+        """Release the rollout engine (vLLM's process groups go before the trainer's) and
+        finish the metrics logger (its TensorBoard and W&B runs)."""
         if hasattr(getattr(self, "engine", None), "close"):
             self.engine.close()
+        if hasattr(getattr(self, "logger", None), "close"):
+            self.logger.close()
 
     # ------------------------------------------------------------------ warm-up
 
@@ -502,18 +517,35 @@ class Trainer:
             self._evaluate("final")
             state["final_step"] = state["rl_step"]
             self._save()
-        return self._finish()
+        exported = self.export_hf() if cfg.checkpoint.export_hf else None
+        return self._finish(exported)
 
-    def _finish(self) -> dict[str, Any]:
+    def export_hf(self) -> Path:
+        """Write the current policy as a Hugging Face directory (``<run_dir>/hf_model``,
+        ``trainer/export.py``); collective. Returns its path."""
+        return export_hf(
+            self.run_path,
+            self.model,
+            self.tokenizer,
+            self.ctx,
+            DTYPES[self.cfg.model.dtype],
+            image_processor_of(self.cfg, self.model),
+        )
+
+    def _finish(self, exported: Path | None = None) -> dict[str, Any]:
         evals = self.state["evals"]
         summary = run_summary(
             self.run_path, self.state["rl_step"], evals, time.perf_counter() - self.t_begin
         )
+        if exported is not None:
+            summary["hf_model"] = str(exported)
         if self.ctx.is_main:
             plots = make_plots(self.run_path) if self.cfg.logging.plots else []
             summary["plots"] = [str(p) for p in plots]
             write_atomic(self.run_path / "summary.json", json.dumps(summary, indent=1))
             print_summary(summary, evals)
+            if exported is not None:
+                print(f"Hugging Face model: {exported}", flush=True)
         self.logger.close()
         return summary
 

@@ -8,6 +8,16 @@ mask 0, and the next turn starts. The sampler is our own loop rather than ``gene
 the recorded log-probability of each sampled token is exactly ``log_softmax(logits / T)``,
 the quantity the loss recomputes (no hidden top-k / top-p processors).
 
+Prompts: the embedded tiny policy reads ``rollout.prompt_template`` as plain text. A real
+checkpoint (``rollout.use_chat_template``) gets a system message and the question through
+its tokenizer's chat template. Where that template renders tools
+(``rollout.chat_template_tools``), the tool list goes in as the template's ``tools``
+argument, one function schema per tool (``Tool.schema``), and the system message is
+``rollout.tools_system_prompt``: it lists no tool but keeps the call syntax the rollout
+parses (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, one call per turn) and
+the observation and answer tags, since a template's own call format may differ from it.
+Otherwise the system message is ``rollout.system_prompt`` (which names the tools itself).
+
 Determinism: sampling draws from an explicit ``torch.Generator`` seeded by the caller, so a
 rollout is a function of (weights, prompts, seed), which makes resumed runs reproducible.
 """
@@ -24,13 +34,45 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import RolloutConfig
+from ..config import ConfigError, RolloutConfig
 from ..modeling import EOS, TAGS, ChatTags
 from ..tasks import Example
 from ..tools import ParsedCall, ToolContext, ToolOutcome, ToolRegistry
 from ..tools.registry import box_of_refs
 from ..vision import ImageCodec, vision_batch
 from .episode import CallRecord, Episode
+
+# rollout.chat_template_tools values (YAML 1.1 reads a bare on / off as true / false)
+CHAT_TEMPLATE_TOOLS = {"auto": "auto", "on": "on", "off": "off", True: "on", False: "off"}
+
+
+def template_tools_problem(tokenizer, messages: list[dict], tools: Sequence[dict]) -> str | None:
+    """Why the tokenizer's chat template does not show ``tools`` (function schemas) to the
+    model, or ``None`` when it does.
+
+    The test renders ``messages`` with and without ``tools``: the template supports them when
+    the rendering with them names every tool more often than the one without. Searching the
+    template's source for ``tools`` would also accept templates that name them only to
+    reject them or in a comment, and miss the ``tool_use`` entry of tokenizers that hold
+    several named templates (``apply_chat_template`` picks it when tools are given); a
+    template that raises on ``tools`` does not support them either.
+    """
+    render = functools.partial(
+        tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=False
+    )
+    try:
+        plain = render()
+    except Exception as exc:  # any template error is the answer
+        return f"the chat template cannot render the prompt ({type(exc).__name__}: {exc})"
+    try:
+        with_tools = render(tools=list(tools))
+    except Exception as exc:
+        return f"the chat template fails on tools ({type(exc).__name__}: {exc})"
+    names = [t["function"]["name"] for t in tools]
+    missing = [n for n in names if with_tools.count(n) <= plain.count(n)]
+    if missing:
+        return f"the chat template does not render the tools {missing}"
+    return None
 
 
 @dataclass
@@ -46,6 +88,10 @@ class PromptFormatter:
     With a vision-language policy (``images``: an ``ImageCodec``), a question's images
     (``question_images(example)``: ``(image, region)`` pairs) open the prompt and an image a
     tool returns opens its observation, each as image tokens; the episode records them.
+
+    ``tools``: the function schemas of the registry's tools (``ToolRegistry.schemas``), passed
+    to the chat template as its ``tools`` argument as ``cfg.chat_template_tools`` decides
+    (``template_tools``: the schemas when they are, else ``None``).
     """
 
     def __init__(
@@ -56,6 +102,7 @@ class PromptFormatter:
         max_obs_tokens: int = 48,
         images: ImageCodec | None = None,
         question_images: Callable[[Example], list] | None = None,
+        tools: Sequence[dict] | None = None,
     ) -> None:
         self.tok = tokenizer
         self.cfg = cfg
@@ -65,6 +112,36 @@ class PromptFormatter:
         self.question_images = question_images
         self._obs_open = self.encode(tags.obs_open)
         self._obs_close = self.encode(tags.obs_close)
+        self.template_tools = self._template_tools(list(tools or []))
+        self.system_prompt = cfg.tools_system_prompt if self.template_tools else cfg.system_prompt
+
+    def _template_tools(self, schemas: list[dict]) -> list[dict] | None:
+        """The schemas to pass as the chat template's ``tools``, or ``None`` (the tools are
+        then described by ``cfg.system_prompt`` alone); an error where
+        ``chat_template_tools`` is ``on`` and the template cannot show them."""
+        key = "rollout.chat_template_tools"
+        mode = CHAT_TEMPLATE_TOOLS.get(self.cfg.chat_template_tools)
+        if mode is None:
+            raise ConfigError(
+                f"{key}: must be auto, on (true) or off (false), "
+                f"got {self.cfg.chat_template_tools!r}"
+            )
+        if mode == "on" and not self.cfg.use_chat_template:
+            raise ConfigError(f"{key}: on needs rollout.use_chat_template: true")
+        if mode == "off" or not self.cfg.use_chat_template:
+            return None
+        problem = "there is no tool to describe" if not schemas else None
+        if problem is None:
+            messages = [
+                {"role": "system", "content": self.cfg.tools_system_prompt},
+                {"role": "user", "content": self.cfg.prompt_template.format(question="?")},
+            ]
+            problem = template_tools_problem(self.tok, messages, schemas)
+        if problem is None:
+            return schemas
+        if mode == "on":
+            raise ConfigError(f"{key}: on, but {problem}")
+        return None
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False))
@@ -83,12 +160,16 @@ class PromptFormatter:
             if num_images:
                 content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
             messages = [
-                {"role": "system", "content": self.cfg.system_prompt},
+                {"role": "system", "content": self.system_prompt},
                 {"role": "user", "content": content},
             ]
             return list(
                 self.tok.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                    messages,
+                    tools=self.template_tools,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
                 )
             )
         return self.encode(text)
@@ -253,7 +334,13 @@ class RolloutEngine:
         self.registry = registry
         self.cfg = cfg
         self.fmt = PromptFormatter(
-            tokenizer, cfg, tags, max_obs_tokens, images=images, question_images=question_images
+            tokenizer,
+            cfg,
+            tags,
+            max_obs_tokens,
+            images=images,
+            question_images=question_images,
+            tools=registry.schemas(),
         )
         # image tokens are placed by the formatter, never sampled
         self.banned = [images.start_id, images.pad_id, images.end_id] if images else []

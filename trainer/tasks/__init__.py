@@ -1,5 +1,7 @@
 """Datasets: the bundled synthetic search task, the bundled visual task (scenes to zoom
-into), a JSONL loader, and the arithmetic task that can be mixed into any of them."""
+into), a loader of JSONL and Parquet files (``task.name=jsonl``: the question/answer layout or
+verl's RL layout, see ``jsonl.py``), and the arithmetic task that can be mixed into any of
+them."""
 
 from __future__ import annotations
 

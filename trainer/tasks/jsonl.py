@@ -1,12 +1,35 @@
-"""Questions from JSONL files.
+"""Questions from JSONL and Parquet files.
 
-Each line: ``{"question": str, "answer": str | [str, ...], "corpus": [str, ...] (optional),
-"query": str (optional), "queries": [str, ...] (optional, a multi-call demonstration),
-"evidence": [str, ...] or [[str, ...], ...] (optional: the gold documents, per hop, that make
-a call good in the ground-truth statistics), "id": str (optional)}``. A line's own ``corpus`` becomes a corpus of
-its own (identical corpora are shared); lines without one search the shared corpus from
-``corpus_path`` (a ``.txt`` file with one document per line, or JSONL with ``{"text": ...}``).
-Demonstrations for the warm-up come from ``demos_path`` (same format, ``query`` required).
+A file's format follows its suffix: ``.parquet`` is read with ``pyarrow`` (a table with one
+row per question, as Hugging Face ``datasets`` writes it), anything else as JSONL (one JSON
+object per line). Errors name the file and the line (JSONL, 1-based) or the row (Parquet,
+0-based, as ``datasets`` and ``pyarrow`` index it). In a Parquet file a null cell counts as
+an absent key.
+
+Two row layouts are read; a file's first row decides its layout and every row must follow it.
+
+The question/answer layout: ``{"question": str, "answer": str | [str, ...], "corpus": [str,
+...] (optional), "query": str (optional), "queries": [str, ...] (optional, a multi-call
+demonstration), "evidence": [str, ...] or [[str, ...], ...] (optional: the gold documents,
+per hop, that make a call good in the ground-truth statistics), "id": str (optional)}``. A
+row's own ``corpus`` becomes a corpus of its own (identical corpora are shared); rows without
+one search the shared corpus from ``corpus_path`` (a ``.txt`` file with one document per line,
+JSONL with ``{"text": ...}``, or Parquet with a ``text`` column).
+
+verl's RL layout: ``{"data_source": str, "prompt": [{"role": str, "content": str}, ...],
+"ability": str, "reward_model": {"style": "rule", "ground_truth": str | [str, ...]},
+"extra_info": {...}}`` (recognised by a ``reward_model`` key, or a ``prompt`` key in a row
+without ``question`` and ``answer``; a verl row may keep other columns). The question is
+the ``content`` of the prompt's last ``user`` message: the trainer frames every question with
+its own ``rollout.system_prompt`` and ``rollout.prompt_template``, so a system message and
+earlier turns of the file's prompt are not used. The accepted answers are
+``reward_model.ground_truth`` (a string, a list of strings, or ``{"target": [...]}`` as
+Search-R1's data writes it). The optional keys of the question/answer layout (``corpus``,
+``query``, ``queries``, ``evidence``, ``id``) are read from the row, or else from its
+``extra_info``.
+
+Demonstrations for the warm-up come from ``demos_path`` (either layout, ``query`` or
+``queries`` required).
 """
 
 from __future__ import annotations
@@ -20,7 +43,7 @@ from .base import Example, TaskData
 
 
 class TaskFileError(ValueError):
-    """A JSONL line that does not describe a question."""
+    """A task file, or a line or row of one, that does not describe a question."""
 
 
 def _read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
@@ -47,14 +70,51 @@ def _read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def _is_parquet(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".parquet"
+
+
+def _read_parquet(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a Parquet file as plain Python values (null cells dropped)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise TaskFileError(
+            f"{path}: reading Parquet files needs pyarrow (pip install pyarrow)"
+        ) from exc
+    import pyarrow as pa
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise TaskFileError(f"{path}: not a readable Parquet file ({exc})") from exc
+    return [{k: v for k, v in row.items() if v is not None} for row in table.to_pylist()]
+
+
+def _read_rows(path: str | Path) -> list[tuple[str, int, dict[str, Any]]]:
+    """``(where, number, row)`` of each row: ``where`` names the file and the line (JSONL,
+    1-based) or row (Parquet, 0-based) for error messages."""
+    if _is_parquet(path):
+        return [(f"{path}: row {i}", i, row) for i, row in enumerate(_read_parquet(path))]
+    return [(f"{path}:{lineno}", lineno, obj) for lineno, obj in _read_jsonl(path)]
+
+
 def read_corpus(path: str | Path) -> list[str]:
-    """Documents from a ``.txt`` (one per line) or ``.jsonl`` (``{"text": ...}``) file."""
+    """Documents from a ``.txt`` (one per line), ``.jsonl`` (``{"text": ...}``) or
+    ``.parquet`` (a ``text`` column) file."""
     path = Path(path)
     if path.suffix == ".jsonl":
         docs = []
         for lineno, obj in _read_jsonl(path):
             if not isinstance(obj.get("text"), str):
                 raise TaskFileError(f"{path}:{lineno}: a corpus line needs a string 'text'")
+            docs.append(obj["text"])
+        return docs
+    if _is_parquet(path):
+        docs = []
+        for where, _, obj in _read_rows(path):
+            if not isinstance(obj.get("text"), str):
+                raise TaskFileError(f"{where}: a corpus row needs a string 'text'")
             docs.append(obj["text"])
         return docs
     docs = []
@@ -84,10 +144,94 @@ class _Corpora:
         return self._ids[key]
 
 
+QA_LAYOUT, VERL_LAYOUT = "question/answer", "verl"
+# keys of the question/answer layout that a verl row may carry, itself or in its extra_info
+OPTIONAL_KEYS = ("id", "corpus", "query", "queries", "evidence")
+
+
+def row_layout(row: dict[str, Any]) -> str | None:
+    """The layout a row is written in (``QA_LAYOUT`` or ``VERL_LAYOUT``), by its keys; ``None``
+    when it has the keys of neither."""
+    if "reward_model" in row:
+        return VERL_LAYOUT
+    if "question" in row or "answer" in row:
+        return QA_LAYOUT
+    if "prompt" in row:
+        return VERL_LAYOUT
+    return None
+
+
+def _verl_question(where: str, prompt: Any) -> str:
+    """The content of the last user message of a verl ``prompt``."""
+    if not isinstance(prompt, list) or not prompt:
+        raise TaskFileError(f"{where}: 'prompt' must be a non-empty list of chat messages")
+    for i, message in enumerate(prompt):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise TaskFileError(
+                f"{where}: 'prompt[{i}]' must be a chat message {{'role': ..., 'content': ...}}"
+            )
+    users = [m for m in prompt if m["role"] == "user"]
+    if not users:
+        raise TaskFileError(f"{where}: 'prompt' has no message with role 'user'")
+    content = users[-1].get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise TaskFileError(
+            f"{where}: the last user message of 'prompt' must have a non-empty string 'content'"
+        )
+    return content
+
+
+def _verl_answers(where: str, reward_model: Any) -> Any:
+    """``reward_model.ground_truth`` of a verl row (its ``target`` when a mapping)."""
+    if not isinstance(reward_model, dict):
+        raise TaskFileError(f"{where}: 'reward_model' must be a mapping with a 'ground_truth'")
+    truth = reward_model.get("ground_truth")
+    if truth is None:
+        raise TaskFileError(f"{where}: 'reward_model.ground_truth' is missing")
+    if isinstance(truth, dict) and "target" in truth:
+        truth = truth["target"]
+    answers = [truth] if isinstance(truth, str) else truth
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise TaskFileError(
+            f"{where}: 'reward_model.ground_truth' must be a string, a non-empty list of "
+            "strings, or {'target': [...]}"
+        )
+    return truth
+
+
+def _from_verl(where: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A verl-layout row as a question/answer row."""
+    if "prompt" not in row:
+        raise TaskFileError(f"{where}: a verl row needs a 'prompt' (a list of chat messages)")
+    if "reward_model" not in row:
+        raise TaskFileError(f"{where}: a verl row needs a 'reward_model' with a 'ground_truth'")
+    extra = row.get("extra_info")
+    extra = extra if isinstance(extra, dict) else {}
+    out = {k: extra[k] for k in OPTIONAL_KEYS if extra.get(k) is not None}
+    out.update({k: row[k] for k in OPTIONAL_KEYS if k in row})
+    out["question"] = _verl_question(where, row["prompt"])
+    out["answer"] = _verl_answers(where, row["reward_model"])
+    return out
+
+
 def _examples(path: str | Path, corpora: _Corpora, need_query: bool = False) -> list[Example]:
     out = []
-    for lineno, obj in _read_jsonl(path):
-        where = f"{path}:{lineno}"
+    layout = None
+    for where, number, obj in _read_rows(path):
+        this = row_layout(obj)
+        if this is None:
+            raise TaskFileError(
+                f"{where}: the row fits no task layout: it needs 'question' and 'answer', or "
+                f"verl's 'prompt' and 'reward_model' (its keys: {sorted(obj)})"
+            )
+        layout = layout or this
+        if this != layout:
+            raise TaskFileError(
+                f"{where}: the row is in the {this} layout but the file's first row in the "
+                f"{layout} layout (one layout per file)"
+            )
+        if layout == VERL_LAYOUT:
+            obj = _from_verl(where, obj)
         question, answer = obj.get("question"), obj.get("answer")
         if not isinstance(question, str) or not question.strip():
             raise TaskFileError(f"{where}: 'question' must be a non-empty string")
@@ -130,7 +274,7 @@ def _examples(path: str | Path, corpora: _Corpora, need_query: bool = False) -> 
                 f"{where}: 'evidence' must be a list of documents or a list of "
                 "non-empty lists of documents (one per hop)"
             )
-        uid = str(obj.get("id", f"{Path(path).stem}-{lineno}"))
+        uid = str(obj.get("id", f"{Path(path).stem}-{number}"))
         out.append(
             Example(
                 uid,

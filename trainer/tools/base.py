@@ -7,16 +7,31 @@ what its parameter vector encodes (``witness``): its ``arguments`` (the text of
 retrieved, for tools whose results define when two calls are equivalent). Tools receive a
 ``ToolContext`` naming the corpus of the current question, which is also the context key of
 the call: calls against different corpora never match.
+
+``Tool.schema()`` describes a tool as an OpenAI-style function (JSON Schema of its
+arguments), built from the same ``required`` / ``optional`` declarations the parser checks
+calls against, so the names and types a chat template shows the model are the ones a call
+must use.
 """
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 SIM_KINDS = {"cosine": 0, "iou": 1}  # the tool_sim_kind codes of tapo::fused_correct
 WITNESS_KINDS = ("arguments", "results")
+# the JSON Schema type of each Python argument type a tool may declare
+JSON_TYPES = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    list: "array",
+    dict: "object",
+}
 
 
 @dataclass(frozen=True)
@@ -47,9 +62,11 @@ class Tool(ABC):
     """A deterministic information tool.
 
     Subclasses set ``name``, ``description``, ``required`` / ``optional`` (argument name ->
-    Python type) and implement ``run``. ``param_text`` names the argument text TAPO compares
-    when ``witness = "arguments"``; with ``witness = "results"`` it compares the references
-    of the ``ToolResult`` that ``run`` returned.
+    Python type), optionally ``argument_schemas`` (argument name -> JSON Schema details such
+    as its description, merged over the declared type in ``schema()``) and implement
+    ``run``. ``param_text`` names the argument text TAPO compares when
+    ``witness = "arguments"``; with ``witness = "results"`` it compares the references of
+    the ``ToolResult`` that ``run`` returned.
     """
 
     name: ClassVar[str]
@@ -58,6 +75,28 @@ class Tool(ABC):
     witness: ClassVar[str] = "arguments"
     required: ClassVar[dict[str, type]] = {}
     optional: ClassVar[dict[str, type]] = {}
+    argument_schemas: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def schema(self) -> dict[str, Any]:
+        """The tool as an OpenAI-style function: ``{"type": "function", "function": {"name",
+        "description", "parameters"}}``, ``parameters`` being the JSON Schema of the arguments
+        ``check_arguments`` accepts (required ones first, in declaration order)."""
+        properties = {}
+        for arg, tp in {**self.required, **self.optional}.items():
+            details = copy.deepcopy(self.argument_schemas.get(arg, {}))
+            properties[arg] = {"type": JSON_TYPES[tp], **details}
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": {
+                    "type": "object",
+                    "properties": properties,
+                    "required": list(self.required),
+                },
+            },
+        }
 
     def check_arguments(self, arguments: Any) -> dict[str, Any]:
         """Return the arguments if they fit the declaration, else raise ``ToolArgumentError``."""

@@ -91,6 +91,14 @@ class CalculatorTool(Tool):
     name = "calculator"
     description = "Evaluate an arithmetic expression."
     required = {"expression": str}
+    argument_schemas = {
+        "expression": {
+            "description": (
+                "Numbers combined with + - * / // % ** and parentheses, e.g. (3 + 4) * 12 "
+                f"(at most {MAX_LENGTH} characters)."
+            )
+        }
+    }
 
     def run(self, arguments: dict[str, Any], context: ToolContext) -> str:
         value = evaluate(arguments["expression"])

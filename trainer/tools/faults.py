@@ -14,6 +14,7 @@ class FailingTool(Tool):
     name = "failing"
     description = "A tool that always raises."
     required = {"query": str}
+    argument_schemas = {"query": {"description": "Any text."}}
 
     def run(self, arguments: dict[str, Any], context: ToolContext) -> str:
         raise RuntimeError("the failing tool failed, as it always does")
@@ -25,6 +26,7 @@ class SlowTool(Tool):
     name = "slow"
     description = "A tool that takes too long."
     required = {"query": str}
+    argument_schemas = {"query": {"description": "Any text."}}
 
     def __init__(self, seconds: float = 30.0) -> None:
         self.seconds = seconds

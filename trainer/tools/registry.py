@@ -80,6 +80,11 @@ class ToolRegistry:
     def names(self) -> list[str]:
         return [t.name for t in self.tools]
 
+    def schemas(self) -> list[dict]:
+        """Each tool's function schema (``Tool.schema``), in id order: what a chat template's
+        ``tools`` argument takes."""
+        return [t.schema() for t in self.tools]
+
     def sim_kind_tensor(self, device: torch.device | str = "cpu") -> Tensor:
         """``(num_tools,) int64`` similarity kind of each tool id (``tool_sim_kind``)."""
         return torch.tensor(

@@ -62,6 +62,10 @@ class TextSearchTool(Tool):
     witness = "results"
     required = {"query": str}
     optional = {"top_k": int}
+    argument_schemas = {
+        "query": {"description": "What to look for, in words."},
+        "top_k": {"description": "How many documents to return."},
+    }
 
     def __init__(
         self, corpora: Mapping[int, Sequence[str]], top_k: int = 1, max_top_k: int = 5
@@ -106,6 +110,13 @@ class TextSearchTool(Tool):
         if not 1 <= top_k <= self.max_top_k:
             raise ToolArgumentError(f"top_k must be in [1, {self.max_top_k}], got {top_k}")
         return arguments
+
+    def schema(self) -> dict[str, Any]:
+        """The base schema, with ``top_k``'s bounds and default."""
+        schema = super().schema()
+        top_k = schema["function"]["parameters"]["properties"]["top_k"]
+        top_k.update(minimum=1, maximum=self.max_top_k, default=self.top_k)
+        return schema
 
     def run(self, arguments: dict[str, Any], context: ToolContext) -> ToolResult:
         index = self.index(context.corpus_id)

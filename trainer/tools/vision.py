@@ -99,6 +99,15 @@ class ZoomInTool(Tool):
     sim_kind = "iou"
     witness = "results"
     required = {"image_index": int, "bbox": list}
+    argument_schemas = {
+        "image_index": {"description": "The image to zoom into.", "minimum": 0},
+        "bbox": {
+            "description": "[x1, y1, x2, y2]: the region as fractions of the image's size.",
+            "items": {"type": "number"},
+            "minItems": 4,
+            "maxItems": 4,
+        },
+    }
     box_of_refs = staticmethod(box_of_refs)
 
     def __init__(self, book: SceneBook, max_pixels: int = MAX_PIXELS, min_size: float = 0.1):
@@ -196,6 +205,10 @@ class ImageSearchTool(Tool):
     sim_kind = "cosine"
     witness = "results"
     optional = {"image_index": int, "query": str}
+    argument_schemas = {
+        "image_index": {"description": "An image showing one emblem.", "minimum": 0},
+        "query": {"description": "The name of an entity."},
+    }
 
     def __init__(
         self, book: SceneBook, max_pixels: int = MAX_PIXELS, max_distance: int = MAX_DISTANCE
