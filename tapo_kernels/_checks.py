@@ -357,6 +357,17 @@ def _check_lm_head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple
     return B, T, V
 
 
+def _check_logits(logits: Tensor) -> tuple[int, int, int]:
+    """``logits`` ``(B, T, V)`` with ``V > 0`` in a floating dtype; ``(B, T, V)``."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be 3-D (B, T, V), got shape {tuple(logits.shape)}")
+    B, T, V = logits.shape
+    if V == 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    _dtype("logits", logits, _LOGIT_DTYPES)
+    return B, T, V
+
+
 def check_policy_loss_from_logits(call: dict[str, object], *, check_values: bool = True) -> None:
     """Validate every argument of ``tapo::policy_loss_from_logits`` (``call``: the bound
     arguments, ``_args.bind``).
@@ -366,13 +377,7 @@ def check_policy_loss_from_logits(call: dict[str, object], *, check_values: bool
     is reported after the forward computes it.
     """
     _same_device(call)
-    logits = call["logits"]
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be 3-D (B, T, V), got shape {tuple(logits.shape)}")
-    B, T, V = logits.shape
-    if V == 0:
-        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
-    _dtype("logits", logits, _LOGIT_DTYPES)
+    B, T, V = _check_logits(call["logits"])
     _check_temperature(call["temperature"])
     _check_front_values(B, T, V, call, check_values)
 
@@ -464,12 +469,7 @@ def _check_label_range(labels: Tensor, B: int, T: int, V: int) -> None:
 def check_logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float) -> None:
     """Arguments of ``tapo::logprobs_from_logits``."""
     _same_device(locals())
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be 3-D (B, T, V), got shape {tuple(logits.shape)}")
-    B, T, V = logits.shape
-    if V == 0:
-        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
-    _dtype("logits", logits, _LOGIT_DTYPES)
+    B, T, V = _check_logits(logits)
     _check_temperature(temperature)
     _check_label_range(labels, B, T, V)
 

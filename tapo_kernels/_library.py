@@ -504,6 +504,30 @@ def _from_logits_backward(ctx, grad_loss, _grad_metrics, _grad_logp_out, grad_en
     return (grad_logits, *nones)
 
 
+def _leaf_grads(ctx, grad_logp, grad_entropy, head, settings):
+    """``(dhidden, dweight, dbias)`` of a hidden-state op, ``None`` where not needed;
+    ``head``: hidden, weight, bias, labels, logp, entropy; ``settings``: temperature, chunk."""
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    hidden, weight, bias, labels, logp, entropy = head
+    want_bias = bias is not None and need_bias
+    grad_hidden, grad_weight, grad_bias = _hidden_grads(
+        grad_logp,
+        grad_entropy,
+        hidden,
+        weight,
+        bias,
+        labels,
+        logp,
+        entropy,
+        (*settings, need_weight, want_bias),
+    )
+    return (
+        grad_hidden if need_hidden else None,
+        grad_weight if need_weight else None,
+        grad_bias if want_bias else None,
+    )
+
+
 def _from_hidden_setup_context(ctx, inputs, output):
     leading = ("hidden", "weight", "bias", "labels")
     _save_front_call(ctx, "policy_loss_from_hidden", inputs, output, leading)
@@ -518,17 +542,9 @@ def _from_hidden_backward(ctx, grad_loss, _grad_metrics, _grad_logp_out, grad_en
         return (None, None, None, *nones)
     hidden, weight, bias, labels, logp, entropy, *loss_tensors = ctx.saved_tensors
     grad_logp = _grad_logp(ctx, grad_loss, logp, loss_tensors)
-    want_bias = bias is not None and need_bias
-    settings = (ctx.call["temperature"], ctx.call["chunk_size"], need_weight, want_bias)
-    grad_hidden, grad_weight, grad_bias = _hidden_grads(
-        grad_logp, grad_entropy, hidden, weight, bias, labels, logp, entropy, settings
-    )
-    return (
-        grad_hidden if need_hidden else None,
-        grad_weight if need_weight else None,
-        grad_bias if want_bias else None,
-        *nones,
-    )
+    head = (hidden, weight, bias, labels, logp, entropy)
+    settings = (ctx.call["temperature"], ctx.call["chunk_size"])
+    return (*_leaf_grads(ctx, grad_logp, grad_entropy, head, settings), *nones)
 
 
 torch.library.register_autograd(
@@ -635,18 +651,7 @@ def _logprobs_from_hidden_backward(ctx, grad_logp, grad_entropy):
         grad_logp is None and grad_entropy is None
     ):
         return (None, None, None, *nones)
-    hidden, weight, bias, labels, logp, entropy = ctx.saved_tensors
-    want_bias = bias is not None and need_bias
-    settings = (*ctx.settings, need_weight, want_bias)
-    grad_hidden, grad_weight, grad_bias = _hidden_grads(
-        grad_logp, grad_entropy, hidden, weight, bias, labels, logp, entropy, settings
-    )
-    return (
-        grad_hidden if need_hidden else None,
-        grad_weight if need_weight else None,
-        grad_bias if want_bias else None,
-        *nones,
-    )
+    return (*_leaf_grads(ctx, grad_logp, grad_entropy, ctx.saved_tensors, ctx.settings), *nones)
 
 
 torch.library.register_autograd(
