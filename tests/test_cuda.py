@@ -780,10 +780,29 @@ def _opcheck_sample(op: str) -> tuple[tuple, dict]:
         logp, _ = reference.selective_log_softmax(torch.nn.functional.linear(h, w, bias), labels)
         grad = torch.randn(2, 5, device=DEVICE)
         return (grad, h, w, bias, labels, logp, 1.0, 3, True, True), {}
+    if op == "logprobs_from_logits":
+        logits, labels, _ = _small_logits(67, torch.bfloat16)
+        return (logits.requires_grad_(True), labels), dict(temperature=0.9)
+    if op == "logprobs_from_hidden":
+        h, w, bias, labels, _ = _small_hidden(71)
+        leaves = (t.requires_grad_(True) for t in (h, w, bias))
+        return (*leaves, labels), dict(chunk_size=3)
+    gen = torch.Generator().manual_seed(seed_of("opcheck", op))
+    grad_logp, grad_entropy = (dev(torch.randn(2, 5, generator=gen)) for _ in range(2))
+    if op == "logprobs_backward":
+        logits, labels, _ = _small_logits(73, torch.bfloat16)
+        logp, entropy = reference.selective_log_softmax(logits, labels, 0.8, True)
+        return (grad_logp, grad_entropy, logits, labels, logp, entropy, 0.8), {}
+    if op == "logprobs_from_hidden_backward":
+        h, w, bias, labels, _ = _small_hidden(79)
+        logits = torch.nn.functional.linear(h, w, bias)
+        logp, entropy = reference.selective_log_softmax(logits, labels, 1.0, True)
+        head = (h, w, bias, labels, logp, entropy)
+        return (grad_logp, grad_entropy, *head, 1.0, 3, True, True), {}
     raise AssertionError(f"no opcheck sample for {op}")
 
 
-@pytest.mark.parametrize("op", _library.OPS + _library.LOGPROB_OPS)
+@pytest.mark.parametrize("op", _library.OPS + _library.LOGPROB_OPS + _library.LOGPROBS_OPS)
 def test_opcheck_on_device(op):
     args, kwargs = _opcheck_sample(op)
     torch.library.opcheck(getattr(torch.ops.tapo, op).default, args, kwargs)
@@ -921,3 +940,51 @@ def test_bad_input_raises_clear_error(case):
     assert torch.isfinite(loss).item()
     if not ON_CPU:
         torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_logprobs_with_entropy_gradient_on_device(dtype):
+    """``tk.logprobs_from_logits`` / ``_from_hidden`` on the device: values and the gradient of
+    ``sum g logp + sum h H`` against the float64 autograd of the plain formulas."""
+    B, T, V, H = big((4, 512, 32000, 256), (2, 16, 257, 16))
+    gen = torch.Generator().manual_seed(seed_of("device-logprobs", str(dtype)))
+    logits = dev((3.0 * torch.randn(B, T, V, generator=gen)).to(dtype))
+    labels = dev(torch.randint(0, V, (B, T), generator=gen))
+    labels[0, :3] = -100
+    g, h = (dev(torch.randn(B, T, generator=gen)) for _ in range(2))
+
+    def oracle(x64):
+        log_p = torch.log_softmax(x64 / 0.9, -1)
+        lp = log_p.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        ent = -(log_p.exp() * log_p).sum(-1)
+        keep = labels >= 0
+        return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
+
+    x = logits.clone().requires_grad_(True)
+    logp, entropy = tapo_kernels.logprobs_from_logits(x, labels, temperature=0.9)
+    (grad,) = torch.autograd.grad((logp * g).sum() + (entropy * h).sum(), x)
+    x64 = logits.double().requires_grad_(True)
+    logp64, entropy64 = oracle(x64)
+    (grad64,) = torch.autograd.grad((logp64 * g).sum() + (entropy64 * h).sum(), x64)
+    logp, entropy, logp64, entropy64 = (t.detach() for t in (logp, entropy, logp64, entropy64))
+    tol = 2e-5
+    assert float((logp - logp64).abs().max()) < tol * max(1.0, float(logp64.abs().max()))
+    assert float((entropy - entropy64).abs().max()) < tol * max(1.0, float(entropy64.abs().max()))
+    grad_tol = BF16_TOL if dtype == torch.bfloat16 else F32_TOL
+    assert float((grad.double() - grad64).abs().max()) <= grad_tol * float(grad64.abs().max())
+    del x, x64, grad, grad64, logits
+    free()
+
+    hidden = dev(torch.randn(B, T, H, generator=gen)).to(dtype)
+    weight = dev(torch.randn(V, H, generator=gen) / H**0.5).to(dtype)
+    hl, wl = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp, entropy = tapo_kernels.logprobs_from_hidden(hl, wl, labels, temperature=0.9)
+    grads = torch.autograd.grad((logp * g).sum() + (entropy * h).sum(), (hl, wl))
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    logp64, entropy64 = oracle(torch.nn.functional.linear(h64, w64))
+    grads64 = torch.autograd.grad((logp64 * g).sum() + (entropy64 * h).sum(), (h64, w64))
+    logp, logp64 = logp.detach(), logp64.detach()
+    assert float((logp - logp64).abs().max()) < 1e-3 * max(1.0, float(logp64.abs().max()))
+    for got, want in zip(grads, grads64, strict=True):
+        bound = (5e-2 if dtype == torch.bfloat16 else 1e-4) * float(want.abs().max())
+        assert float((got.double() - want).abs().max()) <= bound
