@@ -358,6 +358,8 @@ def test_config_files_overrides_and_defaults():
         ("rollout.engine=sglang", "rollout.engine: must be one of"),
         ("rollout.vllm_kv_cache_mb=0", "rollout.vllm_kv_cache_mb: must be > 0"),
         ("rollout.vllm_dtype=int8", "rollout.vllm_dtype: must be one of"),
+        ("rollout.vllm_gpu_memory_utilization=0", "rollout.vllm_gpu_memory_utilization: must"),
+        ("rollout.vllm_gpu_memory_utilization=1.5", "rollout.vllm_gpu_memory_utilization: must"),
         ("algo.tis_cap=2.0", "algo.tis_cap: needs rollout.recompute_logp"),
         ("algo.tis_cap=-1", "algo.tis_cap: must be > 0"),
     ],

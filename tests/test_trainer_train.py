@@ -490,3 +490,21 @@ def test_recomputed_logp_logs_the_rollout_gap_and_weights_the_loss(tmp_path, mon
         assert bool(live.any())
         assert torch.allclose(w[live], torch.ones_like(w[live]), atol=1e-3)
         assert bool((w[~live] == 0).all())
+
+
+def test_rollout_mismatch_sums_by_hand():
+    # d = old - rollout = [0, 0.5, (masked)]: sum |d| = 0.5; k3 = e^0.5 - 0.5 - 1 = 0.1487213;
+    # 2 live tokens; e^0.5 = 1.6487 > cap 1.5 on one of them; max |d| = 0.5
+    from types import SimpleNamespace
+
+    from trainer.train import rollout_mismatch_sums
+
+    old = torch.tensor([[0.0, 1.0, 9.0]])
+    rollout = torch.tensor([[0.0, 0.5, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    cfg = SimpleNamespace(algo=SimpleNamespace(tis_cap=1.5))
+    got = rollout_mismatch_sums(old, rollout, mask, cfg)
+    want = [0.5, math.exp(0.5) - 1.5, 2.0, 1.0, 0.5]
+    assert all(abs(g - w) < 1e-6 for g, w in zip(got, want, strict=True)), got
+    cfg.algo.tis_cap = None
+    assert rollout_mismatch_sums(old, rollout, mask, cfg)[3] == 0.0

@@ -163,6 +163,9 @@ class RolloutConfig:
     engine: str = "hf"
     vllm_dtype: str | None = None  # the engine's dtype (default: model.dtype)
     vllm_kv_cache_mb: int = 256  # KV-cache memory of the vLLM engine
+    # share of the GPU's memory vLLM may take for its weights and activations (it shares the
+    # device with training); the KV cache is vllm_kv_cache_mb whatever this share
+    vllm_gpu_memory_utilization: float = 0.3
     prompt_template: str = "Question: {question}\n"
     use_chat_template: bool = False  # real checkpoints: wrap the prompt with the chat template
     system_prompt: str = (
@@ -799,6 +802,10 @@ def validate(cfg: Config) -> None:
     if r.vllm_dtype is not None:
         choice("rollout.vllm_dtype", r.vllm_dtype, ["float32", "bfloat16", "float16"])
     positive("rollout.vllm_kv_cache_mb", r.vllm_kv_cache_mb)
+    util = r.vllm_gpu_memory_utilization
+    check(
+        0.0 < util <= 1.0, "rollout.vllm_gpu_memory_utilization", f"must be in (0, 1], got {util}"
+    )
     check(
         r.engine != "vllm" or not (m.vision or cfg.task.name == "visual"),
         "rollout.engine",

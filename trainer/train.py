@@ -556,15 +556,10 @@ def rollout_mismatch_sums(
     """This rank's ``[sum |d|, sum k3, tokens, truncated tokens, max |d|]`` of the
     rollout / trainer log-prob mismatch ``d`` over the mask (``tapo_kernels.rollout_mismatch``)."""
     m = tapo_kernels.rollout_mismatch(old_logp, rollout_logp, mask, cfg.algo.tis_cap)
-    n = float((mask != 0).sum())
-    truncated = float(m["truncated_frac"]) * n if "truncated_frac" in m else 0.0
-    return [
-        float(m["abs_logp_diff"]) * n,
-        float(m["kl_k3"]) * n,
-        n,
-        truncated,
-        float(m["max_abs_logp_diff"]),
-    ]
+    n = (mask != 0).sum().to(m["kl_k3"].dtype)
+    truncated = m.get("truncated_frac", torch.zeros_like(n))
+    sums = [m["abs_logp_diff"] * n, m["kl_k3"] * n, n, truncated * n, m["max_abs_logp_diff"]]
+    return torch.stack(sums).tolist()  # one host sync
 
 
 if __name__ == "__main__":

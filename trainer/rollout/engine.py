@@ -385,10 +385,15 @@ class RolloutEngine:
             images=images,
             question_images=question_images,
         )
+        engine.stop_at_generation_eos(model)
+        return engine
+
+    def stop_at_generation_eos(self, model) -> None:
+        """Also end a turn at the EOS ids of ``model``'s generation config (e.g. the
+        ``<|im_end|>`` of chat models)."""
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         for eos in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
-            engine.stop_ids.setdefault(int(eos), "eos")
-        return engine
+            self.stop_ids.setdefault(int(eos), "eos")
 
     @property
     def device(self) -> torch.device:

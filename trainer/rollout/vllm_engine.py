@@ -59,8 +59,10 @@ def make_llm(
     max_model_len: int,
     kv_cache_mb: int,
     seed: int = 0,
+    gpu_memory_utilization: float = 0.3,
 ):
-    """An in-process ``vllm.LLM`` for the Hugging Face directory ``model_dir``."""
+    """An in-process ``vllm.LLM`` for the Hugging Face directory ``model_dir``
+    (``gpu_memory_utilization``: vLLM's share of the GPU; on the CPU a small fixed share)."""
     vllm = import_vllm()
     on_gpu = torch.cuda.is_available()
     return vllm.LLM(
@@ -71,7 +73,7 @@ def make_llm(
         max_model_len=max_model_len,
         enforce_eager=not on_gpu,
         logprobs_mode="processed_logprobs",
-        gpu_memory_utilization=0.3 if on_gpu else 0.05,
+        gpu_memory_utilization=gpu_memory_utilization if on_gpu else 0.05,
         kv_cache_memory_bytes=int(kv_cache_mb) << 20,
         enable_prefix_caching=True,
         # whole prompts per step: a prompt split over steps makes vLLM rewind the seeded
@@ -107,6 +109,7 @@ class VllmEngine(RolloutEngine):
             max_model_len=r.max_total_tokens + r.max_new_tokens_per_turn,
             kv_cache_mb=r.vllm_kv_cache_mb,
             seed=cfg.seed,
+            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
         )
         engine = cls(
             model,
@@ -118,9 +121,7 @@ class VllmEngine(RolloutEngine):
             malformed_call_rate=cfg.debug.malformed_call_rate,
             fault_tool_rate=cfg.debug.fault_tool_rate,
         )
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        for eos in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
-            engine.stop_ids.setdefault(int(eos), "eos")
+        engine.stop_at_generation_eos(model)
         return engine
 
     # ------------------------------------------------------------------ weights
