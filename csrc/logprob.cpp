@@ -12,7 +12,9 @@
 //             entropy = log s - sum(exp(x - m) (x - m)) / s; a negative label gives 0 and 0.
 //   backward: lse = x[label] - logp (recovered from the forward's output, so nothing (B, T, V)-
 //             sized is saved), d = (-g exp(x - lse) + g onehot(label)) / temperature; rows with
-//             g = 0 (masked, ignored) get exact zeros without reading the logits.
+//             g = 0 (masked, ignored) get exact zeros without reading the logits. With an
+//             entropy gradient h (optional grad_entropy / entropy arguments):
+//             d = (g onehot(label) - p (g + h (log p + H))) / temperature, in the same pass.
 // Design: one row at a time (at::parallel_for over rows); the forward reads a row once, in
 // blocks of 1,024 logits (the block's maximum, then its exponentials from L1, an online
 // log-sum-exp across blocks), the backward once; 8 x fp32 lanes (GCC vector extensions, an
@@ -231,11 +233,52 @@ __attribute__((target("avx2"))) void forward_row_avx2(const scalar_t* x, int64_t
 // one row: backward (out may be x itself)
 // ------------------------------------------------------------------------------------------
 
+// With an entropy gradient h (and the forward's entropy H) the row's gradient is that of
+// g logp + h H: d = (g onehot(label) - p (g + h (log p + H))) / temperature, p = exp(x - lse).
 template <typename scalar_t, typename out_t>
-TAPO_INLINE void backward_row_body(const scalar_t* x, out_t* out, int64_t label, float g,
-                                   float logp, const RowArgs& a) {
+TAPO_INLINE void entropy_backward_row_body(const scalar_t* x, out_t* out, int64_t label, float g,
+                                           float logp, float h, float H, const RowArgs& a) {
   const int64_t V = a.V;
   const int64_t Vv = V - V % W;
+  float xl = load1(x + label);
+  if (a.scaled) xl = xl / a.temperature;
+  const float lse = xl - logp;
+  const VF vl = splat<VF>(lse), vt = splat<VF>(a.temperature), zero = VF{};
+  const VF vg = splat<VF>(g), vh = splat<VF>(h), vH = splat<VF>(H);
+  for (int64_t j = 0; j < Vv; j += W) {
+    VF v = load8(x + j);
+    if (a.scaled) v = v / vt;
+    const VF log_p = v - vl;
+    const VF p = exp_floor(log_p);
+    // p = 0 (a -inf logit, or below the exp floor) contributes exactly 0
+    VF d = p > zero ? -(p * (vg + vh * (log_p + vH))) : zero;
+    if (a.scaled) d = d / vt;
+    store8(out + j, d);
+  }
+  for (int64_t j = Vv; j < V; ++j) {
+    float v = load1(x + j);
+    if (a.scaled) v = v / a.temperature;
+    const float p = exp_floor1(v - lse);
+    float d = p > 0.0f ? -(p * (g + h * ((v - lse) + H))) : 0.0f;
+    if (a.scaled) d = d / a.temperature;
+    out[j] = static_cast<out_t>(d);
+  }
+  // the label's logit was read before the loop overwrote it (in place)
+  const float pl = exp_floor1(xl - lse);
+  float dl = (pl > 0.0f ? -(pl * (g + h * ((xl - lse) + H))) : 0.0f) + g;
+  if (a.scaled) dl = dl / a.temperature;
+  out[label] = static_cast<out_t>(dl);
+}
+
+template <typename scalar_t, typename out_t>
+TAPO_INLINE void backward_row_body(const scalar_t* x, out_t* out, int64_t label, float g,
+                                   float logp, float h, float H, const RowArgs& a) {
+  const int64_t V = a.V;
+  const int64_t Vv = V - V % W;
+  if (label >= 0 && h != 0.0f) {
+    entropy_backward_row_body(x, out, label, g, logp, h, H, a);
+    return;
+  }
   if (label < 0 || g == 0.0f) {  // nothing flows back through this token
     const VF zero = VF{};
     for (int64_t j = 0; j < Vv; j += W) store8(out + j, zero);
@@ -270,14 +313,15 @@ TAPO_INLINE void backward_row_body(const scalar_t* x, out_t* out, int64_t label,
 
 template <typename scalar_t, typename out_t>
 void backward_row_generic(const scalar_t* x, out_t* out, int64_t label, float g, float logp,
-                          const RowArgs& a) {
-  backward_row_body(x, out, label, g, logp, a);
+                          float h, float H, const RowArgs& a) {
+  backward_row_body(x, out, label, g, logp, h, H, a);
 }
 
 template <typename scalar_t, typename out_t>
 __attribute__((target("avx2"))) void backward_row_avx2(const scalar_t* x, out_t* out, int64_t label,
-                                                       float g, float logp, const RowArgs& a) {
-  backward_row_body(x, out, label, g, logp, a);
+                                                       float g, float logp, float h, float H,
+                                                       const RowArgs& a) {
+  backward_row_body(x, out, label, g, logp, h, H, a);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -363,10 +407,20 @@ std::tuple<at::Tensor, at::Tensor> logprob_rows(const at::Tensor& logits, const 
   return {logp, entropy};
 }
 
+// The entropy gradient of the backward passes: d / d entropy (h) and the forward's entropy (H),
+// flat over the rows; null pointers without one.
+struct EntropyGrad {
+  const float* h = nullptr;
+  const float* H = nullptr;
+  EntropyGrad offset(int64_t start) const {
+    return h == nullptr ? EntropyGrad{} : EntropyGrad{h + start, H + start};
+  }
+};
+
 // d loss / d logits of every (B, T) row of logits into out (same shape, any row strides).
 template <typename scalar_t, typename out_t>
 void backward_rows_typed(const at::Tensor& logits, const at::Tensor& out, const int64_t* lab_p,
-                         const float* g_p, const float* logp_p, float temperature) {
+                         const float* g_p, const float* logp_p, float temperature, EntropyGrad e) {
   const int64_t T = logits.size(1), V = logits.size(2), rows = logits.size(0) * T;
   const RowArgs a{V, temperature, temperature != 1.0f};
   const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
@@ -378,7 +432,8 @@ void backward_rows_typed(const at::Tensor& logits, const at::Tensor& out, const 
   at::parallel_for(0, rows, row_grain(V), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / T, t = r % T;
-      row_fn(base + b * s0 + t * s1, obase + b * o0 + t * o1, lab_p[r], g_p[r], logp_p[r], a);
+      const float h = e.h != nullptr ? e.h[r] : 0.0f, H = e.H != nullptr ? e.H[r] : 0.0f;
+      row_fn(base + b * s0 + t * s1, obase + b * o0 + t * o1, lab_p[r], g_p[r], logp_p[r], h, H, a);
     }
   });
 }
@@ -386,19 +441,36 @@ void backward_rows_typed(const at::Tensor& logits, const at::Tensor& out, const 
 // The same with labels, d loss / d logp and logp flat over the rows; out has the dtype of
 // logits or float32. Unchecked: the callers validate.
 void backward_rows(const at::Tensor& logits, const at::Tensor& out, const int64_t* lab_p,
-                   const float* g_p, const float* logp_p, float temperature) {
+                   const float* g_p, const float* logp_p, float temperature, EntropyGrad e) {
   dispatch_logits(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (out.scalar_type() == logits.scalar_type()) {
-      backward_rows_typed<scalar_t, scalar_t>(logits, out, lab_p, g_p, logp_p, temperature);
+      backward_rows_typed<scalar_t, scalar_t>(logits, out, lab_p, g_p, logp_p, temperature, e);
     } else {
-      backward_rows_typed<scalar_t, float>(logits, out, lab_p, g_p, logp_p, temperature);
+      backward_rows_typed<scalar_t, float>(logits, out, lab_p, g_p, logp_p, temperature, e);
     }
   });
 }
 
+// grad_entropy and entropy, both (B, T) float32 or both absent; contiguous copies in `keep`.
+EntropyGrad entropy_grad(const std::optional<at::Tensor>& grad_entropy,
+                         const std::optional<at::Tensor>& entropy, int64_t B, int64_t T,
+                         std::pair<at::Tensor, at::Tensor>& keep) {
+  TORCH_CHECK_VALUE(grad_entropy.has_value() == entropy.has_value(),
+                    "grad_entropy and entropy must be given together");
+  if (!grad_entropy.has_value()) return {};
+  check_dtype("grad_entropy", *grad_entropy, {at::kFloat});
+  check_shape("grad_entropy", *grad_entropy, {B, T});
+  check_dtype("entropy", *entropy, {at::kFloat});
+  check_shape("entropy", *entropy, {B, T});
+  keep = {grad_entropy->contiguous(), entropy->contiguous()};
+  return {keep.first.data_ptr<float>(), keep.second.data_ptr<float>()};
+}
+
 void dlogits_rows(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                  const at::Tensor& logp, double temperature, const at::Tensor& out) {
+                  const at::Tensor& logp, double temperature, const at::Tensor& out,
+                  const std::optional<at::Tensor>& grad_entropy,
+                  const std::optional<at::Tensor>& entropy) {
   check_rows("logits", logits);
   check_rows("out", out);
   check_dtype("logits", logits, {at::kFloat, at::kBFloat16, at::kHalf});
@@ -414,9 +486,11 @@ void dlogits_rows(const at::Tensor& grad_logp, const at::Tensor& logits, const a
   check_shape("grad_logp", grad_logp, {B, T});
   check_dtype("logp", logp, {at::kFloat});
   check_shape("logp", logp, {B, T});
+  std::pair<at::Tensor, at::Tensor> keep;
+  const EntropyGrad e = entropy_grad(grad_entropy, entropy, B, T, keep);
   const at::Tensor lab = labels.contiguous(), g = grad_logp.contiguous(), lp = logp.contiguous();
   backward_rows(logits, out, lab.data_ptr<int64_t>(), g.data_ptr<float>(), lp.data_ptr<float>(),
-                static_cast<float>(temperature));
+                static_cast<float>(temperature), e);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -499,8 +573,11 @@ std::tuple<at::Tensor, at::Tensor> logprob_from_hidden(const at::Tensor& hidden,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_from_hidden_backward(
     const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& logp,
-    double temperature, int64_t chunk, bool weight_grad, bool bias_grad) {
+    double temperature, int64_t chunk, bool weight_grad, bool bias_grad,
+    const std::optional<at::Tensor>& grad_entropy, const std::optional<at::Tensor>& entropy) {
   const HiddenArgs a = hidden_args(hidden, weight, bias, labels, chunk);
+  std::pair<at::Tensor, at::Tensor> keep;
+  const EntropyGrad e = entropy_grad(grad_entropy, entropy, hidden.size(0), hidden.size(1), keep);
   const int64_t H = hidden.size(2);
   check_dtype("grad_logp", grad_logp, {at::kFloat});
   check_shape("grad_logp", grad_logp, {hidden.size(0), hidden.size(1)});
@@ -525,7 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_from_hidden_backward(
       at::Tensor d = dbuf.narrow(0, 0, n);
       backward_rows(x.unsqueeze(0), d.unsqueeze(0), a.lab.data_ptr<int64_t>() + start,
                     g.data_ptr<float>() + start, lp.data_ptr<float>() + start,
-                    static_cast<float>(temperature));
+                    static_cast<float>(temperature), e.offset(start));
       at::Tensor dh = dhidden.narrow(0, start, n);
       if (fp32) {
         at::mm_out(dh, d, w32);

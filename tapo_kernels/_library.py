@@ -327,17 +327,26 @@ NATIVE_LOGPROB_SCHEMAS = (
     "_logprob_rows(Tensor logits, Tensor labels, float temperature, bool with_entropy) "
     "-> (Tensor, Tensor)",
     "_dlogits_rows(Tensor grad_logp, Tensor logits, Tensor labels, Tensor logp, "
-    "float temperature, Tensor(a!) out) -> ()",
+    "float temperature, Tensor(a!) out, Tensor? grad_entropy=None, Tensor? entropy=None) -> ()",
     "_logprob_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
     "float temperature, bool with_entropy, int chunk) -> (Tensor, Tensor)",
     "_logprob_from_hidden_backward(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, "
     "Tensor labels, Tensor logp, float temperature, int chunk, bool weight_grad, "
-    "bool bias_grad) -> (Tensor, Tensor, Tensor)",
+    "bool bias_grad, Tensor? grad_entropy=None, Tensor? entropy=None) -> (Tensor, Tensor, Tensor)",
 )
 for _schema in NATIVE_LOGPROB_SCHEMAS:
     _define(_schema)
 NATIVE_LOGPROB_OPS = tuple(s.split("(", 1)[0] for s in NATIVE_LOGPROB_SCHEMAS)
 NATIVE_LOGPROB = all(_has_cpu_kernel(op) for op in NATIVE_LOGPROB_OPS)
+
+
+# arguments of the internal ops before their optional entropy-gradient ones
+_BASE_ARITY = {
+    "_logprob_rows": 4,
+    "_dlogits_rows": 6,
+    "_logprob_from_hidden": 7,
+    "_logprob_from_hidden_backward": 10,
+}
 
 
 def _triton_pass(op: str):
@@ -351,6 +360,9 @@ def _triton_pass(op: str):
     }[op]
 
     def kernel(*args):
+        if len(args) > _BASE_ARITY[op] and any(a is not None for a in args[_BASE_ARITY[op] :]):
+            return _vocab.PASSES[op](*args)  # an entropy gradient: the chunked torch pass
+        args = args[: _BASE_ARITY[op]]
         try:
             from .ops import logprob_loss as triton_passes  # imports triton
         except ImportError:  # pragma: no cover - CUDA machine without triton

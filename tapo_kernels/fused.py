@@ -162,19 +162,13 @@ def logprobs_backward_kernel(
     grad_logp, grad_entropy, logits, labels, logp, entropy, temperature=1.0
 ):
     """``tapo::logprobs_backward``: ``d / d logits`` of ``sum grad_logp * logp + sum
-    grad_entropy * entropy``, a new tensor in the logits' dtype (chunked torch passes)."""
+    grad_entropy * entropy``, a new tensor in the logits' dtype: the vocabulary pass with its
+    entropy term (C++ on the CPU; chunked torch ops on CUDA and without the native build)."""
     _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
     _checks.check_entropy_grad(grad_entropy, entropy, *logits.shape[:2])
     out = torch.empty_like(logits)
-    vocab.selective_log_softmax_backward_chunked(
-        grad_logp,
-        logits,
-        labels,
-        logp,
-        temperature,
-        out,
-        chunk_fn=vocab.dlogits_entropy_chunk_torch,
-        extra=(grad_entropy, entropy),
+    DISPATCHED.dlogits_rows(
+        grad_logp, logits, labels, logp, temperature, out, grad_entropy, entropy
     )
     return out
 
@@ -199,20 +193,9 @@ def logprobs_from_hidden_backward_kernel(
         grad_logp, hidden, weight, bias, labels, logp, temperature, chunk_size
     )
     _checks.check_entropy_grad(grad_entropy, entropy, *hidden.shape[:2])
-    return vocab.selective_log_softmax_from_hidden_backward_chunked(
-        grad_logp,
-        hidden,
-        weight,
-        bias,
-        labels,
-        logp,
-        temperature,
-        _chunk(chunk_size, weight),
-        weight_grad,
-        bias_grad,
-        chunk_fn=vocab.dlogits_entropy_chunk_torch,
-        extra=(grad_entropy, entropy),
-    )
+    head = (grad_logp, hidden, weight, bias, labels, logp, temperature)
+    switches = (_chunk(chunk_size, weight), weight_grad, bias_grad)
+    return DISPATCHED.logprob_from_hidden_backward(*head, *switches, grad_entropy, entropy)
 
 
 # the standalone log-probability ops and the entropy-aware backward ops: one Python kernel for

@@ -84,9 +84,9 @@ def policy_loss_from_logits(
     Returns:
         ``LogprobLossOutput``: ``loss`` (differentiable w.r.t. ``logits``), ``metrics``,
         ``logp`` (fp32, detached) and ``entropy`` (fp32, empty when not asked; differentiable
-        w.r.t. ``logits``, for an entropy bonus; its gradient takes one more chunked pass
-        over the logits in the backward, and with ``inplace_backward`` the gradient is built
-        in a new tensor, then copied into the logits buffer).
+        w.r.t. ``logits``, for an entropy bonus; its gradient joins the backward's pass over
+        the logits, and with ``inplace_backward`` it is built in a new tensor, then copied
+        into the logits buffer).
     """
     merged = _knobs.resolve(preset, knobs)
     _checks.op_tensors("policy_loss_from_logits", locals())

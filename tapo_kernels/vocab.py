@@ -367,11 +367,42 @@ def selective_log_softmax_from_hidden_backward_chunked(
     return dhidden.view(B, T, H), dweight, dbias
 
 
-# the CPU fallback kernels of the internal ops tapo::_logprob_rows & co. (their schemas are the
-# loops' leading arguments)
+def dlogits_rows_torch(
+    grad_logp, logits, labels, logp, temperature, out, grad_entropy=None, entropy=None
+) -> None:
+    """``tapo::_dlogits_rows`` in chunked torch ops (with an entropy gradient when given)."""
+    if grad_entropy is None:
+        selective_log_softmax_backward_chunked(grad_logp, logits, labels, logp, temperature, out)
+        return
+    selective_log_softmax_backward_chunked(
+        grad_logp,
+        logits,
+        labels,
+        logp,
+        temperature,
+        out,
+        chunk_fn=dlogits_entropy_chunk_torch,
+        extra=(grad_entropy, entropy),
+    )
+
+
+def logprob_from_hidden_backward_torch(*args, grad_entropy=None, entropy=None):
+    """``tapo::_logprob_from_hidden_backward`` in chunked torch ops: its ten leading arguments,
+    then the optional ``grad_entropy`` and ``entropy``."""
+    base, rest = args[:10], args[10:]
+    if rest:
+        grad_entropy, entropy = rest
+    if grad_entropy is None:
+        return selective_log_softmax_from_hidden_backward_chunked(*base)
+    return selective_log_softmax_from_hidden_backward_chunked(
+        *base, chunk_fn=dlogits_entropy_chunk_torch, extra=(grad_entropy, entropy)
+    )
+
+
+# the CPU fallback kernels of the internal ops tapo::_logprob_rows & co. (by their schemas)
 PASSES = {
     "_logprob_rows": selective_log_softmax_chunked,
-    "_dlogits_rows": selective_log_softmax_backward_chunked,
+    "_dlogits_rows": dlogits_rows_torch,
     "_logprob_from_hidden": selective_log_softmax_from_hidden_chunked,
-    "_logprob_from_hidden_backward": selective_log_softmax_from_hidden_backward_chunked,
+    "_logprob_from_hidden_backward": logprob_from_hidden_backward_torch,
 }

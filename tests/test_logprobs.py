@@ -16,6 +16,7 @@ the entropy output of the fused loss front ends, which an entropy bonus differen
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -24,7 +25,21 @@ from torch import Tensor
 
 import tapo_kernels as tk
 from tapo_kernels import reference
-from tapo_kernels.testing import assert_close_to_oracle, seed_of
+from tapo_kernels.testing import assert_close_to_oracle, chunked_torch_passes, seed_of
+
+
+@pytest.fixture(params=["native", "chunked-torch"])
+def passes(request):
+    """The vocabulary passes under test: the C++ kernels (when built) or the chunked torch ops
+    (the fallback, and the CUDA path of the entropy backward)."""
+    if request.param == "native" and not tk.native_available():
+        pytest.skip("the C++ build is absent")
+    if request.param == "native":
+        yield
+    else:
+        with chunked_torch_passes():
+            yield
+
 
 # --------------------------------------------------------------------------------------
 # the float64 oracle: the textbook formulas, differentiated by autograd
@@ -62,7 +77,7 @@ def _tol(dtype: torch.dtype) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------
 
 
-def test_two_token_vocabulary_by_hand():
+def test_two_token_vocabulary_by_hand(passes):
     # logits [0, log 3]: p = [1/4, 3/4]; logp of label 1 = log 3/4 = -0.2876821;
     # H = -(1/4 log 1/4 + 3/4 log 3/4) = 0.3465736 + 0.2157616 = 0.5623351.
     # dH/dx_j = -p_j (log p_j + H): x_0: -0.25 (-1.3862944 + 0.5623351) = 0.2059898,
@@ -79,7 +94,7 @@ def test_two_token_vocabulary_by_hand():
     assert torch.allclose(g_lp, torch.tensor([[[-0.25, 0.25]]]), atol=1e-6)
 
 
-def test_uniform_logits_have_zero_entropy_gradient():
+def test_uniform_logits_have_zero_entropy_gradient(passes):
     # every p = 1/V: log p + H = 0, so dH/dx = 0 exactly (the maximum of the entropy)
     logits = torch.zeros(1, 2, 5, requires_grad=True)
     logp, entropy = tk.logprobs_from_logits(logits, torch.tensor([[0, 4]]))
@@ -110,7 +125,7 @@ def test_temperature_divides_the_gradient():
 @pytest.mark.parametrize("which", ["both", "logp", "entropy"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_logits_match_oracle(dtype, temperature, which):
+def test_logits_match_oracle(passes, dtype, temperature, which):
     logits, labels, gl, gh = _inputs(f"logits-{dtype}-{temperature}-{which}", 3, 9, 37, dtype)
     x = logits.clone().requires_grad_(True)
     x64 = logits.double().requires_grad_(True)
@@ -138,7 +153,7 @@ def test_logits_match_oracle(dtype, temperature, which):
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("chunk_size", [4, None], ids=["chunk4", "default-chunk"])
-def test_hidden_matches_oracle(chunk_size, bias):
+def test_hidden_matches_oracle(passes, chunk_size, bias):
     g = torch.Generator().manual_seed(seed_of("hidden", chunk_size, bias))
     B, T, H, V = 2, 7, 12, 29
     hidden = torch.randn(B, T, H, generator=g)
@@ -184,7 +199,7 @@ def test_with_entropy_false_returns_empty_and_differentiates_logp():
 # --------------------------------------------------------------------------------------
 
 
-def test_minus_inf_logit_equals_the_smaller_vocabulary():
+def test_minus_inf_logit_equals_the_smaller_vocabulary(passes):
     logits, labels, gl, gh = _inputs("minus-inf", 2, 5, 9, torch.float32, ignored=False)
     labels = labels.clamp(max=7)  # column 8 is the -inf column; never a label
     full = logits.clone()
@@ -214,7 +229,7 @@ def _loss_inputs(B: int, T: int, seed: str):
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["fresh-grad", "inplace"])
-def test_logits_front_end_entropy_bonus(inplace):
+def test_logits_front_end_entropy_bonus(passes, inplace):
     B, T, V, coef = 3, 6, 19, 0.05
     logits, labels, _, _ = _inputs("front-logits", B, T, V, torch.float32, ignored=False)
     old, adv, mask = _loss_inputs(B, T, "front-logits")
@@ -237,7 +252,7 @@ def test_logits_front_end_entropy_bonus(inplace):
     assert_close_to_oracle(grad, grad64, what="dlogits", tol=(2e-5, 2e-5))
 
 
-def test_hidden_front_end_entropy_bonus_and_entropy_alone():
+def test_hidden_front_end_entropy_bonus_and_entropy_alone(passes):
     g = torch.Generator().manual_seed(seed_of("front-hidden"))
     B, T, H, V = 2, 5, 8, 23
     hidden, weight = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) * 0.5
@@ -338,3 +353,31 @@ def test_compile_fullgraph():
     (g1,) = torch.autograd.grad(eager, x1)
     (g2,) = torch.autograd.grad(compiled, x2)
     assert torch.equal(eager.detach(), compiled.detach()) and torch.equal(g1, g2)
+
+
+def test_native_and_torch_entropy_backward_agree():
+    """The C++ pass (one read of each row, fp32 lanes) and the chunked torch ops give the same
+    gradient to fp32 rounding, bf16 logits and a temperature included."""
+    if not tk.native_available():
+        pytest.skip("the C++ build is absent")
+    logits, labels, gl, gh = _inputs("native-vs-torch", 3, 11, 301, torch.bfloat16)
+    grads = []
+    for context in (contextlib.nullcontext, chunked_torch_passes):
+        with context():
+            x = logits.clone().requires_grad_(True)
+            lp, h = tk.logprobs_from_logits(x, labels, temperature=0.8)
+            grads.append(torch.autograd.grad((lp * gl).sum() + (h * gh).sum(), x)[0].float())
+    scale = float(grads[1].abs().max())
+    assert float((grads[0] - grads[1]).abs().max()) <= 1e-2 * scale  # one bf16 rounding each
+
+
+def test_internal_pass_needs_both_entropy_tensors():
+    if not tk.native_available():
+        pytest.skip("the C++ build is absent")
+    logits, labels, gl, gh = _inputs("both", 2, 3, 7, torch.float32)
+    logp, entropy = tk.logprobs_from_logits(logits, labels)
+    out = torch.empty_like(logits)
+    with pytest.raises(ValueError, match="given together"):
+        torch.ops.tapo._dlogits_rows(gl, logits, labels, logp, 1.0, out, gh, None)
+    with pytest.raises(ValueError, match="grad_entropy"):
+        torch.ops.tapo._dlogits_rows(gl, logits, labels, logp, 1.0, out, gh[:, :2], entropy)
