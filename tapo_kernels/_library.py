@@ -340,15 +340,6 @@ NATIVE_LOGPROB_OPS = tuple(s.split("(", 1)[0] for s in NATIVE_LOGPROB_SCHEMAS)
 NATIVE_LOGPROB = all(_has_cpu_kernel(op) for op in NATIVE_LOGPROB_OPS)
 
 
-# arguments of the internal ops before their optional entropy-gradient ones
-_BASE_ARITY = {
-    "_logprob_rows": 4,
-    "_dlogits_rows": 6,
-    "_logprob_from_hidden": 7,
-    "_logprob_from_hidden_backward": 10,
-}
-
-
 def _triton_pass(op: str):
     """The CUDA kernel of an internal vocabulary op: its Triton pass, imported on first use
     (the chunked torch pass on a CUDA machine without Triton)."""
@@ -360,9 +351,6 @@ def _triton_pass(op: str):
     }[op]
 
     def kernel(*args):
-        if len(args) > _BASE_ARITY[op] and any(a is not None for a in args[_BASE_ARITY[op] :]):
-            return _vocab.PASSES[op](*args)  # an entropy gradient: the chunked torch pass
-        args = args[: _BASE_ARITY[op]]
         try:
             from .ops import logprob_loss as triton_passes  # imports triton
         except ImportError:  # pragma: no cover - CUDA machine without triton

@@ -209,10 +209,13 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
         labels = torch.randint(0, V, (2, 3), generator=gen)
 
         def launch(x=logits, y=labels, t=temperature, e=entropy):
-            logp, _ = ops.selective_log_softmax_triton(x, y, t, e)
+            logp, ent = ops.selective_log_softmax_triton(x, y, t, e)
             grad = torch.ones_like(logp)
             ops.selective_log_softmax_backward_triton(grad, x, y, logp, t)
             ops.selective_log_softmax_backward_inplace_triton(grad, x.clone(), y, logp, t)
+            if e:  # the backward with an entropy gradient
+                passes = ops.logprob_loss.TRITON
+                passes.dlogits_rows(grad, x, y, logp, t, torch.empty_like(x), grad, ent)
 
         yield f"log_softmax dtype={dtype} V={V} temperature={temperature} entropy={entropy}", launch
 

@@ -163,7 +163,7 @@ def logprobs_backward_kernel(
 ):
     """``tapo::logprobs_backward``: ``d / d logits`` of ``sum grad_logp * logp + sum
     grad_entropy * entropy``, a new tensor in the logits' dtype: the vocabulary pass with its
-    entropy term (C++ on the CPU; chunked torch ops on CUDA and without the native build)."""
+    entropy term (C++ or chunked torch ops on the CPU, Triton on CUDA)."""
     _checks.check_selective_log_softmax_backward(grad_logp, logits, labels, logp, temperature)
     _checks.check_entropy_grad(grad_entropy, entropy, *logits.shape[:2])
     out = torch.empty_like(logits)

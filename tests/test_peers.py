@@ -80,19 +80,24 @@ def verl_compute_policy_loss(
     return pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl
 
 
-@pytest.mark.parametrize("agg", AGGS)
-def test_parity_with_verl(policy_loss_impl, agg):
-    b = loss_batch(
+def peer_batch(*tag: object, spread: float, per_token: bool, with_ref: bool):
+    """The float64 (5, 10) batch of a parity case: no TAPO calls, no empty row."""
+    return loss_batch(
         B=5,
         T=10,
         dtype=torch.float64,
-        spread=0.7,
-        per_token=True,
-        with_ref=False,
+        spread=spread,
+        per_token=per_token,
+        with_ref=with_ref,
         with_calls=False,
         empty_row=False,
-        seed=seed_of("verl", agg),
+        seed=seed_of(*tag),
     )
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_parity_with_verl(policy_loss_impl, agg):
+    b = peer_batch("verl", agg, spread=0.7, per_token=True, with_ref=False)
     # one token with A < 0 and r = e^2 > c = 3, so that the dual clip is active
     b.old_logp[0, -1] = b.logp[0, -1] - 2.0
     b.advantages[0, -1] = -1.0
@@ -201,17 +206,8 @@ TRL_CASES = [
 @pytest.mark.parametrize("loss_type, level, ours", TRL_CASES)
 def test_parity_with_trl(policy_loss_impl, loss_type, level, ours):
     eps_low, eps_high, beta = (0.2, 0.28, 0.04) if level == "token" else (0.05, 0.05, 0.04)
-    b = loss_batch(
-        B=5,
-        T=10,
-        dtype=torch.float64,
-        spread=0.5 if level == "token" else 0.15,
-        per_token=False,
-        with_ref=True,
-        with_calls=False,
-        empty_row=False,
-        seed=seed_of("trl", loss_type, level),
-    )
+    spread = 0.5 if level == "token" else 0.15
+    b = peer_batch("trl", loss_type, level, spread=spread, per_token=False, with_ref=True)
     num_items_in_batch = 2.0 * float(b.mask.sum())  # dapo: the global token count
     x = b.logp.clone().requires_grad_(True)
     trl_loss = trl_grpo_compute_loss(
@@ -248,17 +244,7 @@ def test_parity_with_trl(policy_loss_impl, loss_type, level, ours):
 
 
 def _tis_batch(tag: str, per_token: bool):
-    b = loss_batch(
-        B=5,
-        T=10,
-        dtype=torch.float64,
-        spread=0.5,
-        per_token=per_token,
-        with_ref=True,
-        with_calls=False,
-        empty_row=False,
-        seed=seed_of("tis", tag),
-    )
+    b = peer_batch("tis", tag, spread=0.5, per_token=per_token, with_ref=True)
     # the engine's log-probabilities, off the trainer's by up to about 1 nat, truncated at 2
     gen = torch.Generator().manual_seed(seed_of("rollout", tag))
     rollout_logp = b.old_logp + 0.8 * torch.randn(
@@ -324,17 +310,7 @@ def test_vllm_importance_sampling_parity_with_trl(policy_loss_impl):
 def test_gspo_seq_is_trl_sequence_level_with_token_advantages(policy_loss_impl, loss_type, agg):
     """With per-token advantages GSPO-token and TRL's sequence-level weights differ (the
     gradient of s_i reaches every token of the row); ``algo="gspo-seq"`` is TRL's form."""
-    b = loss_batch(
-        B=5,
-        T=10,
-        dtype=torch.float64,
-        spread=0.15,
-        per_token=True,
-        with_ref=True,
-        with_calls=False,
-        empty_row=False,
-        seed=seed_of("trl-gspo-seq", loss_type),
-    )
+    b = peer_batch("trl-gspo-seq", loss_type, spread=0.15, per_token=True, with_ref=True)
     x = b.logp.clone().requires_grad_(True)
     trl_loss = trl_grpo_compute_loss(
         x,

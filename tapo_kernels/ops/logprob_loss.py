@@ -154,6 +154,8 @@ def _logprob_bwd_kernel(
     logits_ptr,
     labels_ptr,
     logp_ptr,
+    grad_entropy_ptr,
+    entropy_ptr,
     dlogits_ptr,
     n_rows,
     T,
@@ -166,10 +168,14 @@ def _logprob_bwd_kernel(
     dstride_v,
     temperature,
     HAS_TEMPERATURE: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     ROUND_BF16_BY_BITS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """``dlogits = g (onehot(label) - softmax(x)) / temperature``, one row per loop step.
+
+    With ``HAS_ENTROPY`` (``h`` = d loss / d entropy, ``H`` the forward's entropy) the row's
+    gradient is that of ``g logp + h H``: ``(g onehot - p (g + h (log p + H))) / temperature``.
 
     ``dlogits_ptr`` may be ``logits_ptr`` (in place): each block is read before it is written
     and the label's logit is read before the loop. ``lse = x[label] - logp`` is recovered from
@@ -183,7 +189,12 @@ def _logprob_bwd_kernel(
         dbase = dlogits_ptr + _row_offset(row, T, dstride_b, dstride_t)[1]
         g = tl.load(grad_ptr + row64)
         label = tl.load(labels_ptr + row64)
-        if (label >= 0) & (g != 0.0):
+        h = 0.0
+        entropy = 0.0
+        if HAS_ENTROPY:
+            h = tl.load(grad_entropy_ptr + row64)
+            entropy = tl.load(entropy_ptr + row64)
+        if (label >= 0) & ((g != 0.0) | (h != 0.0)):
             picked = _scaled(tl.load(base + label * stride_v), temperature, HAS_TEMPERATURE)
             lse = picked - tl.load(logp_ptr + row64)
             for v0 in range(0, V, BLOCK_V):
@@ -193,7 +204,14 @@ def _logprob_bwd_kernel(
                     base + offs.to(tl.int64) * stride_v, mask=in_vocab, other=float("-inf")
                 )
                 x = _scaled(raw, temperature, HAS_TEMPERATURE)
-                minus_gp = -g * tl.exp(x - lse)
+                if HAS_ENTROPY:
+                    log_p = x - lse
+                    p = tl.exp(log_p)
+                    # p = 0 (a -inf logit, the padding lanes) contributes 0, not 0 * -inf
+                    log_p = tl.where(p > 0.0, log_p, 0.0)
+                    minus_gp = -(p * (g + h * (log_p + entropy)))
+                else:
+                    minus_gp = -g * tl.exp(x - lse)
                 dx = tl.where(offs == label, g + minus_gp, minus_gp)
                 if HAS_TEMPERATURE:
                     dx = tl.math.div_rn(dx, temperature)
@@ -274,9 +292,13 @@ def _dlogits_into(
     logp: Tensor,
     temperature: float,
     out: Tensor,
+    grad_entropy: Tensor | None = None,
+    entropy: Tensor | None = None,
+    *,
     block_v: int | None = None,
 ) -> None:
-    """Launch the backward kernel writing ``dlogits`` of ``(B, T, V)`` logits into ``out``.
+    """Launch the backward kernel writing ``dlogits`` of ``(B, T, V)`` logits into ``out``
+    (with ``grad_entropy`` and ``entropy``: the gradient of ``g logp + h H``).
 
     In place (``out`` is ``logits``) the rows go in launches of at most one row per program.
     On an H200 (Triton 3.6), one in-place launch in which programs looped over several rows
@@ -291,11 +313,23 @@ def _dlogits_into(
     grad = grad_logp.reshape(n_rows).contiguous()
     flat_labels = labels.reshape(n_rows).contiguous()
     flat_logp = logp.reshape(n_rows).contiguous()
+    has_entropy = grad_entropy is not None
+    if has_entropy:
+        flat_h = grad_entropy.reshape(n_rows).contiguous()
+        flat_entropy = entropy.reshape(n_rows).contiguous()
     grid, block, num_warps = _launch_config(n_rows, V, logits.device, block_v)
     if out.data_ptr() == logits.data_ptr() and n_rows > grid[0]:
         for rows, x in _row_chunks(logits, grid[0]):
+            extra = (flat_h[rows], flat_entropy[rows]) if has_entropy else ()
             _dlogits_into(
-                grad[rows], x, flat_labels[rows], flat_logp[rows], temperature, x, block_v
+                grad[rows],
+                x,
+                flat_labels[rows],
+                flat_logp[rows],
+                temperature,
+                x,
+                *extra,
+                block_v=block_v,
             )
         return
     _logprob_bwd_kernel[grid](
@@ -303,6 +337,8 @@ def _dlogits_into(
         logits,
         flat_labels,
         flat_logp,
+        flat_h if has_entropy else grad,  # placeholders, never read without the entropy
+        flat_entropy if has_entropy else grad,
         out,
         n_rows,
         T,
@@ -311,6 +347,7 @@ def _dlogits_into(
         *_strides(out),
         float(temperature),
         HAS_TEMPERATURE=temperature != 1.0,
+        HAS_ENTROPY=has_entropy,
         ROUND_BF16_BY_BITS=_INTERPRET and out.dtype == torch.bfloat16,
         BLOCK_V=block,
         num_warps=num_warps,
@@ -383,11 +420,14 @@ def _dlogits_chunk_triton(
     logp: Tensor,
     temperature: float,
     scratch: bool,
+    grad_entropy: Tensor | None = None,
+    entropy: Tensor | None = None,
 ) -> Tensor:
     # a scratch chunk (recomputed logits) is overwritten with its own gradient
     out = logits if scratch else torch.empty_like(logits)
+    extra = (grad_entropy[None], entropy[None]) if grad_entropy is not None else ()
     _dlogits_into(
-        grad_logp[None], logits[None], labels[None], logp[None], temperature, out[None], None
+        grad_logp[None], logits[None], labels[None], logp[None], temperature, out[None], *extra
     )
     return out
 
@@ -396,9 +436,15 @@ def _dlogits_chunk_triton(
 _logprob_from_hidden_triton = functools.partial(
     vocab.selective_log_softmax_from_hidden_chunked, chunk_fn=_logprob_chunk_triton
 )
-_logprob_from_hidden_backward_triton = functools.partial(
-    vocab.selective_log_softmax_from_hidden_backward_chunked, chunk_fn=_dlogits_chunk_triton
-)
+
+
+def _logprob_from_hidden_backward_triton(*args):
+    """``tapo::_logprob_from_hidden_backward``: its ten leading arguments, then the optional
+    ``grad_entropy`` and ``entropy``."""
+    base, extra = args[:10], tuple(a for a in args[10:] if a is not None)
+    return vocab.selective_log_softmax_from_hidden_backward_chunked(
+        *base, chunk_fn=_dlogits_chunk_triton, extra=extra
+    )
 
 
 def _validated_loss(logp, *loss_tensors, **knobs):
