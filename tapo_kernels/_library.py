@@ -410,14 +410,24 @@ def _selective_log_softmax_backward_inplace_fake(grad_logp, logits, *rest):
     return None
 
 
-@_register_fake("tapo::selective_log_softmax_from_hidden_backward")
-def _selective_log_softmax_from_hidden_backward_fake(*args, **kwargs):
-    call = _args.bind("selective_log_softmax_from_hidden_backward", args, kwargs)
-    hidden, weight, bias = call["hidden"], call["weight"], call["bias"]
-    dweight = torch.empty_like(weight) if call["weight_grad"] else weight.new_empty((0,))
-    want_bias = bias is not None and call["bias_grad"]
-    dbias = torch.empty_like(bias) if want_bias else hidden.new_empty((0,))
-    return torch.empty_like(hidden), dweight, dbias
+def _hidden_backward_fake(op: str):
+    """The fake kernel of a hidden-state backward op: ``(dhidden, dweight, dbias)``, the last
+    two empty when not asked for."""
+
+    def fake(*args, **kwargs):
+        call = _args.bind(op, args, kwargs)
+        hidden, weight, bias = call["hidden"], call["weight"], call["bias"]
+        dweight = torch.empty_like(weight) if call["weight_grad"] else weight.new_empty((0,))
+        want_bias = bias is not None and call["bias_grad"]
+        dbias = torch.empty_like(bias) if want_bias else hidden.new_empty((0,))
+        return torch.empty_like(hidden), dweight, dbias
+
+    return fake
+
+
+_register_fake("tapo::selective_log_softmax_from_hidden_backward")(
+    _hidden_backward_fake("selective_log_softmax_from_hidden_backward")
+)
 
 
 # autograd: d loss / d logp from tapo::policy_loss_backward (tiny), then one pass over the
@@ -613,14 +623,9 @@ def _logprobs_backward_fake(grad_logp, grad_entropy, logits, *rest):
     return torch.empty_like(logits)
 
 
-@_register_fake("tapo::logprobs_from_hidden_backward")
-def _logprobs_from_hidden_backward_fake(*args, **kwargs):
-    call = _args.bind("logprobs_from_hidden_backward", args, kwargs)
-    hidden, weight, bias = call["hidden"], call["weight"], call["bias"]
-    dweight = torch.empty_like(weight) if call["weight_grad"] else weight.new_empty((0,))
-    want_bias = bias is not None and call["bias_grad"]
-    dbias = torch.empty_like(bias) if want_bias else hidden.new_empty((0,))
-    return torch.empty_like(hidden), dweight, dbias
+_register_fake("tapo::logprobs_from_hidden_backward")(
+    _hidden_backward_fake("logprobs_from_hidden_backward")
+)
 
 
 def _logprobs_setup_context(ctx, inputs, output):

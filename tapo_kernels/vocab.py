@@ -123,13 +123,20 @@ def dlogits_chunk_torch(
     logp: Tensor,
     temperature: float,
     scratch: bool = False,
+    grad_entropy: Tensor | None = None,
+    entropy: Tensor | None = None,
 ) -> Tensor:
-    """fp32 ``d loss / d logits = g (onehot(label) - softmax(x)) / temperature`` for ``n`` rows.
+    """fp32 ``d loss / d logits = g (onehot(label) - softmax(x)) / temperature`` for ``n`` rows
+    (with ``grad_entropy`` and ``entropy``: ``dlogits_entropy_chunk_torch``).
 
     ``softmax(x) = exp(x - lse)`` with ``lse = x[label] - logp`` recovered from the forward's
     log-probability. Rows with a negative label or ``g = 0`` get exactly zero, whatever their
     logits. Three passes over the chunk: subtract, exp, scale.
     """
+    if grad_entropy is not None:
+        return dlogits_entropy_chunk_torch(
+            grad_logp, logits, labels, logp, temperature, scratch, grad_entropy, entropy
+        )
     x, owned = _scaled_fp32(logits, temperature, scratch)
     # rows with g = 0 (masked tokens, ignored labels) get exact zeros whatever their logits
     valid = (labels >= 0) & (grad_logp != 0)
@@ -367,36 +374,33 @@ def selective_log_softmax_from_hidden_backward_chunked(
     return dhidden.view(B, T, H), dweight, dbias
 
 
+def _given(*tensors: Tensor | None) -> tuple[Tensor, ...]:
+    """The optional ``grad_entropy`` and ``entropy`` of an internal op call: both or none."""
+    return tuple(t for t in tensors if t is not None)
+
+
 def dlogits_rows_torch(
     grad_logp, logits, labels, logp, temperature, out, grad_entropy=None, entropy=None
 ) -> None:
     """``tapo::_dlogits_rows`` in chunked torch ops (with an entropy gradient when given)."""
-    if grad_entropy is None:
-        selective_log_softmax_backward_chunked(grad_logp, logits, labels, logp, temperature, out)
-        return
     selective_log_softmax_backward_chunked(
-        grad_logp,
-        logits,
-        labels,
-        logp,
-        temperature,
-        out,
-        chunk_fn=dlogits_entropy_chunk_torch,
-        extra=(grad_entropy, entropy),
+        grad_logp, logits, labels, logp, temperature, out, extra=_given(grad_entropy, entropy)
     )
 
 
-def logprob_from_hidden_backward_torch(*args, grad_entropy=None, entropy=None):
-    """``tapo::_logprob_from_hidden_backward`` in chunked torch ops: its ten leading arguments,
-    then the optional ``grad_entropy`` and ``entropy``."""
-    base, rest = args[:10], args[10:]
-    if rest:
-        grad_entropy, entropy = rest
-    if grad_entropy is None:
-        return selective_log_softmax_from_hidden_backward_chunked(*base)
-    return selective_log_softmax_from_hidden_backward_chunked(
-        *base, chunk_fn=dlogits_entropy_chunk_torch, extra=(grad_entropy, entropy)
-    )
+def hidden_backward_pass(chunk_fn: DlogitsChunkFn) -> Callable:
+    """The kernel of ``tapo::_logprob_from_hidden_backward`` on ``chunk_fn`` (which takes the
+    optional entropy arguments): its ten leading arguments, then ``grad_entropy``, ``entropy``."""
+
+    def run(*args):
+        return selective_log_softmax_from_hidden_backward_chunked(
+            *args[:10], chunk_fn=chunk_fn, extra=_given(*args[10:])
+        )
+
+    return run
+
+
+logprob_from_hidden_backward_torch = hidden_backward_pass(dlogits_chunk_torch)
 
 
 # the CPU fallback kernels of the internal ops tapo::_logprob_rows & co. (by their schemas)

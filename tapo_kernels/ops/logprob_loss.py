@@ -438,13 +438,7 @@ _logprob_from_hidden_triton = functools.partial(
 )
 
 
-def _logprob_from_hidden_backward_triton(*args):
-    """``tapo::_logprob_from_hidden_backward``: its ten leading arguments, then the optional
-    ``grad_entropy`` and ``entropy``."""
-    base, extra = args[:10], tuple(a for a in args[10:] if a is not None)
-    return vocab.selective_log_softmax_from_hidden_backward_chunked(
-        *base, chunk_fn=_dlogits_chunk_triton, extra=extra
-    )
+_logprob_from_hidden_backward_triton = vocab.hidden_backward_pass(_dlogits_chunk_triton)
 
 
 def _validated_loss(logp, *loss_tensors, **knobs):
